@@ -12,9 +12,10 @@ What it does not do: compute rewards or log-probs for training (train.py and dgp
 decode → cut → re-tokenise model output (the public code's fault, PAPER.md §7).
 
 How the cache works: every row keeps its own key/value tensors (only real tokens, no padding) between
-turns. A turn stacks the rows that are still playing into one left-padded DynamicCache, feeds each row
-its *pending* tokens (the prompt, or the last sampled token plus the observation) in one forward, and
-decodes one token per row per step. A row that ends its turn is cut out of the batch at once (its
+turns. A turn stacks the rows that are still playing into one left-padded cache with room reserved for
+the whole turn (so a decoding step writes one column in place instead of copying the cache), feeds each
+row its *pending* tokens (the prompt, or the last sampled token plus the observation) in one forward,
+and decodes one token per row per step. A row that ends its turn is cut out of the batch at once (its
 keys/values are saved), so it stops costing compute while the others continue. Attention masks and
 explicit position ids make the padding invisible: a token's position is the number of real tokens
 before it in its own row.
@@ -29,9 +30,10 @@ before it in its own row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 # -----------------------------------------------------------------------------
 # The protocol text (Search-R1's, kept byte for byte, typo included: checkpoints were trained on it)
@@ -121,6 +123,16 @@ class RolloutConfig:
     seed: int | None = None          # used when no torch.Generator is passed to rollout()
     max_total_tokens: int | None = None  # hard cap on prompt + response; None = only the turn budget
 
+    def __post_init__(self):
+        for name, low in [("max_turns", 0), ("max_new_tokens", 1), ("max_obs_tokens", 0), ("topk", 1)]:
+            if getattr(self, name) < low:
+                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}: must be >= {low}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"RolloutConfig: temperature={self.temperature} must be >= 0 and "
+                             f"top_p={self.top_p} in (0, 1]")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"RolloutConfig.max_total_tokens={self.max_total_tokens}: must be >= 1 or None")
+
 
 @dataclass
 class Trajectory:
@@ -171,12 +183,12 @@ def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutCo
     `prefix_ids` (optional, one list per question) are forced tokens placed right after the prompt,
     e.g. evidence and a primer for the evidence-given probe; they are part of the response, loss 0.
     """
+    if prefix_ids is not None and len(prefix_ids) != len(questions):
+        raise ValueError(f"prefix_ids has {len(prefix_ids)} rows for {len(questions)} questions")
     device = next(model.parameters()).device
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     stop_ids = _stop_token_ids(model, tokenizer)
-    was_training = model.training
-    model.eval()
     rows = []
     for i, question in enumerate(questions):
         ids = prompt_ids(tokenizer, question)
@@ -184,17 +196,23 @@ def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutCo
         row.append(ids, sampled=False)
         if prefix_ids is not None:
             row.append(list(prefix_ids[i]), sampled=False)
+        if config.max_total_tokens is not None and len(row.ids) >= config.max_total_tokens:
+            raise ValueError(f"question {i} ({question[:40]!r}): its prompt is {len(row.ids)} tokens, leaving no "
+                             f"room under max_total_tokens={config.max_total_tokens}")
         rows.append(row)
 
-    for turn in range(config.max_turns + 1):
-        final_turn = turn == config.max_turns
-        playing = [r for r in rows if not r.done]
-        if not playing:
-            break
-        _generate_turn(model, tokenizer, playing, config, stop_ids, generator, device)
-        _act(tokenizer, playing, retriever, config, final_turn)
-
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        for turn in range(config.max_turns + 1):
+            final_turn = turn == config.max_turns
+            playing = [r for r in rows if not r.done]
+            if not playing:
+                break
+            _generate_turn(model, tokenizer, playing, config, stop_ids, generator, device)
+            _act(tokenizer, playing, retriever, config, final_turn)
+    finally:
+        model.train(was_training)
     return [_finish(tokenizer, r) for r in rows]
 
 
@@ -213,21 +231,26 @@ def _generate_turn(model, tokenizer, rows: list[_Row], config: RolloutConfig, st
     """Prefills each row's pending tokens, then decodes until every row has ended its turn."""
     for r in rows:
         r.turn_ids, r.turn_end = [], ""
-    cache, cache_mask = _stack_kv(rows, device)                        # (R, Lc)
     chunk, chunk_mask, positions = _left_pad_pending(rows, device)     # (R, Lp) each
+    room = chunk.shape[1] + config.max_new_tokens                      # columns this turn can add
+    cache, cache_mask = _stack_kv(rows, device, room)                  # (R, Lc)
     attention = torch.cat([cache_mask, chunk_mask], dim=1)             # (R, Lc + Lp)
     running = list(rows)
     while running:
         logits = model(input_ids=chunk, attention_mask=attention, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (R, V)
+        # an embedding matrix padded past the tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens) must
+        # not emit ids no tokenizer can decode; train.py scores the same sliced vocabulary
+        logits = logits[:, :len(tokenizer)]                                       # (R, V_tok)
         for r, n_fed in zip(running, chunk_mask.sum(dim=1).tolist()):
             r.n_cached += n_fed
         tokens = _sample(logits.float(), config, generator).tolist()   # (R,)
+        pieces = tokenizer.convert_ids_to_tokens(tokens)                 # vocabulary strings, (R,)
         keep = []
-        for b, (r, token) in enumerate(zip(running, tokens)):
+        for b, (r, token, piece) in enumerate(zip(running, tokens, pieces)):
             r.append([token], sampled=True)
             r.turn_ids.append(token)
-            r.turn_end = _turn_end(tokenizer, r, token, config, stop_ids)
+            r.turn_end = _turn_end(tokenizer, r, token, piece, config, stop_ids)
             if r.turn_end:
                 r.kv = _row_kv(cache, b, attention[b])                  # the last token stays pending
             else:
@@ -245,16 +268,23 @@ def _generate_turn(model, tokenizer, rows: list[_Row], config: RolloutConfig, st
         positions = torch.tensor([[r.n_cached] for r in running], device=device)     # (R, 1)
 
 
-def _turn_end(tokenizer, row: _Row, token: int, config: RolloutConfig, stop_ids: set[int]) -> str:
+def _turn_end(tokenizer, row: _Row, token: int, piece: str | None, config: RolloutConfig,
+              stop_ids: set[int]) -> str:
     """Why the row's turn ends at this token ("" = it goes on). A tag counts when the decoded text of
-    this turn first contains it — i.e. at the token that completes it, whatever that token merged."""
+    this turn first contains it — i.e. at the token that completes it, whatever that token merged.
+
+    Only the token that brings a tag's final ">" can complete it, and a token's vocabulary string
+    (`piece`) shows every ">" it decodes to (byte-level BPE, SentencePiece, WordPiece alike; byte
+    fallback pieces like <0x3E> all contain one), so the costly decode runs only for those tokens.
+    """
     if token in stop_ids:
         return "eos"
-    tail = tokenizer.decode(row.turn_ids[-_TAG_WINDOW:], skip_special_tokens=False)
-    if SEARCH_CLOSE in tail:
-        return "search"
-    if ANSWER_CLOSE in tail:
-        return "answer"
+    if piece is None or ">" in piece:                       # None: an id past the tokenizer's vocabulary
+        tail = tokenizer.decode(row.turn_ids[-_TAG_WINDOW:], skip_special_tokens=False)
+        if SEARCH_CLOSE in tail:
+            return "search"
+        if ANSWER_CLOSE in tail:
+            return "answer"
     if len(row.turn_ids) >= config.max_new_tokens:
         return "budget"
     if config.max_total_tokens is not None and len(row.ids) >= config.max_total_tokens:
@@ -282,17 +312,27 @@ def _act(tokenizer, rows: list[_Row], retriever, config: RolloutConfig, final_tu
             queries.append(query)
         else:                                                   # neither a complete search nor answer
             traj.num_invalid += 1
-            r.append(encode_text(tokenizer, INVALID_ACTION), sampled=False)
+            _force(r, encode_text(tokenizer, INVALID_ACTION), config)
     if not searching:
         return
     results = retriever.search(queries, topk=config.topk)
     for r, query, hits in zip(searching, queries, results):
         ids, cut = observation_ids(tokenizer, hits, config.max_obs_tokens)
-        r.append(ids, sampled=False)
-        r.traj.queries.append(query)
-        r.traj.hits.append(hits)
-        r.traj.num_searches += 1
-        r.traj.obs_truncated |= cut
+        if _force(r, ids, config):
+            r.traj.queries.append(query)
+            r.traj.hits.append(hits)
+            r.traj.num_searches += 1
+            r.traj.obs_truncated |= cut
+
+
+def _force(row: _Row, ids: list[int], config: RolloutConfig) -> bool:
+    """Appends forced tokens (an observation or the nudge) if they leave room under max_total_tokens
+    for at least one sampled token; otherwise the row ends here, truncated, without them."""
+    if config.max_total_tokens is not None and len(row.ids) + len(ids) >= config.max_total_tokens:
+        row.done = row.traj.truncated = True
+        return False
+    row.append(ids, sampled=False)
+    return True
 
 
 def _finish(tokenizer, row: _Row) -> Trajectory:
@@ -322,9 +362,40 @@ def _sample(logits: torch.Tensor, config: RolloutConfig, generator) -> torch.Ten
 # -----------------------------------------------------------------------------
 # Key/value bookkeeping: rows carry their own unpadded KV between turns
 
-def _stack_kv(rows: list[_Row], device) -> tuple[DynamicCache, torch.Tensor]:
-    """One left-padded DynamicCache for the rows, and its (R, Lc) bool mask of real columns."""
-    cache = DynamicCache()
+class _TurnLayer(DynamicLayer):
+    """One layer of a turn's KV cache. Its first write reserves `room` more columns, so every later
+    write (the pending tokens, then one token per step) is copied into place; HF's DynamicLayer
+    re-allocates and copies the whole layer (torch.cat) at every step instead, which cost a quarter of
+    the time of long turns (bench/bench_rollout.py). `keys`/`values` are views of the filled columns."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room, self.length = room, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[-2]
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            R, H, _, D = key_states.shape
+            self.key_room = key_states.new_empty(R, H, n + self.room, D)                  # (R, H, W, D)
+            self.value_room = value_states.new_empty(R, H, n + self.room, value_states.shape[-1])
+        if self.length + n > self.key_room.shape[-2]:
+            raise RuntimeError(f"turn cache full: {self.length} + {n} columns > {self.key_room.shape[-2]} reserved")
+        self.key_room[..., self.length:self.length + n, :] = key_states
+        self.value_room[..., self.length:self.length + n, :] = value_states
+        self.length += n
+        self.keys, self.values = self.key_room[..., :self.length, :], self.value_room[..., :self.length, :]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
+        self.keys, self.values = self.key_room[..., :self.length, :], self.value_room[..., :self.length, :]
+
+
+def _stack_kv(rows: list[_Row], device, room: int) -> tuple[Cache, torch.Tensor]:
+    """One left-padded cache for the rows, with `room` columns reserved to grow into, and its (R, Lc)
+    bool mask of real columns. Layers are created as the model first writes them (turn 0) or here."""
+    cache = Cache(layer_class_to_replicate=partial(_TurnLayer, room))
     lengths = [r.n_cached for r in rows]
     width = max(lengths)
     mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)   # (R, Lc)
@@ -343,7 +414,7 @@ def _stack_kv(rows: list[_Row], device) -> tuple[DynamicCache, torch.Tensor]:
     return cache, mask
 
 
-def _row_kv(cache: DynamicCache, b: int, real: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _row_kv(cache: Cache, b: int, real: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Row b's keys/values at its real columns only: per layer ((H, n, D), (H, n, D))."""
     columns = real[: cache.layers[0].keys.shape[-2]].nonzero().squeeze(-1)   # (n,)
     return [(layer.keys[b].index_select(-2, columns), layer.values[b].index_select(-2, columns))

@@ -1,0 +1,252 @@
+"""Benchmark: rollout() against a Search-R1-style loop and against plain KV-cache decoding, in one process.
+
+Same model, same batch (--questions demo test questions), greedy, BM25 on the demo corpus:
+  rollout    rollout.rollout(): stops in token space, keeps each row's KV cache across turns, so an
+             observation costs a forward over its own tokens; rows that end a turn leave the batch.
+  search-r1  the public code's loop, written here: each turn left-pads every active row's whole context
+             and calls model.generate to the per-turn budget (a row stops early only at eos), decodes,
+             cuts at the first </search> or </answer>, re-tokenises the kept text, appends the
+             observation; the next turn prefills the whole context again.
+  decode     the speed limit: one model.generate over the prompts, no search, each row producing the
+             same number of new tokens as rollout kept per row on average (min = max new tokens).
+  raw loop   a stricter limit, for reference: a bare forward + argmax loop over a DynamicCache.
+  ragged raw loop  the same loop, but each row decodes exactly as many tokens as it sampled in the
+             rollout and then leaves the batch: the decode limit of the rollout's own workload. When a
+             few rows write long turns (a model that rambles to the budget) they are a long sequential
+             chain in any decoder, and "decode" above, which spreads the same total evenly, flatters
+             the limit; this one does not.
+"Tokens kept" = model-written tokens that end up in the trajectories (for the decodes: all new tokens);
+the figure compared is tokens kept per second of wall time, retrieval included where there is any.
+
+Cases: a random student-size model (never writes a tag, so every turn runs to the budget and the
+Search-R1 loop wastes nothing past the tags — only its re-prefills), and with --warmup-steps N the
+same model after N steps of cross-entropy on oracle trajectories (it then writes <search>/<answer>
+and rows end their turns at different times). --model DIR benchmarks a saved checkpoint instead.
+
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --warmup-steps 300
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --model runs/demo/student
+"""
+import argparse
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import demo  # noqa: E402
+from retriever import BM25Retriever  # noqa: E402
+from rollout import (INVALID_ACTION, RolloutConfig, encode_text, last_query, observation_ids,  # noqa: E402
+                     prompt_ids, rollout)
+
+
+# -----------------------------------------------------------------------------
+# The baselines
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])                  # (B, T)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])           # (B, T)
+    return ids, mask
+
+
+@torch.no_grad()
+def search_r1_loop(model, tokenizer, questions, retriever, config: RolloutConfig) -> dict:
+    """Search-R1's generation loop (text-space stop, re-prefill each turn). Returns the kept-token count
+    and what the rows did, for comparison with rollout()."""
+    eos = tokenizer.eos_token_id
+    contexts = [prompt_ids(tokenizer, q) for q in questions]
+    active, kept, searches, answered, generated = list(range(len(questions))), 0, 0, 0, 0
+    for turn in range(config.max_turns + 1):
+        if not active:
+            break
+        ids, mask = _left_pad([contexts[i] for i in active], tokenizer.pad_token_id)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:]
+        generated += out.numel()
+        searching, queries, nudged = [], [], []
+        for i, new in zip(active, out.tolist()):
+            hit_eos = eos in new
+            text = tokenizer.decode(new[:new.index(eos)] if hit_eos else new, skip_special_tokens=True)
+            # cut after the first stop tag (Search-R1 itself looks for </search> first, so an answer
+            # followed by a search in the over-generated text is cut at the search: a bug not copied)
+            cut_at = min((tag for tag in ("</search>", "</answer>") if tag in text), key=text.find, default=None)
+            if cut_at:
+                text = text.split(cut_at)[0] + cut_at
+            response = encode_text(tokenizer, text) + ([eos] if hit_eos and not cut_at else [])
+            contexts[i] += response                      # re-tokenised: not necessarily the sampled ids
+            kept += len(response)
+            query = last_query(text) if cut_at == "</search>" else None
+            if cut_at == "</answer>" or (hit_eos and not cut_at) or turn == config.max_turns:
+                answered += cut_at == "</answer>"
+            elif query is not None:
+                searching.append(i)
+                queries.append(query)
+            else:
+                contexts[i] += encode_text(tokenizer, INVALID_ACTION)
+                nudged.append(i)
+        for i, hits in zip(searching, retriever.search(queries, topk=config.topk) if queries else []):
+            contexts[i] += observation_ids(tokenizer, hits, config.max_obs_tokens)[0]
+        searches += len(searching)
+        active = sorted(searching + nudged)
+    return {"kept": kept, "generated": generated, "searches": searches, "answered": answered}
+
+
+@torch.no_grad()
+def generate_decode(model, tokenizer, questions, new_tokens: int) -> int:
+    ids, mask = _left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[:, ids.shape[1]:].numel()
+
+
+@torch.no_grad()
+def raw_decode(model, tokenizer, questions, new_tokens: int) -> int:
+    """The least work a KV-cache decode can do: one batched forward per token, argmax, nothing else."""
+    ids, mask = _left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    for _ in range(new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        ids = logits.argmax(dim=-1, keepdim=True)                                        # (B, 1)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        positions = positions[:, -1:] + 1
+    return len(questions) * new_tokens
+
+
+@torch.no_grad()
+def ragged_decode(model, tokenizer, questions, new_tokens: list[int]) -> int:
+    """The decode limit for the rollout's own workload: row i decodes exactly new_tokens[i] tokens (what
+    it sampled in the whole rollout, no search) and leaves the batch when done, as rollout rows do. A
+    row that wrote long turns is then as long a sequential chain here as in the rollout."""
+    ids, mask = _left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    left = torch.tensor(new_tokens)                                                      # (B,)
+    cache = DynamicCache()
+    while len(left):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        ids = logits.argmax(dim=-1, keepdim=True)                                        # (R, 1)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        positions = positions[:, -1:] + 1
+        left = left - 1
+        if (left == 0).any():                                                            # finished rows leave
+            keep = (left > 0).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            ids, mask, positions, left = ids[keep], mask[keep], positions[keep], left[keep]
+    return sum(new_tokens)
+
+
+# -----------------------------------------------------------------------------
+# A model that writes tags: a few hundred steps of cross-entropy on the oracle's trajectories
+
+def warm_up(model, tokenizer, world, retriever, steps: int, batch_size: int = 8, lr: float = 4e-3, seed: int = 0):
+    """Plain SFT (loss on the oracle's own tokens) — enough for the protocol's format, not for answers."""
+    trajs = demo.oracle_rollout([q["question"] for q in world.train], retriever, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    rng = random.Random(seed)
+    model.train()
+    for step in range(steps):
+        batch = rng.sample(trajs, batch_size)
+        width = max(len(t.input_ids) for t in batch)
+        ids = torch.tensor([t.input_ids + [tokenizer.pad_token_id] * (width - len(t.input_ids)) for t in batch])
+        loss_mask = torch.tensor([t.loss_mask + [0] * (width - len(t.loss_mask)) for t in batch], dtype=torch.bool)
+        attention = torch.tensor([[1] * len(t.input_ids) + [0] * (width - len(t.input_ids)) for t in batch])
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]             # (B, T-1, V)
+        loss = torch.nn.functional.cross_entropy(logits[loss_mask[:, 1:]], ids[:, 1:][loss_mask[:, 1:]])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 100 == 0:
+            print(f"  warm-up step {step + 1}: loss {loss.item():.3f}", flush=True)
+    model.eval()
+    return model
+
+
+# -----------------------------------------------------------------------------
+
+def timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def bench_case(name, model, tokenizer, questions, retriever, config, repeats: int) -> None:
+    print(f"\n## {name}: {len(questions)} questions, max_turns {config.max_turns}, "
+          f"{config.max_new_tokens} new tokens per turn, greedy", flush=True)
+    rollout(model, tokenizer, questions[:4], retriever, RolloutConfig(max_turns=1, max_new_tokens=8, greedy=True))
+    best = {}
+    for _ in range(repeats):
+        trajs, seconds = timed(lambda: rollout(model, tokenizer, questions, retriever, config))
+        kept = sum(sum(t.loss_mask) for t in trajs)
+        best["rollout"] = min(best.get("rollout", (kept, 1e9)), (kept, seconds), key=lambda x: x[1])
+        baseline, seconds = timed(lambda: search_r1_loop(model, tokenizer, questions, retriever, config))
+        best["search-r1"] = min(best.get("search-r1", (0, 1e9)), (baseline["kept"], seconds), key=lambda x: x[1])
+        per_row = max(1, round(kept / len(questions)))
+        new, seconds = timed(lambda: generate_decode(model, tokenizer, questions, per_row))
+        best["decode"] = min(best.get("decode", (0, 1e9)), (new, seconds), key=lambda x: x[1])
+        new, seconds = timed(lambda: raw_decode(model, tokenizer, questions, per_row))
+        best["raw loop"] = min(best.get("raw loop", (0, 1e9)), (new, seconds), key=lambda x: x[1])
+        per_traj = [max(1, sum(t.loss_mask)) for t in trajs]
+        new, seconds = timed(lambda: ragged_decode(model, tokenizer, questions, per_traj))
+        best["ragged raw loop"] = min(best.get("ragged raw loop", (0, 1e9)), (new, seconds), key=lambda x: x[1])
+    turns = [len(t.turns) for t in trajs]
+    print(f"rollout rows: searches {sum(t.num_searches for t in trajs)}, answered {sum(t.answered for t in trajs)}, "
+          f"invalid {sum(t.num_invalid for t in trajs)}, turns per row {min(turns)}-{max(turns)}, "
+          f"sampled tokens per turn {kept / sum(turns):.1f}; search-r1 loop: searches {baseline['searches']}, "
+          f"answered {baseline['answered']}, generated {baseline['generated']} for {baseline['kept']} kept")
+    ours = best["rollout"][0] / best["rollout"][1]
+    print(f"| method | tokens kept | seconds | tokens kept/s | rollout / this |")
+    print(f"|---|---|---|---|---|")
+    for method, (tokens, seconds) in best.items():
+        rate = tokens / seconds
+        print(f"| {method} | {tokens} | {seconds:.2f} | {rate:.0f} | {ours / rate:.2f}x |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a saved HF model directory (with its tokenizer); default: random demo model")
+    parser.add_argument("--size", default="student", choices=sorted(demo.MODEL_SIZES))
+    parser.add_argument("--warmup-steps", type=int, default=0, help="also bench after N SFT steps on oracle data")
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--max-turns", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    world = demo.make_world(seed=0)
+    retriever = BM25Retriever(world.corpus)
+    questions = [q["question"] for q in world.test[:args.questions]]
+    config = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, greedy=True)
+    print(f"# bench_rollout: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    if args.model:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        bench_case(f"model {args.model}", model, tokenizer, questions, retriever, config, args.repeats)
+        return
+    tokenizer = demo.train_tokenizer(world)
+    positions = 2 * (args.max_turns + 1) * (args.max_new_tokens + 600)
+    model = demo.make_tiny_model(tokenizer, size=args.size, seed=0, max_positions=positions).eval()
+    bench_case(f"random {args.size} model", model, tokenizer, questions, retriever, config, args.repeats)
+    if args.warmup_steps:
+        print(f"\nwarming up the {args.size} model: {args.warmup_steps} steps on oracle trajectories", flush=True)
+        _, seconds = timed(lambda: warm_up(model, tokenizer, world, retriever, args.warmup_steps))
+        print(f"  ({seconds:.0f} s)")
+        bench_case(f"{args.size} model after {args.warmup_steps} SFT steps", model, tokenizer, questions,
+                   retriever, config, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
