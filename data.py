@@ -102,11 +102,12 @@ def check_trajectory(row: dict, where: str) -> None:
     if missing:
         raise ValueError(f"{where}: missing {', '.join(missing)}")
     ids, mask, n_prompt = row["input_ids"], row["loss_mask"], row["prompt_length"]
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+    if not isinstance(ids, list) or not ids or not all(type(i) is int and i >= 0 for i in ids):
         raise ValueError(f"{where}: 'input_ids' must be a non-empty list of non-negative ints")
-    if not isinstance(mask, list) or len(mask) != len(ids) or not all(m in (0, 1) for m in mask):
+    if not isinstance(mask, list) or len(mask) != len(ids) or \
+            not all(type(m) is int and m in (0, 1) for m in mask):
         raise ValueError(f"{where}: 'loss_mask' must be a list of 0/1 as long as input_ids ({len(ids)})")
-    if not isinstance(n_prompt, int) or not 0 < n_prompt <= len(ids):
+    if type(n_prompt) is not int or not 0 < n_prompt <= len(ids):
         raise ValueError(f"{where}: 'prompt_length' must be an int in 1..{len(ids)}")
     if any(mask[:n_prompt]):
         raise ValueError(f"{where}: loss_mask is 1 inside the prompt")

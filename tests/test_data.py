@@ -183,6 +183,9 @@ BAD_TRAJECTORIES = [  # (row on line 2, words the error must contain)
     (change(input_ids=[5, -6, 7, 8]), "'input_ids' must be a non-empty list of non-negative ints"),
     (change(input_ids=[5, 6.0, 7, 8]), "'input_ids' must be a non-empty list of non-negative ints"),
     (change(input_ids=[5, "6", 7, 8]), "'input_ids' must be a non-empty list of non-negative ints"),
+    (change(input_ids=[5, True, 7, 8]), "'input_ids' must be a non-empty list of non-negative ints"),
+    (change(loss_mask=[0, 0, True, 1]), "'loss_mask' must be a list of 0/1"),     # JSON true is not 1
+    (change(prompt_length=True), "'prompt_length' must be an int in 1..4"),
     (change(golden_answers="Ana Brel"), "'golden_answers' must be a list"),
 ] + [({k: v for k, v in GOOD_TRAJECTORY.items() if k != key}, f"missing {key}") for key in data.TRAJECTORY_KEYS]
 
