@@ -76,6 +76,7 @@ class RLConfig:
     prompts_per_step: int = 512    # questions per step over all ranks (PAPER.md §4: 512)
     group_size: int = 5            # G rollouts per question
     micro_batch_size: int = 8      # sequences per forward/backward on one rank
+    mini_batches: int = 1          # optimizer steps per RL step, each on a share of whole groups
     rollout_batch_size: int = 256  # sequences per rollout() call on one rank
     lr: float = 1e-6
     warmup_ratio: float = 0.285    # of `steps` (PAPER.md §4); then constant
@@ -400,7 +401,7 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
         row = {"step": step + 1, "loss": loss_sum / dist.world_size, "ce": ce_sum / max(n_tok, 1),
                "kl": kl_sum / max(n_tok, 1), "grad_norm": norm, "lr": scheduler.get_last_lr()[0],
                "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0)}
-        if heldout and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+        if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
             row["heldout_loss"] = heldout_loss(model, teacher, heldout, cfg, vocab_size, dist)
         if dist.master:
             bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
@@ -513,8 +514,9 @@ def rl_normaliser(cfg: RLConfig, dist: Dist, records: list[dict]) -> float:
 
 @torch.no_grad()
 def sampled_logprobs(model, records: list[dict], micro_batch_size: int, vocab_size: int, dist: Dist):
-    """log π(y_t) of each record's tokens under `model`, per record a (T_i,) tensor (for the paper's
-    reward-penalty variant, which needs log π_old and log π_T before the advantages exist)."""
+    """log π(y_t) of each record's tokens under `model`, per record a (T_i,) tensor: log π_old before
+    the first of several mini-batch updates, and log π_old / log π_T for the paper's reward-penalty
+    variant, which needs them before the advantages exist."""
     out = {}
     for chunk in micro_batches(records, micro_batch_size):
         batch = make_batch(chunk, dist.device)
@@ -525,35 +527,61 @@ def sampled_logprobs(model, records: list[dict], micro_batch_size: int, vocab_si
     return [out[id(r)] for r in records]
 
 
-def rl_rewards(cfg: RLConfig, records: list[dict], model, teacher, vocab_size: int, dist: Dist) -> torch.Tensor:
+def rl_rewards(cfg: RLConfig, records: list[dict], teacher, vocab_size: int, dist: Dist) -> torch.Tensor:
     """R_i = EM_i, or with teacher_as="reward" the paper's R_i = EM_i − β Σ_t w_i (log π_old − log π_T)."""
     em = torch.tensor([r["em"] for r in records], dtype=torch.float32)          # (N,)
     if cfg.teacher_as == "loss" or cfg.teacher_mode == "none":
         return em
-    old = sampled_logprobs(model, records, cfg.micro_batch_size, vocab_size, dist)
     ref = sampled_logprobs(teacher, records, cfg.micro_batch_size, vocab_size, dist)
     rewards = []
-    for r, lp, lt, e in zip(records, old, ref, em):
-        mask = torch.tensor(r["loss_mask"][1:], dtype=torch.bool, device=lp.device)[None]
-        pen = dgpo.teacher_kl_reward(lp[None], lt[None], e[None].to(lp.device), mask, cfg.beta, cfg.teacher_mode)
-        rewards.append(dgpo.sequence_rewards(e[None].to(lp.device), pen).item())
+    for r, lt, e in zip(records, ref, em):
+        lp, e = r["old_logp"][None], e[None].to(lt.device)                     # (1, T), (1,)
+        mask = torch.tensor(r["loss_mask"][1:], dtype=torch.bool, device=lt.device)[None]
+        pen = dgpo.teacher_kl_reward(lp, lt[None], e, mask, cfg.beta, cfg.teacher_mode)   # (1, T)
+        rewards.append(dgpo.sequence_rewards(e, pen).item())
     return torch.tensor(rewards)
+
+
+def split_groups(records: list[dict], parts: int) -> list[list[dict]]:
+    """`parts` mini-batches of whole groups, strided: mini-batch k holds the groups whose position is
+    k mod parts. Ranks hold contiguous equal blocks of groups, so with strides the global mini-batch
+    k is the same set of groups whatever the number of ranks (N ranks = one process)."""
+    order = list(dict.fromkeys(r["group"] for r in records))                    # first-seen order
+    if len(order) % parts:
+        raise ValueError(f"{len(order)} groups on this rank cannot form {parts} equal mini-batches")
+    part_of = {g: k % parts for k, g in enumerate(order)}
+    return [[r for r in records if part_of[r["group"]] == k] for k in range(parts)]
 
 
 def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
               vocab_size: int, counters: dict) -> dict:
-    """One optimizer step of DGPO on this rank's records (whole groups, `group` ids set).
+    """One RL step of DGPO on this rank's records (whole groups, `group` ids set): rewards, group
+    advantages, then cfg.mini_batches optimizer steps, each on an equal share of whole groups.
 
-    Advantages come from each rank's own groups (a group never spans ranks, so this is exact); the
-    loss of every micro-batch is divided by the global normaliser, so summing over micro-batches and
-    averaging over ranks (DDP) gives exactly the loss of the whole global batch. One update per batch
-    means π_old = π_θ at the moment of the update, so old_logp is log π_θ detached (ratio 1).
+    Advantages come from each rank's own groups (a group never spans ranks, so this is exact). With
+    one mini-batch, π_old is π_θ at the moment of the update, so old_logp is log π_θ detached (ratio
+    1, nothing clipped). With several, log π_old is scored once before the first update, and the
+    later mini-batches are off-policy: that is where the ratio and its clipping act (PPO).
     """
-    rewards = rl_rewards(cfg, records, model, teacher, vocab_size, dist)          # (N,)
+    if cfg.mini_batches > 1 or (cfg.teacher_as == "reward" and cfg.teacher_mode != "none"):
+        for r, lp in zip(records, sampled_logprobs(model, records, cfg.micro_batch_size, vocab_size, dist)):
+            r["old_logp"] = lp                                                    # (T_i,)
+    rewards = rl_rewards(cfg, records, teacher, vocab_size, dist)                 # (N,)
     groups = torch.tensor([r["group"] for r in records])
     advantages = dgpo.group_advantages(rewards, groups)                           # (N,)
     for r, a, R in zip(records, advantages.tolist(), rewards.tolist()):
         r["advantage"], r["reward"] = a, R
+    steps = [minibatch_update(model, teacher, optimizer, scheduler, part, cfg, dist, vocab_size, counters)
+             for part in split_groups(records, cfg.mini_batches)]
+    return {k: sum(s[k] for s in steps) / len(steps) if k != "loss_tokens" else sum(s[k] for s in steps)
+            for k in steps[0]}
+
+
+def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
+                     vocab_size: int, counters: dict) -> dict:
+    """One optimizer step of dgpo_loss over records with `advantage` set. Every micro-batch's loss is
+    divided by the global normaliser, so summing over micro-batches and averaging over ranks (DDP)
+    gives exactly the loss of the whole global mini-batch."""
     normaliser = rl_normaliser(cfg, dist, records)
     use_teacher = cfg.teacher_as == "loss" and cfg.teacher_mode != "none"
     sums: dict[str, float] = {}
@@ -568,6 +596,11 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
             # as in Qwen2.5) are sliced off everywhere, so student and teacher compare like with like
             logits = logits_of(model, batch)[..., :vocab_size]                    # (B, T, V)
             logp = dgpo.token_logprobs(logits, batch.targets)                     # (B, T)
+            old_logp = logp.detach()                                              # (B, T)
+            if "old_logp" in chunk[0]:
+                old_logp = torch.zeros_like(logp)
+                for b, r in enumerate(chunk):
+                    old_logp[b, :len(r["old_logp"])] = r["old_logp"]
             teacher_logits = teacher_logp = None
             if use_teacher:
                 with torch.no_grad():
@@ -576,7 +609,7 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
                     teacher_logp = dgpo.token_logprobs(teacher_logits, batch.targets)
                     teacher_logits = None
             loss, m = dgpo.dgpo_loss(
-                logp, logp.detach(), adv, em, batch.mask, beta=cfg.beta,
+                logp, old_logp, adv, em, batch.mask, beta=cfg.beta,
                 teacher=cfg.teacher_mode if use_teacher else "none", kl=cfg.kl,
                 student_logits=logits, teacher_logits=teacher_logits, teacher_logp=teacher_logp,
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg, normaliser=normaliser,
@@ -619,6 +652,9 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     if cfg.prompts_per_step % dist.world_size:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by world size "
                          f"{dist.world_size}: every rank must hold whole groups")
+    if (cfg.prompts_per_step // dist.world_size) % cfg.mini_batches:
+        raise ValueError(f"each rank's {cfg.prompts_per_step // dist.world_size} groups cannot form "
+                         f"{cfg.mini_batches} equal mini-batches (--mini-batches)")
     if cfg.teacher_mode not in ("selective", "uniform", "none") or cfg.teacher_as not in ("loss", "reward"):
         raise ValueError(f"teacher_mode={cfg.teacher_mode!r} / teacher_as={cfg.teacher_as!r} unknown")
     tokenizer = load_tokenizer(resume or student_dir)
@@ -632,8 +668,9 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
     ddp_model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) \
         if dist.enabled else model
-    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps,
-                                          int(cfg.warmup_ratio * cfg.steps), min_lr_ratio=None)
+    updates = cfg.steps * cfg.mini_batches                      # optimizer steps in the whole run
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, updates,
+                                          int(cfg.warmup_ratio * updates), min_lr_ratio=None)
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
     start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
     if resume:
@@ -748,6 +785,8 @@ class DemoPreset:
     student_size: str = "student"
     world_seed: int = 0
     train_limit: int = 0           # training questions used by every stage (0 = all)
+    tgo_limit: int = 0             # of those, the ones the teacher is rolled out on for KD (0 = all);
+                                   # RL then also meets questions KD never saw, as with real data
     tgo_keep_wrong: bool = False   # True only in the plumbing preset, whose teacher cannot be right yet
     max_new_tokens: int = 64
     eval_limit: int = 0            # test questions evaluated (0 = the whole test split)
@@ -757,10 +796,11 @@ class DemoPreset:
 PRESETS = {
     "default": lambda: DemoPreset(
         teacher=SupervisedConfig(steps=1500, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=50),
-        kd=SupervisedConfig(steps=600, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=30),
+        kd=SupervisedConfig(steps=1500, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=30),
         rl=RLConfig(steps=40, prompts_per_step=16, group_size=4, micro_batch_size=16, rollout_batch_size=64,
-                    lr=1e-4, warmup_ratio=0.1, beta=0.05, temperature=0.7, max_new_tokens=64,
-                    eval_every=10)),
+                    lr=3e-4, warmup_ratio=0.1, beta=1.0, temperature=0.7, max_new_tokens=64,
+                    eval_every=10),
+        tgo_limit=800),
     # the same chain in well under a minute: it checks the plumbing (every stage writes what the next
     # reads), not learning — its teacher trains for 4 steps, so its tgo keeps wrong trajectories too
     "small": lambda: DemoPreset(
@@ -781,7 +821,8 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     if dist.enabled:
         raise ValueError("the demo chain runs in one process; use the stage subcommands with torchrun")
     preset = PRESETS[preset_name]()
-    t_start = time.time()
+    t_start = t = time.time()
+    seconds = {}                          # wall time per stage, reported with the results
     world = demo.make_world(seed=preset.world_seed)
     paths = demo.write_world(world, os.path.join(out, "data"))
     tokenizer = demo.train_tokenizer(world, os.path.join(out, "tokenizer"))
@@ -800,19 +841,23 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     data.write_jsonl(os.path.join(out, "oracle.jsonl"), oracle_records)
     print0(dist, f"oracle: {len(oracle_records)}/{len(train_questions)} correct training trajectories")
     dirs = {name: os.path.join(out, name) for name in ("teacher_init", "teacher", "student_init", "kd", "dgpo")}
+    seconds["world+tokenizer+oracle"], t = time.time() - t, time.time()
     demo.make_tiny_model(tokenizer, preset.teacher_size, seed=1, out_dir=dirs["teacher_init"])
     teacher = load_model(dirs["teacher_init"], dist, trainable=True)
     train_supervised(teacher, tokenizer, oracle_records, preset.teacher, dist, dirs["teacher"], desc="teacher")
     teacher.eval().requires_grad_(False)
+    seconds["teacher"], t = time.time() - t, time.time()
 
     # 2. tgo: the teacher's correct trajectories on the training questions
     tgo_cfg = rcfg
     tgo_path = os.path.join(out, "tgo.jsonl")
-    run_tgo(teacher, tokenizer, train_questions, retriever, tgo_cfg, dist, tgo_path, samples=1,
+    tgo_questions = train_questions[:preset.tgo_limit] if preset.tgo_limit else train_questions
+    run_tgo(teacher, tokenizer, tgo_questions, retriever, tgo_cfg, dist, tgo_path, samples=1,
             batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
     tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer))
     if not tgo:
         raise RuntimeError("the teacher got no training question right: nothing to distil")
+    seconds["tgo"], t = time.time() - t, time.time()
 
     # 3. kd: cold start of a fresh, smaller student
     demo.make_tiny_model(tokenizer, preset.student_size, seed=2, out_dir=dirs["student_init"])
@@ -821,12 +866,14 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     train_supervised(student, tokenizer, train_part, preset.kd, dist, dirs["kd"], teacher=teacher,
                      heldout=heldout, desc="kd")
     del student
+    seconds["kd"], t = time.time() - t, time.time()
 
     # 4. rl: DGPO from the KD student; the checkpoint with the best validation EM is kept
     summary = train_rl(dirs["kd"], dirs["teacher"], train_questions, retriever, preset.rl, dist, dirs["dgpo"],
                        validation=world.validation)
     dgpo_dir = os.path.join(dirs["dgpo"], "best") if os.path.isdir(os.path.join(dirs["dgpo"], "best")) \
         else dirs["dgpo"]
+    seconds["rl"], t = time.time() - t, time.time()
 
     # 5. evaluation on the test split
     test = world.test[:preset.eval_limit] if preset.eval_limit else world.test
@@ -836,11 +883,13 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
         reports[name] = evaluate_dir(model_dir, test, retriever, rcfg, dist,
                                      os.path.join(out, "eval", name.split()[0].lower()),
                                      batch_size=preset.eval_batch_size)
+    seconds["eval"], seconds["total"] = time.time() - t, time.time() - t_start
+    seconds = {k: round(v, 1) for k, v in seconds.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"reports": reports, "rl": summary, "seconds": time.time() - t_start}, f, indent=1)
+        json.dump({"preset": preset_name, "reports": reports, "rl": summary, "seconds": seconds}, f, indent=1)
     print0(dist, "\n" + results_table(reports))
-    print0(dist, f"\n(DGPO = the RL checkpoint with the best validation EM: step {summary['best_step']}; "
-                 f"whole run {time.time() - t_start:.0f} s; details in {out})")
+    print0(dist, f"\nDGPO = the RL checkpoint with the best validation EM (step {summary['best_step']}). "
+                 f"Seconds per stage: {seconds}. Everything is in {out}/.")
     return reports
 
 

@@ -17,9 +17,10 @@ import data  # noqa: E402
 import train  # noqa: E402
 
 
-def main(student_dir, teacher_dir, records_path, out_dir, teacher_as="loss", agg="token-mean"):
+def main(student_dir, teacher_dir, records_path, out_dir, teacher_as="loss", mini_batches="1"):
     dist = train.setup()
-    cfg = train.RLConfig(micro_batch_size=3, beta=0.5, warmup_ratio=0.0, teacher_as=teacher_as, agg=agg)
+    cfg = train.RLConfig(micro_batch_size=3, beta=0.5, warmup_ratio=0.0, teacher_as=teacher_as,
+                         mini_batches=int(mini_batches))
     model = train.load_model(student_dir, dist, trainable=True)
     teacher = train.load_model(teacher_dir, dist, trainable=False)
     tokenizer = train.load_tokenizer(student_dir)

@@ -57,13 +57,14 @@ def _run_worker(nproc, model_dirs, records_path, out_dir, *extra):
     return [torch.load(out_dir / f"rank{r}_of{nproc}.pt") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("teacher_as", ["loss", "reward"])
-def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rollouts, tmp_path, teacher_as):
+@pytest.mark.parametrize("teacher_as,mini_batches", [("loss", "1"), ("reward", "1"), ("loss", "2")])
+def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rollouts, tmp_path, teacher_as,
+                                                           mini_batches):
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     before = train.load_model(model_dirs["student"], train.Dist(), trainable=True).state_dict()
-    [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as)
-    rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as)
+    [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as, mini_batches)
+    rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as, mini_batches)
     moved = max((single["params"][k] - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4, "the step must actually change the parameters for the comparison to mean anything"
     for name, value in single["params"].items():
@@ -72,6 +73,8 @@ def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rol
     # metrics are reduced over ranks: the global token count is the same either way
     assert rank0["metrics"]["loss_tokens"] == single["metrics"]["loss_tokens"]
     assert rank0["metrics"]["teacher_kl"] == pytest.approx(single["metrics"]["teacher_kl"], rel=1e-5)
+    if mini_batches == "2":    # the second mini-batch is off-policy: the ratio moved away from 1
+        assert single["metrics"]["approx_kl"] > 0
 
 
 def _rl_config(**kw):
@@ -231,3 +234,17 @@ def test_eval_stage_is_arc_metric_entry_point(world, model_dirs, tmp_path, capsy
     assert report["questions"] == 3 and "all" in report["report"]
     assert len(data.load_trajectories(str(tmp_path / "eval" / "trajectories.jsonl"))) == 3
     assert "| all |" in capsys.readouterr().out
+
+
+def test_mini_batches_are_strided_whole_groups():
+    """Group k of a rank goes to mini-batch k mod parts. Ranks hold contiguous blocks of groups, so with
+    2 ranks × 4 groups the global mini-batch 0 is groups {0, 2, 4, 6} either way, as in one process."""
+    records = [{"group": g, "i": i} for g in (10, 11, 12, 13) for i in range(3)]
+    parts = train.split_groups(records, 2)
+    assert [[r["group"] for r in p] for p in parts] == [[10] * 3 + [12] * 3, [11] * 3 + [13] * 3]
+    one_process = train.split_groups([{"group": g} for g in range(8)], 2)
+    by_rank = [train.split_groups([{"group": g} for g in block], 2) for block in (range(4), range(4, 8))]
+    for k in range(2):
+        assert [r["group"] for r in one_process[k]] == [r["group"] for rank in by_rank for r in rank[k]]
+    with pytest.raises(ValueError, match="3 groups on this rank cannot form 2 equal mini-batches"):
+        train.split_groups([{"group": g} for g in range(3)], 2)
