@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -274,7 +275,9 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float, counters: dict
         warnings.warn(f"non-finite loss or gradient norm ({norm}): step skipped "
                       f"({counters['skipped_steps']} so far)")
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    with warnings.catch_warnings():      # the schedule follows the step count, skipped steps included;
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+        scheduler.step()                 # torch warns when the very first step was the skipped one
     return norm
 
 
