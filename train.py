@@ -95,6 +95,7 @@ class RLConfig:
     max_turns: int = 4
     max_new_tokens: int = 500
     max_obs_tokens: int = 500
+    max_total_tokens: int | None = None  # hard cap on prompt + response (the row stops, flagged truncated)
     topk: int = 3
     seed: int = 0
     eval_every: int = 0            # validation EM every N steps; the best checkpoint is kept
@@ -453,7 +454,7 @@ def heldout_loss(model, teacher, records: list[dict], cfg: SupervisedConfig, voc
 def rollout_config(cfg: RLConfig, greedy: bool = False) -> RolloutConfig:
     return RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                          max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
-                         top_p=cfg.top_p, greedy=greedy)
+                         top_p=cfg.top_p, greedy=greedy, max_total_tokens=cfg.max_total_tokens)
 
 
 def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, dist: Dist,
@@ -716,10 +717,11 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         sums = all_reduce_sum(dist, [len(records), sum(r["reward"] for r in records),
                                      sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
                                      sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
-                                     sum(sum(r["loss_mask"]) for r in records)])
+                                     sum(sum(r["loss_mask"]) for r in records),
+                                     sum(r["truncated"] for r in records)])
         n, elapsed = sums[0], time.time() - t0
         row = {"step": step + 1, "reward": sums[1] / n, "em": sums[2] / n, "wrong_frac": 1 - sums[2] / n,
-               "searches": sums[3] / n, "response_len": sums[4] / n, **row,
+               "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
                "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
                "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0)}
         if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:

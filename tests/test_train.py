@@ -248,3 +248,22 @@ def test_mini_batches_are_strided_whole_groups():
         assert [r["group"] for r in one_process[k]] == [r["group"] for rank in by_rank for r in rank[k]]
     with pytest.raises(ValueError, match="3 groups on this rank cannot form 2 equal mini-batches"):
         train.split_groups([{"group": g} for g in range(3)], 2)
+
+
+def test_rl_length_budget_truncates_flags_and_keeps_running(world, tokenizer, retriever, model_dirs, tmp_path,
+                                                            monkeypatch):
+    """--max-total-tokens reaches the rollout: no trajectory grows past it, the step still trains, and
+    the metrics say how many rollouts were cut."""
+    from rollout import prompt_ids
+    questions = world.train[:4]
+    cap = max(len(prompt_ids(tokenizer, q["question"])) for q in questions) + 3
+    cfg = _rl_config(steps=1, prompts_per_step=4, max_total_tokens=cap, max_new_tokens=6)
+    seen = []
+    real = train.generate_records
+    monkeypatch.setattr(train, "generate_records", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    out = tmp_path / "rl"
+    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), str(out))
+    assert len(seen) == 8 and all(len(r["input_ids"]) <= cap and r["truncated"] for r in seen)
+    assert any(len(r["input_ids"]) == cap for r in seen)          # the cap, not something else, ended them
+    [row] = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert row["truncated_frac"] == 1.0 and row["loss_tokens"] > 0
