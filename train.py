@@ -912,6 +912,10 @@ def results_table(reports: dict[str, dict]) -> str:
 # Command line: one subcommand per stage; config fields become --options with their defaults
 
 
+CHOICES = {"teacher_mode": ("selective", "uniform", "none"), "teacher_as": ("loss", "reward"),
+           "kl": ("full", "k2", "k3"), "agg": dgpo.AGG_MODES}     # a typo fails at parse time, by name
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
     for f in dataclasses.fields(config_cls):
         flag, default = f"--{f.name.replace('_', '-')}", f.default
@@ -921,12 +925,20 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
             continue
         # a None default (e.g. `seed: int | None = None`) takes its type from the annotation
         kind = type(default) if default is not None else (int if "int" in str(f.type) else float)
-        parser.add_argument(flag, dest=f.name, type=kind, default=default,
+        parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=CHOICES.get(f.name),
                             help=f"(default: {default})")
 
 
 def config_from_args(args, config_cls):
     return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def add_run_args(parser) -> None:
+    """Where a training stage writes, and how it resumes."""
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--resume", help="a checkpoint dir with trainer_state.pt")
+    parser.add_argument("--stop-after", type=int, help="end this run after N steps, resumable")
+    parser.add_argument("--grad-checkpointing", action="store_true")
 
 
 def add_retriever_args(parser) -> None:
@@ -951,10 +963,7 @@ def parse_args(argv):
             p.add_argument("--teacher", required=True, help="HF model dir of the teacher")
         p.add_argument("--data", required=True, help="trajectories JSONL (e.g. tgo.jsonl)")
         p.add_argument("--heldout", help="held-out trajectories JSONL for the held-out loss")
-        p.add_argument("--out", required=True)
-        p.add_argument("--resume", help="a checkpoint dir with trainer_state.pt")
-        p.add_argument("--stop-after", type=int, help="end this run after N steps, resumable")
-        p.add_argument("--grad-checkpointing", action="store_true")
+        add_run_args(p)
         add_config_args(p, SupervisedConfig)
 
     p = sub.add_parser("tgo", help="teacher rollouts over questions; keep the correct ones")
@@ -971,10 +980,7 @@ def parse_args(argv):
     p.add_argument("--teacher")
     p.add_argument("--data", required=True, help="training questions JSONL")
     p.add_argument("--val", help="validation questions JSONL (for --eval-every)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--resume", help="a checkpoint dir with trainer_state.pt")
-    p.add_argument("--stop-after", type=int, help="end this run after N steps, resumable")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    add_run_args(p)
     add_retriever_args(p)
     add_config_args(p, RLConfig)
 

@@ -212,7 +212,7 @@ def test_make_batch_shifts_once_and_carries_explicit_masks():
     assert batch.real.tolist() == [[True, True, True], [True, False, False]]
 
 
-def test_cli_parses_every_stage_and_defaults_to_the_demo():
+def test_cli_parses_every_stage_and_defaults_to_the_demo(capsys):
     args = train.parse_args([])
     assert args.stage == "demo" and args.preset == "default"
     args = train.parse_args(["rl", "--student", "s", "--teacher", "t", "--data", "d", "--corpus", "c",
@@ -223,6 +223,10 @@ def test_cli_parses_every_stage_and_defaults_to_the_demo():
                              "--max-turns", "2", "--greedy", "--seed", "4"])
     rcfg = train.config_from_args(args, RolloutConfig)
     assert (rcfg.max_turns, rcfg.greedy, rcfg.seed, rcfg.max_total_tokens) == (2, True, 4, None)
+    for flag, bad in [("--kl", "k4"), ("--teacher-mode", "selctive"), ("--agg", "mean")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(["rl", "--student", "s", "--data", "d", "--corpus", "c", "--out", "o", flag, bad])
+        assert f"argument {flag}: invalid choice: '{bad}'" in capsys.readouterr().err
 
 
 def test_eval_stage_is_arc_metric_entry_point(world, model_dirs, tmp_path, capsys):
