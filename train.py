@@ -103,6 +103,11 @@ class RLConfig:
     save_every: int = 0
 
 
+# the legal values of RLConfig's enumerated options: the CLI offers them as choices, train_rl checks them
+CHOICES = {"teacher_mode": ("selective", "uniform", "none"), "teacher_as": ("loss", "reward"),
+           "kl": ("full", "k2", "k3"), "agg": dgpo.AGG_MODES}
+
+
 # -----------------------------------------------------------------------------
 # Distributed set-up, precision and logging: the only places CPU and GPU differ
 
@@ -322,9 +327,14 @@ def micro_batches(records: list[dict], size: int) -> list[list[dict]]:
     return [records[i:i + size] for i in range(0, len(records), size)]
 
 
+def loss_token_count(records: list[dict]) -> int:
+    """The loss tokens of these records: targets the policy sampled, i.e. loss_mask[1:] (Batch.mask)."""
+    return sum(sum(r["loss_mask"][1:]) for r in records)
+
+
 def global_token_count(dist: Dist, records: list[dict]) -> float:
-    """Σ over ranks of the loss tokens (targets, i.e. loss_mask[1:]) — the normaliser every rank uses."""
-    return all_reduce_sum(dist, [sum(sum(r["loss_mask"][1:]) for r in records)])[0]
+    """Σ over ranks of the loss tokens — the normaliser every rank uses."""
+    return all_reduce_sum(dist, [loss_token_count(records)])[0]
 
 
 def ddp_sync(model, last: bool):
@@ -440,7 +450,7 @@ def heldout_loss(model, teacher, records: list[dict], cfg: SupervisedConfig, voc
     """The supervised loss (KD loss when a teacher is given) on held-out trajectories, token-mean."""
     was_training = model.training
     model.eval()
-    total = sum(sum(r["loss_mask"][1:]) for r in records)
+    total = loss_token_count(records)
     loss = sum(supervised_loss(model, teacher, chunk, total, vocab_size, cfg.lam, dist)[0].item()
                for chunk in micro_batches(records, cfg.micro_batch_size))
     model.train(was_training)
@@ -508,8 +518,8 @@ def rl_normaliser(cfg: RLConfig, dist: Dist, records: list[dict]) -> float:
     (DDP averages gradients): token count for token-mean, non-empty sequences for
     seq-mean-token-mean, sequences × max_new_tokens for token-sum-norm (a constant per step)."""
     if cfg.agg == "token-mean":
-        local = sum(sum(r["loss_mask"][1:]) for r in records)
-    elif cfg.agg == "seq-mean-token-mean":
+        return global_token_count(dist, records) / dist.world_size
+    if cfg.agg == "seq-mean-token-mean":
         local = sum(1 for r in records if any(r["loss_mask"][1:]))
     else:
         local = len(records) * cfg.max_new_tokens
@@ -659,8 +669,9 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     if (cfg.prompts_per_step // dist.world_size) % cfg.mini_batches:
         raise ValueError(f"each rank's {cfg.prompts_per_step // dist.world_size} groups cannot form "
                          f"{cfg.mini_batches} equal mini-batches (--mini-batches)")
-    if cfg.teacher_mode not in ("selective", "uniform", "none") or cfg.teacher_as not in ("loss", "reward"):
-        raise ValueError(f"teacher_mode={cfg.teacher_mode!r} / teacher_as={cfg.teacher_as!r} unknown")
+    for name, legal in CHOICES.items():
+        if getattr(cfg, name) not in legal:
+            raise ValueError(f"RLConfig.{name}={getattr(cfg, name)!r}: must be one of {legal}")
     tokenizer = load_tokenizer(resume or student_dir)
     model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing)
     teacher = None
@@ -854,10 +865,9 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     seconds["teacher"], t = time.time() - t, time.time()
 
     # 2. tgo: the teacher's correct trajectories on the training questions
-    tgo_cfg = rcfg
     tgo_path = os.path.join(out, "tgo.jsonl")
     tgo_questions = train_questions[:preset.tgo_limit] if preset.tgo_limit else train_questions
-    run_tgo(teacher, tokenizer, tgo_questions, retriever, tgo_cfg, dist, tgo_path, samples=1,
+    run_tgo(teacher, tokenizer, tgo_questions, retriever, rcfg, dist, tgo_path, samples=1,
             batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
     tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer))
     if not tgo:
@@ -910,10 +920,6 @@ def results_table(reports: dict[str, dict]) -> str:
 
 # -----------------------------------------------------------------------------
 # Command line: one subcommand per stage; config fields become --options with their defaults
-
-
-CHOICES = {"teacher_mode": ("selective", "uniform", "none"), "teacher_as": ("loss", "reward"),
-           "kl": ("full", "k2", "k3"), "agg": dgpo.AGG_MODES}     # a typo fails at parse time, by name
 
 
 def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
