@@ -58,7 +58,7 @@ def _chunks(z, chunk_size, n_buffers=1):
         chunk_size = max(1, CHUNK_ELEMENTS.get(z.device.type, 2**25) // vocab)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 row, got {chunk_size}")
-    rows = min(chunk_size, length)
+    rows = max(1, min(chunk_size, length))      # an empty batch (length 0) yields no chunks
     buffers = [torch.empty(rows, vocab, dtype=_dtype(z), device=z.device)
                for _ in range(n_buffers)]
     for s in range(n_seqs):

@@ -587,6 +587,17 @@ def test_kd_loss_slices_padding_rows_and_errors_on_genuine_vocab_mismatch():
 # --------------------------------------------------------------------------------------------
 # NaN safety: an all-masked batch is a zero loss with zero gradients and says so.
 
+@pytest.mark.parametrize("shape", [(2, 0, 5), (0, 3, 5)])
+def test_kernels_and_losses_take_an_empty_batch(shape):
+    """B·T = 0 (no rows, or rows with no positions) is an empty result, not a crash in the chunker."""
+    z = torch.randn(shape, requires_grad=True)
+    tokens = torch.zeros(shape[:2], dtype=torch.long)
+    mask = torch.zeros(shape[:2], dtype=torch.bool)
+    assert dgpo.token_logprobs(z, tokens).shape == shape[:2]
+    assert dgpo.full_kl(z, z.detach()).shape == shape[:2] and dgpo.entropy(z).shape == shape[:2]
+    loss, metrics = dgpo.kd_loss(z, z.detach() + 1, tokens, mask)
+    assert loss.item() == 0.0 and metrics["n_tokens"] == 0
+
 def test_all_masked_batch_gives_zero_loss_zero_gradient_and_n_tokens_zero():
     student, teacher, tokens, _, old_logp, adv, em = _batch()
     mask = torch.zeros(4, 6, dtype=torch.bool)
