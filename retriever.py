@@ -266,14 +266,9 @@ class BM25Retriever:
         """Top-`topk` hits {"id", "contents", "score"} per query, best first, ties in corpus order.
         An empty or whitespace-only query gets no hits; a query of unknown words gets the first
         `topk` passages with score 0.0."""
-        if isinstance(queries, str):
-            raise TypeError("search() takes a list of queries; wrap a single query as [query]")
-        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
-            raise ValueError(f"search(): topk must be a positive integer, got {topk!r}")
+        _check_search_args(queries, topk)
         results = []
         for query in queries:
-            if not isinstance(query, str):
-                raise TypeError(f"search(): each query must be a string, got {type(query).__name__}")
             if not query.strip():
                 results.append([])
                 continue
@@ -281,6 +276,17 @@ class BM25Retriever:
             results.append([{"id": self.passages[i]["id"], "contents": self.passages[i]["contents"],
                              "score": float(scores[i])} for i in top_k_indices(scores, topk).tolist()])
         return results
+
+
+def _check_search_args(queries, topk) -> None:
+    """The one contract of every retriever's .search: a list of strings and a positive topk."""
+    if isinstance(queries, str):
+        raise TypeError("search() takes a list of queries; wrap a single query as [query]")
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"search(): topk must be a positive integer, got {topk!r}")
+    for query in queries:
+        if not isinstance(query, str):
+            raise TypeError(f"search(): each query must be a string, got {type(query).__name__}")
 
 
 def format_passages(hits: list[dict]) -> str:
@@ -319,11 +325,8 @@ class HTTPRetriever:
 
     def search(self, queries: list[str], topk: int | None = None) -> list[list[dict]]:
         """Same contract as BM25Retriever.search; blank queries get [] without asking the server."""
-        if isinstance(queries, str):
-            raise TypeError("search() takes a list of queries; wrap a single query as [query]")
-        if not all(isinstance(q, str) for q in queries):
-            raise TypeError("search(): each query must be a string")
         topk = self.topk if topk is None else topk
+        _check_search_args(queries, topk)
         results = [[] for _ in queries]
         asked = [i for i, q in enumerate(queries) if q.strip()]
         if not asked:

@@ -329,9 +329,24 @@ def count_attempts(client):
 def test_client_rejected_request_fails_at_once_with_server_reason(server_url):
     client = HTTPRetriever(server_url, retries=3, backoff=0.001)
     attempts = count_attempts(client)
+    # search() refuses this topk itself (next test), so the bad request is posted directly
     with pytest.raises(RuntimeError, match=re.escape(server_url + "/retrieve") + ".*HTTP 400.*topk"):
-        client.search(["Lima"], topk=-1)
+        client._post({"queries": ["Lima"], "topk": -1, "return_scores": True})
     assert len(attempts) == 1  # a request the server rejects is not worth repeating
+
+
+@pytest.mark.parametrize("topk", [0, -1, 2.0, True])
+def test_client_checks_topk_and_queries_like_the_local_retriever(server_url, topk):
+    """A topk of 0 would reach the server as Search-R1's "use the default" and quietly give 3 hits."""
+    client = HTTPRetriever(server_url, retries=0)
+    attempts = count_attempts(client)
+    with pytest.raises(ValueError, match="topk must be a positive integer"):
+        client.search(["Lima"], topk=topk)
+    with pytest.raises(ValueError, match="topk must be a positive integer"):
+        HTTPRetriever(server_url, topk=topk).search(["Lima"])
+    with pytest.raises(TypeError, match="each query must be a string, got int"):
+        client.search(["Lima", 7])
+    assert attempts == []                                  # refused before asking the server
 
 
 def test_dead_url_fails_after_configured_retries_naming_the_url():

@@ -350,6 +350,14 @@ def test_masked_tokens_decode_to_inserted_observations_and_nudges(world, tokeniz
     assert trajs[0].hits == [hits("first query"), hits("second")]
 
 
+def test_rollout_formats_passages_exactly_as_the_retriever_does(world, retriever):
+    """rollout.py keeps its own 3-line copy of the formatter (to need nothing from retriever.py)."""
+    import retriever as retriever_module
+    import rollout as rollout_module
+    for hits in retriever.search([q["question"] for q in world.test[:20]] + ["zzz unknown"], topk=3) + [[]]:
+        assert rollout_module.format_passages(hits) == retriever_module.format_passages(hits)
+
+
 @pytest.mark.parametrize("max_obs_tokens", [8, 30, 500])
 def test_observation_ends_with_closing_tag_even_when_truncated(world, tokenizer, max_obs_tokens):
     question = world.test[0]["question"]
