@@ -301,11 +301,14 @@ def _check_count(record: Mapping, key: str, expected: int) -> None:
 
 
 def data_source(record: Mapping) -> str:
-    """The record's data source; "default" when the key is missing."""
+    """The record's data source; "default" when the key is missing; "all" is the report's total row."""
     source = record.get("data_source", "default")
     if not isinstance(source, str) or not source:
         raise TypeError(f"trajectory record id={record.get('id')!r}: "
                         f"data_source must be a non-empty str, got {source!r}")
+    if source == "all":
+        raise ValueError(f"trajectory record id={record.get('id')!r}: "
+                         "data_source 'all' is reserved for the report's total row")
     return source
 
 
@@ -443,8 +446,6 @@ def arc_report(records, probe=None) -> dict[str, dict[str, float]]:
             source = data_source(record)
         except (TypeError, ValueError) as error:
             raise type(error)(f"records[{i}]: {error}") from error
-        if source == "all":
-            raise ValueError(f"records[{i}]: data_source 'all' is reserved for the report's total row")
         if probe_rows is not None:
             scores.update(probe_rows[i])
         by_source.setdefault(source, []).append(scores)
@@ -646,11 +647,9 @@ def _check_questions(questions: list) -> None:
             raise ValueError(f"{where}: missing 'golden_answers'")
         try:
             _gold_list(row["golden_answers"])
-            source = data_source(row)
+            data_source(row)
         except (TypeError, ValueError) as error:
             raise type(error)(f"{where}: {error}") from error
-        if source == "all":
-            raise ValueError(f"{where}: data_source 'all' is reserved for the report's total row")
 
 
 def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: bool = True, batch_size: int = 64,
