@@ -22,14 +22,14 @@ What it does not do: train anything (train.py does), or know about real datasets
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
 from dataclasses import dataclass, field
 
-from rollout import (RolloutConfig, Trajectory, encode_text, format_question, last_query, observation_ids,
-                     prompt_ids)
+from data import write_jsonl
+from rollout import (INVALID_ACTION, PROMPT_TEMPLATE, RolloutConfig, Trajectory, completes_answer, encode_text,
+                     format_question, last_query, observation_ids, prompt_ids)
 
 # -----------------------------------------------------------------------------
 # The world: invented entities and the facts that tie them together
@@ -61,7 +61,7 @@ class World:
 
 
 def _name_maker(rng: random.Random):
-    """Returns a function that yields fresh invented words (2-3 syllables), never the same twice."""
+    """Returns a function that yields fresh invented words (two syllables), never the same twice."""
     used: set[str] = set()
 
     def fresh(syllables: tuple[int, int] = (2, 2)) -> str:
@@ -107,20 +107,20 @@ def _a(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
-def _entity_passages(facts: dict) -> list[tuple[str, str, str]]:
-    """One (key, title, text) per entity; `key` is the entity name the questions refer to."""
+def _entity_passages(facts: dict) -> list[tuple[str, str]]:
+    """One (title, text) per entity; the title is the entity name the questions refer to."""
     country_of = {c["name"]: c["country"] for c in facts["cities"]}
     out = []
     for c in facts["countries"]:
-        out.append((c["name"], c["name"], f"{c['name']}, officially the {c['official']}, is a country. "
+        out.append((c["name"], f"{c['name']}, officially the {c['official']}, is a country. "
                     f"Its capital is {c['capital']}."))
     for c in facts["cities"]:
-        out.append((c["name"], c["name"], f"{c['name']} is a city in {c['country']}, on the {c['river']} river."))
+        out.append((c["name"], f"{c['name']} is a city in {c['country']}, on the {c['river']} river."))
     for p in facts["people"]:
-        out.append((p["name"], p["name"], f"{p['name']} (born {p['born']}) is {_a(p['profession'])} "
+        out.append((p["name"], f"{p['name']} (born {p['born']}) is {_a(p['profession'])} "
                     f"who was born in {p['birthplace']}, {country_of[p['birthplace']]}."))
     for c in facts["companies"]:
-        out.append((c["name"], c["name"], f"{c['name']} is {_a(c['sector'])} company founded by "
+        out.append((c["name"], f"{c['name']} is {_a(c['sector'])} company founded by "
                     f"{c['founder']} in {c['founded']}. It is headquartered in {c['hq']}."))
     return out
 
@@ -196,9 +196,8 @@ def make_world(seed: int = 0, n_test: int = 240, n_validation: int = 120) -> Wor
     """Builds the world deterministically from `seed` (same seed → byte-identical output)."""
     rng = random.Random(seed)
     facts = _make_facts(rng)
-    entity = _entity_passages(facts)
     distractors = _distractor_passages(rng, facts, n=1400)
-    rows = [(title, text) for _, title, text in entity] + distractors
+    rows = _entity_passages(facts) + distractors
     order = list(range(len(rows)))
     rng.shuffle(order)                                  # so passage ids say nothing about the kind
     corpus, id_of_title = [], {}
@@ -228,9 +227,7 @@ def write_world(world: World, out_dir: str) -> dict[str, str]:
     for name, rows in [("corpus", world.corpus), ("train", world.train),
                        ("validation", world.validation), ("test", world.test)]:
         paths[name] = os.path.join(out_dir, f"{name}.jsonl")
-        with open(paths[name], "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_jsonl(paths[name], rows)
     return paths
 
 
@@ -326,7 +323,7 @@ def oracle_rollout(questions: list[str], retriever, tokenizer,
                 searching.append(i)
                 queries.append(query)
             else:
-                t.answered = "</answer>" in texts[i]
+                t.answered = completes_answer(texts[i])
         results = retriever.search(queries, topk=config.topk) if queries else []
         for i, query, hits in zip(searching, queries, results):
             t = trajs[i]
@@ -359,7 +356,6 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
 
 def _tokenizer_texts(world: World) -> list[str]:
     """What the BPE merges are learned from: passages, questions, and protocol text in use."""
-    from rollout import INVALID_ACTION, PROMPT_TEMPLATE
     texts = [row["contents"] for row in world.corpus]
     for q in world.train + world.validation + world.test:
         texts.append(PROMPT_TEMPLATE.format(question=q["question"]))

@@ -108,6 +108,12 @@ def last_query(turn_text: str) -> str | None:
     return turn_text[start + len(SEARCH_OPEN):end].strip()
 
 
+def completes_answer(turn_text: str) -> bool:
+    """Whether the turn closes an answer it opened: an `<answer>` before its last `</answer>`."""
+    end = turn_text.rfind(ANSWER_CLOSE)
+    return end >= 0 and ANSWER_OPEN in turn_text[:end]
+
+
 # -----------------------------------------------------------------------------
 # Config and results
 
@@ -304,7 +310,7 @@ def _act(tokenizer, rows: list[_Row], retriever, config: RolloutConfig, final_tu
         traj.truncated |= r.turn_end == "budget"
         query = last_query(text) if r.turn_end == "search" else None
         if r.turn_end == "answer":
-            traj.answered = ANSWER_OPEN in text[:text.rfind(ANSWER_CLOSE)]
+            traj.answered = completes_answer(text)
         if r.turn_end in ("answer", "eos") or final_turn or out_of_room:
             r.done = True
         elif query is not None:
