@@ -867,11 +867,11 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     # 2. tgo: the teacher's correct trajectories on the training questions
     tgo_path = os.path.join(out, "tgo.jsonl")
     tgo_questions = train_questions[:preset.tgo_limit] if preset.tgo_limit else train_questions
-    run_tgo(teacher, tokenizer, tgo_questions, retriever, rcfg, dist, tgo_path, samples=1,
-            batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
-    tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer))
-    if not tgo:
+    stats = run_tgo(teacher, tokenizer, tgo_questions, retriever, rcfg, dist, tgo_path, samples=1,
+                    batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
+    if not stats["kept"]:       # checked before loading: the loader rejects an empty file less clearly
         raise RuntimeError("the teacher got no training question right: nothing to distil")
+    tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer))
     seconds["tgo"], t = time.time() - t, time.time()
 
     # 3. kd: cold start of a fresh, smaller student
