@@ -38,20 +38,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dgpo  # noqa: E402
 
 
-def peak_rss_reset():
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS."""
-    with open("/proc/self/clear_refs", "w") as f:
+def status_gb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in GiB (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\s+(\d+) kB", f.read()).group(1)) / 2**20
+
+
+def peak_growth_gb(run) -> float:
+    """How far the peak RSS rises above the current RSS while `run()` runs."""
+    base = status_gb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:     # resets VmHWM to the current RSS
         f.write("5")
-
-
-def peak_rss_gb():
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) / 2**20
-
-
-def rss_gb():
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) / 2**20
+    run()
+    return status_gb("VmHWM") - base
 
 
 def make_inputs(B, T, V, dtype, seed=0):
@@ -116,10 +115,7 @@ def bench_vocab(B, T, V, dtype, repeats):
             times[name].append(time.perf_counter() - t0)
     peaks = {}
     for name, fn in fns.items():
-        base = rss_gb()
-        peak_rss_reset()
-        step(fn, x["logits"])
-        peaks[name] = peak_rss_gb() - base
+        peaks[name] = peak_growth_gb(lambda: step(fn, x["logits"]))
     base = statistics.median(times["ce"])
     in_gb = x["logits"].numel() * x["logits"].element_size() / 2**30
     print(f"\nB·T = {B}×{T}, V = {V}, {dtype}, {torch.get_num_threads()} thread(s), "
@@ -138,17 +134,12 @@ def bench_memory(B=4, T=1024, V=151_936, dtype=torch.bfloat16):
     gb = logits.numel() * logits.element_size() / 2**30
     print(f"\ntoken_logprobs memory, B·T = {B}×{T}, V = {V}, {dtype} logits = {gb:.2f} GiB "
           f"(a full fp32 log-softmax would be {logits.numel() * 4 / 2**30:.2f} GiB)")
-    base = rss_gb()
-    peak_rss_reset()
     with torch.no_grad():
-        dgpo.token_logprobs(logits, tokens)
-    print(f"forward (no grad)   peak +{peak_rss_gb() - base:.3f} GiB")
+        grown = peak_growth_gb(lambda: dgpo.token_logprobs(logits, tokens))
+    print(f"forward (no grad)   peak +{grown:.3f} GiB")
     z = logits.requires_grad_()
-    base = rss_gb()
-    peak_rss_reset()
-    dgpo.token_logprobs(z, tokens).sum().backward()
-    print(f"forward + backward  peak +{peak_rss_gb() - base:.3f} GiB "
-          f"(of which the {dtype} gradient {gb:.2f} GiB)")
+    grown = peak_growth_gb(lambda: dgpo.token_logprobs(z, tokens).sum().backward())
+    print(f"forward + backward  peak +{grown:.3f} GiB (of which the {dtype} gradient {gb:.2f} GiB)")
 
 
 def main():

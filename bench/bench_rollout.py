@@ -33,6 +33,7 @@ import platform
 import random
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,6 +42,7 @@ from transformers import DynamicCache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
+import train  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
 from rollout import (INVALID_ACTION, RolloutConfig, encode_text, last_query, observation_ids,  # noqa: E402
                      prompt_ids, rollout)
@@ -106,19 +108,9 @@ def generate_decode(model, tokenizer, questions, new_tokens: int) -> int:
     return out[:, ids.shape[1]:].numel()
 
 
-@torch.no_grad()
 def raw_decode(model, tokenizer, questions, new_tokens: int) -> int:
     """The least work a KV-cache decode can do: one batched forward per token, argmax, nothing else."""
-    ids, mask = _left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id)
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    for _ in range(new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        ids = logits.argmax(dim=-1, keepdim=True)                                        # (B, 1)
-        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-        positions = positions[:, -1:] + 1
-    return len(questions) * new_tokens
+    return ragged_decode(model, tokenizer, questions, [new_tokens] * len(questions))
 
 
 @torch.no_grad()
@@ -154,13 +146,9 @@ def warm_up(model, tokenizer, world, retriever, steps: int, batch_size: int = 8,
     rng = random.Random(seed)
     model.train()
     for step in range(steps):
-        batch = rng.sample(trajs, batch_size)
-        width = max(len(t.input_ids) for t in batch)
-        ids = torch.tensor([t.input_ids + [tokenizer.pad_token_id] * (width - len(t.input_ids)) for t in batch])
-        loss_mask = torch.tensor([t.loss_mask + [0] * (width - len(t.loss_mask)) for t in batch], dtype=torch.bool)
-        attention = torch.tensor([[1] * len(t.input_ids) + [0] * (width - len(t.input_ids)) for t in batch])
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]             # (B, T-1, V)
-        loss = torch.nn.functional.cross_entropy(logits[loss_mask[:, 1:]], ids[:, 1:][loss_mask[:, 1:]])
+        batch = train.make_batch([asdict(t) for t in rng.sample(trajs, batch_size)], "cpu")
+        logits = train.logits_of(model, batch)                                           # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits[batch.mask], batch.targets[batch.mask])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -182,21 +170,27 @@ def bench_case(name, model, tokenizer, questions, retriever, config, repeats: in
     print(f"\n## {name}: {len(questions)} questions, max_turns {config.max_turns}, "
           f"{config.max_new_tokens} new tokens per turn, greedy", flush=True)
     rollout(model, tokenizer, questions[:4], retriever, RolloutConfig(max_turns=1, max_new_tokens=8, greedy=True))
-    best = {}
+    best = {}                                          # method -> (tokens, seconds) of its fastest run
+
+    def run(method, fn, count):
+        result, seconds = timed(fn)
+        if method not in best or seconds < best[method][1]:
+            best[method] = (count(result), seconds)
+        return result
+
+    def kept_by(trajectories):
+        return sum(sum(t.loss_mask) for t in trajectories)
+
     for _ in range(repeats):
-        trajs, seconds = timed(lambda: rollout(model, tokenizer, questions, retriever, config))
-        kept = sum(sum(t.loss_mask) for t in trajs)
-        best["rollout"] = min(best.get("rollout", (kept, 1e9)), (kept, seconds), key=lambda x: x[1])
-        baseline, seconds = timed(lambda: search_r1_loop(model, tokenizer, questions, retriever, config))
-        best["search-r1"] = min(best.get("search-r1", (0, 1e9)), (baseline["kept"], seconds), key=lambda x: x[1])
+        trajs = run("rollout", lambda: rollout(model, tokenizer, questions, retriever, config), kept_by)
+        kept = kept_by(trajs)
+        baseline = run("search-r1", lambda: search_r1_loop(model, tokenizer, questions, retriever, config),
+                       lambda b: b["kept"])
         per_row = max(1, round(kept / len(questions)))
-        new, seconds = timed(lambda: generate_decode(model, tokenizer, questions, per_row))
-        best["decode"] = min(best.get("decode", (0, 1e9)), (new, seconds), key=lambda x: x[1])
-        new, seconds = timed(lambda: raw_decode(model, tokenizer, questions, per_row))
-        best["raw loop"] = min(best.get("raw loop", (0, 1e9)), (new, seconds), key=lambda x: x[1])
         per_traj = [max(1, sum(t.loss_mask)) for t in trajs]
-        new, seconds = timed(lambda: ragged_decode(model, tokenizer, questions, per_traj))
-        best["ragged raw loop"] = min(best.get("ragged raw loop", (0, 1e9)), (new, seconds), key=lambda x: x[1])
+        run("decode", lambda: generate_decode(model, tokenizer, questions, per_row), int)
+        run("raw loop", lambda: raw_decode(model, tokenizer, questions, per_row), int)
+        run("ragged raw loop", lambda: ragged_decode(model, tokenizer, questions, per_traj), int)
     turns = [len(t.turns) for t in trajs]
     print(f"rollout rows: searches {sum(t.num_searches for t in trajs)}, answered {sum(t.answered for t in trajs)}, "
           f"invalid {sum(t.num_invalid for t in trajs)}, turns per row {min(turns)}-{max(turns)}, "
@@ -221,6 +215,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
