@@ -1,4 +1,4 @@
-"""dgpo.py: the losses of DGPO (PAPER.md §4), as small pure functions of tensors and masks.
+"""dgpo.py: the losses of DGPO (docs/method.md §4), as small pure functions of tensors and masks.
 
 What it does: GRPO group advantages, the PPO clipped surrogate, the selective teacher KL term that
 makes GRPO into DGPO, the paper's reward-penalty variant, the cold-start distillation loss, and the
@@ -8,11 +8,15 @@ What it does not: load models or data, sample, or decide anything about DDP. Eve
 
 The RL objective (dgpo_loss):  L = L_clip(θ) + β · aggregate(1[EM_i = 0] · KL_t(π_θ‖π_T), m),
 with KL_t exact over the vocabulary by default. As a sampled loss use k2, not k3: k3's gradient
-is the FORWARD KL's (derivation in dgpo_loss; PAPER.md §4 has this backwards).
+is the FORWARD KL's (derivation in dgpo_loss).
 
 Conventions. Tensors are aligned: logits[:, t] scores tokens[:, t] (the caller shifts once). Masks
-m (B, T) are explicit 0/1 tensors, 1 on tokens the student sampled. Per-sequence values (advantages,
-EM) are (B,) and broadcast over tokens. π_θ student, π_old the policy that sampled, π_T teacher.
+m (B, T) are explicit 0/1 tensors, 1 on tokens the student sampled. Per-sequence values (EM) are (B,);
+advantages are (B,) (one per rollout, broadcast over its tokens) or (B, T) (one per token). π_θ
+student, π_old the policy that sampled, π_T teacher. Sampling temperature τ: the caller passes logits
+already divided by τ — the student's, the old policy's and the teacher's alike — so every π in this
+file is the distribution the rollout sampled from (softmax(z / τ)), and ratios, KL estimates and
+penalties refer to the policy that generated the tokens.
 
     import dgpo
     logp = dgpo.token_logprobs(student_logits, tokens)                            # (B, T)
@@ -382,7 +386,8 @@ def teacher_kl_reward(old_logp, teacher_logp, em, mask, beta=0.001, teacher="sel
 
     k1 estimate of KL(π_old‖π_T) on the sampled tokens, put in the REWARD (no gradient flows
     through it), w_i as in dgpo_loss. (B, T) x2, em (B,), mask (B, T) -> (B, T) fp32, detached.
-    Feed sequence_rewards(em, r) to group_advantages for GRPO, or r itself to a per-token GAE.
+    With GRPO, token_advantages(A, r, m) turns it into per-token advantages; with PPO it is part of
+    the per-token reward that GAE reads.
     """
     B = old_logp.shape[0]
     if teacher_logp.shape != old_logp.shape:
@@ -397,19 +402,34 @@ def teacher_kl_reward(old_logp, teacher_logp, em, mask, beta=0.001, teacher="sel
     return torch.where(m, pen, torch.zeros_like(pen))                # (B, T)
 
 
-def sequence_rewards(em, token_rewards):
-    """R_i = EM_i + Σ_t r_{i,t}  (γ = 1): the return GRPO normalises within each group.
-
-    em (B,), token_rewards (B, T) (already masked) -> (B,) fp32. With GRPO the teacher penalty
-    reaches the policy ONLY through this group-normalised return: in an all-wrong group
-    R_i = −β Σ_t KL-estimate_i,t and dividing by the group std cancels β (up to ε), so it ranks
-    rollouts by closeness to the teacher; in a mixed group β·KL ≪ 1 barely moves the ranking.
-    The sum over t also favours short rollouts. dgpo_loss's KL loss term has neither effect.
+def reward_to_go(token_rewards, mask):
+    """G_t = Σ_{s ≥ t} m_s r_s on sampled tokens (γ = 1), 0 elsewhere: what the rest of the rollout
+    still collects from token t on. Observation and padding tokens carry no reward and are skipped.
+    (B, T) x2 -> (B, T). Example: r [[1, 0, 2, 3]], m [[1, 1, 0, 1]] -> [[4, 3, 0, 3]].
     """
-    if token_rewards.dim() != 2 or em.shape != token_rewards.shape[:1]:
-        raise ValueError(f"sequence_rewards: em {tuple(em.shape)} and token_rewards "
+    m = _bool_mask("reward_to_go", mask, token_rewards.shape)          # (B, T)
+    r = torch.where(m, token_rewards, torch.zeros_like(token_rewards))  # (B, T)
+    to_go = r.flip(-1).cumsum(-1).flip(-1)                             # (B, T) Σ_{s ≥ t} r_s
+    return torch.where(m, to_go, torch.zeros_like(to_go))
+
+
+def token_advantages(advantages, token_rewards, mask):
+    """GRPO with a per-token reward penalty (the paper's k1 penalty, teacher_kl_reward):
+
+        A_{i,t} = A_i + Σ_{s ≥ t} m_s r_{i,s}       A_i the group-normalised EM advantage (B,)
+
+    so a token is charged for the teacher disagreement from itself to the end of its rollout, not
+    for what came before it. β is not normalised away (it would be if the penalty were summed into
+    the sequence reward and z-scored with the group: in an all-wrong group that form only ranks
+    rollouts, whatever β is, and gives every token of a rollout the same advantage).
+    advantages (B,), token_rewards (B, T), mask (B, T) -> (B, T), 0 off the mask.
+    """
+    if advantages.shape != token_rewards.shape[:1] or token_rewards.dim() != 2:
+        raise ValueError(f"token_advantages: advantages {tuple(advantages.shape)} and token_rewards "
                          f"{tuple(token_rewards.shape)} must be (B,) and (B, T)")
-    return em.float() + token_rewards.float().sum(-1)
+    to_go = reward_to_go(token_rewards.float(), mask)                  # (B, T)
+    adv = advantages.float()[:, None] + to_go                          # (B, T)
+    return torch.where(mask.bool(), adv, torch.zeros_like(adv))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,38 +470,56 @@ def _mean(values, mask):
     return aggregate(values.detach().float(), mask).item()
 
 
+def _advantage_columns(fn, advantages, shape):
+    """Advantages as (B, 1) (one per rollout) or (B, T) (one per token), detached."""
+    if advantages.shape == shape[:1]:
+        return advantages.detach()[:, None]
+    if advantages.shape == shape:
+        return advantages.detach()
+    raise ValueError(f"{fn}: advantages must be (B,) = ({shape[0]},) or (B, T) = {tuple(shape)}, got "
+                     f"{tuple(advantages.shape)}")
+
+
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2,
-                agg="token-mean", normaliser=None, logits=None):
-    """PPO/GRPO clipped surrogate with asymmetric clipping.
+                agg="token-mean", normaliser=None, logits=None, entropy_coef=0.0):
+    """PPO/GRPO clipped surrogate with asymmetric clipping and an optional entropy bonus.
 
         r_t = π_θ(y_t) / π_old(y_t) = exp(log π_θ − log π_old)
-        ℓ_t = −min(r_t A_i, clip(r_t, 1 − ε_low, 1 + ε_high) A_i),   L_clip = aggregate(ℓ, m)
+        ℓ_t = −min(r_t A_t, clip(r_t, 1 − ε_low, 1 + ε_high) A_t)
+        L   = aggregate(ℓ, m) − c_H · aggregate(H(π_θ(·|y_<t)), m)
 
-    logp (B, T) with grad, old_logp (B, T), advantages (B,), mask (B, T) -> (loss, metrics).
-    A token is clipped (zero gradient) when A > 0 and r > 1 + ε_high (clip_frac_high) or A < 0 and
-    r < 1 − ε_low (clip_frac_low). approx_kl is k3 of KL(π_old‖π_θ) on the π_old samples,
-    mean of (r − 1) − log r. entropy (of π_θ, logits (B, T, V) given) is a metric only, no grad.
-    Example: r = 1.5, A = 1, ε = 0.2 -> ℓ = −1.2, gradient 0 (clipped high).
+    logp (B, T) with grad, old_logp (B, T), advantages (B,) or (B, T) (A_t = A_i for every token of
+    rollout i, or per token), mask (B, T) -> (loss, metrics). A token is clipped (zero gradient)
+    when A > 0 and r > 1 + ε_high (clip_frac_high) or A < 0 and r < 1 − ε_low (clip_frac_low).
+    approx_kl is k3 of KL(π_old‖π_θ) on the π_old samples, mean of (r − 1) − log r.
+    entropy_coef c_H > 0 needs logits (B, T, V) and adds the bonus (differentiable); with logits and
+    c_H = 0 the entropy is a metric only. Example: r = 1.5, A = 1, ε = 0.2 -> ℓ = −1.2, gradient 0.
     """
     _check_same("policy_loss", "logp", logp, old_logp=old_logp)
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(f"policy_loss: advantages must be (B,) = ({logp.shape[0]},), got "
-                         f"{tuple(advantages.shape)}")
+    adv = _advantage_columns("policy_loss", advantages, logp.shape).to(logp.dtype)  # (B, 1) | (B, T)
     m = _bool_mask("policy_loss", mask, logp.shape)                      # (B, T)
+    if entropy_coef < 0:
+        raise ValueError(f"policy_loss: entropy_coef must be >= 0, got {entropy_coef}")
+    if entropy_coef > 0 and logits is None:
+        raise ValueError("policy_loss: entropy_coef > 0 needs logits for the entropy bonus")
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     log_ratio = torch.where(m, logp - old_logp.detach(), zero)           # (B, T) 0 off-mask
     ratio = torch.exp(log_ratio)                                         # (B, T) r_t
-    adv = advantages.detach().to(logp.dtype)[:, None]                    # (B, 1) A_i
     surr = ratio * adv                                                   # (B, T) r A
     surr_clip = ratio.clamp(1 - clip_low, 1 + clip_high) * adv           # (B, T) clip(r) A
     per_token = -torch.minimum(surr, surr_clip)                          # (B, T) ℓ_t
-    loss = aggregate(per_token, m, agg, normaliser)
+    loss = pg_loss = aggregate(per_token, m, agg, normaliser)
+    ent = None
+    if logits is not None:
+        ent = entropy(logits) if entropy_coef > 0 else None              # (B, T) with grad
+        if ent is not None:
+            loss = pg_loss - entropy_coef * aggregate(ent, m, agg, normaliser)
 
     with torch.no_grad():
         high = (adv > 0) & (ratio > 1 + clip_high)                       # (B, T)
         low = (adv < 0) & (ratio < 1 - clip_low)                         # (B, T)
         metrics = {
-            "pg_loss": loss.item(),
+            "pg_loss": pg_loss.item(),
             "clip_frac": _mean((high | low).float(), m),
             "clip_frac_low": _mean(low.float(), m),
             "clip_frac_high": _mean(high.float(), m),
@@ -489,16 +527,17 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2,
             "n_tokens": int(m.sum()),
         }
         if logits is not None:
-            metrics["entropy"] = _mean(entropy(logits), m)
+            metrics["entropy"] = _mean(ent if ent is not None else entropy(logits), m)
     return loss, metrics
 
 
 def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="selective",
               kl="full", student_logits=None, teacher_logits=None, teacher_logp=None,
-              clip_low=0.2, clip_high=0.2, agg="token-mean", normaliser=None, vocab_size=None):
-    """DGPO: "reward if correct, mimic the teacher if wrong" (PAPER.md §4, GRPO form).
+              clip_low=0.2, clip_high=0.2, agg="token-mean", normaliser=None, vocab_size=None,
+              entropy_coef=0.0):
+    """DGPO: "reward if correct, mimic the teacher if wrong" (docs/method.md §4, GRPO form).
 
-        L = L_clip(θ) + β · aggregate(w_i · KL_t(π_θ‖π_T), m, agg, normaliser)
+        L = L_clip(θ) − c_H · aggregate(H, m) + β · aggregate(w_i · KL_t(π_θ‖π_T), m, agg, normaliser)
         w_i = 1[EM_i = 0] (teacher="selective", DGPO) | 1 ("uniform", ablation) | no term ("none")
 
     The teacher term uses the SAME aggregation and normaliser as the surrogate, i.e. it is divided
@@ -515,14 +554,15 @@ def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="sele
         ∇k2 = Δ ∇log π(y),              E_π[∇k2] = Σ_y (log π − log π_T) ∇π = ∇KL(π‖π_T),
           since ∇KL(π‖π_T) = Σ_y ∇π (log π − log π_T) + Σ_y π ∇log π and the last sum is 0.
         ∇k3 = (1 − π_T(y)/π(y)) ∇log π(y), E_π[∇k3] = −Σ_y π_T ∇log π = ∇KL(π_T‖π): the FORWARD
-          KL's gradient, although E_π[k3] is the reverse KL's value. PAPER.md §4 says k3's gradient
-          is the reverse KL's; that is wrong. "k3" stays selectable as a forward-KL pull
-          (the two agree to first order near π = π_T); "k2" is the reverse-KL loss.
+          KL's gradient, although E_π[k3] is the reverse KL's value (a common misreading takes k3
+          for the reverse-KL loss). "k3" stays selectable as a forward-KL pull (the two agree to
+          first order near π = π_T); "k2" is the reverse-KL loss.
       Off-policy (later PPO epochs, y ~ π_old) both use sg(ρ)·k with ρ = π_θ(y)/π_old(y) and sg a
       stop-gradient: E_{π_old}[sg(ρ) ∇k] = Σ_y π_old (π/π_old) ∇k = E_π[∇k], so the results above
       hold for any π_old; on-policy ρ = 1 and nothing changes.
 
-    logp, old_logp (B, T); advantages, em (B,); mask (B, T) -> (loss, metrics). Metrics add to
+    logp, old_logp (B, T); advantages (B,) or (B, T); em (B,); mask (B, T) -> (loss, metrics).
+    entropy_coef as in policy_loss (needs student_logits). Metrics add to
     policy_loss's: teacher_kl (mean KL over weighted loss tokens: exact for "full", the k3 value
     for sampled kinds), teacher_term (= β · the aggregated term), n_teacher_tokens, wrong_frac
     (fraction of rollouts with EM = 0), loss.
@@ -535,13 +575,18 @@ def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="sele
                          "teacher_kl_reward for the paper's k1 reward penalty, or kl='k2'")
     if kl not in ("full", "k2", "k3"):
         raise ValueError(f"dgpo_loss: kl must be 'full', 'k2' or 'k3', got {kl!r}")
+    if beta < 0:
+        raise ValueError(f"dgpo_loss: beta must be >= 0 (a negative β pushes away from the "
+                         f"teacher), got {beta}")
     _check_same("dgpo_loss", "logp", logp, old_logp=old_logp)
     m = _bool_mask("dgpo_loss", mask, logp.shape)                        # (B, T)
     exact = teacher != "none" and kl == "full"
     if exact and (student_logits is None or teacher_logits is None):
         raise ValueError("dgpo_loss: kl='full' needs student_logits and teacher_logits")
+    # with the exact KL the entropy comes free from _FullKL, unless the bonus needs its gradient
+    metric_logits = None if exact and entropy_coef == 0 else student_logits
     loss_clip, metrics = policy_loss(logp, old_logp, advantages, m, clip_low, clip_high, agg,
-                                     normaliser, logits=None if exact else student_logits)
+                                     normaliser, logits=metric_logits, entropy_coef=entropy_coef)
     metrics["wrong_frac"] = (em == 0).float().mean().item() if em.numel() else 0.0
     if teacher == "none":
         metrics["loss"] = loss_clip.item()
@@ -554,7 +599,7 @@ def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="sele
         if kl_t.shape != logp.shape:
             raise ValueError(f"dgpo_loss: logits give {tuple(kl_t.shape)} positions, logp has "
                              f"{tuple(logp.shape)}")
-        metrics["entropy"] = _mean(ent, m)
+        metrics.setdefault("entropy", _mean(ent, m))
         kl_value = kl_t                                                  # (B, T)
     else:                                                                # "k2" or "k3"
         if teacher_logp is None:
@@ -582,7 +627,7 @@ def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="sele
 
 def kd_loss(student_logits, teacher_logits, tokens, mask, lam=1.0, normaliser=None,
             vocab_size=None):
-    """Cold start on the teacher's correct trajectories (PAPER.md §4):
+    """Cold start on the teacher's correct trajectories (docs/method.md §4):
 
         L_KD = token-mean over m of [ −log π_θ(y_t) + λ · KL(π_T(·|y_<t) ‖ π_θ(·|y_<t)) ]
 

@@ -262,7 +262,7 @@ def test_group_advantages_reject_float_ids_and_shape_mismatch():
         dgpo.group_advantages(torch.ones(2), torch.tensor([0, 1, 2]))
 
 
-def test_teacher_kl_reward_and_sequence_rewards_by_hand():
+def test_teacher_kl_reward_by_hand():
     old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -9.0]])
     teach = torch.tensor([[-1.5, -1.0, -3.0], [-2.5, -0.5, 0.0]])
     em = torch.tensor([0, 1])
@@ -274,20 +274,44 @@ def test_teacher_kl_reward_and_sequence_rewards_by_hand():
     torch.testing.assert_close(r_uni[1], torch.tensor([-0.2, 0.0, 0.0]))
     assert torch.equal(dgpo.teacher_kl_reward(old, teach, em, mask, teacher="none"),
                        torch.zeros(2, 3))
-    torch.testing.assert_close(dgpo.sequence_rewards(em, r), torch.tensor([0.05, 1.0]))
 
 
-def test_reward_penalty_in_an_all_wrong_group_ranks_by_teacher_closeness_independent_of_beta():
-    kl_sum = torch.tensor([0.3, 0.1, 0.2])                 # Σ_t (log π_old − log π_T) per rollout
-    old = torch.stack([kl_sum, torch.zeros(3)], 1)         # (3, 2), one loss token per rollout
-    mask = torch.tensor([[1, 0]] * 3)
-    em, ids = torch.zeros(3), torch.tensor([4, 4, 4])
-    for beta in (0.001, 0.1):
-        r = dgpo.teacher_kl_reward(old, torch.zeros(3, 2), em, mask, beta=beta)
-        adv = dgpo.group_advantages(dgpo.sequence_rewards(em, r), ids)
-        # R = −β·[0.3, 0.1, 0.2]: mean −0.2β, unbiased std 0.1β, so A = [−1, 1, 0] up to ε
-        std = 0.1 * beta
-        torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, 0.0]) * std / (std + 1e-6))
+def test_reward_to_go_skips_observation_tokens_by_hand():
+    r = torch.tensor([[1.0, 5.0, 2.0, 3.0, 7.0], [0.5, 0.5, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 0, 0, 0]])     # an observation gap inside row 0
+    torch.testing.assert_close(dgpo.reward_to_go(r, m),
+                               torch.tensor([[6.0, 0.0, 5.0, 3.0, 0.0], [1.0, 0.5, 0.0, 0.0, 0.0]]))
+
+
+def test_token_advantages_by_hand_each_token_pays_for_the_rest_of_its_rollout():
+    adv = torch.tensor([-0.5, 1.0])
+    r = torch.tensor([[-0.1, -0.2, 9.0, -0.3], [0.0, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0]])
+    torch.testing.assert_close(dgpo.token_advantages(adv, r, m),
+                               torch.tensor([[-1.1, -1.0, 0.0, -0.8], [1.0, 1.0, 1.0, 0.0]]))
+
+
+def test_reward_penalty_in_an_all_wrong_group_scales_with_beta_per_token():
+    """All four rollouts wrong: the EM advantage is 0, and the per-token penalty is all that is left.
+    It must not cancel with β (it did when the penalty was summed into a z-scored sequence
+    reward), and a token after which the student agrees with the teacher pays less than one
+    before the disagreement."""
+    T = 4
+    old = torch.zeros(4, T)
+    teacher = torch.zeros(4, T)
+    teacher[:, 1] = -2.0                           # the teacher disagrees on token 1 only:
+    mask, em, ids = torch.ones(4, T), torch.zeros(4), torch.tensor([3, 3, 3, 3])   # k1 = 2 there
+    adv_em = dgpo.group_advantages(em, ids)
+    assert torch.equal(adv_em, torch.zeros(4))
+    advs = {}
+    for beta in (0.001, 1.0):
+        r = dgpo.teacher_kl_reward(old, teacher, em, mask, beta=beta)
+        advs[beta] = dgpo.token_advantages(adv_em, r, mask)                    # (4, T)
+    torch.testing.assert_close(advs[1.0], 1000 * advs[0.001])
+    assert not torch.allclose(advs[1.0], advs[0.001])
+    row = advs[1.0][0]
+    torch.testing.assert_close(row, torch.tensor([-2.0, -2.0, 0.0, 0.0]))   # tokens 0-1 pay, 2-3 do not
+    assert row[2].abs() < row[0].abs()
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,11 +517,87 @@ def test_sampled_k2_is_unbiased_for_reverse_kl_gradient_and_k3_for_forward_kl(on
         torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("tau", [0.7, 1.3])
+def test_sampled_k2_at_a_temperature_is_unbiased_for_the_tempered_reverse_kl_gradient(tau):
+    """The trainer divides student and teacher logits by the rollout temperature τ before every
+    log-prob; then k2's expected gradient (tokens sampled from softmax(z/τ)) is ∇_z of
+    KL(softmax(z/τ) ‖ softmax(z_T/τ)). At τ ≠ 1 it is NOT the gradient of the untempered KL."""
+    z = torch.tensor([0.5, -1.0, 1.5, 0.0, -0.3], dtype=F64, requires_grad=True)
+    z_teacher = torch.tensor([-0.2, 1.0, 0.3, -1.5, 0.8], dtype=F64)
+    pi_sample = torch.softmax(z.detach() / tau, 0)                            # what the rollout samples
+    log_t = torch.log_softmax(z_teacher / tau, 0)
+    total = torch.zeros_like(z)
+    for y in range(5):
+        logp = torch.log_softmax(z / tau, 0)[y].reshape(1, 1)
+        loss, _ = dgpo.dgpo_loss(logp, logp.detach(), torch.zeros(1, dtype=F64), torch.zeros(1),
+                                 torch.ones(1, 1), beta=1.0, kl="k2", teacher_logp=log_t[y].reshape(1, 1))
+        (g,) = torch.autograd.grad(loss, z)
+        total += pi_sample[y] * g
+    zz = z.detach().clone().requires_grad_()
+    kl_tempered = dgpo.full_kl((zz / tau).reshape(1, 1, 5), (z_teacher / tau).reshape(1, 1, 5)).sum()
+    (g_tempered,) = torch.autograd.grad(kl_tempered, zz)
+    torch.testing.assert_close(total, g_tempered, rtol=1e-10, atol=1e-12)
+    zz = z.detach().clone().requires_grad_()
+    (g_plain,) = torch.autograd.grad(dgpo.full_kl(zz.reshape(1, 1, 5), z_teacher.reshape(1, 1, 5)).sum(), zz)
+    assert not torch.allclose(total, g_plain, rtol=0.05)
+
+
+def test_policy_loss_takes_per_token_advantages_and_equals_per_rollout_form_when_constant():
+    logp, old, adv, mask, _ = _surrogate_case()
+    per_row, _ = dgpo.policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.3)
+    per_token, _ = dgpo.policy_loss(logp, old, adv[:, None].expand(2, 3), mask, clip_low=0.2,
+                                    clip_high=0.3)
+    assert per_row.item() == per_token.item()
+    # token-wise: unclipped tokens have dℓ/dlog π = −A_t r_t; A_t differs within row 0 now
+    adv_t = torch.tensor([[1.0, 2.0, -1.0], [-1.0, 0.5, 4.0]], dtype=F64)
+    loss, m = dgpo.policy_loss(logp, old, adv_t, mask, clip_low=0.2, clip_high=0.3)
+    (g,) = torch.autograd.grad(loss, logp)
+    r = torch.tensor([[1.5, 0.5, 1.1], [0.5, 1.5, 3.0]], dtype=F64)
+    # clipped (gradient 0): (0,0) A > 0, r = 1.5 > 1.3; (1,0) A < 0, r = 0.5 < 0.8; (1,1) A > 0, r = 1.5
+    # inside: (0,1) A = 2, r = 0.5 -> −1.0; (0,2) A = −1, r = 1.1 -> +1.1; (1,2) is masked
+    expected = torch.tensor([[0.0, -2.0 * 0.5, 1.0 * 1.1], [0.0, 0.0, 0.0]], dtype=F64) / 5
+    torch.testing.assert_close(g, expected)
+    assert m["clip_frac"] == pytest.approx(3 / 5)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        dgpo.policy_loss(logp, old, torch.zeros(2, 2, dtype=F64), mask)
+
+
+def test_entropy_bonus_gradient_equals_minus_coef_times_the_direct_entropy_gradient():
+    z = rand_logits(2, 3, 7, dtype=F64, seed=3).requires_grad_()
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    logp = dgpo.token_logprobs(z, tokens)
+    zero_adv = torch.zeros(2, dtype=F64)
+    loss, metrics = dgpo.policy_loss(logp, logp.detach(), zero_adv, mask, logits=z, entropy_coef=0.01)
+    (g,) = torch.autograd.grad(loss, z)
+    zr = z.detach().clone().requires_grad_()
+    lp = torch.log_softmax(zr, -1)
+    ent = -(lp.exp() * lp).sum(-1)                                            # (B, T)
+    (g_ref,) = torch.autograd.grad(-0.01 * (ent * mask).sum() / mask.sum(), zr)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+    assert metrics["entropy"] == pytest.approx(((ent * mask).sum() / mask.sum()).item())
+    with pytest.raises(ValueError, match="needs logits"):
+        dgpo.policy_loss(logp, logp.detach(), zero_adv, mask, entropy_coef=0.01)
+    # through dgpo_loss with the exact KL: the bonus still has its gradient
+    teacher = rand_logits(2, 3, 7, dtype=F64, seed=4)
+    z2 = z.detach().clone().requires_grad_()
+    lp2 = dgpo.token_logprobs(z2, tokens)
+    with_bonus, _ = dgpo.dgpo_loss(lp2, lp2.detach(), zero_adv, torch.zeros(2), mask, beta=0.5,
+                                   student_logits=z2, teacher_logits=teacher, entropy_coef=0.01)
+    without, _ = dgpo.dgpo_loss(lp2, lp2.detach(), zero_adv, torch.zeros(2), mask, beta=0.5,
+                                student_logits=z2, teacher_logits=teacher)
+    (g_with,) = torch.autograd.grad(with_bonus, z2, retain_graph=True)
+    (g_without,) = torch.autograd.grad(without, z2)
+    torch.testing.assert_close(g_with - g_without, g_ref, rtol=1e-8, atol=1e-12)
+
+
 def test_dgpo_loss_rejects_k1_missing_inputs_and_non_binary_em():
     student, teacher, tokens, mask, old_logp, adv, em = _batch()
     logp = dgpo.token_logprobs(student, tokens)
     with pytest.raises(ValueError, match="zero expected gradient"):
         dgpo.dgpo_loss(logp, old_logp, adv, em, mask, kl="k1", teacher_logp=logp)
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        dgpo.dgpo_loss(logp, old_logp, adv, em, mask, beta=-1.0, kl="k2", teacher_logp=logp)
     with pytest.raises(ValueError, match="student_logits and teacher_logits"):
         dgpo.dgpo_loss(logp, old_logp, adv, em, mask, kl="full")
     with pytest.raises(ValueError, match="teacher_logp"):
