@@ -3,7 +3,7 @@
 What it does. Stages, each runnable alone with explicit inputs and outputs (HF model directories and
 JSONL files), and `demo` (the default with no arguments) chaining all of them on the built-in world:
   teacher  SFT a model on trajectories (the demo teacher learns from the oracle; real users bring one)
-  tgo      roll the teacher out over training questions, keep the correct trajectories (PAPER.md §1)
+  tgo      roll the teacher out over training questions, keep the correct trajectories (docs/method.md §1)
   kd       cold start: student ← CE + λ·KL(π_T‖π_θ) on the teacher's tokens (dgpo.kd_loss)
   rl       DGPO: G rollouts per question, binary EM reward, clipped surrogate + β·KL(π_θ‖π_T) on the
            wrong rollouts (dgpo.dgpo_loss); or the paper's reward-penalty variant, or plain GRPO
@@ -51,7 +51,7 @@ import dgpo
 from rollout import RolloutConfig, rollout
 
 # -----------------------------------------------------------------------------
-# Configs: the defaults are the paper's values where the paper gives one (PAPER.md §4)
+# Configs: the defaults are the paper's values where the paper gives one (docs/method.md §4)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class SupervisedConfig:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    lam: float = 1.0               # λ of the KD term (PAPER.md §4)
+    lam: float = 1.0               # λ of the KD term (docs/method.md §4)
     seed: int = 0
     eval_every: int = 0            # held-out KD loss every N steps (0 = only at the end)
     save_every: int = 0
@@ -74,13 +74,13 @@ class SupervisedConfig:
 @dataclass
 class RLConfig:
     steps: int = 1000
-    prompts_per_step: int = 512    # questions per step over all ranks (PAPER.md §4: 512)
+    prompts_per_step: int = 512    # questions per step over all ranks (the paper: 512)
     group_size: int = 5            # G rollouts per question
     micro_batch_size: int = 8      # sequences per forward/backward on one rank
     mini_batches: int = 1          # optimizer steps per RL step, each on a share of whole groups
     rollout_batch_size: int = 256  # sequences per rollout() call on one rank
     lr: float = 1e-6
-    warmup_ratio: float = 0.285    # of `steps` (PAPER.md §4); then constant
+    warmup_ratio: float = 0.285    # of `steps` (the paper: 28.5%); then constant
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     beta: float = 0.001            # teacher-KL weight β
@@ -90,7 +90,8 @@ class RLConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     agg: str = "token-mean"
-    temperature: float = 1.0
+    entropy_coef: float = 0.0      # entropy bonus c_H (the paper's PPO run: 0.001)
+    temperature: float = 1.0       # rollout sampling temperature; every RL log-prob uses it too
     top_p: float = 1.0
     max_turns: int = 4
     max_new_tokens: int = 500
@@ -317,6 +318,15 @@ def make_batch(records: list[dict], device, pad_id: int = 0) -> Batch:
     return Batch(inputs.to(device), targets.to(device), mask.to(device), real.to(device))
 
 
+def padded(rows: list[torch.Tensor], shape: tuple[int, int], device) -> torch.Tensor:
+    """Per-record (T_i,) values (old log-probs, per-token advantages) as one right-padded (B, T)
+    tensor aligned with Batch.targets; the padding is 0 and lies outside every mask."""
+    out = torch.zeros(shape, dtype=torch.float32, device=device)                 # (B, T)
+    for b, row in enumerate(rows):
+        out[b, :len(row)] = row.to(device)
+    return out
+
+
 def logits_of(model, batch: Batch) -> torch.Tensor:
     return model(input_ids=batch.inputs, use_cache=False).logits        # (B, T, V)
 
@@ -526,34 +536,47 @@ def rl_normaliser(cfg: RLConfig, dist: Dist, records: list[dict]) -> float:
     return all_reduce_sum(dist, [local])[0] / dist.world_size
 
 
+def rl_logits(model, batch: Batch, vocab_size: int, temperature: float) -> torch.Tensor:
+    """The logits every RL log-prob is computed from — the student's, the old policy's and the
+    teacher's alike: the model's logits over the tokenizer's vocabulary divided by the rollout's
+    sampling temperature, i.e. the distribution rollout._sample drew the tokens from. Ratios, the
+    sampled KL estimates and the k1 reward penalty then all refer to the policy that generated the
+    tokens, and KL(π_θ‖π_T) compares the two tempered distributions. (Embedding rows past the
+    tokenizer, as in Qwen2.5, are sliced off: student and teacher compare like with like.)"""
+    return logits_of(model, batch)[..., :vocab_size] / temperature              # (B, T, V)
+
+
 @torch.no_grad()
-def sampled_logprobs(model, records: list[dict], micro_batch_size: int, vocab_size: int, dist: Dist):
-    """log π(y_t) of each record's tokens under `model`, per record a (T_i,) tensor: log π_old before
-    the first of several mini-batch updates, and log π_old / log π_T for the paper's reward-penalty
-    variant, which needs them before the advantages exist."""
+def sampled_logprobs(model, records: list[dict], cfg: RLConfig, vocab_size: int, dist: Dist):
+    """log π(y_t) of each record's tokens under `model` (tempered, rl_logits), per record a (T_i,)
+    tensor: log π_old before the first of several mini-batch updates, and log π_old / log π_T for
+    the paper's reward-penalty variant, which needs them before the advantages exist."""
     out = {}
-    for chunk in micro_batches(records, micro_batch_size):
+    for chunk in micro_batches(records, cfg.micro_batch_size):
         batch = make_batch(chunk, dist.device)
         with autocast(dist):
-            logp = dgpo.token_logprobs(logits_of(model, batch)[..., :vocab_size], batch.targets)  # (B, T)
+            logits = rl_logits(model, batch, vocab_size, cfg.temperature)           # (B, T, V)
+            logp = dgpo.token_logprobs(logits, batch.targets)                      # (B, T)
         for r, row, n in zip(chunk, logp, batch.real.sum(1).tolist()):
             out[id(r)] = row[:n]
     return [out[id(r)] for r in records]
 
 
-def rl_rewards(cfg: RLConfig, records: list[dict], teacher, vocab_size: int, dist: Dist) -> torch.Tensor:
-    """R_i = EM_i, or with teacher_as="reward" the paper's R_i = EM_i − β Σ_t w_i (log π_old − log π_T)."""
-    em = torch.tensor([r["em"] for r in records], dtype=torch.float32)          # (N,)
-    if cfg.teacher_as == "loss" or cfg.teacher_mode == "none":
-        return em
-    ref = sampled_logprobs(teacher, records, cfg.micro_batch_size, vocab_size, dist)
-    rewards = []
-    for r, lt, e in zip(records, ref, em):
-        lp, e = r["old_logp"][None], e[None].to(lt.device)                     # (1, T), (1,)
+def reward_penalty_advantages(cfg: RLConfig, records: list[dict], advantages: torch.Tensor, teacher,
+                              vocab_size: int, dist: Dist) -> list[torch.Tensor]:
+    """teacher_as="reward", the paper's penalty per token: A_{i,t} = A_i + Σ_{s ≥ t} r_{i,s} with
+    r_t = −β·w_i·(log π_old(y_t) − log π_T(y_t)) on sampled tokens (dgpo.token_advantages). Per
+    record a (T_i,) tensor aligned with its targets; also sets r["reward"] = EM + Σ_t r_t."""
+    ref = sampled_logprobs(teacher, records, cfg, vocab_size, dist)
+    out = []
+    for r, lt, a in zip(records, ref, advantages.tolist()):
+        lp = r["old_logp"][None]                                                    # (1, T)
+        em = torch.tensor([r["em"]], device=lt.device)                              # (1,)
         mask = torch.tensor(r["loss_mask"][1:], dtype=torch.bool, device=lt.device)[None]
-        pen = dgpo.teacher_kl_reward(lp, lt[None], e, mask, cfg.beta, cfg.teacher_mode)   # (1, T)
-        rewards.append(dgpo.sequence_rewards(e, pen).item())
-    return torch.tensor(rewards)
+        pen = dgpo.teacher_kl_reward(lp, lt[None], em, mask, cfg.beta, cfg.teacher_mode)   # (1, T)
+        out.append(dgpo.token_advantages(torch.tensor([a], device=lt.device), pen, mask)[0])
+        r["reward"] = r["em"] + pen.sum().item()
+    return out
 
 
 def split_groups(records: list[dict], parts: int) -> list[list[dict]]:
@@ -577,14 +600,19 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
     1, nothing clipped). With several, log π_old is scored once before the first update, and the
     later mini-batches are off-policy: that is where the ratio and its clipping act (PPO).
     """
-    if cfg.mini_batches > 1 or (cfg.teacher_as == "reward" and cfg.teacher_mode != "none"):
-        for r, lp in zip(records, sampled_logprobs(model, records, cfg.micro_batch_size, vocab_size, dist)):
+    penalty = cfg.teacher_as == "reward" and cfg.teacher_mode != "none"
+    if cfg.mini_batches > 1 or penalty:
+        for r, lp in zip(records, sampled_logprobs(model, records, cfg, vocab_size, dist)):
             r["old_logp"] = lp                                                    # (T_i,)
-    rewards = rl_rewards(cfg, records, teacher, vocab_size, dist)                 # (N,)
+    em = torch.tensor([r["em"] for r in records], dtype=torch.float32)            # (N,)
     groups = torch.tensor([r["group"] for r in records])
-    advantages = dgpo.group_advantages(rewards, groups)                           # (N,)
-    for r, a, R in zip(records, advantages.tolist(), rewards.tolist()):
-        r["advantage"], r["reward"] = a, R
+    advantages = dgpo.group_advantages(em, groups)                                # (N,)
+    for r, a in zip(records, advantages.tolist()):
+        r["advantage"], r["reward"] = a, r["em"]
+    if penalty:
+        for r, adv_t in zip(records, reward_penalty_advantages(cfg, records, advantages, teacher, vocab_size,
+                                                               dist)):
+            r["token_advantage"] = adv_t                                          # (T_i,)
     steps = [minibatch_update(model, teacher, optimizer, scheduler, part, cfg, dist, vocab_size, counters)
              for part in split_groups(records, cfg.mini_batches)]
     return {k: sum(s[k] for s in steps) / len(steps) if k != "loss_tokens" else sum(s[k] for s in steps)
@@ -604,21 +632,19 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
     for i, chunk in enumerate(chunks):
         batch = make_batch(chunk, dist.device)
         adv = torch.tensor([r["advantage"] for r in chunk], device=dist.device)  # (B,)
+        if "token_advantage" in chunk[0]:                                         # per token: (B, T)
+            adv = padded([r["token_advantage"] for r in chunk], batch.targets.shape, dist.device)
         em = torch.tensor([r["em"] for r in chunk], device=dist.device)          # (B,)
         with ddp_sync(model, last=i == len(chunks) - 1), autocast(dist):
-            # π is a distribution over the tokenizer's vocabulary: embedding rows past it (padding,
-            # as in Qwen2.5) are sliced off everywhere, so student and teacher compare like with like
-            logits = logits_of(model, batch)[..., :vocab_size]                    # (B, T, V)
+            logits = rl_logits(model, batch, vocab_size, cfg.temperature)         # (B, T, V)
             logp = dgpo.token_logprobs(logits, batch.targets)                     # (B, T)
             old_logp = logp.detach()                                              # (B, T)
             if "old_logp" in chunk[0]:
-                old_logp = torch.zeros_like(logp)
-                for b, r in enumerate(chunk):
-                    old_logp[b, :len(r["old_logp"])] = r["old_logp"]
+                old_logp = padded([r["old_logp"] for r in chunk], logp.shape, dist.device)
             teacher_logits = teacher_logp = None
             if use_teacher:
                 with torch.no_grad():
-                    teacher_logits = logits_of(teacher, batch)[..., :vocab_size]  # (B, T, V)
+                    teacher_logits = rl_logits(teacher, batch, vocab_size, cfg.temperature)  # (B, T, V)
                 if cfg.kl != "full":
                     teacher_logp = dgpo.token_logprobs(teacher_logits, batch.targets)
                     teacher_logits = None
@@ -627,7 +653,7 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
                 teacher=cfg.teacher_mode if use_teacher else "none", kl=cfg.kl,
                 student_logits=logits, teacher_logits=teacher_logits, teacher_logp=teacher_logp,
                 clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg, normaliser=normaliser,
-                vocab_size=vocab_size)
+                vocab_size=vocab_size, entropy_coef=cfg.entropy_coef)
             loss.backward()                   # even if not finite: every rank keeps in step with DDP
         finite &= math.isfinite(m["loss"])
         n, nt = m["n_tokens"], m.get("n_teacher_tokens", 0)
@@ -672,6 +698,9 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     for name, legal in CHOICES.items():
         if getattr(cfg, name) not in legal:
             raise ValueError(f"RLConfig.{name}={getattr(cfg, name)!r}: must be one of {legal}")
+    if not cfg.temperature > 0:
+        raise ValueError(f"RLConfig.temperature={cfg.temperature}: RL samples its rollouts and scores them "
+                         "at this temperature, so it must be > 0 (greedy rollouts make every group identical)")
     tokenizer = load_tokenizer(resume or student_dir)
     model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing)
     teacher = None
@@ -706,6 +735,22 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
             "scheduler": scheduler.state_dict(), "counters": counters, "best": best,
             "generators": generators, "config": asdict(cfg)})
 
+    def validate(step: int, row: dict) -> None:
+        """Greedy validation EM into `row`; a new best (the start model included) is saved to best/."""
+        nonlocal best
+        val = validation[:cfg.eval_limit] if cfg.eval_limit else validation
+        row["val_em"] = validation_em(model, tokenizer, val, retriever, cfg, dist)
+        if row["val_em"] > best["em"]:
+            best = {"em": row["val_em"], "step": step}
+            checkpoint(os.path.join(out_dir, "best"), step)
+
+    if validation and cfg.eval_every and start_step == 0:   # step 0: the start model competes for best/
+        row = {"step": 0}
+        validate(0, row)
+        if dist.master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
     bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
                total=cfg.steps, dynamic_ncols=True)
@@ -714,7 +759,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         idx = data_window(cfg.seed, len(questions), step * cfg.prompts_per_step, cfg.prompts_per_step)
         mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         # G copies of each question; the group id is the question's slot in the global step batch,
-        # unique per prompt instance (never a per-dataset index, PAPER.md §7)
+        # unique per prompt instance (never a per-dataset index, docs/method.md §8)
         expanded = [{**questions[idx[j]], "group": step * cfg.prompts_per_step + j}
                     for j in mine for _ in range(cfg.group_size)]
         model.eval()
@@ -736,11 +781,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
                "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
                "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0)}
         if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            val = validation[:cfg.eval_limit] if cfg.eval_limit else validation
-            row["val_em"] = validation_em(model, tokenizer, val, retriever, cfg, dist)
-            if row["val_em"] > best["em"]:
-                best = {"em": row["val_em"], "step": step + 1}
-                checkpoint(os.path.join(out_dir, "best"), step + 1)
+            validate(step + 1, row)
         if dist.master:
             bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
                             **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))

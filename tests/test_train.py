@@ -271,3 +271,59 @@ def test_rl_length_budget_truncates_flags_and_keeps_running(world, tokenizer, re
     assert any(len(r["input_ids"]) == cap for r in seen)          # the cap, not something else, ended them
     [row] = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert row["truncated_frac"] == 1.0 and row["loss_tokens"] > 0
+
+
+# -----------------------------------------------------------------------------
+# RL scores tokens with the distribution that sampled them; validation starts at step 0
+
+
+def test_rl_logprobs_are_the_tempered_sampling_distribution_and_the_first_minibatch_ratio_is_one(
+        model_dirs, fixed_rollouts, tokenizer):
+    """At T = 0.7, log π_old (scored before the update) and log π_θ (scored inside the first
+    mini-batch) are both log softmax(z / T): the ratio is exactly 1 (approx_kl 0, nothing clipped).
+    Scored at T = 1, as before, the same first mini-batch would see a ratio far from 1."""
+    dist = train.Dist()
+    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    vocab = train.vocab_size_of(tokenizer, model)
+    records = data.load_trajectories(fixed_rollouts)
+    cfg = train.RLConfig(micro_batch_size=4, temperature=0.7, teacher_mode="none", warmup_ratio=0.0)
+    old = train.sampled_logprobs(model, records, cfg, vocab, dist)
+    batch = train.make_batch(records[:1], dist.device)
+    with torch.no_grad():
+        direct = torch.log_softmax(model(input_ids=batch.inputs).logits[0, :, :vocab] / 0.7, -1)
+    direct = direct.gather(-1, batch.targets[0][:, None])[:, 0]
+    torch.testing.assert_close(old[0], direct, rtol=0, atol=1e-5)
+    for r, lp in zip(records, old):
+        r["old_logp"], r["advantage"] = lp, 1.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    metrics = train.minibatch_update(model, None, optimizer, scheduler, records, cfg, dist, vocab, {})
+    assert metrics["approx_kl"] == 0.0 and metrics["clip_frac"] == 0.0
+    untempered = train.sampled_logprobs(model, records, train.RLConfig(micro_batch_size=4, temperature=1.0),
+                                        vocab, dist)
+    for r, lp in zip(records, untempered):
+        r["old_logp"] = lp
+    stale = train.minibatch_update(model, None, optimizer, scheduler, records, cfg, dist, vocab, {})
+    assert stale["approx_kl"] > 1e-3
+
+
+def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(world, retriever, model_dirs,
+                                                                           tmp_path):
+    """lr = 0: no step changes the model, so no later validation beats step 0, and best/ is the start."""
+    cfg = _rl_config(steps=2, lr=0.0, eval_every=1, eval_limit=3)
+    out = str(tmp_path / "rl")
+    summary = train.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg,
+                             train.Dist(), out, validation=world.validation)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[0].keys() == {"step", "val_em"}
+    assert rows[0]["val_em"] == rows[1]["val_em"] == rows[2]["val_em"]
+    assert summary["best_step"] == 0
+    assert torch.load(os.path.join(out, "best", "trainer_state.pt"), weights_only=False)["step"] == 0
+    start, best = _params(model_dirs["student"]), _params(os.path.join(out, "best"))
+    assert all(torch.equal(start[k], best[k]) for k in start)
+
+
+def test_rl_refuses_a_zero_temperature(world, retriever, model_dirs, tmp_path):
+    with pytest.raises(ValueError, match="temperature=0.0.*must be > 0"):
+        train.train_rl(model_dirs["student"], None, world.train[:2], retriever,
+                       _rl_config(temperature=0.0, teacher_mode="none"), train.Dist(), str(tmp_path / "x"))
