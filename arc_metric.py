@@ -4,7 +4,7 @@ What this file does: scores a model's answer against its gold answers, scores on
 (what the rollout writes) on every metric below, and averages those scores per `data_source` into a
 report that renders as a Markdown table laid out like the paper's. That scoring half is pure Python,
 standard library only, and every function is pure (no state survives a call — the official code's
-metric lists were never cleared, PAPER.md §7). The last two sections generate text: the
+metric lists were never cleared, docs/method.md §8). The last two sections generate text: the
 evidence-given probe (Source Referencing) and the evaluation entry point `evaluate` / `main`; they
 import torch, transformers and rollout.py only when called, so scoring needs none of them.
 
@@ -35,7 +35,7 @@ final answer   final_answer(turns): the answer of a trajectory, read from the MO
                i.e. record["turns"] (the decoded text of each generation turn): the last complete
                answer of the last turn that has one. An answer must open and close inside one turn.
                Never parse prompt + response: the template holds the example "<answer> Beijing
-               </answer>" (PAPER.md §7). Never parse response_text either: it also holds the
+               </answer>" (docs/method.md §8). Never parse response_text either: it also holds the
                inserted observations and the invalid-action nudge, and the nudge says "put the answer
                between <answer> and </answer>", so a trajectory whose last turn gives no answer would
                score the prediction "and".
@@ -85,32 +85,43 @@ probe_em_think      <think> step, present only when arc_report gets `probe` resu
 
 Source Referencing: the evidence-given probe (evidence_given_probe), per question row
 -------------------------------------------------------------------------------------
-1. Evidence E, a list of passages {"id", "contents": "title\ntext"} (select_evidence):
+The probe hands the model the passages it needs, inside a context of the kind it meets in its own
+rollouts, and scores what it answers: the context opens with the model's own first search, the
+observation is the retriever's real top-`topk` in the real format, and a multi-hop question may
+search again (each search answered with the needed passages placed in its results).
+1. Needed passages E = [p_1, …, p_H], in hop order (needed_passages):
    a. If the row has `supporting_ids` (a non-empty list), the retriever can fetch by id
       (`retriever.get(id)`: BM25Retriever can, the HTTP API cannot) and evidence="auto": E = those
-      passages, all of them, in the row's order. An id missing from the corpus is an error.
+      passages, in the row's order (the demo's two-hop rows: the bridge passage, then the answer's).
+      An id missing from the corpus is an error.
    b. Otherwise by search: for each gold g, search `question + " " + g` (top EVIDENCE_DEPTH = 10
-      hits); the gold passage is the best-ranked hit over those searches that contains a gold
-      under the whole-token rule (contains_answer_tokens), ties in rank going to the earlier gold.
-      E = [gold passage] + the question's own top hits (a search for `question`) that are not the
-      gold passage, until E holds `topk` passages. The gold passage is always Doc 1.
+      hits); E = [the best-ranked hit over those searches that contains a gold under the whole-token
+      rule (contains_answer_tokens)], ties in rank going to the earlier gold.
    The question is probed only if some passage of E contains a gold under the whole-token rule;
    otherwise it is skipped (result None; e.g. a yes/no gold), and the report counts it in
    probe_coverage.
-2. The context imitates one completed search, so it looks like what the model meets in training:
-   prompt_ids(question) followed by forced tokens (loss mask 0)
-     encode_text(PROBE_SEARCH_TURN)       "<think> I need to search for the answer. </think>\n<search> {q} </search>"
-     observation_ids(E, max_obs_tokens)   "\n\n<information>Doc 1(Title: …) …\nDoc 2…</information>\n\n"
-     encode_text(primer)                  "<answer>" for w/o think (answer directly), "<think>" for w/ think
-   with q = format_question(question), as in the prompt. Each piece is tokenised on its own, as the
-   rollout tokenises forced text; the observation is cut to max_obs_tokens as in training (a cut is
-   flagged evidence_truncated; in case b the gold passage is Doc 1, so it is cut last).
-3. One greedy generation: rollout(..., prefix_ids=[forced tokens]) with max_turns=0 (the final turn:
-   a search written now is not executed), up to max_new_tokens.
-4. em_no_think / em_think = exact_match(extract_answer(primer + turns[0]), golden_answers). The
-   primer is forced text, not the model's, so it is prepended to the model's turn before extraction:
-   "<answer>" + " Paris </answer>" -> "Paris". A model that writes a second "<answer>" is read by
-   the same rule ("<answer><answer> Paris </answer>" -> "Paris").
+2. The search turn (probe_search_turn): if the model's own evaluation rollout of the question opened
+   with an executed search (its first turn's query is its first executed query), that turn's token
+   ids exactly as sampled, think and all, and its query ("own"); otherwise the bare turn
+   "<search> {question} </search>" with the question as the query ("question"). Which one is
+   recorded per row (search_turn, own_turn; the report's probe_own_turn is the fraction "own").
+3. The first observation: the retriever's real top-`topk` hits for that query with every passage of E
+   placed in them (place_passages): a needed passage the hits hold stays at its own rank, the others
+   take the places of the last hits that are not needed. observation_ids renders it exactly as the
+   rollout does, cut to max_obs_tokens (a cut is flagged evidence_truncated). topk >= H is required.
+4. Context = prompt_ids(question) + search turn + observation + primer, all forced (loss mask 0),
+   each piece tokenised on its own as the rollout tokenises forced text, then greedy generation:
+   w/o think  primer "<answer>", one final turn (max_turns=0: nothing more is searched). The answer
+              is only the text between the forced <answer> and the first </answer> the model
+              writes; no </answer> is no answer. A model that thinks instead ("<answer> X is in Y.
+              </think>\n<answer> Y </answer>") answers with its thought and scores 0.
+   w/ think   primer "<think>", then free continuation with the rest of the normal turn budget
+              (max_turns - 1 further rounds: the search turn used one); every further search it
+              makes is answered by the same rule as step 3 — real top-`topk` for its own query with
+              E placed — so a two-hop question can make its second hop. The answer is final_answer
+              of the model's turns with the primer prepended to the first ("<think>" + " … </think>
+              <answer> Paris </answer>" -> "Paris"). probe_searches counts those further searches.
+5. em_no_think / em_think = exact_match(answer, golden_answers).
 
 Report
 ------
@@ -120,7 +131,7 @@ Every number is a mean over trajectories of the per-trajectory value (each quest
 also for the fractions). With probe results: probe_coverage = fraction of the source's questions
 that were probed; probe_em_no_think / probe_em_think = mean over the probed questions only ("–" in
 the table when a source has none). render_comparison's "Avg" column is instead the unweighted mean
-over sources, which is how the paper's Avg column is computed (PAPER.md §6).
+over sources, which is how the paper's Avg column is computed (docs/method.md §6).
 """
 from __future__ import annotations
 
@@ -277,7 +288,8 @@ def contains_answer_tokens(text: str, golden_answers) -> bool:
 
 METRICS = ("em", "f1", "sub_em", "has_answer", "hit_substr", "hit_token", "searches", "has_search",
            "think_turn_frac", "invalid_rate", "response_len_tokens", "turns")
-PROBE_KEYS = ("em_no_think", "em_think")  # one probe result per record: {"em_no_think": x, "em_think": y}
+PROBE_KEYS = ("em_no_think", "em_think", "own_turn")  # numbers of one probe result, each in [0, 1]
+PROBE_OPTIONAL = ("own_turn",)                        # the fraction of probes that reused the model's own search
 PROBE_COLUMNS = ("probe_coverage",) + tuple(f"probe_{key}" for key in PROBE_KEYS)
 
 
@@ -408,6 +420,8 @@ def _probe_rows(records: list, probe) -> list[dict[str, float]]:
         row = {"probe_coverage": 1.0}
         for key in PROBE_KEYS:
             value = result.get(key) if isinstance(result, Mapping) else None
+            if key in PROBE_OPTIONAL and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"probe result for records[{i}] needs {key!r} as a number in [0, 1], got {result!r}")
             row[f"probe_{key}"] = float(value)
@@ -492,7 +506,7 @@ def render_table(report: Mapping[str, Mapping[str, float]], columns=None, title:
 
 def render_comparison(reports: Mapping[str, Mapping[str, Mapping[str, float]]], metric: str = "em",
                       sources=None, title: str | None = None) -> str:
-    """Several methods side by side, like PAPER.md §6: a row per method, a column per source of
+    """Several methods side by side, like the paper's tables (docs/method.md §6): a row per method, a column per source of
     `metric`, then Avg = unweighted mean over the sources (the paper's Avg, not the "all" row).
 
     reports: {"Teacher": arc_report(...), "DGPO": arc_report(...)}; sources: the column order
@@ -513,7 +527,7 @@ def render_comparison(reports: Mapping[str, Mapping[str, Mapping[str, float]]], 
 # -----------------------------------------------------------------------------
 # Source Referencing: the evidence-given probe (rollout.py and torch are imported when it runs)
 
-PROBE_SEARCH_TURN = "<think> I need to search for the answer. </think>\n<search> {question} </search>"
+PROBE_QUESTION_TURN = "<search> {question} </search>"   # the search turn of a model that made none
 PROBE_PRIMERS = {"no_think": "<answer>", "think": "<think>"}   # result keys em_<name>, response_<name>
 EVIDENCE_DEPTH = 10   # hits read per `question + gold` search when looking for the gold passage
 
@@ -524,7 +538,7 @@ def _hit_key(hit: Mapping):
 
 
 def _supporting_passages(row: Mapping, retriever) -> list[dict]:
-    """The row's supporting passages fetched by id, in the row's order."""
+    """The row's supporting passages fetched by id, in the row's order (hop order)."""
     ids = row["supporting_ids"]
     if not isinstance(ids, list) or not all(isinstance(pid, str) for pid in ids):
         raise TypeError(f"question id={row.get('id')!r}: 'supporting_ids' must be a list of str, got {ids!r}")
@@ -540,17 +554,15 @@ def _supporting_passages(row: Mapping, retriever) -> list[dict]:
     return passages
 
 
-def select_evidence(questions: list, retriever, topk: int = 3, evidence: str = "auto") -> list[list[dict] | None]:
-    """Evidence passages for each question row, or None when none holds a gold answer (skipped).
+def needed_passages(questions: list, retriever, evidence: str = "auto") -> list[list[dict] | None]:
+    """The passages each question needs, in hop order, or None when none holds a gold answer (skipped).
 
     evidence="auto": a row's supporting_ids when it has them and the retriever has .get(id), else
     search; evidence="search": always search. The rule is step 1 of the probe in the module
-    docstring. All searches go to the retriever in two batched calls.
+    docstring. All searches go to the retriever in one batched call.
     """
     if evidence not in ("auto", "search"):
         raise ValueError(f"evidence={evidence!r}: expected 'auto' or 'search'")
-    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
-        raise ValueError(f"topk must be a positive integer, got {topk!r}")
     by_id = evidence == "auto" and callable(getattr(retriever, "get", None))
     golds = [_gold_list(row["golden_answers"]) for row in questions]
     chosen: list[list[dict] | None] = [None] * len(questions)
@@ -562,18 +574,16 @@ def select_evidence(questions: list, retriever, topk: int = 3, evidence: str = "
             to_search.append(i)
 
     gold_queries = [(i, f"{questions[i]['question']} {gold}") for i in to_search for gold in golds[i]]
-    gold_hits = retriever.search([q for _, q in gold_queries], topk=max(topk, EVIDENCE_DEPTH)) if gold_queries else []
-    own_hits = retriever.search([questions[i]["question"] for i in to_search], topk=topk) if to_search else []
+    gold_hits = retriever.search([q for _, q in gold_queries], topk=EVIDENCE_DEPTH) if gold_queries else []
     hits_per_gold: dict[int, list[list[dict]]] = {i: [] for i in to_search}
     for (i, _), hits in zip(gold_queries, gold_hits):
         hits_per_gold[i].append(hits)
-    for i, own in zip(to_search, own_hits):
+    for i in to_search:
         ranked = (hits[rank] for rank in range(max(map(len, hits_per_gold[i]), default=0))   # rank first,
                   for hits in hits_per_gold[i] if rank < len(hits))                           # then gold order
         gold_passage = next((hit for hit in ranked if contains_answer_tokens(hit["contents"], golds[i])), None)
         if gold_passage is not None:
-            others = [hit for hit in own if _hit_key(hit) != _hit_key(gold_passage)]
-            chosen[i] = [gold_passage] + others[:topk - 1]
+            chosen[i] = [{"id": gold_passage.get("id"), "contents": gold_passage["contents"]}]
 
     for i, passages in enumerate(chosen):      # probed only if a passage really holds a gold answer
         if passages is not None and not any(contains_answer_tokens(p["contents"], golds[i]) for p in passages):
@@ -581,52 +591,122 @@ def select_evidence(questions: list, retriever, topk: int = 3, evidence: str = "
     return chosen
 
 
-def probe_prefix_ids(tokenizer, question: str, passages: list[dict], primer: str,
-                     max_obs_tokens: int) -> tuple[list[int], bool]:
-    """The probe's forced tokens after the prompt (step 2 of the probe): one completed search turn,
-    its observation holding `passages`, then `primer`. Returns the ids and whether the observation
-    was cut to max_obs_tokens."""
-    from rollout import encode_text, format_question, observation_ids
-    search_turn = encode_text(tokenizer, PROBE_SEARCH_TURN.format(question=format_question(question)))
-    observation, cut = observation_ids(tokenizer, passages, max_obs_tokens)
-    return search_turn + observation + encode_text(tokenizer, primer), cut
+def place_passages(hits: list[dict], needed: list[dict], topk: int) -> list[dict]:
+    """The retriever's hits for a query with every needed passage placed in them (step 3 of the probe):
+    a needed passage the hits already hold stays at its own rank; the others take the places of
+    the last hits that are not needed, in hop order. Returns at most `topk` hits.
+    Example: hits [a, b, c], needed [p1, p2] -> [a, p1, p2]; hits [p2, b, c], needed [p1, p2] -> [p2, b, p1].
+    """
+    if len(needed) > topk:
+        raise ValueError(f"the probe places all {len(needed)} needed passages in one observation, "
+                         f"but topk={topk}: use topk >= {len(needed)}")
+    keys = {_hit_key(p) for p in needed}
+    placed = list(hits[:topk])
+    present = {_hit_key(h) for h in placed}
+    missing = [p for p in needed if _hit_key(p) not in present]
+    while missing and len(placed) < topk:                      # fewer hits than topk: fill the room
+        placed.append(missing.pop(0))
+    if missing:
+        free = [rank for rank, hit in enumerate(placed) if _hit_key(hit) not in keys]
+        for rank, passage in zip(free[len(free) - len(missing):], missing):
+            placed[rank] = passage
+    return placed
+
+
+def _first_sampled_run(record: Mapping) -> list[int]:
+    """The token ids of a trajectory's first generation turn, exactly as sampled: the first run of
+    loss-mask-1 tokens after the prompt (turns are separated by forced observations or nudges)."""
+    ids, mask, start = record["input_ids"], record["loss_mask"], record["prompt_length"]
+    end = start
+    while end < len(ids) and mask[end]:
+        end += 1
+    return list(ids[start:end])
+
+
+def probe_search_turn(tokenizer, question: str, record: Mapping | None) -> tuple[list[int], str, str]:
+    """The search turn before the probe's first observation (step 2 of the probe): (token ids, query,
+    "own" | "question"). "own" when the model's evaluation rollout (`record`) opened with a search
+    that was executed: its first turn's sampled ids and query, unchanged. Otherwise the plain
+    question as the query of a bare search turn."""
+    from rollout import encode_text, last_query
+    if record is not None and record.get("turns") and record.get("queries"):
+        query = last_query(record["turns"][0])
+        if query is not None and query == record["queries"][0]:
+            return _first_sampled_run(record), query, "own"
+    query = question.strip()
+    return encode_text(tokenizer, PROBE_QUESTION_TURN.format(question=query)), query, "question"
+
+
+def _answer_without_think(text: str) -> str | None:
+    """w/o think: everything the model wrote between the forced <answer> and the first </answer>
+    (None if it never closed it). A model that thinks first makes this text a thought, not an answer."""
+    end = text.find("</answer>")
+    return text[:end].strip() if end >= 0 else None
 
 
 def evidence_given_probe(model, tokenizer, questions: list, retriever, config=None, evidence: str = "auto",
-                         batch_size: int = 64, progress: bool = False) -> list[dict | None]:
+                         batch_size: int = 64, progress: bool = False, records: list | None = None) -> list[dict | None]:
     """The evidence-given probe (module docstring) on question rows; one result per row, in order.
 
-    A result is None for a skipped row (no evidence holds a gold answer), else {"em_no_think": 0|1,
-    "em_think": 0|1, "response_no_think": primer + turn, "response_think": …, "evidence_ids": [...],
-    "evidence_truncated": bool} — the shape arc_report(records, probe=...) takes. config: a
-    rollout.RolloutConfig for max_new_tokens, max_obs_tokens, topk and max_total_tokens; it is run
-    with max_turns=0 and greedy=True whatever it says.
+    records: the rows' evaluation trajectories (aligned with questions), whose first search turn is
+    reused; None probes every row with the plain-question search turn. A result is None for a
+    skipped row (no needed passage holds a gold answer), else {"em_no_think": 0|1, "em_think": 0|1,
+    "own_turn": 1|0, "search_turn": "own"|"question", "query", "evidence_ids", "response_no_think",
+    "response_think", "probe_searches" (searches made after the first observation, w/ think),
+    "evidence_truncated"} — the shape arc_report(records, probe=...) takes. config: a
+    rollout.RolloutConfig for the budgets (max_turns, max_new_tokens, max_obs_tokens, topk,
+    max_total_tokens); the probe is always greedy.
     """
     from dataclasses import replace
 
     from tqdm import tqdm
 
-    from rollout import RolloutConfig, rollout
-    config = replace(config or RolloutConfig(), max_turns=0, greedy=True)
-    evidence_of = select_evidence(questions, retriever, config.topk, evidence)
-    results: list[dict | None] = [
-        None if passages is None else {"evidence_ids": [p.get("id") for p in passages], "evidence_truncated": False}
-        for passages in evidence_of]
-    jobs = [(i, name) for i, passages in enumerate(evidence_of) if passages is not None for name in PROBE_PRIMERS]
-    for start in tqdm(range(0, len(jobs), batch_size), desc="evidence-given probe", unit="batch", disable=not progress):
-        batch = jobs[start:start + batch_size]
-        prefixes = []
-        for i, name in batch:
-            ids, cut = probe_prefix_ids(tokenizer, questions[i]["question"], evidence_of[i], PROBE_PRIMERS[name],
-                                        config.max_obs_tokens)
-            prefixes.append(ids)
-            results[i]["evidence_truncated"] |= cut
-        trajectories = rollout(model, tokenizer, [questions[i]["question"] for i, _ in batch], retriever, config,
-                               prefix_ids=prefixes)
-        for (i, name), trajectory in zip(batch, trajectories):
-            response = PROBE_PRIMERS[name] + trajectory.turns[0]     # the forced primer, then the model's turn
-            results[i][f"em_{name}"] = exact_match(extract_answer(response), questions[i]["golden_answers"])
-            results[i][f"response_{name}"] = response
+    from rollout import RolloutConfig, encode_text, observation_ids, rollout
+    config = replace(config or RolloutConfig(), greedy=True)
+    if records is not None and len(records) != len(questions):
+        raise ValueError(f"{len(records)} evaluation records for {len(questions)} questions")
+    needed = needed_passages(questions, retriever, evidence)
+    probed = [i for i, passages in enumerate(needed) if passages is not None]
+    results: list[dict | None] = [None] * len(questions)
+    turns = {i: probe_search_turn(tokenizer, questions[i]["question"], records[i] if records else None)
+             for i in probed}
+    first_hits = retriever.search([turns[i][1] for i in probed], topk=config.topk) if probed else []
+    context: dict[int, list[int]] = {}
+    for i, hits in zip(probed, first_hits):
+        shown = place_passages(hits, needed[i], config.topk)
+        observation, cut = observation_ids(tokenizer, shown, config.max_obs_tokens)
+        turn_ids, query, source = turns[i]
+        context[i] = turn_ids + observation
+        results[i] = {"search_turn": source, "own_turn": float(source == "own"), "query": query,
+                      "evidence_ids": [p.get("id") for p in needed[i]], "evidence_truncated": cut}
+
+    # w/o think: one final turn after "<answer>" (no search can run); w/ think: "<think>", then the
+    # rest of the normal turn budget, every further search answered with the needed passages placed
+    budgets = {"no_think": replace(config, max_turns=0),
+               "think": replace(config, max_turns=max(config.max_turns - 1, 0))}
+    for name, primer in PROBE_PRIMERS.items():
+        primer_ids = encode_text(tokenizer, primer)
+        for start in tqdm(range(0, len(probed), batch_size), desc=f"evidence-given probe ({name})", unit="batch",
+                          disable=not progress):
+            batch = probed[start:start + batch_size]
+
+            def search_fn(indices, queries, batch=batch):
+                hits = retriever.search(queries, topk=config.topk)
+                return [place_passages(h, needed[batch[j]], config.topk) for j, h in zip(indices, hits)]
+
+            trajectories = rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever,
+                                   budgets[name], prefix_ids=[context[i] + primer_ids for i in batch],
+                                   search_fn=search_fn)
+            for i, trajectory in zip(batch, trajectories):
+                golds = questions[i]["golden_answers"]
+                if name == "no_think":
+                    results[i]["em_no_think"] = exact_match(_answer_without_think(trajectory.turns[0]), golds)
+                else:   # the forced primer belongs to the first turn's text
+                    answer = final_answer([primer + trajectory.turns[0]] + trajectory.turns[1:])
+                    results[i]["em_think"] = exact_match(answer, golds)
+                    results[i]["probe_searches"] = trajectory.num_searches
+                written = trajectory.input_ids[trajectory.prompt_length + len(context[i]):]   # primer onwards
+                results[i][f"response_{name}"] = tokenizer.decode(written, skip_special_tokens=True)
     return results
 
 
@@ -683,7 +763,7 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     probe_results = None
     if probe:
         probe_results = evidence_given_probe(model, tokenizer, questions, retriever, config, evidence=evidence,
-                                             batch_size=batch_size, progress=progress)
+                                             batch_size=batch_size, progress=progress, records=records)
         for record, result in zip(records, probe_results):
             record["probe"] = result
     if out_path:

@@ -1,7 +1,7 @@
 """Batched multi-turn generation with search interception, in token space.
 
 What it does: `rollout(model, tokenizer, questions, retriever, config)` plays the Search-R1 protocol
-(PAPER.md §2) for a batch of questions at once. Each row generates until its text completes
+(docs/method.md §2) for a batch of questions at once. Each row generates until its text completes
 `</search>` or `</answer>`, emits eos, or runs out of its per-turn budget; all rows' queries then go to
 the retriever in one call, the observations are appended as *forced* tokens, and generation goes on
 from the KV cache. Every model-written token is kept exactly as sampled, and the loss mask is recorded
@@ -9,7 +9,7 @@ at the moment a token is appended (1 = sampled, 0 = prompt, observation, nudge) 
 from text or from `pad_id`.
 
 What it does not do: compute rewards or log-probs for training (train.py and dgpo.py do), or
-decode → cut → re-tokenise model output (the public code's fault, PAPER.md §7).
+decode → cut → re-tokenise model output (the public code's fault, docs/method.md §8).
 
 How the cache works: every row keeps its own key/value tensors (only real tokens, no padding) between
 turns. A turn stacks the rows that are still playing into one left-padded cache with room reserved for
@@ -161,6 +161,7 @@ class Trajectory:
 @dataclass
 class _Row:
     """Per-question state while generating. `ids[:n_cached]` are in `kv`; the rest are pending."""
+    index: int                       # the question's position in rollout()'s input
     traj: Trajectory
     ids: list[int]
     mask: list[int]
@@ -182,12 +183,15 @@ class _Row:
 @torch.no_grad()
 def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutConfig,
             generator: torch.Generator | None = None,
-            prefix_ids: list[list[int]] | None = None) -> list[Trajectory]:
+            prefix_ids: list[list[int]] | None = None, search_fn=None) -> list[Trajectory]:
     """Runs the protocol for every question; returns one Trajectory each, in order.
 
     `retriever` is anything with `.search(queries: list[str], topk: int) -> list[list[hit dict]]`.
     `prefix_ids` (optional, one list per question) are forced tokens placed right after the prompt,
     e.g. evidence and a primer for the evidence-given probe; they are part of the response, loss 0.
+    `search_fn` (optional) replaces `retriever.search` when the answer to a query depends on whose
+    query it is (the probe places each question's evidence in its own results):
+    search_fn(question_indices, queries) -> one hit list per query, called once per turn.
     """
     if prefix_ids is not None and len(prefix_ids) != len(questions):
         raise ValueError(f"prefix_ids has {len(prefix_ids)} rows for {len(questions)} questions")
@@ -198,7 +202,7 @@ def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutCo
     rows = []
     for i, question in enumerate(questions):
         ids = prompt_ids(tokenizer, question)
-        row = _Row(Trajectory(question=question, input_ids=[], loss_mask=[], prompt_length=len(ids)), [], [])
+        row = _Row(i, Trajectory(question=question, input_ids=[], loss_mask=[], prompt_length=len(ids)), [], [])
         row.append(ids, sampled=False)
         if prefix_ids is not None:
             row.append(list(prefix_ids[i]), sampled=False)
@@ -207,6 +211,9 @@ def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutCo
                              f"room under max_total_tokens={config.max_total_tokens}")
         rows.append(row)
 
+    if search_fn is None:
+        def search_fn(indices, queries):
+            return retriever.search(queries, topk=config.topk)
     was_training = model.training
     model.eval()
     try:
@@ -216,7 +223,7 @@ def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutCo
             if not playing:
                 break
             _generate_turn(model, tokenizer, playing, config, stop_ids, generator, device)
-            _act(tokenizer, playing, retriever, config, final_turn)
+            _act(tokenizer, playing, search_fn, config, final_turn)
     finally:
         model.train(was_training)
     return [_finish(tokenizer, r) for r in rows]
@@ -298,7 +305,7 @@ def _turn_end(tokenizer, row: _Row, token: int, piece: str | None, config: Rollo
     return ""
 
 
-def _act(tokenizer, rows: list[_Row], retriever, config: RolloutConfig, final_turn: bool) -> None:
+def _act(tokenizer, rows: list[_Row], search_fn, config: RolloutConfig, final_turn: bool) -> None:
     """After a turn: run every row's search in one batched call, then append observations or nudges."""
     searching, queries = [], []
     for r in rows:
@@ -321,7 +328,9 @@ def _act(tokenizer, rows: list[_Row], retriever, config: RolloutConfig, final_tu
             _force(r, encode_text(tokenizer, INVALID_ACTION), config)
     if not searching:
         return
-    results = retriever.search(queries, topk=config.topk)
+    results = search_fn([r.index for r in searching], queries)
+    if len(results) != len(queries):
+        raise RuntimeError(f"the retriever returned {len(results)} hit lists for {len(queries)} queries")
     for r, query, hits in zip(searching, queries, results):
         ids, cut = observation_ids(tokenizer, hits, config.max_obs_tokens)
         if _force(r, ids, config):

@@ -14,26 +14,32 @@ import arc_metric
 import data
 import demo
 import retriever as retriever_lib
-from arc_metric import (PROBE_PRIMERS, PROBE_SEARCH_TURN, contains_answer_tokens, evidence_given_probe,
-                        probe_prefix_ids, score_record, select_evidence)
-from rollout import OBS_CLOSE, OBS_OPEN, RolloutConfig, encode_text, format_question, rollout
+from arc_metric import (PROBE_PRIMERS, contains_answer_tokens, evidence_given_probe, needed_passages,
+                        place_passages, score_record)
+from rollout import OBS_CLOSE, OBS_OPEN, RolloutConfig, encode_text, format_passages, observation_ids
 
 
 # ----------------------------------------------------------------------------- a scripted model
 
-class CopyingAgent(torch.nn.Module):
+class Reader(torch.nn.Module):
     """A stand-in for an HF causal LM with the call signature rollout.py uses. It stores the token
     ids it is fed in the KV cache (keys of shape (B, 1, T, 1) holding the ids as floats), so at each
-    step it sees its row's whole context; it reads the last <information> block, copies the entity
-    after "founded by" from the first passage that has one, and writes "<answer> X </answer>" token
-    by token (after a short think when its turn starts with "<think>"). Without an observation, or
-    with copy=False, it answers "unknown"."""
+    step it sees its row's whole context, and plays the demo world like an honest reader:
+      "Who founded X?": search X, then answer the name after "X is … founded by" in the passages.
+      "Where was the founder of X born?": search X, read the founder P, search P, answer the city
+      after "P (born …) … was born in" in what that second search returned.
+    Without the passage it needs it searches (or, on the final turn, answers "unknown"). The text of
+    a turn starts with whatever the context forced after the last observation (a probe primer):
+    after "<think>" it thinks, then answers; after "<answer>" it answers at once, or, with
+    think_first=True, writes a thought and then the answer (which the w/o think rule scores 0).
+    copy=False: it never reads, and answers "unknown". `turn_contexts` records the decoded context
+    at the start of every turn."""
 
-    def __init__(self, tokenizer, copy: bool = True):
+    def __init__(self, tokenizer, copy: bool = True, think_first: bool = False):
         super().__init__()
-        self.tokenizer, self.copy = tokenizer, copy
+        self.tokenizer, self.copy, self.think_first = tokenizer, copy, think_first
         self.anchor = torch.nn.Parameter(torch.zeros(1))   # rollout reads the device from the parameters
-        self.turn_contexts = []                            # the decoded context at the start of each turn
+        self.turn_contexts = []
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep):
         assert use_cache and logits_to_keep == 1
@@ -48,23 +54,45 @@ class CopyingAgent(torch.nn.Module):
 
     def _next_token(self, context: list[int]) -> int:
         text = self.tokenizer.decode(context, skip_special_tokens=False)
-        start, end = text.rfind(OBS_OPEN), text.rfind(OBS_CLOSE)
-        entity = "unknown"
-        if start >= 0 and end > start:
-            written = text[end + len(OBS_CLOSE):]
-            found = re.search(r"founded by (.+?) in \d", text[start:end])
-            if found and self.copy:
-                entity = found.group(1)
-        else:
-            written = text[text.rfind("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):]
+        marker = "<|im_start|>assistant\n"
+        prompt_end = text.rfind(marker) + len(marker)
+        question = re.search(r"Question: (.+?)\n", text).group(1)
+        observations = [m.group(1) for m in re.finditer(re.escape(OBS_OPEN) + "(.*?)" + re.escape(OBS_CLOSE),
+                                                        text[prompt_end:], re.DOTALL)]
+        last_forced = max(text.rfind(OBS_CLOSE) + len(OBS_CLOSE) if observations else prompt_end,
+                          prompt_end)
+        written = text[last_forced:]
         if written == "" or written in PROBE_PRIMERS.values():
             self.turn_contexts.append(text)
-        plan = f"<answer> {entity} </answer>"
-        if written.startswith("<think>"):
-            plan = f"<think> The passage names the founder. </think>\n{plan}"
+        plan = self._plan(question, observations, written)
         if not plan.startswith(written) or plan == written:
             return self.tokenizer.eos_token_id
         return encode_text(self.tokenizer, plan[len(written):])[0]
+
+    def _plan(self, question: str, observations: list[str], written: str) -> str:
+        """Hop by hop, like the demo's oracle: a hop's fact is read only from the observations that
+        came after the search for it (the founder from the 1st on, the founder's birthplace from
+        the one after the founder was learned)."""
+        two_hop = re.match(r"Where was the founder of (.+) born\?", question)
+        company = two_hop.group(1) if two_hop else re.match(r"Who founded (.+)\?", question).group(1)
+        founder = city = None
+        for k, observation in enumerate(observations):
+            if founder is None:
+                found = re.search(re.escape(company) + r" is an? \w+ company founded by (.+?) in \d", observation)
+                founder, learned_at = (found.group(1), k) if found else (None, None)
+            elif two_hop and city is None and k > learned_at:
+                found = re.search(re.escape(founder) + r" \(born \d+\) is an? \w+ who was born in (.+?), ",
+                                  observation)
+                city = found.group(1) if found else None
+        answer = (city if two_hop else founder) if self.copy else "unknown"
+        search = None if answer or not self.copy else (company if founder is None else founder)
+        if search is not None and not written.startswith("<answer>"):
+            return f"<think> I need {search}. </think>\n<search> {search} </search>"
+        answer = answer or "unknown"
+        if written.startswith("<answer>"):
+            thought = f" {answer} is what the passage says. </think>\n<answer> {answer} </answer>"
+            return "<answer>" + (thought if self.think_first else f" {answer} </answer>")
+        return "<think> The passage says it. </think>\n" + f"<answer> {answer} </answer>"
 
 
 @pytest.fixture(scope="module")
@@ -74,28 +102,29 @@ def founder_questions(world):
     return rows
 
 
+@pytest.fixture(scope="module")
+def two_hop_questions(world):
+    rows = [q for q in world.test if q["question"].startswith("Where was the founder of")][:4]
+    assert len(rows) == 4
+    return rows
+
+
 CONFIG = RolloutConfig(max_turns=4, max_new_tokens=40, max_obs_tokens=200, topk=3)
 
 
-# ----------------------------------------------------------------------------- evidence selection
+# ----------------------------------------------------------------------------- needed passages
 
-def test_supporting_ids_give_the_rows_own_passages_in_order(world, retriever):
+def test_supporting_ids_give_the_rows_own_passages_in_hop_order(world, retriever):
     rows = [q for q in world.test if q["data_source"] == "demo_2hop"][:5]
-    for row, passages in zip(rows, select_evidence(rows, retriever, topk=3)):
+    for row, passages in zip(rows, needed_passages(rows, retriever)):
         assert [p["id"] for p in passages] == row["supporting_ids"]
-        assert any(contains_answer_tokens(p["contents"], row["golden_answers"]) for p in passages)
+        assert contains_answer_tokens(passages[-1]["contents"], row["golden_answers"])   # the last hop's
 
 
-def test_search_evidence_is_a_gold_passage_first_then_the_questions_own_hits(world, retriever):
+def test_search_evidence_is_the_best_ranked_gold_passage_of_the_question_plus_gold_searches(world, retriever):
     rows = world.test[:40]
-    chosen = select_evidence(rows, retriever, topk=3, evidence="search")
-    own = retriever.search([row["question"] for row in rows], topk=3)
-    for row, passages, hits in zip(rows, chosen, own):
-        assert passages is not None and len(passages) == 3
-        assert contains_answer_tokens(passages[0]["contents"], row["golden_answers"])
-        rest = [h["id"] for h in hits if h["id"] != passages[0]["id"]][:2]
-        assert [p["id"] for p in passages[1:]] == rest
-        # the gold passage is the best-ranked gold-containing hit of the question + gold searches
+    for row, passages in zip(rows, needed_passages(rows, retriever, evidence="search")):
+        assert passages is not None and len(passages) == 1
         searches = retriever.search([f"{row['question']} {g}" for g in row["golden_answers"]], topk=10)
         best_rank = min(rank for hits_g in searches for rank, h in enumerate(hits_g)
                         if contains_answer_tokens(h["contents"], row["golden_answers"]))
@@ -109,86 +138,155 @@ def test_a_retriever_without_get_falls_back_to_search(world, retriever):
         def search(self, queries, topk):
             return retriever.search(queries, topk)
     rows = world.test[:10]
-    assert select_evidence(rows, SearchOnly(), topk=3) == select_evidence(rows, retriever, topk=3, evidence="search")
+    assert needed_passages(rows, SearchOnly()) == needed_passages(rows, retriever, evidence="search")
 
 
 def test_questions_without_a_gold_passage_are_skipped(world, retriever):
     rows = [{"id": "x", "question": "Who founded Nowhere Works?", "golden_answers": ["Zzyqx Qwv"]},
             {**world.test[0], "golden_answers": ["Zzyqx Qwv"]},        # supporting passage without the gold
             world.test[1]]
-    chosen = select_evidence(rows, retriever, topk=3)
+    chosen = needed_passages(rows, retriever)
     assert chosen[0] is None and chosen[1] is None and chosen[2] is not None
 
 
 def test_bad_evidence_requests_are_clear_errors(world, retriever):
     with pytest.raises(ValueError, match=r"id='demo-0-0'.*'nope' is not in the retriever's corpus"):
-        select_evidence([{**world.test[0], "supporting_ids": ["nope"]}], retriever)
+        needed_passages([{**world.test[0], "supporting_ids": ["nope"]}], retriever)
     with pytest.raises(TypeError, match="'supporting_ids' must be a list of str"):
-        select_evidence([{**world.test[0], "supporting_ids": "1166"}], retriever)
+        needed_passages([{**world.test[0], "supporting_ids": "1166"}], retriever)
     with pytest.raises(ValueError, match="evidence='bm25'"):
-        select_evidence(world.test[:1], retriever, evidence="bm25")
+        needed_passages(world.test[:1], retriever, evidence="bm25")
+
+
+def hit(name):
+    return {"id": name, "contents": f"{name}\ntext of {name}"}
+
+
+@pytest.mark.parametrize("hits, needed, expected", [
+    ("abc", ["p"], "abp"),                       # missing: takes the last hit's place
+    ("abc", ["p", "q"], "apq"),                  # two missing: the last two places, in hop order
+    ("pbc", ["p"], "pbc"),                       # present: stays at its own rank
+    ("bpc", ["q", "p"], "bpq"),                  # one present at rank 2, the other replaces the last other hit
+    ("cpq", ["q", "p"], "cpq"),
+    ("ab", ["p"], "abp"),                        # fewer hits than topk: appended
+    ("", ["p", "q"], "pq"),
+])
+def test_place_passages_by_hand(hits, needed, expected):
+    placed = place_passages([hit(c) for c in hits], [hit(c) for c in needed], topk=3)
+    assert "".join(h["id"] for h in placed) == expected
+    with pytest.raises(ValueError, match="topk >= 2"):
+        place_passages([hit("a")], [hit("p"), hit("q")], topk=1)
 
 
 # ----------------------------------------------------------------------------- the probe's context
 
-def information_block(text: str) -> str:
-    start, end = text.rindex(OBS_OPEN), text.rindex(OBS_CLOSE)
-    return text[start + len(OBS_OPEN):end]
+def information_blocks(text: str) -> list[str]:
+    return re.findall(re.escape(OBS_OPEN) + "(.*?)" + re.escape(OBS_CLOSE), text, re.DOTALL)
 
 
-@pytest.mark.parametrize("evidence", ["auto", "search"])
-def test_probe_context_places_a_gold_passage_in_the_information_block(world, tokenizer, retriever, evidence):
-    rows = world.test[:12]
-    for row, passages in zip(rows, select_evidence(rows, retriever, topk=3, evidence=evidence)):
-        for primer in PROBE_PRIMERS.values():
-            ids, cut = probe_prefix_ids(tokenizer, row["question"], passages, primer, max_obs_tokens=500)
-            text = tokenizer.decode(ids)
-            search_turn = PROBE_SEARCH_TURN.format(question=format_question(row["question"]))
-            assert not cut and text.startswith(search_turn + OBS_OPEN + "Doc 1(Title: ")
-            assert text.endswith(OBS_CLOSE + primer)
-            block = information_block(text)
-            assert any(g in block for g in row["golden_answers"])
-            assert contains_answer_tokens(block, row["golden_answers"])
-            for k, passage in enumerate(passages, start=1):        # every evidence passage, in order
-                title, _, body = passage["contents"].partition("\n")
-                assert f"Doc {k}(Title: {title}) {body}" in block
+def test_probe_context_is_the_real_topk_in_the_rollouts_format_with_the_needed_passage(
+        world, tokenizer, retriever, founder_questions):
+    rows = founder_questions
+    model = Reader(tokenizer)
+    evidence_given_probe(model, tokenizer, rows, retriever, CONFIG)           # no records: "question" turns
+    contexts = [c for c in model.turn_contexts if c.endswith("<answer>")]     # the w/o think probes
+    assert len(contexts) == len(rows)
+    for row, context, needed in zip(rows, contexts, needed_passages(rows, retriever)):
+        query = row["question"].strip()
+        assert context.endswith("<search> " + query + " </search>" + OBS_OPEN
+                                + information_blocks(context)[-1] + OBS_CLOSE + "<answer>")
+        shown = place_passages(retriever.search([query], topk=3)[0], needed, 3)
+        assert len(shown) == 3 and needed[0] in [{"id": h["id"], "contents": h["contents"]} for h in shown]
+        expected = tokenizer.decode(observation_ids(tokenizer, shown, CONFIG.max_obs_tokens)[0])
+        assert OBS_OPEN + information_blocks(context)[-1] + OBS_CLOSE == expected
+        assert format_passages(shown).strip() == information_blocks(context)[-1]
+        title, _, body = needed[0]["contents"].partition("\n")
+        assert f"(Title: {title}) {body}" in information_blocks(context)[-1]
 
 
-def test_probe_prefix_is_forced_and_is_what_the_model_sees(world, tokenizer, retriever, founder_questions):
+def test_probe_reuses_the_models_own_first_search_turn_token_for_token(world, tokenizer, retriever,
+                                                                        founder_questions):
     rows = founder_questions[:3]
-    passages = select_evidence(rows, retriever, topk=3)
-    prefixes = [probe_prefix_ids(tokenizer, r["question"], p, "<answer>", 500)[0] for r, p in zip(rows, passages)]
-    model = CopyingAgent(tokenizer)
-    trajectories = rollout(model, tokenizer, [r["question"] for r in rows], retriever,
-                           RolloutConfig(max_turns=0, max_new_tokens=40, greedy=True), prefix_ids=prefixes)
-    for row, prefix, trajectory, seen in zip(rows, prefixes, trajectories, model.turn_contexts):
-        n = trajectory.prompt_length
-        assert trajectory.input_ids[n:n + len(prefix)] == prefix
-        assert trajectory.loss_mask[:n + len(prefix)] == [0] * (n + len(prefix))
-        assert set(trajectory.loss_mask[n + len(prefix):]) == {1}
-        assert any(g in information_block(seen) for g in row["golden_answers"])   # in the model's context
-        assert trajectory.num_searches == 0 and trajectory.num_turns == 1
+    records, _ = arc_metric.evaluate(Reader(tokenizer), tokenizer, rows, retriever, CONFIG, probe=False,
+                                     progress=False)
+    model = Reader(tokenizer)
+    results = evidence_given_probe(model, tokenizer, rows, retriever, CONFIG, records=records)
+    probes = [c for c in model.turn_contexts if c.endswith("<answer>")]
+    for record, result, context in zip(records, results, probes):
+        own = arc_metric._first_sampled_run(record)
+        assert tokenizer.decode(own) == record["turns"][0]
+        assert result["search_turn"] == "own" and result["own_turn"] == 1.0
+        assert result["query"] == record["queries"][0]
+        n = record["prompt_length"]
+        prompt = tokenizer.decode(record["input_ids"][:n], skip_special_tokens=False)
+        assert context.startswith(prompt + tokenizer.decode(own, skip_special_tokens=False) + OBS_OPEN)
+    # a model whose evaluation rollout did not open with a search gets the plain-question turn
+    silent = [{**records[0], "queries": [], "hits": [], "num_searches": 0}]
+    result = evidence_given_probe(Reader(tokenizer), tokenizer, rows[:1], retriever, CONFIG, records=silent)[0]
+    assert result["search_turn"] == "question" and result["query"] == rows[0]["question"]
 
 
 # ----------------------------------------------------------------------------- the probe's scores
 
 @pytest.mark.parametrize("evidence", ["auto", "search"])
-def test_a_model_that_copies_the_passage_scores_one(tokenizer, retriever, founder_questions, evidence):
-    results = evidence_given_probe(CopyingAgent(tokenizer), tokenizer, founder_questions, retriever,
+def test_a_model_that_copies_the_passage_scores_one_on_both(tokenizer, retriever, founder_questions, evidence):
+    results = evidence_given_probe(Reader(tokenizer), tokenizer, founder_questions, retriever,
                                    CONFIG, evidence=evidence, batch_size=5)
     for row, result in zip(founder_questions, results):
         assert result["em_no_think"] == 1.0 and result["em_think"] == 1.0, (row, result)
         # the model wrote only " X </answer>": the forced primer is what makes the answer complete
-        response = result["response_no_think"]
-        assert response.startswith("<answer> ") and response.count("<answer>") == 1
-        assert result["response_think"].startswith("<think> The passage names the founder. </think>\n<answer> ")
-        assert not result["evidence_truncated"]
+        assert result["response_no_think"].startswith("<answer> ")
+        assert result["response_no_think"].count("<answer>") == 1
+        assert result["response_think"].startswith("<think> The passage says it. </think>\n<answer> ")
+        assert not result["evidence_truncated"] and result["probe_searches"] == 0
         if evidence == "auto":
             assert result["evidence_ids"] == row["supporting_ids"]
 
 
+def test_a_model_that_thinks_after_the_answer_primer_scores_zero_without_think(tokenizer, retriever,
+                                                                                founder_questions):
+    results = evidence_given_probe(Reader(tokenizer, think_first=True), tokenizer, founder_questions, retriever,
+                                   CONFIG)
+    for result in results:
+        assert result["em_no_think"] == 0.0 and result["em_think"] == 1.0
+        assert "</think>\n<answer>" in result["response_no_think"]   # its last complete answer would be right
+
+
+class Blind:
+    """The real BM25, except that it never returns the rows' own supporting passages: whatever the
+    probe shows of them, the probe placed there."""
+
+    def __init__(self, retriever, rows):
+        self.retriever, self.hidden = retriever, {pid for row in rows for pid in row["supporting_ids"]}
+
+    def get(self, pid):
+        return self.retriever.get(pid)
+
+    def search(self, queries, topk):
+        hits = self.retriever.search(queries, topk=topk + len(self.hidden))
+        return [[h for h in per_query if h["id"] not in self.hidden][:topk] for per_query in hits]
+
+
+def test_a_two_hop_question_searches_again_and_each_search_gets_its_hops_passage(
+        world, tokenizer, retriever, two_hop_questions):
+    blind = Blind(retriever, two_hop_questions)
+    results = evidence_given_probe(Reader(tokenizer), tokenizer, two_hop_questions, blind, CONFIG)
+    for row, result, passages in zip(two_hop_questions, results, needed_passages(two_hop_questions, blind)):
+        assert result["em_think"] == 1.0 and result["probe_searches"] == 1, result
+        blocks = information_blocks(result["response_think"])                # the searches after the first
+        assert len(blocks) == 1
+        for passage in passages:                                              # both hops', placed again
+            title, _, body = passage["contents"].partition("\n")
+            assert f"(Title: {title}) {body}" in blocks[0]
+    # the same reader with the real rollout and the blind retriever cannot answer: the probe's
+    # placement is what it reads
+    records, _ = arc_metric.evaluate(Reader(tokenizer), tokenizer, two_hop_questions, blind, CONFIG, probe=False,
+                                     progress=False)
+    assert all(r["scores"]["em"] == 0.0 for r in records)
+
+
 def test_a_model_that_does_not_read_the_passage_scores_zero(tokenizer, retriever, founder_questions):
-    results = evidence_given_probe(CopyingAgent(tokenizer, copy=False), tokenizer, founder_questions, retriever, CONFIG)
+    results = evidence_given_probe(Reader(tokenizer, copy=False), tokenizer, founder_questions, retriever, CONFIG)
     assert all(r["em_no_think"] == 0.0 and r["em_think"] == 0.0 for r in results)
     assert all(r["response_no_think"] == "<answer> unknown </answer>" for r in results)
 
@@ -196,13 +294,17 @@ def test_a_model_that_does_not_read_the_passage_scores_zero(tokenizer, retriever
 def test_probe_results_feed_the_report(tmp_path, tokenizer, retriever, founder_questions):
     rows = founder_questions[:3] + [{"id": "none", "question": "Who founded Nowhere Works?",
                                      "golden_answers": ["Zzyqx Qwv"], "data_source": "made_up"}]
-    records, report = arc_metric.evaluate(CopyingAgent(tokenizer), tokenizer, rows, retriever, CONFIG,
+    records, report = arc_metric.evaluate(Reader(tokenizer, copy=False), tokenizer, rows, retriever, CONFIG,
                                           batch_size=2, progress=False)
     assert [r["probe"] is None for r in records] == [False, False, False, True]
-    assert report["demo_1hop"]["probe_em_no_think"] == 1.0 and report["demo_1hop"]["probe_coverage"] == 1.0
+    assert report["demo_1hop"]["probe_em_no_think"] == 0.0 and report["demo_1hop"]["probe_coverage"] == 1.0
     assert report["made_up"]["probe_coverage"] == 0.0 and "probe_em_think" not in report["made_up"]
-    assert report["all"]["probe_coverage"] == 0.75 and report["all"]["probe_em_think"] == 1.0
-    assert report["all"]["em"] == 0.0       # without evidence the scripted agent answers "unknown"
+    assert report["all"]["probe_coverage"] == 0.75
+    assert report["all"]["probe_own_turn"] == 0.0         # it never searched: plain-question turns
+    records, report = arc_metric.evaluate(Reader(tokenizer), tokenizer, rows[:3], retriever, CONFIG,
+                                          batch_size=2, progress=False)
+    assert report["all"]["em"] == 1.0 and report["all"]["probe_em_think"] == 1.0
+    assert report["all"]["probe_own_turn"] == 1.0
 
 
 # ----------------------------------------------------------------------------- evaluate and main
@@ -270,7 +372,7 @@ def test_evaluate_with_a_tiny_random_model_writes_every_trajectory(tmp_path, wor
 
 
 def test_evaluate_checks_question_rows_before_generating(tokenizer, retriever):
-    model = CopyingAgent(tokenizer)
+    model = Reader(tokenizer)
     with pytest.raises(ValueError, match=r"questions\[1\] \(id='b'\): golden_answers is empty"):
         arc_metric.evaluate(model, tokenizer, [{"id": "a", "question": "Q?", "golden_answers": ["x"]},
                                                {"id": "b", "question": "Q?", "golden_answers": []}], retriever)
@@ -318,7 +420,7 @@ def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retri
     assert summary["report"]["all"]["n"] == 2 and summary["report"]["all"]["probe_coverage"] == 1.0
     records = [json.loads(line) for line in (root / "out_http" / "trajectories.jsonl").read_text().splitlines()]
     for record in records:       # the HTTP API cannot fetch by id: evidence came from search, gold first
-        assert len(record["probe"]["evidence_ids"]) == 3 != len(record["supporting_ids"])
+        assert len(record["probe"]["evidence_ids"]) == 1      # the gold passage found by search
         assert contains_answer_tokens(retriever.get(record["probe"]["evidence_ids"][0])["contents"],
                                       record["golden_answers"])
 

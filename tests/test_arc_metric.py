@@ -10,7 +10,7 @@ from arc_metric import (arc_report, answer_em, contains_answer_substr, contains_
                         exact_match, extract_answer, f1, final_answer, normalize_answer,
                         render_comparison, render_table, score_record, sub_em)
 
-# Search-R1's template (PAPER.md §2), with its example answer.
+# Search-R1's template (docs/method.md §2), with its example answer.
 PROMPT = ("Answer the given question. You must conduct reasoning inside <think> and </think> first every time "
           "you get new information. After reasoning, if you find you lack some knowledge, you can call a search "
           "engine by <search> query </search> and it will return the top searched results between <information> "
@@ -155,7 +155,7 @@ def test_final_answer_rejects_what_is_not_model_text():
 # ----------------------------------------------------------------------------- hand-written trajectories
 
 def information(passages):
-    """The observation block of PAPER.md §2 for passages "title\ntext"."""
+    """The observation block of docs/method.md §2 for passages "title\ntext"."""
     docs = ""
     for i, passage in enumerate(passages):
         title, text = passage.split("\n", 1)

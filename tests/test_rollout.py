@@ -153,7 +153,7 @@ def segments(traj) -> list[tuple[int, list[int]]]:
 
 
 def expected_observation(hits: list[dict]) -> str:
-    """PAPER.md §2's observation text, written out independently of rollout.py."""
+    """docs/method.md §2's observation text, written out independently of rollout.py."""
     docs = ""
     for i, hit in enumerate(hits):
         title, text = hit["contents"].split("\n", 1)
@@ -348,6 +348,28 @@ def test_masked_tokens_decode_to_inserted_observations_and_nudges(world, tokeniz
         assert traj.answered and traj.num_searches == 2 and traj.num_invalid == 1
     assert trajs[0].queries == ["first query", "second"] and trajs[1].queries == ["q one", "q two"]
     assert trajs[0].hits == [hits("first query"), hits("second")]
+
+
+def test_search_fn_gets_each_querys_question_index_and_its_hits_are_inserted(world, tokenizer):
+    """search_fn replaces retriever.search: it learns whose query each one is (the probe relies on
+    this to place each question's own evidence), once per turn, and what it returns is observed."""
+    questions = [q["question"] for q in world.test[:3]]
+    turns = {questions[0]: ["<search> a </search>", "<answer> x </answer>"],
+             questions[1]: ["<answer> y </answer>"],
+             questions[2]: ["<search> c </search>", "<search> c2 </search>", "<answer> z </answer>"]}
+    scripts = {q: [say(tokenizer, turn) for turn in row] for q, row in turns.items()}
+    calls = []
+
+    def search_fn(indices, queries):
+        calls.append((list(indices), list(queries)))
+        return [ScriptedRetriever.hits(f"{q} for row {i}", 2) for i, q in zip(indices, queries)]
+
+    trajs = rollout(ScriptedLM(tokenizer, scripts), tokenizer, questions, NoRetriever(),
+                    greedy(max_new_tokens=20), search_fn=search_fn)
+    assert calls == [([0, 2], ["a", "c"]), ([2], ["c2"])]
+    assert trajs[2].hits == [ScriptedRetriever.hits("c for row 2", 2), ScriptedRetriever.hits("c2 for row 2", 2)]
+    observed = [tokenizer.decode(ids) for m, ids in segments(trajs[2]) if m == 0]
+    assert observed == [expected_observation(h) for h in trajs[2].hits]
 
 
 def test_rollout_formats_passages_exactly_as_the_retriever_does(world, retriever):
