@@ -99,7 +99,8 @@ search again (each search answered with the needed passages placed in its result
       rule (contains_answer_tokens)], ties in rank going to the earlier gold.
    The question is probed only if some passage of E contains a gold under the whole-token rule;
    otherwise it is skipped (result None; e.g. a yes/no gold), and the report counts it in
-   probe_coverage.
+   probe_coverage. So is a question whose probe context (step 4) leaves no room for an answer under
+   max_total_tokens.
 2. The search turn (probe_search_turn): if the model's own evaluation rollout of the question opened
    with an executed search (its first turn's query is its first executed query), that turn's token
    ids exactly as sampled, think and all, and its query ("own"); otherwise the bare turn
@@ -661,7 +662,7 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
 
     from tqdm import tqdm
 
-    from rollout import RolloutConfig, encode_text, observation_ids, rollout
+    from rollout import RolloutConfig, encode_text, observation_ids, prompt_ids, rollout
     config = replace(config or RolloutConfig(), greedy=True)
     if records is not None and len(records) != len(questions):
         raise ValueError(f"{len(records)} evaluation records for {len(questions)} questions")
@@ -672,10 +673,16 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
              for i in probed}
     first_hits = retriever.search([turns[i][1] for i in probed], topk=config.topk) if probed else []
     context: dict[int, list[int]] = {}
-    for i, hits in zip(probed, first_hits):
+    room = max(len(encode_text(tokenizer, primer)) for primer in PROBE_PRIMERS.values()) + 1
+    for i, hits in zip(list(probed), first_hits):
         shown = place_passages(hits, needed[i], config.topk)
         observation, cut = observation_ids(tokenizer, shown, config.max_obs_tokens)
         turn_ids, query, source = turns[i]
+        n_prompt = len(prompt_ids(tokenizer, questions[i]["question"]))
+        if config.max_total_tokens is not None and n_prompt + len(turn_ids) + len(observation) + room > \
+                config.max_total_tokens:
+            probed.remove(i)                  # the context alone fills the length budget: not probed
+            continue
         context[i] = turn_ids + observation
         results[i] = {"search_turn": source, "own_turn": float(source == "own"), "query": query,
                       "evidence_ids": [p.get("id") for p in needed[i]], "evidence_truncated": cut}
@@ -747,11 +754,19 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     from tqdm import tqdm
 
     from data import write_jsonl
-    from rollout import RolloutConfig, rollout
+    from rollout import RolloutConfig, default_length_budget, first_overlong_prompt, rollout
     _check_questions(questions)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     config = replace(config or RolloutConfig(), greedy=True)
+    if config.max_total_tokens is None:          # never generate past the positions the model knows
+        config = replace(config, max_total_tokens=default_length_budget(model))
+    overlong = first_overlong_prompt(tokenizer, [row["question"] for row in questions], config.max_total_tokens)
+    if overlong is not None:
+        i, n = overlong
+        raise ValueError(f"questions[{i}] (id={questions[i].get('id')!r}): its prompt is {n} tokens, leaving no "
+                         f"room under the length budget of {config.max_total_tokens} (--max-total-tokens, default: "
+                         "the model's max_position_embeddings)")
     records = []
     for start in tqdm(range(0, len(questions), batch_size), desc="rollouts", unit="batch", disable=not progress):
         batch = questions[start:start + batch_size]
@@ -788,21 +803,34 @@ def main(argv=None) -> dict:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="corpus JSONL {id, contents}: BM25 in this process")
     source.add_argument("--retriever-url", help="a Search-R1 retrieval server, e.g. http://127.0.0.1:8000")
+    def at_least(low):
+        def parse(text):
+            value = int(text)
+            if value < low:
+                raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+            return value
+        parse.__name__ = "int"
+        return parse
+
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--limit", type=int, help="evaluate the first N questions only")
-    parser.add_argument("--max-turns", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--max-obs-tokens", type=int, default=500)
-    parser.add_argument("--topk", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    parser.add_argument("--limit", type=at_least(1), help="evaluate the first N questions only")
+    parser.add_argument("--max-turns", type=at_least(0), default=4)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=500)
+    parser.add_argument("--max-obs-tokens", type=at_least(0), default=500)
+    parser.add_argument("--max-total-tokens", type=at_least(1),
+                        help="cap on prompt + response (default: the model's max_position_embeddings)")
+    parser.add_argument("--topk", type=at_least(1), default=3)
+    parser.add_argument("--batch-size", type=at_least(1), default=64)
     parser.add_argument("--no-probe", action="store_true", help="skip the evidence-given probe")
     parser.add_argument("--probe-evidence", choices=["auto", "search"], default="auto",
                         help="auto: the questions' supporting_ids when present; search: always by search")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        parser.error(f"--limit must be >= 1, got {args.limit}")
+    done = [name for name in ("report.json", "trajectories.jsonl") if os.path.exists(os.path.join(args.out, name))]
+    if done and not args.overwrite:
+        parser.error(f"--out {args.out} already holds {', '.join(done)}; pass --overwrite to replace them")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -817,10 +845,12 @@ def main(argv=None) -> dict:
     retriever = BM25Retriever(load_corpus(args.corpus)) if args.corpus else HTTPRetriever(args.retriever_url)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    from train import pretrained          # a local directory or a Hub id, with errors naming the argument
+    tokenizer = pretrained(AutoTokenizer, args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    model = pretrained(AutoModelForCausalLM, args.model, "--model", dtype=dtype).to(device).eval()
     config = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                           max_obs_tokens=args.max_obs_tokens, topk=args.topk, greedy=True)
+                           max_obs_tokens=args.max_obs_tokens, topk=args.topk, greedy=True,
+                           max_total_tokens=args.max_total_tokens)
     trajectories_path = os.path.join(args.out, "trajectories.jsonl")
     _, report = evaluate(model, tokenizer, questions, retriever, config, probe=not args.no_probe,
                          batch_size=args.batch_size, out_path=trajectories_path, progress=not args.no_progress,

@@ -69,13 +69,17 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
+def prompt_text(tokenizer, question: str) -> str:
     """The prompt: the template as the single user message of the chat template, if there is one."""
     content = PROMPT_TEMPLATE.format(question=format_question(question))
     if getattr(tokenizer, "chat_template", None):
         content = tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                                 add_generation_prompt=True, tokenize=False)
-    return encode_text(tokenizer, content)
+    return content
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    return encode_text(tokenizer, prompt_text(tokenizer, question))
 
 
 def format_passages(hits: list[dict]) -> str:
@@ -112,6 +116,27 @@ def completes_answer(turn_text: str) -> bool:
     """Whether the turn closes an answer it opened: an `<answer>` before its last `</answer>`."""
     end = turn_text.rfind(ANSWER_CLOSE)
     return end >= 0 and ANSWER_OPEN in turn_text[:end]
+
+
+def default_length_budget(model) -> int | None:
+    """The longest sequence the model was trained for (config.max_position_embeddings), or None."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def first_overlong_prompt(tokenizer, questions: list[str], max_total_tokens: int | None):
+    """(index, prompt length) of the first question whose prompt leaves no room for a generated
+    token under max_total_tokens, or None. A prompt has at most as many tokens as UTF-8 bytes, so
+    only prompts that come near the budget are tokenised."""
+    if max_total_tokens is None:
+        return None
+    overhead = len(prompt_text(tokenizer, "").encode("utf-8"))      # everything but the question
+    for i, question in enumerate(questions):
+        if overhead + len(question.strip().encode("utf-8")) < max_total_tokens:
+            continue
+        n = len(prompt_ids(tokenizer, question))
+        if n >= max_total_tokens:
+            return i, n
+    return None
 
 
 # -----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -46,8 +47,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import arc_metric
+import checkpoint
 import data
 import dgpo
+import rollout as rollout_lib
 from rollout import RolloutConfig, rollout
 
 # -----------------------------------------------------------------------------
@@ -107,6 +110,51 @@ class RLConfig:
 # the legal values of RLConfig's enumerated options: the CLI offers them as choices, train_rl checks them
 CHOICES = {"teacher_mode": ("selective", "uniform", "none"), "teacher_as": ("loss", "reward"),
            "kl": ("full", "k2", "k3"), "agg": dgpo.AGG_MODES}
+
+# The legal range of every numeric setting, (low, high, low is allowed, high is allowed), None = no
+# bound. The CLI checks them at parse time (they show in --help); the trainers check them again for
+# callers of the Python API. Why some bounds exist: grad_clip 0 would clip every update to nothing;
+# a negative beta pushes the student away from the teacher. (RL also needs temperature > 0: train_rl.)
+RANGES = {
+    "steps": (1, None, True, None), "batch_size": (1, None, True, None),
+    "micro_batch_size": (1, None, True, None), "lr": (0, None, True, None),
+    "min_lr_ratio": (0, 1, True, True), "warmup_steps": (0, None, True, None),
+    "weight_decay": (0, None, True, None), "grad_clip": (0, None, False, None), "lam": (0, None, True, None),
+    "seed": (0, None, True, None), "eval_every": (0, None, True, None), "save_every": (0, None, True, None),
+    "prompts_per_step": (1, None, True, None), "group_size": (1, None, True, None),
+    "mini_batches": (1, None, True, None), "rollout_batch_size": (1, None, True, None),
+    "warmup_ratio": (0, 1, True, True), "beta": (0, None, True, None), "clip_low": (0, 1, True, False),
+    "clip_high": (0, None, True, None), "entropy_coef": (0, None, True, None),
+    "temperature": (0, None, True, None), "top_p": (0, 1, False, True), "max_turns": (0, None, True, None),
+    "max_new_tokens": (1, None, True, None), "max_obs_tokens": (0, None, True, None),
+    "max_total_tokens": (1, None, True, None), "topk": (1, None, True, None), "eval_limit": (0, None, True, None),
+}
+
+
+def range_text(name: str) -> str:
+    low, high, low_ok, high_ok = RANGES[name]
+    if high is None:
+        return f"{'>=' if low_ok else '>'} {low}"
+    return f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+
+
+def in_range(name: str, value) -> bool:
+    low, high, low_ok, high_ok = RANGES[name]
+    if value is None:
+        return name == "max_total_tokens"
+    above = value >= low if low_ok else value > low
+    below = high is None or (value <= high if high_ok else value < high)
+    return above and below
+
+
+def check_config(cfg) -> None:
+    """Every numeric setting of a config inside its RANGES, every enumerated one among CHOICES."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in RANGES and not in_range(f.name, value):
+            raise ValueError(f"{type(cfg).__name__}.{f.name}={value!r}: must be {range_text(f.name)}")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ValueError(f"{type(cfg).__name__}.{f.name}={value!r}: must be one of {CHOICES[f.name]}")
 
 
 # -----------------------------------------------------------------------------
@@ -178,14 +226,31 @@ def all_gather_objects(dist: Dist, items: list) -> list:
 # Models, tokenizers and checkpoints
 
 
-def load_model(path: str, dist: Dist, trainable: bool, grad_checkpointing: bool = False):
-    """An HF causal LM: fp32 weights when trained (AdamW state in fp32; bf16 comes from autocast),
-    bf16 when frozen on GPU (the teacher), fp32 on CPU."""
+def pretrained(loader, path: str, arg: str, **kwargs):
+    """`loader.from_pretrained(path)` for a local directory or a Hub id, with one clear error naming
+    the command-line argument when it is neither (a missing path, a Hub id offline and not cached)."""
+    if not os.path.isdir(path) and (os.path.exists(path) or path.count("/") > 1 or path.startswith((".", "~"))):
+        raise FileNotFoundError(f"{arg} {path}: not a model directory (and not a Hub id of the form org/name)")
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        if os.path.isdir(path):
+            raise
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(f"{arg} {path}: neither a local model directory nor a Hub id that can be "
+                                f"loaded here (offline and not cached?): {first_line}") from None
+
+
+def load_model(path: str, dist: Dist, trainable: bool, grad_checkpointing: bool = False, arg: str = "--model"):
+    """An HF causal LM from a local directory or a Hub id: fp32 weights when trained (AdamW state in
+    fp32; bf16 comes from autocast), bf16 when frozen on GPU (the teacher), fp32 on CPU. A model
+    with a non-finite weight is refused (it would train on NaN or sample garbage)."""
     from transformers import AutoModelForCausalLM
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a model directory")
     dtype = torch.float32 if trainable or dist.device.type != "cuda" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dist.device)
+    model = pretrained(AutoModelForCausalLM, path, arg, dtype=dtype).to(dist.device)
+    bad = first_non_finite(model)
+    if bad is not None:
+        raise ValueError(f"{arg} {path}: weight {bad} holds NaN or inf values; refusing to use this model")
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
@@ -193,9 +258,17 @@ def load_model(path: str, dist: Dist, trainable: bool, grad_checkpointing: bool 
     return model
 
 
-def load_tokenizer(path: str):
+def first_non_finite(model) -> str | None:
+    """The name of the first parameter holding a NaN or inf, or None."""
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            return name
+    return None
+
+
+def load_tokenizer(path: str, arg: str = "--model"):
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = pretrained(AutoTokenizer, path, arg)
     if tokenizer.pad_token_id is None:          # only used as filler; masks are always explicit
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -219,31 +292,69 @@ def vocab_size_of(tokenizer, *models) -> int:
     return n
 
 
-def save_checkpoint(out_dir: str, model, tokenizer, dist: Dist, state: dict | None = None) -> None:
+# Settings a resume may change without changing what is trained (how often to save, evaluate, batch
+# the forward passes); every other setting must match the checkpoint's unless --override-config.
+FREE_SETTINGS = ("eval_every", "eval_limit", "save_every", "micro_batch_size", "rollout_batch_size")
+STATE_FILE = "trainer_state.pt"
+
+
+def save_checkpoint(out_dir: str, model, tokenizer, dist: Dist, state: dict | None = None,
+                    carry=("metrics.jsonl", "best")) -> None:
     """An HF directory (model + tokenizer) loadable by AutoModelForCausalLM, plus the trainer state:
-    optimizer, scheduler, step, data position and every rank's RNG states, for exact resume."""
+    stage, config and its hash, optimizer, scheduler, step, data position and every rank's RNG
+    states, for exact resume. Written atomically (checkpoint.save): a crash at any moment leaves the
+    previous checkpoint or this one, never a mix. A model with non-finite weights is never saved."""
     raw = model.module if isinstance(model, DDP) else model
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if dist.device.type == "cuda" else None}
     rngs = all_gather_objects(dist, [rng])
+    bad = first_non_finite(raw)
+    if bad is not None:
+        raise RuntimeError(f"not saving {out_dir}: weight {bad} holds NaN or inf values")
     if dist.master:
-        os.makedirs(out_dir, exist_ok=True)
-        raw.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        if state is not None:
-            torch.save({**state, "rng": rngs, "world_size": dist.world_size},
-                       os.path.join(out_dir, "trainer_state.pt"))
+        def write(tmp: str) -> None:
+            raw.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if state is not None:
+                full = {**state, "rng": rngs, "world_size": dist.world_size}
+                if "config" in state:
+                    full["config_hash"] = checkpoint.config_hash(state["config"])
+                torch.save(full, os.path.join(tmp, STATE_FILE))
+        checkpoint.save(out_dir, write, carry=carry)
     if dist.enabled:
         torch_dist.barrier()
 
 
-def load_trainer_state(ckpt_dir: str, dist: Dist) -> dict:
-    path = os.path.join(ckpt_dir, "trainer_state.pt")
+def load_trainer_state(ckpt_dir: str, dist: Dist, stage: str | None = None, config: dict | None = None,
+                       override: bool = False) -> dict:
+    """The trainer state of a checkpoint (after finishing any save a crash interrupted), with every
+    rank's RNG restored. Refuses a checkpoint of another stage, and one whose settings differ from
+    `config` (except FREE_SETTINGS) unless `override`; state["changed"] lists what differs."""
+    if dist.master:
+        checkpoint.recover(ckpt_dir)
+    if dist.enabled:
+        torch_dist.barrier()
+    path = os.path.join(ckpt_dir, STATE_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no trainer state to resume from")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"--resume {ckpt_dir}: not a checkpoint to resume from (no {STATE_FILE})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:   # a truncated zip: checkpoint.save makes this impossible for its own saves
+        raise ValueError(f"--resume {ckpt_dir}: {STATE_FILE} cannot be read ({error})") from None
+    if stage is not None and state.get("stage") != stage:
+        raise ValueError(f"--resume {ckpt_dir}: a checkpoint of stage {state.get('stage')!r}; "
+                         f"this is stage {stage!r}, which cannot continue it")
     if state["world_size"] != dist.world_size:
         raise ValueError(f"{path} was written by {state['world_size']} ranks; resume with the same number")
+    state["changed"] = {}
+    if config is not None:
+        changed = checkpoint.config_differences(state.get("config", {}), config, FREE_SETTINGS)
+        if changed and not override:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"--resume {ckpt_dir}: these settings differ from the checkpoint's ({listed}). "
+                             "Resume with the same settings, or pass --override-config to apply the new "
+                             "values from here on (the change is recorded in metrics.jsonl)")
+        state["changed"] = changed
     rng = state["rng"][dist.rank]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -251,6 +362,64 @@ def load_trainer_state(ckpt_dir: str, dist: Dist) -> dict:
     if rng["cuda"] is not None and dist.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def start_from(state: dict, optimizer, scheduler, lr: float, metrics_path: str, dist: Dist) -> None:
+    """Restores optimizer and scheduler from a resumed state; applies an overridden lr so it really
+    takes effect (the schedule's base value, not only the config), drops metric lines written after
+    the checkpoint, and records any overridden settings in the metrics."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "lr" in state["changed"]:
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(scheduler.last_epoch)
+    if dist.master:
+        checkpoint.truncate_metrics(metrics_path, state["step"])
+        if state["changed"]:
+            append_metrics(metrics_path, {"step": state["step"], "config_override": {
+                k: list(v) for k, v in state["changed"].items()}})
+
+
+def append_metrics(path: str, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def check_output(out: str, resume: str | None, overwrite: bool, kind: str = "dir") -> None:
+    """Before any work: an existing non-empty output is refused unless the run resumes from it or
+    --overwrite is given (then a directory this trainer wrote is deleted; anything else is refused).
+    kind="file" for a trajectories file. Also checks that the output can be written."""
+    if kind == "file":
+        if os.path.isdir(out):
+            raise ValueError(f"--out {out}: is a directory; tgo writes a trajectories file (e.g. {out}/tgo.jsonl)")
+        if os.path.exists(out) and not overwrite:
+            raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        if not os.access(parent, os.W_OK):
+            raise PermissionError(f"--out {out}: cannot write in {parent}")
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if resume is not None and os.path.abspath(resume) == os.path.abspath(out):
+        return
+    if os.path.isdir(out) and os.listdir(out):
+        ours = any(os.path.exists(os.path.join(out, name)) for name in
+                   (STATE_FILE, "metrics.jsonl", checkpoint.COMPLETE))
+        if not overwrite:
+            hint = f"--resume {out} to continue it, or " if ours else ""
+            raise ValueError(f"--out {out}: exists and is not empty; pass {hint}--overwrite to replace it")
+        if not ours:
+            raise ValueError(f"--out {out}: not a directory this trainer wrote (no {STATE_FILE} or "
+                             "metrics.jsonl); refusing to delete it even with --overwrite")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    if resume is not None:              # continue the resumed run's metrics in the new directory
+        source = os.path.join(resume, "metrics.jsonl")
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(out, "metrics.jsonl"))
 
 
 def make_optimizer(model, lr: float, weight_decay: float, total_steps: int, warmup_steps: int,
@@ -277,8 +446,10 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float, counters: dict
     any_bad = all_reduce_sum(dist, [0.0 if finite_loss else 1.0])[0] > 0
     if math.isfinite(norm) and not any_bad:
         optimizer.step()
+        counters["consecutive_skipped"] = 0
     else:
         counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
+        counters["consecutive_skipped"] = counters.get("consecutive_skipped", 0) + 1
         warnings.warn(f"non-finite loss or gradient norm ({norm}): step skipped "
                       f"({counters['skipped_steps']} so far)")
     optimizer.zero_grad(set_to_none=True)
@@ -286,6 +457,18 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float, counters: dict
         warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
         scheduler.step()                 # torch warns when the very first step was the skipped one
     return norm
+
+
+MAX_CONSECUTIVE_SKIPPED = 10   # then the run stops: the model (or the data) is broken, not unlucky
+
+
+def stop_if_diverged(counters: dict, out_dir: str) -> None:
+    """Stops a run whose last MAX_CONSECUTIVE_SKIPPED steps all had a non-finite loss or gradient,
+    without saving: the last checkpoint in out_dir (if any) stays the result."""
+    if counters.get("consecutive_skipped", 0) >= MAX_CONSECUTIVE_SKIPPED:
+        raise RuntimeError(f"{counters['consecutive_skipped']} consecutive steps had a non-finite loss or "
+                           f"gradient and were skipped; stopping without saving (the last checkpoint, if any, "
+                           f"is in {out_dir})")
 
 
 # -----------------------------------------------------------------------------
@@ -378,26 +561,29 @@ def supervised_loss(model, teacher, records: list[dict], normaliser: float, voca
 
 
 def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfig, dist: Dist,
-                     out_dir: str, teacher=None, heldout: list[dict] | None = None, start_state=None,
-                     desc: str = "sft", stop_after: int | None = None) -> dict:
-    """Trains `model` on trajectory records (loss on loss_mask tokens) and saves it to `out_dir`
-    (resumable; `stop_after` ends this run early with the schedule still spanning cfg.steps)."""
+                     out_dir: str, teacher=None, heldout: list[dict] | None = None, resume: str | None = None,
+                     desc: str = "sft", stop_after: int | None = None, override_config: bool = False,
+                     overwrite: bool = False) -> dict:
+    """Trains `model` on trajectory records (loss on loss_mask tokens) and saves it to `out_dir`.
+    `resume`: a checkpoint of this stage to continue from (the model must already hold its weights);
+    `stop_after` ends this run early with the schedule still spanning cfg.steps."""
+    check_config(cfg)
+    if cfg.batch_size % dist.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size}")
+    if dist.master:
+        check_output(out_dir, resume, overwrite)
     vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
     ddp_model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) \
         if dist.enabled else model
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_steps,
                                           cfg.min_lr_ratio)
-    start_step, counters = 0, {}
-    if start_state is not None:
-        optimizer.load_state_dict(start_state["optimizer"])
-        scheduler.load_state_dict(start_state["scheduler"])
-        start_step, counters = start_state["step"], start_state["counters"]
-    if cfg.batch_size % dist.world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size}")
-    per_rank = cfg.batch_size // dist.world_size
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if dist.master:
-        os.makedirs(out_dir, exist_ok=True)
+    start_step, counters = 0, {}
+    if resume:
+        state = load_trainer_state(resume, dist, desc, asdict(cfg), override_config)
+        start_from(state, optimizer, scheduler, cfg.lr, metrics_path, dist)
+        start_step, counters = state["step"], state["counters"]
+    per_rank = cfg.batch_size // dist.world_size
     model.train()
     end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
     bar = tqdm(range(start_step, end_step), desc=desc, disable=not dist.master, initial=start_step,
@@ -429,8 +615,8 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
             row["heldout_loss"] = heldout_loss(model, teacher, heldout, cfg, vocab_size, dist)
         if dist.master:
             bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(metrics_path, row)
+        stop_if_diverged(counters, out_dir)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
             save_checkpoint(out_dir, ddp_model, tokenizer, dist, {
                 "stage": desc, "step": step + 1, "optimizer": optimizer.state_dict(),
@@ -471,10 +657,27 @@ def heldout_loss(model, teacher, records: list[dict], cfg: SupervisedConfig, voc
 # Rollouts as training records: the bridge between rollout.py, arc_metric.py and the losses
 
 
-def rollout_config(cfg: RLConfig, greedy: bool = False) -> RolloutConfig:
+def rollout_config(cfg: RLConfig, greedy: bool = False, max_total_tokens: int | None = None) -> RolloutConfig:
     return RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                          max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
-                         top_p=cfg.top_p, greedy=greedy, max_total_tokens=cfg.max_total_tokens)
+                         top_p=cfg.top_p, greedy=greedy, max_total_tokens=max_total_tokens or cfg.max_total_tokens)
+
+
+def length_budget(max_total_tokens: int | None, model) -> int | None:
+    """The cap on prompt + response of every rollout: --max-total-tokens, by default the model's
+    max_position_embeddings (a longer sequence leaves the positions the model was trained on)."""
+    return max_total_tokens if max_total_tokens is not None else rollout_lib.default_length_budget(model)
+
+
+def check_prompts(tokenizer, questions: list[dict], budget: int | None, what: str) -> None:
+    """Refuses, before any rollout, a question whose prompt leaves no room under the length budget."""
+    found = rollout_lib.first_overlong_prompt(tokenizer, [q["question"] for q in questions], budget)
+    if found is not None:
+        i, n = found
+        q = questions[i]
+        raise ValueError(f"{what} id={q.get('id')!r} ({q['question'][:60]!r}…): its prompt is {n} tokens, "
+                         f"leaving no room under the length budget of {budget} tokens (--max-total-tokens, "
+                         "default: the model's max_position_embeddings); shorten or drop it")
 
 
 def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, dist: Dist,
@@ -504,7 +707,10 @@ def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: RolloutC
             out_path: str, samples: int = 1, batch_size: int = 64, seed: int = 0,
             keep_wrong: bool = False) -> dict:
     """Rolls the teacher out `samples` times per question (each rank its shard), keeps EM = 1
-    (`keep_wrong` keeps everything: only for plumbing tests with an untrained teacher)."""
+    (`keep_wrong` keeps everything: only for plumbing tests with an untrained teacher). Rollouts are
+    capped at the length budget (length_budget), and a prompt that leaves no room is refused first."""
+    rcfg = dataclasses.replace(rcfg, max_total_tokens=length_budget(rcfg.max_total_tokens, teacher))
+    check_prompts(tokenizer, questions, rcfg.max_total_tokens, "question")
     shard = questions[dist.rank::dist.world_size] * samples
     generator = torch.Generator(device=dist.device).manual_seed(seed + dist.rank)
     records = generate_records(teacher, tokenizer, shard, retriever, rcfg, dist, batch_size, generator,
@@ -674,41 +880,51 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
 
 
 @torch.no_grad()
-def validation_em(model, tokenizer, questions: list[dict], retriever, cfg: RLConfig, dist: Dist) -> float:
+def validation_em(model, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, batch_size: int,
+                  dist: Dist) -> float:
     """Greedy EM on held-out questions, each rank its shard, summed over ranks."""
     shard = questions[dist.rank::dist.world_size]
-    records = generate_records(model, tokenizer, shard, retriever, rollout_config(cfg, greedy=True), dist,
-                               cfg.rollout_batch_size)
+    records = generate_records(model, tokenizer, shard, retriever, rcfg, dist, batch_size)
     correct, total = all_reduce_sum(dist, [sum(r["em"] for r in records), len(records)])
     return correct / max(total, 1)
 
 
 def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], retriever, cfg: RLConfig,
              dist: Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
-             grad_checkpointing: bool = False, stop_after: int | None = None) -> dict:
+             grad_checkpointing: bool = False, stop_after: int | None = None, override_config: bool = False,
+             overwrite: bool = False) -> dict:
     """DGPO from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`
     by validation EM when cfg.eval_every). `stop_after` ends this run after that many steps with a
     resumable checkpoint (the schedule still spans cfg.steps), for jobs with a time limit."""
+    check_config(cfg)
+    if cfg.eval_every and not validation:
+        raise ValueError("--eval-every needs validation questions (--val FILE)")
     if cfg.prompts_per_step % dist.world_size:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by world size "
                          f"{dist.world_size}: every rank must hold whole groups")
     if (cfg.prompts_per_step // dist.world_size) % cfg.mini_batches:
         raise ValueError(f"each rank's {cfg.prompts_per_step // dist.world_size} groups cannot form "
                          f"{cfg.mini_batches} equal mini-batches (--mini-batches)")
-    for name, legal in CHOICES.items():
-        if getattr(cfg, name) not in legal:
-            raise ValueError(f"RLConfig.{name}={getattr(cfg, name)!r}: must be one of {legal}")
+    if cfg.group_size < 2:
+        raise ValueError(f"--group-size {cfg.group_size}: GRPO normalises rewards within a group of "
+                         "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2")
     if not cfg.temperature > 0:
-        raise ValueError(f"RLConfig.temperature={cfg.temperature}: RL samples its rollouts and scores them "
-                         "at this temperature, so it must be > 0 (greedy rollouts make every group identical)")
-    tokenizer = load_tokenizer(resume or student_dir)
-    model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing)
+        raise ValueError(f"--temperature {cfg.temperature}: RL samples its rollouts and scores them at this "
+                         "temperature, so it must be > 0 (greedy rollouts make every group identical)")
+    if dist.master:
+        check_output(out_dir, resume, overwrite)
+    if teacher_dir is None and cfg.teacher_mode != "none":
+        raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
+    arg = "--resume" if resume else "--student"
+    tokenizer = load_tokenizer(resume or student_dir, arg)
+    model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing, arg=arg)
     teacher = None
     if cfg.teacher_mode != "none":
-        if teacher_dir is None:
-            raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir), student_dir, teacher_dir)
-        teacher = load_model(teacher_dir, dist, trainable=False)
+        check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir, "--teacher"), student_dir, teacher_dir)
+        teacher = load_model(teacher_dir, dist, trainable=False, arg="--teacher")
+    budget = length_budget(cfg.max_total_tokens, model)
+    check_prompts(tokenizer, questions, budget, "training question")
+    check_prompts(tokenizer, validation or [], budget, "validation question")
     vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
     ddp_model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) \
         if dist.enabled else model
@@ -716,30 +932,30 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, updates,
                                           int(cfg.warmup_ratio * updates), min_lr_ratio=None)
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
     start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
     if resume:
-        state = load_trainer_state(resume, dist)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = load_trainer_state(resume, dist, "rl", asdict(cfg), override_config)
+        start_from(state, optimizer, scheduler, cfg.lr, metrics_path, dist)
         generator.set_state(state["generators"][dist.rank])
         start_step, counters, best = state["step"], state["counters"], state["best"]
     per_rank = cfg.prompts_per_step // dist.world_size
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if dist.master:
-        os.makedirs(out_dir, exist_ok=True)
+    rcfg = rollout_config(cfg, max_total_tokens=budget)
 
     def checkpoint(path: str, step: int) -> None:
         generators = all_gather_objects(dist, [generator.get_state()])
         save_checkpoint(path, ddp_model, tokenizer, dist, {
             "stage": "rl", "step": step, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "counters": counters, "best": best,
-            "generators": generators, "config": asdict(cfg)})
+            "generators": generators, "config": asdict(cfg)}, carry=("metrics.jsonl", "best") if path == out_dir
+            else ())
 
     def validate(step: int, row: dict) -> None:
         """Greedy validation EM into `row`; a new best (the start model included) is saved to best/."""
         nonlocal best
         val = validation[:cfg.eval_limit] if cfg.eval_limit else validation
-        row["val_em"] = validation_em(model, tokenizer, val, retriever, cfg, dist)
+        row["val_em"] = validation_em(model, tokenizer, val, retriever, dataclasses.replace(rcfg, greedy=True),
+                                      cfg.rollout_batch_size, dist)
         if row["val_em"] > best["em"]:
             best = {"em": row["val_em"], "step": step}
             checkpoint(os.path.join(out_dir, "best"), step)
@@ -748,8 +964,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         row = {"step": 0}
         validate(0, row)
         if dist.master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(metrics_path, row)
 
     end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
     bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
@@ -763,7 +978,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         expanded = [{**questions[idx[j]], "group": step * cfg.prompts_per_step + j}
                     for j in mine for _ in range(cfg.group_size)]
         model.eval()
-        records = generate_records(ddp_model, tokenizer, expanded, retriever, rollout_config(cfg), dist,
+        records = generate_records(ddp_model, tokenizer, expanded, retriever, rcfg, dist,
                                    cfg.rollout_batch_size, generator)
         for r, q in zip(records, expanded):
             r["group"] = q["group"]
@@ -785,8 +1000,8 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         if dist.master:
             bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
                             **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_metrics(metrics_path, row)
+        stop_if_diverged(counters, out_dir)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
             checkpoint(out_dir, step + 1)
     bar.close()
@@ -871,6 +1086,22 @@ PRESETS = {
 }
 
 
+DEMO_MARKER = ".dgpo-demo"   # a directory holding this file was made by run_demo, which may replace it
+
+
+def own_demo_dir(out: str) -> None:
+    """The demo regenerates its whole directory: an earlier demo run there is deleted, so the
+    README's first command works when run twice; any other non-empty directory is refused."""
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.isfile(os.path.join(out, DEMO_MARKER)):
+            raise ValueError(f"--out {out}: exists, is not empty and was not written by the demo; "
+                             "choose another --out (the demo replaces its own directory)")
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, DEMO_MARKER), "w") as f:
+        f.write("written by `python train.py demo`; the next demo run here deletes this directory\n")
+
+
 def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     """world → teacher (SFT on the oracle) → tgo → kd → rl → eval; prints the results table."""
     import demo
@@ -878,6 +1109,7 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     if dist.enabled:
         raise ValueError("the demo chain runs in one process; use the stage subcommands with torchrun")
     preset = PRESETS[preset_name]()
+    own_demo_dir(out)
     t_start = t = time.time()
     seconds = {}                          # wall time per stage, reported with the results
     world = demo.make_world(seed=preset.world_seed)
@@ -972,8 +1204,20 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
             continue
         # a None default (e.g. `seed: int | None = None`) takes its type from the annotation
         kind = type(default) if default is not None else (int if "int" in str(f.type) else float)
-        parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=CHOICES.get(f.name),
-                            help=f"(default: {default})")
+        legal = f"{range_text(f.name)}, " if f.name in RANGES else ""
+        parser.add_argument(flag, dest=f.name, type=ranged(f.name, kind) if f.name in RANGES else kind,
+                            default=default, choices=CHOICES.get(f.name), help=f"({legal}default: {default})")
+
+
+def ranged(name: str, kind):
+    """An argparse type that parses `kind` and refuses values outside RANGES[name] at parse time."""
+    def parse(text: str):
+        value = kind(text)
+        if not in_range(name, value):
+            raise argparse.ArgumentTypeError(f"must be {range_text(name)}, got {text}")
+        return value
+    parse.__name__ = kind.__name__          # argparse names the type in its messages
+    return parse
 
 
 def config_from_args(args, config_cls):
@@ -982,9 +1226,12 @@ def config_from_args(args, config_cls):
 
 def add_run_args(parser) -> None:
     """Where a training stage writes, and how it resumes."""
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--resume", help="a checkpoint dir with trainer_state.pt")
-    parser.add_argument("--stop-after", type=int, help="end this run after N steps, resumable")
+    parser.add_argument("--out", required=True, help="the run's directory (a checkpoint of the model)")
+    parser.add_argument("--resume", help="a checkpoint dir of this stage (trainer_state.pt) to continue")
+    parser.add_argument("--override-config", action="store_true",
+                        help="with --resume: apply settings that differ from the checkpoint's (recorded)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
+    parser.add_argument("--stop-after", type=ranged("steps", int), help="end this run after N steps, resumable")
     parser.add_argument("--grad-checkpointing", action="store_true")
 
 
@@ -1017,8 +1264,9 @@ def parse_args(argv):
     p.add_argument("--teacher", required=True)
     p.add_argument("--data", required=True, help="questions JSONL")
     p.add_argument("--out", required=True, help="output trajectories JSONL")
-    p.add_argument("--samples", type=int, default=1, help="rollouts per question (greedy if 1)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--samples", type=ranged("steps", int), default=1, help="rollouts per question (greedy if 1)")
+    p.add_argument("--batch-size", type=ranged("batch_size", int), default=64)
     add_retriever_args(p)
     add_config_args(p, RolloutConfig)
 
@@ -1037,6 +1285,18 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.stage is None:               # `python train.py`: the whole demo
         args = parser.parse_args(["demo"] + list(argv))
+    if args.stage == "rl":               # settings that are legal alone but not for GRPO, said at parse time
+        p = sub.choices["rl"]
+        if args.group_size < 2:
+            p.error(f"--group-size {args.group_size}: GRPO normalises each reward within its group of "
+                    "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2")
+        if not args.temperature > 0:
+            p.error(f"--temperature {args.temperature}: RL samples its rollouts (and scores them) at this "
+                    "temperature; it must be > 0 (greedy rollouts make every group identical)")
+        if args.eval_every and not args.val:
+            p.error("--eval-every needs --val FILE (the validation questions)")
+        if args.override_config and not args.resume:
+            p.error("--override-config only makes sense with --resume")
     return args
 
 
@@ -1060,32 +1320,40 @@ def run_stage(args, dist: Dist) -> None:
         run_demo(args.preset, args.out, dist)
     elif args.stage in ("teacher", "kd"):
         cfg = config_from_args(args, SupervisedConfig)
+        if dist.master:                                        # before any model is loaded
+            check_output(args.out, args.resume, args.overwrite)
+        arg = "--resume" if args.resume else ("--model" if args.stage == "teacher" else "--student")
         init = args.resume or (args.model if args.stage == "teacher" else args.student)
-        tokenizer = load_tokenizer(init)
+        tokenizer = load_tokenizer(init, arg)
         teacher = None
         if args.stage == "kd":
-            check_same_tokenizer(tokenizer, load_tokenizer(args.teacher), args.student, args.teacher)
-            teacher = load_model(args.teacher, dist, trainable=False)
-        model = load_model(init, dist, trainable=True, grad_checkpointing=args.grad_checkpointing)
+            check_same_tokenizer(tokenizer, load_tokenizer(args.teacher, "--teacher"), args.student, args.teacher)
+            teacher = load_model(args.teacher, dist, trainable=False, arg="--teacher")
         records = data.load_trajectories(args.data, vocab_size=len(tokenizer))
         heldout = data.load_trajectories(args.heldout, vocab_size=len(tokenizer)) if args.heldout else None
-        state = load_trainer_state(args.resume, dist) if args.resume else None
+        model = load_model(init, dist, trainable=True, grad_checkpointing=args.grad_checkpointing, arg=arg)
         train_supervised(model, tokenizer, records, cfg, dist, args.out, teacher=teacher, heldout=heldout,
-                         start_state=state, desc=args.stage, stop_after=args.stop_after)
+                         resume=args.resume, desc=args.stage, stop_after=args.stop_after,
+                         override_config=args.override_config, overwrite=args.overwrite)
     elif args.stage == "tgo":
         rcfg = config_from_args(args, RolloutConfig)
         rcfg.greedy = rcfg.greedy or args.samples == 1
+        if dist.master:
+            check_output(args.out, None, args.overwrite, kind="file")
+        questions = data.load_questions(args.data)
         retriever = make_retriever(args.corpus, args.retriever_url, rcfg.topk)
-        teacher = load_model(args.teacher, dist, trainable=False)
-        run_tgo(teacher, load_tokenizer(args.teacher), data.load_questions(args.data), retriever, rcfg, dist,
+        teacher = load_model(args.teacher, dist, trainable=False, arg="--teacher")
+        run_tgo(teacher, load_tokenizer(args.teacher, "--teacher"), questions, retriever, rcfg, dist,
                 args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0)
     elif args.stage == "rl":
         cfg = config_from_args(args, RLConfig)
-        retriever = make_retriever(args.corpus, args.retriever_url, cfg.topk)
+        questions = data.load_questions(args.data)
         validation = data.load_questions(args.val) if args.val else None
-        summary = train_rl(args.student, args.teacher, data.load_questions(args.data), retriever, cfg, dist,
+        retriever = make_retriever(args.corpus, args.retriever_url, cfg.topk)
+        summary = train_rl(args.student, args.teacher, questions, retriever, cfg, dist,
                            args.out, validation=validation, resume=args.resume,
-                           grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after)
+                           grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after,
+                           override_config=args.override_config, overwrite=args.overwrite)
         print0(dist, json.dumps(summary))
 
 

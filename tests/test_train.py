@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
 import demo
 import train
@@ -119,8 +120,7 @@ def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, tmp_p
     model = train.load_model(model_dirs["student"], dist, trainable=True)
     train.train_supervised(model, tokenizer, records, cfg, dist, split, stop_after=2)
     model = train.load_model(split, dist, trainable=True)
-    train.train_supervised(model, tokenizer, records, cfg, dist, split,
-                           start_state=train.load_trainer_state(split, dist))
+    train.train_supervised(model, tokenizer, records, cfg, dist, split, resume=split)
     a, b = _params(straight), _params(split)
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed run differs on {k}"
@@ -324,6 +324,212 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
 
 
 def test_rl_refuses_a_zero_temperature(world, retriever, model_dirs, tmp_path):
-    with pytest.raises(ValueError, match="temperature=0.0.*must be > 0"):
+    with pytest.raises(ValueError, match="--temperature 0.0: .*must be > 0"):
         train.train_rl(model_dirs["student"], None, world.train[:2], retriever,
                        _rl_config(temperature=0.0, teacher_mode="none"), train.Dist(), str(tmp_path / "x"))
+
+
+# -----------------------------------------------------------------------------
+# Failure behaviour: crashes inside a save, changed resumes, reused outputs, bad values, bad models
+
+
+def _kill_run(model_dirs, out, point, n, resume=None):
+    script = os.path.join(ROOT, "tests", "kill_during_save.py")
+    cmd = [sys.executable, script, model_dirs["student"], model_dirs["teacher"], out, point, str(n)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd + ([resume] if resume else []), cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_kills_inside_saves_always_leave_a_complete_checkpoint_and_resume_ends_bit_identical(
+        world, retriever, model_dirs, tmp_path):
+    """One run, killed by SIGKILL inside four different saves at four different points; each time
+    --resume continues from the last complete checkpoint. The end equals an uninterrupted run, and
+    every step is logged exactly once."""
+    import kill_during_save
+    straight = str(tmp_path / "straight")
+    train.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever,
+                   train.RLConfig(**kill_during_save.CONFIG), train.Dist(), straight)
+    out = str(tmp_path / "killed")
+    # (point, which save of that process, the step of the checkpoint resume must find afterwards)
+    plan = [("state", 2, 1), ("carry", 1, 2), ("swap", 1, 3), ("weights", 1, 3)]
+    for k, (point, n, step_after) in enumerate(plan):
+        result = _kill_run(model_dirs, out, point, n, resume=out if k else None)
+        assert result.returncode == -9, (point, result.stderr[-2000:])
+        checkpoint.recover(out)
+        state = torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)
+        assert state["step"] == step_after, point
+        assert checkpoint.is_complete(out) and not os.path.exists(os.path.join(tmp_path, ".killed.saving"))
+    result = _kill_run(model_dirs, out, "none", 0, resume=out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = _params(straight), _params(out)
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"the killed-and-resumed run differs on {k}"
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    ref = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+    assert [r["em"] for r in rows] == [r["em"] for r in ref]
+
+
+def test_resume_refuses_another_stage_and_changed_settings_unless_overridden(world, retriever, model_dirs,
+                                                                            tmp_path, tokenizer, fixed_rollouts):
+    questions, dist = world.train[:6], train.Dist()
+    run = str(tmp_path / "rl")
+    cfg = _rl_config(lr=1e-4, group_size=2)
+    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, run, stop_after=2)
+    changed = _rl_config(lr=5e-2, group_size=4, beta=0.5)
+    with pytest.raises(ValueError, match=r"group_size: 2 -> 4; lr: 0.0001 -> 0.05.*--override-config"):
+        train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist, run,
+                       resume=run)
+    # the free settings may change: how often to evaluate or save, how big a forward pass is
+    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
+                   _rl_config(lr=1e-4, micro_batch_size=1, save_every=1), dist, run, resume=run, stop_after=1)
+    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist, run,
+                   resume=run, override_config=True)
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    override = next(r for r in rows if "config_override" in r)
+    assert override["step"] == 3 and override["config_override"]["lr"] == [1e-4, 5e-2]
+    assert [r["step"] for r in rows if "em" in r] == [1, 2, 3, 4]
+    assert rows[-1]["lr"] == pytest.approx(5e-2)          # the optimizer really uses the new lr
+    state = torch.load(os.path.join(run, "trainer_state.pt"), weights_only=False)
+    assert state["config"]["lr"] == 5e-2 and state["config_hash"] == checkpoint.config_hash(state["config"])
+    # another stage's checkpoint cannot be continued, either way round
+    model = train.load_model(run, dist, trainable=True)
+    sup = train.SupervisedConfig(steps=6, batch_size=4, micro_batch_size=2)
+    with pytest.raises(ValueError, match="a checkpoint of stage 'rl'; this is stage 'kd'"):
+        train.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, run,
+                               resume=run, desc="kd")
+    kd = str(tmp_path / "kd")
+    train.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, kd, desc="kd",
+                           stop_after=1)
+    with pytest.raises(ValueError, match="a checkpoint of stage 'kd'; this is stage 'rl'"):
+        train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, kd, resume=kd)
+
+
+def test_an_existing_output_is_refused_before_any_work_unless_resumed_or_overwritten(world, retriever,
+                                                                                     model_dirs, tmp_path):
+    questions, dist = world.train[:6], train.Dist()
+    run = str(tmp_path / "rl")
+    train.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+                   dist, run)
+    with pytest.raises(ValueError, match=r"--out .*rl: exists and is not empty; pass --resume .* or --overwrite"):
+        train.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+                       dist, run)
+    train.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+                   dist, run, overwrite=True)
+    assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not a directory this trainer wrote"):
+        train.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+                       dist, str(foreign), overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "precious"
+
+
+def _cli(*args, timeout=120):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_tgo_refuses_an_existing_output_before_rolling_out(tmp_path, model_dirs, world):
+    data.write_jsonl(str(tmp_path / "q.jsonl"), world.train[:2])
+    data.write_jsonl(str(tmp_path / "c.jsonl"), world.corpus[:50])
+    (tmp_path / "tgo.jsonl").write_text("{}\n")
+    for out, message in [(tmp_path, "is a directory"), (tmp_path / "tgo.jsonl", "exists; pass --overwrite")]:
+        result = _cli("tgo", "--teacher", model_dirs["teacher"], "--data", str(tmp_path / "q.jsonl"),
+                      "--corpus", str(tmp_path / "c.jsonl"), "--out", str(out))
+        assert result.returncode != 0 and message in result.stderr, result.stderr[-1500:]
+        assert "tgo:" not in result.stdout                 # no rollout ran
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--beta", "-1"], "--beta: must be >= 0"),
+    (["--grad-clip", "0"], "--grad-clip: must be > 0"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--steps", "-1"], "--steps: must be >= 1"),
+    (["--temperature", "0"], "--temperature 0.0: RL samples"),
+    (["--group-size", "1"], "--group-size 1: GRPO"),
+    (["--group-size", "0"], "--group-size: must be >= 1"),
+    (["--micro-batch-size", "0"], "--micro-batch-size: must be >= 1"),
+    (["--clip-low", "-0.1"], "--clip-low: must be in [0, 1)"),
+    (["--clip-high", "-0.1"], "--clip-high: must be >= 0"),
+    (["--top-p", "0"], "--top-p: must be in (0, 1]"),
+    (["--eval-every", "5"], "--eval-every needs --val"),
+    (["--override-config"], "--override-config only makes sense with --resume"),
+])
+def test_nonsense_rl_values_are_refused_at_parse_time_with_the_reason(args, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_help_shows_every_numeric_range():
+    shown = _cli("rl", "--help").stdout
+    assert "--beta BETA" in shown and "(>= 0, default: 0.001)" in shown and "(> 0, default: 1.0)" in shown
+
+
+def test_long_questions_are_refused_before_any_rollout(world, retriever, model_dirs, tmp_path, tokenizer):
+    huge = {**world.train[0], "id": "huge", "question": "Who founded " + "Velmor " * 150_000 + "Works?"}
+    model = train.load_model(model_dirs["student"], train.Dist(), trainable=False)
+    assert model.config.max_position_embeddings == 2048
+    with pytest.raises(ValueError, match=r"training question id='huge'.*prompt is \d+ tokens.*budget of 2048"):
+        train.train_rl(model_dirs["student"], None, [world.train[1], huge], retriever,
+                       _rl_config(teacher_mode="none"), train.Dist(), str(tmp_path / "rl"))
+    import arc_metric
+    with pytest.raises(ValueError, match=r"questions\[0\] \(id='huge'\): its prompt is"):
+        arc_metric.evaluate(model, tokenizer, [huge], retriever, progress=False)
+    longer = {**huge, "question": "Who founded " + "Velmor " * 800 + "Works?"}   # ~2,500 tokens > 2048
+    with pytest.raises(ValueError, match="id='huge'"):
+        arc_metric.evaluate(model, tokenizer, [longer], retriever, progress=False)
+    # with an explicit budget the same cap applies: a question that fits is rolled out within it
+    records, _ = arc_metric.evaluate(model, tokenizer, world.test[:1], retriever,
+                                     RolloutConfig(max_turns=1, max_new_tokens=4, max_total_tokens=300), probe=False,
+                                     progress=False)
+    assert len(records[0]["input_ids"]) <= 300
+
+
+def test_model_arguments_get_one_clear_message(model_dirs, tmp_path):
+    result = _cli("kd", "--student", str(tmp_path / "missing"), "--teacher", model_dirs["teacher"], "--data", "x",
+                  "--out", str(tmp_path / "kd"))
+    assert f"--student {tmp_path / 'missing'}: not a model directory" in result.stderr, result.stderr[-1500:]
+    result = _cli("kd", "--student", "nobody/no-such-model", "--teacher", model_dirs["teacher"], "--data", "x",
+                  "--out", str(tmp_path / "kd2"))
+    assert "--student nobody/no-such-model: neither a local model directory nor a Hub id" in result.stderr, \
+        result.stderr[-1500:]
+    result = _cli("kd", "--student", model_dirs["student"], "--teacher", model_dirs["teacher"], "--data", "x",
+                  "--out", str(tmp_path / "kd3"), "--resume", str(tmp_path / "nowhere"))
+    assert "--resume" in result.stderr and "not a model directory" in result.stderr, result.stderr[-1500:]
+
+
+@pytest.mark.filterwarnings("ignore:non-finite loss or gradient norm")
+def test_a_model_with_a_nan_weight_is_refused_and_a_diverging_run_stops_without_saving(
+        world, retriever, tokenizer, model_dirs, tmp_path, fixed_rollouts):
+    nan_dir = str(tmp_path / "nan")
+    model = train.load_model(model_dirs["student"], train.Dist(), trainable=True)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(nan_dir)
+    tokenizer.save_pretrained(nan_dir)
+    with pytest.raises(ValueError, match=r"--student .*nan: weight model.layers.0.mlp.up_proj.weight holds NaN"):
+        train.load_model(nan_dir, train.Dist(), trainable=True, arg="--student")
+    # a run whose every loss is non-finite skips steps, then stops, saving nothing
+    out = str(tmp_path / "sft")
+    records = data.load_trajectories(fixed_rollouts)
+    cfg = train.SupervisedConfig(steps=50, batch_size=2, micro_batch_size=2)
+    with pytest.raises(RuntimeError, match="10 consecutive steps had a non-finite loss"):
+        train.train_supervised(model, tokenizer, records, cfg, train.Dist(), out)
+    assert not os.path.exists(os.path.join(out, "trainer_state.pt"))
+    with pytest.raises(RuntimeError, match="not saving .*: weight .* holds NaN"):
+        train.save_checkpoint(out, model, tokenizer, train.Dist(), {"step": 1})
+
+
+def test_the_demo_owns_its_directory_and_can_run_twice(tmp_path):
+    train.run_demo("small", str(tmp_path / "demo"), train.Dist())
+    train.run_demo("small", str(tmp_path / "demo"), train.Dist())
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="was not written by the demo"):
+        train.run_demo("small", str(other), train.Dist())
