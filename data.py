@@ -1,66 +1,90 @@
-"""JSONL data formats: questions, corpus passages and trajectories, with loaders that fail loudly.
+"""Data files: questions, corpus passages and trajectories, with loaders that fail loudly.
 
-What it does: reads and writes the three files every stage exchanges, and checks each line, naming the
-file and line number in every error (a malformed line never becomes a silently wrong example).
-  * questions — FlashRAG / Search-R1 field names, so their converted NQ / HotpotQA files load as they
-    are: {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
+What it does: reads and writes the files every stage exchanges and checks each row, naming the file and
+the line in every error, so a malformed row never becomes a silently wrong example.
+  * questions — `load_questions` picks the reader by extension (`.jsonl` or `.jsonl.gz`). Field names are
+    FlashRAG / Search-R1's, so their converted NQ / HotpotQA files load as they are:
+    {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
     `golden_answers` may be a single string (some FlashRAG files); it is turned into a list. A missing
     `id` becomes "<file stem>-<line>", a missing `data_source` the file stem. Other keys are kept
     (e.g. `supporting_ids`, used by the evidence-given probe).
-  * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader is retriever.py's,
-    re-exported here, because the format belongs to the retriever.
+  * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader (and its `.gz` support)
+    is retriever.py's, re-exported here, because the format belongs to the retriever.
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
     record needed to train on it again without re-tokenising model output: `input_ids`, `loss_mask`
     (1 = model-sampled), `prompt_length`, plus the rollout's counts and flags (see rollout.Trajectory).
+  * `read_jsonl` / `write_jsonl` read and write gzip when the path ends in `.gz`; writes are atomic.
 
-What it does not do: tokenise, batch or shuffle (train.py does), or fetch anything from a hub.
+What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or import
+anything outside the standard library.
 
-    questions = load_questions("data/nq_train.jsonl")
+    questions = load_questions("data/nq_train.jsonl.gz")
     corpus = load_corpus("data/wiki-18.jsonl")
-    write_jsonl("runs/x/tgo.jsonl", records)
-    records = load_trajectories("runs/x/tgo.jsonl")
+    write_jsonl("runs/x/tgo.jsonl.gz", records)
+    records = load_trajectories("runs/x/tgo.jsonl.gz")
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 
 from retriever import load_corpus  # noqa: F401  (re-exported: the corpus format is the retriever's)
 
+# -----------------------------------------------------------------------------
+# JSONL, plain or gzip
+
+
+def _parse_line(raw: bytes, where: str) -> dict | None:
+    """The JSON object on one line, None for a blank line; anything else is an error."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; any line that is not a JSON object is an error."""
+    """(line number, object) for every non-blank line; any line that is not a JSON object is an error.
+    A path ending in `.gz` is decompressed (a corrupt stream is an error naming the file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    rows = []
-    with open(path, "rb") as f:                # bytes, so a bad encoding is reported with its line
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_no, row))
+    rows, line_no = [], 0
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:               # bytes, so a bad encoding is reported with its line
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                row = _parse_line(raw, f"{path}:{line_no}")
+                if row is not None:
+                    rows.append((line_no, row))
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:   # raised only by gzip's reader
+            raise ValueError(f"{path}: not a valid gzip stream ({e}); "
+                             f"{line_no} lines were read before the error") from None
     if not rows:
         raise ValueError(f"{path}: the file has no rows")
     return rows
 
 
 def write_jsonl(path: str, rows) -> None:
-    """Writes rows atomically (temp file + rename), so a crash never leaves half a file behind."""
+    """Writes rows atomically (temp file + rename), so a crash never leaves half a file behind.
+    A path ending in `.gz` is gzip-compressed (no name or time in the header: same rows, same bytes)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp, compress = path + ".tmp", path.lower().endswith(".gz")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(tmp, "wb") as raw:
+            f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
+            with f:                             # gzip's trailer is written here, before `raw` closes
+                for row in rows:
+                    f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:                       # e.g. a row that is not JSON: the old file stays as it was
         if os.path.exists(tmp):
@@ -68,9 +92,20 @@ def write_jsonl(path: str, rows) -> None:
         raise
 
 
+# -----------------------------------------------------------------------------
+# Questions
+
+QUESTION_EXTENSIONS = (".jsonl", ".jsonl.gz")
+
+
 def load_questions(path: str) -> list[dict]:
-    """Question rows, validated and completed with `id` and `data_source` (see the module docstring)."""
-    stem = os.path.splitext(os.path.basename(path))[0]
+    """Question rows from a .jsonl or .jsonl.gz file, validated and completed with `id` and
+    `data_source` (see the module docstring)."""
+    extension = next((e for e in QUESTION_EXTENSIONS if path.lower().endswith(e)), None)
+    if extension is None:
+        raise ValueError(f"{path}: unsupported question file; the extension must be one of "
+                         f"{', '.join(QUESTION_EXTENSIONS)}")
+    stem = os.path.basename(path)[:-len(extension)]
     questions, seen = [], {}
     for line_no, row in read_jsonl(path):
         where = f"{path}:{line_no}"
@@ -92,6 +127,9 @@ def load_questions(path: str) -> list[dict]:
         questions.append({**row, "id": qid, "question": question, "golden_answers": golds, "data_source": source})
     return questions
 
+
+# -----------------------------------------------------------------------------
+# Trajectories
 
 TRAJECTORY_KEYS = ("question", "golden_answers", "response_text", "input_ids", "loss_mask", "prompt_length")
 

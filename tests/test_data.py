@@ -1,6 +1,8 @@
 """data: the question and trajectory loaders reject every kind of malformed line, naming the file and
-the line; FlashRAG / Search-R1 rows load as they are; write_jsonl round-trips and is atomic."""
+the line; FlashRAG / Search-R1 rows load as they are, from JSONL or gzip; write_jsonl round-trips
+(plain or gzip) and is atomic."""
 import dataclasses
+import gzip
 import json
 import os
 import re
@@ -293,3 +295,93 @@ def test_question_rows_written_by_write_jsonl_load_back_equal(tmp_path):
 def test_load_corpus_is_the_retrievers_loader():
     # the corpus format belongs to retriever.py (and is tested there); data re-exports the same function
     assert data.load_corpus is retriever.load_corpus
+
+
+# ----------------------------------------------------------------------------- file types: by extension
+
+@pytest.mark.parametrize("name", ["q.json", "q.csv", "q.jsonl.bz2", "q"])
+def test_unsupported_question_file_extension_names_the_supported_ones(tmp_path, name):
+    path = write_lines(tmp_path / name, [json.dumps(GOOD_QUESTION)])
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: unsupported question file; the extension "
+                                                         "must be one of .jsonl, .jsonl.gz")):
+        load_questions(path)
+
+
+def write_gzip_lines(path, lines) -> str:
+    """Raw text lines, gzip-compressed by the standard library (not by the code under test)."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_gzip_questions_and_trajectories_written_by_another_tool_load(tmp_path):
+    bare = {"question": "Who founded Velmor Works?", "golden_answers": ["Ana Brel"]}
+    path = write_gzip_lines(tmp_path / "nq_dev.jsonl.gz", [json.dumps(GOOD_QUESTION), "", json.dumps(bare)])
+    first, third = load_questions(path)
+    assert first == GOOD_QUESTION
+    assert (third["id"], third["data_source"]) == ("nq_dev-3", "nq_dev")   # the stem drops .jsonl.gz
+    path = write_gzip_lines(tmp_path / "tgo.jsonl.gz", [json.dumps(GOOD_TRAJECTORY)] * 2)
+    assert load_trajectories(path, vocab_size=9) == [GOOD_TRAJECTORY] * 2
+
+
+@pytest.mark.parametrize("bad_line, message", BAD_QUESTION_LINES[:3] + BAD_QUESTION_LINES[10:12])
+def test_malformed_line_inside_gzip_names_file_and_line(tmp_path, bad_line, message):
+    path = write_gzip_lines(tmp_path / "nq_dev.jsonl.gz", [json.dumps(GOOD_QUESTION), "", bad_line])
+    with pytest.raises(ValueError, match=where(path, 3)) as error:
+        load_questions(path)
+    assert message in str(error.value)
+
+
+def test_bad_trajectory_inside_gzip_names_file_and_line(tmp_path):
+    path = write_gzip_lines(tmp_path / "tgo.jsonl.gz", [json.dumps(GOOD_TRAJECTORY),
+                                                        json.dumps(change(prompt_length=0))])
+    with pytest.raises(ValueError, match=where(path, 2) + " 'prompt_length' must be an int in 1..4"):
+        load_trajectories(path)
+
+
+def gzip_of_many_rows(tmp_path) -> bytes:
+    path = write_gzip_lines(tmp_path / "good.jsonl.gz", [json.dumps({**GOOD_QUESTION, "id": f"q{i}"})
+                                                         for i in range(2000)])
+    return open(path, "rb").read()
+
+
+@pytest.mark.parametrize("damage, lines_read", [
+    (lambda b: b[:len(b) // 2], None),                   # cut in the middle: some lines, then the end
+    (lambda b: b[:-4], 2000),                             # trailer cut: every line, then the error
+    (lambda b: b[:-8] + bytes([b[-8] ^ 1]) + b[-7:], 2000),   # one bit of the CRC flipped
+    (lambda b: b[:40] + b"\x00" * 64 + b[104:], 0),       # the deflate stream overwritten near the start
+    (lambda b: json.dumps(GOOD_QUESTION).encode() + b"\n", 0),   # plain text named .gz
+])
+def test_corrupt_gzip_stream_is_an_error_naming_the_file(tmp_path, damage, lines_read):
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(damage(gzip_of_many_rows(tmp_path)))
+    for load in (load_questions, load_trajectories, read_jsonl):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{path}: not a valid gzip stream (")) as error:
+            load(str(path))
+        read = int(re.search(r"; (\d+) lines were read before the error$", str(error.value)).group(1))
+        assert read == lines_read if lines_read is not None else 0 < read < 2000
+
+
+def test_write_jsonl_gzip_is_real_gzip_and_reproducible(tmp_path):
+    plain, packed = str(tmp_path / "rows.jsonl"), str(tmp_path / "rows.jsonl.gz")
+    write_jsonl(plain, ROWS)
+    write_jsonl(packed, ROWS)
+    with gzip.open(packed, "rb") as f:                             # the standard library reads it back
+        assert f.read() == open(plain, "rb").read()                # the same bytes as the plain file
+    assert read_jsonl(packed) == read_jsonl(plain)
+    first = open(packed, "rb").read()
+    os.utime(packed, (0, 0))
+    write_jsonl(packed, ROWS)                                      # no time or name in the header
+    assert open(packed, "rb").read() == first
+    assert sorted(os.listdir(tmp_path)) == ["rows.jsonl", "rows.jsonl.gz"]
+
+
+def test_failed_gzip_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    path = str(tmp_path / "rows.jsonl.gz")
+    write_jsonl(path, ROWS)
+    before = open(path, "rb").read()
+    assert gzip.decompress(before).count(b"\n") == len(ROWS)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_jsonl(path, [{"ok": 1}] * 100 + [{"bad": object()}])
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["rows.jsonl.gz"]
