@@ -7,7 +7,9 @@ the line in every error, so a malformed row never becomes a silently wrong examp
     {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
     `golden_answers` may be a single string (some FlashRAG files); it is turned into a list. A missing
     `id` becomes "<file stem>-<line>", a missing `data_source` the file stem. Other keys are kept
-    (e.g. `supporting_ids`, used by the evidence-given probe).
+    (e.g. `supporting_ids`, used by the evidence-given probe). A question's identity is
+    (data_source, id) — `question_key` — because merged files repeat FlashRAG's per-split ids (`test_0`
+    in nq and in hotpotqa); a repeat within one source is an error naming both lines.
   * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader (and its `.gz` support)
     is retriever.py's, re-exported here, because the format belongs to the retriever.
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
@@ -98,33 +100,49 @@ def write_jsonl(path: str, rows) -> None:
 QUESTION_EXTENSIONS = (".jsonl", ".jsonl.gz")
 
 
+def check_question(row: dict, where: str, default_id: str, default_source: str) -> dict:
+    """The row validated and completed with `id` and `data_source` (see the module docstring);
+    raises ValueError prefixed with `where`."""
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string")
+    golds = row.get("golden_answers")
+    if isinstance(golds, str):
+        golds = [golds]
+    if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+        raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
+    qid = row.get("id", default_id)
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)) or qid == "":
+        raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {qid!r}")
+    source = row.get("data_source", default_source)
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{where}: 'data_source' must be a non-empty string")
+    return {**row, "id": str(qid), "question": question, "golden_answers": golds, "data_source": source}
+
+
+def question_key(row: dict) -> tuple[str, str]:
+    """A question's identity, (data_source, id): ids alone repeat across the sources of a merged file."""
+    return row["data_source"], row["id"]
+
+
 def load_questions(path: str) -> list[dict]:
     """Question rows from a .jsonl or .jsonl.gz file, validated and completed with `id` and
-    `data_source` (see the module docstring)."""
+    `data_source`; (data_source, id) must be unique (see the module docstring)."""
     extension = next((e for e in QUESTION_EXTENSIONS if path.lower().endswith(e)), None)
     if extension is None:
         raise ValueError(f"{path}: unsupported question file; the extension must be one of "
                          f"{', '.join(QUESTION_EXTENSIONS)}")
     stem = os.path.basename(path)[:-len(extension)]
-    questions, seen = [], {}
+    questions, first_seen = [], {}
     for line_no, row in read_jsonl(path):
         where = f"{path}:{line_no}"
-        question = row.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{where}: 'question' must be a non-empty string")
-        golds = row.get("golden_answers")
-        if isinstance(golds, str):
-            golds = [golds]
-        if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
-            raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
-        qid = str(row.get("id", f"{stem}-{line_no}"))
-        if qid in seen:
-            raise ValueError(f"{where}: duplicate id {qid!r} (first on line {seen[qid]})")
-        seen[qid] = line_no
-        source = row.get("data_source", stem)
-        if not isinstance(source, str) or not source:
-            raise ValueError(f"{where}: 'data_source' must be a non-empty string")
-        questions.append({**row, "id": qid, "question": question, "golden_answers": golds, "data_source": source})
+        question = check_question(row, where, default_id=f"{stem}-{line_no}", default_source=stem)
+        key = question_key(question)
+        if key in first_seen:
+            raise ValueError(f"{where}: duplicate id {key[1]!r} in data_source {key[0]!r} "
+                             f"(first on line {first_seen[key]})")
+        first_seen[key] = line_no
+        questions.append(question)
     return questions
 
 

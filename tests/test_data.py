@@ -1,6 +1,6 @@
 """data: the question and trajectory loaders reject every kind of malformed line, naming the file and
-the line; FlashRAG / Search-R1 rows load as they are, from JSONL or gzip; write_jsonl round-trips
-(plain or gzip) and is atomic."""
+the line; FlashRAG / Search-R1 rows load as they are, from JSONL or gzip; a question is identified by
+(data_source, id); write_jsonl round-trips (plain or gzip) and is atomic."""
 import dataclasses
 import gzip
 import json
@@ -57,6 +57,11 @@ BAD_QUESTION_LINES = [  # (line 3 of the file, words the error must contain)
      "'data_source' must be a non-empty string"),
     ('{"question": "Who founded X?", "golden_answers": ["a"], "data_source": null}',
      "'data_source' must be a non-empty string"),
+    ('{"question": "Who founded X?", "golden_answers": ["a"], "id": null}',      # not the id "None"
+     "'id' must be a non-empty string or an integer, got None"),
+    ('{"question": "Who founded X?", "golden_answers": ["a"], "id": ""}', "'id' must be a non-empty string"),
+    ('{"question": "Who founded X?", "golden_answers": ["a"], "id": true}', "'id' must be a non-empty string"),
+    ('{"question": "Who founded X?", "golden_answers": ["a"], "id": ["q1"]}', "'id' must be a non-empty string"),
 ]
 
 
@@ -72,7 +77,8 @@ def test_malformed_question_line_fails_naming_file_and_line(tmp_path, bad_line, 
 def test_duplicate_question_id_names_both_lines(tmp_path):
     again = {**GOOD_QUESTION, "question": "Where is Velmor Works headquartered?"}
     path = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION), "", "", json.dumps(again)])
-    with pytest.raises(ValueError, match=where(path, 4) + r" duplicate id 'q1' \(first on line 1\)"):
+    with pytest.raises(ValueError, match=where(path, 4) +
+                       r" duplicate id 'q1' in data_source 'demo' \(first on line 1\)"):
         load_questions(path)
 
 
@@ -295,6 +301,42 @@ def test_question_rows_written_by_write_jsonl_load_back_equal(tmp_path):
 def test_load_corpus_is_the_retrievers_loader():
     # the corpus format belongs to retriever.py (and is tested there); data re-exports the same function
     assert data.load_corpus is retriever.load_corpus
+
+
+# ------------------------------------------------------------------ question identity: (data_source, id)
+
+def flashrag_merged_rows() -> list[dict]:
+    """nq and hotpotqa test splits concatenated: FlashRAG numbers each split from test_0."""
+    return [{"id": "test_0", "question": "who wrote the declaration of independence",
+             "golden_answers": ["Thomas Jefferson"], "data_source": "nq"},
+            {"id": "test_1", "question": "when did the titanic sink",
+             "golden_answers": ["15 April 1912"], "data_source": "nq"},
+            {"id": "test_0", "question": "Which band was formed first, Muse or Keane?",
+             "golden_answers": ["Keane"], "data_source": "hotpotqa"}]
+
+
+def test_merged_file_with_ids_repeating_across_sources_loads(tmp_path):
+    path = str(tmp_path / "test.jsonl")
+    write_jsonl(path, flashrag_merged_rows())
+    loaded = load_questions(path)
+    assert loaded == flashrag_merged_rows()
+    assert [data.question_key(q) for q in loaded] == [("nq", "test_0"), ("nq", "test_1"), ("hotpotqa", "test_0")]
+
+
+def test_id_repeated_within_one_source_of_a_merged_file_names_both_lines(tmp_path):
+    rows = flashrag_merged_rows() + [{**flashrag_merged_rows()[1], "question": "another question"}]
+    path = str(tmp_path / "test.jsonl")
+    write_jsonl(path, rows)
+    with pytest.raises(ValueError, match=where(path, 4) +
+                       r" duplicate id 'test_1' in data_source 'nq' \(first on line 2\)"):
+        load_questions(path)
+
+
+def test_filled_in_ids_are_unique_per_line_and_keyed_with_the_file_stem(tmp_path):
+    bare = {"question": "Who founded Velmor Works?", "golden_answers": ["Ana Brel"]}
+    path = write_lines(tmp_path / "demo_dev.jsonl", [json.dumps(bare)] * 3)
+    assert [data.question_key(q) for q in load_questions(path)] == \
+        [("demo_dev", "demo_dev-1"), ("demo_dev", "demo_dev-2"), ("demo_dev", "demo_dev-3")]
 
 
 # ----------------------------------------------------------------------------- file types: by extension
