@@ -1,15 +1,18 @@
 """Data files: questions, corpus passages and trajectories, with loaders that fail loudly.
 
 What it does: reads and writes the files every stage exchanges and checks each row, naming the file and
-the line in every error, so a malformed row never becomes a silently wrong example.
-  * questions — `load_questions` picks the reader by extension (`.jsonl` or `.jsonl.gz`). Field names are
-    FlashRAG / Search-R1's, so their converted NQ / HotpotQA files load as they are:
+the line (or Parquet row) in every error, so a malformed row never becomes a silently wrong example.
+  * questions — `load_questions` picks the reader by extension: `.jsonl`, `.jsonl.gz`, or `.parquet`
+    (Search-R1's `nq_hotpotqa_train.parquet` / `test.parquet`; needs the optional pyarrow). Field names
+    are FlashRAG / Search-R1's, so their files load as they are:
     {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
-    `golden_answers` may be a single string (some FlashRAG files); it is turned into a list. A missing
-    `id` becomes "<file stem>-<line>", a missing `data_source` the file stem. Other keys are kept
-    (e.g. `supporting_ids`, used by the evidence-given probe). A question's identity is
-    (data_source, id) — `question_key` — because merged files repeat FlashRAG's per-split ids (`test_0`
-    in nq and in hotpotqa); a repeat within one source is an error naming both lines.
+    `golden_answers` may be a single string (some FlashRAG files) or an array; it becomes a list of str.
+    A missing `id` becomes "<file stem>-<line>" (Parquet: "<file stem>-<row>", rows counted from 0 as
+    pyarrow and pandas count them), a missing `data_source` the file stem. Search-R1's `prompt`,
+    `reward_model`, `extra_info` and `ability` are dropped (large, and the prompt is rollout.py's job);
+    other keys are kept (e.g. `supporting_ids`, used by the evidence-given probe). A question's identity
+    is (data_source, id) — `question_key` — because merged files repeat FlashRAG's per-split ids
+    (`test_0` in nq and in hotpotqa); a repeat within one source is an error naming both lines.
   * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader (and its `.gz` support)
     is retriever.py's, re-exported here, because the format belongs to the retriever.
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
@@ -18,9 +21,9 @@ the line in every error, so a malformed row never becomes a silently wrong examp
   * `read_jsonl` / `write_jsonl` read and write gzip when the path ends in `.gz`; writes are atomic.
 
 What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or import
-anything outside the standard library.
+anything outside the standard library (pyarrow is imported only when a `.parquet` file is read).
 
-    questions = load_questions("data/nq_train.jsonl.gz")
+    questions = load_questions("data/nq_hotpotqa_train.parquet")      # or .jsonl / .jsonl.gz
     corpus = load_corpus("data/wiki-18.jsonl")
     write_jsonl("runs/x/tgo.jsonl.gz", records)
     records = load_trajectories("runs/x/tgo.jsonl.gz")
@@ -95,9 +98,48 @@ def write_jsonl(path: str, rows) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Questions
+# Questions: JSONL or Search-R1 Parquet
 
-QUESTION_EXTENSIONS = (".jsonl", ".jsonl.gz")
+QUESTION_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
+SEARCH_R1_DROPPED = ("prompt", "reward_model", "extra_info", "ability")   # Search-R1 columns not read
+
+
+def read_parquet_rows(path: str) -> list[tuple[int, dict]]:
+    """(row number from 0, row) for every row of a Parquet file, without the SEARCH_R1_DROPPED columns
+    (never read from disk). Needs pyarrow, imported here so the rest of the module does not."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError(f"{path}: reading Parquet needs the optional package 'pyarrow' "
+                          "(pip install pyarrow)") from None
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        for needed in ("question", "golden_answers"):
+            if needed not in names:
+                raise ValueError(f"{path}: no {needed!r} column (columns: {', '.join(names)})")
+        columns = [name for name in names if name not in SEARCH_R1_DROPPED]
+        rows = [row for batch in parquet.iter_batches(columns=columns) for row in batch.to_pylist()]
+    except (pyarrow.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: the file has no rows")
+    return list(enumerate(rows))
+
+
+def _as_list(value):
+    """golden_answers as a list: a bare string is one answer; numpy / arrow arrays and tuples are lists."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple):
+        return list(value)
+    for method in ("tolist", "to_pylist"):      # numpy.ndarray, pyarrow.Array (duck-typed, nothing imported)
+        if hasattr(value, method):
+            return getattr(value, method)()
+    return value
 
 
 def check_question(row: dict, where: str, default_id: str, default_source: str) -> dict:
@@ -106,9 +148,7 @@ def check_question(row: dict, where: str, default_id: str, default_source: str) 
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: 'question' must be a non-empty string")
-    golds = row.get("golden_answers")
-    if isinstance(golds, str):
-        golds = [golds]
+    golds = _as_list(row.get("golden_answers"))
     if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
         raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
     qid = row.get("id", default_id)
@@ -117,7 +157,9 @@ def check_question(row: dict, where: str, default_id: str, default_source: str) 
     source = row.get("data_source", default_source)
     if not isinstance(source, str) or not source:
         raise ValueError(f"{where}: 'data_source' must be a non-empty string")
-    return {**row, "id": str(qid), "question": question, "golden_answers": golds, "data_source": source}
+    kept = {k: v for k, v in row.items() if k not in SEARCH_R1_DROPPED}
+    return {**kept, "id": str(qid), "question": str(question), "golden_answers": [str(g) for g in golds],
+            "data_source": str(source)}
 
 
 def question_key(row: dict) -> tuple[str, str]:
@@ -126,22 +168,25 @@ def question_key(row: dict) -> tuple[str, str]:
 
 
 def load_questions(path: str) -> list[dict]:
-    """Question rows from a .jsonl or .jsonl.gz file, validated and completed with `id` and
+    """Question rows from a .jsonl, .jsonl.gz or .parquet file, validated and completed with `id` and
     `data_source`; (data_source, id) must be unique (see the module docstring)."""
     extension = next((e for e in QUESTION_EXTENSIONS if path.lower().endswith(e)), None)
     if extension is None:
         raise ValueError(f"{path}: unsupported question file; the extension must be one of "
                          f"{', '.join(QUESTION_EXTENSIONS)}")
     stem = os.path.basename(path)[:-len(extension)]
+    if extension == ".parquet":
+        numbered, unit, place = read_parquet_rows(path), "row", lambda n: f"{path}: row {n}"
+    else:
+        numbered, unit, place = read_jsonl(path), "line", lambda n: f"{path}:{n}"
     questions, first_seen = [], {}
-    for line_no, row in read_jsonl(path):
-        where = f"{path}:{line_no}"
-        question = check_question(row, where, default_id=f"{stem}-{line_no}", default_source=stem)
+    for n, row in numbered:
+        question = check_question(row, place(n), default_id=f"{stem}-{n}", default_source=stem)
         key = question_key(question)
         if key in first_seen:
-            raise ValueError(f"{where}: duplicate id {key[1]!r} in data_source {key[0]!r} "
-                             f"(first on line {first_seen[key]})")
-        first_seen[key] = line_no
+            raise ValueError(f"{place(n)}: duplicate id {key[1]!r} in data_source {key[0]!r} "
+                             f"(first on {unit} {first_seen[key]})")
+        first_seen[key] = n
         questions.append(question)
     return questions
 

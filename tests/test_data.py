@@ -1,11 +1,13 @@
 """data: the question and trajectory loaders reject every kind of malformed line, naming the file and
-the line; FlashRAG / Search-R1 rows load as they are, from JSONL or gzip; a question is identified by
-(data_source, id); write_jsonl round-trips (plain or gzip) and is atomic."""
+the line (or Parquet row); FlashRAG / Search-R1 rows load as they are, from JSONL, gzip or Parquet;
+a question is identified by (data_source, id); write_jsonl round-trips (plain or gzip) and is atomic."""
 import dataclasses
 import gzip
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -341,11 +343,11 @@ def test_filled_in_ids_are_unique_per_line_and_keyed_with_the_file_stem(tmp_path
 
 # ----------------------------------------------------------------------------- file types: by extension
 
-@pytest.mark.parametrize("name", ["q.json", "q.csv", "q.jsonl.bz2", "q"])
+@pytest.mark.parametrize("name", ["q.json", "q.csv", "q.jsonl.bz2", "q.parquet.gz", "q"])
 def test_unsupported_question_file_extension_names_the_supported_ones(tmp_path, name):
     path = write_lines(tmp_path / name, [json.dumps(GOOD_QUESTION)])
     with pytest.raises(ValueError, match="^" + re.escape(f"{path}: unsupported question file; the extension "
-                                                         "must be one of .jsonl, .jsonl.gz")):
+                                                         "must be one of .jsonl, .jsonl.gz, .parquet")):
         load_questions(path)
 
 
@@ -427,3 +429,155 @@ def test_failed_gzip_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
         write_jsonl(path, [{"ok": 1}] * 100 + [{"bad": object()}])
     assert open(path, "rb").read() == before
     assert os.listdir(tmp_path) == ["rows.jsonl.gz"]
+
+
+# ----------------------------------------------------------------------------- questions: Search-R1 Parquet
+
+def search_r1_row(qid, question, golds, source, index, split="test") -> dict:
+    """One row as Search-R1's scripts/data_process/qa_search_*_merge.py build it: FlashRAG's fields
+    (id, question, golden_answers) plus data_source, the chat prompt, ability, reward_model, extra_info."""
+    prefix = "Answer the given question. ... Question: "          # the real prompt is ~1 kB of instructions
+    return {"id": qid, "question": question, "golden_answers": golds, "data_source": source,
+            "prompt": [{"content": prefix + question + "\n", "role": "user"}], "ability": "fact-reasoning",
+            "reward_model": {"ground_truth": {"target": golds}, "style": "rule"},
+            "extra_info": {"index": index, "split": split}}
+
+
+def search_r1_schema(pa, with_id=True):
+    """The column types datasets' to_parquet writes for those rows."""
+    text = pa.string()
+    fields = [("id", text)] if with_id else []
+    return pa.schema(fields + [
+        ("question", text), ("golden_answers", pa.list_(text)), ("data_source", text),
+        ("prompt", pa.list_(pa.struct([("content", text), ("role", text)]))), ("ability", text),
+        ("reward_model", pa.struct([("ground_truth", pa.struct([("target", pa.list_(text))])), ("style", text)])),
+        ("extra_info", pa.struct([("index", pa.int64()), ("split", text)]))])
+
+
+def write_parquet(path, rows, schema=None) -> str:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema or search_r1_schema(pa)), str(path))
+    return str(path)
+
+
+SEARCH_R1_TEST = [  # nq and hotpotqa merged: FlashRAG's per-split ids repeat across the two sources
+    search_r1_row("test_0", "who wrote the declaration of independence?", ["Thomas Jefferson"], "nq", 0),
+    search_r1_row("test_1", "when did the titanic sink?", ["15 April 1912", "1912"], "nq", 1),
+    search_r1_row("test_0", "Which band was formed first, Muse or Keane?", ["Keane"], "hotpotqa", 0)]
+QUESTION_FIELDS = ("id", "question", "golden_answers", "data_source")
+
+
+def test_search_r1_parquet_loads_without_its_prompt_and_reward_columns(tmp_path):
+    path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST)
+    loaded = load_questions(path)
+    assert loaded == [{k: row[k] for k in QUESTION_FIELDS} for row in SEARCH_R1_TEST]   # no other keys
+    assert all(type(q["golden_answers"]) is list and all(type(g) is str for g in q["golden_answers"])
+               for q in loaded)
+    assert json.loads(json.dumps(loaded)) == loaded                  # plain Python, writable as JSONL
+
+
+def test_search_r1_rows_exported_to_jsonl_load_without_the_same_columns(tmp_path):
+    path = str(tmp_path / "test.jsonl.gz")
+    write_jsonl(path, SEARCH_R1_TEST)
+    assert load_questions(path) == [{k: row[k] for k in QUESTION_FIELDS} for row in SEARCH_R1_TEST]
+
+
+def test_parquet_extra_columns_are_kept_and_missing_ids_are_filled_from_the_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    schema = search_r1_schema(pa, with_id=False).append(pa.field("supporting_ids", pa.list_(pa.string())))
+    rows = [{**{k: v for k, v in row.items() if k != "id"}, "supporting_ids": [str(i)]}
+            for i, row in enumerate(SEARCH_R1_TEST)]
+    loaded = load_questions(write_parquet(tmp_path / "nq_hotpotqa_train.parquet", rows, schema))
+    # rows are counted from 0, as pyarrow and pandas count them
+    assert [q["id"] for q in loaded] == ["nq_hotpotqa_train-0", "nq_hotpotqa_train-1", "nq_hotpotqa_train-2"]
+    assert [q["supporting_ids"] for q in loaded] == [["0"], ["1"], ["2"]]
+
+
+def test_parquet_golden_answers_as_a_plain_string_column_become_lists(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    schema = pa.schema([("question", pa.string()), ("golden_answers", pa.string())])
+    path = write_parquet(tmp_path / "single.parquet", [{"question": "q?", "golden_answers": "a"}], schema)
+    assert load_questions(path) == [{"id": "single-0", "question": "q?", "golden_answers": ["a"],
+                                     "data_source": "single"}]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(question=None), "'question' must be a non-empty string"),
+    (dict(question=""), "'question' must be a non-empty string"),
+    (dict(golden_answers=[]), "'golden_answers' must be a non-empty list of strings"),
+    (dict(golden_answers=None), "'golden_answers' must be a non-empty list of strings"),
+    (dict(golden_answers=["a", None]), "'golden_answers' must be a non-empty list of strings"),
+    (dict(data_source=None), "'data_source' must be a non-empty string"),
+    (dict(id=None), "'id' must be a non-empty string or an integer, got None"),
+    (dict(id="test_1", data_source="nq"), "duplicate id 'test_1' in data_source 'nq' (first on row 1)"),
+])
+def test_bad_parquet_row_names_file_and_row(tmp_path, bad, message):
+    rows = SEARCH_R1_TEST + [{**SEARCH_R1_TEST[2], "id": "test_9", **bad}]
+    path = write_parquet(tmp_path / "test.parquet", rows)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: row 3: {message}")):
+        load_questions(path)
+
+
+@pytest.mark.parametrize("missing", ["question", "golden_answers"])
+def test_parquet_without_a_required_column_names_the_file_and_its_columns(tmp_path, missing):
+    pa = pytest.importorskip("pyarrow")
+    schema = pa.schema([f for f in search_r1_schema(pa) if f.name != missing])
+    path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST, schema)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: no {missing!r} column (columns: id, ")):
+        load_questions(path)
+
+
+def test_empty_parquet_is_an_error_naming_the_file(tmp_path):
+    path = write_parquet(tmp_path / "test.parquet", [])
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: the file has no rows")):
+        load_questions(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 not really parquet", json.dumps(GOOD_QUESTION).encode()])
+def test_file_that_is_not_parquet_is_an_error_naming_the_file(tmp_path, content):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "test.parquet"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: not a readable Parquet file (")):
+        load_questions(str(path))
+
+
+def test_missing_parquet_file_names_the_path(tmp_path):
+    path = str(tmp_path / "nowhere" / "test.parquet")
+    with pytest.raises(FileNotFoundError, match=re.escape(path)):
+        load_questions(path)
+
+
+def test_missing_pyarrow_is_an_error_naming_the_package_and_the_file(tmp_path, monkeypatch):
+    path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)                # `import pyarrow` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match="^" + re.escape(f"{path}: reading Parquet needs the optional "
+                                                          "package 'pyarrow' (pip install pyarrow)")):
+        load_questions(path)
+    jsonl = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION)])
+    assert load_questions(jsonl) == [GOOD_QUESTION]                   # JSONL does not need it
+
+
+def test_importing_data_and_reading_jsonl_does_not_import_pyarrow(tmp_path):
+    jsonl = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION)])
+    code = ("import sys, data; data.load_questions(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyarrow', 'torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code, jsonl], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(data.__file__)))
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("make_array", ["numpy", "pyarrow"])
+def test_golden_answers_held_in_an_array_become_a_list_of_str(make_array):
+    # what pandas.read_parquet gives for Search-R1's golden_answers (numpy), or a pyarrow column's cell
+    if make_array == "numpy":
+        np = pytest.importorskip("numpy")
+        golds = np.array(["Thomas Jefferson", "Jefferson"])           # elements are numpy.str_
+    else:
+        pa = pytest.importorskip("pyarrow")
+        golds = pa.array(["Thomas Jefferson", "Jefferson"])
+    row = data.check_question({"question": "q?", "golden_answers": golds}, "x.parquet: row 0", "x-0", "x")
+    assert row["golden_answers"] == ["Thomas Jefferson", "Jefferson"]
+    assert type(row["golden_answers"]) is list and all(type(g) is str for g in row["golden_answers"])
