@@ -17,7 +17,9 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     is retriever.py's, re-exported here, because the format belongs to the retriever.
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
     record needed to train on it again without re-tokenising model output: `input_ids`, `loss_mask`
-    (1 = model-sampled), `prompt_length`, plus the rollout's counts and flags (see rollout.Trajectory).
+    (1 = model-sampled), `prompt_length`, plus the rollout's counts and flags (see rollout.Trajectory),
+    and `tokenizer`: the `tokenizer_fingerprint` of the tokenizer that made the ids. `load_trajectories`
+    refuses rows made with another tokenizer than the caller's.
   * `read_jsonl` / `write_jsonl` read and write gzip when the path ends in `.gz`; writes are atomic.
 
 What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or import
@@ -25,14 +27,16 @@ anything outside the standard library (pyarrow is imported only when a `.parquet
 
     questions = load_questions("data/nq_hotpotqa_train.parquet")      # or .jsonl / .jsonl.gz
     corpus = load_corpus("data/wiki-18.jsonl")
-    write_jsonl("runs/x/tgo.jsonl.gz", records)
-    records = load_trajectories("runs/x/tgo.jsonl.gz")
+    write_jsonl("runs/x/tgo.jsonl.gz", [{**r, "tokenizer": tokenizer_fingerprint(tok)} for r in records])
+    records = load_trajectories("runs/x/tgo.jsonl.gz", len(tok), tokenizer_fingerprint(tok))
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
+import warnings
 import zlib
 
 from retriever import load_corpus  # noqa: F401  (re-exported: the corpus format is the retriever's)
@@ -192,9 +196,27 @@ def load_questions(path: str) -> list[dict]:
 
 
 # -----------------------------------------------------------------------------
-# Trajectories
+# Trajectories and the tokenizer they were made with
 
 TRAJECTORY_KEYS = ("question", "golden_answers", "response_text", "input_ids", "loss_mask", "prompt_length")
+TOKENIZER_KEY = "tokenizer"     # each row's tokenizer_fingerprint, written by whoever writes trajectories
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """16 hex digits of sha256 over what a token id means: the id -> token table of get_vocab() (added
+    tokens included) and the bos / eos / pad ids, as compact JSON with sorted keys,
+    {"special": {"bos": id|null, "eos": ..., "pad": ...}, "vocab": [[id, token], ...]} in id order.
+    Merges and normalisers are not part of it: trajectories store ids, not text."""
+    if not callable(getattr(tokenizer, "get_vocab", None)):
+        raise TypeError(f"tokenizer_fingerprint: {type(tokenizer).__name__} has no get_vocab()")
+    table = sorted((int(i), str(token)) for token, i in tokenizer.get_vocab().items())
+    specials = {}
+    for name in ("bos", "eos", "pad"):
+        i = getattr(tokenizer, f"{name}_token_id", None)
+        specials[name] = None if i is None else int(i)
+    canonical = json.dumps({"vocab": table, "special": specials}, ensure_ascii=False,
+                           separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def check_trajectory(row: dict, where: str) -> None:
@@ -214,16 +236,31 @@ def check_trajectory(row: dict, where: str) -> None:
         raise ValueError(f"{where}: loss_mask is 1 inside the prompt")
     if not isinstance(row["golden_answers"], list):
         raise ValueError(f"{where}: 'golden_answers' must be a list")
+    if TOKENIZER_KEY in row and (not isinstance(row[TOKENIZER_KEY], str) or not row[TOKENIZER_KEY]):
+        raise ValueError(f"{where}: {TOKENIZER_KEY!r} must be a non-empty string (a tokenizer_fingerprint)")
 
 
-def load_trajectories(path: str, vocab_size: int | None = None) -> list[dict]:
-    """Trajectory rows, each checked; with `vocab_size`, token ids must be below it (same tokenizer)."""
-    rows = []
+def load_trajectories(path: str, vocab_size: int | None = None,
+                      tokenizer_fingerprint: str | None = None) -> list[dict]:
+    """Trajectory rows, each checked. With `vocab_size`, token ids must be below it. With
+    `tokenizer_fingerprint` (the caller's tokenizer's), a row recording another one is refused; rows
+    recording none (older files, other tools) get one warning for the file and the vocab-size check only."""
+    rows, unrecorded = [], 0
     for line_no, row in read_jsonl(path):
         where = f"{path}:{line_no}"
         check_trajectory(row, where)
+        made_with = row.get(TOKENIZER_KEY)
+        if tokenizer_fingerprint is not None and made_with is None:
+            unrecorded += 1
+        elif tokenizer_fingerprint is not None and made_with != tokenizer_fingerprint:
+            raise ValueError(f"{where}: made with tokenizer {made_with}, but the tokenizer given is "
+                             f"{tokenizer_fingerprint}: these trajectories were made with another tokenizer")
         if vocab_size is not None and max(row["input_ids"]) >= vocab_size:
             raise ValueError(f"{where}: token id {max(row['input_ids'])} >= vocab size {vocab_size}: "
                              "these trajectories were made with another tokenizer")
         rows.append(row)
+    if unrecorded:
+        checked = f"checked by vocab size {vocab_size} only" if vocab_size is not None else "not checked"
+        warnings.warn(f"{path}: {unrecorded} of {len(rows)} rows record no {TOKENIZER_KEY!r} fingerprint "
+                      f"(an older file or another tool); their tokenizer is {checked}", stacklevel=2)
     return rows

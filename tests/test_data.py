@@ -1,13 +1,16 @@
 """data: the question and trajectory loaders reject every kind of malformed line, naming the file and
 the line (or Parquet row); FlashRAG / Search-R1 rows load as they are, from JSONL, gzip or Parquet;
-a question is identified by (data_source, id); write_jsonl round-trips (plain or gzip) and is atomic."""
+a question is identified by (data_source, id); write_jsonl round-trips (plain or gzip) and is atomic;
+trajectories made with another tokenizer are refused by fingerprint."""
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -581,3 +584,110 @@ def test_golden_answers_held_in_an_array_become_a_list_of_str(make_array):
     row = data.check_question({"question": "q?", "golden_answers": golds}, "x.parquet: row 0", "x-0", "x")
     assert row["golden_answers"] == ["Thomas Jefferson", "Jefferson"]
     assert type(row["golden_answers"]) is list and all(type(g) is str for g in row["golden_answers"])
+
+
+# ------------------------------------------------------------------ trajectories: tokenizer provenance
+
+class VocabOnly:
+    """A duck-typed tokenizer: just get_vocab() and the special-token ids."""
+    def __init__(self, vocab, eos_token_id=None, pad_token_id=None, bos_token_id=None):
+        self.vocab = vocab
+        self.eos_token_id, self.pad_token_id, self.bos_token_id = eos_token_id, pad_token_id, bos_token_id
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_fingerprint_is_sha256_of_the_documented_canonical_json():
+    # the canonical form, written out by hand: files record the fingerprint, so it must never drift
+    canonical = '{"special":{"bos":null,"eos":1,"pad":null},"vocab":[[0,"a"],[1,"b"]]}'
+    expected = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert expected == "667789551f1dda0f"
+    assert data.tokenizer_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
+
+
+def test_fingerprint_changes_with_what_an_id_means_and_not_with_dict_order():
+    base = data.tokenizer_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0))
+    assert re.fullmatch(r"[0-9a-f]{16}", base)
+    assert data.tokenizer_fingerprint(VocabOnly({"c": 2, "a": 0, "b": 1}, eos_token_id=2, pad_token_id=0)) == base
+    for other in [VocabOnly({"a": 0, "b": 2, "c": 1}, eos_token_id=2, pad_token_id=0),   # two ids swapped
+                  VocabOnly({"a": 0, "b": 1, "d": 2}, eos_token_id=2, pad_token_id=0),   # one token renamed
+                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=1, pad_token_id=0),   # another eos
+                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=2),   # another pad
+                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0, bos_token_id=0)]:
+        assert data.tokenizer_fingerprint(other) != base
+
+
+def test_fingerprint_of_an_object_without_get_vocab_is_a_type_error():
+    with pytest.raises(TypeError, match="tokenizer_fingerprint: str has no get_vocab()"):
+        data.tokenizer_fingerprint("Qwen/Qwen2.5-0.5B")
+
+
+def test_tokenizers_of_the_same_size_with_different_vocabularies_differ(world, tokenizer):
+    import demo
+    other = demo.train_tokenizer(demo.make_world(seed=1))
+    assert len(other) == len(tokenizer) and other.get_vocab() != tokenizer.get_vocab()
+    assert data.tokenizer_fingerprint(other) != data.tokenizer_fingerprint(tokenizer)
+
+
+def test_tokenizer_saved_and_reloaded_keeps_its_fingerprint(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert data.tokenizer_fingerprint(reloaded) == data.tokenizer_fingerprint(tokenizer)
+
+
+def test_trajectories_of_another_tokenizer_of_the_same_size_are_refused_naming_both(
+        world, tokenizer, retriever, tmp_path):
+    """Issue 16, item 6: the vocab-size check passes, the fingerprint does not."""
+    import demo
+    other = demo.train_tokenizer(demo.make_world(seed=1))
+    questions = world.test[:3]
+    trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)
+    mine = data.tokenizer_fingerprint(tokenizer)
+    records = [{**dataclasses.asdict(t), **q, data.TOKENIZER_KEY: mine} for q, t in zip(questions, trajs)]
+    path = str(tmp_path / "tgo.jsonl.gz")
+    write_jsonl(path, records)
+    assert load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=mine) == records
+    assert load_trajectories(path, vocab_size=len(other)) == records        # size alone cannot tell
+    theirs = data.tokenizer_fingerprint(other)
+    with pytest.raises(ValueError, match=where(path, 1) + re.escape(
+            f" made with tokenizer {mine}, but the tokenizer given is {theirs}")):
+        load_trajectories(path, vocab_size=len(other), tokenizer_fingerprint=theirs)
+
+
+def test_row_recording_another_fingerprint_is_refused_at_its_line(tmp_path):
+    lines = [json.dumps(change(tokenizer="aaaa")), json.dumps(change(tokenizer="bbbb"))]
+    path = write_lines(tmp_path / "tgo.jsonl", lines)
+    with pytest.raises(ValueError, match=where(path, 2) + " made with tokenizer bbbb, but the tokenizer given "
+                       "is aaaa: these trajectories were made with another tokenizer"):
+        load_trajectories(path, tokenizer_fingerprint="aaaa")
+    with pytest.raises(ValueError, match=where(path, 1) + " made with tokenizer aaaa, but .* is bbbb"):
+        load_trajectories(path, tokenizer_fingerprint="bbbb")
+    assert len(load_trajectories(path)) == 2                                  # no fingerprint given: not checked
+
+
+def test_rows_without_a_fingerprint_warn_once_for_the_file_and_keep_the_vocab_check(tmp_path):
+    lines = [json.dumps(GOOD_TRAJECTORY)] * 3 + [json.dumps(change(tokenizer="aaaa"))]
+    path = write_lines(tmp_path / "old.jsonl", lines)
+    with pytest.warns(UserWarning) as record:
+        assert len(load_trajectories(path, vocab_size=9, tokenizer_fingerprint="aaaa")) == 4
+    assert [str(w.message) for w in record] == [
+        f"{path}: 3 of 4 rows record no 'tokenizer' fingerprint (an older file or another tool); "
+        "their tokenizer is checked by vocab size 9 only"]
+    with pytest.warns(UserWarning, match=re.escape(f"{path}: 3 of 4 rows") + ".*their tokenizer is not checked$"):
+        load_trajectories(path, tokenizer_fingerprint="aaaa")
+    with pytest.raises(ValueError, match=where(path, 1) + " token id 8 >= vocab size 8"):
+        load_trajectories(path, vocab_size=8, tokenizer_fingerprint="aaaa")   # an unrecorded row, still checked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                       # nothing asked: nothing to warn
+        load_trajectories(path, vocab_size=9)
+        load_trajectories(write_lines(tmp_path / "new.jsonl", lines[3:]), tokenizer_fingerprint="aaaa")
+
+
+@pytest.mark.parametrize("value", [5, "", None, ["aaaa"]])
+def test_tokenizer_key_that_is_not_a_fingerprint_string_names_file_and_line(tmp_path, value):
+    lines = [json.dumps(GOOD_TRAJECTORY), json.dumps(change(tokenizer=value))]
+    path = write_lines(tmp_path / "tgo.jsonl", lines)
+    with pytest.raises(ValueError, match=where(path, 2) + " 'tokenizer' must be a non-empty string"):
+        load_trajectories(path)
