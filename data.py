@@ -13,8 +13,8 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     other keys are kept (e.g. `supporting_ids`, used by the evidence-given probe). A question's identity
     is (data_source, id) — `question_key` — because merged files repeat FlashRAG's per-split ids
     (`test_0` in nq and in hotpotqa); a repeat within one source is an error naming both lines.
-  * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader (and its `.gz` support)
-    is retriever.py's, re-exported here, because the format belongs to the retriever.
+  * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader is retriever.py's,
+    re-exported here, because the format belongs to the retriever (a `.gz` corpus is its job too).
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
     record needed to train on it again without re-tokenising model output: `input_ids`, `loss_mask`
     (1 = model-sampled), `prompt_length`, plus the rollout's counts and flags (see rollout.Trajectory),
@@ -22,8 +22,9 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     refuses rows made with another tokenizer than the caller's.
   * `read_jsonl` / `write_jsonl` read and write gzip when the path ends in `.gz`; writes are atomic.
 
-What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or import
-anything outside the standard library (pyarrow is imported only when a `.parquet` file is read).
+What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or need
+anything but the standard library itself (pyarrow is imported only when a `.parquet` file is read; the
+re-exported corpus loader brings retriever.py's numpy).
 
     questions = load_questions("data/nq_hotpotqa_train.parquet")      # or .jsonl / .jsonl.gz
     corpus = load_corpus("data/wiki-18.jsonl")
@@ -179,16 +180,15 @@ def load_questions(path: str) -> list[dict]:
         raise ValueError(f"{path}: unsupported question file; the extension must be one of "
                          f"{', '.join(QUESTION_EXTENSIONS)}")
     stem = os.path.basename(path)[:-len(extension)]
-    if extension == ".parquet":
-        numbered, unit, place = read_parquet_rows(path), "row", lambda n: f"{path}: row {n}"
-    else:
-        numbered, unit, place = read_jsonl(path), "line", lambda n: f"{path}:{n}"
+    parquet = extension == ".parquet"
+    unit = "row" if parquet else "line"
     questions, first_seen = [], {}
-    for n, row in numbered:
-        question = check_question(row, place(n), default_id=f"{stem}-{n}", default_source=stem)
+    for n, row in read_parquet_rows(path) if parquet else read_jsonl(path):
+        where = f"{path}: row {n}" if parquet else f"{path}:{n}"
+        question = check_question(row, where, default_id=f"{stem}-{n}", default_source=stem)
         key = question_key(question)
         if key in first_seen:
-            raise ValueError(f"{place(n)}: duplicate id {key[1]!r} in data_source {key[0]!r} "
+            raise ValueError(f"{where}: duplicate id {key[1]!r} in data_source {key[0]!r} "
                              f"(first on {unit} {first_seen[key]})")
         first_seen[key] = n
         questions.append(question)
