@@ -1,66 +1,100 @@
-"""JSONL data formats: questions, corpus passages and trajectories, with loaders that fail loudly.
+"""Data files: questions, corpus passages and trajectories, with loaders that fail loudly.
 
-What it does: reads and writes the three files every stage exchanges, and checks each line, naming the
-file and line number in every error (a malformed line never becomes a silently wrong example).
-  * questions — FlashRAG / Search-R1 field names, so their converted NQ / HotpotQA files load as they
-    are: {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
-    `golden_answers` may be a single string (some FlashRAG files); it is turned into a list. A missing
-    `id` becomes "<file stem>-<line>", a missing `data_source` the file stem. Other keys are kept
-    (e.g. `supporting_ids`, used by the evidence-given probe).
+What it does: reads and writes the files every stage exchanges and checks each row, naming the file and
+the line (or Parquet row) in every error, so a malformed row never becomes a silently wrong example.
+  * questions — `load_questions` picks the reader by extension: `.jsonl`, `.jsonl.gz`, or `.parquet`
+    (Search-R1's `nq_hotpotqa_train.parquet` / `test.parquet`; needs the optional pyarrow). Field names
+    are FlashRAG / Search-R1's, so their files load as they are:
+    {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
+    `golden_answers` may be a single string (some FlashRAG files) or an array; it becomes a list of str.
+    A missing `id` becomes "<file stem>-<line>" (Parquet: "<file stem>-<row>", rows counted from 0 as
+    pyarrow and pandas count them), a missing `data_source` the file stem. Search-R1's `prompt`,
+    `reward_model`, `extra_info` and `ability` are dropped (large, and the prompt is rollout.py's job);
+    other keys are kept (e.g. `supporting_ids`, used by the evidence-given probe). A question's identity
+    is (data_source, id) — `question_key` — because merged files repeat FlashRAG's per-split ids
+    (`test_0` in nq and in hotpotqa); a repeat within one source is an error naming both lines.
   * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader is retriever.py's,
-    re-exported here, because the format belongs to the retriever.
+    re-exported here, because the format belongs to the retriever (a `.gz` corpus is its job too).
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
     record needed to train on it again without re-tokenising model output: `input_ids`, `loss_mask`
-    (1 = model-sampled), `prompt_length`, plus the rollout's counts and flags (see rollout.Trajectory).
+    (1 = model-sampled), `prompt_length`, plus the rollout's counts and flags (see rollout.Trajectory),
+    and `tokenizer`: the `tokenizer_fingerprint` of the tokenizer that made the ids. `load_trajectories`
+    refuses rows made with another tokenizer than the caller's.
+  * `read_jsonl` / `write_jsonl` read and write gzip when the path ends in `.gz`; writes are atomic.
 
-What it does not do: tokenise, batch or shuffle (train.py does), or fetch anything from a hub.
+What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or need
+anything but the standard library itself (pyarrow is imported only when a `.parquet` file is read; the
+re-exported corpus loader brings retriever.py's numpy).
 
-    questions = load_questions("data/nq_train.jsonl")
+    questions = load_questions("data/nq_hotpotqa_train.parquet")      # or .jsonl / .jsonl.gz
     corpus = load_corpus("data/wiki-18.jsonl")
-    write_jsonl("runs/x/tgo.jsonl", records)
-    records = load_trajectories("runs/x/tgo.jsonl")
+    write_jsonl("runs/x/tgo.jsonl.gz", [{**r, "tokenizer": tokenizer_fingerprint(tok)} for r in records])
+    records = load_trajectories("runs/x/tgo.jsonl.gz", len(tok), tokenizer_fingerprint(tok))
 """
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
+import warnings
+import zlib
 
 from retriever import load_corpus  # noqa: F401  (re-exported: the corpus format is the retriever's)
 
+# -----------------------------------------------------------------------------
+# JSONL, plain or gzip
+
+
+def _parse_line(raw: bytes, where: str) -> dict | None:
+    """The JSON object on one line, None for a blank line; anything else is an error."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
 
 def read_jsonl(path: str) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; any line that is not a JSON object is an error."""
+    """(line number, object) for every non-blank line; any line that is not a JSON object is an error.
+    A path ending in `.gz` is decompressed (a corrupt stream is an error naming the file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
-    rows = []
-    with open(path, "rb") as f:                # bytes, so a bad encoding is reported with its line
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_no, row))
+    rows, line_no = [], 0
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:               # bytes, so a bad encoding is reported with its line
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                row = _parse_line(raw, f"{path}:{line_no}")
+                if row is not None:
+                    rows.append((line_no, row))
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:   # raised only by gzip's reader
+            raise ValueError(f"{path}: not a valid gzip stream ({e}); "
+                             f"{line_no} lines were read before the error") from None
     if not rows:
         raise ValueError(f"{path}: the file has no rows")
     return rows
 
 
 def write_jsonl(path: str, rows) -> None:
-    """Writes rows atomically (temp file + rename), so a crash never leaves half a file behind."""
+    """Writes rows atomically (temp file + rename), so a crash never leaves half a file behind.
+    A path ending in `.gz` is gzip-compressed (no name or time in the header: same rows, same bytes)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp, compress = path + ".tmp", path.lower().endswith(".gz")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with open(tmp, "wb") as raw:
+            f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
+            with f:                             # gzip's trailer is written here, before `raw` closes
+                for row in rows:
+                    f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:                       # e.g. a row that is not JSON: the old file stays as it was
         if os.path.exists(tmp):
@@ -68,32 +102,121 @@ def write_jsonl(path: str, rows) -> None:
         raise
 
 
+# -----------------------------------------------------------------------------
+# Questions: JSONL or Search-R1 Parquet
+
+QUESTION_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
+SEARCH_R1_DROPPED = ("prompt", "reward_model", "extra_info", "ability")   # Search-R1 columns not read
+
+
+def read_parquet_rows(path: str) -> list[tuple[int, dict]]:
+    """(row number from 0, row) for every row of a Parquet file, without the SEARCH_R1_DROPPED columns
+    (never read from disk). Needs pyarrow, imported here so the rest of the module does not."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise ImportError(f"{path}: reading Parquet needs the optional package 'pyarrow' "
+                          "(pip install pyarrow)") from None
+    try:
+        parquet = pyarrow.parquet.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        for needed in ("question", "golden_answers"):
+            if needed not in names:
+                raise ValueError(f"{path}: no {needed!r} column (columns: {', '.join(names)})")
+        columns = [name for name in names if name not in SEARCH_R1_DROPPED]
+        rows = [row for batch in parquet.iter_batches(columns=columns) for row in batch.to_pylist()]
+    except (pyarrow.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: the file has no rows")
+    return list(enumerate(rows))
+
+
+def _as_list(value):
+    """golden_answers as a list: a bare string is one answer; numpy / arrow arrays and tuples are lists."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple):
+        return list(value)
+    for method in ("tolist", "to_pylist"):      # numpy.ndarray, pyarrow.Array (duck-typed, nothing imported)
+        if hasattr(value, method):
+            return getattr(value, method)()
+    return value
+
+
+def check_question(row: dict, where: str, default_id: str, default_source: str) -> dict:
+    """The row validated and completed with `id` and `data_source` (see the module docstring);
+    raises ValueError prefixed with `where`."""
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: 'question' must be a non-empty string")
+    golds = _as_list(row.get("golden_answers"))
+    if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
+        raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
+    qid = row.get("id", default_id)
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)) or qid == "":
+        raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {qid!r}")
+    source = row.get("data_source", default_source)
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{where}: 'data_source' must be a non-empty string")
+    kept = {k: v for k, v in row.items() if k not in SEARCH_R1_DROPPED}
+    return {**kept, "id": str(qid), "question": str(question), "golden_answers": [str(g) for g in golds],
+            "data_source": str(source)}
+
+
+def question_key(row: dict) -> tuple[str, str]:
+    """A question's identity, (data_source, id): ids alone repeat across the sources of a merged file."""
+    return row["data_source"], row["id"]
+
+
 def load_questions(path: str) -> list[dict]:
-    """Question rows, validated and completed with `id` and `data_source` (see the module docstring)."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    questions, seen = [], {}
-    for line_no, row in read_jsonl(path):
-        where = f"{path}:{line_no}"
-        question = row.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"{where}: 'question' must be a non-empty string")
-        golds = row.get("golden_answers")
-        if isinstance(golds, str):
-            golds = [golds]
-        if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
-            raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
-        qid = str(row.get("id", f"{stem}-{line_no}"))
-        if qid in seen:
-            raise ValueError(f"{where}: duplicate id {qid!r} (first on line {seen[qid]})")
-        seen[qid] = line_no
-        source = row.get("data_source", stem)
-        if not isinstance(source, str) or not source:
-            raise ValueError(f"{where}: 'data_source' must be a non-empty string")
-        questions.append({**row, "id": qid, "question": question, "golden_answers": golds, "data_source": source})
+    """Question rows from a .jsonl, .jsonl.gz or .parquet file, validated and completed with `id` and
+    `data_source`; (data_source, id) must be unique (see the module docstring)."""
+    extension = next((e for e in QUESTION_EXTENSIONS if path.lower().endswith(e)), None)
+    if extension is None:
+        raise ValueError(f"{path}: unsupported question file; the extension must be one of "
+                         f"{', '.join(QUESTION_EXTENSIONS)}")
+    stem = os.path.basename(path)[:-len(extension)]
+    parquet = extension == ".parquet"
+    unit = "row" if parquet else "line"
+    questions, first_seen = [], {}
+    for n, row in read_parquet_rows(path) if parquet else read_jsonl(path):
+        where = f"{path}: row {n}" if parquet else f"{path}:{n}"
+        question = check_question(row, where, default_id=f"{stem}-{n}", default_source=stem)
+        key = question_key(question)
+        if key in first_seen:
+            raise ValueError(f"{where}: duplicate id {key[1]!r} in data_source {key[0]!r} "
+                             f"(first on {unit} {first_seen[key]})")
+        first_seen[key] = n
+        questions.append(question)
     return questions
 
 
+# -----------------------------------------------------------------------------
+# Trajectories and the tokenizer they were made with
+
 TRAJECTORY_KEYS = ("question", "golden_answers", "response_text", "input_ids", "loss_mask", "prompt_length")
+TOKENIZER_KEY = "tokenizer"     # each row's tokenizer_fingerprint, written by whoever writes trajectories
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """16 hex digits of sha256 over what a token id means: the id -> token table of get_vocab() (added
+    tokens included) and the bos / eos / pad ids, as compact JSON with sorted keys,
+    {"special": {"bos": id|null, "eos": ..., "pad": ...}, "vocab": [[id, token], ...]} in id order.
+    Merges and normalisers are not part of it: trajectories store ids, not text."""
+    if not callable(getattr(tokenizer, "get_vocab", None)):
+        raise TypeError(f"tokenizer_fingerprint: {type(tokenizer).__name__} has no get_vocab()")
+    table = sorted((int(i), str(token)) for token, i in tokenizer.get_vocab().items())
+    specials = {}
+    for name in ("bos", "eos", "pad"):
+        i = getattr(tokenizer, f"{name}_token_id", None)
+        specials[name] = None if i is None else int(i)
+    canonical = json.dumps({"vocab": table, "special": specials}, ensure_ascii=False,
+                           separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
 def check_trajectory(row: dict, where: str) -> None:
@@ -113,16 +236,31 @@ def check_trajectory(row: dict, where: str) -> None:
         raise ValueError(f"{where}: loss_mask is 1 inside the prompt")
     if not isinstance(row["golden_answers"], list):
         raise ValueError(f"{where}: 'golden_answers' must be a list")
+    if TOKENIZER_KEY in row and (not isinstance(row[TOKENIZER_KEY], str) or not row[TOKENIZER_KEY]):
+        raise ValueError(f"{where}: {TOKENIZER_KEY!r} must be a non-empty string (a tokenizer_fingerprint)")
 
 
-def load_trajectories(path: str, vocab_size: int | None = None) -> list[dict]:
-    """Trajectory rows, each checked; with `vocab_size`, token ids must be below it (same tokenizer)."""
-    rows = []
+def load_trajectories(path: str, vocab_size: int | None = None,
+                      tokenizer_fingerprint: str | None = None) -> list[dict]:
+    """Trajectory rows, each checked. With `vocab_size`, token ids must be below it. With
+    `tokenizer_fingerprint` (the caller's tokenizer's), a row recording another one is refused; rows
+    recording none (older files, other tools) get one warning for the file and the vocab-size check only."""
+    rows, unrecorded = [], 0
     for line_no, row in read_jsonl(path):
         where = f"{path}:{line_no}"
         check_trajectory(row, where)
+        made_with = row.get(TOKENIZER_KEY)
+        if tokenizer_fingerprint is not None and made_with is None:
+            unrecorded += 1
+        elif tokenizer_fingerprint is not None and made_with != tokenizer_fingerprint:
+            raise ValueError(f"{where}: made with tokenizer {made_with}, but the tokenizer given is "
+                             f"{tokenizer_fingerprint}: these trajectories were made with another tokenizer")
         if vocab_size is not None and max(row["input_ids"]) >= vocab_size:
             raise ValueError(f"{where}: token id {max(row['input_ids'])} >= vocab size {vocab_size}: "
                              "these trajectories were made with another tokenizer")
         rows.append(row)
+    if unrecorded:
+        checked = f"checked by vocab size {vocab_size} only" if vocab_size is not None else "not checked"
+        warnings.warn(f"{path}: {unrecorded} of {len(rows)} rows record no {TOKENIZER_KEY!r} fingerprint "
+                      f"(an older file or another tool); their tokenizer is {checked}", stacklevel=2)
     return rows

@@ -1,9 +1,16 @@
 """data: the question and trajectory loaders reject every kind of malformed line, naming the file and
-the line; FlashRAG / Search-R1 rows load as they are; write_jsonl round-trips and is atomic."""
+the line (or Parquet row); FlashRAG / Search-R1 rows load as they are, from JSONL, gzip or Parquet;
+a question is identified by (data_source, id); write_jsonl round-trips (plain or gzip) and is atomic;
+trajectories made with another tokenizer are refused by fingerprint."""
 import dataclasses
+import gzip
+import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
+import warnings
 
 import pytest
 
@@ -55,6 +62,11 @@ BAD_QUESTION_LINES = [  # (line 3 of the file, words the error must contain)
      "'data_source' must be a non-empty string"),
     ('{"question": "Who founded X?", "golden_answers": ["a"], "data_source": null}',
      "'data_source' must be a non-empty string"),
+    ('{"question": "Who founded X?", "golden_answers": ["a"], "id": null}',      # not the id "None"
+     "'id' must be a non-empty string or an integer, got None"),
+    ('{"question": "Who founded X?", "golden_answers": ["a"], "id": ""}', "'id' must be a non-empty string"),
+    ('{"question": "Who founded X?", "golden_answers": ["a"], "id": true}', "'id' must be a non-empty string"),
+    ('{"question": "Who founded X?", "golden_answers": ["a"], "id": ["q1"]}', "'id' must be a non-empty string"),
 ]
 
 
@@ -70,7 +82,8 @@ def test_malformed_question_line_fails_naming_file_and_line(tmp_path, bad_line, 
 def test_duplicate_question_id_names_both_lines(tmp_path):
     again = {**GOOD_QUESTION, "question": "Where is Velmor Works headquartered?"}
     path = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION), "", "", json.dumps(again)])
-    with pytest.raises(ValueError, match=where(path, 4) + r" duplicate id 'q1' \(first on line 1\)"):
+    with pytest.raises(ValueError, match=where(path, 4) +
+                       r" duplicate id 'q1' in data_source 'demo' \(first on line 1\)"):
         load_questions(path)
 
 
@@ -293,3 +306,388 @@ def test_question_rows_written_by_write_jsonl_load_back_equal(tmp_path):
 def test_load_corpus_is_the_retrievers_loader():
     # the corpus format belongs to retriever.py (and is tested there); data re-exports the same function
     assert data.load_corpus is retriever.load_corpus
+
+
+# ------------------------------------------------------------------ question identity: (data_source, id)
+
+def flashrag_merged_rows() -> list[dict]:
+    """nq and hotpotqa test splits concatenated: FlashRAG numbers each split from test_0."""
+    return [{"id": "test_0", "question": "who wrote the declaration of independence",
+             "golden_answers": ["Thomas Jefferson"], "data_source": "nq"},
+            {"id": "test_1", "question": "when did the titanic sink",
+             "golden_answers": ["15 April 1912"], "data_source": "nq"},
+            {"id": "test_0", "question": "Which band was formed first, Muse or Keane?",
+             "golden_answers": ["Keane"], "data_source": "hotpotqa"}]
+
+
+def test_merged_file_with_ids_repeating_across_sources_loads(tmp_path):
+    path = str(tmp_path / "test.jsonl")
+    write_jsonl(path, flashrag_merged_rows())
+    loaded = load_questions(path)
+    assert loaded == flashrag_merged_rows()
+    assert [data.question_key(q) for q in loaded] == [("nq", "test_0"), ("nq", "test_1"), ("hotpotqa", "test_0")]
+
+
+def test_id_repeated_within_one_source_of_a_merged_file_names_both_lines(tmp_path):
+    rows = flashrag_merged_rows() + [{**flashrag_merged_rows()[1], "question": "another question"}]
+    path = str(tmp_path / "test.jsonl")
+    write_jsonl(path, rows)
+    with pytest.raises(ValueError, match=where(path, 4) +
+                       r" duplicate id 'test_1' in data_source 'nq' \(first on line 2\)"):
+        load_questions(path)
+
+
+def test_filled_in_ids_are_unique_per_line_and_keyed_with_the_file_stem(tmp_path):
+    bare = {"question": "Who founded Velmor Works?", "golden_answers": ["Ana Brel"]}
+    path = write_lines(tmp_path / "demo_dev.jsonl", [json.dumps(bare)] * 3)
+    assert [data.question_key(q) for q in load_questions(path)] == \
+        [("demo_dev", "demo_dev-1"), ("demo_dev", "demo_dev-2"), ("demo_dev", "demo_dev-3")]
+
+
+# ----------------------------------------------------------------------------- file types: by extension
+
+@pytest.mark.parametrize("name", ["q.json", "q.csv", "q.jsonl.bz2", "q.parquet.gz", "q"])
+def test_unsupported_question_file_extension_names_the_supported_ones(tmp_path, name):
+    path = write_lines(tmp_path / name, [json.dumps(GOOD_QUESTION)])
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: unsupported question file; the extension "
+                                                         "must be one of .jsonl, .jsonl.gz, .parquet")):
+        load_questions(path)
+
+
+def write_gzip_lines(path, lines) -> str:
+    """Raw text lines, gzip-compressed by the standard library (not by the code under test)."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_gzip_questions_and_trajectories_written_by_another_tool_load(tmp_path):
+    bare = {"question": "Who founded Velmor Works?", "golden_answers": ["Ana Brel"]}
+    path = write_gzip_lines(tmp_path / "nq_dev.jsonl.gz", [json.dumps(GOOD_QUESTION), "", json.dumps(bare)])
+    first, third = load_questions(path)
+    assert first == GOOD_QUESTION
+    assert (third["id"], third["data_source"]) == ("nq_dev-3", "nq_dev")   # the stem drops .jsonl.gz
+    path = write_gzip_lines(tmp_path / "tgo.jsonl.gz", [json.dumps(GOOD_TRAJECTORY)] * 2)
+    assert load_trajectories(path, vocab_size=9) == [GOOD_TRAJECTORY] * 2
+
+
+@pytest.mark.parametrize("bad_line, message", BAD_QUESTION_LINES[:3] + BAD_QUESTION_LINES[10:12])
+def test_malformed_line_inside_gzip_names_file_and_line(tmp_path, bad_line, message):
+    path = write_gzip_lines(tmp_path / "nq_dev.jsonl.gz", [json.dumps(GOOD_QUESTION), "", bad_line])
+    with pytest.raises(ValueError, match=where(path, 3)) as error:
+        load_questions(path)
+    assert message in str(error.value)
+
+
+def test_bad_trajectory_inside_gzip_names_file_and_line(tmp_path):
+    path = write_gzip_lines(tmp_path / "tgo.jsonl.gz", [json.dumps(GOOD_TRAJECTORY),
+                                                        json.dumps(change(prompt_length=0))])
+    with pytest.raises(ValueError, match=where(path, 2) + " 'prompt_length' must be an int in 1..4"):
+        load_trajectories(path)
+
+
+def gzip_of_many_rows(tmp_path) -> bytes:
+    path = write_gzip_lines(tmp_path / "good.jsonl.gz", [json.dumps({**GOOD_QUESTION, "id": f"q{i}"})
+                                                         for i in range(2000)])
+    return open(path, "rb").read()
+
+
+@pytest.mark.parametrize("damage, lines_read", [
+    (lambda b: b[:len(b) // 2], None),                   # cut in the middle: some lines, then the end
+    (lambda b: b[:-4], 2000),                             # trailer cut: every line, then the error
+    (lambda b: b[:-8] + bytes([b[-8] ^ 1]) + b[-7:], 2000),   # one bit of the CRC flipped
+    (lambda b: b[:40] + b"\x00" * 64 + b[104:], 0),       # the deflate stream overwritten near the start
+    (lambda b: json.dumps(GOOD_QUESTION).encode() + b"\n", 0),   # plain text named .gz
+])
+def test_corrupt_gzip_stream_is_an_error_naming_the_file(tmp_path, damage, lines_read):
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(damage(gzip_of_many_rows(tmp_path)))
+    for load in (load_questions, load_trajectories, read_jsonl):
+        with pytest.raises(ValueError, match="^" + re.escape(f"{path}: not a valid gzip stream (")) as error:
+            load(str(path))
+        read = int(re.search(r"; (\d+) lines were read before the error$", str(error.value)).group(1))
+        assert read == lines_read if lines_read is not None else 0 < read < 2000
+
+
+def test_write_jsonl_gzip_is_real_gzip_and_reproducible(tmp_path):
+    plain, packed = str(tmp_path / "rows.jsonl"), str(tmp_path / "rows.jsonl.gz")
+    write_jsonl(plain, ROWS)
+    write_jsonl(packed, ROWS)
+    with gzip.open(packed, "rb") as f:                             # the standard library reads it back
+        assert f.read() == open(plain, "rb").read()                # the same bytes as the plain file
+    assert read_jsonl(packed) == read_jsonl(plain)
+    first = open(packed, "rb").read()
+    os.utime(packed, (0, 0))
+    write_jsonl(packed, ROWS)                                      # no time or name in the header
+    assert open(packed, "rb").read() == first
+    assert sorted(os.listdir(tmp_path)) == ["rows.jsonl", "rows.jsonl.gz"]
+
+
+def test_failed_gzip_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    path = str(tmp_path / "rows.jsonl.gz")
+    write_jsonl(path, ROWS)
+    before = open(path, "rb").read()
+    assert gzip.decompress(before).count(b"\n") == len(ROWS)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_jsonl(path, [{"ok": 1}] * 100 + [{"bad": object()}])
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["rows.jsonl.gz"]
+
+
+# ----------------------------------------------------------------------------- questions: Search-R1 Parquet
+
+def search_r1_row(qid, question, golds, source, index, split="test") -> dict:
+    """One row as Search-R1's scripts/data_process/qa_search_*_merge.py build it: FlashRAG's fields
+    (id, question, golden_answers) plus data_source, the chat prompt, ability, reward_model, extra_info."""
+    prefix = "Answer the given question. ... Question: "          # the real prompt is ~1 kB of instructions
+    return {"id": qid, "question": question, "golden_answers": golds, "data_source": source,
+            "prompt": [{"content": prefix + question + "\n", "role": "user"}], "ability": "fact-reasoning",
+            "reward_model": {"ground_truth": {"target": golds}, "style": "rule"},
+            "extra_info": {"index": index, "split": split}}
+
+
+def search_r1_schema(pa, with_id=True):
+    """The column types datasets' to_parquet writes for those rows."""
+    text = pa.string()
+    fields = [("id", text)] if with_id else []
+    return pa.schema(fields + [
+        ("question", text), ("golden_answers", pa.list_(text)), ("data_source", text),
+        ("prompt", pa.list_(pa.struct([("content", text), ("role", text)]))), ("ability", text),
+        ("reward_model", pa.struct([("ground_truth", pa.struct([("target", pa.list_(text))])), ("style", text)])),
+        ("extra_info", pa.struct([("index", pa.int64()), ("split", text)]))])
+
+
+def write_parquet(path, rows, schema=None) -> str:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema or search_r1_schema(pa)), str(path))
+    return str(path)
+
+
+SEARCH_R1_TEST = [  # nq and hotpotqa merged: FlashRAG's per-split ids repeat across the two sources
+    search_r1_row("test_0", "who wrote the declaration of independence?", ["Thomas Jefferson"], "nq", 0),
+    search_r1_row("test_1", "when did the titanic sink?", ["15 April 1912", "1912"], "nq", 1),
+    search_r1_row("test_0", "Which band was formed first, Muse or Keane?", ["Keane"], "hotpotqa", 0)]
+QUESTION_FIELDS = ("id", "question", "golden_answers", "data_source")
+
+
+def test_search_r1_parquet_loads_without_its_prompt_and_reward_columns(tmp_path):
+    path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST)
+    loaded = load_questions(path)
+    assert loaded == [{k: row[k] for k in QUESTION_FIELDS} for row in SEARCH_R1_TEST]   # no other keys
+    assert all(type(q["golden_answers"]) is list and all(type(g) is str for g in q["golden_answers"])
+               for q in loaded)
+    assert json.loads(json.dumps(loaded)) == loaded                  # plain Python, writable as JSONL
+
+
+def test_search_r1_rows_exported_to_jsonl_load_without_the_same_columns(tmp_path):
+    path = str(tmp_path / "test.jsonl.gz")
+    write_jsonl(path, SEARCH_R1_TEST)
+    assert load_questions(path) == [{k: row[k] for k in QUESTION_FIELDS} for row in SEARCH_R1_TEST]
+
+
+def test_parquet_extra_columns_are_kept_and_missing_ids_are_filled_from_the_row(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    schema = search_r1_schema(pa, with_id=False).append(pa.field("supporting_ids", pa.list_(pa.string())))
+    rows = [{**{k: v for k, v in row.items() if k != "id"}, "supporting_ids": [str(i)]}
+            for i, row in enumerate(SEARCH_R1_TEST)]
+    loaded = load_questions(write_parquet(tmp_path / "nq_hotpotqa_train.parquet", rows, schema))
+    # rows are counted from 0, as pyarrow and pandas count them
+    assert [q["id"] for q in loaded] == ["nq_hotpotqa_train-0", "nq_hotpotqa_train-1", "nq_hotpotqa_train-2"]
+    assert [q["supporting_ids"] for q in loaded] == [["0"], ["1"], ["2"]]
+
+
+def test_parquet_golden_answers_as_a_plain_string_column_become_lists(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    schema = pa.schema([("question", pa.string()), ("golden_answers", pa.string())])
+    path = write_parquet(tmp_path / "single.parquet", [{"question": "q?", "golden_answers": "a"}], schema)
+    assert load_questions(path) == [{"id": "single-0", "question": "q?", "golden_answers": ["a"],
+                                     "data_source": "single"}]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(question=None), "'question' must be a non-empty string"),
+    (dict(question=""), "'question' must be a non-empty string"),
+    (dict(golden_answers=[]), "'golden_answers' must be a non-empty list of strings"),
+    (dict(golden_answers=None), "'golden_answers' must be a non-empty list of strings"),
+    (dict(golden_answers=["a", None]), "'golden_answers' must be a non-empty list of strings"),
+    (dict(data_source=None), "'data_source' must be a non-empty string"),
+    (dict(id=None), "'id' must be a non-empty string or an integer, got None"),
+    (dict(id="test_1", data_source="nq"), "duplicate id 'test_1' in data_source 'nq' (first on row 1)"),
+])
+def test_bad_parquet_row_names_file_and_row(tmp_path, bad, message):
+    rows = SEARCH_R1_TEST + [{**SEARCH_R1_TEST[2], "id": "test_9", **bad}]
+    path = write_parquet(tmp_path / "test.parquet", rows)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: row 3: {message}")):
+        load_questions(path)
+
+
+@pytest.mark.parametrize("missing", ["question", "golden_answers"])
+def test_parquet_without_a_required_column_names_the_file_and_its_columns(tmp_path, missing):
+    pa = pytest.importorskip("pyarrow")
+    schema = pa.schema([f for f in search_r1_schema(pa) if f.name != missing])
+    path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST, schema)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: no {missing!r} column (columns: id, ")):
+        load_questions(path)
+
+
+def test_empty_parquet_is_an_error_naming_the_file(tmp_path):
+    path = write_parquet(tmp_path / "test.parquet", [])
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: the file has no rows")):
+        load_questions(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 not really parquet", json.dumps(GOOD_QUESTION).encode()])
+def test_file_that_is_not_parquet_is_an_error_naming_the_file(tmp_path, content):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "test.parquet"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: not a readable Parquet file (")):
+        load_questions(str(path))
+
+
+def test_missing_parquet_file_names_the_path(tmp_path):
+    path = str(tmp_path / "nowhere" / "test.parquet")
+    with pytest.raises(FileNotFoundError, match=re.escape(path)):
+        load_questions(path)
+
+
+def test_missing_pyarrow_is_an_error_naming_the_package_and_the_file(tmp_path, monkeypatch):
+    path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)                # `import pyarrow` now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match="^" + re.escape(f"{path}: reading Parquet needs the optional "
+                                                          "package 'pyarrow' (pip install pyarrow)")):
+        load_questions(path)
+    jsonl = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION)])
+    assert load_questions(jsonl) == [GOOD_QUESTION]                   # JSONL does not need it
+
+
+def test_importing_data_and_reading_jsonl_does_not_import_pyarrow(tmp_path):
+    jsonl = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION)])
+    code = ("import sys, data; data.load_questions(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyarrow', 'torch', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code, jsonl], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(data.__file__)))
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("make_array", ["numpy", "pyarrow"])
+def test_golden_answers_held_in_an_array_become_a_list_of_str(make_array):
+    # what pandas.read_parquet gives for Search-R1's golden_answers (numpy), or a pyarrow column's cell
+    if make_array == "numpy":
+        np = pytest.importorskip("numpy")
+        golds = np.array(["Thomas Jefferson", "Jefferson"])           # elements are numpy.str_
+    else:
+        pa = pytest.importorskip("pyarrow")
+        golds = pa.array(["Thomas Jefferson", "Jefferson"])
+    row = data.check_question({"question": "q?", "golden_answers": golds}, "x.parquet: row 0", "x-0", "x")
+    assert row["golden_answers"] == ["Thomas Jefferson", "Jefferson"]
+    assert type(row["golden_answers"]) is list and all(type(g) is str for g in row["golden_answers"])
+
+
+# ------------------------------------------------------------------ trajectories: tokenizer provenance
+
+class VocabOnly:
+    """A duck-typed tokenizer: just get_vocab() and the special-token ids."""
+    def __init__(self, vocab, eos_token_id=None, pad_token_id=None, bos_token_id=None):
+        self.vocab = vocab
+        self.eos_token_id, self.pad_token_id, self.bos_token_id = eos_token_id, pad_token_id, bos_token_id
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+
+def test_fingerprint_is_sha256_of_the_documented_canonical_json():
+    # the canonical form, written out by hand: files record the fingerprint, so it must never drift
+    canonical = '{"special":{"bos":null,"eos":1,"pad":null},"vocab":[[0,"a"],[1,"b"]]}'
+    expected = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert expected == "667789551f1dda0f"
+    assert data.tokenizer_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
+
+
+def test_fingerprint_changes_with_what_an_id_means_and_not_with_dict_order():
+    base = data.tokenizer_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0))
+    assert re.fullmatch(r"[0-9a-f]{16}", base)
+    assert data.tokenizer_fingerprint(VocabOnly({"c": 2, "a": 0, "b": 1}, eos_token_id=2, pad_token_id=0)) == base
+    for other in [VocabOnly({"a": 0, "b": 2, "c": 1}, eos_token_id=2, pad_token_id=0),   # two ids swapped
+                  VocabOnly({"a": 0, "b": 1, "d": 2}, eos_token_id=2, pad_token_id=0),   # one token renamed
+                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=1, pad_token_id=0),   # another eos
+                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=2),   # another pad
+                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0, bos_token_id=0)]:
+        assert data.tokenizer_fingerprint(other) != base
+
+
+def test_fingerprint_of_an_object_without_get_vocab_is_a_type_error():
+    with pytest.raises(TypeError, match="tokenizer_fingerprint: str has no get_vocab()"):
+        data.tokenizer_fingerprint("Qwen/Qwen2.5-0.5B")
+
+
+def test_tokenizers_of_the_same_size_with_different_vocabularies_differ(world, tokenizer):
+    import demo
+    other = demo.train_tokenizer(demo.make_world(seed=1))
+    assert len(other) == len(tokenizer) and other.get_vocab() != tokenizer.get_vocab()
+    assert data.tokenizer_fingerprint(other) != data.tokenizer_fingerprint(tokenizer)
+
+
+def test_tokenizer_saved_and_reloaded_keeps_its_fingerprint(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert data.tokenizer_fingerprint(reloaded) == data.tokenizer_fingerprint(tokenizer)
+
+
+def test_trajectories_of_another_tokenizer_of_the_same_size_are_refused_naming_both(
+        world, tokenizer, retriever, tmp_path):
+    """Issue 16, item 6: the vocab-size check passes, the fingerprint does not."""
+    import demo
+    other = demo.train_tokenizer(demo.make_world(seed=1))
+    questions = world.test[:3]
+    trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)
+    mine = data.tokenizer_fingerprint(tokenizer)
+    records = [{**dataclasses.asdict(t), **q, data.TOKENIZER_KEY: mine} for q, t in zip(questions, trajs)]
+    path = str(tmp_path / "tgo.jsonl.gz")
+    write_jsonl(path, records)
+    assert load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=mine) == records
+    assert load_trajectories(path, vocab_size=len(other)) == records        # size alone cannot tell
+    theirs = data.tokenizer_fingerprint(other)
+    with pytest.raises(ValueError, match=where(path, 1) + re.escape(
+            f" made with tokenizer {mine}, but the tokenizer given is {theirs}")):
+        load_trajectories(path, vocab_size=len(other), tokenizer_fingerprint=theirs)
+
+
+def test_row_recording_another_fingerprint_is_refused_at_its_line(tmp_path):
+    lines = [json.dumps(change(tokenizer="aaaa")), json.dumps(change(tokenizer="bbbb"))]
+    path = write_lines(tmp_path / "tgo.jsonl", lines)
+    with pytest.raises(ValueError, match=where(path, 2) + " made with tokenizer bbbb, but the tokenizer given "
+                       "is aaaa: these trajectories were made with another tokenizer"):
+        load_trajectories(path, tokenizer_fingerprint="aaaa")
+    with pytest.raises(ValueError, match=where(path, 1) + " made with tokenizer aaaa, but .* is bbbb"):
+        load_trajectories(path, tokenizer_fingerprint="bbbb")
+    assert len(load_trajectories(path)) == 2                                  # no fingerprint given: not checked
+
+
+def test_rows_without_a_fingerprint_warn_once_for_the_file_and_keep_the_vocab_check(tmp_path):
+    lines = [json.dumps(GOOD_TRAJECTORY)] * 3 + [json.dumps(change(tokenizer="aaaa"))]
+    path = write_lines(tmp_path / "old.jsonl", lines)
+    with pytest.warns(UserWarning) as record:
+        assert len(load_trajectories(path, vocab_size=9, tokenizer_fingerprint="aaaa")) == 4
+    assert [str(w.message) for w in record] == [
+        f"{path}: 3 of 4 rows record no 'tokenizer' fingerprint (an older file or another tool); "
+        "their tokenizer is checked by vocab size 9 only"]
+    with pytest.warns(UserWarning, match=re.escape(f"{path}: 3 of 4 rows") + ".*their tokenizer is not checked$"):
+        load_trajectories(path, tokenizer_fingerprint="aaaa")
+    with pytest.raises(ValueError, match=where(path, 1) + " token id 8 >= vocab size 8"):
+        load_trajectories(path, vocab_size=8, tokenizer_fingerprint="aaaa")   # an unrecorded row, still checked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                       # nothing asked: nothing to warn
+        load_trajectories(path, vocab_size=9)
+        load_trajectories(write_lines(tmp_path / "new.jsonl", lines[3:]), tokenizer_fingerprint="aaaa")
+
+
+@pytest.mark.parametrize("value", [5, "", None, ["aaaa"]])
+def test_tokenizer_key_that_is_not_a_fingerprint_string_names_file_and_line(tmp_path, value):
+    lines = [json.dumps(GOOD_TRAJECTORY), json.dumps(change(tokenizer=value))]
+    path = write_lines(tmp_path / "tgo.jsonl", lines)
+    with pytest.raises(ValueError, match=where(path, 2) + " 'tokenizer' must be a non-empty string"):
+        load_trajectories(path)
