@@ -106,10 +106,12 @@ search again (each search answered with the needed passages placed in its result
    ids exactly as sampled, think and all, and its query ("own"); otherwise the bare turn
    "<search> {question} </search>" with the question as the query ("question"). Which one is
    recorded per row (search_turn, own_turn; the report's probe_own_turn is the fraction "own").
-3. The first observation: the retriever's real top-`topk` hits for that query with every passage of E
+3. The first observation: the retriever's real top-`topk` hits for that query with needed passages
    placed in them (place_passages): a needed passage the hits hold stays at its own rank, the others
-   take the places of the last hits that are not needed. observation_ids renders it exactly as the
-   rollout does, cut to max_obs_tokens (a cut is flagged evidence_truncated). topk >= H is required.
+   take the places of the last hits that are not needed. w/ think places p_1, the first hop's
+   passage; w/o think places all of E (its single answer has no second hop; topk >= H is required).
+   observation_ids renders it exactly as the rollout does, cut to max_obs_tokens (a cut is flagged
+   evidence_truncated).
 4. Context = prompt_ids(question) + search turn + observation + primer, all forced (loss mask 0),
    each piece tokenised on its own as the rollout tokenises forced text, then greedy generation:
    w/o think  primer "<answer>", one final turn (max_turns=0: nothing more is searched). The answer
@@ -117,11 +119,13 @@ search again (each search answered with the needed passages placed in its result
               writes; no </answer> is no answer. A model that thinks instead ("<answer> X is in Y.
               </think>\n<answer> Y </answer>") answers with its thought and scores 0.
    w/ think   primer "<think>", then free continuation with the rest of the normal turn budget
-              (max_turns - 1 further rounds: the search turn used one); every further search it
-              makes is answered by the same rule as step 3 — real top-`topk` for its own query with
-              E placed — so a two-hop question can make its second hop. The answer is final_answer
-              of the model's turns with the primer prepended to the first ("<think>" + " … </think>
-              <answer> Paris </answer>" -> "Paris"). probe_searches counts those further searches.
+              (max_turns - 1 further rounds: the search turn used one); the k-th search of the
+              probe (the forced one is the first) gets the real top-`topk` for its own query with
+              p_min(k, H) placed by the rule of step 3, so a two-hop question can make its second
+              hop, and each hop sees the passage it needs where the model's own rollout would have
+              seen it. The answer is final_answer of the model's turns with the primer prepended to
+              the first ("<think>" + " … </think> <answer> Paris </answer>" -> "Paris").
+              probe_searches counts the searches after the forced one.
 5. em_no_think / em_think = exact_match(answer, golden_answers).
 
 Report
@@ -399,15 +403,16 @@ def score_record(record: Mapping) -> dict[str, float]:
 def _probe_rows(records: list, probe) -> list[dict[str, float]]:
     """Per record {"probe_coverage": 1.0, "probe_em_no_think": x, "probe_em_think": y}, or
     {"probe_coverage": 0.0} for a skipped question (result None), from a list aligned with
-    `records` or a dict keyed by record["id"]."""
+    `records` or a dict keyed by (data_source, id) or by record["id"]."""
     if isinstance(probe, Mapping):
         results = []
         for i, record in enumerate(records):
             if "id" not in record:
                 raise ValueError(f"records[{i}] has no 'id', but probe results are keyed by id")
-            if record["id"] not in probe:
+            key = (data_source(record), record["id"])     # a question's identity in a merged file
+            if key not in probe and record["id"] not in probe:
                 raise ValueError(f"no probe result for records[{i}] id={record['id']!r}")
-            results.append(probe[record["id"]])
+            results.append(probe[key] if key in probe else probe[record["id"]])
     else:
         results = list(probe)
         if len(results) != len(records):
@@ -671,39 +676,44 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
     results: list[dict | None] = [None] * len(questions)
     turns = {i: probe_search_turn(tokenizer, questions[i]["question"], records[i] if records else None)
              for i in probed}
-    first_hits = retriever.search([turns[i][1] for i in probed], topk=config.topk) if probed else []
-    context: dict[int, list[int]] = {}
-    room = max(len(encode_text(tokenizer, primer)) for primer in PROBE_PRIMERS.values()) + 1
-    for i, hits in zip(list(probed), first_hits):
-        shown = place_passages(hits, needed[i], config.topk)
-        observation, cut = observation_ids(tokenizer, shown, config.max_obs_tokens)
-        turn_ids, query, source = turns[i]
-        n_prompt = len(prompt_ids(tokenizer, questions[i]["question"]))
-        if config.max_total_tokens is not None and n_prompt + len(turn_ids) + len(observation) + room > \
-                config.max_total_tokens:
-            probed.remove(i)                  # the context alone fills the length budget: not probed
-            continue
-        context[i] = turn_ids + observation
-        results[i] = {"search_turn": source, "own_turn": float(source == "own"), "query": query,
-                      "evidence_ids": [p.get("id") for p in needed[i]], "evidence_truncated": cut}
-
+    first_hits = dict(zip(probed, retriever.search([turns[i][1] for i in probed], topk=config.topk))) \
+        if probed else {}
+    # the first observation: w/o think gets every needed passage at once (its one answer has no
+    # second hop); w/ think gets the first hop's, and each further search k gets hop k's
+    shown_first = {"no_think": lambda i: needed[i], "think": lambda i: needed[i][:1]}
     # w/o think: one final turn after "<answer>" (no search can run); w/ think: "<think>", then the
-    # rest of the normal turn budget, every further search answered with the needed passages placed
+    # rest of the normal turn budget
     budgets = {"no_think": replace(config, max_turns=0),
                "think": replace(config, max_turns=max(config.max_turns - 1, 0))}
+    for i in probed:
+        results[i] = {"search_turn": turns[i][2], "own_turn": float(turns[i][2] == "own"), "query": turns[i][1],
+                      "evidence_ids": [p.get("id") for p in needed[i]], "evidence_truncated": False}
     for name, primer in PROBE_PRIMERS.items():
         primer_ids = encode_text(tokenizer, primer)
-        for start in tqdm(range(0, len(probed), batch_size), desc=f"evidence-given probe ({name})", unit="batch",
+        context: dict[int, list[int]] = {}
+        for i in probed:
+            shown = place_passages(first_hits[i], shown_first[name](i), config.topk)
+            observation, cut = observation_ids(tokenizer, shown, config.max_obs_tokens)
+            context[i] = turns[i][0] + observation + primer_ids
+            results[i]["evidence_truncated"] |= cut
+        fits = [i for i in probed if config.max_total_tokens is None or
+                len(prompt_ids(tokenizer, questions[i]["question"])) + len(context[i]) < config.max_total_tokens]
+        for start in tqdm(range(0, len(fits), batch_size), desc=f"evidence-given probe ({name})", unit="batch",
                           disable=not progress):
-            batch = probed[start:start + batch_size]
+            batch = fits[start:start + batch_size]
+            searches = {i: 1 for i in batch}               # the forced search turn was search 1
 
-            def search_fn(indices, queries, batch=batch):
-                hits = retriever.search(queries, topk=config.topk)
-                return [place_passages(h, needed[batch[j]], config.topk) for j, h in zip(indices, hits)]
+            def search_fn(indices, queries, batch=batch, searches=searches):
+                placed = []
+                for j, hits in zip(indices, retriever.search(queries, topk=config.topk)):
+                    i = batch[j]
+                    searches[i] += 1
+                    hop = needed[i][min(searches[i], len(needed[i])) - 1]       # hop k's passage at search k
+                    placed.append(place_passages(hits, [hop], config.topk))
+                return placed
 
             trajectories = rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever,
-                                   budgets[name], prefix_ids=[context[i] + primer_ids for i in batch],
-                                   search_fn=search_fn)
+                                   budgets[name], prefix_ids=[context[i] for i in batch], search_fn=search_fn)
             for i, trajectory in zip(batch, trajectories):
                 golds = questions[i]["golden_answers"]
                 if name == "no_think":
@@ -712,8 +722,11 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
                     answer = final_answer([primer + trajectory.turns[0]] + trajectory.turns[1:])
                     results[i]["em_think"] = exact_match(answer, golds)
                     results[i]["probe_searches"] = trajectory.num_searches
-                written = trajectory.input_ids[trajectory.prompt_length + len(context[i]):]   # primer onwards
+                written = trajectory.input_ids[trajectory.prompt_length + len(context[i]) - len(primer_ids):]
                 results[i][f"response_{name}"] = tokenizer.decode(written, skip_special_tokens=True)
+    for i in probed:        # a context that fills the length budget leaves the row unprobed
+        if "em_no_think" not in results[i] or "em_think" not in results[i]:
+            results[i] = None
     return results
 
 

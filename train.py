@@ -716,7 +716,8 @@ def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: RolloutC
     records = generate_records(teacher, tokenizer, shard, retriever, rcfg, dist, batch_size, generator,
                                desc="tgo")
     records = all_gather_objects(dist, records)
-    kept = [r for r in records if r["em"] == 1.0 or keep_wrong]
+    fingerprint = data.tokenizer_fingerprint(tokenizer)       # kd refuses these ids with another tokenizer
+    kept = [{**r, data.TOKENIZER_KEY: fingerprint} for r in records if r["em"] == 1.0 or keep_wrong]
     if dist.master:
         data.write_jsonl(out_path, kept)
     stats = {"rollouts": len(records), "kept": len(kept),
@@ -1126,7 +1127,8 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
                                  dataclasses.replace(rcfg, max_new_tokens=500))
     oracle_records = [{**q, **asdict(t), "em": arc_metric.answer_em(t.turns, q["golden_answers"])}
                       for q, t in zip(train_questions, oracle)]
-    oracle_records = [r for r in oracle_records if r["em"] == 1.0]
+    oracle_records = [{**r, data.TOKENIZER_KEY: data.tokenizer_fingerprint(tokenizer)} for r in oracle_records
+                      if r["em"] == 1.0]
     data.write_jsonl(os.path.join(out, "oracle.jsonl"), oracle_records)
     print0(dist, f"oracle: {len(oracle_records)}/{len(train_questions)} correct training trajectories")
     dirs = {name: os.path.join(out, name) for name in ("teacher_init", "teacher", "student_init", "kd", "dgpo")}
@@ -1144,7 +1146,8 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
                     batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
     if not stats["kept"]:       # checked before loading: the loader rejects an empty file less clearly
         raise RuntimeError("the teacher got no training question right: nothing to distil")
-    tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer))
+    tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer),
+                                 tokenizer_fingerprint=data.tokenizer_fingerprint(tokenizer))
     seconds["tgo"], t = time.time() - t, time.time()
 
     # 3. kd: cold start of a fresh, smaller student
@@ -1329,8 +1332,9 @@ def run_stage(args, dist: Dist) -> None:
         if args.stage == "kd":
             check_same_tokenizer(tokenizer, load_tokenizer(args.teacher, "--teacher"), args.student, args.teacher)
             teacher = load_model(args.teacher, dist, trainable=False, arg="--teacher")
-        records = data.load_trajectories(args.data, vocab_size=len(tokenizer))
-        heldout = data.load_trajectories(args.heldout, vocab_size=len(tokenizer)) if args.heldout else None
+        made_with = {"vocab_size": len(tokenizer), "tokenizer_fingerprint": data.tokenizer_fingerprint(tokenizer)}
+        records = data.load_trajectories(args.data, **made_with)
+        heldout = data.load_trajectories(args.heldout, **made_with) if args.heldout else None
         model = load_model(init, dist, trainable=True, grad_checkpointing=args.grad_checkpointing, arg=arg)
         train_supervised(model, tokenizer, records, cfg, dist, args.out, teacher=teacher, heldout=heldout,
                          resume=args.resume, desc=args.stage, stop_after=args.stop_after,

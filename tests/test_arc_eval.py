@@ -270,14 +270,23 @@ class Blind:
 def test_a_two_hop_question_searches_again_and_each_search_gets_its_hops_passage(
         world, tokenizer, retriever, two_hop_questions):
     blind = Blind(retriever, two_hop_questions)
-    results = evidence_given_probe(Reader(tokenizer), tokenizer, two_hop_questions, blind, CONFIG)
-    for row, result, passages in zip(two_hop_questions, results, needed_passages(two_hop_questions, blind)):
+    model = Reader(tokenizer)
+    results = evidence_given_probe(model, tokenizer, two_hop_questions, blind, CONFIG)
+    needed = needed_passages(two_hop_questions, blind)
+    starts = {"<answer>": [c for c in model.turn_contexts if c.endswith("<answer>")],
+              "<think>": [c for c in model.turn_contexts if c.endswith("<think>")]}
+    for passages, no_think, think in zip(needed, starts["<answer>"], starts["<think>"]):
+        first_hop, second_hop = (p["contents"].split("\n")[0] for p in passages)
+        # w/ think: the first observation holds the first hop's passage only; w/o think: both
+        assert f"(Title: {first_hop})" in information_blocks(think)[-1]
+        assert f"(Title: {second_hop})" not in information_blocks(think)[-1]
+        assert f"(Title: {first_hop})" in information_blocks(no_think)[-1]
+        assert f"(Title: {second_hop})" in information_blocks(no_think)[-1]
+    for row, result, passages in zip(two_hop_questions, results, needed):
         assert result["em_think"] == 1.0 and result["probe_searches"] == 1, result
         blocks = information_blocks(result["response_think"])                # the searches after the first
-        assert len(blocks) == 1
-        for passage in passages:                                              # both hops', placed again
-            title, _, body = passage["contents"].partition("\n")
-            assert f"(Title: {title}) {body}" in blocks[0]
+        title, _, body = passages[1]["contents"].partition("\n")             # the second hop's passage
+        assert len(blocks) == 1 and f"(Title: {title}) {body}" in blocks[0]
     # the same reader with the real rollout and the blind retriever cannot answer: the probe's
     # placement is what it reads
     records, _ = arc_metric.evaluate(Reader(tokenizer), tokenizer, two_hop_questions, blind, CONFIG, probe=False,

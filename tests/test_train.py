@@ -533,3 +533,22 @@ def test_the_demo_owns_its_directory_and_can_run_twice(tmp_path):
     (other / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="was not written by the demo"):
         train.run_demo("small", str(other), train.Dist())
+
+
+def test_kd_refuses_trajectories_made_with_another_tokenizer_of_the_same_size(tokenizer, model_dirs, fixed_rollouts,
+                                                                              tmp_path):
+    other_world = demo.make_world(seed=5)
+    other_tok = demo.train_tokenizer(other_world)
+    assert len(other_tok) == len(tokenizer) and other_tok.get_vocab() != tokenizer.get_vocab()
+    student, teacher = str(tmp_path / "student"), str(tmp_path / "teacher")
+    demo.make_tiny_model(other_tok, "test", seed=1, out_dir=student)
+    demo.make_tiny_model(other_tok, "test", seed=2, out_dir=teacher)
+    rows = [{**r, data.TOKENIZER_KEY: data.tokenizer_fingerprint(tokenizer)} for r in data.load_trajectories(fixed_rollouts)]
+    made = str(tmp_path / "tgo.jsonl")
+    data.write_jsonl(made, rows)
+    args = train.parse_args(["kd", "--student", student, "--teacher", teacher, "--data", made,
+                             "--out", str(tmp_path / "kd"), "--steps", "1"])
+    with pytest.raises(ValueError, match=(rf"tgo.jsonl:1: made with tokenizer {data.tokenizer_fingerprint(tokenizer)}"
+                                          rf", but the tokenizer given is {data.tokenizer_fingerprint(other_tok)}")):
+        train.run_stage(args, train.Dist())
+    assert not os.path.exists(tmp_path / "kd" / "trainer_state.pt")
