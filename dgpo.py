@@ -433,6 +433,102 @@ def token_advantages(advantages, token_rewards, mask):
 
 
 # ----------------------------------------------------------------------------------------------
+# PPO with GAE and a critic: the paper's own RL algorithm (docs/method.md §4).
+
+def ppo_token_rewards(em, old_logp, teacher_logp, mask, beta=0.001, teacher="selective"):
+    """The official run's per-token reward: the EM reward on the last sampled token of each rollout,
+    plus the k1 teacher penalty on every sampled token of the wrong ones (teacher_kl_reward):
+
+        r_t = EM_i · 1[t = last sampled token] − β · w_i · m_t · (log π_old(y_t) − log π_T(y_t))
+
+    em (B,) 0/1, old_logp and teacher_logp (B, T), mask (B, T) -> (B, T) fp32, 0 off the mask.
+    A rollout with no sampled token gets no reward at all. teacher="none": EM only.
+    Example: em [1], mask [[1, 0, 1, 0]], no penalty -> [[0, 0, 1, 0]].
+    """
+    m = _bool_mask("ppo_token_rewards", mask, old_logp.shape)                  # (B, T)
+    positions = torch.arange(m.shape[1], device=m.device).expand_as(m)          # (B, T)
+    last = torch.where(m, positions, torch.full_like(positions, -1)).amax(-1)  # (B,) −1 if none
+    at_last = positions == last[:, None]                                        # (B, T)
+    r = torch.where(at_last & m, em.float()[:, None].expand_as(old_logp), torch.zeros((), device=m.device))
+    return r.float() + teacher_kl_reward(old_logp, teacher_logp, em, m, beta, teacher)
+
+
+def gae_advantages(token_rewards, values, mask, gamma=1.0, lam=1.0):
+    """Generalised advantage estimation over the SAMPLED tokens of each row. Observation and padding
+    tokens are part of the environment's transition: they carry neither reward nor value and are
+    skipped, so the recursion links each sampled token to the next sampled one. With sampled
+    positions t_1 < … < t_n of a row:
+
+        δ_i = r_{t_i} + γ·V_{t_{i+1}} − V_{t_i}     (V_{t_{n+1}} = 0)
+        A_i = δ_i + γλ·A_{i+1}                      (A_{n+1} = 0)
+        returns = A + V
+
+    token_rewards, values, mask (B, T) -> (advantages, returns), both (B, T) fp32, 0 off the mask.
+    γ = λ = 1 (the paper's setting): A_i = Σ_{j ≥ i} r_{t_j} − V_{t_i}, the return-to-go minus the value.
+    Example: r [[0, 9, 1]], V [[0.5, 7, 0.25]], m [[1, 0, 1]], γ = λ = 1 -> A [[0.5, 0, 0.75]].
+    """
+    m = _bool_mask("gae_advantages", mask, token_rewards.shape)                # (B, T)
+    _check_same("gae_advantages", "token_rewards", token_rewards, values=values)
+    r = token_rewards.detach().float()
+    v = values.detach().float()
+    zero = torch.zeros(r.shape[0], dtype=torch.float32, device=r.device)       # (B,)
+    next_value, next_adv = zero, zero
+    advantages = torch.zeros_like(r)                                           # (B, T)
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * next_value - v[:, t]                         # (B,)
+        adv = delta + gamma * lam * next_adv                                   # (B,)
+        here = m[:, t]
+        advantages[:, t] = torch.where(here, adv, zero)
+        next_value = torch.where(here, v[:, t], next_value)                    # skip unsampled tokens
+        next_adv = torch.where(here, adv, next_adv)
+    returns = torch.where(m, advantages + v, torch.zeros_like(v))
+    return advantages, returns
+
+
+def masked_whiten(values, mask, mean=None, var=None, eps=1e-8):
+    """(x − mean) / sqrt(var + ε) on the masked entries, 0 elsewhere: veRL's default for GAE advantages.
+    mean and var default to the masked entries' own (var unbiased); under DDP pass the global ones
+    so every rank whitens alike. (B, T) x2 -> (B, T)."""
+    m = _bool_mask("masked_whiten", mask, values.shape)
+    x = values.float()
+    if mean is None or var is None:
+        n = m.sum()
+        mean = torch.where(m, x, torch.zeros_like(x)).sum() / n.clamp(min=1)
+        var = torch.where(m, (x - mean) ** 2, torch.zeros_like(x)).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(torch.as_tensor(var, dtype=x.dtype, device=x.device) + eps)
+    return torch.where(m, out, torch.zeros_like(out))
+
+
+def value_loss(values, old_values, returns, mask, clip=0.5, agg="token-mean", normaliser=None):
+    """PPO's clipped value loss (the critic's), aggregated like the policy loss:
+
+        V_clip = V_old + clip(V − V_old, −ε_v, ε_v)
+        ℓ_t    = ½ · max((V − R)², (V_clip − R)²)
+
+    values (B, T) with grad, old_values and returns (B, T), mask (B, T) -> (loss, metrics
+    {vf_loss, vf_clip_frac (the clipped branch was larger and pinned the gradient), value_mean,
+    n_tokens}). clip=None: the plain ½(V − R)². Example: V 2, V_old 0, R 3, ε_v 0.5 -> V_clip 0.5,
+    ℓ = ½ · max(1, 6.25) = 3.125, gradient 0.
+    """
+    _check_same("value_loss", "values", values, old_values=old_values, returns=returns)
+    m = _bool_mask("value_loss", mask, values.shape)                          # (B, T)
+    R = returns.detach().to(values.dtype)
+    unclipped = (values - R) ** 2                                             # (B, T)
+    if clip is None:
+        per_token, clipped_larger = 0.5 * unclipped, torch.zeros_like(m)
+    else:
+        old = old_values.detach().to(values.dtype)
+        v_clip = old + (values - old).clamp(-clip, clip)                      # (B, T)
+        clipped = (v_clip - R) ** 2
+        per_token = 0.5 * torch.maximum(unclipped, clipped)
+        clipped_larger = clipped > unclipped
+    loss = aggregate(per_token, m, agg, normaliser)
+    metrics = {"vf_loss": loss.item(), "vf_clip_frac": _mean(clipped_larger.float(), m),
+               "value_mean": _mean(values, m), "n_tokens": int(m.sum())}
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
 # KL estimators on sampled tokens.
 
 def kl_estimate(logp, ref_logp, kind):

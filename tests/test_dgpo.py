@@ -717,3 +717,72 @@ def test_all_masked_batch_gives_zero_loss_zero_gradient_and_n_tokens_zero():
     logp = dgpo.token_logprobs(student.clone().requires_grad_(), tokens)
     loss, metrics = dgpo.policy_loss(logp, old_logp, adv, mask)
     assert loss.item() == 0.0 and not any(math.isnan(v) for v in metrics.values())
+
+
+# --------------------------------------------------------------------------------------------
+# PPO: per-token rewards, GAE over sampled tokens, the clipped value loss, whitening.
+
+def test_gae_by_hand_with_an_observation_gap_and_gamma_lambda_below_one():
+    """Row: sampled, observation, observation, sampled, sampled, padding. γ = 0.9, λ = 0.8.
+    Sampled positions 0, 3, 4 with r = (0.1, −0.2, 1.0), V = (0.5, 0.3, 0.6); V after the last = 0.
+      i=3 (t=4): δ = 1.0 + 0.9·0 − 0.6 = 0.4;             A = 0.4
+      i=2 (t=3): δ = −0.2 + 0.9·0.6 − 0.3 = 0.04;         A = 0.04 + 0.72·0.4 = 0.328
+      i=1 (t=0): δ = 0.1 + 0.9·0.3 − 0.5 = −0.13;         A = −0.13 + 0.72·0.328 = 0.10616
+    The observation tokens' rewards and values (9, 7) must play no part."""
+    r = torch.tensor([[0.1, 9.0, 9.0, -0.2, 1.0, 9.0]])
+    v = torch.tensor([[0.5, 7.0, 7.0, 0.3, 0.6, 7.0]])
+    m = torch.tensor([[1, 0, 0, 1, 1, 0]])
+    adv, ret = dgpo.gae_advantages(r, v, m, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.10616, 0, 0, 0.328, 0.4, 0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.60616, 0, 0, 0.628, 1.0, 0]]))
+
+
+def test_gae_with_gamma_lambda_one_is_return_to_go_minus_value():
+    g = torch.Generator().manual_seed(0)
+    r, v = torch.randn(3, 9, generator=g), torch.randn(3, 9, generator=g)
+    m = torch.rand(3, 9, generator=g) < 0.6
+    adv, ret = dgpo.gae_advantages(r, v, m)
+    expected = dgpo.reward_to_go(r, m) - torch.where(m, v, torch.zeros_like(v))
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, dgpo.reward_to_go(r, m))       # returns = A + V = return-to-go
+
+
+def test_ppo_rewards_put_em_on_the_last_sampled_token_and_the_penalty_on_wrong_rollouts_only():
+    old = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-1.0, -2.0, -0.5, -3.0], [-1.0, -1.0, -1.0, -1.0]])
+    teacher = torch.tensor([[-2.0, -1.0, -0.5, 0.0], [-2.0, -1.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 0, 0]])     # token 2: an observation
+    em = torch.tensor([1, 0, 0])
+    r = dgpo.ppo_token_rewards(em, old, teacher, mask, beta=0.1)
+    # row 0 right: EM 1 on its last sampled token (position 3), no penalty anywhere
+    # row 1 wrong: −0.1·(old − teacher) = −0.1·[1, −1, ·, −3] on sampled tokens, EM 0
+    # row 2 has no sampled token: nothing
+    torch.testing.assert_close(r, torch.tensor([[0.0, 0.0, 0.0, 1.0], [-0.1, 0.1, 0.0, 0.3], [0.0] * 4]))
+    assert torch.equal(dgpo.ppo_token_rewards(em, old, teacher, mask, teacher="none")[1], torch.zeros(4))
+
+
+@pytest.mark.parametrize("value, old, ret, loss, grad", [
+    (2.0, 0.0, 3.0, 0.5 * 6.25, 0.0),     # moved up past the clip, return above: clipped branch larger, pinned
+    (-2.0, 0.0, -3.0, 0.5 * 6.25, 0.0),   # the same on the low side
+    (0.3, 0.0, 3.0, 0.5 * 7.29, -2.7),    # inside the clip range: the plain squared error, grad V − R
+    (2.0, 0.0, 0.0, 0.5 * 4.0, 2.0),      # past the clip, but the unclipped error is the larger: it acts
+])
+def test_value_loss_clips_on_both_sides_by_hand(value, old, ret, loss, grad):
+    v = torch.tensor([[value, 5.0]], dtype=F64, requires_grad=True)
+    out, metrics = dgpo.value_loss(v, torch.tensor([[old, 0.0]], dtype=F64), torch.tensor([[ret, 0.0]], dtype=F64),
+                                   torch.tensor([[1, 0]]), clip=0.5)
+    assert out.item() == pytest.approx(loss)
+    (g,) = torch.autograd.grad(out, v)
+    torch.testing.assert_close(g, torch.tensor([[grad, 0.0]], dtype=F64))
+    assert metrics["vf_clip_frac"] == (1.0 if grad == 0.0 else 0.0) and metrics["n_tokens"] == 1
+
+
+def test_masked_whiten_uses_masked_entries_or_given_global_moments():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, -50.0, 4.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    w = dgpo.masked_whiten(x, m)
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    expected = (vals - vals.mean()) / torch.sqrt(vals.var() + 1e-8)
+    torch.testing.assert_close(w[m.bool()], expected)
+    assert w[0, 2] == 0 and w[1, 1] == 0
+    torch.testing.assert_close(dgpo.masked_whiten(x, m, mean=torch.tensor(2.0), var=torch.tensor(4.0))[0, 0],
+                               torch.tensor(-0.5))
