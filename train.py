@@ -304,7 +304,7 @@ def save_checkpoint(out_dir: str, model, tokenizer, dist: Dist, state: dict | No
     stage, config and its hash, optimizer, scheduler, step, data position and every rank's RNG
     states, for exact resume. Written atomically (checkpoint.save): a crash at any moment leaves the
     previous checkpoint or this one, never a mix. A model with non-finite weights is never saved."""
-    raw = model.module if isinstance(model, DDP) else model
+    raw = hf_model(model)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if dist.device.type == "cuda" else None}
     rngs = all_gather_objects(dist, [rng])
@@ -477,41 +477,109 @@ def stop_if_diverged(counters: dict, out_dir: str) -> None:
 
 @dataclass
 class Batch:
+    """A micro-batch with its loss positions gathered. Only tokens the policy sampled carry a loss
+    (17.5% of the demo's positions, a similar share with Search-R1's observations), so the LM head
+    runs on those positions only: row b's n_b loss positions are packed to the left of an (B, L)
+    layout, L = max_b n_b, in sequence order."""
     inputs: torch.Tensor      # (B, T)  ids fed to the model: sequence[:-1], right-padded
-    targets: torch.Tensor     # (B, T)  the next token at each position: sequence[1:]
-    mask: torch.Tensor        # (B, T)  bool, True where the target was sampled by the policy (loss_mask[1:])
-    real: torch.Tensor        # (B, T)  bool, True on real (non-padding) input positions
+    positions: torch.Tensor   # (B, L)  input position whose NEXT token is a loss token (0 in the padding)
+    targets: torch.Tensor     # (B, L)  that next token, as the policy sampled it
+    mask: torch.Tensor        # (B, L)  bool, True on the packed entries (row b: the first n_b)
 
 
 def make_batch(records: list[dict], device, pad_id: int = 0) -> Batch:
-    """Right-pads `input_ids` / `loss_mask` of trajectory records. Right padding with a causal model
-    means no real token ever attends to padding, so the forward needs no attention mask; the pad id
-    is irrelevant because `mask` and `real` are carried explicitly."""
+    """Right-pads `input_ids` of trajectory records and gathers the positions their `loss_mask`
+    marks. Right padding with a causal model means no real token ever attends to padding, so the
+    forward needs no attention mask; the pad id is irrelevant because positions and the mask are
+    carried explicitly."""
     width = max(len(r["input_ids"]) for r in records) - 1
+    picked = [[t for t, m in enumerate(r["loss_mask"][1:]) if m] for r in records]   # per row, ascending
+    packed = max(1, max(len(p) for p in picked))
     inputs = torch.full((len(records), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(records), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(records), width, dtype=torch.bool)
-    real = torch.zeros(len(records), width, dtype=torch.bool)
-    for b, r in enumerate(records):
-        ids, n = r["input_ids"], len(r["input_ids"]) - 1
-        inputs[b, :n] = torch.tensor(ids[:-1])
-        targets[b, :n] = torch.tensor(ids[1:])
-        mask[b, :n] = torch.tensor(r["loss_mask"][1:], dtype=torch.bool)
-        real[b, :n] = True
-    return Batch(inputs.to(device), targets.to(device), mask.to(device), real.to(device))
+    positions = torch.zeros(len(records), packed, dtype=torch.long)
+    targets = torch.full((len(records), packed), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(records), packed, dtype=torch.bool)
+    for b, (r, rows) in enumerate(zip(records, picked)):
+        ids = r["input_ids"]
+        inputs[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+        positions[b, :len(rows)] = torch.tensor(rows, dtype=torch.long)
+        targets[b, :len(rows)] = torch.tensor([ids[t + 1] for t in rows], dtype=torch.long)
+        mask[b, :len(rows)] = True
+    return Batch(inputs.to(device), positions.to(device), targets.to(device), mask.to(device))
 
 
 def padded(rows: list[torch.Tensor], shape: tuple[int, int], device) -> torch.Tensor:
-    """Per-record (T_i,) values (old log-probs, per-token advantages) as one right-padded (B, T)
-    tensor aligned with Batch.targets; the padding is 0 and lies outside every mask."""
-    out = torch.zeros(shape, dtype=torch.float32, device=device)                 # (B, T)
+    """Per-record values at the record's loss positions (old log-probs, per-token advantages), (n_i,)
+    each, as one (B, L) tensor aligned with Batch.targets; the padding is 0 and lies outside the mask."""
+    out = torch.zeros(shape, dtype=torch.float32, device=device)                 # (B, L)
     for b, row in enumerate(rows):
         out[b, :len(row)] = row.to(device)
     return out
 
 
+class HeadAtPositions(torch.nn.Module):
+    """A causal LM whose forward runs the decoder on the whole sequence but its head only on the
+    hidden states at the given positions: logits (B, L, V) instead of (B, T, V). At Qwen2.5's
+    vocabulary (151,936) that is the difference between 2.5 GB and ~0.4 GB of fp32 logits per
+    4 × 1,024-token micro-batch (bench/bench_dgpo.py measures it). The same module serves a critic
+    (a token-classification model with one label): its head is the one-unit `score` layer.
+
+    It is the module DDP wraps (so gradients are all-reduced as usual) and holds no parameters of its
+    own; `.lm` is the HF model that is saved. check() compares it once with the model's own forward,
+    so a model whose forward does more than head(hidden) (logit scaling, soft-capping) is refused."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.head = lm.get_output_embeddings() if hasattr(lm, "lm_head") else getattr(lm, "score", None)
+        if self.head is None:
+            raise ValueError(f"{type(lm).__name__}: no LM head (lm_head) or value head (score) to apply")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state     # (B, T, H)
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))        # (B, L, H)
+        return self.head(picked)                                                                # (B, L, V)
+
+    @torch.no_grad()
+    def check(self) -> "HeadAtPositions":
+        ids = torch.arange(1, 9, device=self.head.weight.device)[None] % self.head.weight.shape[0]  # (1, 8)
+        positions = torch.tensor([[1, 4, 7]], device=ids.device)
+        full = self.lm(input_ids=ids, use_cache=False).logits[:, [1, 4, 7]]
+        ours = self.forward(ids, positions)
+        if not torch.allclose(full.float(), ours.float(), rtol=1e-4, atol=1e-4, equal_nan=True):
+            raise ValueError(f"{type(self.lm).__name__}: its forward is not head(decoder(ids)); this trainer "
+                             "computes logits only at loss positions and cannot train it as is")
+        return self
+
+
+def at_positions(model) -> HeadAtPositions:
+    """The head-at-positions view of an HF model, or the view itself (possibly DDP-wrapped). The
+    trainers make their views once, checked (HeadAtPositions(model).check()); this makes an
+    unchecked one for a bare model (a held-out loss, a benchmark)."""
+    if isinstance(model, DDP) and not isinstance(model.module, HeadAtPositions):
+        raise TypeError("wrap HeadAtPositions(model) in DDP, not the bare model: DDP must see the forward "
+                        "that computes the loss")
+    return model if isinstance(model, (HeadAtPositions, DDP)) else HeadAtPositions(model)
+
+
+def wrap(model, dist: Dist):
+    """The view a trainer computes its losses through: HeadAtPositions, checked, in DDP when distributed."""
+    view = HeadAtPositions(model).check()
+    if not dist.enabled:
+        return view
+    return DDP(view, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+
+
+def hf_model(model):
+    """The Hugging Face model inside a DDP wrapper and/or a HeadAtPositions view."""
+    model = model.module if isinstance(model, DDP) else model
+    return model.lm if isinstance(model, HeadAtPositions) else model
+
+
 def logits_of(model, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch.inputs, use_cache=False).logits        # (B, T, V)
+    """Logits at the batch's loss positions, (B, L, V): the one forward every loss uses (SFT, KD,
+    and every RL forward: policy, old policy, teacher)."""
+    return at_positions(model)(batch.inputs, batch.positions)                 # (B, L, V)
 
 
 def micro_batches(records: list[dict], size: int) -> list[list[dict]]:
@@ -521,7 +589,7 @@ def micro_batches(records: list[dict], size: int) -> list[list[dict]]:
 
 
 def loss_token_count(records: list[dict]) -> int:
-    """The loss tokens of these records: targets the policy sampled, i.e. loss_mask[1:] (Batch.mask)."""
+    """The loss tokens of these records: targets the policy sampled, i.e. loss_mask[1:] (Batch.mask's entries)."""
     return sum(sum(r["loss_mask"][1:]) for r in records)
 
 
@@ -547,15 +615,15 @@ def supervised_loss(model, teacher, records: list[dict], normaliser: float, voca
     CE (no teacher: teacher SFT) or CE + λ·KL(π_T‖π_θ) (the KD cold start, dgpo.kd_loss)."""
     batch = make_batch(records, dist.device)
     with autocast(dist):
-        logits = logits_of(model, batch)                                # (B, T, V)
+        logits = logits_of(model, batch)                                # (B, L, V)
         if teacher is None:
-            logp = dgpo.token_logprobs(logits[..., :vocab_size], batch.targets)   # (B, T)
+            logp = dgpo.token_logprobs(logits[..., :vocab_size], batch.targets)   # (B, L)
             loss = dgpo.aggregate(-logp, batch.mask, "token-mean", normaliser)
             n = int(batch.mask.sum())
             ce = (-logp.detach()[batch.mask]).sum().item() / max(n, 1)
             return loss, {"ce": ce, "kl": 0.0, "n_tokens": n}
         with torch.no_grad():
-            teacher_logits = logits_of(teacher, batch)                  # (B, T, V_T)
+            teacher_logits = logits_of(teacher, batch)                  # (B, L, V_T)
         return dgpo.kd_loss(logits, teacher_logits, batch.targets, batch.mask, lam=lam,
                             normaliser=normaliser, vocab_size=vocab_size)
 
@@ -573,8 +641,8 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
     if dist.master:
         check_output(out_dir, resume, overwrite)
     vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
-    ddp_model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) \
-        if dist.enabled else model
+    ddp_model = wrap(model, dist)
+    teacher = HeadAtPositions(teacher).check() if teacher is not None else None
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_steps,
                                           cfg.min_lr_ratio)
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -684,7 +752,7 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: R
                      batch_size: int, generator=None, desc: str | None = None) -> list[dict]:
     """Rolls out `questions` (in chunks of batch_size) and returns trajectory records: the question
     fields + every Trajectory field + `em` (the binary reward, scored on the model's own turns)."""
-    raw = model.module if isinstance(model, DDP) else model
+    raw = hf_model(model)
     records = []
     chunks = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
     for chunk in tqdm(chunks, desc=desc, disable=desc is None or not dist.master, leave=False):
@@ -750,22 +818,22 @@ def rl_logits(model, batch: Batch, vocab_size: int, temperature: float) -> torch
     sampled KL estimates and the k1 reward penalty then all refer to the policy that generated the
     tokens, and KL(π_θ‖π_T) compares the two tempered distributions. (Embedding rows past the
     tokenizer, as in Qwen2.5, are sliced off: student and teacher compare like with like.)"""
-    return logits_of(model, batch)[..., :vocab_size] / temperature              # (B, T, V)
+    return logits_of(model, batch)[..., :vocab_size] / temperature              # (B, L, V)
 
 
 @torch.no_grad()
 def sampled_logprobs(model, records: list[dict], cfg: RLConfig, vocab_size: int, dist: Dist):
-    """log π(y_t) of each record's tokens under `model` (tempered, rl_logits), per record a (T_i,)
+    """log π(y_t) of each record's tokens under `model` (tempered, rl_logits), per record an (n_i,)
     tensor: log π_old before the first of several mini-batch updates, and log π_old / log π_T for
     the paper's reward-penalty variant, which needs them before the advantages exist."""
     out = {}
     for chunk in micro_batches(records, cfg.micro_batch_size):
         batch = make_batch(chunk, dist.device)
         with autocast(dist):
-            logits = rl_logits(model, batch, vocab_size, cfg.temperature)           # (B, T, V)
-            logp = dgpo.token_logprobs(logits, batch.targets)                      # (B, T)
-        for r, row, n in zip(chunk, logp, batch.real.sum(1).tolist()):
-            out[id(r)] = row[:n]
+            logits = rl_logits(model, batch, vocab_size, cfg.temperature)           # (B, L, V)
+            logp = dgpo.token_logprobs(logits, batch.targets)                      # (B, L)
+        for r, row, n in zip(chunk, logp, batch.mask.sum(1).tolist()):
+            out[id(r)] = row[:n]                                                   # (n_i,) loss positions
     return [out[id(r)] for r in records]
 
 
@@ -773,13 +841,13 @@ def reward_penalty_advantages(cfg: RLConfig, records: list[dict], advantages: to
                               vocab_size: int, dist: Dist) -> list[torch.Tensor]:
     """teacher_as="reward", the paper's penalty per token: A_{i,t} = A_i + Σ_{s ≥ t} r_{i,s} with
     r_t = −β·w_i·(log π_old(y_t) − log π_T(y_t)) on sampled tokens (dgpo.token_advantages). Per
-    record a (T_i,) tensor aligned with its targets; also sets r["reward"] = EM + Σ_t r_t."""
+    record an (n_i,) tensor over its loss positions, in order; also sets r["reward"] = EM + Σ_t r_t."""
     ref = sampled_logprobs(teacher, records, cfg, vocab_size, dist)
     out = []
     for r, lt, a in zip(records, ref, advantages.tolist()):
-        lp = r["old_logp"][None]                                                    # (1, T)
+        lp = r["old_logp"][None]                                                    # (1, n_i) loss positions
         em = torch.tensor([r["em"]], device=lt.device)                              # (1,)
-        mask = torch.tensor(r["loss_mask"][1:], dtype=torch.bool, device=lt.device)[None]
+        mask = torch.ones_like(lp, dtype=torch.bool)                                # (1, n_i) all sampled
         pen = dgpo.teacher_kl_reward(lp, lt[None], em, mask, cfg.beta, cfg.teacher_mode)   # (1, T)
         out.append(dgpo.token_advantages(torch.tensor([a], device=lt.device), pen, mask)[0])
         r["reward"] = r["em"] + pen.sum().item()
@@ -810,7 +878,7 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
     penalty = cfg.teacher_as == "reward" and cfg.teacher_mode != "none"
     if cfg.mini_batches > 1 or penalty:
         for r, lp in zip(records, sampled_logprobs(model, records, cfg, vocab_size, dist)):
-            r["old_logp"] = lp                                                    # (T_i,)
+            r["old_logp"] = lp                                                    # (n_i,) at its loss positions
     em = torch.tensor([r["em"] for r in records], dtype=torch.float32)            # (N,)
     groups = torch.tensor([r["group"] for r in records])
     advantages = dgpo.group_advantages(em, groups)                                # (N,)
@@ -819,7 +887,7 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
     if penalty:
         for r, adv_t in zip(records, reward_penalty_advantages(cfg, records, advantages, teacher, vocab_size,
                                                                dist)):
-            r["token_advantage"] = adv_t                                          # (T_i,)
+            r["token_advantage"] = adv_t                                          # (n_i,)
     steps = [minibatch_update(model, teacher, optimizer, scheduler, part, cfg, dist, vocab_size, counters)
              for part in split_groups(records, cfg.mini_batches)]
     return {k: sum(s[k] for s in steps) / len(steps) if k != "loss_tokens" else sum(s[k] for s in steps)
@@ -839,19 +907,19 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
     for i, chunk in enumerate(chunks):
         batch = make_batch(chunk, dist.device)
         adv = torch.tensor([r["advantage"] for r in chunk], device=dist.device)  # (B,)
-        if "token_advantage" in chunk[0]:                                         # per token: (B, T)
+        if "token_advantage" in chunk[0]:                                         # per token: (B, L)
             adv = padded([r["token_advantage"] for r in chunk], batch.targets.shape, dist.device)
         em = torch.tensor([r["em"] for r in chunk], device=dist.device)          # (B,)
         with ddp_sync(model, last=i == len(chunks) - 1), autocast(dist):
-            logits = rl_logits(model, batch, vocab_size, cfg.temperature)         # (B, T, V)
-            logp = dgpo.token_logprobs(logits, batch.targets)                     # (B, T)
-            old_logp = logp.detach()                                              # (B, T)
+            logits = rl_logits(model, batch, vocab_size, cfg.temperature)         # (B, L, V)
+            logp = dgpo.token_logprobs(logits, batch.targets)                     # (B, L)
+            old_logp = logp.detach()                                              # (B, L)
             if "old_logp" in chunk[0]:
                 old_logp = padded([r["old_logp"] for r in chunk], logp.shape, dist.device)
             teacher_logits = teacher_logp = None
             if use_teacher:
                 with torch.no_grad():
-                    teacher_logits = rl_logits(teacher, batch, vocab_size, cfg.temperature)  # (B, T, V)
+                    teacher_logits = rl_logits(teacher, batch, vocab_size, cfg.temperature)  # (B, L, V)
                 if cfg.kl != "full":
                     teacher_logp = dgpo.token_logprobs(teacher_logits, batch.targets)
                     teacher_logits = None
@@ -927,8 +995,8 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     check_prompts(tokenizer, questions, budget, "training question")
     check_prompts(tokenizer, validation or [], budget, "validation question")
     vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
-    ddp_model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None) \
-        if dist.enabled else model
+    ddp_model = wrap(model, dist)
+    teacher = HeadAtPositions(teacher).check() if teacher is not None else None
     updates = cfg.steps * cfg.mini_batches                      # optimizer steps in the whole run
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, updates,
                                           int(cfg.warmup_ratio * updates), min_lr_ratio=None)

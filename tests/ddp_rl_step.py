@@ -25,7 +25,7 @@ def main(student_dir, teacher_dir, records_path, out_dir, teacher_as="loss", min
     teacher = train.load_model(teacher_dir, dist, trainable=False)
     tokenizer = train.load_tokenizer(student_dir)
     vocab_size = train.vocab_size_of(tokenizer, model, teacher)
-    ddp_model = DDP(model) if dist.enabled else model
+    ddp_model = train.wrap(model, dist)
     # plain SGD: the update is the gradient itself, so the comparison checks DDP's gradients directly
     # (Adam's first step is ±lr wherever |g| >> eps, and flips on gradients near 0 — noise, not signal)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)

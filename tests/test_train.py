@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,14 +203,14 @@ def test_data_window_is_a_permutation_per_epoch_and_depends_only_on_seed_and_pos
     assert stream != train.data_window(6, n, 0, 3 * n)
 
 
-def test_make_batch_shifts_once_and_carries_explicit_masks():
-    records = [{"input_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1]},
+def test_make_batch_shifts_once_and_packs_the_loss_positions_with_an_explicit_mask():
+    records = [{"input_ids": [5, 6, 7, 8, 4, 3], "loss_mask": [0, 0, 1, 0, 1, 1]},   # an observation at 8
                {"input_ids": [9, 10], "loss_mask": [0, 1]}]
     batch = train.make_batch(records, "cpu", pad_id=9)    # pad id equal to a real token: masks decide
-    assert batch.inputs.tolist() == [[5, 6, 7], [9, 9, 9]]
-    assert batch.targets.tolist() == [[6, 7, 8], [10, 9, 9]]
-    assert batch.mask.tolist() == [[False, True, True], [True, False, False]]
-    assert batch.real.tolist() == [[True, True, True], [True, False, False]]
+    assert batch.inputs.tolist() == [[5, 6, 7, 8, 4], [9, 9, 9, 9, 9]]
+    assert batch.positions.tolist() == [[1, 3, 4], [0, 0, 0]]   # input position t predicts token t + 1
+    assert batch.targets.tolist() == [[7, 4, 3], [10, 9, 9]]
+    assert batch.mask.tolist() == [[True, True, True], [True, False, False]]
 
 
 def test_cli_parses_every_stage_and_defaults_to_the_demo(capsys):
@@ -289,9 +290,9 @@ def test_rl_logprobs_are_the_tempered_sampling_distribution_and_the_first_miniba
     cfg = train.RLConfig(micro_batch_size=4, temperature=0.7, teacher_mode="none", warmup_ratio=0.0)
     old = train.sampled_logprobs(model, records, cfg, vocab, dist)
     batch = train.make_batch(records[:1], dist.device)
-    with torch.no_grad():
+    with torch.no_grad():                                 # the textbook way: all logits, then pick
         direct = torch.log_softmax(model(input_ids=batch.inputs).logits[0, :, :vocab] / 0.7, -1)
-    direct = direct.gather(-1, batch.targets[0][:, None])[:, 0]
+    direct = direct[batch.positions[0]].gather(-1, batch.targets[0][:, None])[:, 0]
     torch.testing.assert_close(old[0], direct, rtol=0, atol=1e-5)
     for r, lp in zip(records, old):
         r["old_logp"], r["advantage"] = lp, 1.0
@@ -552,3 +553,75 @@ def test_kd_refuses_trajectories_made_with_another_tokenizer_of_the_same_size(to
                                           rf", but the tokenizer given is {data.tokenizer_fingerprint(other_tok)}")):
         train.run_stage(args, train.Dist())
     assert not os.path.exists(tmp_path / "kd" / "trainer_state.pt")
+
+
+# -----------------------------------------------------------------------------
+# The head runs only at loss positions: the same losses and gradients as full logits
+
+
+def _qwen2(tokenizer, tied: bool, extra_rows: int, seed: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=len(tokenizer) + extra_rows, tie_word_embeddings=tied, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **demo.MODEL_SIZES["test"])
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).train()
+
+
+def _full_path_batch(records):
+    """Today's-path tensors: every position's target and a (B, T) mask, as before the head gather."""
+    width = max(len(r["input_ids"]) for r in records) - 1
+    inputs, targets = torch.zeros(len(records), width, dtype=torch.long), torch.zeros(len(records), width, dtype=torch.long)
+    mask = torch.zeros(len(records), width, dtype=torch.bool)
+    for b, r in enumerate(records):
+        n = len(r["input_ids"]) - 1
+        inputs[b, :n], targets[b, :n] = torch.tensor(r["input_ids"][:-1]), torch.tensor(r["input_ids"][1:])
+        mask[b, :n] = torch.tensor(r["loss_mask"][1:], dtype=torch.bool)
+    return inputs, targets, mask
+
+
+@pytest.mark.parametrize("tied, extra_rows", [(True, 0), (False, 0), (False, 40)])
+def test_head_at_loss_positions_gives_the_full_logits_losses_and_gradients(tokenizer, fixed_rollouts, tied,
+                                                                          extra_rows):
+    """KD loss and DGPO loss (exact teacher KL) through HeadAtPositions equal the same losses on the
+    full (B, T, V) logits with a (B, T) mask, and so do every parameter's gradients, to 1e-6 in fp32 —
+    tied and untied embeddings, and an embedding padded past the tokenizer (sliced off)."""
+    import dgpo
+    records = data.load_trajectories(fixed_rollouts)[:6]
+    vocab = len(tokenizer)
+    student, teacher = _qwen2(tokenizer, tied, extra_rows, 1), _qwen2(tokenizer, tied, extra_rows, 2).eval()
+    inputs, targets, mask = _full_path_batch(records)
+    batch = train.make_batch(records, "cpu")
+    assert batch.mask.sum() == mask.sum() and batch.mask.shape[1] < mask.shape[1]
+    em = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    adv = torch.tensor([0.5, -1.0, 0.25, 0.0, 1.0, -0.5])
+
+    def losses(logits, teacher_logits, tokens, m):
+        kd, _ = dgpo.kd_loss(logits, teacher_logits, tokens, m, vocab_size=vocab)
+        lp = dgpo.token_logprobs(logits[..., :vocab], tokens)
+        rl, _ = dgpo.dgpo_loss(lp, lp.detach(), adv, em, m, beta=0.5, student_logits=logits[..., :vocab],
+                               teacher_logits=teacher_logits[..., :vocab])
+        return kd, rl
+
+    def grads(loss):
+        student.zero_grad()
+        loss.backward(retain_graph=True)
+        return {k: p.grad.clone() for k, p in student.named_parameters()}
+
+    view, teacher_view = train.HeadAtPositions(student).check(), train.HeadAtPositions(teacher).check()
+    with torch.no_grad():
+        t_full, t_packed = teacher(input_ids=inputs).logits, train.logits_of(teacher_view, batch)
+    ours = losses(train.logits_of(view, batch), t_packed, batch.targets, batch.mask)
+    full = losses(student(input_ids=inputs).logits, t_full, targets, mask)
+    for a, b in zip(ours, full):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        ga, gb = grads(a), grads(b)
+        for k in ga:
+            torch.testing.assert_close(ga[k], gb[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_a_model_whose_forward_is_more_than_its_head_is_refused(tokenizer):
+    model = _qwen2(tokenizer, True, 0, 1)
+    model.forward = lambda *a, **k: SimpleNamespace(logits=type(model).forward(model, *a, **k).logits * 2)
+    with pytest.raises(ValueError, match="forward is not head"):
+        train.HeadAtPositions(model).check()
