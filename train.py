@@ -5,13 +5,15 @@ JSONL files), and `demo` (the default with no arguments) chaining all of them on
   teacher  SFT a model on trajectories (the demo teacher learns from the oracle; real users bring one)
   tgo      roll the teacher out over training questions, keep the correct trajectories (docs/method.md §1)
   kd       cold start: student ← CE + λ·KL(π_T‖π_θ) on the teacher's tokens (dgpo.kd_loss)
-  rl       DGPO: G rollouts per question, binary EM reward, clipped surrogate + β·KL(π_θ‖π_T) on the
-           wrong rollouts (dgpo.dgpo_loss); or the paper's reward-penalty variant, or plain GRPO
+  rl       DGPO: rollouts, binary EM reward, the teacher's guidance on wrong rollouts; GRPO or PPO
+           with a critic (rl.py, which uses the machinery below)
   eval     arc_metric.evaluate on a questions file
   demo     world → teacher → tgo → kd → rl → eval, then the paper-style results table
+The shared machinery lives here too: DDP set-up, models and atomic checkpoints (checkpoint.py),
+batches whose LM head runs only at loss positions (HeadAtPositions), the optimizer, the CLI.
 
 What it does not do: define the losses (dgpo.py), the generation loop (rollout.py), the metric
-(arc_metric.py) or the search engine (retriever.py).
+(arc_metric.py), the search engine (retriever.py) or the RL update (rl.py).
 
 Distributed. `torchrun --nproc_per_node=N train.py rl ...` runs plain DDP: NCCL + bf16 autocast on
 GPUs, gloo + fp32 on CPU (decided in `setup()` and `autocast()` only). Each rank rolls out its own
@@ -74,47 +76,15 @@ class SupervisedConfig:
     save_every: int = 0
 
 
-@dataclass
-class RLConfig:
-    steps: int = 1000
-    prompts_per_step: int = 512    # questions per step over all ranks (the paper: 512)
-    group_size: int = 5            # G rollouts per question
-    micro_batch_size: int = 8      # sequences per forward/backward on one rank
-    mini_batches: int = 1          # optimizer steps per RL step, each on a share of whole groups
-    rollout_batch_size: int = 256  # sequences per rollout() call on one rank
-    lr: float = 1e-6
-    warmup_ratio: float = 0.285    # of `steps` (the paper: 28.5%); then constant
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    beta: float = 0.001            # teacher-KL weight β
-    teacher_mode: str = "selective"  # selective (DGPO) | uniform (KL on all rollouts) | none (GRPO)
-    teacher_as: str = "loss"       # loss (this project's default) | reward (the paper's k1 penalty)
-    kl: str = "full"               # full (exact KL over the vocabulary) | k2 | k3 (sampled)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    agg: str = "token-mean"
-    entropy_coef: float = 0.0      # entropy bonus c_H (the paper's PPO run: 0.001)
-    temperature: float = 1.0       # rollout sampling temperature; every RL log-prob uses it too
-    top_p: float = 1.0
-    max_turns: int = 4
-    max_new_tokens: int = 500
-    max_obs_tokens: int = 500
-    max_total_tokens: int | None = None  # hard cap on prompt + response (the row stops, flagged truncated)
-    topk: int = 3
-    seed: int = 0
-    eval_every: int = 0            # validation EM every N steps; the best checkpoint is kept
-    eval_limit: int = 0            # validation questions used (0 = all)
-    save_every: int = 0
-
-
-# the legal values of RLConfig's enumerated options: the CLI offers them as choices, train_rl checks them
-CHOICES = {"teacher_mode": ("selective", "uniform", "none"), "teacher_as": ("loss", "reward"),
-           "kl": ("full", "k2", "k3"), "agg": dgpo.AGG_MODES}
+# the legal values of the enumerated options (rl.RLConfig's): the CLI offers them as choices, the
+# trainers check them
+CHOICES = {"algo": ("grpo", "ppo"), "teacher_mode": ("selective", "uniform", "none"),
+           "teacher_as": ("loss", "reward"), "kl": ("full", "k2", "k3"), "agg": dgpo.AGG_MODES}
 
 # The legal range of every numeric setting, (low, high, low is allowed, high is allowed), None = no
 # bound. The CLI checks them at parse time (they show in --help); the trainers check them again for
 # callers of the Python API. Why some bounds exist: grad_clip 0 would clip every update to nothing;
-# a negative beta pushes the student away from the teacher. (RL also needs temperature > 0: train_rl.)
+# a negative beta pushes the student away from the teacher. (RL also needs temperature > 0: rl.py.)
 RANGES = {
     "steps": (1, None, True, None), "batch_size": (1, None, True, None),
     "micro_batch_size": (1, None, True, None), "lr": (0, None, True, None),
@@ -128,6 +98,8 @@ RANGES = {
     "temperature": (0, None, True, None), "top_p": (0, 1, False, True), "max_turns": (0, None, True, None),
     "max_new_tokens": (1, None, True, None), "max_obs_tokens": (0, None, True, None),
     "max_total_tokens": (1, None, True, None), "topk": (1, None, True, None), "eval_limit": (0, None, True, None),
+    "critic_lr": (0, None, True, None), "critic_warmup_ratio": (0, 1, True, True), "value_clip": (0, None, False, None),
+    "gamma": (0, 1, True, True), "lam": (0, 1, True, True),
 }
 
 
@@ -299,22 +271,27 @@ STATE_FILE = "trainer_state.pt"
 
 
 def save_checkpoint(out_dir: str, model, tokenizer, dist: Dist, state: dict | None = None,
-                    carry=("metrics.jsonl", "best")) -> None:
+                    carry=("metrics.jsonl", "best"), extra: dict | None = None) -> None:
     """An HF directory (model + tokenizer) loadable by AutoModelForCausalLM, plus the trainer state:
     stage, config and its hash, optimizer, scheduler, step, data position and every rank's RNG
-    states, for exact resume. Written atomically (checkpoint.save): a crash at any moment leaves the
-    previous checkpoint or this one, never a mix. A model with non-finite weights is never saved."""
+    states, for exact resume; `extra` models (PPO's critic) go to subdirectories of their name.
+    Written atomically (checkpoint.save): a crash at any moment leaves the previous checkpoint or
+    this one, never a mix. A model with non-finite weights is never saved."""
     raw = hf_model(model)
+    others = {name: hf_model(m) for name, m in (extra or {}).items()}
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if dist.device.type == "cuda" else None}
     rngs = all_gather_objects(dist, [rng])
-    bad = first_non_finite(raw)
-    if bad is not None:
-        raise RuntimeError(f"not saving {out_dir}: weight {bad} holds NaN or inf values")
+    for name, m in [("the model", raw)] + list(others.items()):
+        bad = first_non_finite(m)
+        if bad is not None:
+            raise RuntimeError(f"not saving {out_dir}: weight {bad} of {name} holds NaN or inf values")
     if dist.master:
         def write(tmp: str) -> None:
             raw.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            for name, m in others.items():
+                m.save_pretrained(os.path.join(tmp, name))
             if state is not None:
                 full = {**state, "rng": rngs, "world_size": dist.world_size}
                 if "config" in state:
@@ -725,12 +702,6 @@ def heldout_loss(model, teacher, records: list[dict], cfg: SupervisedConfig, voc
 # Rollouts as training records: the bridge between rollout.py, arc_metric.py and the losses
 
 
-def rollout_config(cfg: RLConfig, greedy: bool = False, max_total_tokens: int | None = None) -> RolloutConfig:
-    return RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                         max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
-                         top_p=cfg.top_p, greedy=greedy, max_total_tokens=max_total_tokens or cfg.max_total_tokens)
-
-
 def length_budget(max_total_tokens: int | None, model) -> int | None:
     """The cap on prompt + response of every rollout: --max-total-tokens, by default the model's
     max_position_embeddings (a longer sequence leaves the positions the model was trained on)."""
@@ -795,290 +766,6 @@ def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: RolloutC
 
 
 # -----------------------------------------------------------------------------
-# Stage: rl — DGPO
-
-
-def rl_normaliser(cfg: RLConfig, dist: Dist, records: list[dict]) -> float:
-    """The denominator of every loss term, counted over ALL ranks and divided by the world size
-    (DDP averages gradients): token count for token-mean, non-empty sequences for
-    seq-mean-token-mean, sequences × max_new_tokens for token-sum-norm (a constant per step)."""
-    if cfg.agg == "token-mean":
-        return global_token_count(dist, records) / dist.world_size
-    if cfg.agg == "seq-mean-token-mean":
-        local = sum(1 for r in records if any(r["loss_mask"][1:]))
-    else:
-        local = len(records) * cfg.max_new_tokens
-    return all_reduce_sum(dist, [local])[0] / dist.world_size
-
-
-def rl_logits(model, batch: Batch, vocab_size: int, temperature: float) -> torch.Tensor:
-    """The logits every RL log-prob is computed from — the student's, the old policy's and the
-    teacher's alike: the model's logits over the tokenizer's vocabulary divided by the rollout's
-    sampling temperature, i.e. the distribution rollout._sample drew the tokens from. Ratios, the
-    sampled KL estimates and the k1 reward penalty then all refer to the policy that generated the
-    tokens, and KL(π_θ‖π_T) compares the two tempered distributions. (Embedding rows past the
-    tokenizer, as in Qwen2.5, are sliced off: student and teacher compare like with like.)"""
-    return logits_of(model, batch)[..., :vocab_size] / temperature              # (B, L, V)
-
-
-@torch.no_grad()
-def sampled_logprobs(model, records: list[dict], cfg: RLConfig, vocab_size: int, dist: Dist):
-    """log π(y_t) of each record's tokens under `model` (tempered, rl_logits), per record an (n_i,)
-    tensor: log π_old before the first of several mini-batch updates, and log π_old / log π_T for
-    the paper's reward-penalty variant, which needs them before the advantages exist."""
-    out = {}
-    for chunk in micro_batches(records, cfg.micro_batch_size):
-        batch = make_batch(chunk, dist.device)
-        with autocast(dist):
-            logits = rl_logits(model, batch, vocab_size, cfg.temperature)           # (B, L, V)
-            logp = dgpo.token_logprobs(logits, batch.targets)                      # (B, L)
-        for r, row, n in zip(chunk, logp, batch.mask.sum(1).tolist()):
-            out[id(r)] = row[:n]                                                   # (n_i,) loss positions
-    return [out[id(r)] for r in records]
-
-
-def reward_penalty_advantages(cfg: RLConfig, records: list[dict], advantages: torch.Tensor, teacher,
-                              vocab_size: int, dist: Dist) -> list[torch.Tensor]:
-    """teacher_as="reward", the paper's penalty per token: A_{i,t} = A_i + Σ_{s ≥ t} r_{i,s} with
-    r_t = −β·w_i·(log π_old(y_t) − log π_T(y_t)) on sampled tokens (dgpo.token_advantages). Per
-    record an (n_i,) tensor over its loss positions, in order; also sets r["reward"] = EM + Σ_t r_t."""
-    ref = sampled_logprobs(teacher, records, cfg, vocab_size, dist)
-    out = []
-    for r, lt, a in zip(records, ref, advantages.tolist()):
-        lp = r["old_logp"][None]                                                    # (1, n_i) loss positions
-        em = torch.tensor([r["em"]], device=lt.device)                              # (1,)
-        mask = torch.ones_like(lp, dtype=torch.bool)                                # (1, n_i) all sampled
-        pen = dgpo.teacher_kl_reward(lp, lt[None], em, mask, cfg.beta, cfg.teacher_mode)   # (1, T)
-        out.append(dgpo.token_advantages(torch.tensor([a], device=lt.device), pen, mask)[0])
-        r["reward"] = r["em"] + pen.sum().item()
-    return out
-
-
-def split_groups(records: list[dict], parts: int) -> list[list[dict]]:
-    """`parts` mini-batches of whole groups, strided: mini-batch k holds the groups whose position is
-    k mod parts. Ranks hold contiguous equal blocks of groups, so with strides the global mini-batch
-    k is the same set of groups whatever the number of ranks (N ranks = one process)."""
-    order = list(dict.fromkeys(r["group"] for r in records))                    # first-seen order
-    if len(order) % parts:
-        raise ValueError(f"{len(order)} groups on this rank cannot form {parts} equal mini-batches")
-    part_of = {g: k % parts for k, g in enumerate(order)}
-    return [[r for r in records if part_of[r["group"]] == k] for k in range(parts)]
-
-
-def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
-              vocab_size: int, counters: dict) -> dict:
-    """One RL step of DGPO on this rank's records (whole groups, `group` ids set): rewards, group
-    advantages, then cfg.mini_batches optimizer steps, each on an equal share of whole groups.
-
-    Advantages come from each rank's own groups (a group never spans ranks, so this is exact). With
-    one mini-batch, π_old is π_θ at the moment of the update, so old_logp is log π_θ detached (ratio
-    1, nothing clipped). With several, log π_old is scored once before the first update, and the
-    later mini-batches are off-policy: that is where the ratio and its clipping act (PPO).
-    """
-    penalty = cfg.teacher_as == "reward" and cfg.teacher_mode != "none"
-    if cfg.mini_batches > 1 or penalty:
-        for r, lp in zip(records, sampled_logprobs(model, records, cfg, vocab_size, dist)):
-            r["old_logp"] = lp                                                    # (n_i,) at its loss positions
-    em = torch.tensor([r["em"] for r in records], dtype=torch.float32)            # (N,)
-    groups = torch.tensor([r["group"] for r in records])
-    advantages = dgpo.group_advantages(em, groups)                                # (N,)
-    for r, a in zip(records, advantages.tolist()):
-        r["advantage"], r["reward"] = a, r["em"]
-    if penalty:
-        for r, adv_t in zip(records, reward_penalty_advantages(cfg, records, advantages, teacher, vocab_size,
-                                                               dist)):
-            r["token_advantage"] = adv_t                                          # (n_i,)
-    steps = [minibatch_update(model, teacher, optimizer, scheduler, part, cfg, dist, vocab_size, counters)
-             for part in split_groups(records, cfg.mini_batches)]
-    return {k: sum(s[k] for s in steps) / len(steps) if k != "loss_tokens" else sum(s[k] for s in steps)
-            for k in steps[0]}
-
-
-def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
-                     vocab_size: int, counters: dict) -> dict:
-    """One optimizer step of dgpo_loss over records with `advantage` set. Every micro-batch's loss is
-    divided by the global normaliser, so summing over micro-batches and averaging over ranks (DDP)
-    gives exactly the loss of the whole global mini-batch."""
-    normaliser = rl_normaliser(cfg, dist, records)
-    use_teacher = cfg.teacher_as == "loss" and cfg.teacher_mode != "none"
-    sums: dict[str, float] = {}
-    finite = True
-    chunks = micro_batches(records, cfg.micro_batch_size)
-    for i, chunk in enumerate(chunks):
-        batch = make_batch(chunk, dist.device)
-        adv = torch.tensor([r["advantage"] for r in chunk], device=dist.device)  # (B,)
-        if "token_advantage" in chunk[0]:                                         # per token: (B, L)
-            adv = padded([r["token_advantage"] for r in chunk], batch.targets.shape, dist.device)
-        em = torch.tensor([r["em"] for r in chunk], device=dist.device)          # (B,)
-        with ddp_sync(model, last=i == len(chunks) - 1), autocast(dist):
-            logits = rl_logits(model, batch, vocab_size, cfg.temperature)         # (B, L, V)
-            logp = dgpo.token_logprobs(logits, batch.targets)                     # (B, L)
-            old_logp = logp.detach()                                              # (B, L)
-            if "old_logp" in chunk[0]:
-                old_logp = padded([r["old_logp"] for r in chunk], logp.shape, dist.device)
-            teacher_logits = teacher_logp = None
-            if use_teacher:
-                with torch.no_grad():
-                    teacher_logits = rl_logits(teacher, batch, vocab_size, cfg.temperature)  # (B, L, V)
-                if cfg.kl != "full":
-                    teacher_logp = dgpo.token_logprobs(teacher_logits, batch.targets)
-                    teacher_logits = None
-            loss, m = dgpo.dgpo_loss(
-                logp, old_logp, adv, em, batch.mask, beta=cfg.beta,
-                teacher=cfg.teacher_mode if use_teacher else "none", kl=cfg.kl,
-                student_logits=logits, teacher_logits=teacher_logits, teacher_logp=teacher_logp,
-                clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg, normaliser=normaliser,
-                vocab_size=vocab_size, entropy_coef=cfg.entropy_coef)
-            loss.backward()                   # even if not finite: every rank keeps in step with DDP
-        finite &= math.isfinite(m["loss"])
-        n, nt = m["n_tokens"], m.get("n_teacher_tokens", 0)
-        for key, weight in (("clip_frac", n), ("entropy", n), ("approx_kl", n), ("teacher_kl", nt)):
-            if key in m:
-                sums[key] = sums.get(key, 0.0) + m[key] * weight
-        sums["n_tokens"] = sums.get("n_tokens", 0.0) + n
-        sums["n_teacher_tokens"] = sums.get("n_teacher_tokens", 0.0) + nt
-        sums["loss"] = sums.get("loss", 0.0) + m["loss"]
-    grad_norm = optimizer_step(model, optimizer, scheduler, cfg.grad_clip, counters, dist, finite)
-    keys = ["clip_frac", "entropy", "approx_kl", "teacher_kl", "n_tokens", "n_teacher_tokens", "loss"]
-    totals = dict(zip(keys, all_reduce_sum(dist, [sums.get(k, 0.0) for k in keys])))
-    n, nt = max(totals["n_tokens"], 1), max(totals["n_teacher_tokens"], 1)
-    return {"loss": totals["loss"] / dist.world_size, "clip_frac": totals["clip_frac"] / n,
-            "entropy": totals["entropy"] / n, "approx_kl": totals["approx_kl"] / n,
-            "teacher_kl": totals["teacher_kl"] / nt if use_teacher else 0.0,
-            "loss_tokens": totals["n_tokens"], "grad_norm": grad_norm}
-
-
-@torch.no_grad()
-def validation_em(model, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, batch_size: int,
-                  dist: Dist) -> float:
-    """Greedy EM on held-out questions, each rank its shard, summed over ranks."""
-    shard = questions[dist.rank::dist.world_size]
-    records = generate_records(model, tokenizer, shard, retriever, rcfg, dist, batch_size)
-    correct, total = all_reduce_sum(dist, [sum(r["em"] for r in records), len(records)])
-    return correct / max(total, 1)
-
-
-def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], retriever, cfg: RLConfig,
-             dist: Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
-             grad_checkpointing: bool = False, stop_after: int | None = None, override_config: bool = False,
-             overwrite: bool = False) -> dict:
-    """DGPO from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`
-    by validation EM when cfg.eval_every). `stop_after` ends this run after that many steps with a
-    resumable checkpoint (the schedule still spans cfg.steps), for jobs with a time limit."""
-    check_config(cfg)
-    if cfg.eval_every and not validation:
-        raise ValueError("--eval-every needs validation questions (--val FILE)")
-    if cfg.prompts_per_step % dist.world_size:
-        raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by world size "
-                         f"{dist.world_size}: every rank must hold whole groups")
-    if (cfg.prompts_per_step // dist.world_size) % cfg.mini_batches:
-        raise ValueError(f"each rank's {cfg.prompts_per_step // dist.world_size} groups cannot form "
-                         f"{cfg.mini_batches} equal mini-batches (--mini-batches)")
-    if cfg.group_size < 2:
-        raise ValueError(f"--group-size {cfg.group_size}: GRPO normalises rewards within a group of "
-                         "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2")
-    if not cfg.temperature > 0:
-        raise ValueError(f"--temperature {cfg.temperature}: RL samples its rollouts and scores them at this "
-                         "temperature, so it must be > 0 (greedy rollouts make every group identical)")
-    if dist.master:
-        check_output(out_dir, resume, overwrite)
-    if teacher_dir is None and cfg.teacher_mode != "none":
-        raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
-    arg = "--resume" if resume else "--student"
-    tokenizer = load_tokenizer(resume or student_dir, arg)
-    model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing, arg=arg)
-    teacher = None
-    if cfg.teacher_mode != "none":
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir, "--teacher"), student_dir, teacher_dir)
-        teacher = load_model(teacher_dir, dist, trainable=False, arg="--teacher")
-    budget = length_budget(cfg.max_total_tokens, model)
-    check_prompts(tokenizer, questions, budget, "training question")
-    check_prompts(tokenizer, validation or [], budget, "validation question")
-    vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
-    ddp_model = wrap(model, dist)
-    teacher = HeadAtPositions(teacher).check() if teacher is not None else None
-    updates = cfg.steps * cfg.mini_batches                      # optimizer steps in the whole run
-    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, updates,
-                                          int(cfg.warmup_ratio * updates), min_lr_ratio=None)
-    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
-    if resume:
-        state = load_trainer_state(resume, dist, "rl", asdict(cfg), override_config)
-        start_from(state, optimizer, scheduler, cfg.lr, metrics_path, dist)
-        generator.set_state(state["generators"][dist.rank])
-        start_step, counters, best = state["step"], state["counters"], state["best"]
-    per_rank = cfg.prompts_per_step // dist.world_size
-    rcfg = rollout_config(cfg, max_total_tokens=budget)
-
-    def checkpoint(path: str, step: int) -> None:
-        generators = all_gather_objects(dist, [generator.get_state()])
-        save_checkpoint(path, ddp_model, tokenizer, dist, {
-            "stage": "rl", "step": step, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "counters": counters, "best": best,
-            "generators": generators, "config": asdict(cfg)}, carry=("metrics.jsonl", "best") if path == out_dir
-            else ())
-
-    def validate(step: int, row: dict) -> None:
-        """Greedy validation EM into `row`; a new best (the start model included) is saved to best/."""
-        nonlocal best
-        val = validation[:cfg.eval_limit] if cfg.eval_limit else validation
-        row["val_em"] = validation_em(model, tokenizer, val, retriever, dataclasses.replace(rcfg, greedy=True),
-                                      cfg.rollout_batch_size, dist)
-        if row["val_em"] > best["em"]:
-            best = {"em": row["val_em"], "step": step}
-            checkpoint(os.path.join(out_dir, "best"), step)
-
-    if validation and cfg.eval_every and start_step == 0:   # step 0: the start model competes for best/
-        row = {"step": 0}
-        validate(0, row)
-        if dist.master:
-            append_metrics(metrics_path, row)
-
-    end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
-    bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
-               total=cfg.steps, dynamic_ncols=True)
-    for step in bar:
-        t0 = time.time()
-        idx = data_window(cfg.seed, len(questions), step * cfg.prompts_per_step, cfg.prompts_per_step)
-        mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-        # G copies of each question; the group id is the question's slot in the global step batch,
-        # unique per prompt instance (never a per-dataset index, docs/method.md §8)
-        expanded = [{**questions[idx[j]], "group": step * cfg.prompts_per_step + j}
-                    for j in mine for _ in range(cfg.group_size)]
-        model.eval()
-        records = generate_records(ddp_model, tokenizer, expanded, retriever, rcfg, dist,
-                                   cfg.rollout_batch_size, generator)
-        for r, q in zip(records, expanded):
-            r["group"] = q["group"]
-        t_rollout = time.time() - t0
-        model.train()
-        row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, counters)
-        sums = all_reduce_sum(dist, [len(records), sum(r["reward"] for r in records),
-                                     sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
-                                     sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
-                                     sum(sum(r["loss_mask"]) for r in records),
-                                     sum(r["truncated"] for r in records)])
-        n, elapsed = sums[0], time.time() - t0
-        row = {"step": step + 1, "reward": sums[1] / n, "em": sums[2] / n, "wrong_frac": 1 - sums[2] / n,
-               "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
-               "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
-               "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0)}
-        if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            validate(step + 1, row)
-        if dist.master:
-            bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
-                            **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
-            append_metrics(metrics_path, row)
-        stop_if_diverged(counters, out_dir)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
-            checkpoint(out_dir, step + 1)
-    bar.close()
-    checkpoint(out_dir, end_step)
-    return {"best_val_em": best["em"], "best_step": best["step"], **counters}
-
-
-# -----------------------------------------------------------------------------
 # Retrievers, evaluation
 
 
@@ -1121,7 +808,7 @@ class DemoPreset:
     so the per-turn budget is 64 instead of the paper's 500: an untrained model's junk costs less."""
     teacher: SupervisedConfig
     kd: SupervisedConfig
-    rl: RLConfig
+    rl: dict                       # rl.RLConfig's settings (rl.py is imported when the chain runs)
     teacher_size: str = "teacher"
     student_size: str = "student"
     world_seed: int = 0
@@ -1138,18 +825,16 @@ PRESETS = {
     "default": lambda: DemoPreset(
         teacher=SupervisedConfig(steps=1500, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=50),
         kd=SupervisedConfig(steps=1500, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=30),
-        rl=RLConfig(steps=40, prompts_per_step=16, group_size=4, micro_batch_size=16, rollout_batch_size=64,
-                    lr=3e-4, warmup_ratio=0.1, beta=1.0, temperature=0.7, max_new_tokens=64,
-                    eval_every=10),
+        rl=dict(steps=40, prompts_per_step=16, group_size=4, micro_batch_size=16, rollout_batch_size=64,
+                lr=3e-4, warmup_ratio=0.1, beta=1.0, temperature=0.7, max_new_tokens=64, eval_every=10),
         tgo_limit=800),
     # the same chain in well under a minute: it checks the plumbing (every stage writes what the next
     # reads), not learning — its teacher trains for 4 steps, so its tgo keeps wrong trajectories too
     "small": lambda: DemoPreset(
         teacher=SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=2),
         kd=SupervisedConfig(steps=3, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=1, eval_every=3),
-        rl=RLConfig(steps=2, prompts_per_step=2, group_size=2, micro_batch_size=4, rollout_batch_size=8,
-                    lr=1e-4, warmup_ratio=0.0, beta=0.05, max_new_tokens=8, max_turns=1,
-                    eval_every=1, eval_limit=4),
+        rl=dict(steps=2, prompts_per_step=2, group_size=2, micro_batch_size=4, rollout_batch_size=8,
+                lr=1e-4, warmup_ratio=0.0, beta=0.05, max_new_tokens=8, max_turns=1, eval_every=1, eval_limit=4),
         teacher_size="test", student_size="test", train_limit=12, tgo_keep_wrong=True, max_new_tokens=8,
         eval_limit=4, eval_batch_size=8),
 }
@@ -1174,6 +859,7 @@ def own_demo_dir(out: str) -> None:
 def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     """world → teacher (SFT on the oracle) → tgo → kd → rl → eval; prints the results table."""
     import demo
+    import rl
     from retriever import BM25Retriever
     if dist.enabled:
         raise ValueError("the demo chain runs in one process; use the stage subcommands with torchrun")
@@ -1228,8 +914,8 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     seconds["kd"], t = time.time() - t, time.time()
 
     # 4. rl: DGPO from the KD student; the checkpoint with the best validation EM is kept
-    summary = train_rl(dirs["kd"], dirs["teacher"], train_questions, retriever, preset.rl, dist, dirs["dgpo"],
-                       validation=world.validation)
+    summary = rl.train_rl(dirs["kd"], dirs["teacher"], train_questions, retriever, rl.RLConfig(**preset.rl), dist,
+                          dirs["dgpo"], validation=world.validation)
     dgpo_dir = os.path.join(dirs["dgpo"], "best") if os.path.isdir(os.path.join(dirs["dgpo"], "best")) \
         else dirs["dgpo"]
     seconds["rl"], t = time.time() - t, time.time()
@@ -1271,7 +957,7 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
         flag, default = f"--{f.name.replace('_', '-')}", f.default
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default)
+                                default=default, help=f"(default: {default})")
             continue
         # a None default (e.g. `seed: int | None = None`) takes its type from the annotation
         kind = type(default) if default is not None else (int if "int" in str(f.type) else float)
@@ -1312,6 +998,7 @@ def add_retriever_args(parser) -> None:
 
 
 def parse_args(argv):
+    import rl               # the rl stage's module (it imports this one, so not at the top)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage")
@@ -1348,7 +1035,7 @@ def parse_args(argv):
     p.add_argument("--val", help="validation questions JSONL (for --eval-every)")
     add_run_args(p)
     add_retriever_args(p)
-    add_config_args(p, RLConfig)
+    add_config_args(p, rl.RLConfig)
 
     sub.add_parser("eval", add_help=False,
                    help="ARC evaluation of a model dir: the options of `python arc_metric.py --help`")
@@ -1358,9 +1045,10 @@ def parse_args(argv):
         args = parser.parse_args(["demo"] + list(argv))
     if args.stage == "rl":               # settings that are legal alone but not for GRPO, said at parse time
         p = sub.choices["rl"]
-        if args.group_size < 2:
+        if args.algo == "grpo" and args.group_size < 2:
             p.error(f"--group-size {args.group_size}: GRPO normalises each reward within its group of "
-                    "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2")
+                    "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2 "
+                    "(or --algo ppo, whose critic needs no group)")
         if not args.temperature > 0:
             p.error(f"--temperature {args.temperature}: RL samples its rollouts (and scores them) at this "
                     "temperature; it must be > 0 (greedy rollouts make every group identical)")
@@ -1387,6 +1075,7 @@ def main(argv=None) -> None:
 
 
 def run_stage(args, dist: Dist) -> None:
+    import rl
     if args.stage == "demo":
         run_demo(args.preset, args.out, dist)
     elif args.stage in ("teacher", "kd"):
@@ -1418,16 +1107,17 @@ def run_stage(args, dist: Dist) -> None:
         run_tgo(teacher, load_tokenizer(args.teacher, "--teacher"), questions, retriever, rcfg, dist,
                 args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0)
     elif args.stage == "rl":
-        cfg = config_from_args(args, RLConfig)
+        cfg = config_from_args(args, rl.RLConfig)
         questions = data.load_questions(args.data)
         validation = data.load_questions(args.val) if args.val else None
         retriever = make_retriever(args.corpus, args.retriever_url, cfg.topk)
-        summary = train_rl(args.student, args.teacher, questions, retriever, cfg, dist,
-                           args.out, validation=validation, resume=args.resume,
-                           grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after,
-                           override_config=args.override_config, overwrite=args.overwrite)
+        summary = rl.train_rl(args.student, args.teacher, questions, retriever, cfg, dist,
+                              args.out, validation=validation, resume=args.resume,
+                              grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after,
+                              override_config=args.override_config, overwrite=args.overwrite)
         print0(dist, json.dumps(summary))
 
 
 if __name__ == "__main__":
-    main()
+    import train            # run as the module `train`, the one rl.py imports, not as a second copy
+    train.main()

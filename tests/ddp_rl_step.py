@@ -2,7 +2,8 @@
 or as a single process. Each rank takes a contiguous share of whole groups; the parameters after the
 step are saved per rank so the test can compare ranks with each other and with one process.
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_rl_step.py STUDENT TEACHER RECORDS OUT
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_rl_step.py STUDENT TEACHER RECORDS OUT \
+        [TEACHER_AS [MINI_BATCHES [ALGO]]]
 """
 import os
 import sys
@@ -14,13 +15,14 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import data  # noqa: E402
+import rl  # noqa: E402
 import train  # noqa: E402
 
 
-def main(student_dir, teacher_dir, records_path, out_dir, teacher_as="loss", mini_batches="1"):
+def main(student_dir, teacher_dir, records_path, out_dir, teacher_as="loss", mini_batches="1", algo="grpo"):
     dist = train.setup()
-    cfg = train.RLConfig(micro_batch_size=3, beta=0.5, warmup_ratio=0.0, teacher_as=teacher_as,
-                         mini_batches=int(mini_batches))
+    cfg = rl.RLConfig(micro_batch_size=3, beta=0.5, warmup_ratio=0.0, teacher_as=teacher_as,
+                      mini_batches=int(mini_batches), algo=algo)
     model = train.load_model(student_dir, dist, trainable=True)
     teacher = train.load_model(teacher_dir, dist, trainable=False)
     tokenizer = train.load_tokenizer(student_dir)
@@ -35,8 +37,16 @@ def main(student_dir, teacher_dir, records_path, out_dir, teacher_as="loss", min
     share = len(groups) // dist.world_size
     mine = set(groups[dist.rank * share:(dist.rank + 1) * share])
     local = [r for r in records if r["group"] in mine]
-    metrics = train.rl_update(ddp_model, teacher, optimizer, scheduler, local, cfg, dist, vocab_size, {})
-    torch.save({"params": model.state_dict(), "metrics": metrics},
+    critic, critic_params = None, {}
+    if algo == "ppo":
+        critic_hf = rl.load_critic(student_dir, dist, False, "--student", fresh=True)
+        critic_optimizer = torch.optim.SGD(critic_hf.parameters(), lr=1.0)
+        critic = rl.Critic(train.wrap(critic_hf, dist), critic_optimizer,
+                           torch.optim.lr_scheduler.LambdaLR(critic_optimizer, lambda step: 1.0))
+    metrics = rl.rl_update(ddp_model, teacher, optimizer, scheduler, local, cfg, dist, vocab_size, {}, critic)
+    if critic is not None:
+        critic_params = train.hf_model(critic.model).state_dict()
+    torch.save({"params": model.state_dict(), "critic": critic_params, "metrics": metrics},
                os.path.join(out_dir, f"rank{dist.rank}_of{dist.world_size}.pt"))
     if dist.enabled:
         torch.distributed.destroy_process_group()

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import demo  # noqa: E402
+import rl  # noqa: E402
 import train  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
 
@@ -67,7 +68,7 @@ def main(student, teacher, out, point, n, resume=None):
     if point != "none":
         arm(point, int(n))
     world = demo.make_world(seed=0)
-    train.train_rl(student, teacher, world.train[:6], BM25Retriever(world.corpus), train.RLConfig(**CONFIG),
+    rl.train_rl(student, teacher, world.train[:6], BM25Retriever(world.corpus), rl.RLConfig(**CONFIG),
                    train.Dist(), out, resume=resume)
 
 

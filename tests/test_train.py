@@ -1,6 +1,7 @@
 """train.py: stages chain, DDP equals one process, resume is exact, checkpoints reload, bad input
 stops early. The learning tests (KD lowers held-out loss, RL raises EM) are in test_train_learning.py."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 import checkpoint
 import data
 import demo
+import rl
 import train
 from rollout import RolloutConfig
 
@@ -59,19 +61,25 @@ def _run_worker(nproc, model_dirs, records_path, out_dir, *extra):
     return [torch.load(out_dir / f"rank{r}_of{nproc}.pt") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("teacher_as,mini_batches", [("loss", "1"), ("reward", "1"), ("loss", "2")])
+@pytest.mark.parametrize("teacher_as,mini_batches,algo", [("loss", "1", "grpo"), ("reward", "1", "grpo"),
+                                                          ("loss", "2", "grpo"), ("reward", "2", "ppo")])
 def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rollouts, tmp_path, teacher_as,
-                                                           mini_batches):
+                                                           mini_batches, algo):
+    """The same actor update (and, with PPO, the same critic update) on 1 and on 2 ranks (gloo)."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     before = train.load_model(model_dirs["student"], train.Dist(), trainable=True).state_dict()
-    [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as, mini_batches)
-    rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as, mini_batches)
+    [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as, mini_batches, algo)
+    rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as, mini_batches, algo)
     moved = max((single["params"][k] - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4, "the step must actually change the parameters for the comparison to mean anything"
-    for name, value in single["params"].items():
-        torch.testing.assert_close(rank0["params"][name], value, rtol=0, atol=1e-5, msg=name)
-        assert torch.equal(rank0["params"][name], rank1["params"][name]), f"ranks differ on {name}"
+    for which in ("params", "critic"):
+        for name, value in single[which].items():
+            torch.testing.assert_close(rank0[which][name], value, rtol=0, atol=1e-5, msg=name)
+            assert torch.equal(rank0[which][name], rank1[which][name]), f"ranks differ on {which} {name}"
+    if algo == "ppo":
+        assert single["critic"] and not torch.equal(single["critic"]["score.weight"],
+                                                    torch.zeros_like(single["critic"]["score.weight"]))
     # metrics are reduced over ranks: the global token count is the same either way
     assert rank0["metrics"]["loss_tokens"] == single["metrics"]["loss_tokens"]
     assert rank0["metrics"]["teacher_kl"] == pytest.approx(single["metrics"]["teacher_kl"], rel=1e-5)
@@ -83,7 +91,7 @@ def _rl_config(**kw):
     base = dict(steps=4, prompts_per_step=2, group_size=2, micro_batch_size=2, rollout_batch_size=4,
                 lr=1e-2, warmup_ratio=0.5, beta=0.5, temperature=1.0, max_turns=1, max_new_tokens=6,
                 seed=3)
-    return train.RLConfig(**{**base, **kw})
+    return rl.RLConfig(**{**base, **kw})
 
 
 def _params(path):
@@ -95,12 +103,12 @@ def test_resume_is_exact_four_steps_equal_two_plus_two(world, retriever, model_d
     cfg = _rl_config()
     questions = world.train[:6]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), straight)
-    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), straight)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
                    stop_after=2)
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["step"] == 2
-    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
                    resume=split)
     a, b = _params(straight), _params(split)
     initial = _params(model_dirs["student"])
@@ -168,7 +176,7 @@ def test_bad_input_stops_early_with_a_clear_message(world, retriever, model_dirs
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         train.load_model(str(tmp_path / "missing"), train.Dist(), trainable=False)
     with pytest.raises(ValueError, match="not divisible by world size"):
-        train.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:4], retriever,
+        rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:4], retriever,
                        _rl_config(prompts_per_step=3), train.Dist(world_size=2), str(tmp_path / "x"))
     with pytest.raises(ValueError, match="exactly one of"):
         train.make_retriever(None, None)
@@ -187,7 +195,7 @@ def test_nonfinite_loss_skips_the_step_counts_it_and_warns(tokenizer, model_dirs
     records = data.load_trajectories(fixed_rollouts)
     counters = {}
     with pytest.warns(UserWarning, match="step skipped"):
-        train.rl_update(model, None, optimizer, scheduler, records, cfg, dist, len(tokenizer), counters)
+        rl.rl_update(model, None, optimizer, scheduler, records, cfg, dist, len(tokenizer), counters)
     assert counters["skipped_steps"] == 1
     after = model.state_dict()
     for k in before:
@@ -218,7 +226,7 @@ def test_cli_parses_every_stage_and_defaults_to_the_demo(capsys):
     assert args.stage == "demo" and args.preset == "default"
     args = train.parse_args(["rl", "--student", "s", "--teacher", "t", "--data", "d", "--corpus", "c",
                              "--out", "o", "--beta", "0.2", "--teacher-mode", "uniform", "--kl", "k2"])
-    cfg = train.config_from_args(args, train.RLConfig)
+    cfg = train.config_from_args(args, rl.RLConfig)
     assert (cfg.beta, cfg.teacher_mode, cfg.kl, cfg.group_size) == (0.2, "uniform", "k2", 5)
     args = train.parse_args(["tgo", "--teacher", "t", "--data", "d", "--corpus", "c", "--out", "o",
                              "--max-turns", "2", "--greedy", "--seed", "4"])
@@ -245,14 +253,14 @@ def test_mini_batches_are_strided_whole_groups():
     """Group k of a rank goes to mini-batch k mod parts. Ranks hold contiguous blocks of groups, so with
     2 ranks × 4 groups the global mini-batch 0 is groups {0, 2, 4, 6} either way, as in one process."""
     records = [{"group": g, "i": i} for g in (10, 11, 12, 13) for i in range(3)]
-    parts = train.split_groups(records, 2)
+    parts = rl.split_groups(records, 2)
     assert [[r["group"] for r in p] for p in parts] == [[10] * 3 + [12] * 3, [11] * 3 + [13] * 3]
-    one_process = train.split_groups([{"group": g} for g in range(8)], 2)
-    by_rank = [train.split_groups([{"group": g} for g in block], 2) for block in (range(4), range(4, 8))]
+    one_process = rl.split_groups([{"group": g} for g in range(8)], 2)
+    by_rank = [rl.split_groups([{"group": g} for g in block], 2) for block in (range(4), range(4, 8))]
     for k in range(2):
         assert [r["group"] for r in one_process[k]] == [r["group"] for rank in by_rank for r in rank[k]]
     with pytest.raises(ValueError, match="3 groups on this rank cannot form 2 equal mini-batches"):
-        train.split_groups([{"group": g} for g in range(3)], 2)
+        rl.split_groups([{"group": g} for g in range(3)], 2)
 
 
 def test_rl_length_budget_truncates_flags_and_keeps_running(world, tokenizer, retriever, model_dirs, tmp_path,
@@ -265,9 +273,9 @@ def test_rl_length_budget_truncates_flags_and_keeps_running(world, tokenizer, re
     cfg = _rl_config(steps=1, prompts_per_step=4, max_total_tokens=cap, max_new_tokens=6)
     seen = []
     real = train.generate_records
-    monkeypatch.setattr(train, "generate_records", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    monkeypatch.setattr(rl, "generate_records", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
     out = tmp_path / "rl"
-    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), str(out))
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), str(out))
     assert len(seen) == 8 and all(len(r["input_ids"]) <= cap and r["truncated"] for r in seen)
     assert any(len(r["input_ids"]) == cap for r in seen)          # the cap, not something else, ended them
     [row] = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -287,8 +295,8 @@ def test_rl_logprobs_are_the_tempered_sampling_distribution_and_the_first_miniba
     model = train.load_model(model_dirs["student"], dist, trainable=True)
     vocab = train.vocab_size_of(tokenizer, model)
     records = data.load_trajectories(fixed_rollouts)
-    cfg = train.RLConfig(micro_batch_size=4, temperature=0.7, teacher_mode="none", warmup_ratio=0.0)
-    old = train.sampled_logprobs(model, records, cfg, vocab, dist)
+    cfg = rl.RLConfig(micro_batch_size=4, temperature=0.7, teacher_mode="none", warmup_ratio=0.0)
+    old = rl.sampled_logprobs(model, records, cfg, vocab, dist)
     batch = train.make_batch(records[:1], dist.device)
     with torch.no_grad():                                 # the textbook way: all logits, then pick
         direct = torch.log_softmax(model(input_ids=batch.inputs).logits[0, :, :vocab] / 0.7, -1)
@@ -298,13 +306,13 @@ def test_rl_logprobs_are_the_tempered_sampling_distribution_and_the_first_miniba
         r["old_logp"], r["advantage"] = lp, 1.0
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    metrics = train.minibatch_update(model, None, optimizer, scheduler, records, cfg, dist, vocab, {})
+    metrics = rl.minibatch_update(model, None, optimizer, scheduler, records, cfg, dist, vocab, {})
     assert metrics["approx_kl"] == 0.0 and metrics["clip_frac"] == 0.0
-    untempered = train.sampled_logprobs(model, records, train.RLConfig(micro_batch_size=4, temperature=1.0),
+    untempered = rl.sampled_logprobs(model, records, rl.RLConfig(micro_batch_size=4, temperature=1.0),
                                         vocab, dist)
     for r, lp in zip(records, untempered):
         r["old_logp"] = lp
-    stale = train.minibatch_update(model, None, optimizer, scheduler, records, cfg, dist, vocab, {})
+    stale = rl.minibatch_update(model, None, optimizer, scheduler, records, cfg, dist, vocab, {})
     assert stale["approx_kl"] > 1e-3
 
 
@@ -313,7 +321,7 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
     """lr = 0: no step changes the model, so no later validation beats step 0, and best/ is the start."""
     cfg = _rl_config(steps=2, lr=0.0, eval_every=1, eval_limit=3)
     out = str(tmp_path / "rl")
-    summary = train.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg,
+    summary = rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg,
                              train.Dist(), out, validation=world.validation)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[0].keys() == {"step", "val_em"}
@@ -326,7 +334,7 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
 
 def test_rl_refuses_a_zero_temperature(world, retriever, model_dirs, tmp_path):
     with pytest.raises(ValueError, match="--temperature 0.0: .*must be > 0"):
-        train.train_rl(model_dirs["student"], None, world.train[:2], retriever,
+        rl.train_rl(model_dirs["student"], None, world.train[:2], retriever,
                        _rl_config(temperature=0.0, teacher_mode="none"), train.Dist(), str(tmp_path / "x"))
 
 
@@ -349,8 +357,8 @@ def test_kills_inside_saves_always_leave_a_complete_checkpoint_and_resume_ends_b
     every step is logged exactly once."""
     import kill_during_save
     straight = str(tmp_path / "straight")
-    train.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever,
-                   train.RLConfig(**kill_during_save.CONFIG), train.Dist(), straight)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever,
+                   rl.RLConfig(**kill_during_save.CONFIG), train.Dist(), straight)
     out = str(tmp_path / "killed")
     # (point, which save of that process, the step of the checkpoint resume must find afterwards)
     plan = [("state", 2, 1), ("carry", 1, 2), ("swap", 1, 3), ("weights", 1, 3)]
@@ -377,15 +385,15 @@ def test_resume_refuses_another_stage_and_changed_settings_unless_overridden(wor
     questions, dist = world.train[:6], train.Dist()
     run = str(tmp_path / "rl")
     cfg = _rl_config(lr=1e-4, group_size=2)
-    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, run, stop_after=2)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, run, stop_after=2)
     changed = _rl_config(lr=5e-2, group_size=4, beta=0.5)
     with pytest.raises(ValueError, match=r"group_size: 2 -> 4; lr: 0.0001 -> 0.05.*--override-config"):
-        train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist, run,
+        rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist, run,
                        resume=run)
     # the free settings may change: how often to evaluate or save, how big a forward pass is
-    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
                    _rl_config(lr=1e-4, micro_batch_size=1, save_every=1), dist, run, resume=run, stop_after=1)
-    train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist, run,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist, run,
                    resume=run, override_config=True)
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     override = next(r for r in rows if "config_override" in r)
@@ -404,26 +412,26 @@ def test_resume_refuses_another_stage_and_changed_settings_unless_overridden(wor
     train.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, kd, desc="kd",
                            stop_after=1)
     with pytest.raises(ValueError, match="a checkpoint of stage 'kd'; this is stage 'rl'"):
-        train.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, kd, resume=kd)
+        rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, kd, resume=kd)
 
 
 def test_an_existing_output_is_refused_before_any_work_unless_resumed_or_overwritten(world, retriever,
                                                                                      model_dirs, tmp_path):
     questions, dist = world.train[:6], train.Dist()
     run = str(tmp_path / "rl")
-    train.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+    rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
                    dist, run)
     with pytest.raises(ValueError, match=r"--out .*rl: exists and is not empty; pass --resume .* or --overwrite"):
-        train.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+        rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
                        dist, run)
-    train.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+    rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
                    dist, run, overwrite=True)
     assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("precious")
     with pytest.raises(ValueError, match="not a directory this trainer wrote"):
-        train.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+        rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
                        dist, str(foreign), overwrite=True)
     assert (foreign / "notes.txt").read_text() == "precious"
 
@@ -476,7 +484,7 @@ def test_long_questions_are_refused_before_any_rollout(world, retriever, model_d
     model = train.load_model(model_dirs["student"], train.Dist(), trainable=False)
     assert model.config.max_position_embeddings == 2048
     with pytest.raises(ValueError, match=r"training question id='huge'.*prompt is \d+ tokens.*budget of 2048"):
-        train.train_rl(model_dirs["student"], None, [world.train[1], huge], retriever,
+        rl.train_rl(model_dirs["student"], None, [world.train[1], huge], retriever,
                        _rl_config(teacher_mode="none"), train.Dist(), str(tmp_path / "rl"))
     import arc_metric
     with pytest.raises(ValueError, match=r"questions\[0\] \(id='huge'\): its prompt is"):
@@ -625,3 +633,78 @@ def test_a_model_whose_forward_is_more_than_its_head_is_refused(tokenizer):
     model.forward = lambda *a, **k: SimpleNamespace(logits=type(model).forward(model, *a, **k).logits * 2)
     with pytest.raises(ValueError, match="forward is not head"):
         train.HeadAtPositions(model).check()
+
+
+# -----------------------------------------------------------------------------
+# PPO with a critic
+
+
+def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever, model_dirs, tmp_path):
+    from transformers import AutoModelForTokenClassification
+    cfg = _rl_config(algo="ppo", group_size=1, prompts_per_step=3, teacher_as="reward", critic_lr=1e-2,
+                     mini_batches=1)
+    questions = world.train[:6]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), straight)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+                stop_after=2)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+                resume=split)
+    for sub, load in (("", _params), ("critic", lambda p: AutoModelForTokenClassification.from_pretrained(p).state_dict())):
+        a, b = load(os.path.join(straight, sub)), load(os.path.join(split, sub))
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"resumed run differs on {sub or 'actor'} {k}"
+    critic = AutoModelForTokenClassification.from_pretrained(os.path.join(split, "critic"))   # an ordinary HF dir
+    assert critic.config.num_labels == 1 and critic.score.weight.abs().sum() > 0    # trained from zero
+    rows = [json.loads(line) for line in open(os.path.join(split, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["vf_loss"]) for r in rows)
+    state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
+    assert state["critic_optimizer"]["state"], "the critic's Adam moments are saved"
+    with pytest.raises(FileNotFoundError, match="no critic/ in it"):
+        grpo_dir = str(tmp_path / "grpo")
+        rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
+                    train.Dist(), grpo_dir)
+        rl.train_rl(model_dirs["student"], None, questions, retriever,
+                    _rl_config(steps=2, teacher_mode="none", algo="ppo"), train.Dist(), grpo_dir, resume=grpo_dir,
+                    override_config=True)
+
+
+def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retriever, model_dirs, fixed_rollouts,
+                                                                   tmp_path, tokenizer):
+    """A short PPO run with the per-token teacher penalty (so the returns are not all zero) from the
+    tiny student keeps every number finite; and on a fixed batch of rollouts (the actor frozen, so
+    the returns hold still) the critic, from V = 0, drives the value loss down."""
+    cfg = _rl_config(algo="ppo", group_size=1, steps=4, prompts_per_step=4, micro_batch_size=4, rollout_batch_size=4,
+                     teacher_as="reward", beta=0.5, lr=1e-4, critic_lr=3e-3, warmup_ratio=0.0, entropy_coef=0.001)
+    out = str(tmp_path / "ppo")
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:16], retriever, cfg, train.Dist(), out)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rows) == 4 and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    assert all("vf_loss" in r and "value_mean" in r for r in rows)
+
+    dist = train.Dist()
+    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    teacher = train.load_model(model_dirs["teacher"], dist, trainable=False)
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
+    critic_hf = rl.load_critic(model_dirs["student"], dist, False, "--student", fresh=True)
+    critic_opt = torch.optim.Adam(critic_hf.parameters(), lr=1e-2)
+    critic = rl.Critic(train.wrap(critic_hf, dist), critic_opt, torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda s: 1.0))
+    records = data.load_trajectories(fixed_rollouts)
+    fixed_cfg = rl.RLConfig(algo="ppo", teacher_as="reward", beta=0.5, micro_batch_size=16, whiten_advantages=False)
+    vocab = train.vocab_size_of(tokenizer, model)
+    losses = [rl.rl_update(train.wrap(model, dist), teacher, frozen, torch.optim.lr_scheduler.LambdaLR(frozen, lambda s: 1.0),
+                           [dict(r) for r in records], fixed_cfg, dist, vocab, {}, critic)["vf_loss"] for _ in range(12)]
+    assert losses[-1] < 0.5 * losses[0], [round(x, 5) for x in losses]
+
+
+def test_ppo_options_are_listed_with_their_defaults_and_group_size_one_is_legal_for_ppo_only(capsys):
+    shown = _cli("rl", "--algo", "ppo", "--help").stdout
+    for flag, default in [("--critic-lr", "1e-05"), ("--critic-warmup-ratio", "0.015"), ("--value-clip", "0.5"),
+                          ("--gamma", "1.0"), ("--lam", "1.0"), ("--whiten-advantages", "True"),
+                          ("--algo {grpo,ppo}", "grpo")]:
+        assert flag in shown and f"default: {default})" in shown.rsplit(flag, 1)[1][:120], flag
+    args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--algo", "ppo", "--group-size", "1"])
+    assert args.group_size == 1
+    with pytest.raises(SystemExit):
+        train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--group-size", "1"])
+    assert "or --algo ppo" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import json
 import torch
 
 import demo
+import rl
 import train
 from rollout import RolloutConfig
 
@@ -71,7 +72,7 @@ def test_dgpo_with_a_right_teacher_raises_training_em_where_grpo_collapses(world
     config = dict(steps=30, prompts_per_step=8, group_size=4, micro_batch_size=32, rollout_batch_size=32,
                   lr=3e-3, warmup_ratio=0.0, beta=1.0, temperature=0.5, max_turns=2, max_new_tokens=40, seed=0)
     for mode in ("selective", "none"):
-        train.train_rl(student_dir, teacher_dir, questions, retriever, train.RLConfig(**config, teacher_mode=mode),
+        rl.train_rl(student_dir, teacher_dir, questions, retriever, rl.RLConfig(**config, teacher_mode=mode),
                        train.Dist(), str(tmp_path / mode))
     after = _greedy_em(str(tmp_path / "selective"), tokenizer, questions, retriever)
     after_grpo = _greedy_em(str(tmp_path / "none"), tokenizer, questions, retriever)

@@ -1,0 +1,510 @@
+"""The RL stage of DGPO: rollouts with the real retriever, binary EM reward, the teacher's guidance
+on wrong rollouts, and the update — GRPO (the default) or PPO with GAE and a critic (the paper's).
+
+What it does: `train_rl(...)` (the `python train.py rl` stage) runs RL steps; each step rolls out
+`prompts_per_step` questions (`group_size` times each, every rank its own whole groups), scores
+them (EM on the model's own answer), computes advantages and updates the policy in
+`mini_batches` optimizer steps:
+  --algo grpo  group-normalised EM advantages (dgpo.group_advantages), no critic
+  --algo ppo   per-token rewards (EM on the last sampled token, plus the paper's k1 teacher penalty
+               on wrong rollouts with --teacher-as reward), GAE over the sampled tokens with a
+               critic initialised from the student (dgpo.gae_advantages), the critic trained on the
+               clipped value loss with its own optimizer
+Both use the same clipped surrogate (dgpo.dgpo_loss: asymmetric clip, entropy bonus, and with
+--teacher-as loss the selective KL(π_θ‖π_T) term). Every log-prob is taken at the sampling
+temperature (rl_logits), so ratios, KL estimates and penalties refer to the policy that sampled.
+
+What it does not do: define the losses (dgpo.py), generate (rollout.py), or own the shared machinery
+(DDP set-up, checkpoints, batches, the CLI): those are train.py's, imported from it.
+
+Distributed: each rank rolls out its own share of whole groups; every loss is divided by the
+GLOBAL token count and PPO's whitening uses global moments, so N ranks make the same actor and
+critic updates as one process (tests/test_train.py checks both with gloo).
+
+    python train.py rl --student runs/kd --teacher runs/teacher --data train.jsonl --corpus corpus.jsonl \\
+        --out runs/dgpo                                     # GRPO + selective teacher KL (DGPO)
+    python train.py rl --algo ppo --group-size 1 --teacher-as reward ...   # the paper's form
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import dgpo
+from rollout import RolloutConfig
+from train import (Dist, HeadAtPositions, all_gather_objects, all_reduce_sum, append_metrics, autocast,
+                   check_config, check_output, check_prompts, check_same_tokenizer, data_window, ddp_sync,
+                   generate_records, global_token_count, length_budget, load_model, load_tokenizer,
+                   load_trainer_state, logits_of, make_batch, make_optimizer, micro_batches, optimizer_step,
+                   padded, pretrained, save_checkpoint, start_from, stop_if_diverged, vocab_size_of, wrap)
+
+
+@dataclass
+class RLConfig:
+    """Defaults are the paper's values where it gives one (docs/method.md §4)."""
+    steps: int = 1000
+    algo: str = "grpo"             # grpo (group advantages) | ppo (GAE with a critic, the paper's)
+    prompts_per_step: int = 512    # questions per step over all ranks (the paper: 512)
+    group_size: int = 5            # rollouts per question (GRPO needs >= 2; the paper's PPO uses 1)
+    micro_batch_size: int = 8      # sequences per forward/backward on one rank
+    mini_batches: int = 1          # optimizer steps per RL step, each on a share of whole groups
+    rollout_batch_size: int = 256  # sequences per rollout() call on one rank
+    lr: float = 1e-6
+    warmup_ratio: float = 0.285    # of `steps` (the paper: 28.5%); then constant
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.001            # teacher-KL weight β
+    teacher_mode: str = "selective"  # selective (DGPO) | uniform (KL on all rollouts) | none (no teacher)
+    teacher_as: str = "loss"       # loss (this project's default) | reward (the paper's k1 penalty)
+    kl: str = "full"               # full (exact KL over the vocabulary) | k2 | k3 (sampled)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    agg: str = "token-mean"
+    entropy_coef: float = 0.0      # entropy bonus c_H (the paper's PPO run: 0.001)
+    critic_lr: float = 1e-5        # PPO's critic (the paper: 1e-5)
+    critic_warmup_ratio: float = 0.015   # of the critic's steps (Search-R1's PPO script)
+    value_clip: float = 0.5        # ε_v of the clipped value loss (veRL's default)
+    gamma: float = 1.0             # GAE discount (the paper: 1)
+    lam: float = 1.0               # GAE λ (the paper: 1)
+    whiten_advantages: bool = True  # PPO: advantages whitened over the step's tokens (veRL's default)
+    temperature: float = 1.0       # rollout sampling temperature; every RL log-prob uses it too
+    top_p: float = 1.0
+    max_turns: int = 4
+    max_new_tokens: int = 500
+    max_obs_tokens: int = 500
+    max_total_tokens: int | None = None  # cap on prompt + response; None = the model's max_position_embeddings
+    topk: int = 3
+    seed: int = 0
+    eval_every: int = 0            # validation EM every N steps (and at step 0); the best is kept in best/
+    eval_limit: int = 0            # validation questions used (0 = all)
+    save_every: int = 0
+
+
+def rollout_config(cfg: RLConfig, greedy: bool = False, max_total_tokens: int | None = None) -> RolloutConfig:
+    return RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                         max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
+                         top_p=cfg.top_p, greedy=greedy, max_total_tokens=max_total_tokens or cfg.max_total_tokens)
+
+
+def check_rl_config(cfg: RLConfig, dist: Dist) -> None:
+    """Settings that are legal alone but not together, or not for this algorithm."""
+    check_config(cfg)
+    if cfg.prompts_per_step % dist.world_size:
+        raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by world size "
+                         f"{dist.world_size}: every rank must hold whole groups")
+    if (cfg.prompts_per_step // dist.world_size) % cfg.mini_batches:
+        raise ValueError(f"each rank's {cfg.prompts_per_step // dist.world_size} groups cannot form "
+                         f"{cfg.mini_batches} equal mini-batches (--mini-batches)")
+    if cfg.algo == "grpo" and cfg.group_size < 2:
+        raise ValueError(f"--group-size {cfg.group_size}: GRPO normalises rewards within a group of "
+                         "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2 "
+                         "(or --algo ppo, whose critic needs no group)")
+    if not cfg.temperature > 0:
+        raise ValueError(f"--temperature {cfg.temperature}: RL samples its rollouts and scores them at this "
+                         "temperature, so it must be > 0 (greedy rollouts make every group identical)")
+
+
+# -----------------------------------------------------------------------------
+# Scoring the step's tokens: log-probs at the sampling temperature, and the critic's values
+
+
+def rl_logits(model, batch, vocab_size: int, temperature: float) -> torch.Tensor:
+    """The logits every RL log-prob is computed from — the student's, the old policy's and the
+    teacher's alike: the model's logits over the tokenizer's vocabulary divided by the rollout's
+    sampling temperature, i.e. the distribution rollout._sample drew the tokens from. Ratios, the
+    sampled KL estimates and the k1 reward penalty then all refer to the policy that generated the
+    tokens, and KL(π_θ‖π_T) compares the two tempered distributions. (Embedding rows past the
+    tokenizer, as in Qwen2.5, are sliced off: student and teacher compare like with like.)"""
+    return logits_of(model, batch)[..., :vocab_size] / temperature              # (B, L, V)
+
+
+def values_of(critic, batch) -> torch.Tensor:
+    """The critic's value at each loss position (the same tokens the policy is scored on): (B, L)."""
+    return logits_of(critic, batch)[..., 0].float()                            # (B, L)
+
+
+@torch.no_grad()
+def per_record(score, records: list[dict], micro_batch_size: int, dist: Dist) -> list[torch.Tensor]:
+    """score(batch) -> (B, L) for every micro-batch, cut back into one (n_i,) tensor per record (its
+    loss positions, in order)."""
+    out = {}
+    for chunk in micro_batches(records, micro_batch_size):
+        batch = make_batch(chunk, dist.device)
+        with autocast(dist):
+            values = score(batch)                                                  # (B, L)
+        for r, row, n in zip(chunk, values, batch.mask.sum(1).tolist()):
+            out[id(r)] = row[:n].float()                                           # (n_i,)
+    return [out[id(r)] for r in records]
+
+
+def sampled_logprobs(model, records: list[dict], cfg: RLConfig, vocab_size: int, dist: Dist):
+    """log π(y_t) of each record's sampled tokens under `model` (tempered, rl_logits), (n_i,) each:
+    log π_old before the first of several mini-batch updates, log π_old and log π_T for the paper's
+    reward penalty, which is needed before the advantages exist."""
+    def score(batch):
+        return dgpo.token_logprobs(rl_logits(model, batch, vocab_size, cfg.temperature), batch.targets)
+    return per_record(score, records, cfg.micro_batch_size, dist)
+
+
+# -----------------------------------------------------------------------------
+# Advantages: GRPO's group-normalised EM, or PPO's GAE with a critic
+
+
+def grpo_advantages(cfg: RLConfig, records: list[dict], teacher_logp: list | None) -> None:
+    """A_i = group-normalised EM (dgpo.group_advantages); with the paper's penalty (teacher_logp
+    given), per token A_{i,t} = A_i + Σ_{s ≥ t} r_{i,s}, r_t = −β·w_i·(log π_old − log π_T)
+    (dgpo.token_advantages). Sets r["advantage"] (and r["token_advantage"], (n_i,)) and r["reward"]."""
+    em = torch.tensor([r["em"] for r in records], dtype=torch.float32)            # (N,)
+    groups = torch.tensor([r["group"] for r in records])
+    advantages = dgpo.group_advantages(em, groups)                                # (N,)
+    for k, (r, a) in enumerate(zip(records, advantages.tolist())):
+        r["advantage"], r["reward"] = a, r["em"]
+        if teacher_logp is not None:
+            lp, lt = r["old_logp"][None], teacher_logp[k][None]                   # (1, n_i)
+            mask = torch.ones_like(lp, dtype=torch.bool)                          # every entry was sampled
+            pen = dgpo.teacher_kl_reward(lp, lt, em[k:k + 1].to(lp.device), mask, cfg.beta, cfg.teacher_mode)
+            r["token_advantage"] = dgpo.token_advantages(torch.tensor([a], device=lp.device), pen, mask)[0]
+            r["reward"] = r["em"] + pen.sum().item()
+
+
+def ppo_advantages(cfg: RLConfig, records: list[dict], teacher_logp: list | None, values: list,
+                   dist: Dist) -> None:
+    """Per-token rewards r_t = EM·1[last sampled token] (− the k1 teacher penalty on wrong rollouts
+    when teacher_logp is given: dgpo.ppo_token_rewards), GAE over the sampled tokens with the
+    critic's values (dgpo.gae_advantages), then whitening with the GLOBAL moments of the step's
+    advantages (all ranks' tokens), so N ranks whiten as one process would. Sets per record
+    r["token_advantage"], r["returns"], r["old_values"] (each (n_i,)) and r["reward"]."""
+    sums = [0.0, 0.0, 0.0]                                                        # Σ A, Σ A², count
+    for k, (r, v) in enumerate(zip(records, values)):
+        lp = r.get("old_logp", torch.zeros_like(v))[None]                         # (1, n_i)
+        lt = teacher_logp[k][None] if teacher_logp is not None else lp
+        mask = torch.ones_like(v, dtype=torch.bool)[None]                         # (1, n_i)
+        em = torch.tensor([r["em"]], device=v.device)
+        rewards = dgpo.ppo_token_rewards(em, lp, lt, mask, cfg.beta,
+                                         cfg.teacher_mode if teacher_logp is not None else "none")   # (1, n_i)
+        adv, ret = dgpo.gae_advantages(rewards, v[None], mask, cfg.gamma, cfg.lam)                  # (1, n_i)
+        r["token_advantage"], r["returns"], r["old_values"] = adv[0], ret[0], v
+        r["advantage"], r["reward"] = 0.0, rewards.sum().item()
+        sums = [sums[0] + adv.sum().item(), sums[1] + (adv ** 2).sum().item(), sums[2] + adv.numel()]
+    if cfg.whiten_advantages:
+        total, total_sq, count = all_reduce_sum(dist, sums)
+        mean = total / max(count, 1)
+        var = (total_sq - count * mean * mean) / max(count - 1, 1)                # unbiased, as masked_whiten
+        for r in records:
+            a = r["token_advantage"][None]
+            r["token_advantage"] = dgpo.masked_whiten(a, torch.ones_like(a, dtype=torch.bool),
+                                                      torch.tensor(mean), torch.tensor(var))[0]
+
+
+def split_groups(records: list[dict], parts: int) -> list[list[dict]]:
+    """`parts` mini-batches of whole groups, strided: mini-batch k holds the groups whose position is
+    k mod parts. Ranks hold contiguous equal blocks of groups, so with strides the global mini-batch
+    k is the same set of groups whatever the number of ranks (N ranks = one process)."""
+    order = list(dict.fromkeys(r["group"] for r in records))                    # first-seen order
+    if len(order) % parts:
+        raise ValueError(f"{len(order)} groups on this rank cannot form {parts} equal mini-batches")
+    part_of = {g: k % parts for k, g in enumerate(order)}
+    return [[r for r in records if part_of[r["group"]] == k] for k in range(parts)]
+
+
+# -----------------------------------------------------------------------------
+# The update
+
+
+def rl_normaliser(cfg: RLConfig, dist: Dist, records: list[dict]) -> float:
+    """The denominator of every loss term, counted over ALL ranks and divided by the world size
+    (DDP averages gradients): token count for token-mean, non-empty sequences for
+    seq-mean-token-mean, sequences × max_new_tokens for token-sum-norm (a constant per step)."""
+    if cfg.agg == "token-mean":
+        return global_token_count(dist, records) / dist.world_size
+    if cfg.agg == "seq-mean-token-mean":
+        local = sum(1 for r in records if any(r["loss_mask"][1:]))
+    else:
+        local = len(records) * cfg.max_new_tokens
+    return all_reduce_sum(dist, [local])[0] / dist.world_size
+
+
+@dataclass
+class Critic:
+    """PPO's value model: `model` (the view the loss goes through, DDP-wrapped when distributed),
+    its optimizer and learning-rate schedule."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
+              vocab_size: int, counters: dict, critic: Critic | None = None) -> dict:
+    """One RL step on this rank's records (whole groups, `group` ids set): rewards, advantages, then
+    cfg.mini_batches optimizer steps of the actor (and of the critic, for PPO), each on an equal
+    share of whole groups.
+
+    GRPO advantages come from each rank's own groups (a group never spans ranks, so this is exact).
+    With one mini-batch, π_old is π_θ at the moment of the update, so old_logp is log π_θ detached
+    (ratio 1, nothing clipped); with several, log π_old is scored once before the first update and
+    the later mini-batches are off-policy: that is where the ratio and its clipping act.
+    """
+    penalty = cfg.teacher_as == "reward" and cfg.teacher_mode != "none"
+    if cfg.mini_batches > 1 or penalty:
+        for r, lp in zip(records, sampled_logprobs(model, records, cfg, vocab_size, dist)):
+            r["old_logp"] = lp                                                    # (n_i,) at its loss positions
+    teacher_logp = sampled_logprobs(teacher, records, cfg, vocab_size, dist) if penalty else None
+    if cfg.algo == "grpo":
+        grpo_advantages(cfg, records, teacher_logp)
+    else:
+        values = per_record(lambda batch: values_of(critic.model, batch), records, cfg.micro_batch_size, dist)
+        ppo_advantages(cfg, records, teacher_logp, values, dist)
+    steps = [minibatch_update(model, teacher, optimizer, scheduler, part, cfg, dist, vocab_size, counters, critic)
+             for part in split_groups(records, cfg.mini_batches)]
+    return {k: sum(s[k] for s in steps) / len(steps) if k != "loss_tokens" else sum(s[k] for s in steps)
+            for k in steps[0]}
+
+
+def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
+                     vocab_size: int, counters: dict, critic: Critic | None = None) -> dict:
+    """One optimizer step of dgpo_loss over records with their advantages set (and, for PPO, one of
+    the critic's clipped value loss on the same tokens). Every micro-batch's loss is divided by the
+    global normaliser, so summing over micro-batches and averaging over ranks (DDP) gives exactly
+    the loss of the whole global mini-batch."""
+    normaliser = rl_normaliser(cfg, dist, records)
+    use_teacher = cfg.teacher_as == "loss" and cfg.teacher_mode != "none"
+    sums: dict[str, float] = {}
+    finite = critic_finite = True
+    chunks = micro_batches(records, cfg.micro_batch_size)
+    for i, chunk in enumerate(chunks):
+        batch = make_batch(chunk, dist.device)
+        adv = torch.tensor([r["advantage"] for r in chunk], device=dist.device)  # (B,)
+        if "token_advantage" in chunk[0]:                                         # per token: (B, L)
+            adv = padded([r["token_advantage"] for r in chunk], batch.targets.shape, dist.device)
+        em = torch.tensor([r["em"] for r in chunk], device=dist.device)          # (B,)
+        last = i == len(chunks) - 1
+        with ddp_sync(model, last), autocast(dist):
+            logits = rl_logits(model, batch, vocab_size, cfg.temperature)         # (B, L, V)
+            logp = dgpo.token_logprobs(logits, batch.targets)                     # (B, L)
+            old_logp = logp.detach()                                              # (B, L)
+            if "old_logp" in chunk[0]:
+                old_logp = padded([r["old_logp"] for r in chunk], logp.shape, dist.device)
+            teacher_logits = teacher_logp = None
+            if use_teacher:
+                with torch.no_grad():
+                    teacher_logits = rl_logits(teacher, batch, vocab_size, cfg.temperature)  # (B, L, V)
+                if cfg.kl != "full":
+                    teacher_logp = dgpo.token_logprobs(teacher_logits, batch.targets)
+                    teacher_logits = None
+            loss, m = dgpo.dgpo_loss(
+                logp, old_logp, adv, em, batch.mask, beta=cfg.beta,
+                teacher=cfg.teacher_mode if use_teacher else "none", kl=cfg.kl,
+                student_logits=logits, teacher_logits=teacher_logits, teacher_logp=teacher_logp,
+                clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg, normaliser=normaliser,
+                vocab_size=vocab_size, entropy_coef=cfg.entropy_coef)
+            loss.backward()                   # even if not finite: every rank keeps in step with DDP
+        finite &= math.isfinite(m["loss"])
+        if critic is not None:
+            with ddp_sync(critic.model, last), autocast(dist):
+                values = values_of(critic.model, batch)                           # (B, L)
+                vloss, vm = dgpo.value_loss(
+                    values, padded([r["old_values"] for r in chunk], values.shape, dist.device),
+                    padded([r["returns"] for r in chunk], values.shape, dist.device), batch.mask,
+                    clip=cfg.value_clip, agg=cfg.agg, normaliser=normaliser)
+                vloss.backward()
+            critic_finite &= math.isfinite(vm["vf_loss"])
+            for key in ("vf_clip_frac", "value_mean"):
+                sums[key] = sums.get(key, 0.0) + vm[key] * vm["n_tokens"]
+            sums["vf_loss"] = sums.get("vf_loss", 0.0) + vm["vf_loss"]
+        n, nt = m["n_tokens"], m.get("n_teacher_tokens", 0)
+        for key, weight in (("clip_frac", n), ("entropy", n), ("approx_kl", n), ("teacher_kl", nt)):
+            if key in m:
+                sums[key] = sums.get(key, 0.0) + m[key] * weight
+        sums["n_tokens"] = sums.get("n_tokens", 0.0) + n
+        sums["n_teacher_tokens"] = sums.get("n_teacher_tokens", 0.0) + nt
+        sums["loss"] = sums.get("loss", 0.0) + m["loss"]
+    grad_norm = optimizer_step(model, optimizer, scheduler, cfg.grad_clip, counters, dist, finite)
+    out = {}
+    if critic is not None:
+        out["critic_grad_norm"] = optimizer_step(critic.model, critic.optimizer, critic.scheduler, cfg.grad_clip,
+                                                 counters.setdefault("critic", {}), dist, critic_finite)
+    keys = ["clip_frac", "entropy", "approx_kl", "teacher_kl", "n_tokens", "n_teacher_tokens", "loss",
+            "vf_loss", "vf_clip_frac", "value_mean"]
+    totals = dict(zip(keys, all_reduce_sum(dist, [sums.get(k, 0.0) for k in keys])))
+    n, nt = max(totals["n_tokens"], 1), max(totals["n_teacher_tokens"], 1)
+    out.update({"loss": totals["loss"] / dist.world_size, "clip_frac": totals["clip_frac"] / n,
+                "entropy": totals["entropy"] / n, "approx_kl": totals["approx_kl"] / n,
+                "teacher_kl": totals["teacher_kl"] / nt if use_teacher else 0.0,
+                "loss_tokens": totals["n_tokens"], "grad_norm": grad_norm})
+    if critic is not None:
+        out.update({"vf_loss": totals["vf_loss"] / dist.world_size, "vf_clip_frac": totals["vf_clip_frac"] / n,
+                    "value_mean": totals["value_mean"] / n})
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+
+@torch.no_grad()
+def validation_em(model, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, batch_size: int,
+                  dist: Dist) -> float:
+    """Greedy EM on held-out questions, each rank its shard, summed over ranks."""
+    shard = questions[dist.rank::dist.world_size]
+    records = generate_records(model, tokenizer, shard, retriever, rcfg, dist, batch_size)
+    correct, total = all_reduce_sum(dist, [sum(r["em"] for r in records), len(records)])
+    return correct / max(total, 1)
+
+
+CRITIC_DIR = "critic"     # inside a PPO checkpoint: an ordinary HF directory (a one-label token classifier)
+
+
+def load_critic(path: str, dist: Dist, grad_checkpointing: bool, arg: str, fresh: bool):
+    """PPO's critic: an ordinary HF token-classification model with one label (no dropout before the
+    head), fp32. fresh=True: the student's weights under a new value head, initialised to zero, so
+    every rank and every run starts from the same critic, V = 0 (GAE then begins as the plain
+    return-to-go); fresh=False: a critic saved by an earlier PPO run."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+    from transformers.utils import logging
+    config = pretrained(AutoConfig, path, arg, num_labels=1)
+    config.classifier_dropout = 0.0            # the head sees exactly the hidden states the policy sees
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()              # "newly initialized: score.weight" is expected, not a fault
+    try:
+        critic = pretrained(AutoModelForTokenClassification, path, arg, config=config,
+                            dtype=torch.float32).to(dist.device)
+    finally:
+        logging.set_verbosity(verbosity)
+    if fresh:
+        with torch.no_grad():
+            for p in critic.score.parameters():
+                p.zero_()
+    if grad_checkpointing:
+        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return critic
+
+
+def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], retriever, cfg: RLConfig,
+             dist: Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
+             grad_checkpointing: bool = False, stop_after: int | None = None, override_config: bool = False,
+             overwrite: bool = False) -> dict:
+    """RL from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`,
+    by validation EM, the start model included, when cfg.eval_every). `stop_after` ends this run after
+    that many steps with a resumable checkpoint (the schedule still spans cfg.steps)."""
+    check_rl_config(cfg, dist)
+    if cfg.eval_every and not validation:
+        raise ValueError("--eval-every needs validation questions (--val FILE)")
+    if teacher_dir is None and cfg.teacher_mode != "none":
+        raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
+    if dist.master:
+        check_output(out_dir, resume, overwrite)
+    arg = "--resume" if resume else "--student"
+    tokenizer = load_tokenizer(resume or student_dir, arg)
+    model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing, arg=arg)
+    teacher = None
+    if cfg.teacher_mode != "none":
+        check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir, "--teacher"), student_dir, teacher_dir)
+        teacher = load_model(teacher_dir, dist, trainable=False, arg="--teacher")
+    budget = length_budget(cfg.max_total_tokens, model)
+    check_prompts(tokenizer, questions, budget, "training question")
+    check_prompts(tokenizer, validation or [], budget, "validation question")
+    vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
+    ddp_model = wrap(model, dist)
+    teacher = HeadAtPositions(teacher).check() if teacher is not None else None
+    updates = cfg.steps * cfg.mini_batches                      # optimizer steps in the whole run
+    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, updates,
+                                          int(cfg.warmup_ratio * updates), min_lr_ratio=None)
+    critic, critic_hf = None, None
+    if cfg.algo == "ppo":
+        critic_path = os.path.join(resume, CRITIC_DIR) if resume else student_dir
+        if resume and not os.path.isdir(critic_path):
+            raise FileNotFoundError(f"--resume {resume}: no {CRITIC_DIR}/ in it, so it is not a PPO checkpoint")
+        critic_hf = load_critic(critic_path, dist, grad_checkpointing, "--resume" if resume else "--student",
+                                fresh=not resume)
+        critic = Critic(wrap(critic_hf, dist), *make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
+                                                               int(cfg.critic_warmup_ratio * updates), None))
+    generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
+    if resume:
+        state = load_trainer_state(resume, dist, "rl", asdict(cfg), override_config)
+        start_from(state, optimizer, scheduler, cfg.lr, metrics_path, dist)
+        if critic is not None:
+            critic.optimizer.load_state_dict(state["critic_optimizer"])
+            critic.scheduler.load_state_dict(state["critic_scheduler"])
+        generator.set_state(state["generators"][dist.rank])
+        start_step, counters, best = state["step"], state["counters"], state["best"]
+    per_rank = cfg.prompts_per_step // dist.world_size
+    rcfg = rollout_config(cfg, max_total_tokens=budget)
+
+    def checkpoint(path: str, step: int) -> None:
+        run_dir = path == out_dir           # best/ holds the actor only (for evaluation)
+        generators = all_gather_objects(dist, [generator.get_state()])
+        state = {"stage": "rl", "step": step, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "counters": counters, "best": best,
+                 "generators": generators, "config": asdict(cfg)}
+        extra = {}
+        if critic is not None and run_dir:
+            state.update(critic_optimizer=critic.optimizer.state_dict(), critic_scheduler=critic.scheduler.state_dict())
+            extra[CRITIC_DIR] = critic_hf
+        save_checkpoint(path, ddp_model, tokenizer, dist, state, carry=("metrics.jsonl", "best") if run_dir else (),
+                        extra=extra)
+
+    def validate(step: int, row: dict) -> None:
+        """Greedy validation EM into `row`; a new best (the start model included) is saved to best/."""
+        nonlocal best
+        val = validation[:cfg.eval_limit] if cfg.eval_limit else validation
+        row["val_em"] = validation_em(model, tokenizer, val, retriever, dataclasses.replace(rcfg, greedy=True),
+                                      cfg.rollout_batch_size, dist)
+        if row["val_em"] > best["em"]:
+            best = {"em": row["val_em"], "step": step}
+            checkpoint(os.path.join(out_dir, "best"), step)
+
+    if validation and cfg.eval_every and start_step == 0:   # step 0: the start model competes for best/
+        row = {"step": 0}
+        validate(0, row)
+        if dist.master:
+            append_metrics(metrics_path, row)
+
+    end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
+    bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
+               total=cfg.steps, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        idx = data_window(cfg.seed, len(questions), step * cfg.prompts_per_step, cfg.prompts_per_step)
+        mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+        # G copies of each question; the group id is the question's slot in the global step batch,
+        # unique per prompt instance (never a per-dataset index, docs/method.md §8)
+        expanded = [{**questions[idx[j]], "group": step * cfg.prompts_per_step + j}
+                    for j in mine for _ in range(cfg.group_size)]
+        model.eval()
+        records = generate_records(ddp_model, tokenizer, expanded, retriever, rcfg, dist,
+                                   cfg.rollout_batch_size, generator)
+        for r, q in zip(records, expanded):
+            r["group"] = q["group"]
+        t_rollout = time.time() - t0
+        model.train()
+        row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, counters, critic)
+        sums = all_reduce_sum(dist, [len(records), sum(r["reward"] for r in records),
+                                     sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
+                                     sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
+                                     sum(sum(r["loss_mask"]) for r in records),
+                                     sum(r["truncated"] for r in records)])
+        n, elapsed = sums[0], time.time() - t0
+        row = {"step": step + 1, "reward": sums[1] / n, "em": sums[2] / n, "wrong_frac": 1 - sums[2] / n,
+               "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
+               "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
+               "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0)}
+        if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            validate(step + 1, row)
+        if dist.master:
+            bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
+                            **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
+            append_metrics(metrics_path, row)
+        stop_if_diverged(counters, out_dir)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
+            checkpoint(out_dir, step + 1)
+    bar.close()
+    checkpoint(out_dir, end_step)
+    return {"best_val_em": best["em"], "best_step": best["step"], **counters}
