@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import dgpo
 from rollout import RolloutConfig
-from train import (Dist, HeadAtPositions, all_gather_objects, all_reduce_sum, append_metrics, autocast,
+from train import (Dist, HeadAtPositions, Reporter, all_gather_objects, all_reduce_sum, autocast,
                    check_config, check_output, check_prompts, check_same_tokenizer, data_window, ddp_sync,
                    generate_records, global_token_count, length_budget, load_model, load_tokenizer,
                    load_trainer_state, logits_of, make_batch, make_optimizer, micro_batches, optimizer_step,
@@ -388,10 +388,12 @@ def load_critic(path: str, dist: Dist, grad_checkpointing: bool, arg: str, fresh
 def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], retriever, cfg: RLConfig,
              dist: Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
              grad_checkpointing: bool = False, stop_after: int | None = None, override_config: bool = False,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, report_to: str = "none", save_dtype: str = "float32",
+             info: dict | None = None) -> dict:
     """RL from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`,
     by validation EM, the start model included, when cfg.eval_every). `stop_after` ends this run after
-    that many steps with a resumable checkpoint (the schedule still spans cfg.steps)."""
+    that many steps with a resumable checkpoint (the schedule still spans cfg.steps). report_to,
+    save_dtype, info: as in train.train_supervised."""
     check_rl_config(cfg, dist)
     if cfg.eval_every and not validation:
         raise ValueError("--eval-every needs validation questions (--val FILE)")
@@ -425,11 +427,11 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         critic = Critic(wrap(critic_hf, dist), *make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
                                                                int(cfg.critic_warmup_ratio * updates), None))
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    reporter = Reporter(out_dir, report_to, "rl", asdict(cfg), dist)
     start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
     if resume:
         state = load_trainer_state(resume, dist, "rl", asdict(cfg), override_config)
-        start_from(state, optimizer, scheduler, cfg.lr, metrics_path, dist)
+        start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
         if critic is not None:
             critic.optimizer.load_state_dict(state["critic_optimizer"])
             critic.scheduler.load_state_dict(state["critic_scheduler"])
@@ -448,8 +450,8 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         if critic is not None and run_dir:
             state.update(critic_optimizer=critic.optimizer.state_dict(), critic_scheduler=critic.scheduler.state_dict())
             extra[CRITIC_DIR] = critic_hf
-        save_checkpoint(path, ddp_model, tokenizer, dist, state, carry=("metrics.jsonl", "best") if run_dir else (),
-                        extra=extra)
+        save_checkpoint(path, ddp_model, tokenizer, dist, state, carry=None if run_dir else (),
+                        extra=extra, save_dtype=save_dtype, info={**(info or {}), "best": best})
 
     def validate(step: int, row: dict) -> None:
         """Greedy validation EM into `row`; a new best (the start model included) is saved to best/."""
@@ -464,8 +466,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     if validation and cfg.eval_every and start_step == 0:   # step 0: the start model competes for best/
         row = {"step": 0}
         validate(0, row)
-        if dist.master:
-            append_metrics(metrics_path, row)
+        reporter.log(row, dist)
 
     end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
     bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
@@ -501,10 +502,11 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         if dist.master:
             bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
                             **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
-            append_metrics(metrics_path, row)
+        reporter.log(row, dist)
         stop_if_diverged(counters, out_dir)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
             checkpoint(out_dir, step + 1)
     bar.close()
     checkpoint(out_dir, end_step)
+    reporter.close()
     return {"best_val_em": best["em"], "best_step": best["step"], **counters}

@@ -270,13 +270,23 @@ FREE_SETTINGS = ("eval_every", "eval_limit", "save_every", "micro_batch_size", "
 STATE_FILE = "trainer_state.pt"
 
 
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# what a run directory holds beside its checkpoint; every save moves them into the new directory
+RUN_ENTRIES = ("metrics.jsonl", "best", "tensorboard", "wandb")
+CONFIG_FILE = "train_config.json"   # the run's settings, readable, next to every checkpoint
+
+
 def save_checkpoint(out_dir: str, model, tokenizer, dist: Dist, state: dict | None = None,
-                    carry=("metrics.jsonl", "best"), extra: dict | None = None) -> None:
+                    carry=None, extra: dict | None = None, save_dtype: str = "float32",
+                    info: dict | None = None) -> None:
     """An HF directory (model + tokenizer) loadable by AutoModelForCausalLM, plus the trainer state:
     stage, config and its hash, optimizer, scheduler, step, data position and every rank's RNG
-    states, for exact resume; `extra` models (PPO's critic) go to subdirectories of their name.
-    Written atomically (checkpoint.save): a crash at any moment leaves the previous checkpoint or
-    this one, never a mix. A model with non-finite weights is never saved."""
+    states, for exact resume; `extra` models (PPO's critic) go to subdirectories of their name;
+    train_config.json holds the stage, its settings and `info` (paths, command line) as JSON.
+    save_dtype="bfloat16" halves the model files (the optimizer state stays fp32; a resume then
+    continues from bf16-rounded weights, so it is no longer bit-identical). Written atomically
+    (checkpoint.save): a crash at any moment leaves the previous checkpoint or this one, never a
+    mix. A model with non-finite weights is never saved."""
     raw = hf_model(model)
     others = {name: hf_model(m) for name, m in (extra or {}).items()}
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
@@ -288,18 +298,39 @@ def save_checkpoint(out_dir: str, model, tokenizer, dist: Dist, state: dict | No
             raise RuntimeError(f"not saving {out_dir}: weight {bad} of {name} holds NaN or inf values")
     if dist.master:
         def write(tmp: str) -> None:
-            raw.save_pretrained(tmp)
+            for path, m in [(tmp, raw)] + [(os.path.join(tmp, name), m) for name, m in others.items()]:
+                save_pretrained(m, path, save_dtype)
             tokenizer.save_pretrained(tmp)
-            for name, m in others.items():
-                m.save_pretrained(os.path.join(tmp, name))
             if state is not None:
-                full = {**state, "rng": rngs, "world_size": dist.world_size}
+                full = {**state, "rng": rngs, "world_size": dist.world_size, "save_dtype": save_dtype}
                 if "config" in state:
                     full["config_hash"] = checkpoint.config_hash(state["config"])
                 torch.save(full, os.path.join(tmp, STATE_FILE))
-        checkpoint.save(out_dir, write, carry=carry)
+                readable = {"stage": state.get("stage"), "step": state.get("step"), "config": state.get("config"),
+                            "config_hash": full.get("config_hash"), "world_size": dist.world_size,
+                            "save_dtype": save_dtype, **(info or {})}
+                with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                    json.dump(readable, f, indent=1, default=str)
+        checkpoint.save(out_dir, write, carry=RUN_ENTRIES if carry is None else carry)
     if dist.enabled:
         torch_dist.barrier()
+
+
+def save_pretrained(model, path: str, save_dtype: str) -> None:
+    """model.save_pretrained(path), its floating-point weights cast to save_dtype (the model itself,
+    still training, is left as it is)."""
+    dtype = SAVE_DTYPES[save_dtype]
+    if dtype == torch.float32:
+        model.save_pretrained(path)
+        return
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(path, state_dict=state)
+    config_path = os.path.join(path, "config.json")       # HF records the training copy's dtype:
+    with open(config_path) as f:                          # say what the files hold instead
+        config = json.load(f)
+    config["dtype"] = save_dtype
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def load_trainer_state(ckpt_dir: str, dist: Dist, stage: str | None = None, config: dict | None = None,
@@ -308,7 +339,7 @@ def load_trainer_state(ckpt_dir: str, dist: Dist, stage: str | None = None, conf
     rank's RNG restored. Refuses a checkpoint of another stage, and one whose settings differ from
     `config` (except FREE_SETTINGS) unless `override`; state["changed"] lists what differs."""
     if dist.master:
-        checkpoint.recover(ckpt_dir)
+        checkpoint.recover(ckpt_dir, carry=RUN_ENTRIES)
     if dist.enabled:
         torch_dist.barrier()
     path = os.path.join(ckpt_dir, STATE_FILE)
@@ -341,7 +372,7 @@ def load_trainer_state(ckpt_dir: str, dist: Dist, stage: str | None = None, conf
     return state
 
 
-def start_from(state: dict, optimizer, scheduler, lr: float, metrics_path: str, dist: Dist) -> None:
+def start_from(state: dict, optimizer, scheduler, lr: float, reporter: "Reporter", dist: Dist) -> None:
     """Restores optimizer and scheduler from a resumed state; applies an overridden lr so it really
     takes effect (the schedule's base value, not only the config), drops metric lines written after
     the checkpoint, and records any overridden settings in the metrics."""
@@ -352,16 +383,68 @@ def start_from(state: dict, optimizer, scheduler, lr: float, metrics_path: str, 
         for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
             group["initial_lr"] = lr
             group["lr"] = lr * factor(scheduler.last_epoch)
+    if state.get("save_dtype", "float32") != "float32":
+        warnings.warn(f"resuming from weights saved as {state['save_dtype']}: the run continues from rounded "
+                      "weights and will not be bit-identical to an uninterrupted one")
     if dist.master:
-        checkpoint.truncate_metrics(metrics_path, state["step"])
-        if state["changed"]:
-            append_metrics(metrics_path, {"step": state["step"], "config_override": {
-                k: list(v) for k, v in state["changed"].items()}})
+        checkpoint.truncate_metrics(reporter.path, state["step"])
+    if state["changed"]:
+        reporter.log({"step": state["step"], "config_override": {k: list(v) for k, v in state["changed"].items()}},
+                     dist)
 
 
 def append_metrics(path: str, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+class Reporter:
+    """Where a stage's metric rows go: always DIR/metrics.jsonl, plus TensorBoard (DIR/tensorboard)
+    or Weights & Biases with --report-to; their packages are imported only when asked for. Rank 0
+    only (the rows are already reduced over ranks)."""
+
+    def __init__(self, out_dir: str, kind: str, stage: str, config: dict, dist: Dist):
+        if kind not in REPORT_TO:
+            raise ValueError(f"--report-to {kind!r}: must be one of {REPORT_TO}")
+        self.path, self.stage, self.writer, self.wandb = os.path.join(out_dir, "metrics.jsonl"), stage, None, None
+        if not dist.master or kind == "none":
+            return
+        if kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ImportError("--report-to tensorboard needs the optional package 'tensorboard' "
+                                  "(pip install tensorboard)") from None
+            self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        else:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("--report-to wandb needs the optional package 'wandb' (pip install wandb)") from None
+            self.wandb = wandb.init(project="dgpo", name=f"{stage}:{os.path.basename(out_dir)}", dir=out_dir,
+                                    config=config)
+
+    def log(self, row: dict, dist: Dist) -> None:
+        if not dist.master:
+            return
+        append_metrics(self.path, row)
+        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+                   and not isinstance(v, bool)}
+        if self.writer is not None:
+            for k, v in numbers.items():
+                self.writer.add_scalar(f"{self.stage}/{k}", v, row["step"])
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def check_output(out: str, resume: str | None, overwrite: bool, kind: str = "dir") -> None:
@@ -608,10 +691,12 @@ def supervised_loss(model, teacher, records: list[dict], normaliser: float, voca
 def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfig, dist: Dist,
                      out_dir: str, teacher=None, heldout: list[dict] | None = None, resume: str | None = None,
                      desc: str = "sft", stop_after: int | None = None, override_config: bool = False,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, report_to: str = "none", save_dtype: str = "float32",
+                     info: dict | None = None) -> dict:
     """Trains `model` on trajectory records (loss on loss_mask tokens) and saves it to `out_dir`.
     `resume`: a checkpoint of this stage to continue from (the model must already hold its weights);
-    `stop_after` ends this run early with the schedule still spanning cfg.steps."""
+    `stop_after` ends this run early with the schedule still spanning cfg.steps; `info` (input paths,
+    the command line) is written into train_config.json beside the settings."""
     check_config(cfg)
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size}")
@@ -622,12 +707,18 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
     teacher = HeadAtPositions(teacher).check() if teacher is not None else None
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_steps,
                                           cfg.min_lr_ratio)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    reporter = Reporter(out_dir, report_to, desc, asdict(cfg), dist)
     start_step, counters = 0, {}
     if resume:
         state = load_trainer_state(resume, dist, desc, asdict(cfg), override_config)
-        start_from(state, optimizer, scheduler, cfg.lr, metrics_path, dist)
+        start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
         start_step, counters = state["step"], state["counters"]
+
+    def save(step: int) -> None:
+        save_checkpoint(out_dir, ddp_model, tokenizer, dist, {
+            "stage": desc, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "counters": counters, "config": asdict(cfg)}, save_dtype=save_dtype, info=info)
+
     per_rank = cfg.batch_size // dist.world_size
     model.train()
     end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
@@ -660,16 +751,13 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
             row["heldout_loss"] = heldout_loss(model, teacher, heldout, cfg, vocab_size, dist)
         if dist.master:
             bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
-            append_metrics(metrics_path, row)
+        reporter.log(row, dist)
         stop_if_diverged(counters, out_dir)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
-            save_checkpoint(out_dir, ddp_model, tokenizer, dist, {
-                "stage": desc, "step": step + 1, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "counters": counters, "config": asdict(cfg)})
+            save(step + 1)
     bar.close()
-    save_checkpoint(out_dir, ddp_model, tokenizer, dist, {
-        "stage": desc, "step": end_step, "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "counters": counters, "config": asdict(cfg)})
+    save(end_step)
+    reporter.close()
     return counters
 
 
@@ -744,7 +832,7 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: R
 
 def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, dist: Dist,
             out_path: str, samples: int = 1, batch_size: int = 64, seed: int = 0,
-            keep_wrong: bool = False) -> dict:
+            keep_wrong: bool = False, info: dict | None = None) -> dict:
     """Rolls the teacher out `samples` times per question (each rank its shard), keeps EM = 1
     (`keep_wrong` keeps everything: only for plumbing tests with an untrained teacher). Rollouts are
     capped at the length budget (length_budget), and a prompt that leaves no room is refused first."""
@@ -757,10 +845,13 @@ def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: RolloutC
     records = all_gather_objects(dist, records)
     fingerprint = data.tokenizer_fingerprint(tokenizer)       # kd refuses these ids with another tokenizer
     kept = [{**r, data.TOKENIZER_KEY: fingerprint} for r in records if r["em"] == 1.0 or keep_wrong]
-    if dist.master:
-        data.write_jsonl(out_path, kept)
     stats = {"rollouts": len(records), "kept": len(kept),
              "teacher_em": sum(r["em"] for r in records) / max(len(records), 1)}
+    if dist.master:
+        data.write_jsonl(out_path, kept)
+        with open(out_path + ".config.json", "w") as f:      # how these trajectories were made
+            json.dump({"stage": "tgo", "config": asdict(rcfg), "samples": samples, "seed": seed,
+                       "tokenizer": fingerprint, **stats, **(info or {})}, f, indent=1, default=str)
     print0(dist, f"tgo: kept {len(kept)} of {len(records)} teacher trajectories -> {out_path}")
     return stats
 
@@ -990,6 +1081,10 @@ def add_run_args(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
     parser.add_argument("--stop-after", type=ranged("steps", int), help="end this run after N steps, resumable")
     parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--report-to", choices=REPORT_TO, default="none",
+                        help="also send the metrics to TensorBoard or W&B (metrics.jsonl is always written)")
+    parser.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default="float32",
+                        help="dtype of the saved model files (bfloat16 halves them; a resume is then not exact)")
 
 
 def add_retriever_args(parser) -> None:
@@ -1074,6 +1169,15 @@ def main(argv=None) -> None:
             torch_dist.destroy_process_group()
 
 
+def run_info(args) -> dict:
+    """What train_config.json records besides the settings: every command-line value, the command
+    line itself, and the versions that matter for reproducing the run."""
+    import transformers
+    return {"args": {k: v for k, v in vars(args).items()}, "argv": sys.argv,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": sys.version.split()[0]}}
+
+
 def run_stage(args, dist: Dist) -> None:
     import rl
     if args.stage == "demo":
@@ -1095,7 +1199,8 @@ def run_stage(args, dist: Dist) -> None:
         model = load_model(init, dist, trainable=True, grad_checkpointing=args.grad_checkpointing, arg=arg)
         train_supervised(model, tokenizer, records, cfg, dist, args.out, teacher=teacher, heldout=heldout,
                          resume=args.resume, desc=args.stage, stop_after=args.stop_after,
-                         override_config=args.override_config, overwrite=args.overwrite)
+                         override_config=args.override_config, overwrite=args.overwrite, report_to=args.report_to,
+                         save_dtype=args.save_dtype, info=run_info(args))
     elif args.stage == "tgo":
         rcfg = config_from_args(args, RolloutConfig)
         rcfg.greedy = rcfg.greedy or args.samples == 1
@@ -1105,7 +1210,7 @@ def run_stage(args, dist: Dist) -> None:
         retriever = make_retriever(args.corpus, args.retriever_url, rcfg.topk)
         teacher = load_model(args.teacher, dist, trainable=False, arg="--teacher")
         run_tgo(teacher, load_tokenizer(args.teacher, "--teacher"), questions, retriever, rcfg, dist,
-                args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0)
+                args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=run_info(args))
     elif args.stage == "rl":
         cfg = config_from_args(args, rl.RLConfig)
         questions = data.load_questions(args.data)
@@ -1114,7 +1219,8 @@ def run_stage(args, dist: Dist) -> None:
         summary = rl.train_rl(args.student, args.teacher, questions, retriever, cfg, dist,
                               args.out, validation=validation, resume=args.resume,
                               grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after,
-                              override_config=args.override_config, overwrite=args.overwrite)
+                              override_config=args.override_config, overwrite=args.overwrite,
+                              report_to=args.report_to, save_dtype=args.save_dtype, info=run_info(args))
         print0(dist, json.dumps(summary))
 
 

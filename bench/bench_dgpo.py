@@ -14,6 +14,7 @@ above the inputs, for one forward + backward of each loss on its own.
     flock /tmp/dgpo-cpu.lock python bench/bench_dgpo.py                  # V = 32k and 151,936
     flock /tmp/dgpo-cpu.lock python bench/bench_dgpo.py --vocab 32768 --threads 2
     flock /tmp/dgpo-cpu.lock python bench/bench_dgpo.py --memory         # token_logprobs bound
+    flock /tmp/dgpo-cpu.lock python bench/bench_dgpo.py --updates        # PPO's update vs GRPO's
 
 --threads defaults to 1: on this shared 2-core machine a second OpenMP thread waits for a time
 slice whenever another job runs, which punishes many small kernels far more than a few big ones.
@@ -29,6 +30,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -142,6 +144,52 @@ def bench_memory(B=4, T=1024, V=151_936, dtype=torch.bfloat16):
     print(f"forward + backward  peak +{grown:.3f} GiB (of which the {dtype} gradient {gb:.2f} GiB)")
 
 
+def bench_updates(repeats: int, n_records: int = 16, length: int = 368, loss_frac: float = 0.175):
+    """One RL update (rl.rl_update) on the same fixed batch: GRPO (DGPO's default, teacher KL as a
+    loss) vs PPO (the paper's form: critic values, per-token k1 penalty, GAE, actor + critic steps),
+    on demo-size models (the demo student's shape, a 2,048-token vocabulary)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import rl
+    import train
+    from bench_head import synthetic_records
+    shape = dict(vocab_size=2048, hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, tie_word_embeddings=True)
+    dist = train.Dist()
+    root = tempfile.mkdtemp(prefix="bench_updates_")
+    for name, seed in (("student", 1), ("teacher", 2)):
+        torch.manual_seed(seed)
+        Qwen2ForCausalLM(Qwen2Config(**shape)).save_pretrained(os.path.join(root, name))
+    records = synthetic_records(n_records, length, loss_frac, 2048)
+    for i, r in enumerate(records):
+        r.update(em=float(i % 4 == 0), group=i // 2)
+    teacher = train.HeadAtPositions(train.load_model(os.path.join(root, "teacher"), dist, trainable=False)).check()
+
+    def run(cfg):
+        model = train.load_model(os.path.join(root, "student"), dist, trainable=True)
+        optimizer, scheduler = train.make_optimizer(model, 1e-5, 0.0, 100, 0, None)
+        critic = None
+        if cfg.algo == "ppo":
+            hf = rl.load_critic(os.path.join(root, "student"), dist, False, "--student", fresh=True)
+            critic = rl.Critic(train.wrap(hf, dist), *train.make_optimizer(hf, 1e-5, 0.0, 100, 0, None))
+        view = train.wrap(model, dist)
+        times = []
+        for _ in range(repeats + 1):                       # the first is a warm-up
+            t0 = time.perf_counter()
+            rl.rl_update(view, teacher, optimizer, scheduler, [dict(r) for r in records], cfg, dist, 2048, {},
+                         critic)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    grpo = run(rl.RLConfig(algo="grpo", group_size=2, micro_batch_size=8, beta=1.0))
+    ppo = run(rl.RLConfig(algo="ppo", group_size=1, micro_batch_size=8, teacher_as="reward", beta=0.001,
+                          entropy_coef=0.001))
+    print(f"\nRL update on {n_records} rollouts of {length} tokens ({loss_frac:.1%} sampled), demo student shape, "
+          f"{torch.get_num_threads()} thread(s), median of {repeats}:")
+    print(f"GRPO (+ selective KL as a loss) {grpo * 1e3:8.1f} ms   1.00x")
+    print(f"PPO (critic, k1 penalty, GAE)   {ppo * 1e3:8.1f} ms   {ppo / grpo:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=2)
@@ -151,11 +199,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory", action="store_true", help="only the token_logprobs memory bound")
+    ap.add_argument("--updates", action="store_true", help="only the PPO vs GRPO update time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
     if args.memory:
         bench_memory()
+        return
+    if args.updates:
+        bench_updates(args.repeats)
         return
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     for V in args.vocab:

@@ -708,3 +708,52 @@ def test_ppo_options_are_listed_with_their_defaults_and_group_size_one_is_legal_
     with pytest.raises(SystemExit):
         train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--group-size", "1"])
     assert "or --algo ppo" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Run outputs: the settings as JSON, TensorBoard / W&B, the saved dtype
+
+
+def test_every_checkpoint_carries_its_settings_as_json_and_tensorboard_gets_the_metrics(tokenizer, model_dirs,
+                                                                                      fixed_rollouts, tmp_path):
+    pytest.importorskip("tensorboard", reason="the optional package tensorboard is not installed")
+    out = tmp_path / "kd"
+    args = train.parse_args(["kd", "--student", model_dirs["student"], "--teacher", model_dirs["teacher"],
+                             "--data", fixed_rollouts, "--out", str(out), "--steps", "2", "--batch-size", "2",
+                             "--micro-batch-size", "2", "--report-to", "tensorboard"])
+    with pytest.warns(UserWarning, match="rows .* no 'tokenizer'|no tokenizer"):
+        train.run_stage(args, train.Dist())
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["stage"] == "kd" and saved["step"] == 2 and saved["config"]["steps"] == 2
+    assert saved["args"]["student"] == model_dirs["student"] and saved["config_hash"]
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("kd/loss")] == [1, 2]
+
+
+def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ImportError, match="--report-to wandb needs the optional package 'wandb'"):
+        train.Reporter(str(tmp_path), "wandb", "rl", {}, train.Dist())
+
+
+def test_save_dtype_bfloat16_writes_bf16_weights_and_says_so(tokenizer, model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = train.load_model(model_dirs["student"], train.Dist(), trainable=True)
+    train.save_checkpoint(str(tmp_path / "bf16"), model, tokenizer, train.Dist(), {"step": 1, "config": {}},
+                          save_dtype="bfloat16")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype="auto")
+    assert loaded.dtype == torch.bfloat16 and model.dtype == torch.float32       # the trained copy is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16)), k
+    assert json.loads((tmp_path / "bf16" / "train_config.json").read_text())["save_dtype"] == "bfloat16"
