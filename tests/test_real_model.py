@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,14 +72,23 @@ PROBE_TEXT = "<think> I need to find who founded Vlaslas Mills. </think>\n<searc
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def scratch(tmp_path_factory):
+    """Where this module's models, data and checkpoints go (~3 GB, optimizer states included): removed
+    when the module is done, so pytest's kept temporary directories do not pile them up."""
+    root = tmp_path_factory.mktemp("real_model")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2(scratch):
     """SmolLM2 converted once (~16 s): the directory, and the logits transformers computes on PROBE_TEXT
     from the GGUF file itself (the reference the converted model must reproduce)."""
     quantized, tokenizer = demo.load_gguf(demo.smollm2_gguf())
     ids = torch.tensor([encode_text(tokenizer, PROBE_TEXT)])                     # (1, T)
     with torch.no_grad():
         reference = quantized.eval()(input_ids=ids).logits                      # (1, T, V)
-    out = str(tmp_path_factory.mktemp("models") / "smollm2")
+    out = str(scratch / "smollm2")
     demo.save_model_dir(demo.unquantized_copy(quantized), tokenizer, out)
     return {"dir": out, "ids": ids, "logits": reference}
 
@@ -192,18 +202,18 @@ def test_masked_tokens_decode_exactly_to_the_primer_observations_and_nudges(smol
 # ----------------------------------------------------------------------------- every stage from the CLI
 
 @pytest.fixture(scope="module")
-def student(smollm2, tmp_path_factory):
+def student(smollm2, scratch):
     """`python demo.py first-layers`: SmolLM2's embeddings, first 2 of its 30 layers, norm and head."""
-    out = tmp_path_factory.mktemp("student") / "smollm2-2l"
+    out = scratch / "smollm2-2l"
     run("demo.py", "first-layers", "--model", smollm2["dir"], "--layers", 2, "--out", out)
     return str(out)
 
 
 @pytest.fixture(scope="module")
-def world_files(smollm2, tmp_path_factory):
+def world_files(smollm2, scratch):
     """`python demo.py world --tokenizer SMOLLM2`: the demo world and the oracle's trajectories in
     SmolLM2's tokens, plus a 4-question file for tgo (which rolls out every question it is given)."""
-    out = tmp_path_factory.mktemp("world")
+    out = scratch / "world"
     run("demo.py", "world", "--out", out, "--tokenizer", smollm2["dir"])
     write_jsonl(str(out / "few.jsonl"), load_questions(str(out / "train.jsonl"))[:4])
     return {name: str(out / f"{name}.jsonl") for name in ("corpus", "train", "validation", "test", "oracle", "few")}
@@ -232,8 +242,8 @@ def test_world_oracle_trajectories_are_in_smollm2s_tokens(smollm2_loaded, world_
 
 
 @pytest.fixture(scope="module")
-def tgo(smollm2, world_files, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tgo") / "tgo.jsonl"
+def tgo(smollm2, world_files, scratch):
+    out = scratch / "tgo.jsonl"
     stdout = run("train.py", "tgo", "--teacher", smollm2["dir"], "--data", world_files["few"],
                  "--corpus", world_files["corpus"], "--out", out, "--max-turns", 1, "--max-new-tokens", 24,
                  "--batch-size", 4)
@@ -248,12 +258,12 @@ def test_tgo_keeps_only_the_teachers_correct_trajectories(tgo):
 
 
 @pytest.fixture(scope="module")
-def kd(smollm2, student, world_files, tgo, tmp_path_factory):
+def kd(smollm2, student, world_files, tgo, scratch):
     # SmolLM2 knows nothing of the fictional world and, prompted as it is, does not search: tgo usually
     # keeps 0 of its 4 trajectories. Then the cold start distils from the oracle's correct trajectories
     # (in SmolLM2's tokens) instead, which exercises the same kd code path with the same teacher.
     kd_data = tgo[0] if os.path.getsize(tgo[0]) else world_files["oracle"]
-    out = tmp_path_factory.mktemp("kd") / "kd"
+    out = scratch / "kd"
     run("train.py", "kd", "--student", student, "--teacher", smollm2["dir"], "--data", kd_data, "--out", out,
         "--steps", 2, "--batch-size", 2, "--micro-batch-size", 1, "--lr", 1e-4, "--warmup-steps", 1)
     return str(out)
@@ -279,8 +289,8 @@ RL_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", sorted(RL_VARIANTS))
-def test_rl_from_the_kd_student_then_eval_scores_it(variant, smollm2, smollm2_loaded, kd, world_files, tmp_path):
-    out = tmp_path / variant
+def test_rl_from_the_kd_student_then_eval_scores_it(variant, smollm2, smollm2_loaded, kd, world_files, scratch):
+    out, eval_out = scratch / "rl" / variant, scratch / "eval" / variant
     run("train.py", "rl", "--student", kd, "--teacher", smollm2["dir"], "--data", world_files["train"],
         "--val", world_files["validation"], "--corpus", world_files["corpus"], "--out", out,
         "--steps", 1, "--prompts-per-step", 2, "--group-size", 2, "--micro-batch-size", 2,
@@ -293,9 +303,9 @@ def test_rl_from_the_kd_student_then_eval_scores_it(variant, smollm2, smollm2_lo
     assert (row["teacher_kl"] > 0) if RL_VARIANTS[variant]["teacher_term"] else (row["teacher_kl"] == 0)
 
     run("train.py", "eval", "--model", out, "--data", world_files["test"], "--corpus", world_files["corpus"],
-        "--out", tmp_path / "eval", "--limit", 2, "--max-turns", 1, "--max-new-tokens", 16, "--batch-size", 2,
+        "--out", eval_out, "--limit", 2, "--max-turns", 1, "--max-new-tokens", 16, "--batch-size", 2,
         "--no-progress")
-    report = json.load(open(tmp_path / "eval" / "report.json"))
+    report = json.load(open(eval_out / "report.json"))
     assert report["questions"] == 2 and 0 <= report["report"]["all"]["em"] <= 1
     vocab_size = len(smollm2_loaded[1])
-    assert len(load_trajectories(str(tmp_path / "eval" / "trajectories.jsonl"), vocab_size=vocab_size)) == 2
+    assert len(load_trajectories(str(eval_out / "trajectories.jsonl"), vocab_size=vocab_size)) == 2
