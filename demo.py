@@ -570,10 +570,13 @@ def first_layers_model(model, n_layers: int):
 
 def first_layers(model_dir: str, n_layers: int, out_dir: str) -> str:
     """Saves `first_layers_model` of the model in `model_dir` to `out_dir`, with the same tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"{model_dir}: not a model directory")
     _check_new_dir(out_dir)
+    total = AutoConfig.from_pretrained(model_dir).num_hidden_layers       # checked before loading weights
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"n_layers={n_layers}: {model_dir} has {total} decoder layers, so 1..{total}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     student = first_layers_model(AutoModelForCausalLM.from_pretrained(model_dir), n_layers)
     return save_model_dir(student, tokenizer, out_dir)
@@ -600,6 +603,8 @@ def write_demo_files(out_dir: str, tokenizer_dir: str | None = None, seed: int =
     real model's directory) or, without one, with the demo's BPE tokenizer, trained and saved in
     `out_dir/tokenizer`. Returns the paths by name."""
     from retriever import BM25Retriever
+    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"{tokenizer_dir}: not a tokenizer (or model) directory")
     world = make_world(seed=seed)
     paths = write_world(world, out_dir)
     if tokenizer_dir:
@@ -643,7 +648,10 @@ def main(argv=None) -> None:
         print(f"wrote {first_layers(args.model, args.layers, args.out)} (the first {args.layers} layers of {args.model})")
     else:
         paths = write_demo_files(args.out, args.tokenizer, args.seed)
-        count = {name: sum(1 for _ in open(paths[name], encoding="utf-8")) for name in ("train", "oracle")}
+        count = {}
+        for name in ("train", "oracle"):
+            with open(paths[name], encoding="utf-8") as f:
+                count[name] = sum(1 for _ in f)
         print("wrote " + ", ".join(paths.values()))
         print(f"{paths['oracle']}: {count['oracle']} correct oracle trajectories of {count['train']} training questions")
 

@@ -559,6 +559,8 @@ def test_first_layers_refuses_a_bad_layer_count_and_an_existing_output(tokenizer
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     with pytest.raises(FileNotFoundError, match="nowhere: not a model directory"):
         demo.first_layers(str(tmp_path / "nowhere"), 1, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="n_layers=5: .*parent has 3 decoder layers, so 1..3"):
+        demo.first_layers(parent_dir, 5, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -615,6 +617,12 @@ def test_world_command_writes_the_world_and_the_oracles_correct_trajectories(wor
         assert r["golden_answers"] == q["golden_answers"] and r["em"] == 1.0
         assert answer_em(r["turns"], q["golden_answers"]) == 1.0
         assert tok.decode([i for i, m in zip(r["input_ids"], r["loss_mask"]) if m]) == "".join(r["turns"])
+
+
+def test_world_command_refuses_a_tokenizer_that_is_not_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-model: not a tokenizer"):
+        demo.main(["world", "--out", str(tmp_path / "w"), "--tokenizer", str(tmp_path / "no-such-model")])
+    assert not (tmp_path / "w").exists()                  # refused before anything was written
 
 
 def test_world_command_tokenises_the_oracle_with_the_tokenizer_it_is_given(world, tmp_path):
