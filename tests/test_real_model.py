@@ -285,6 +285,9 @@ def test_kd_trains_the_student_toward_smollm2(student, kd):
 RL_VARIANTS = {
     "dgpo": {"args": [], "teacher_term": True},                               # KL to the teacher on wrong rollouts
     "grpo": {"args": ["--teacher-mode", "none"], "teacher_term": False},       # plain GRPO
+    # the paper's form: PPO with a critic from the student, one rollout per prompt, the k1 penalty in the reward
+    "ppo": {"args": ["--algo", "ppo", "--group-size", "1", "--teacher-as", "reward", "--entropy-coef", "0.001"],
+            "teacher_term": False},
 }
 
 
@@ -296,11 +299,16 @@ def test_rl_from_the_kd_student_then_eval_scores_it(variant, smollm2, smollm2_lo
         "--steps", 1, "--prompts-per-step", 2, "--group-size", 2, "--micro-batch-size", 2,
         "--rollout-batch-size", 4, "--max-turns", 1, "--max-new-tokens", 16, "--eval-every", 1, "--eval-limit", 2,
         "--lr", 1e-5, "--warmup-ratio", 0, *RL_VARIANTS[variant]["args"])
-    [row] = metrics(out / "metrics.jsonl")
+    start, row = metrics(out / "metrics.jsonl")                 # step 0 is the start model's validation
+    assert start["step"] == 0 and 0 <= start["val_em"] <= 1 and row["step"] == 1
     for key in ("reward", "em", "entropy", "loss", "val_em"):
         assert math.isfinite(row[key]), key
     assert row["loss_tokens"] > 0
     assert (row["teacher_kl"] > 0) if RL_VARIANTS[variant]["teacher_term"] else (row["teacher_kl"] == 0)
+    if variant == "ppo":                                         # the critic: an ordinary HF directory
+        from transformers import AutoModelForTokenClassification
+        assert math.isfinite(row["vf_loss"])
+        assert AutoModelForTokenClassification.from_pretrained(out / "critic").config.num_labels == 1
 
     run("train.py", "eval", "--model", out, "--data", world_files["test"], "--corpus", world_files["corpus"],
         "--out", eval_out, "--limit", 2, "--max-turns", 1, "--max-new-tokens", 16, "--batch-size", 2,
