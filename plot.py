@@ -26,6 +26,7 @@ import os
 from data import read_jsonl
 
 DEFAULT_KEYS = ("reward", "em", "teacher_kl", "entropy", "val_em")   # RL metrics; those present are drawn
+SHARED_LEGEND = 4          # more groups than this get one legend for the figure instead of one per panel
 TITLES = {"reward": "reward", "em": "EM (training rollouts)", "teacher_kl": "teacher KL", "entropy": "entropy",
           "val_em": "validation EM", "loss": "loss", "ce": "cross-entropy", "kl": "KL(teacher‖student)",
           "heldout_loss": "held-out loss"}
@@ -106,7 +107,9 @@ def figure(groups: dict[str, list[str]], keys: list[str] | None = None):
     plt = _pyplot()
     cols = min(len(keys), 3)
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    shared = len(data) > SHARED_LEGEND      # many groups: one legend under the panels, not one in each
+    legend_rows = math.ceil(len(data) / 3) if shared else 0
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows + 0.3 * legend_rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for label, by_key in data.items():
             runs = {p: s for p, s in by_key[key].items() if s}      # a file without this key adds nothing
@@ -121,10 +124,19 @@ def figure(groups: dict[str, list[str]], keys: list[str] | None = None):
         ax.set_xlabel("step")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if not shared:
+            ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
-    fig.tight_layout()
+    if shared:
+        entries = {}
+        for ax in axes.flat:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(label, handle)
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=3, fontsize="small")
+        fig.tight_layout(rect=(0, 0.3 * legend_rows / fig.get_size_inches()[1] + 0.02, 1, 1))
+    else:
+        fig.tight_layout()
     return fig, keys
 
 

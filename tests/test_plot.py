@@ -178,3 +178,12 @@ def test_missing_matplotlib_is_named(small_run, tmp_path, monkeypatch):
     with pytest.raises(ModuleNotFoundError, match="plot.py needs matplotlib.*pip install matplotlib==3.11.2"):
         plot.plot_metrics({"x": [small_run["dgpo"]]}, str(tmp_path / "out.png"))
     assert not (tmp_path / "out.png").exists()
+
+
+def test_many_groups_share_one_legend_under_the_panels(small_run, tmp_path):
+    groups = {f"arm {k}": [small_run["dgpo"]] for k in range(plot.SHARED_LEGEND + 1)}
+    fig, keys = plot.figure(groups)
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    [legend] = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(groups)
+    plt.close(fig)

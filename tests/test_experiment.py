@@ -1,0 +1,71 @@
+"""bench/experiment.py's small preset runs the whole experiment pipeline (every arm, two seeds, the
+grid, selection, evaluation, table, curves) in seconds, reuses finished units, and writes the table
+into a README between its markers."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import experiment  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    pytest.importorskip("matplotlib", reason="the curves need the optional package matplotlib")
+    out = tmp_path_factory.mktemp("experiment")
+    readme = out / "README.md"
+    readme.write_text(f"# x\n\nbefore\n{experiment.BEGIN}\nold table\n{experiment.END}\nafter\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "bench/experiment.py", "--preset", "small", "--out", str(out / "run"), "--readme", str(readme)]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return out, first.stdout, second.stdout
+
+
+def test_small_preset_writes_a_row_for_every_method_and_the_paired_differences(small_run):
+    out, stdout, _ = small_run
+    table = (out / "run" / "results.md").read_text()
+    for method in ["Student (base)", "Teacher", "KD", "KD continued", *experiment.ARMS]:
+        assert f"| {method} |" in table, method
+    assert "| DGPO (GRPO, selective KL) − KD |" in table and "seed 0" in table and "seed 1" in table
+    assert "Wall time of this invocation" in stdout
+    png = (out / "run" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_second_run_reuses_every_finished_unit(small_run):
+    _, _, second = small_run
+    assert " 0 run now)" in second and "units reused" in second
+
+
+def test_the_readme_block_is_replaced_and_the_rest_kept(small_run):
+    out, _, _ = small_run
+    text = (out / "README.md").read_text()
+    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{experiment.END}\nafter\n")
+    assert "old table" not in text and "| KD continued |" in text
+
+
+def test_every_rl_arm_samples_the_same_number_of_rollouts_per_step():
+    design = experiment.Design()
+    budgets = set()
+    for arm in experiment.ARMS:
+        cfg = experiment.rl_settings(design, arm, 1e-3, 0)
+        budgets.add((cfg.steps, cfg.prompts_per_step * cfg.group_size))
+        assert (cfg.algo == "ppo") == (cfg.group_size == 1)
+    assert budgets == {(30, 32)}
+
+
+def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():
+    import demo
+    world = demo.make_world(seed=0)
+    design = experiment.Design()
+    kd = {q["id"] for q in world.train[:design.kd_pool]}
+    rl = {q["id"] for q in world.train[design.kd_pool:design.kd_pool + design.rl_pool]}
+    val, test = {q["id"] for q in world.validation}, {q["id"] for q in world.test}
+    assert len(kd) == 800 and len(rl) == 500
+    assert not (kd & rl or kd & val or kd & test or rl & val or rl & test or val & test)
