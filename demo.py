@@ -597,6 +597,22 @@ def oracle_records(questions: list[dict], retriever, tokenizer, config: RolloutC
     return [r for r in records if r["em"] == 1.0]
 
 
+def corpus_records(world: World, tokenizer, width: int = 256) -> list[dict]:
+    """The corpus text as language-model training records, for the base student's pretraining:
+    passages ("title\ntext"), each ended by eos, packed into sequences of about `width` tokens, the loss
+    on every token but the first. No protocol text: the base student learns the world's language,
+    not the agent's format (so prompted as an agent it is a fair, not a random, starting point)."""
+    eos = tokenizer.eos_token_id
+    ids = []
+    for row in world.corpus:
+        ids += encode_text(tokenizer, row["contents"]) + [eos]
+    records = []
+    for start in range(0, len(ids) - 1, width):
+        chunk = ids[start:start + width + 1]
+        records.append({"input_ids": chunk, "loss_mask": [0] + [1] * (len(chunk) - 1), "prompt_length": 1})
+    return records
+
+
 def write_demo_files(out_dir: str, tokenizer_dir: str | None = None, seed: int = 0) -> dict[str, str]:
     """corpus/train/validation/test.jsonl of the world at `seed`, and oracle.jsonl: the oracle's correct
     trajectories on the training questions, tokenised with the tokenizer in `tokenizer_dir` (e.g. a

@@ -895,39 +895,43 @@ def evaluate_dir(model_dir: str, questions: list[dict], retriever, rcfg: Rollout
 
 @dataclass
 class DemoPreset:
-    """Everything the demo chain needs. Demo turns are short (the oracle writes ≤ ~40 tokens a turn),
-    so the per-turn budget is 64 instead of the paper's 500: an untrained model's junk costs less."""
+    """Everything the demo chain needs. Data roles are disjoint: the teacher's trajectories for KD come
+    from the first `kd_pool` training questions, RL trains on the next `rl_pool`, which KD never saw;
+    validation selects the RL checkpoint (the start model included); test reports. Demo turns are
+    short (the oracle writes ≤ ~40 tokens a turn), so the per-turn budget is 64, not the paper's 500."""
     teacher: SupervisedConfig
+    pretrain: SupervisedConfig     # the base student: language modelling on the corpus text only
     kd: SupervisedConfig
     rl: dict                       # rl.RLConfig's settings (rl.py is imported when the chain runs)
     teacher_size: str = "teacher"
     student_size: str = "student"
     world_seed: int = 0
-    train_limit: int = 0           # training questions used by every stage (0 = all)
-    tgo_limit: int = 0             # of those, the ones the teacher is rolled out on for KD (0 = all);
-                                   # RL then also meets questions KD never saw, as with real data
+    kd_pool: int = 800             # training questions the teacher is rolled out on for KD
+    rl_pool: int = 500             # the other training questions: the only ones RL trains on
     tgo_keep_wrong: bool = False   # True only in the plumbing preset, whose teacher cannot be right yet
     max_new_tokens: int = 64
     eval_limit: int = 0            # test questions evaluated (0 = the whole test split)
+    val_limit: int = 0             # validation questions (0 = all)
     eval_batch_size: int = 64
 
 
 PRESETS = {
     "default": lambda: DemoPreset(
         teacher=SupervisedConfig(steps=1500, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=50),
-        kd=SupervisedConfig(steps=1500, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=30),
-        rl=dict(steps=40, prompts_per_step=16, group_size=4, micro_batch_size=16, rollout_batch_size=64,
-                lr=3e-4, warmup_ratio=0.1, beta=1.0, temperature=0.7, max_new_tokens=64, eval_every=10),
-        tgo_limit=800),
+        pretrain=SupervisedConfig(steps=400, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=20),
+        kd=SupervisedConfig(steps=1200, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=30),
+        rl=dict(steps=30, prompts_per_step=8, group_size=4, micro_batch_size=16, rollout_batch_size=64,
+                lr=3e-4, warmup_ratio=0.1, beta=1.0, temperature=0.7, max_new_tokens=64, eval_every=10)),
     # the same chain in well under a minute: it checks the plumbing (every stage writes what the next
     # reads), not learning — its teacher trains for 4 steps, so its tgo keeps wrong trajectories too
     "small": lambda: DemoPreset(
         teacher=SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=2),
+        pretrain=SupervisedConfig(steps=2, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
         kd=SupervisedConfig(steps=3, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=1, eval_every=3),
         rl=dict(steps=2, prompts_per_step=2, group_size=2, micro_batch_size=4, rollout_batch_size=8,
-                lr=1e-4, warmup_ratio=0.0, beta=0.05, max_new_tokens=8, max_turns=1, eval_every=1, eval_limit=4),
-        teacher_size="test", student_size="test", train_limit=12, tgo_keep_wrong=True, max_new_tokens=8,
-        eval_limit=4, eval_batch_size=8),
+                lr=1e-4, warmup_ratio=0.0, beta=0.05, max_new_tokens=8, max_turns=1, eval_every=1),
+        teacher_size="test", student_size="test", kd_pool=8, rl_pool=4, tgo_keep_wrong=True, max_new_tokens=8,
+        eval_limit=4, val_limit=4, eval_batch_size=8),
 }
 
 
@@ -948,7 +952,8 @@ def own_demo_dir(out: str) -> None:
 
 
 def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
-    """world → teacher (SFT on the oracle) → tgo → kd → rl → eval; prints the results table."""
+    """world → teacher (SFT on the oracle) → base student (LM on the corpus) → tgo → kd → rl → eval;
+    prints the results table."""
     import demo
     import rl
     from retriever import BM25Retriever
@@ -963,59 +968,59 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     tokenizer = demo.train_tokenizer(world, os.path.join(out, "tokenizer"))
     retriever = BM25Retriever(world.corpus)
     rcfg = RolloutConfig(max_new_tokens=preset.max_new_tokens, greedy=True)
-    train_questions = world.train[:preset.train_limit] if preset.train_limit else world.train
-    print0(dist, f"demo world: {len(world.corpus)} passages, {len(world.train)}/{len(world.validation)}/"
-                 f"{len(world.test)} train/validation/test questions -> {paths['corpus']}")
+    kd_pool = world.train[:preset.kd_pool]
+    rl_pool = world.train[preset.kd_pool:preset.kd_pool + preset.rl_pool]
+    validation = world.validation[:preset.val_limit] if preset.val_limit else world.validation
+    test = world.test[:preset.eval_limit] if preset.eval_limit else world.test
+    print0(dist, f"demo world: {len(world.corpus)} passages; questions: KD pool {len(kd_pool)}, RL pool "
+                 f"{len(rl_pool)} (disjoint), validation {len(validation)}, test {len(test)} -> {paths['corpus']}")
+    dirs = {name: os.path.join(out, name) for name in ("init", "teacher", "base", "kd", "dgpo")}
 
-    # 1. the demo teacher learns the protocol from the oracle's (correct) trajectories
-    oracle = demo.oracle_rollout([q["question"] for q in train_questions], retriever, tokenizer,
-                                 dataclasses.replace(rcfg, max_new_tokens=500))
-    oracle_records = [{**q, **asdict(t), "em": arc_metric.answer_em(t.turns, q["golden_answers"])}
-                      for q, t in zip(train_questions, oracle)]
-    oracle_records = [{**r, data.TOKENIZER_KEY: data.tokenizer_fingerprint(tokenizer)} for r in oracle_records
-                      if r["em"] == 1.0]
+    # 1. the demo teacher learns the protocol from the oracle's correct trajectories (all training questions)
+    fingerprint = data.tokenizer_fingerprint(tokenizer)
+    oracle_records = [{**r, data.TOKENIZER_KEY: fingerprint} for r in demo.oracle_records(
+        world.train, retriever, tokenizer, dataclasses.replace(rcfg, max_new_tokens=500))]
     data.write_jsonl(os.path.join(out, "oracle.jsonl"), oracle_records)
-    print0(dist, f"oracle: {len(oracle_records)}/{len(train_questions)} correct training trajectories")
-    dirs = {name: os.path.join(out, name) for name in ("teacher_init", "teacher", "student_init", "kd", "dgpo")}
+    print0(dist, f"oracle: {len(oracle_records)}/{len(world.train)} correct training trajectories")
     seconds["world+tokenizer+oracle"], t = time.time() - t, time.time()
-    demo.make_tiny_model(tokenizer, preset.teacher_size, seed=1, out_dir=dirs["teacher_init"])
-    teacher = load_model(dirs["teacher_init"], dist, trainable=True)
+    demo.make_tiny_model(tokenizer, preset.teacher_size, seed=1, out_dir=os.path.join(dirs["init"], "teacher"))
+    teacher = load_model(os.path.join(dirs["init"], "teacher"), dist, trainable=True)
     train_supervised(teacher, tokenizer, oracle_records, preset.teacher, dist, dirs["teacher"], desc="teacher")
     teacher.eval().requires_grad_(False)
     seconds["teacher"], t = time.time() - t, time.time()
 
-    # 2. tgo: the teacher's correct trajectories on the training questions
+    # 2. the base student: the student architecture, language-model-pretrained on the corpus text only
+    demo.make_tiny_model(tokenizer, preset.student_size, seed=2, out_dir=os.path.join(dirs["init"], "student"))
+    student = load_model(os.path.join(dirs["init"], "student"), dist, trainable=True)
+    train_supervised(student, tokenizer, demo.corpus_records(world, tokenizer), preset.pretrain, dist, dirs["base"],
+                     desc="pretrain")
+    seconds["base student"], t = time.time() - t, time.time()
+
+    # 3. tgo: the teacher's correct trajectories on the KD pool
     tgo_path = os.path.join(out, "tgo.jsonl")
-    tgo_questions = train_questions[:preset.tgo_limit] if preset.tgo_limit else train_questions
-    stats = run_tgo(teacher, tokenizer, tgo_questions, retriever, rcfg, dist, tgo_path, samples=1,
+    stats = run_tgo(teacher, tokenizer, kd_pool, retriever, rcfg, dist, tgo_path, samples=1,
                     batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
     if not stats["kept"]:       # checked before loading: the loader rejects an empty file less clearly
         raise RuntimeError("the teacher got no training question right: nothing to distil")
-    tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer),
-                                 tokenizer_fingerprint=data.tokenizer_fingerprint(tokenizer))
+    tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer), tokenizer_fingerprint=fingerprint)
     seconds["tgo"], t = time.time() - t, time.time()
 
-    # 3. kd: cold start of a fresh, smaller student
-    demo.make_tiny_model(tokenizer, preset.student_size, seed=2, out_dir=dirs["student_init"])
-    student = load_model(dirs["student_init"], dist, trainable=True)
+    # 4. kd: cold start of the base student on the teacher's trajectories
     heldout, train_part = tgo[:max(1, len(tgo) // 20)], tgo[max(1, len(tgo) // 20):]
     train_supervised(student, tokenizer, train_part, preset.kd, dist, dirs["kd"], teacher=teacher,
                      heldout=heldout, desc="kd")
     del student
     seconds["kd"], t = time.time() - t, time.time()
 
-    # 4. rl: DGPO from the KD student; the checkpoint with the best validation EM is kept
-    summary = rl.train_rl(dirs["kd"], dirs["teacher"], train_questions, retriever, rl.RLConfig(**preset.rl), dist,
-                          dirs["dgpo"], validation=world.validation)
-    dgpo_dir = os.path.join(dirs["dgpo"], "best") if os.path.isdir(os.path.join(dirs["dgpo"], "best")) \
-        else dirs["dgpo"]
+    # 5. rl: DGPO from the KD student on the RL pool; the best validation checkpoint (step 0 = KD) is kept
+    summary = rl.train_rl(dirs["kd"], dirs["teacher"], rl_pool, retriever, rl.RLConfig(**preset.rl), dist,
+                          dirs["dgpo"], validation=validation)
     seconds["rl"], t = time.time() - t, time.time()
 
-    # 5. evaluation on the test split
-    test = world.test[:preset.eval_limit] if preset.eval_limit else world.test
+    # 6. evaluation on the test split
     reports = {}
-    for name, model_dir in [("Student (base)", dirs["student_init"]), ("Teacher", dirs["teacher"]),
-                            ("KD only", dirs["kd"]), ("DGPO", dgpo_dir)]:
+    for name, model_dir in [("Student (base)", dirs["base"]), ("Teacher", dirs["teacher"]),
+                            ("KD only", dirs["kd"]), ("DGPO", best_or_last(dirs["dgpo"]))]:
         reports[name] = evaluate_dir(model_dir, test, retriever, rcfg, dist,
                                      os.path.join(out, "eval", name.split()[0].lower()),
                                      batch_size=preset.eval_batch_size)
@@ -1024,19 +1029,30 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"preset": preset_name, "reports": reports, "rl": summary, "seconds": seconds}, f, indent=1)
     print0(dist, "\n" + results_table(reports))
-    print0(dist, f"\nDGPO = the RL checkpoint with the best validation EM (step {summary['best_step']}). "
-                 f"Seconds per stage: {seconds}. Everything is in {out}/.")
+    print0(dist, f"\nDGPO = the RL checkpoint with the best validation EM (step {summary['best_step']} of "
+                 f"{preset.rl['steps']}; step 0 is the KD model itself). Seconds per stage: {seconds}. "
+                 f"Everything is in {out}/.")
     return reports
 
 
+def best_or_last(run_dir: str) -> str:
+    """The checkpoint a run reports: best/ (by validation EM) when it validated, else its last one."""
+    best = os.path.join(run_dir, "best")
+    return best if os.path.isdir(best) else run_dir
+
+
 def results_table(reports: dict[str, dict]) -> str:
-    """Methods × (EM per data source, Avg) and the ARC columns on all test questions."""
+    """Methods × (EM per data source, Avg), evidence-given EM w/ think per source, and the ARC columns
+    on all test questions."""
     em = arc_metric.render_comparison(reports, metric="em", title="EM on the demo test split")
-    columns = ["em", "f1", "hit_substr", "searches", "probe_em_no_think", "probe_em_think", "has_answer"]
+    probe = arc_metric.render_comparison(reports, metric="probe_em_think",
+                                         title="Evidence-given EM, w/ think, on the demo test split")
+    columns = ["em", "f1", "hit_substr", "searches", "probe_em_no_think", "probe_em_think", "probe_own_turn",
+               "has_answer"]
     rows = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, report in reports.items():
         rows.append(f"| {name} | " + " | ".join(f"{report['all'].get(c, float('nan')):.3f}" for c in columns) + " |")
-    return em + "\n\nARC (all test questions)\n" + "\n".join(rows)
+    return em + "\n\n" + probe + "\n\nARC (all test questions)\n" + "\n".join(rows)
 
 
 # -----------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from retriever import BM25Retriever  # noqa: E402
 from rollout import RolloutConfig  # noqa: E402
 
 SupervisedConfig = train.SupervisedConfig
+DEMO = train.PRESETS["default"]
 
 
 @dataclass
@@ -65,16 +66,12 @@ class Design:
     teacher_size: str = "teacher"
     student_size: str = "student"
     max_new_tokens: int = 64         # per turn (the oracle writes at most ~40)
-    teacher: SupervisedConfig = field(default_factory=lambda: SupervisedConfig(
-        steps=1500, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=50))
-    pretrain: SupervisedConfig = field(default_factory=lambda: SupervisedConfig(
-        steps=400, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=20))
-    kd: SupervisedConfig = field(default_factory=lambda: SupervisedConfig(
-        steps=1200, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=30))
+    # the teacher, base-student and KD recipes and the RL settings are the default demo's (train.py)
+    teacher: SupervisedConfig = field(default_factory=lambda: DEMO().teacher)
+    pretrain: SupervisedConfig = field(default_factory=lambda: DEMO().pretrain)
+    kd: SupervisedConfig = field(default_factory=lambda: DEMO().kd)
     kd_early_step: int = 300         # the weak start: this KD step's checkpoint
-    rl: dict = field(default_factory=lambda: dict(
-        steps=30, prompts_per_step=8, group_size=4, micro_batch_size=16, rollout_batch_size=64,
-        warmup_ratio=0.1, temperature=0.7, max_new_tokens=64, eval_every=10, entropy_coef=0.0))
+    rl: dict = field(default_factory=lambda: {k: v for k, v in DEMO().rl.items() if k not in ("lr", "beta")})
     beta_loss: float = 1.0           # β of the KL-as-a-loss arms (exact KL over the vocabulary)
     beta_reward: float = 0.01        # β of the paper's k1 reward penalty (see the README for why this value)
     lrs: tuple = (3e-4, 1e-3)        # the grid every RL arm and KD-continued gets
@@ -155,21 +152,6 @@ class Units:
         return result
 
 
-def corpus_records(world, tokenizer, width: int = 256) -> list[dict]:
-    """The corpus text as language-model training records: passages ("title\\ntext"), each ended by
-    eos, packed into sequences of about `width` tokens, the loss on every token but the first. No
-    protocol text: the base student learns the world's language, not the agent's format."""
-    eos = tokenizer.eos_token_id
-    ids = []
-    for row in world.corpus:
-        ids += tokenizer(row["contents"], add_special_tokens=False)["input_ids"] + [eos]
-    records = []
-    for start in range(0, len(ids) - 1, width):
-        chunk = ids[start:start + width + 1]
-        records.append({"input_ids": chunk, "loss_mask": [0] + [1] * (len(chunk) - 1), "prompt_length": 1})
-    return records
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
@@ -235,7 +217,7 @@ def main(argv=None):
             demo.make_tiny_model(tokenizer, design.student_size, seed=100 + seed, out_dir=out + "-init")
             model = train.load_model(out + "-init", dist, trainable=True)
             cfg = dataclasses.replace(design.pretrain, seed=seed)
-            train.train_supervised(model, tokenizer, corpus_records(world, tokenizer), cfg, dist, out, desc="pretrain")
+            train.train_supervised(model, tokenizer, demo.corpus_records(world, tokenizer), cfg, dist, out, desc="pretrain")
             shutil.rmtree(out + "-init")
             return {}
         units(f"{s}/base", make_base)

@@ -153,8 +153,9 @@ def test_checkpoint_reloads_with_automodel_and_gives_the_same_logits(tokenizer, 
 
 def test_small_preset_runs_every_stage_and_each_writes_what_the_next_reads(tmp_path, capsys):
     reports = train.run_demo("small", str(tmp_path), train.Dist())
-    for name in ("teacher", "kd", "dgpo", "student_init"):
+    for name in ("teacher", "base", "kd", "dgpo", "dgpo/best"):
         assert os.path.isfile(tmp_path / name / "config.json"), name
+    assert json.loads((tmp_path / "base" / "train_config.json").read_text())["stage"] == "pretrain"
     assert data.load_trajectories(str(tmp_path / "oracle.jsonl"))
     assert data.load_trajectories(str(tmp_path / "tgo.jsonl"))          # read by kd
     assert os.path.isfile(tmp_path / "dgpo" / "trainer_state.pt")
