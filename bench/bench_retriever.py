@@ -1,12 +1,29 @@
-"""Benchmark: retriever.BM25Retriever against rank_bm25.BM25Okapi (the reference), in one process.
+"""Benchmark: retriever.BM25Retriever against bm25s and rank_bm25 (the reference), in one process.
 
-For each corpus: build time (tokenising included, for both), ms per query (ours: a batched
-`search(queries, topk=3)`, best of 5 passes; reference: `get_scores` alone, i.e. without even
-picking its top 3, best of 2 passes),
-how many queries get the identical top-3 (reference order: score descending, ties by corpus order)
-and how many get bit-identical score vectors. Corpora: synthetic Zipf text at each --sizes, then the
-demo world (`demo.make_world(seed=0).corpus`, its test questions as queries) if demo.py is there.
-`--build-only N` instead measures building an index over N synthetic passages: time and memory.
+Corpora: synthetic passages of wiki-18's size (a 1-5 word title and 90-110 words of text, words drawn
+from a Zipf-Mandelbrot distribution over 2M invented words: the most common word is ~4% of all
+tokens and the 100 most common ~45%, about as in English) at each --sizes, then the demo world
+(`demo.make_world(seed=0).corpus`, its test questions as queries). Query sets, 64 queries each:
+  passage words  2-6 distinct words of a random passage (so, like a question, about half of them
+                 are among the 100 most common words, whose postings cover most passages)
+  content words  the same with the 100 most common words left out: short postings, so per-query
+                 overhead rather than the postings dominates
+Per corpus and query set, ms per query of
+  ours        `search(queries, topk=3)` on the whole batch, and one query at a time (`single`)
+  weights     the same search with the finished float64 weight stored per posting (8 bytes each
+              instead of the 1-byte term frequency ours stores), written here: the design ours
+              does not use, measured so the trade is visible
+  bm25s       `bm25s.BM25(method="robertson", k1=1.5, b=0.75)` indexed on our token lists,
+              `retrieve(k=3, n_threads=0, backend_selection="numpy")`: eager sparse scoring (the
+              weights are precomputed per posting, in float32), one thread, given our tokenizer's
+              token lists. Its "robertson" is rank_bm25's variant (Okapi idf, same saturation up to
+              the constant factor k1 + 1) except that a negative idf becomes 0 where rank_bm25 uses
+              epsilon * mean idf; bm25s is a bench-only dependency.
+  rank_bm25   `BM25Okapi.get_scores` per query (without even picking a top 3)
+and the checks: how many queries get bit-identical score vectors from ours and from `weights` vs
+rank_bm25, the identical top-3 (rank_bm25 order: score descending, ties by corpus order), and
+how many of bm25s's top-3 equal ours. Timings are the best of several passes, in this process.
+`--build-only N` instead builds an index over N synthetic passages: time, memory, array sizes.
 
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --build-only 1000000
@@ -22,37 +39,53 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
-from retriever import BM25Retriever, tokenize  # noqa: E402
+import retriever as R  # noqa: E402
+from retriever import BM25Retriever, bm25_term_weight, tokenize  # noqa: E402
 
 
-def zipf_corpus(n: int, seed: int, vocab: int = 50_000, exponent: float = 1.1) -> list[dict]:
-    """n passages "title\\ntext": a 1-4 word title and 20-60 words of text, words drawn from a
-    Zipf(exponent) distribution over `vocab` invented words (so a few words are in most passages)."""
-    rng = np.random.default_rng(seed)
+def invented_words(n: int) -> list[str]:
+    """n distinct lower-case words: word i spells i in base 16 with one syllable per digit."""
     syllables = ["ka", "lo", "mi", "ra", "te", "su", "no", "vi", "de", "pa", "zo", "ge", "fu", "ri", "an", "el"]
-    words = ["".join(syllables[(i >> s) % 16] for s in (0, 4, 8, 12)[: 2 + i % 3]) + str(i // 4096) for i in range(vocab)]
-    p = 1.0 / np.arange(1, vocab + 1) ** exponent
-    title_len, text_len = rng.integers(1, 5, n), rng.integers(20, 61, n)
-    tokens = rng.choice(vocab, size=int(title_len.sum() + text_len.sum()), p=p / p.sum()).tolist()
+    words = []
+    for i in range(n):
+        digits = 1 + (i.bit_length() + 3) // 4  # the digit count grows with i, so no two words coincide
+        words.append("".join(syllables[(i >> (4 * d)) % 16] for d in range(digits)))
+    return words
+
+
+def real_size_corpus(n: int, seed: int, vocab: int = 2_000_000, exponent: float = 1.15, shift: float = 2.7,
+                     words: list[str] | None = None) -> list[dict]:
+    """n passages {"id": str(i), "contents": "title\\ntext"} of wiki-18's size: a 1-5 word title and
+    90-110 words of text, word of rank r drawn with probability proportional to 1 / (r + shift)**exponent."""
+    rng = np.random.default_rng(seed)
+    words = words or invented_words(vocab)
+    cdf = np.cumsum(1.0 / (np.arange(1, vocab + 1) + shift) ** exponent)
+    title_len, text_len = rng.integers(1, 6, n), rng.integers(90, 111, n)
+    tokens = np.searchsorted(cdf, rng.random(int(title_len.sum() + text_len.sum())) * cdf[-1]).tolist()
     rows, at = [], 0
     for i in range(n):
-        title = " ".join(words[t] for t in tokens[at: at + title_len[i]])
-        at += title_len[i]
-        text = " ".join(words[t] for t in tokens[at: at + text_len[i]])
-        at += text_len[i]
-        rows.append({"id": str(i), "contents": f"{title}\n{text}"})
+        middle, end = at + title_len[i], at + title_len[i] + text_len[i]
+        rows.append({"id": str(i), "contents": " ".join(words[t] for t in tokens[at:middle]) + "\n" +
+                     " ".join(words[t] for t in tokens[middle:end])})
+        at = end
     return rows
 
 
-def queries_from_passages(rows: list[dict], n: int, seed: int) -> list[str]:
-    """Queries an agent might write: 2-6 words taken from a random passage (so they share its
-    common words too)."""
+def queries_from_passages(rows: list[dict], n: int, seed: int, leave_out: frozenset = frozenset()) -> list[str]:
+    """n queries of 2-6 distinct words of a random passage, words in `leave_out` excepted."""
     rng = np.random.default_rng(seed)
     queries = []
-    for _ in range(n):
-        words = tokenize(rows[int(rng.integers(len(rows)))]["contents"])
-        queries.append(" ".join(rng.choice(words, size=min(len(words), int(rng.integers(2, 7))), replace=False)))
+    while len(queries) < n:
+        words = sorted(set(tokenize(rows[int(rng.integers(len(rows)))]["contents"])) - leave_out)
+        if len(words) >= 2:
+            queries.append(" ".join(rng.choice(words, size=min(len(words), int(rng.integers(2, 7))), replace=False)))
     return queries
+
+
+def most_common_words(retriever: BM25Retriever, k: int) -> frozenset:
+    doc_freq = np.diff(retriever._start)
+    word_of_id = {t: w for w, t in retriever._vocab.items()}
+    return frozenset(word_of_id[t] for t in np.argsort(-doc_freq, kind="stable")[:k].tolist())
 
 
 def best_time(run, repeats: int):
@@ -65,40 +98,87 @@ def best_time(run, repeats: int):
     return result, best
 
 
-def compare(name: str, rows: list[dict], queries: list[str]) -> dict:
+class PrecomputedWeights(BM25Retriever):
+    """`BM25Retriever` with the finished weight idf(t) * tf (k1 + 1) / (tf + K(d)) stored per posting
+    as float64 (8 bytes) instead of tf (1 byte): one gather per posting instead of the formula."""
+
+    def __init__(self, base: BM25Retriever):
+        self.__dict__.update(base.__dict__)  # share the index; add the weights
+        self._weight = np.repeat(self._idf, np.diff(self._start)) * bm25_term_weight(self._tf, self._norm[self._doc], self.k1)
+
+    def _score_block(self, queries):
+        n = len(self)
+        words, row_of_word = [], []
+        for row, query in enumerate(queries):
+            for word in tokenize(query):
+                if (t := self._vocab.get(word)) is not None:
+                    words.append(t)
+                    row_of_word.append(row)
+        words = np.array(words, dtype=np.int64)
+        first = self._start[words]
+        count = self._start[words + 1] - first
+        at = np.arange(int(count.sum())) + np.repeat(first - (np.cumsum(count) - count), count)
+        cell = self._doc[at] + np.repeat(np.array(row_of_word, dtype=np.int64) * n, count)
+        scores = np.bincount(cell, weights=self._weight[at], minlength=len(queries) * n)
+        return scores.astype(np.float64, copy=False).reshape(len(queries), n)
+
+
+def reference_top3(scores: np.ndarray) -> list[int]:
+    return np.lexsort((np.arange(len(scores)), -scores))[:3].tolist()  # score descending, then corpus order
+
+
+def compare(name: str, rows: list[dict], query_sets: dict[str, list[str]], repeats: int) -> list[dict]:
+    import bm25s
     import rank_bm25
 
-    started = time.perf_counter()
-    ours = BM25Retriever(rows)
-    build_ours = time.perf_counter() - started
-    started = time.perf_counter()
-    reference = rank_bm25.BM25Okapi([tokenize(r["contents"]) for r in rows])
-    build_reference = time.perf_counter() - started
+    tokens = [tokenize(r["contents"]) for r in rows]
+    ours, build_ours = best_time(lambda: BM25Retriever(rows), 1)
+    weights = PrecomputedWeights(ours)
+    reference, build_reference = best_time(lambda: rank_bm25.BM25Okapi(tokens), 1)
+    other = bm25s.BM25(method="robertson", k1=1.5, b=0.75)
+    _, build_bm25s = best_time(lambda: other.index(tokens, show_progress=False), 1)
+    results = []
+    for query_set, queries in query_sets.items():
+        def bm25s_search():
+            return other.retrieve([tokenize(q) for q in queries], k=3, n_threads=0, backend_selection="numpy",
+                                  show_progress=False).documents
 
-    hits, per_query_ours = best_time(lambda: ours.search(queries, topk=3), repeats=5)
-    reference_scores, per_query_reference = best_time(
-        lambda: [reference.get_scores(tokenize(q)) for q in queries], repeats=2)
-    per_query_ours, per_query_reference = per_query_ours / len(queries), per_query_reference / len(queries)
-
-    same_top3 = bit_identical = 0
-    for query, our_hits, scores in zip(queries, hits, reference_scores):
-        best = np.lexsort((np.arange(len(scores)), -scores))[:3]  # score descending, then corpus order
-        same_top3 += [h["id"] for h in our_hits] == [rows[i]["id"] for i in best]
-        bit_identical += np.array_equal(ours.scores(query), scores)
-    return {"corpus": name, "passages": len(rows), "tokens": int(sum(reference.doc_len)),
-            "build_ours": build_ours, "build_reference": build_reference,
-            "ms_ours": 1e3 * per_query_ours, "ms_reference": 1e3 * per_query_reference,
-            "queries": len(queries), "same_top3": same_top3, "bit_identical": bit_identical}
+        hits, t_ours = best_time(lambda: ours.search(queries, topk=3), 5)
+        _, t_single = best_time(lambda: [ours.search([q], topk=3) for q in queries], 5)
+        weight_hits, t_weights = best_time(lambda: weights.search(queries, topk=3), 5)
+        bm25s_docs, t_bm25s = best_time(bm25s_search, 5)
+        reference_scores, t_reference = best_time(lambda: [reference.get_scores(tokenize(q)) for q in queries], repeats)
+        expected = [reference_top3(s) for s in reference_scores]
+        results.append({
+            "corpus": name, "passages": len(rows), "queries": query_set, "n": len(queries),
+            "postings": int(sum(ours._start[t + 1] - ours._start[t] for q in queries for w in tokenize(q)
+                                if (t := ours._vocab.get(w)) is not None)) // len(queries),
+            "build_ours": build_ours, "build_bm25s": build_bm25s, "build_reference": build_reference,
+            **{f"ms_{k}": 1e3 * t / len(queries) for k, t in
+               [("ours", t_ours), ("single", t_single), ("weights", t_weights), ("bm25s", t_bm25s), ("reference", t_reference)]},
+            "bits_ours": sum(np.array_equal(ours.scores(q), s) for q, s in zip(queries, reference_scores)),
+            "bits_weights": sum(np.array_equal(weights.scores(q), s) for q, s in zip(queries, reference_scores)),
+            "top3_ours": sum([h["id"] for h in hs] == [rows[i]["id"] for i in e] for hs, e in zip(hits, expected)),
+            "hits_weights": sum(a == b for a, b in zip(hits, weight_hits)),
+            "top3_bm25s": sum([h["id"] for h in hs] == [rows[i]["id"] for i in d.tolist()] for hs, d in zip(hits, bm25s_docs)),
+        })
+    return results
 
 
 def print_table(results: list[dict]):
-    print("| corpus | passages | tokens | build ours (s) | build rank_bm25 (s) | ours ms/query | "
-          "rank_bm25 ms/query | speed-up | identical top-3 | bit-identical scores |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| corpus | passages | queries | postings/query | ours ms/query (batch of 64) | ours single | weights | bm25s | "
+          "rank_bm25 | bm25s / ours | rank_bm25 / ours single | bit-identical ours, weights | identical top-3 | "
+          "bm25s top-3 = ours |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['corpus']} | {r['passages']:,} | {r['tokens']:,} | {r['build_ours']:.2f} | {r['build_reference']:.2f} | "
-              f"{r['ms_ours']:.3f} | {r['ms_reference']:.1f} | {r['ms_reference'] / r['ms_ours']:.0f}x | "
-              f"{r['same_top3']}/{r['queries']} | {r['bit_identical']}/{r['queries']} |")
+        print(f"| {r['corpus']} | {r['passages']:,} | {r['queries']} | {r['postings']:,} | {r['ms_ours']:.3f} | "
+              f"{r['ms_single']:.3f} | {r['ms_weights']:.3f} | {r['ms_bm25s']:.3f} | {r['ms_reference']:.2f} | "
+              f"{r['ms_bm25s'] / r['ms_ours']:.2f}x | {r['ms_reference'] / r['ms_single']:.0f}x | "
+              f"{r['bits_ours']}/{r['n']}, {r['bits_weights']}/{r['n']} | {r['top3_ours']}/{r['n']} | {r['top3_bm25s']}/{r['n']} |")
+    print("\n| corpus | passages | build ours (s) | build bm25s (s) | build rank_bm25 (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in {(r["corpus"], r["passages"]): r for r in results}.values():
+        print(f"| {r['corpus']} | {r['passages']:,} | {r['build_ours']:.1f} | {r['build_bm25s']:.1f} | {r['build_reference']:.1f} |")
 
 
 def rss_mib(field: str) -> float:
@@ -111,44 +191,47 @@ def rss_mib(field: str) -> float:
 
 
 def build_only(n: int, seed: int):
-    rows = zipf_corpus(n, seed)
+    rows = real_size_corpus(n, seed)
     before = rss_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, so the peak below is the build's
         f.write("5")
-    started = time.perf_counter()
-    retriever = BM25Retriever(rows)
-    seconds = time.perf_counter() - started
+    retriever, seconds = best_time(lambda: BM25Retriever(rows), 1)
     peak, after = rss_mib("VmHWM"), rss_mib("VmRSS")
-    n_tokens = int(retriever._tf.sum())                 # Σ over postings of the term counts
-    arrays = sum(a.nbytes for a in (retriever._start, retriever._doc, retriever._tf, retriever._idf, retriever._norm)) / 2**20
-    queries = queries_from_passages(rows, 100, seed + 1)
-    ms = 1e3 * best_time(lambda: retriever.search(queries, topk=3), repeats=3)[1] / len(queries)
-    print(f"| passages | tokens | vocabulary | postings | build (s) | RSS before (MiB) | peak during build (MiB) | "
-          f"RSS after (MiB) | index arrays (MiB) | ms/query |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {n:,} | {n_tokens:,} | {len(retriever._vocab):,} | {len(retriever._doc):,} | {seconds:.1f} | {before:.0f} | "
-          f"{peak:.0f} | {after:.0f} | {arrays:.0f} | {ms:.2f} |")
+    arrays = {name: getattr(retriever, name).nbytes / 2**20 for name in ("_start", "_doc", "_tf", "_idf", "_norm")}
+    queries = queries_from_passages(rows, 64, seed + 1)
+    ms = 1e3 * best_time(lambda: retriever.search(queries, topk=3), 3)[1] / len(queries)
+    postings = len(retriever._doc)
+    print("| passages | tokens | vocabulary | postings | build (s) | RSS before (MiB) | peak during build (MiB) | "
+          "RSS after (MiB) | index arrays (MiB) | of which tf | float64 weights instead of tf would add (MiB) | ms/query |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {n:,} | {int(retriever._tf.sum()):,} | {len(retriever._vocab):,} | {postings:,} | {seconds:.1f} | {before:.0f} | "
+          f"{peak:.0f} | {after:.0f} | {sum(arrays.values()):.0f} | {arrays['_tf']:.0f} | "
+          f"{postings * (8 - retriever._tf.itemsize) / 2**20:.0f} | {ms:.2f} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-bytes", type=int, default=R._BLOCK_BYTES, help="retriever._BLOCK_BYTES for this run")
     parser.add_argument("--build-only", type=int, default=0, metavar="N", help="only build over N passages, report time and memory")
     args = parser.parse_args()
+    R._BLOCK_BYTES = args.block_bytes
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"numpy {np.__version__}")
+          f"numpy {np.__version__}, retriever._BLOCK_BYTES = {R._BLOCK_BYTES:,}")
     if args.build_only:
         return build_only(args.build_only, args.seed)
 
-    results = []
+    results, words = [], invented_words(2_000_000)
     for n in args.sizes:
-        rows = zipf_corpus(n, args.seed)
-        results.append(compare(f"Zipf synthetic", rows, queries_from_passages(rows, args.queries, args.seed + 1)))
+        rows = real_size_corpus(n, args.seed, words=words)
+        common = most_common_words(BM25Retriever(rows[:10_000]), 100)
+        query_sets = {"passage words": queries_from_passages(rows, args.queries, args.seed + 1),
+                      "content words": queries_from_passages(rows, args.queries, args.seed + 2, leave_out=common)}
+        results += compare("synthetic real-size", rows, query_sets, repeats=2 if n <= 20_000 else 1)
     world = demo.make_world(seed=0)
-    questions = [q["question"] for q in world.test[: args.queries]]
-    results.append(compare("demo world (test questions)", world.corpus, questions))
+    results += compare("demo", world.corpus, {"test questions": [q["question"] for q in world.test[: args.queries]]}, 2)
     print_table(results)
 
 

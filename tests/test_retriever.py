@@ -126,6 +126,33 @@ def test_search_ranks_like_rank_bm25_scores_with_ties_in_corpus_order():
         assert [h["contents"] for h in hits] == [rows[i]["contents"] for i in expected]
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 3, 7, 1000])
+def test_batched_search_is_bit_identical_to_rank_bm25_for_any_block_size(monkeypatch, rows_per_block):
+    # search() scores rows_per_block queries together in one bincount; queries sharing words, blank
+    # queries and unknown words must not leak into each other's rows, whatever the block boundaries.
+    rows = zipf_corpus(300, seed=6)
+    monkeypatch.setattr(R, "_BLOCK_BYTES", 8 * len(rows) * rows_per_block)
+    ours, ref = BM25Retriever(rows), reference(rows)
+    queries = zipf_queries(rows, 30, seed=7) + ["  ", "w1 w1", "w1"]
+    batch = ours.search(queries, topk=4)
+    for query, hits in zip(queries, batch):
+        if not query.strip():
+            assert hits == []
+            continue
+        s = ref.get_scores(tokenize(query))
+        expected = sorted(range(len(rows)), key=lambda i: (-s[i], i))[:4]
+        assert [(h["id"], h["score"]) for h in hits] == [(rows[i]["id"], s[i]) for i in expected]
+    assert batch == [ours.search([q], topk=4)[0] for q in queries]
+
+
+def test_top_k_picks_each_rows_best_with_ties_in_column_order_for_small_and_large_k():
+    scores = np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0], [-1.0, 2.0, -3.0, 2.0, 5.0]])
+    for k, expected in [(3, [[1, 2, 4], [0, 1, 2], [4, 1, 3]]), (99, [[1, 2, 4, 0, 3], [0, 1, 2, 3, 4], [4, 1, 3, 0, 2]])]:
+        best, values = R.top_k(scores.copy(), k)
+        assert best.tolist() == expected
+        assert values.tolist() == [[scores[r, c] for c in row] for r, row in enumerate(expected)]
+
+
 def test_equal_scores_are_ordered_by_corpus_position_even_across_the_cut():
     # p1..p4 are identical, so they tie; "cat" ranks the tie below the unique best passage p5.
     rows = [{"id": "p0", "contents": "dog\nbarks"}] + \
