@@ -4,17 +4,20 @@ What it does
 - `BM25Retriever` scores a corpus of `{"id", "contents": "title\\ntext"}` rows (the wiki-18 format)
   with Okapi BM25. Its scores are the ones `rank_bm25.BM25Okapi` (rank-bm25 0.2.2, the reference that
   defines the numbers) gives for the same token lists -- bit for bit, not just approximately -- but
-  computed from an inverted index with numpy, so one query costs time proportional to the postings
-  of its words instead of a Python loop over every passage.
-- `format_passages` renders hits as the protocol's observation text (PAPER.md section 2).
+  computed from an inverted index with numpy: a batch of queries costs time proportional to the
+  postings of its words, scored a block of queries at a time, instead of a Python loop over every
+  passage per query.
+- The index is built in memory from the rows (`BM25Retriever(rows)`, `.from_jsonl`), or once, on
+  disk, by `python retriever.py index --corpus C.jsonl --out DIR` (`write_index`), and then
+  memory-mapped, not rebuilt, by `BM25Retriever.load(DIR)` / `serve --index DIR`, same scores.
+- `format_passages` renders hits as the protocol's observation text (docs/method.md, 'The protocol').
 - `HTTPRetriever` speaks the Search-R1 retrieval API (`POST /retrieve`), so the rollout can use an
   e5 + FAISS server someone already runs; `serve` / `python retriever.py serve` exposes a
   `BM25Retriever` through the same API, so several training ranks or nodes share one index.
   Both retrievers have the same `.search(queries, topk)`, which is all the rollout needs.
 
-What it does not do: dense retrieval, stemming, stop words, phrase queries, index persistence
-(building is fast enough to redo at start-up), or authentication (the server binds to loopback
-by default).
+What it does not do: dense retrieval, stemming, stop words, phrase queries, incremental updates of
+an index (rebuild it), or authentication (the server binds to loopback by default).
 
 The analyzer (`tokenize`): lower-case, then every maximal run of word characters (regex `\\w+`:
 Unicode letters, digits and the underscore) is a token; everything else separates tokens. No
@@ -38,14 +41,21 @@ Usage:
     retriever = BM25Retriever.from_jsonl("corpus.jsonl")   # or HTTPRetriever("http://127.0.0.1:8000")
     hits = retriever.search(["who wrote hamlet", "capital of peru"], topk=3)  # one hit list per query
     observation = format_passages(hits[0])   # 'Doc 1(Title: Hamlet) Hamlet is a tragedy ...\\n...'
+    retriever = BM25Retriever.load("wiki18-index")         # an index built once by `retriever.py index`
     # shell: python retriever.py serve --corpus corpus.jsonl --port 8000
+    #        python retriever.py index --corpus wiki-18.jsonl --out wiki18-index
+    #        python retriever.py serve --index wiki18-index --port 8000
 """
 import argparse
+import bisect
 import http.client
 import json
 import math
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -84,11 +94,12 @@ def _row_problem(row) -> str | None:
     return None
 
 
-def load_corpus(path: str) -> list[dict]:
-    """Reads a JSONL corpus: one {"id": str, "contents": "title\\ntext"} object per line (extra keys
-    are kept; blank lines are skipped). Raises ValueError naming the file and line of the first bad
-    row or duplicate id, or the file if it holds no passages."""
-    rows, line_of_id = [], {}
+def corpus_rows(path: str):
+    """Yields (line number, row) for each row of a JSONL corpus, one {"id": str, "contents":
+    "title\ntext"} object per line (extra keys are kept; blank lines are skipped), checking each
+    as it goes: ValueError naming the file and line of the first bad row or duplicate id, or the
+    file if it holds no passages."""
+    line_of_id = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -103,10 +114,14 @@ def load_corpus(path: str) -> list[dict]:
             if row["id"] in line_of_id:
                 raise ValueError(f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {line_of_id[row['id']]})")
             line_of_id[row["id"]] = lineno
-            rows.append(row)
-    if not rows:
+            yield lineno, row
+    if not line_of_id:
         raise ValueError(f"{path}: the corpus holds no passages")
-    return rows
+
+
+def load_corpus(path: str) -> list[dict]:
+    """Every row of a JSONL corpus (see corpus_rows), in file order."""
+    return [row for _, row in corpus_rows(path)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,20 +178,102 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Building the inverted index (for BM25Retriever(passages) and for `index`)
+
+# Tokens sorted at a time while building: the chunk's sort needs ~30 bytes a token, so this bounds
+# the build's working memory whatever the corpus size; each chunk's postings are then kept at
+# 5 bytes each until all are placed.
+_CHUNK_TOKENS = 1 << 23
+
+
+def _chunk_postings(word_of_token: array, doc_len: array, first_doc: int) -> tuple:
+    """The postings of a chunk of passages, sorted by (word, passage): (words present (W,), their
+    posting counts (W,), passage of each posting (P,) int32, tf of each posting (P,) uint8 or wider).
+
+    Sorting the keys word * n + passage makes equal keys runs whose lengths are the term
+    frequencies, and the run starts, in key order, are the postings in CSR order."""
+    n = len(doc_len)
+    key = np.frombuffer(word_of_token, dtype=np.int32).astype(np.int64)  # (T,) word id ...
+    key *= n
+    key += np.repeat(np.arange(n, dtype=np.int64), np.frombuffer(doc_len, dtype=np.int32))  # ... * n + passage
+    key.sort()
+    run_start = np.flatnonzero(np.diff(key, prepend=-1))  # (P,)
+    tf = np.diff(run_start, append=len(key))  # (P,)
+    word, doc = np.divmod(key[run_start], n)  # (P,), (P,)
+    del key, run_start
+    word_start = np.flatnonzero(np.diff(word, prepend=-1))  # (W,)
+    counts = np.diff(word_start, append=len(word))  # (W,)
+    tf = tf.astype(np.min_scalar_type(int(tf.max(initial=0))))  # uint8 unless a word repeats > 255 times
+    return word[word_start], counts, (doc + first_doc).astype(np.int32), tf
+
+
+def _empty(directory: str | None, name: str, dtype, size: int) -> np.ndarray:
+    """np.empty, or with a directory a memory-mapped `directory/name.npy` of that shape."""
+    if directory is None:
+        return np.empty(size, dtype=dtype)
+    return np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+", dtype=dtype, shape=(size,))
+
+
+def build_index(texts, k1: float, b: float, epsilon: float, directory: str | None = None, source: str = "BM25Retriever") -> dict:
+    """The index of an iterable of passage texts, in the layout BM25Retriever documents:
+    {"vocab", "start", "doc", "tf", "idf", "norm"}. Tokens are sorted _CHUNK_TOKENS at a time and
+    each chunk's postings finally scattered into place; with a `directory`, doc and tf are written
+    there as doc.npy / tf.npy (memory-mapped while they are filled) instead of held in memory.
+    `source` names the corpus in errors."""
+    # Word ids in order of first appearance (the reference's vocabulary order, which its mean idf
+    # sums in). A defaultdict whose factory is its own len() hands a new word the next id on first
+    # lookup, so map() assigns ids without a Python-level call per token (2x faster).
+    vocab = defaultdict()
+    vocab.default_factory = vocab.__len__
+    doc_len, word_of_token, chunks, chunk_first = array("i"), array("i"), [], 0  # doc_len: (N,)
+    for text in texts:
+        words = tokenize(text)
+        doc_len.append(len(words))
+        word_of_token.extend(map(vocab.__getitem__, words))
+        if len(word_of_token) >= _CHUNK_TOKENS:
+            chunks.append(_chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first))
+            word_of_token, chunk_first = array("i"), len(doc_len)
+    chunks.append(_chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first))
+    del word_of_token
+    vocab.default_factory = None  # from here on, an unknown word is a KeyError, not a new id
+    if not doc_len:
+        raise ValueError(f"{source}: the corpus holds no passages")
+    if not vocab:
+        raise ValueError(f"{source}: no passage contains a word, so there is nothing to index")
+
+    doc_freq = np.zeros(len(vocab), dtype=np.int64)  # (V,) each posting is one passage
+    for words, counts, _, _ in chunks:
+        doc_freq[words] += counts
+    start = np.concatenate([[0], np.cumsum(doc_freq)])  # (V + 1,)
+    doc = _empty(directory, "doc", np.int32, int(start[-1]))  # (P,)
+    tf = _empty(directory, "tf", np.result_type(*[chunk[3] for chunk in chunks]), int(start[-1]))  # (P,)
+    cursor = start[:-1].copy()  # (V,) where each word's next postings go: chunk after chunk, so
+    while chunks:               # a word's postings stay in corpus order
+        words, counts, chunk_doc, chunk_tf = chunks.pop(0)
+        at = np.repeat(cursor[words] - (np.cumsum(counts) - counts), counts) + np.arange(len(chunk_doc))  # (P_chunk,)
+        doc[at], tf[at] = chunk_doc, chunk_tf
+        cursor[words] += counts
+    doc_len = np.frombuffer(doc_len, dtype=np.int32)
+    return {"vocab": vocab, "start": start, "doc": doc, "tf": tf,
+            "idf": bm25_idf(doc_freq, len(doc_len), epsilon), "norm": bm25_length_norm(doc_len, k1, b)}
+
+
+# ----------------------------------------------------------------------------------------------
 # In-process retriever
 
 
 class BM25Retriever:
-    """Okapi BM25 over corpus rows through a CSR inverted index.
+    """Okapi BM25 over corpus rows through a CSR inverted index, built in memory from the rows or
+    loaded (memory-mapped) from an index directory written by `write_index`.
 
     Index layout, for a vocabulary of V words and P (word, passage) postings:
         postings of word t are positions  _start[t] : _start[t + 1]    _start:  (V + 1,) int64
         passage index of each posting     _doc[p]                       _doc:    (P,) int32
         how often the word is in it       _tf[p]                        _tf:     (P,) uint8 (wider if needed)
-    plus idf per word (_idf: (V,)) and K(d) per passage (_norm: (N,)). Within a word, postings are in
-    corpus order. A query word costs one gather, the weight formula and one scatter-add over its
-    postings. (Storing the finished weight per posting instead of tf measured 1.1-1.8x faster
-    scoring at 100k passages but costs 8 bytes a posting instead of 1; memory won.)"""
+    plus idf per word (_idf: (V,)) and K(d) per passage (_norm: (N,)), and _vocab {word: t}. Within
+    a word, postings are in corpus order. (Storing the finished float64 weight per posting instead
+    of tf scores ~1.5-1.8x faster but costs 8 bytes a posting instead of 1: wiki-18's ~1.8G postings
+    would need ~13 GB more; bench/bench_retriever.py measures both.)"""
 
     def __init__(self, passages: list[dict], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
         self.passages = list(passages)
@@ -193,64 +290,41 @@ class BM25Retriever:
                 raise ValueError(f"BM25Retriever: passages[{i}]: duplicate id {row['id']!r} "
                                  f"(first at passages[{self._index_of_id[row['id']]}])")
             self._index_of_id[row["id"]] = i
-        self._build()
+        self._adopt(build_index((row["contents"] for row in self.passages), self.k1, self.b, self.epsilon))
 
     @classmethod
     def from_jsonl(cls, path: str, **kwargs) -> "BM25Retriever":
         """BM25Retriever(load_corpus(path), **kwargs)."""
         return cls(load_corpus(path), **kwargs)
 
-    def _build(self):
-        n = len(self.passages)
-        # 1. Word ids in order of first appearance (the reference's vocabulary order), every token
-        #    of the corpus as one flat int32 array, and each passage's length in tokens.
-        #    A defaultdict whose factory is its own len() hands a new word the next id on first
-        #    lookup, so map() assigns ids without a Python-level call per token (2x faster).
-        self._vocab = defaultdict()
-        self._vocab.default_factory = self._vocab.__len__
-        word_of_token = array("i")  # (T,) filled passage after passage
-        doc_len = np.empty(n, dtype=np.int64)  # (N,)
-        for d, row in enumerate(self.passages):
-            words = tokenize(row["contents"])
-            doc_len[d] = len(words)
-            word_of_token.extend(map(self._vocab.__getitem__, words))
-        self._vocab.default_factory = None  # from here on, an unknown word is a KeyError, not a new id
-        if not self._vocab:
-            raise ValueError("BM25Retriever: no passage contains a word, so there is nothing to index")
-        n_words = len(self._vocab)
+    @classmethod
+    def load(cls, path: str) -> "BM25Retriever":
+        """The retriever of an index directory written by `write_index` (`python retriever.py index`):
+        its arrays and passages are memory-mapped, not read, so loading takes about as long as
+        reading the vocabulary, and processes on one machine share the pages. k1, b and epsilon are
+        the index's (they are fixed when it is built). get(id) returns {"id", "contents"} only: extra
+        keys of the corpus rows are not stored. ValueError naming the path for anything that is not
+        a complete index of this version."""
+        meta, arrays, vocab = _read_index(path)
+        self = cls.__new__(cls)
+        self.k1, self.b, self.epsilon = meta["k1"], meta["b"], meta["epsilon"]
+        self.passages = self._index_of_id = _StoredPassages(arrays)
+        self._adopt({"vocab": vocab, **arrays})
+        return self
 
-        # 2. Sort (word, passage) keys: equal keys become runs whose lengths are the term
-        #    frequencies, and the run starts, in key order, are the postings in CSR order.
-        key = np.frombuffer(word_of_token, dtype=np.int32).astype(np.int64)  # (T,) word id ...
-        del word_of_token
-        key *= n
-        key += np.repeat(np.arange(n, dtype=np.int64), doc_len)  # ... * N + passage index
-        key.sort()
-        run_start = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))  # (P,)
-        tf = np.diff(np.append(run_start, len(key)))  # (P,) int64
-        key = key[run_start]
-        word, doc = np.divmod(key, n)  # (P,), (P,)
-        self._doc = doc.astype(np.int32)  # (P,)
-        del key, run_start, doc
-
-        doc_freq = np.bincount(word, minlength=n_words)  # (V,) each posting is one passage
-        self._start = np.concatenate([[0], np.cumsum(doc_freq)])  # (V + 1,)
-        del word
-
-        # 3. The BM25 factors.
-        self._idf = bm25_idf(doc_freq, n, self.epsilon)  # (V,)
-        self._norm = bm25_length_norm(doc_len, self.k1, self.b)  # (N,)
-        self._tf = tf.astype(np.min_scalar_type(int(tf.max())))  # (P,) uint8 unless a word repeats > 255 times
+    def _adopt(self, index: dict):
+        self._vocab, self._start, self._doc, self._tf, self._idf, self._norm = (
+            index[key] for key in ("vocab", "start", "doc", "tf", "idf", "norm"))
 
     def __len__(self) -> int:
         return len(self.passages)
 
     def get(self, id: str) -> dict:
         """The corpus row with this id. KeyError if there is none."""
-        try:
-            return self.passages[self._index_of_id[id]]
-        except KeyError:
-            raise KeyError(f"no passage with id {id!r} in the corpus") from None
+        i = self._index_of_id.get(id)
+        if i is None:
+            raise KeyError(f"no passage with id {id!r} in the corpus")
+        return self.passages[i]
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every passage for `query`: (N,) float64, equal to rank_bm25's get_scores."""
@@ -306,6 +380,151 @@ class BM25Retriever:
         cell = doc + np.repeat(np.array(row_of_word, dtype=np.int64) * n, count)  # (P,) index into the flat block
         scores = np.bincount(cell, weights=weight, minlength=len(queries) * n)  # (G * N,)
         return scores.reshape(len(queries), n)
+
+
+# ----------------------------------------------------------------------------------------------
+# The index on disk: a directory of .npy arrays (memory-mappable), two UTF-8 blobs and meta.json
+
+
+INDEX_FORMAT, INDEX_VERSION = "retriever.py BM25 index", 1
+# name: (dtype, length) as a function of meta.json's counts (tf's dtype is recorded in meta.json)
+_INDEX_ARRAYS = {
+    "start": (np.int64, lambda m: m["words"] + 1), "doc": (np.int32, lambda m: m["postings"]),
+    "tf": (None, lambda m: m["postings"]), "idf": (np.float64, lambda m: m["words"]),
+    "norm": (np.float64, lambda m: m["passages"]), "id_offsets": (np.int64, lambda m: m["passages"] + 1),
+    "contents_offsets": (np.int64, lambda m: m["passages"] + 1), "id_order": (np.int64, lambda m: m["passages"]),
+}
+_BLOB_OFFSETS = {"ids": "id_offsets", "contents": "contents_offsets"}  # blob file -> its offsets array
+
+
+def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25) -> dict:
+    """Builds the BM25 index of a JSONL corpus into the new directory `out`, for BM25Retriever.load.
+
+        meta.json               format, version, k1, b, epsilon, counts (written last)
+        vocab.txt               the words, one a line, in id order
+        start, doc, tf, idf, norm .npy   the inverted index (BM25Retriever's layout)
+        ids.bin, contents.bin   every passage's id and contents, UTF-8, one after another; passage i
+        id_offsets.npy, ...     is ids.bin[id_offsets[i]:id_offsets[i + 1]] (N + 1,), and so on
+        id_order.npy            passage indices sorted by id, for get(id) by binary search
+
+    Everything is written into a temporary directory beside `out` and renamed to `out` when
+    complete, so `out` is either absent or a whole index. Refuses an existing `out`. Memory: the
+    chunks' postings (5 bytes each) plus the vocabulary and the ids; the passages are streamed to
+    disk, not held. Returns the metadata."""
+    if os.path.exists(out):
+        raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".tmp-", dir=parent)
+    try:
+        ids, offsets = [], {"id": array("q", [0]), "contents": array("q", [0])}
+        with open(os.path.join(tmp, "ids.bin"), "wb") as id_file, open(os.path.join(tmp, "contents.bin"), "wb") as text_file:
+            def texts():  # streams the corpus: blobs written as the passages go by
+                for _, row in corpus_rows(corpus):
+                    ids.append(row["id"])
+                    for key, file in (("id", id_file), ("contents", text_file)):
+                        offsets[key].append(offsets[key][-1] + file.write(row[key].encode("utf-8", "surrogatepass")))
+                    yield row["contents"]
+            index = build_index(texts(), float(k1), float(b), float(epsilon), directory=tmp, source=corpus)
+        index["doc"].flush(), index["tf"].flush()
+        arrays = {"start": index["start"], "idf": index["idf"], "norm": index["norm"],
+                  "id_offsets": np.frombuffer(offsets["id"], dtype=np.int64),
+                  "contents_offsets": np.frombuffer(offsets["contents"], dtype=np.int64),
+                  "id_order": np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)}
+        for name, values in arrays.items():
+            np.save(os.path.join(tmp, name + ".npy"), values)
+        with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(index["vocab"]))  # a word is a \w+ run, so never holds a newline
+        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "k1": float(k1), "b": float(b),
+                "epsilon": float(epsilon), "passages": len(ids), "words": len(index["vocab"]),
+                "postings": len(index["doc"]), "tf_dtype": index["tf"].dtype.name, "corpus": os.path.abspath(corpus)}
+        with open(os.path.join(tmp, "meta.json.tmp"), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(tmp, "meta.json.tmp"), os.path.join(tmp, "meta.json"))  # the mark of a whole index
+        del index
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _read_index(path: str) -> tuple[dict, dict, dict]:
+    """(meta, {name: memory-mapped array or blob}, vocab) of an index directory, checked against
+    meta.json (presence, dtype and length of every file, offsets ending at the blob sizes); the
+    array contents are not read. ValueError naming the path when it is not a complete index."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such index directory (build one with `python retriever.py index`)")
+    hint = "rebuild it with `python retriever.py index --corpus C.jsonl --out DIR`"
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not a BM25 index: no meta.json (an interrupted build leaves none); {hint}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}/meta.json: unreadable ({e}); {hint}") from None
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: not a BM25 index written by retriever.py (meta.json has no format {INDEX_FORMAT!r})")
+    if meta.get("version") != INDEX_VERSION:
+        raise ValueError(f"{path}: index version {meta.get('version')!r}, this retriever.py reads version {INDEX_VERSION}; {hint}")
+    missing = [key for key in ("k1", "b", "epsilon", "passages", "words", "postings", "tf_dtype") if key not in meta]
+    if missing:
+        raise ValueError(f"{path}/meta.json: lacks {', '.join(missing)}; {hint}")
+    arrays = {}
+    for name, (dtype, length) in _INDEX_ARRAYS.items():
+        file = os.path.join(path, name + ".npy")
+        try:
+            arrays[name] = np.load(file, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f"{file}: missing or unreadable ({type(e).__name__}: {e}); {hint}") from None
+        expected = (np.dtype(dtype or meta["tf_dtype"]), (length(meta),))
+        if (arrays[name].dtype, arrays[name].shape) != expected:
+            raise ValueError(f"{file}: {arrays[name].dtype} {arrays[name].shape}, expected {expected[0]} {expected[1]} "
+                             f"from meta.json; {hint}")
+    for blob in _BLOB_OFFSETS:
+        file, end = os.path.join(path, blob + ".bin"), int(arrays[_BLOB_OFFSETS[blob]][-1])
+        size = os.path.getsize(file) if os.path.isfile(file) else None
+        if size != end:
+            raise ValueError(f"{file}: {'missing' if size is None else f'{size} bytes'}, expected {end}; {hint}")
+        arrays[blob] = np.memmap(file, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
+    if arrays["start"][0] != 0 or arrays["start"][-1] != meta["postings"]:
+        raise ValueError(f"{path}/start.npy: does not span the {meta['postings']} postings; {hint}")
+    try:
+        with open(os.path.join(path, "vocab.txt"), encoding="utf-8") as f:
+            words = f.read().split("\n")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}/vocab.txt: missing or unreadable ({e}); {hint}") from None
+    if len(words) != meta["words"]:
+        raise ValueError(f"{path}/vocab.txt: {len(words)} words, expected {meta['words']}; {hint}")
+    return meta, arrays, dict(zip(words, range(len(words))))
+
+
+class _StoredPassages:
+    """The passages of a loaded index, decoded from the memory-mapped blobs on demand: a sequence
+    of {"id", "contents"} dicts, and get(id) -> passage index or None (binary search over id_order)."""
+
+    def __init__(self, arrays: dict):
+        self._arrays = arrays
+
+    def __len__(self) -> int:
+        return len(self._arrays["id_order"])
+
+    def _text(self, blob: str, i: int) -> str:
+        offsets = self._arrays[_BLOB_OFFSETS[blob]]
+        return self._arrays[blob][offsets[i]:offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"passage index {i} out of range for {len(self)} passages")
+        i %= len(self)
+        return {"id": self._text("ids", i), "contents": self._text("contents", i)}
+
+    def get(self, id: str) -> int | None:
+        if not isinstance(id, str):
+            return None
+        order = self._arrays["id_order"]  # str order is code point order, as the build sorted them
+        at = bisect.bisect_left(order, id, key=lambda i: self._text("ids", i))
+        return int(order[at]) if at < len(order) and self._text("ids", order[at]) == id else None
 
 
 def _check_search_args(queries, topk) -> None:
@@ -482,20 +701,39 @@ def serve(retriever, host: str = "127.0.0.1", port: int = 8000):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="BM25 retrieval server speaking the Search-R1 API.")
+    parser = argparse.ArgumentParser(description="BM25 retrieval server speaking the Search-R1 API, and its index builder.")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve_args = commands.add_parser("serve", help="index a JSONL corpus and serve POST /retrieve")
-    serve_args.add_argument("--corpus", required=True, help='JSONL, one {"id", "contents": "title\\ntext"} per line')
+    corpus_help = 'JSONL, one {"id", "contents": "title\\ntext"} per line'
+    index_args = commands.add_parser("index", help="build a BM25 index directory once, for serve --index / BM25Retriever.load")
+    index_args.add_argument("--corpus", required=True, help=corpus_help)
+    index_args.add_argument("--out", required=True, help="the index directory to create (must not exist)")
+    serve_args = commands.add_parser("serve", help="serve POST /retrieve from a JSONL corpus (indexed at start-up) or an index")
+    source = serve_args.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", help=corpus_help)
+    source.add_argument("--index", help="an index directory written by `index` (its k1, b and epsilon are used)")
     serve_args.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (no authentication)")
     serve_args.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    serve_args.add_argument("--k1", type=float, default=1.5)
-    serve_args.add_argument("--b", type=float, default=0.75)
-    serve_args.add_argument("--epsilon", type=float, default=0.25)
+    for command in (index_args, serve_args):
+        command.add_argument("--k1", type=float, help="default 1.5")
+        command.add_argument("--b", type=float, help="default 0.75")
+        command.add_argument("--epsilon", type=float, help="default 0.25")
     args = parser.parse_args(argv)
+    given = {k: v for k, v in (("k1", args.k1), ("b", args.b), ("epsilon", args.epsilon)) if v is not None}
+    if args.command == "serve" and args.index and given:
+        serve_args.error(f"--{'/--'.join(given)}: an index's parameters are fixed when it is built (see {args.index}/meta.json); "
+                     "give them to `index`")
     started = time.perf_counter()
-    retriever = BM25Retriever.from_jsonl(args.corpus, k1=args.k1, b=args.b, epsilon=args.epsilon)
-    print(f"retriever: indexed {len(retriever)} passages from {args.corpus} in "
-          f"{time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    try:
+        if args.command == "index":
+            meta = write_index(args.corpus, args.out, **given)
+            print(f"retriever: indexed {meta['passages']:,} passages ({meta['words']:,} words, {meta['postings']:,} "
+                  f"postings) from {args.corpus} into {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+            return
+        retriever = BM25Retriever.load(args.index) if args.index else BM25Retriever.from_jsonl(args.corpus, **given)
+    except (OSError, ValueError) as e:  # a bad corpus or index: its message names the file
+        sys.exit(f"retriever: {e}")
+    print(f"retriever: {'loaded' if args.index else 'indexed'} {len(retriever):,} passages from {args.index or args.corpus} "
+          f"in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
     serve(retriever, args.host, args.port)
 
 

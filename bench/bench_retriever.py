@@ -23,14 +23,24 @@ Per corpus and query set, ms per query of
 and the checks: how many queries get bit-identical score vectors from ours and from `weights` vs
 rank_bm25, the identical top-3 (rank_bm25 order: score descending, ties by corpus order), and
 how many of bm25s's top-3 equal ours. Timings are the best of several passes, in this process.
-`--build-only N` instead builds an index over N synthetic passages: time, memory, array sizes.
+`--build-only N` instead builds an in-memory index over N synthetic passages: time, memory, array sizes.
+`--index-scale N [N ...]` measures the on-disk index (`python retriever.py index`, then
+`BM25Retriever.load`) at each size: the corpus is written once to --work/corpus-N.jsonl; the build
+runs as its own process (wall time, peak RSS from wait4); then a fresh process loads the index and
+reports the load time, its RSS after loading and after the queries, and ms/query (64 queries of
+each set, batched, best of 3, and one at a time). The page cache is warm (the index was just
+written), as on a server that has run a while.
 
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --build-only 1000000
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --index-scale 1000000 5000000
 """
 import argparse
+import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +48,6 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import demo  # noqa: E402
 import retriever as R  # noqa: E402
 from retriever import BM25Retriever, bm25_term_weight, tokenize  # noqa: E402
 
@@ -210,6 +219,76 @@ def build_only(n: int, seed: int):
           f"{postings * (8 - retriever._tf.itemsize) / 2**20:.0f} | {ms:.2f} |")
 
 
+def write_corpus(path: str, n: int, seed: int, words: list[str]):
+    """real_size_corpus(n) to a JSONL file, 100k passages at a time (ids stay str(i))."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for first in range(0, n, 100_000):
+            for row in real_size_corpus(min(100_000, n - first), seed + first, words=words):
+                f.write(json.dumps({"id": str(first + int(row["id"])), "contents": row["contents"]}) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def load_and_query(index: str, seed: int):
+    """The child process of --index-scale: load, query, print one JSON line."""
+    rss_start = rss_mib("VmRSS")
+    retriever, seconds = best_time(lambda: R.BM25Retriever.load(index), 1)
+    rss_loaded = rss_mib("VmRSS")
+    rows = [retriever.passages[i] for i in np.random.default_rng(seed).integers(len(retriever), size=1000).tolist()]
+    common = most_common_words(retriever, 100)
+    report = {"load_s": seconds, "rss_start": rss_start, "rss_loaded": rss_loaded}
+    for name, leave_out in (("passage", frozenset()), ("content", common)):
+        queries = queries_from_passages(rows, 64, seed + 1, leave_out=leave_out)
+        report[f"ms_{name}"] = 1e3 * best_time(lambda: retriever.search(queries, topk=3), 3)[1] / len(queries)
+        report[f"ms_{name}_single"] = 1e3 * best_time(lambda: [retriever.search([q], topk=3) for q in queries], 1)[1] / len(queries)
+    report["rss_queried"] = rss_mib("VmRSS")
+    print(json.dumps(report))
+
+
+# Runs a script (argv[1:]) and prints its peak RSS (VmHWM: reset by exec, unlike a child's ru_maxrss,
+# which counts the pages of the forking parent too).
+RUN_AND_REPORT_PEAK = ("import runpy, sys\n"
+                       "sys.argv = sys.argv[1:]\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                       "peak = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')]\n"
+                       "print('peak_rss_kib', peak[0], file=sys.stderr)")
+
+
+def index_scale(sizes: list[int], work: str, seed: int):
+    os.makedirs(work, exist_ok=True)
+    words, rows = None, []
+    for n in sizes:
+        corpus, index = os.path.join(work, f"corpus-{n}.jsonl"), os.path.join(work, f"index-{n}")
+        if not os.path.exists(corpus):
+            words = words or invented_words(2_000_000)
+            write_corpus(corpus, n, seed, words)
+        shutil.rmtree(index, ignore_errors=True)
+        started = time.perf_counter()
+        build = subprocess.run([sys.executable, "-c", RUN_AND_REPORT_PEAK, str(Path(R.__file__)), "index", "--corpus", corpus,
+                                "--out", index], capture_output=True, text=True)
+        build_s = time.perf_counter() - started
+        if build.returncode != 0:
+            raise SystemExit(f"the build of {index} failed:\n{build.stderr}")
+        build_peak = int(build.stderr.split("peak_rss_kib ")[-1]) / 1024
+        files = {f: os.path.getsize(os.path.join(index, f)) for f in os.listdir(index)}
+        child = subprocess.run([sys.executable, __file__, "--load-and-query", index, "--seed", str(seed)],
+                               capture_output=True, text=True, check=True)
+        meta = json.load(open(os.path.join(index, "meta.json")))
+        rows.append({"n": n, "build_s": build_s, "build_peak": build_peak, "meta": meta,
+                     "disk": sum(files.values()) / 2**30, "postings_disk": (files["doc.npy"] + files["tf.npy"]) / 2**30,
+                     "text_disk": (files["ids.bin"] + files["contents.bin"]) / 2**30,
+                     "corpus_disk": os.path.getsize(corpus) / 2**30, **json.loads(child.stdout)})
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| passages | words | postings | corpus JSONL (GiB) | build (s) | build peak RSS (GiB) | index on disk (GiB) | "
+          "of which postings / text | load (s) | RSS after load (GiB) | after queries | ms/query passage words "
+          "(batch / single) | content words (batch / single) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['meta']['words']:,} | {r['meta']['postings']:,} | {r['corpus_disk']:.2f} | {r['build_s']:.0f} | "
+              f"{r['build_peak'] / 1024:.2f} | {r['disk']:.2f} | {r['postings_disk']:.2f} / {r['text_disk']:.2f} | "
+              f"{r['load_s']:.2f} | {r['rss_loaded'] / 1024:.2f} | {r['rss_queried'] / 1024:.2f} | "
+              f"{r['ms_passage']:.2f} / {r['ms_passage_single']:.2f} | {r['ms_content']:.2f} / {r['ms_content_single']:.2f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -217,12 +296,19 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-bytes", type=int, default=R._BLOCK_BYTES, help="retriever._BLOCK_BYTES for this run")
     parser.add_argument("--build-only", type=int, default=0, metavar="N", help="only build over N passages, report time and memory")
+    parser.add_argument("--index-scale", type=int, nargs="+", metavar="N", help="measure the on-disk index at these sizes")
+    parser.add_argument("--work", default="/tmp/bench_retriever", help="--index-scale's corpora and indices")
+    parser.add_argument("--load-and-query", metavar="DIR", help=argparse.SUPPRESS)  # --index-scale's child
     args = parser.parse_args()
+    if args.load_and_query:
+        return load_and_query(args.load_and_query, args.seed)
     R._BLOCK_BYTES = args.block_bytes
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"numpy {np.__version__}, retriever._BLOCK_BYTES = {R._BLOCK_BYTES:,}")
     if args.build_only:
         return build_only(args.build_only, args.seed)
+    if args.index_scale:
+        return index_scale(args.index_scale, args.work, args.seed)
 
     results, words = [], invented_words(2_000_000)
     for n in args.sizes:
@@ -231,6 +317,7 @@ def main():
         query_sets = {"passage words": queries_from_passages(rows, args.queries, args.seed + 1),
                       "content words": queries_from_passages(rows, args.queries, args.seed + 2, leave_out=common)}
         results += compare("synthetic real-size", rows, query_sets, repeats=2 if n <= 20_000 else 1)
+    import demo  # here, not at the top: --index-scale's child process measures its memory without torch
     world = demo.make_world(seed=0)
     results += compare("demo", world.corpus, {"test questions": [q["question"] for q in world.test[: args.queries]]}, 2)
     print_table(results)

@@ -430,3 +430,143 @@ def test_serve_command_line_serves_a_jsonl_corpus(tmp_path):
         process.wait(timeout=10)
         process.stdout.close()
         process.stderr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The index on disk: `python retriever.py index`, BM25Retriever.load
+
+
+def write_corpus(path, rows):
+    return write_lines(path, [json.dumps(r) for r in rows])
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Builds in chunks of ~50 tokens, so a 300-passage corpus has dozens of chunks to merge."""
+    monkeypatch.setattr(R, "_CHUNK_TOKENS", 50)
+
+
+@pytest.mark.parametrize("k1,b,epsilon", [(1.5, 0.75, 0.25), (0.9, 0.4, 0.0)])
+def test_index_round_trip_scores_are_bit_identical_to_building_from_the_corpus(tmp_path, small_chunks, k1, b, epsilon):
+    rows = zipf_corpus(300, seed=8) + [{"id": "empty", "contents": " ,. "}, {"id": "é\u00e8\ud800", "contents": "Café\nnaïve w1"}]
+    corpus = write_corpus(tmp_path / "c.jsonl", rows)
+    meta = R.write_index(corpus, str(tmp_path / "index"), k1=k1, b=b, epsilon=epsilon)
+    loaded, built, ref = BM25Retriever.load(str(tmp_path / "index")), BM25Retriever(rows, k1, b, epsilon), reference(rows, k1, b, epsilon)
+    assert (loaded.k1, loaded.b, loaded.epsilon) == (k1, b, epsilon) and meta["passages"] == len(loaded) == len(rows)
+    queries = zipf_queries(rows, 30, seed=9) + ["café naïve"]
+    for query in queries:
+        np.testing.assert_array_equal(loaded.scores(query), ref.get_scores(tokenize(query)))
+        np.testing.assert_array_equal(loaded.scores(query), built.scores(query))
+    assert loaded.search(queries, topk=5) == built.search(queries, topk=5)
+    assert [loaded.get(r["id"]) for r in rows] == [{"id": r["id"], "contents": r["contents"]} for r in rows]
+    assert loaded.passages[-1] == {"id": "é\u00e8\ud800", "contents": "Café\nnaïve w1"}
+    with pytest.raises(KeyError, match="nope"):
+        loaded.get("nope")
+    assert isinstance(loaded._doc, np.memmap) and isinstance(loaded._tf, np.memmap)  # mapped, not read
+
+
+def test_chunked_build_equals_a_single_chunk_build(monkeypatch):
+    rows = zipf_corpus(300, seed=10)
+    whole = BM25Retriever(rows)
+    monkeypatch.setattr(R, "_CHUNK_TOKENS", 7)  # chunks end mid-corpus every passage or two
+    chunked = BM25Retriever(rows)
+    for name in ("_start", "_doc", "_tf", "_idf", "_norm"):
+        np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name))
+    assert list(chunked._vocab.items()) == list(whole._vocab.items())
+
+
+def test_index_refuses_an_existing_out_and_a_bad_corpus_leaves_nothing(tmp_path):
+    corpus = write_lines(tmp_path / "c.jsonl", [json.dumps(SMALL[0]), '{"id": "x"}'])
+    out = tmp_path / "index"
+    with pytest.raises(ValueError, match=re.escape(corpus) + ':2: missing "contents"'):
+        R.write_index(corpus, str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # no index, no temporary directory
+    out.mkdir()
+    with pytest.raises(FileExistsError, match=re.escape(str(out)) + ": already exists"):
+        R.write_index(corpus, str(out))
+
+
+def test_a_build_killed_before_it_finishes_leaves_no_index_and_an_unloadable_temp_dir(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", SMALL)
+    # SIGKILL the build while it writes meta.json: everything else is on disk by then
+    script = ("import json, os, signal, sys; sys.path.insert(0, sys.argv[1]); import retriever; "
+              "json.dump = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+              "retriever.write_index(sys.argv[2], sys.argv[3])")
+    done = subprocess.run([sys.executable, "-c", script, str(REPO), corpus, str(tmp_path / "index")])
+    assert done.returncode == -9
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "c.jsonl"]
+    assert not (tmp_path / "index").exists() and [p.name.startswith("index.tmp-") for p in leftovers] == [True]
+    with pytest.raises(ValueError, match=re.escape(str(leftovers[0])) + ": not a BM25 index: no meta.json"):
+        BM25Retriever.load(str(leftovers[0]))
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    R.write_index(write_corpus(root / "c.jsonl", SMALL), str(root / "index"))
+    return root / "index"
+
+
+def damaged_copy(index_dir, tmp_path, damage):
+    import shutil
+    copy = tmp_path / "damaged"
+    shutil.copytree(index_dir, copy)
+    damage(copy)
+    return str(copy)
+
+
+def edit_meta(**changes):
+    def damage(d):
+        meta = json.loads((d / "meta.json").read_text())
+        meta.update(changes)
+        for key in [k for k, v in changes.items() if v is None]:
+            del meta[key]
+        (d / "meta.json").write_text(json.dumps(meta))
+    return damage
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "meta.json").unlink(), r"DIR: not a BM25 index: no meta\.json"),
+    (lambda d: (d / "meta.json").write_text("{trunc"), r"DIR/meta\.json: unreadable"),
+    (edit_meta(format="bm25s"), r"DIR: not a BM25 index written by retriever\.py"),
+    (edit_meta(version=2), r"DIR: index version 2, this retriever\.py reads version 1"),
+    (edit_meta(k1=None), r"DIR/meta\.json: lacks k1"),
+    (lambda d: (d / "doc.npy").unlink(), r"DIR/doc\.npy: missing or unreadable"),
+    (lambda d: (d / "tf.npy").write_bytes((d / "tf.npy").read_bytes()[:-5]), r"DIR/tf\.npy: missing or unreadable"),
+    (lambda d: np.save(d / "norm.npy", np.zeros(3)), r"DIR/norm\.npy: float64 \(3,\), expected float64 \(6,\)"),
+    (lambda d: np.save(d / "start.npy", np.load(d / "start.npy") + 1), r"DIR/start\.npy: does not span"),
+    (lambda d: (d / "contents.bin").write_bytes(b"short"), r"DIR/contents\.bin: 5 bytes, expected \d+"),
+    (lambda d: (d / "ids.bin").unlink(), r"DIR/ids\.bin: missing, expected"),
+    (lambda d: (d / "vocab.txt").write_text("a\nb"), r"DIR/vocab\.txt: 2 words, expected"),
+])
+def test_a_damaged_or_foreign_index_is_refused_naming_the_file(index_dir, tmp_path, damage, message):
+    path = damaged_copy(index_dir, tmp_path, damage)
+    with pytest.raises(ValueError, match=message.replace("DIR", re.escape(path))):
+        BM25Retriever.load(path)
+
+
+def test_loading_a_missing_directory_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope")) + ": no such index directory"):
+        BM25Retriever.load(str(tmp_path / "nope"))
+
+
+def test_index_command_then_serve_index_answers_like_the_corpus(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", SMALL)
+    built = subprocess.run([sys.executable, str(REPO / "retriever.py"), "index", "--corpus", corpus,
+                            "--out", str(tmp_path / "index"), "--k1", "1.2"], capture_output=True, text=True)
+    assert built.returncode == 0 and "indexed 6 passages" in built.stderr, built.stderr
+    refused = subprocess.run([sys.executable, str(REPO / "retriever.py"), "serve", "--index", str(tmp_path / "index"),
+                              "--b", "0.5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--b: an index's parameters are fixed when it is built" in refused.stderr
+    process = subprocess.Popen([sys.executable, str(REPO / "retriever.py"), "serve", "--index", str(tmp_path / "index"),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"http://127\.0\.0\.1:\d+/retrieve", process.stdout.readline())
+        assert match, process.stderr.read() if process.poll() is not None else ""
+        queries = ["capital city", "Shakespeare", "xylophone"]
+        assert HTTPRetriever(match.group(0)).search(queries) == BM25Retriever(SMALL, k1=1.2).search(queries)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
