@@ -6,14 +6,16 @@ What it does
   defines the numbers) gives for the same token lists -- bit for bit, not just approximately -- but
   computed from an inverted index with numpy: a batch of queries costs time proportional to the
   postings of its words, scored a block of queries at a time, instead of a Python loop over every
-  passage per query.
+  passage per query. Corpus files are UTF-8 JSONL, gzip-compressed when named .gz; a bad line is an
+  error naming the file and line.
 - The index is built in memory from the rows (`BM25Retriever(rows)`, `.from_jsonl`), or once, on
   disk, by `python retriever.py index --corpus C.jsonl --out DIR` (`write_index`), and then
   memory-mapped, not rebuilt, by `BM25Retriever.load(DIR)` / `serve --index DIR`, same scores.
 - `format_passages` renders hits as the protocol's observation text (docs/method.md, 'The protocol').
 - `HTTPRetriever` speaks the Search-R1 retrieval API (`POST /retrieve`), so the rollout can use an
   e5 + FAISS server someone already runs; `serve` / `python retriever.py serve` exposes a
-  `BM25Retriever` through the same API, so several training ranks or nodes share one index.
+  `BM25Retriever` through the same API, so several training ranks or nodes share one index (a
+  listen backlog of 1024 for their simultaneous requests; bodies over --max-request-bytes get 413).
   Both retrievers have the same `.search(queries, topk)`, which is all the rollout needs.
 
 What it does not do: dense retrieval, stemming, stop words, phrase queries, incremental updates of
@@ -48,6 +50,7 @@ Usage:
 """
 import argparse
 import bisect
+import gzip
 import http.client
 import json
 import math
@@ -60,6 +63,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from array import array
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -94,27 +98,44 @@ def _row_problem(row) -> str | None:
     return None
 
 
+def _text_lines(path: str):
+    """Yields (line number, text) for each line of a UTF-8 file, gzip-compressed if the name ends in
+    .gz. Bytes are decoded line by line (as data.read_jsonl does), so a bad byte, a Latin-1 file or
+    a gzip file without the .gz name is an error naming the file and line."""
+    lineno = 0
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    gz = " (this is gzip data: name the file .gz)" if raw.startswith(b"\x1f\x8b") else ""
+                    raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start}){gz}") from None
+                yield lineno, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # not gzip, truncated, or damaged
+        raise ValueError(f"{path}:{lineno + 1}: not a readable gzip file ({e})") from None
+
+
 def corpus_rows(path: str):
-    """Yields (line number, row) for each row of a JSONL corpus, one {"id": str, "contents":
-    "title\ntext"} object per line (extra keys are kept; blank lines are skipped), checking each
-    as it goes: ValueError naming the file and line of the first bad row or duplicate id, or the
-    file if it holds no passages."""
+    """Yields (line number, row) for each row of a JSONL corpus (UTF-8; gzip if named .gz), one
+    {"id": str, "contents": "title\ntext"} object per line (extra keys are kept; blank lines are
+    skipped), checking each as it goes: ValueError naming the file and line of the first bad row,
+    byte or duplicate id, or the file if it holds no passages."""
     line_of_id = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            problem = _row_problem(row)
-            if problem is not None:
-                raise ValueError(f"{path}:{lineno}: {problem}")
-            if row["id"] in line_of_id:
-                raise ValueError(f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {line_of_id[row['id']]})")
-            line_of_id[row["id"]] = lineno
-            yield lineno, row
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        problem = _row_problem(row)
+        if problem is not None:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        if row["id"] in line_of_id:
+            raise ValueError(f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {line_of_id[row['id']]})")
+        line_of_id[row["id"]] = lineno
+        yield lineno, row
     if not line_of_id:
         raise ValueError(f"{path}: the corpus holds no passages")
 
@@ -626,15 +647,26 @@ class HTTPRetriever:
 
 
 class _RetrieveHandler(BaseHTTPRequestHandler):
-    """POST /retrieve on a `server.retriever`. Bad requests get 400 {"error": "..."}."""
+    """POST /retrieve on a `server.retriever`. Bad requests get 400 {"error": "..."}, a body over
+    server.max_request_bytes 413 (without reading it)."""
+
+    timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
 
     def do_POST(self):
         if urllib.parse.urlsplit(self.path).path.rstrip("/") != "/retrieve":
             return self._reply(404, {"error": f"unknown path {self.path!r}; POST /retrieve"})
         try:
             length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            length = -1
+        if length < 0:
+            return self._reply(400, {"error": "request body must be JSON with a Content-Length header giving its size"})
+        if length > self.server.max_request_bytes:
+            return self._reply(413, {"error": f"request body of {length} bytes is over this server's limit of "
+                                              f"{self.server.max_request_bytes} (serve --max-request-bytes)"})
+        try:
             request = json.loads(self.rfile.read(length))
-        except ValueError as e:  # a missing length, or a body that is not JSON
+        except ValueError as e:  # not UTF-8 or not JSON
             return self._reply(400, {"error": f"request body must be JSON with a Content-Length: {e}"})
         problem = _request_problem(request)
         if problem is not None:
@@ -678,18 +710,28 @@ def _request_problem(request) -> str | None:
     return None
 
 
-def make_server(retriever, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The listen backlog. A training cluster's ranks send their queries at the same moment, and
+    # connections past a full backlog are reset: the default 5 reset 174 of 200 simultaneous
+    # loopback clients. (The kernel caps it at net.core.somaxconn.)
+    request_queue_size = 1024
+
+
+def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = 16 * 2**20) -> ThreadingHTTPServer:
     """A threaded HTTP server answering POST /retrieve from `retriever` (anything with .search).
-    Port 0 picks a free port: read it back from server.server_address[1]."""
-    server = ThreadingHTTPServer((host, port), _RetrieveHandler)
-    server.daemon_threads = True
-    server.retriever = retriever
+    Port 0 picks a free port: read it back from server.server_address[1]. A request body over
+    max_request_bytes gets 413 instead of being read into memory."""
+    if max_request_bytes < 1:
+        raise ValueError(f"make_server: max_request_bytes must be positive, got {max_request_bytes}")
+    server = _Server((host, port), _RetrieveHandler)
+    server.retriever, server.max_request_bytes = retriever, max_request_bytes
     return server
 
 
-def serve(retriever, host: str = "127.0.0.1", port: int = 8000):
+def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = 16 * 2**20):
     """Serves `retriever` over the Search-R1 API until interrupted (blocking)."""
-    server = make_server(retriever, host, port)
+    server = make_server(retriever, host, port, max_request_bytes)
     host, port = server.server_address[:2]
     print(f"retriever: serving at http://{host}:{port}/retrieve", flush=True)
     try:
@@ -713,6 +755,8 @@ def main(argv=None):
     source.add_argument("--index", help="an index directory written by `index` (its k1, b and epsilon are used)")
     serve_args.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (no authentication)")
     serve_args.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve_args.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
+                            help="larger request bodies get HTTP 413 (default 16 MiB)")
     for command in (index_args, serve_args):
         command.add_argument("--k1", type=float, help="default 1.5")
         command.add_argument("--b", type=float, help="default 0.75")
@@ -722,6 +766,8 @@ def main(argv=None):
     if args.command == "serve" and args.index and given:
         serve_args.error(f"--{'/--'.join(given)}: an index's parameters are fixed when it is built (see {args.index}/meta.json); "
                      "give them to `index`")
+    if args.command == "serve" and args.max_request_bytes < 1:
+        serve_args.error(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
     started = time.perf_counter()
     try:
         if args.command == "index":
@@ -734,7 +780,7 @@ def main(argv=None):
         sys.exit(f"retriever: {e}")
     print(f"retriever: {'loaded' if args.index else 'indexed'} {len(retriever):,} passages from {args.index or args.corpus} "
           f"in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
-    serve(retriever, args.host, args.port)
+    serve(retriever, args.host, args.port, args.max_request_bytes)
 
 
 if __name__ == "__main__":

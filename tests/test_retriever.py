@@ -1,5 +1,7 @@
 """retriever.py: BM25 scores against rank_bm25 (the reference), ranking and ties, the observation
 format, corpus loading errors, and the Search-R1 HTTP API on loopback."""
+import gzip
+import http.client
 import json
 import re
 import socket
@@ -257,6 +259,38 @@ def test_malformed_corpus_line_fails_naming_file_and_line(tmp_path, bad_line, me
         load_corpus(path)
 
 
+def test_a_latin1_corpus_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(SMALL[0]).encode() + b"\n" + '{"id": "x", "contents": "Caf\xe9\\nbody"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r":2: not valid UTF-8 \(invalid continuation byte at byte 28\)"):
+        load_corpus(str(path))
+
+
+def test_a_gz_corpus_is_read_with_the_same_file_and_line_errors(tmp_path):
+    lines = [json.dumps(r) for r in SMALL]
+    good, bad = tmp_path / "c.jsonl.gz", tmp_path / "bad.jsonl.gz"
+    good.write_bytes(gzip.compress("".join(line + "\n" for line in lines).encode()))
+    assert load_corpus(str(good)) == SMALL
+    bad.write_bytes(gzip.compress(("\n".join(lines[:2]) + '\n{"id": "p0", "contents": "x"}\n').encode()))
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + r":3: duplicate id 'p0' \(first on line 1\)"):
+        load_corpus(str(bad))
+    bad.write_bytes(gzip.compress(lines[0].encode() + b"\n\xff\n"))
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ":2: not valid UTF-8"):
+        load_corpus(str(bad))
+    bad.write_bytes(good.read_bytes()[:-12])  # cut before the end-of-stream marker
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + r":\d+: not a readable gzip file"):
+        load_corpus(str(bad))
+    bad.write_bytes(b"".join(line.encode() + b"\n" for line in lines))  # plain text named .gz
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ":1: not a readable gzip file"):
+        load_corpus(str(bad))
+    unnamed = tmp_path / "c.jsonl"  # gzip data without the .gz name
+    unnamed.write_bytes(good.read_bytes())
+    with pytest.raises(ValueError, match=re.escape(str(unnamed)) + ":1: not valid UTF-8.*name the file .gz"):
+        load_corpus(str(unnamed))
+    R.write_index(str(good), str(tmp_path / "index"))  # the index builder reads it the same way
+    assert BM25Retriever.load(str(tmp_path / "index")).search(["Lima"]) == BM25Retriever(SMALL).search(["Lima"])
+
+
 def test_empty_corpus_file_is_an_error_naming_the_file(tmp_path):
     path = write_lines(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(ValueError, match=re.escape(path) + ": the corpus holds no passages"):
@@ -344,6 +378,72 @@ def test_server_handles_concurrent_requests(server_url):
     for t in threads:
         t.join()
     assert outcomes == [True] * 30
+
+
+def plain_post(port, body: bytes, headers=None):
+    """(status, decoded JSON reply) of one POST /retrieve with http.client: no retries, no pooling."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", "/retrieve", body, {"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_two_hundred_simultaneous_plain_http_clients_all_get_correct_answers(server_url):
+    # With the standard library's listen backlog of 5, most of these connections were reset.
+    port = int(server_url.rsplit(":", 1)[1])
+    expected = {"result": [[{"document": {"id": h["id"], "contents": h["contents"]}, "score": h["score"]} for h in hits]
+                           for hits in BM25Retriever(SMALL).search(["capital city", "Shakespeare"], topk=3)]}
+    body = json.dumps({"queries": ["capital city", "Shakespeare"], "topk": 3, "return_scores": True}).encode()
+    start, replies = threading.Barrier(200), [None] * 200
+
+    def client(i):
+        start.wait()
+        try:
+            replies[i] = plain_post(port, body)
+        except Exception as e:  # recorded, so the assertion shows what went wrong
+            replies[i] = repr(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert replies == [(200, expected)] * 200
+
+
+def test_a_content_length_of_1e11_gets_413_and_the_server_keeps_answering(server_url):
+    port = int(server_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000000000\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split()[1] == b"413"
+    assert "100000000000 bytes is over this server's limit of 16777216" in json.loads(body)["error"]
+    assert plain_post(port, b'{"queries": ["Lima"], "topk": 1}')[0] == 200
+
+
+def test_request_size_limit_is_configurable_and_a_bad_length_is_400():
+    server = make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_request_bytes=100)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+    try:
+        under = json.dumps({"queries": ["Lima"], "topk": 1}).encode()
+        assert len(under) <= 100 and plain_post(port, under)[0] == 200
+        status, reply = plain_post(port, json.dumps({"queries": ["Lima " * 30]}).encode())
+        assert status == 413 and "over this server's limit of 100" in reply["error"]
+        status, reply = plain_post(port, under, {"Content-Length": "-5"})
+        assert status == 400 and "Content-Length" in reply["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="max_request_bytes must be positive"):
+        make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_request_bytes=0)
 
 
 def count_attempts(client):
