@@ -408,13 +408,6 @@ class BM25Retriever:
 
 
 INDEX_FORMAT, INDEX_VERSION = "retriever.py BM25 index", 1
-# name: (dtype, length) as a function of meta.json's counts (tf's dtype is recorded in meta.json)
-_INDEX_ARRAYS = {
-    "start": (np.int64, lambda m: m["words"] + 1), "doc": (np.int32, lambda m: m["postings"]),
-    "tf": (None, lambda m: m["postings"]), "idf": (np.float64, lambda m: m["words"]),
-    "norm": (np.float64, lambda m: m["passages"]), "id_offsets": (np.int64, lambda m: m["passages"] + 1),
-    "contents_offsets": (np.int64, lambda m: m["passages"] + 1), "id_order": (np.int64, lambda m: m["passages"]),
-}
 _BLOB_OFFSETS = {"ids": "id_offsets", "contents": "contents_offsets"}  # blob file -> its offsets array
 
 
@@ -491,16 +484,18 @@ def _read_index(path: str) -> tuple[dict, dict, dict]:
     missing = [key for key in ("k1", "b", "epsilon", "passages", "words", "postings", "tf_dtype") if key not in meta]
     if missing:
         raise ValueError(f"{path}/meta.json: lacks {', '.join(missing)}; {hint}")
-    arrays = {}
-    for name, (dtype, length) in _INDEX_ARRAYS.items():
+    n, v, p = meta["passages"], meta["words"], meta["postings"]
+    arrays, expected = {}, {"start": (np.int64, v + 1), "doc": (np.int32, p), "tf": (meta["tf_dtype"], p),
+                            "idf": (np.float64, v), "norm": (np.float64, n), "id_offsets": (np.int64, n + 1),
+                            "contents_offsets": (np.int64, n + 1), "id_order": (np.int64, n)}
+    for name, (dtype, length) in expected.items():
         file = os.path.join(path, name + ".npy")
         try:
             arrays[name] = np.load(file, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"{file}: missing or unreadable ({type(e).__name__}: {e}); {hint}") from None
-        expected = (np.dtype(dtype or meta["tf_dtype"]), (length(meta),))
-        if (arrays[name].dtype, arrays[name].shape) != expected:
-            raise ValueError(f"{file}: {arrays[name].dtype} {arrays[name].shape}, expected {expected[0]} {expected[1]} "
+        if (arrays[name].dtype, arrays[name].shape) != (np.dtype(dtype), (length,)):
+            raise ValueError(f"{file}: {arrays[name].dtype} {arrays[name].shape}, expected {np.dtype(dtype)} ({length},) "
                              f"from meta.json; {hint}")
     for blob in _BLOB_OFFSETS:
         file, end = os.path.join(path, blob + ".bin"), int(arrays[_BLOB_OFFSETS[blob]][-1])
@@ -508,15 +503,15 @@ def _read_index(path: str) -> tuple[dict, dict, dict]:
         if size != end:
             raise ValueError(f"{file}: {'missing' if size is None else f'{size} bytes'}, expected {end}; {hint}")
         arrays[blob] = np.memmap(file, dtype=np.uint8, mode="r") if size else np.zeros(0, dtype=np.uint8)
-    if arrays["start"][0] != 0 or arrays["start"][-1] != meta["postings"]:
-        raise ValueError(f"{path}/start.npy: does not span the {meta['postings']} postings; {hint}")
+    if arrays["start"][0] != 0 or arrays["start"][-1] != p:
+        raise ValueError(f"{path}/start.npy: does not span the {p} postings; {hint}")
     try:
         with open(os.path.join(path, "vocab.txt"), encoding="utf-8") as f:
             words = f.read().split("\n")
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}/vocab.txt: missing or unreadable ({e}); {hint}") from None
-    if len(words) != meta["words"]:
-        raise ValueError(f"{path}/vocab.txt: {len(words)} words, expected {meta['words']}; {hint}")
+    if len(words) != v:
+        raise ValueError(f"{path}/vocab.txt: {len(words)} words, expected {v}; {hint}")
     return meta, arrays, dict(zip(words, range(len(words))))
 
 

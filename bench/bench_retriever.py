@@ -16,9 +16,10 @@ Per corpus and query set, ms per query of
   bm25s       `bm25s.BM25(method="robertson", k1=1.5, b=0.75)` indexed on our token lists,
               `retrieve(k=3, n_threads=0, backend_selection="numpy")`: eager sparse scoring (the
               weights are precomputed per posting, in float32), one thread, given our tokenizer's
-              token lists. Its "robertson" is rank_bm25's variant (Okapi idf, same saturation up to
-              the constant factor k1 + 1) except that a negative idf becomes 0 where rank_bm25 uses
-              epsilon * mean idf; bm25s is a bench-only dependency.
+              token lists. Its "robertson" is rank_bm25's variant (Okapi idf, the same saturation up
+              to the constant factor k1 + 1) except that it clamps a negative idf to 0 where
+              rank_bm25 uses epsilon * mean idf, so the bench swaps in rank_bm25's idf while bm25s
+              indexes (`okapi_idf_in_bm25s`); bm25s is a bench-only dependency.
   rank_bm25   `BM25Okapi.get_scores` per query (without even picking a top 3)
 and the checks: how many queries get bit-identical score vectors from ours and from `weights` vs
 rank_bm25, the identical top-3 (rank_bm25 order: score descending, ties by corpus order), and
@@ -36,7 +37,9 @@ written), as on a server that has run a while.
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --index-scale 1000000 5000000
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -133,6 +136,29 @@ class PrecomputedWeights(BM25Retriever):
         return np.bincount(cell, weights=np.concatenate(weights), minlength=len(queries) * n).reshape(len(queries), n)
 
 
+@contextlib.contextmanager
+def okapi_idf_in_bm25s(ours: BM25Retriever):
+    """bm25s's "robertson" idf clamps a negative idf to 0; rank_bm25 (and ours) replace it with
+    epsilon * mean idf. While bm25s indexes, its idf function is swapped for rank_bm25's, so the
+    two libraries score the same variant (bm25s in float32, and without the constant factor
+    k1 + 1, which changes no ranking). Its scoring code is untouched."""
+    import bm25s.scoring
+
+    raw = [math.log(len(ours) - n + 0.5) - math.log(n + 0.5) for n in np.diff(ours._start).tolist()]
+    floor = ours.epsilon * sum(raw) / len(raw)
+    original = bm25s.scoring._score_idf_robertson
+
+    def okapi(df, N, allow_negative=False):
+        idf = math.log(N - df + 0.5) - math.log(df + 0.5)
+        return idf if idf >= 0 else floor
+
+    bm25s.scoring._score_idf_robertson = okapi
+    try:
+        yield
+    finally:
+        bm25s.scoring._score_idf_robertson = original
+
+
 def reference_top3(scores: np.ndarray) -> list[int]:
     return np.lexsort((np.arange(len(scores)), -scores))[:3].tolist()  # score descending, then corpus order
 
@@ -146,7 +172,8 @@ def compare(name: str, rows: list[dict], query_sets: dict[str, list[str]], repea
     weights = PrecomputedWeights(ours)
     reference, build_reference = best_time(lambda: rank_bm25.BM25Okapi(tokens), 1)
     other = bm25s.BM25(method="robertson", k1=1.5, b=0.75)
-    _, build_bm25s = best_time(lambda: other.index(tokens, show_progress=False), 1)
+    with okapi_idf_in_bm25s(ours):
+        _, build_bm25s = best_time(lambda: other.index(tokens, show_progress=False), 1)
     results = []
     for query_set, queries in query_sets.items():
         def bm25s_search():
