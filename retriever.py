@@ -50,6 +50,7 @@ Usage:
 """
 import argparse
 import bisect
+import glob
 import gzip
 import http.client
 import json
@@ -202,8 +203,8 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 # Building the inverted index (for BM25Retriever(passages) and for `index`)
 
 # Tokens sorted at a time while building: the chunk's sort needs ~30 bytes a token, so this bounds
-# the build's working memory whatever the corpus size; each chunk's postings are then kept at
-# 5 bytes each until all are placed.
+# the build's working memory whatever the corpus size; each chunk's postings are then kept (5 bytes
+# each; on disk when building an index directory) until all are placed.
 _CHUNK_TOKENS = 1 << 23
 
 
@@ -228,6 +229,17 @@ def _chunk_postings(word_of_token: array, doc_len: array, first_doc: int) -> tup
     return word[word_start], counts, (doc + first_doc).astype(np.int32), tf
 
 
+def _spill(directory: str | None, i: int, arrays: tuple) -> tuple:
+    """Chunk i's arrays as they are, or with a directory saved there and memory-mapped back: the
+    kept postings are then page cache the kernel can drop, not the build's own memory."""
+    if directory is None:
+        return arrays
+    paths = [os.path.join(directory, f"chunk{i}.{j}.npy") for j in range(len(arrays))]
+    for path, values in zip(paths, arrays):
+        np.save(path, values)
+    return tuple(np.load(path, mmap_mode="r") for path in paths)
+
+
 def _empty(directory: str | None, name: str, dtype, size: int) -> np.ndarray:
     """np.empty, or with a directory a memory-mapped `directory/name.npy` of that shape."""
     if directory is None:
@@ -238,9 +250,9 @@ def _empty(directory: str | None, name: str, dtype, size: int) -> np.ndarray:
 def build_index(texts, k1: float, b: float, epsilon: float, directory: str | None = None, source: str = "BM25Retriever") -> dict:
     """The index of an iterable of passage texts, in the layout BM25Retriever documents:
     {"vocab", "start", "doc", "tf", "idf", "norm"}. Tokens are sorted _CHUNK_TOKENS at a time and
-    each chunk's postings finally scattered into place; with a `directory`, doc and tf are written
-    there as doc.npy / tf.npy (memory-mapped while they are filled) instead of held in memory.
-    `source` names the corpus in errors."""
+    each chunk's postings finally scattered into place; with a `directory`, the chunks and then doc
+    and tf are written there (doc.npy / tf.npy, memory-mapped while they are filled) instead of held
+    in memory. `source` names the corpus in errors."""
     # Word ids in order of first appearance (the reference's vocabulary order, which its mean idf
     # sums in). A defaultdict whose factory is its own len() hands a new word the next id on first
     # lookup, so map() assigns ids without a Python-level call per token (2x faster).
@@ -252,9 +264,9 @@ def build_index(texts, k1: float, b: float, epsilon: float, directory: str | Non
         doc_len.append(len(words))
         word_of_token.extend(map(vocab.__getitem__, words))
         if len(word_of_token) >= _CHUNK_TOKENS:
-            chunks.append(_chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first))
+            chunks.append(_spill(directory, len(chunks), _chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first)))
             word_of_token, chunk_first = array("i"), len(doc_len)
-    chunks.append(_chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first))
+    chunks.append(_spill(directory, len(chunks), _chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first)))
     del word_of_token
     vocab.default_factory = None  # from here on, an unknown word is a KeyError, not a new id
     if not doc_len:
@@ -274,6 +286,8 @@ def build_index(texts, k1: float, b: float, epsilon: float, directory: str | Non
         at = np.repeat(cursor[words] - (np.cumsum(counts) - counts), counts) + np.arange(len(chunk_doc))  # (P_chunk,)
         doc[at], tf[at] = chunk_doc, chunk_tf
         cursor[words] += counts
+    for spilled in glob.glob(os.path.join(directory, "chunk*.npy")) if directory else []:
+        os.remove(spilled)
     doc_len = np.frombuffer(doc_len, dtype=np.int32)
     return {"vocab": vocab, "start": start, "doc": doc, "tf": tf,
             "idf": bm25_idf(doc_freq, len(doc_len), epsilon), "norm": bm25_length_norm(doc_len, k1, b)}
@@ -423,8 +437,8 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
 
     Everything is written into a temporary directory beside `out` and renamed to `out` when
     complete, so `out` is either absent or a whole index. Refuses an existing `out`. Memory: the
-    chunks' postings (5 bytes each) plus the vocabulary and the ids; the passages are streamed to
-    disk, not held. Returns the metadata."""
+    vocabulary, the ids and one chunk's sort; the passages and each chunk's postings go to disk as
+    they are made. Returns the metadata."""
     if os.path.exists(out):
         raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
     parent = os.path.dirname(os.path.abspath(out))

@@ -27,7 +27,8 @@ how many of bm25s's top-3 equal ours. Timings are the best of several passes, in
 `--build-only N` instead builds an in-memory index over N synthetic passages: time, memory, array sizes.
 `--index-scale N [N ...]` measures the on-disk index (`python retriever.py index`, then
 `BM25Retriever.load`) at each size: the corpus is written once to --work/corpus-N.jsonl; the build
-runs as its own process (wall time, peak RSS from wait4); then a fresh process loads the index and
+runs as its own process (wall time; peak RSS, its own -- anonymous, polled -- and with the
+file pages it maps); then a fresh process loads the index and
 reports the load time, its RSS after loading and after the queries, and ms/query (64 queries of
 each set, batched, best of 3, and one at a time). The page cache is warm (the index was just
 written), as on a server that has run a while.
@@ -280,6 +281,24 @@ RUN_AND_REPORT_PEAK = ("import runpy, sys\n"
                        "print('peak_rss_kib', peak[0], file=sys.stderr)")
 
 
+def run_measuring_memory(command: list[str]) -> tuple[float, float, float]:
+    """Runs RUN_AND_REPORT_PEAK's command: (wall seconds, peak anonymous RSS in MiB -- the process's
+    own memory, polled every 0.1 s from /proc -- and its peak RSS in MiB, file pages it maps included)."""
+    started, peak_anon = time.perf_counter(), 0
+    with open(os.devnull, "w") as sink, subprocess.Popen(command, stdout=sink, stderr=subprocess.PIPE, text=True) as child:
+        while child.poll() is None:
+            try:
+                with open(f"/proc/{child.pid}/status") as f:
+                    peak_anon = max([peak_anon] + [int(line.split()[1]) for line in f if line.startswith("RssAnon:")])
+            except OSError:  # it just ended
+                pass
+            time.sleep(0.1)
+        seconds, stderr = time.perf_counter() - started, child.stderr.read()
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(command[3:])} failed:\n{stderr}")
+    return seconds, peak_anon / 1024, int(stderr.split("peak_rss_kib ")[-1]) / 1024
+
+
 def index_scale(sizes: list[int], work: str, seed: int):
     os.makedirs(work, exist_ok=True)
     words, rows = None, []
@@ -289,29 +308,24 @@ def index_scale(sizes: list[int], work: str, seed: int):
             words = words or invented_words(2_000_000)
             write_corpus(corpus, n, seed, words)
         shutil.rmtree(index, ignore_errors=True)
-        started = time.perf_counter()
-        build = subprocess.run([sys.executable, "-c", RUN_AND_REPORT_PEAK, str(Path(R.__file__)), "index", "--corpus", corpus,
-                                "--out", index], capture_output=True, text=True)
-        build_s = time.perf_counter() - started
-        if build.returncode != 0:
-            raise SystemExit(f"the build of {index} failed:\n{build.stderr}")
-        build_peak = int(build.stderr.split("peak_rss_kib ")[-1]) / 1024
+        build_s, build_anon, build_peak = run_measuring_memory(
+            [sys.executable, "-c", RUN_AND_REPORT_PEAK, str(Path(R.__file__)), "index", "--corpus", corpus, "--out", index])
         files = {f: os.path.getsize(os.path.join(index, f)) for f in os.listdir(index)}
         child = subprocess.run([sys.executable, __file__, "--load-and-query", index, "--seed", str(seed)],
                                capture_output=True, text=True, check=True)
         meta = json.load(open(os.path.join(index, "meta.json")))
-        rows.append({"n": n, "build_s": build_s, "build_peak": build_peak, "meta": meta,
+        rows.append({"n": n, "build_s": build_s, "build_peak": build_peak, "build_anon": build_anon, "meta": meta,
                      "disk": sum(files.values()) / 2**30, "postings_disk": (files["doc.npy"] + files["tf.npy"]) / 2**30,
                      "text_disk": (files["ids.bin"] + files["contents.bin"]) / 2**30,
                      "corpus_disk": os.path.getsize(corpus) / 2**30, **json.loads(child.stdout)})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| passages | words | postings | corpus JSONL (GiB) | build (s) | build peak RSS (GiB) | index on disk (GiB) | "
+    print("\n| passages | words | postings | corpus JSONL (GiB) | build (s) | build peak RSS: own / with mapped files (GiB) | index on disk (GiB) | "
           "of which postings / text | load (s) | RSS after load (GiB) | after queries | ms/query passage words "
           "(batch / single) | content words (batch / single) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['n']:,} | {r['meta']['words']:,} | {r['meta']['postings']:,} | {r['corpus_disk']:.2f} | {r['build_s']:.0f} | "
-              f"{r['build_peak'] / 1024:.2f} | {r['disk']:.2f} | {r['postings_disk']:.2f} / {r['text_disk']:.2f} | "
+              f"{r['build_anon'] / 1024:.2f} / {r['build_peak'] / 1024:.2f} | {r['disk']:.2f} | {r['postings_disk']:.2f} / {r['text_disk']:.2f} | "
               f"{r['load_s']:.2f} | {r['rss_loaded'] / 1024:.2f} | {r['rss_queried'] / 1024:.2f} | "
               f"{r['ms_passage']:.2f} / {r['ms_passage_single']:.2f} | {r['ms_content']:.2f} / {r['ms_content_single']:.2f} |")
 

@@ -563,6 +563,9 @@ def test_index_round_trip_scores_are_bit_identical_to_building_from_the_corpus(t
     with pytest.raises(KeyError, match="nope"):
         loaded.get("nope")
     assert isinstance(loaded._doc, np.memmap) and isinstance(loaded._tf, np.memmap)  # mapped, not read
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(  # the spilled chunks are gone
+        ["meta.json", "vocab.txt", "ids.bin", "contents.bin"] + [f"{name}.npy" for name in
+        ("start", "doc", "tf", "idf", "norm", "id_offsets", "contents_offsets", "id_order")])
 
 
 def test_chunked_build_equals_a_single_chunk_build(monkeypatch):
