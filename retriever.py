@@ -307,9 +307,9 @@ class BM25Retriever:
         how often the word is in it       _tf[p]                        _tf:     (P,) uint8 (wider if needed)
     plus idf per word (_idf: (V,)) and K(d) per passage (_norm: (N,)), and _vocab {word: t}. Within
     a word, postings are in corpus order. (Storing the finished float64 weight per posting instead
-    of tf measured 1.2-1.7x faster scoring at 10k-100k passages, but at 8 bytes a posting instead
+    of tf measured 1.2-1.9x faster scoring at 10k-100k passages, but at 8 bytes a posting instead
     of 1 the arrays of 1M synthetic passages grow from 434 to 992 MiB, and wiki-18's ~1.8G postings
-    (projected) would need ~12 GiB more: memory won. bench/bench_retriever.py measures both.)"""
+    (projected) would need ~11.5 GiB more: memory won. bench/bench_retriever.py measures both.)"""
 
     def __init__(self, passages: list[dict], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
         self.passages = list(passages)
