@@ -26,7 +26,7 @@ rank_bm25, the identical top-3 (rank_bm25 order: score descending, ties by corpu
 how many of bm25s's top-3 equal ours. Timings are the best of several passes, in this process.
 `--build-only N` instead builds an in-memory index over N synthetic passages: time, memory, array sizes.
 `--index-scale N [N ...]` measures the on-disk index (`python retriever.py index`, then
-`BM25Retriever.load`) at each size: the corpus is written once to --work/corpus-N.jsonl; the build
+`BM25Retriever.load`) at each size: the corpus is written once to --work/corpus-N.jsonl (default: the system's temporary directory); the build
 runs as its own process (wall time; peak RSS, its own -- anonymous, polled -- and with the
 file pages it maps); then a fresh process loads the index and
 reports the load time, its RSS after loading and after the queries, and ms/query (64 queries of
@@ -46,6 +46,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -338,7 +339,7 @@ def main():
     parser.add_argument("--block-bytes", type=int, default=R._BLOCK_BYTES, help="retriever._BLOCK_BYTES for this run")
     parser.add_argument("--build-only", type=int, default=0, metavar="N", help="only build over N passages, report time and memory")
     parser.add_argument("--index-scale", type=int, nargs="+", metavar="N", help="measure the on-disk index at these sizes")
-    parser.add_argument("--work", default="/tmp/bench_retriever", help="--index-scale's corpora and indices")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_retriever"), help="--index-scale's corpora and indices")
     parser.add_argument("--load-and-query", metavar="DIR", help=argparse.SUPPRESS)  # --index-scale's child
     args = parser.parse_args()
     if args.load_and_query:
