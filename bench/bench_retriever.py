@@ -1,58 +1,105 @@
-"""Benchmark: retriever.BM25Retriever against rank_bm25.BM25Okapi (the reference), in one process.
+"""Benchmark: retriever.BM25Retriever against bm25s and rank_bm25 (the reference), in one process.
 
-For each corpus: build time (tokenising included, for both), ms per query (ours: a batched
-`search(queries, topk=3)`, best of 5 passes; reference: `get_scores` alone, i.e. without even
-picking its top 3, best of 2 passes),
-how many queries get the identical top-3 (reference order: score descending, ties by corpus order)
-and how many get bit-identical score vectors. Corpora: synthetic Zipf text at each --sizes, then the
-demo world (`demo.make_world(seed=0).corpus`, its test questions as queries) if demo.py is there.
-`--build-only N` instead measures building an index over N synthetic passages: time and memory.
+Corpora: synthetic passages of wiki-18's size (a 1-5 word title and 90-110 words of text, words drawn
+from a Zipf-Mandelbrot distribution over 2M invented words: the most common word is ~4% of all
+tokens and the 100 most common ~45%, about as in English) at each --sizes, then the demo world
+(`demo.make_world(seed=0).corpus`, its test questions as queries). Query sets, 64 queries each:
+  passage words  2-6 distinct words of a random passage (so, like a question, about half of them
+                 are among the 100 most common words, whose postings cover most passages)
+  content words  the same with the 100 most common words left out: short postings, so per-query
+                 overhead rather than the postings dominates
+Per corpus and query set, ms per query of
+  ours        `search(queries, topk=3)` on the whole batch, and one query at a time (`single`)
+  weights     the same search with the finished float64 weight stored per posting (8 bytes each
+              instead of the 1-byte term frequency ours stores), written here: the design ours
+              does not use, measured so the trade is visible
+  bm25s       `bm25s.BM25(method="robertson", k1=1.5, b=0.75)` indexed on our token lists,
+              `retrieve(k=3, n_threads=0, backend_selection="numpy")`: eager sparse scoring (the
+              weights are precomputed per posting, in float32), one thread, given our tokenizer's
+              token lists. Its "robertson" is rank_bm25's variant (Okapi idf, the same saturation up
+              to the constant factor k1 + 1) except that it clamps a negative idf to 0 where
+              rank_bm25 uses epsilon * mean idf, so the bench swaps in rank_bm25's idf while bm25s
+              indexes (`okapi_idf_in_bm25s`); bm25s is a bench-only dependency.
+  rank_bm25   `BM25Okapi.get_scores` per query (without even picking a top 3)
+and the checks: how many queries get bit-identical score vectors from ours and from `weights` vs
+rank_bm25, the identical top-3 (rank_bm25 order: score descending, ties by corpus order), and
+how many of bm25s's top-3 equal ours. Timings are the best of several passes, in this process.
+`--build-only N` instead builds an in-memory index over N synthetic passages: time, memory, array sizes.
+`--index-scale N [N ...]` measures the on-disk index (`python retriever.py index`, then
+`BM25Retriever.load`) at each size: the corpus is written once to --work/corpus-N.jsonl (default: the system's temporary directory); the build
+runs as its own process (wall time; peak RSS, its own -- anonymous, polled -- and with the
+file pages it maps); then a fresh process loads the index and
+reports the load time, its RSS after loading and after the queries, and ms/query (64 queries of
+each set, batched, best of 3, and one at a time). The page cache is warm (the index was just
+written), as on a server that has run a while.
 
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --build-only 1000000
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --index-scale 1000000 5000000
 """
 import argparse
+import contextlib
+import json
+import math
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import demo  # noqa: E402
-from retriever import BM25Retriever, tokenize  # noqa: E402
+import retriever as R  # noqa: E402
+from retriever import BM25Retriever, bm25_term_weight, tokenize  # noqa: E402
 
 
-def zipf_corpus(n: int, seed: int, vocab: int = 50_000, exponent: float = 1.1) -> list[dict]:
-    """n passages "title\\ntext": a 1-4 word title and 20-60 words of text, words drawn from a
-    Zipf(exponent) distribution over `vocab` invented words (so a few words are in most passages)."""
-    rng = np.random.default_rng(seed)
+def invented_words(n: int) -> list[str]:
+    """n distinct lower-case words: word i spells i in base 16 with one syllable per digit."""
     syllables = ["ka", "lo", "mi", "ra", "te", "su", "no", "vi", "de", "pa", "zo", "ge", "fu", "ri", "an", "el"]
-    words = ["".join(syllables[(i >> s) % 16] for s in (0, 4, 8, 12)[: 2 + i % 3]) + str(i // 4096) for i in range(vocab)]
-    p = 1.0 / np.arange(1, vocab + 1) ** exponent
-    title_len, text_len = rng.integers(1, 5, n), rng.integers(20, 61, n)
-    tokens = rng.choice(vocab, size=int(title_len.sum() + text_len.sum()), p=p / p.sum()).tolist()
+    words = []
+    for i in range(n):
+        digits = 1 + (i.bit_length() + 3) // 4  # the digit count grows with i, so no two words coincide
+        words.append("".join(syllables[(i >> (4 * d)) % 16] for d in range(digits)))
+    return words
+
+
+def real_size_corpus(n: int, seed: int, vocab: int = 2_000_000, exponent: float = 1.15, shift: float = 2.7,
+                     words: list[str] | None = None) -> list[dict]:
+    """n passages {"id": str(i), "contents": "title\\ntext"} of wiki-18's size: a 1-5 word title and
+    90-110 words of text, word of rank r drawn with probability proportional to 1 / (r + shift)**exponent."""
+    rng = np.random.default_rng(seed)
+    words = words or invented_words(vocab)
+    cdf = np.cumsum(1.0 / (np.arange(1, vocab + 1) + shift) ** exponent)
+    title_len, text_len = rng.integers(1, 6, n), rng.integers(90, 111, n)
+    tokens = np.searchsorted(cdf, rng.random(int(title_len.sum() + text_len.sum())) * cdf[-1]).tolist()
     rows, at = [], 0
     for i in range(n):
-        title = " ".join(words[t] for t in tokens[at: at + title_len[i]])
-        at += title_len[i]
-        text = " ".join(words[t] for t in tokens[at: at + text_len[i]])
-        at += text_len[i]
-        rows.append({"id": str(i), "contents": f"{title}\n{text}"})
+        middle, end = at + title_len[i], at + title_len[i] + text_len[i]
+        rows.append({"id": str(i), "contents": " ".join(words[t] for t in tokens[at:middle]) + "\n" +
+                     " ".join(words[t] for t in tokens[middle:end])})
+        at = end
     return rows
 
 
-def queries_from_passages(rows: list[dict], n: int, seed: int) -> list[str]:
-    """Queries an agent might write: 2-6 words taken from a random passage (so they share its
-    common words too)."""
+def queries_from_passages(rows: list[dict], n: int, seed: int, leave_out: frozenset = frozenset()) -> list[str]:
+    """n queries of 2-6 distinct words of a random passage, words in `leave_out` excepted."""
     rng = np.random.default_rng(seed)
     queries = []
-    for _ in range(n):
-        words = tokenize(rows[int(rng.integers(len(rows)))]["contents"])
-        queries.append(" ".join(rng.choice(words, size=min(len(words), int(rng.integers(2, 7))), replace=False)))
+    while len(queries) < n:
+        words = sorted(set(tokenize(rows[int(rng.integers(len(rows)))]["contents"])) - leave_out)
+        if len(words) >= 2:
+            queries.append(" ".join(rng.choice(words, size=min(len(words), int(rng.integers(2, 7))), replace=False)))
     return queries
+
+
+def most_common_words(retriever: BM25Retriever, k: int) -> frozenset:
+    doc_freq = np.diff(retriever._start)
+    word_of_id = {t: w for w, t in retriever._vocab.items()}
+    return frozenset(word_of_id[t] for t in np.argsort(-doc_freq, kind="stable")[:k].tolist())
 
 
 def best_time(run, repeats: int):
@@ -65,40 +112,112 @@ def best_time(run, repeats: int):
     return result, best
 
 
-def compare(name: str, rows: list[dict], queries: list[str]) -> dict:
+class PrecomputedWeights(BM25Retriever):
+    """`BM25Retriever` with the finished weight idf(t) * tf (k1 + 1) / (tf + K(d)) stored per posting
+    as float64 (8 bytes) instead of tf (1 byte): one gather per posting instead of the formula."""
+
+    def __init__(self, base: BM25Retriever):
+        self.__dict__.update(base.__dict__)  # share the index; add the weights
+        self._weight = np.repeat(self._idf, np.diff(self._start)) * bm25_term_weight(self._tf, self._norm[self._doc], self.k1)
+
+    def _score_block(self, queries):  # BM25Retriever._score_block with a gather of weights for the formula
+        n = len(self)
+        words, row_of_word, docs, weights = [], [], [], []
+        for row, query in enumerate(queries):
+            for word in tokenize(query):
+                if (t := self._vocab.get(word)) is not None:
+                    first, end = self._start[t], self._start[t + 1]
+                    words.append(t)
+                    row_of_word.append(row)
+                    docs.append(self._doc[first:end])
+                    weights.append(self._weight[first:end])
+        if not words:
+            return np.zeros((len(queries), n))
+        count = np.array([len(d) for d in docs])
+        cell = np.concatenate(docs) + np.repeat(np.array(row_of_word, dtype=np.int64) * n, count)
+        return np.bincount(cell, weights=np.concatenate(weights), minlength=len(queries) * n).reshape(len(queries), n)
+
+
+@contextlib.contextmanager
+def okapi_idf_in_bm25s(ours: BM25Retriever):
+    """bm25s's "robertson" idf clamps a negative idf to 0; rank_bm25 (and ours) replace it with
+    epsilon * mean idf. While bm25s indexes, its idf function is swapped for rank_bm25's, so the
+    two libraries score the same variant (bm25s in float32, and without the constant factor
+    k1 + 1, which changes no ranking). Its scoring code is untouched."""
+    import bm25s.scoring
+
+    raw = [math.log(len(ours) - n + 0.5) - math.log(n + 0.5) for n in np.diff(ours._start).tolist()]
+    floor = ours.epsilon * sum(raw) / len(raw)
+    original = bm25s.scoring._score_idf_robertson
+
+    def okapi(df, N, allow_negative=False):
+        idf = math.log(N - df + 0.5) - math.log(df + 0.5)
+        return idf if idf >= 0 else floor
+
+    bm25s.scoring._score_idf_robertson = okapi
+    try:
+        yield
+    finally:
+        bm25s.scoring._score_idf_robertson = original
+
+
+def reference_top3(scores: np.ndarray) -> list[int]:
+    return np.lexsort((np.arange(len(scores)), -scores))[:3].tolist()  # score descending, then corpus order
+
+
+def compare(name: str, rows: list[dict], query_sets: dict[str, list[str]], repeats: int) -> list[dict]:
+    import bm25s
     import rank_bm25
 
-    started = time.perf_counter()
-    ours = BM25Retriever(rows)
-    build_ours = time.perf_counter() - started
-    started = time.perf_counter()
-    reference = rank_bm25.BM25Okapi([tokenize(r["contents"]) for r in rows])
-    build_reference = time.perf_counter() - started
+    tokens = [tokenize(r["contents"]) for r in rows]
+    ours, build_ours = best_time(lambda: BM25Retriever(rows), 1)
+    weights = PrecomputedWeights(ours)
+    reference, build_reference = best_time(lambda: rank_bm25.BM25Okapi(tokens), 1)
+    other = bm25s.BM25(method="robertson", k1=1.5, b=0.75)
+    with okapi_idf_in_bm25s(ours):
+        _, build_bm25s = best_time(lambda: other.index(tokens, show_progress=False), 1)
+    results = []
+    for query_set, queries in query_sets.items():
+        def bm25s_search():
+            return other.retrieve([tokenize(q) for q in queries], k=3, n_threads=0, backend_selection="numpy",
+                                  show_progress=False).documents
 
-    hits, per_query_ours = best_time(lambda: ours.search(queries, topk=3), repeats=5)
-    reference_scores, per_query_reference = best_time(
-        lambda: [reference.get_scores(tokenize(q)) for q in queries], repeats=2)
-    per_query_ours, per_query_reference = per_query_ours / len(queries), per_query_reference / len(queries)
-
-    same_top3 = bit_identical = 0
-    for query, our_hits, scores in zip(queries, hits, reference_scores):
-        best = np.lexsort((np.arange(len(scores)), -scores))[:3]  # score descending, then corpus order
-        same_top3 += [h["id"] for h in our_hits] == [rows[i]["id"] for i in best]
-        bit_identical += np.array_equal(ours.scores(query), scores)
-    return {"corpus": name, "passages": len(rows), "tokens": int(sum(reference.doc_len)),
-            "build_ours": build_ours, "build_reference": build_reference,
-            "ms_ours": 1e3 * per_query_ours, "ms_reference": 1e3 * per_query_reference,
-            "queries": len(queries), "same_top3": same_top3, "bit_identical": bit_identical}
+        hits, t_ours = best_time(lambda: ours.search(queries, topk=3), 5)
+        _, t_single = best_time(lambda: [ours.search([q], topk=3) for q in queries], 5)
+        weight_hits, t_weights = best_time(lambda: weights.search(queries, topk=3), 5)
+        bm25s_docs, t_bm25s = best_time(bm25s_search, 5)
+        reference_scores, t_reference = best_time(lambda: [reference.get_scores(tokenize(q)) for q in queries], repeats)
+        expected = [reference_top3(s) for s in reference_scores]
+        results.append({
+            "corpus": name, "passages": len(rows), "queries": query_set, "n": len(queries),
+            "postings": int(sum(ours._start[t + 1] - ours._start[t] for q in queries for w in tokenize(q)
+                                if (t := ours._vocab.get(w)) is not None)) // len(queries),
+            "build_ours": build_ours, "build_bm25s": build_bm25s, "build_reference": build_reference,
+            **{f"ms_{k}": 1e3 * t / len(queries) for k, t in
+               [("ours", t_ours), ("single", t_single), ("weights", t_weights), ("bm25s", t_bm25s), ("reference", t_reference)]},
+            "bits_ours": sum(np.array_equal(ours.scores(q), s) for q, s in zip(queries, reference_scores)),
+            "bits_weights": sum(np.array_equal(weights.scores(q), s) for q, s in zip(queries, reference_scores)),
+            "top3_ours": sum([h["id"] for h in hs] == [rows[i]["id"] for i in e] for hs, e in zip(hits, expected)),
+            "hits_weights": sum(a == b for a, b in zip(hits, weight_hits)),
+            "top3_bm25s": sum([h["id"] for h in hs] == [rows[i]["id"] for i in d.tolist()] for hs, d in zip(hits, bm25s_docs)),
+        })
+    return results
 
 
 def print_table(results: list[dict]):
-    print("| corpus | passages | tokens | build ours (s) | build rank_bm25 (s) | ours ms/query | "
-          "rank_bm25 ms/query | speed-up | identical top-3 | bit-identical scores |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| corpus | passages | queries | postings/query | ours ms/query (batch of 64) | ours single | weights | bm25s | "
+          "rank_bm25 | bm25s / ours | rank_bm25 / ours single | bit-identical ours, weights | identical top-3 | "
+          "bm25s top-3 = ours |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['corpus']} | {r['passages']:,} | {r['tokens']:,} | {r['build_ours']:.2f} | {r['build_reference']:.2f} | "
-              f"{r['ms_ours']:.3f} | {r['ms_reference']:.1f} | {r['ms_reference'] / r['ms_ours']:.0f}x | "
-              f"{r['same_top3']}/{r['queries']} | {r['bit_identical']}/{r['queries']} |")
+        print(f"| {r['corpus']} | {r['passages']:,} | {r['queries']} | {r['postings']:,} | {r['ms_ours']:.3f} | "
+              f"{r['ms_single']:.3f} | {r['ms_weights']:.3f} | {r['ms_bm25s']:.3f} | {r['ms_reference']:.2f} | "
+              f"{r['ms_bm25s'] / r['ms_ours']:.2f}x | {r['ms_reference'] / r['ms_single']:.0f}x | "
+              f"{r['bits_ours']}/{r['n']}, {r['bits_weights']}/{r['n']} | {r['top3_ours']}/{r['n']} | {r['top3_bm25s']}/{r['n']} |")
+    print("\n| corpus | passages | build ours (s) | build bm25s (s) | build rank_bm25 (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in {(r["corpus"], r["passages"]): r for r in results}.values():
+        print(f"| {r['corpus']} | {r['passages']:,} | {r['build_ours']:.1f} | {r['build_bm25s']:.1f} | {r['build_reference']:.1f} |")
 
 
 def rss_mib(field: str) -> float:
@@ -111,44 +230,138 @@ def rss_mib(field: str) -> float:
 
 
 def build_only(n: int, seed: int):
-    rows = zipf_corpus(n, seed)
+    rows = real_size_corpus(n, seed)
     before = rss_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, so the peak below is the build's
         f.write("5")
-    started = time.perf_counter()
-    retriever = BM25Retriever(rows)
-    seconds = time.perf_counter() - started
+    retriever, seconds = best_time(lambda: BM25Retriever(rows), 1)
     peak, after = rss_mib("VmHWM"), rss_mib("VmRSS")
-    n_tokens = int(retriever._tf.sum())                 # Σ over postings of the term counts
-    arrays = sum(a.nbytes for a in (retriever._start, retriever._doc, retriever._tf, retriever._idf, retriever._norm)) / 2**20
-    queries = queries_from_passages(rows, 100, seed + 1)
-    ms = 1e3 * best_time(lambda: retriever.search(queries, topk=3), repeats=3)[1] / len(queries)
-    print(f"| passages | tokens | vocabulary | postings | build (s) | RSS before (MiB) | peak during build (MiB) | "
-          f"RSS after (MiB) | index arrays (MiB) | ms/query |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {n:,} | {n_tokens:,} | {len(retriever._vocab):,} | {len(retriever._doc):,} | {seconds:.1f} | {before:.0f} | "
-          f"{peak:.0f} | {after:.0f} | {arrays:.0f} | {ms:.2f} |")
+    arrays = {name: getattr(retriever, name).nbytes / 2**20 for name in ("_start", "_doc", "_tf", "_idf", "_norm")}
+    queries = queries_from_passages(rows, 64, seed + 1)
+    ms = 1e3 * best_time(lambda: retriever.search(queries, topk=3), 3)[1] / len(queries)
+    postings = len(retriever._doc)
+    print("| passages | tokens | vocabulary | postings | build (s) | RSS before (MiB) | peak during build (MiB) | "
+          "RSS after (MiB) | index arrays (MiB) | of which tf | float64 weights instead of tf would add (MiB) | ms/query |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {n:,} | {int(retriever._tf.sum()):,} | {len(retriever._vocab):,} | {postings:,} | {seconds:.1f} | {before:.0f} | "
+          f"{peak:.0f} | {after:.0f} | {sum(arrays.values()):.0f} | {arrays['_tf']:.0f} | "
+          f"{postings * (8 - retriever._tf.itemsize) / 2**20:.0f} | {ms:.2f} |")
+
+
+def write_corpus(path: str, n: int, seed: int, words: list[str]):
+    """real_size_corpus(n) to a JSONL file, 100k passages at a time (ids stay str(i))."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for first in range(0, n, 100_000):
+            for row in real_size_corpus(min(100_000, n - first), seed + first, words=words):
+                f.write(json.dumps({"id": str(first + int(row["id"])), "contents": row["contents"]}) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def load_and_query(index: str, seed: int):
+    """The child process of --index-scale: load, query, print one JSON line."""
+    rss_start = rss_mib("VmRSS")
+    retriever, seconds = best_time(lambda: R.BM25Retriever.load(index), 1)
+    rss_loaded = rss_mib("VmRSS")
+    rows = [retriever.passages[i] for i in np.random.default_rng(seed).integers(len(retriever), size=1000).tolist()]
+    common = most_common_words(retriever, 100)
+    report = {"load_s": seconds, "rss_start": rss_start, "rss_loaded": rss_loaded}
+    for name, leave_out in (("passage", frozenset()), ("content", common)):
+        queries = queries_from_passages(rows, 64, seed + 1, leave_out=leave_out)
+        report[f"ms_{name}"] = 1e3 * best_time(lambda: retriever.search(queries, topk=3), 3)[1] / len(queries)
+        report[f"ms_{name}_single"] = 1e3 * best_time(lambda: [retriever.search([q], topk=3) for q in queries], 1)[1] / len(queries)
+    report["rss_queried"] = rss_mib("VmRSS")
+    print(json.dumps(report))
+
+
+# Runs a script (argv[1:]) and prints its peak RSS (VmHWM: reset by exec, unlike a child's ru_maxrss,
+# which counts the pages of the forking parent too).
+RUN_AND_REPORT_PEAK = ("import runpy, sys\n"
+                       "sys.argv = sys.argv[1:]\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                       "peak = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')]\n"
+                       "print('peak_rss_kib', peak[0], file=sys.stderr)")
+
+
+def run_measuring_memory(command: list[str]) -> tuple[float, float, float]:
+    """Runs RUN_AND_REPORT_PEAK's command: (wall seconds, peak anonymous RSS in MiB -- the process's
+    own memory, polled every 0.1 s from /proc -- and its peak RSS in MiB, file pages it maps included)."""
+    started, peak_anon = time.perf_counter(), 0
+    with open(os.devnull, "w") as sink, subprocess.Popen(command, stdout=sink, stderr=subprocess.PIPE, text=True) as child:
+        while child.poll() is None:
+            try:
+                with open(f"/proc/{child.pid}/status") as f:
+                    peak_anon = max([peak_anon] + [int(line.split()[1]) for line in f if line.startswith("RssAnon:")])
+            except OSError:  # it just ended
+                pass
+            time.sleep(0.1)
+        seconds, stderr = time.perf_counter() - started, child.stderr.read()
+    if child.returncode != 0:
+        raise SystemExit(f"{' '.join(command[3:])} failed:\n{stderr}")
+    return seconds, peak_anon / 1024, int(stderr.split("peak_rss_kib ")[-1]) / 1024
+
+
+def index_scale(sizes: list[int], work: str, seed: int):
+    os.makedirs(work, exist_ok=True)
+    words, rows = None, []
+    for n in sizes:
+        corpus, index = os.path.join(work, f"corpus-{n}.jsonl"), os.path.join(work, f"index-{n}")
+        if not os.path.exists(corpus):
+            words = words or invented_words(2_000_000)
+            write_corpus(corpus, n, seed, words)
+        shutil.rmtree(index, ignore_errors=True)
+        build_s, build_anon, build_peak = run_measuring_memory(
+            [sys.executable, "-c", RUN_AND_REPORT_PEAK, str(Path(R.__file__)), "index", "--corpus", corpus, "--out", index])
+        files = {f: os.path.getsize(os.path.join(index, f)) for f in os.listdir(index)}
+        child = subprocess.run([sys.executable, __file__, "--load-and-query", index, "--seed", str(seed)],
+                               capture_output=True, text=True, check=True)
+        meta = json.load(open(os.path.join(index, "meta.json")))
+        rows.append({"n": n, "build_s": build_s, "build_peak": build_peak, "build_anon": build_anon, "meta": meta,
+                     "disk": sum(files.values()) / 2**30, "postings_disk": (files["doc.npy"] + files["tf.npy"]) / 2**30,
+                     "text_disk": (files["ids.bin"] + files["contents.bin"]) / 2**30,
+                     "corpus_disk": os.path.getsize(corpus) / 2**30, **json.loads(child.stdout)})
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| passages | words | postings | corpus JSONL (GiB) | build (s) | build peak RSS: own / with mapped files (GiB) | index on disk (GiB) | "
+          "of which postings / text | load (s) | RSS after load (GiB) | after queries | ms/query passage words "
+          "(batch / single) | content words (batch / single) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['meta']['words']:,} | {r['meta']['postings']:,} | {r['corpus_disk']:.2f} | {r['build_s']:.0f} | "
+              f"{r['build_anon'] / 1024:.2f} / {r['build_peak'] / 1024:.2f} | {r['disk']:.2f} | {r['postings_disk']:.2f} / {r['text_disk']:.2f} | "
+              f"{r['load_s']:.2f} | {r['rss_loaded'] / 1024:.2f} | {r['rss_queried'] / 1024:.2f} | "
+              f"{r['ms_passage']:.2f} / {r['ms_passage_single']:.2f} | {r['ms_content']:.2f} / {r['ms_content_single']:.2f} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-bytes", type=int, default=R._BLOCK_BYTES, help="retriever._BLOCK_BYTES for this run")
     parser.add_argument("--build-only", type=int, default=0, metavar="N", help="only build over N passages, report time and memory")
+    parser.add_argument("--index-scale", type=int, nargs="+", metavar="N", help="measure the on-disk index at these sizes")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "bench_retriever"), help="--index-scale's corpora and indices")
+    parser.add_argument("--load-and-query", metavar="DIR", help=argparse.SUPPRESS)  # --index-scale's child
     args = parser.parse_args()
+    if args.load_and_query:
+        return load_and_query(args.load_and_query, args.seed)
+    R._BLOCK_BYTES = args.block_bytes
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"numpy {np.__version__}")
+          f"numpy {np.__version__}, retriever._BLOCK_BYTES = {R._BLOCK_BYTES:,}")
     if args.build_only:
         return build_only(args.build_only, args.seed)
+    if args.index_scale:
+        return index_scale(args.index_scale, args.work, args.seed)
 
-    results = []
+    results, words = [], invented_words(2_000_000)
     for n in args.sizes:
-        rows = zipf_corpus(n, args.seed)
-        results.append(compare(f"Zipf synthetic", rows, queries_from_passages(rows, args.queries, args.seed + 1)))
+        rows = real_size_corpus(n, args.seed, words=words)
+        common = most_common_words(BM25Retriever(rows[:10_000]), 100)
+        query_sets = {"passage words": queries_from_passages(rows, args.queries, args.seed + 1),
+                      "content words": queries_from_passages(rows, args.queries, args.seed + 2, leave_out=common)}
+        results += compare("synthetic real-size", rows, query_sets, repeats=2 if n <= 20_000 else 1)
+    import demo  # here, not at the top: --index-scale's child process measures its memory without torch
     world = demo.make_world(seed=0)
-    questions = [q["question"] for q in world.test[: args.queries]]
-    results.append(compare("demo world (test questions)", world.corpus, questions))
+    results += compare("demo", world.corpus, {"test questions": [q["question"] for q in world.test[: args.queries]]}, 2)
     print_table(results)
 
 

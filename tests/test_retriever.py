@@ -1,5 +1,7 @@
 """retriever.py: BM25 scores against rank_bm25 (the reference), ranking and ties, the observation
 format, corpus loading errors, and the Search-R1 HTTP API on loopback."""
+import gzip
+import http.client
 import json
 import re
 import socket
@@ -126,6 +128,33 @@ def test_search_ranks_like_rank_bm25_scores_with_ties_in_corpus_order():
         assert [h["contents"] for h in hits] == [rows[i]["contents"] for i in expected]
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 3, 7, 1000])
+def test_batched_search_is_bit_identical_to_rank_bm25_for_any_block_size(monkeypatch, rows_per_block):
+    # search() scores rows_per_block queries together in one bincount; queries sharing words, blank
+    # queries and unknown words must not leak into each other's rows, whatever the block boundaries.
+    rows = zipf_corpus(300, seed=6)
+    monkeypatch.setattr(R, "_BLOCK_BYTES", 8 * len(rows) * rows_per_block)
+    ours, ref = BM25Retriever(rows), reference(rows)
+    queries = zipf_queries(rows, 30, seed=7) + ["  ", "w1 w1", "w1"]
+    batch = ours.search(queries, topk=4)
+    for query, hits in zip(queries, batch):
+        if not query.strip():
+            assert hits == []
+            continue
+        s = ref.get_scores(tokenize(query))
+        expected = sorted(range(len(rows)), key=lambda i: (-s[i], i))[:4]
+        assert [(h["id"], h["score"]) for h in hits] == [(rows[i]["id"], s[i]) for i in expected]
+    assert batch == [ours.search([q], topk=4)[0] for q in queries]
+
+
+def test_top_k_picks_each_rows_best_with_ties_in_column_order_for_small_and_large_k():
+    scores = np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0], [-1.0, 2.0, -3.0, 2.0, 5.0]])
+    for k, expected in [(3, [[1, 2, 4], [0, 1, 2], [4, 1, 3]]), (99, [[1, 2, 4, 0, 3], [0, 1, 2, 3, 4], [4, 1, 3, 0, 2]])]:
+        best, values = R.top_k(scores.copy(), k)
+        assert best.tolist() == expected
+        assert values.tolist() == [[scores[r, c] for c in row] for r, row in enumerate(expected)]
+
+
 def test_equal_scores_are_ordered_by_corpus_position_even_across_the_cut():
     # p1..p4 are identical, so they tie; "cat" ranks the tie below the unique best passage p5.
     rows = [{"id": "p0", "contents": "dog\nbarks"}] + \
@@ -230,6 +259,38 @@ def test_malformed_corpus_line_fails_naming_file_and_line(tmp_path, bad_line, me
         load_corpus(path)
 
 
+def test_a_latin1_corpus_is_an_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(SMALL[0]).encode() + b"\n" + '{"id": "x", "contents": "Caf\xe9\\nbody"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r":2: not valid UTF-8 \(invalid continuation byte at byte 28\)"):
+        load_corpus(str(path))
+
+
+def test_a_gz_corpus_is_read_with_the_same_file_and_line_errors(tmp_path):
+    lines = [json.dumps(r) for r in SMALL]
+    good, bad = tmp_path / "c.jsonl.gz", tmp_path / "bad.jsonl.gz"
+    good.write_bytes(gzip.compress("".join(line + "\n" for line in lines).encode()))
+    assert load_corpus(str(good)) == SMALL
+    bad.write_bytes(gzip.compress(("\n".join(lines[:2]) + '\n{"id": "p0", "contents": "x"}\n').encode()))
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + r":3: duplicate id 'p0' \(first on line 1\)"):
+        load_corpus(str(bad))
+    bad.write_bytes(gzip.compress(lines[0].encode() + b"\n\xff\n"))
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ":2: not valid UTF-8"):
+        load_corpus(str(bad))
+    bad.write_bytes(good.read_bytes()[:-12])  # cut before the end-of-stream marker
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + r":\d+: not a readable gzip file"):
+        load_corpus(str(bad))
+    bad.write_bytes(b"".join(line.encode() + b"\n" for line in lines))  # plain text named .gz
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ":1: not a readable gzip file"):
+        load_corpus(str(bad))
+    unnamed = tmp_path / "c.jsonl"  # gzip data without the .gz name
+    unnamed.write_bytes(good.read_bytes())
+    with pytest.raises(ValueError, match=re.escape(str(unnamed)) + ":1: not valid UTF-8.*name the file .gz"):
+        load_corpus(str(unnamed))
+    R.write_index(str(good), str(tmp_path / "index"))  # the index builder reads it the same way
+    assert BM25Retriever.load(str(tmp_path / "index")).search(["Lima"]) == BM25Retriever(SMALL).search(["Lima"])
+
+
 def test_empty_corpus_file_is_an_error_naming_the_file(tmp_path):
     path = write_lines(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(ValueError, match=re.escape(path) + ": the corpus holds no passages"):
@@ -319,6 +380,72 @@ def test_server_handles_concurrent_requests(server_url):
     assert outcomes == [True] * 30
 
 
+def plain_post(port, body: bytes, headers=None):
+    """(status, decoded JSON reply) of one POST /retrieve with http.client: no retries, no pooling."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", "/retrieve", body, {"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_two_hundred_simultaneous_plain_http_clients_all_get_correct_answers(server_url):
+    # With the standard library's listen backlog of 5, most of these connections were reset.
+    port = int(server_url.rsplit(":", 1)[1])
+    expected = {"result": [[{"document": {"id": h["id"], "contents": h["contents"]}, "score": h["score"]} for h in hits]
+                           for hits in BM25Retriever(SMALL).search(["capital city", "Shakespeare"], topk=3)]}
+    body = json.dumps({"queries": ["capital city", "Shakespeare"], "topk": 3, "return_scores": True}).encode()
+    start, replies = threading.Barrier(200), [None] * 200
+
+    def client(i):
+        start.wait()
+        try:
+            replies[i] = plain_post(port, body)
+        except Exception as e:  # recorded, so the assertion shows what went wrong
+            replies[i] = repr(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert replies == [(200, expected)] * 200
+
+
+def test_a_content_length_of_1e11_gets_413_and_the_server_keeps_answering(server_url):
+    port = int(server_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000000000\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split()[1] == b"413"
+    assert "100000000000 bytes is over this server's limit of 16777216" in json.loads(body)["error"]
+    assert plain_post(port, b'{"queries": ["Lima"], "topk": 1}')[0] == 200
+
+
+def test_request_size_limit_is_configurable_and_a_bad_length_is_400():
+    server = make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_request_bytes=100)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+    try:
+        under = json.dumps({"queries": ["Lima"], "topk": 1}).encode()
+        assert len(under) <= 100 and plain_post(port, under)[0] == 200
+        status, reply = plain_post(port, json.dumps({"queries": ["Lima " * 30]}).encode())
+        assert status == 413 and "over this server's limit of 100" in reply["error"]
+        status, reply = plain_post(port, under, {"Content-Length": "-5"})
+        assert status == 400 and "Content-Length" in reply["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ValueError, match="max_request_bytes must be positive"):
+        make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_request_bytes=0)
+
+
 def count_attempts(client):
     """Wraps the client's opener so each HTTP attempt is recorded; returns the record."""
     attempts, real_open = [], client._opener.open
@@ -398,6 +525,149 @@ def test_serve_command_line_serves_a_jsonl_corpus(tmp_path):
         match = re.search(r"http://127\.0\.0\.1:\d+/retrieve", line)
         assert match, (line, process.stderr.read() if process.poll() is not None else "")
         assert HTTPRetriever(match.group(0)).search(["Shakespeare"]) == BM25Retriever(SMALL).search(["Shakespeare"])
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The index on disk: `python retriever.py index`, BM25Retriever.load
+
+
+def write_corpus(path, rows):
+    return write_lines(path, [json.dumps(r) for r in rows])
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Builds in chunks of ~50 tokens, so a 300-passage corpus has dozens of chunks to merge."""
+    monkeypatch.setattr(R, "_CHUNK_TOKENS", 50)
+
+
+@pytest.mark.parametrize("k1,b,epsilon", [(1.5, 0.75, 0.25), (0.9, 0.4, 0.0)])
+def test_index_round_trip_scores_are_bit_identical_to_building_from_the_corpus(tmp_path, small_chunks, k1, b, epsilon):
+    rows = zipf_corpus(300, seed=8) + [{"id": "empty", "contents": " ,. "}, {"id": "é\u00e8\ud800", "contents": "Café\nnaïve w1"}]
+    corpus = write_corpus(tmp_path / "c.jsonl", rows)
+    meta = R.write_index(corpus, str(tmp_path / "index"), k1=k1, b=b, epsilon=epsilon)
+    loaded, built, ref = BM25Retriever.load(str(tmp_path / "index")), BM25Retriever(rows, k1, b, epsilon), reference(rows, k1, b, epsilon)
+    assert (loaded.k1, loaded.b, loaded.epsilon) == (k1, b, epsilon) and meta["passages"] == len(loaded) == len(rows)
+    queries = zipf_queries(rows, 30, seed=9) + ["café naïve"]
+    for query in queries:
+        np.testing.assert_array_equal(loaded.scores(query), ref.get_scores(tokenize(query)))
+        np.testing.assert_array_equal(loaded.scores(query), built.scores(query))
+    assert loaded.search(queries, topk=5) == built.search(queries, topk=5)
+    assert [loaded.get(r["id"]) for r in rows] == [{"id": r["id"], "contents": r["contents"]} for r in rows]
+    assert loaded.passages[-1] == {"id": "é\u00e8\ud800", "contents": "Café\nnaïve w1"}
+    with pytest.raises(KeyError, match="nope"):
+        loaded.get("nope")
+    assert isinstance(loaded._doc, np.memmap) and isinstance(loaded._tf, np.memmap)  # mapped, not read
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(  # the spilled chunks are gone
+        ["meta.json", "vocab.txt", "ids.bin", "contents.bin"] + [f"{name}.npy" for name in
+        ("start", "doc", "tf", "idf", "norm", "id_offsets", "contents_offsets", "id_order")])
+
+
+def test_chunked_build_equals_a_single_chunk_build(monkeypatch):
+    rows = zipf_corpus(300, seed=10)
+    whole = BM25Retriever(rows)
+    monkeypatch.setattr(R, "_CHUNK_TOKENS", 7)  # chunks end mid-corpus every passage or two
+    chunked = BM25Retriever(rows)
+    for name in ("_start", "_doc", "_tf", "_idf", "_norm"):
+        np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name))
+    assert list(chunked._vocab.items()) == list(whole._vocab.items())
+
+
+def test_index_refuses_an_existing_out_and_a_bad_corpus_leaves_nothing(tmp_path):
+    corpus = write_lines(tmp_path / "c.jsonl", [json.dumps(SMALL[0]), '{"id": "x"}'])
+    out = tmp_path / "index"
+    with pytest.raises(ValueError, match=re.escape(corpus) + ':2: missing "contents"'):
+        R.write_index(corpus, str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # no index, no temporary directory
+    out.mkdir()
+    with pytest.raises(FileExistsError, match=re.escape(str(out)) + ": already exists"):
+        R.write_index(corpus, str(out))
+
+
+def test_a_build_killed_before_it_finishes_leaves_no_index_and_an_unloadable_temp_dir(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", SMALL)
+    # SIGKILL the build while it writes meta.json: everything else is on disk by then
+    script = ("import json, os, signal, sys; sys.path.insert(0, sys.argv[1]); import retriever; "
+              "json.dump = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+              "retriever.write_index(sys.argv[2], sys.argv[3])")
+    done = subprocess.run([sys.executable, "-c", script, str(REPO), corpus, str(tmp_path / "index")])
+    assert done.returncode == -9
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "c.jsonl"]
+    assert not (tmp_path / "index").exists() and [p.name.startswith("index.tmp-") for p in leftovers] == [True]
+    with pytest.raises(ValueError, match=re.escape(str(leftovers[0])) + ": not a BM25 index: no meta.json"):
+        BM25Retriever.load(str(leftovers[0]))
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    R.write_index(write_corpus(root / "c.jsonl", SMALL), str(root / "index"))
+    return root / "index"
+
+
+def damaged_copy(index_dir, tmp_path, damage):
+    import shutil
+    copy = tmp_path / "damaged"
+    shutil.copytree(index_dir, copy)
+    damage(copy)
+    return str(copy)
+
+
+def edit_meta(**changes):
+    def damage(d):
+        meta = json.loads((d / "meta.json").read_text())
+        meta.update(changes)
+        for key in [k for k, v in changes.items() if v is None]:
+            del meta[key]
+        (d / "meta.json").write_text(json.dumps(meta))
+    return damage
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "meta.json").unlink(), r"DIR: not a BM25 index: no meta\.json"),
+    (lambda d: (d / "meta.json").write_text("{trunc"), r"DIR/meta\.json: unreadable"),
+    (edit_meta(format="bm25s"), r"DIR: not a BM25 index written by retriever\.py"),
+    (edit_meta(version=2), r"DIR: index version 2, this retriever\.py reads version 1"),
+    (edit_meta(k1=None), r"DIR/meta\.json: lacks k1"),
+    (lambda d: (d / "doc.npy").unlink(), r"DIR/doc\.npy: missing or unreadable"),
+    (lambda d: (d / "tf.npy").write_bytes((d / "tf.npy").read_bytes()[:-5]), r"DIR/tf\.npy: missing or unreadable"),
+    (lambda d: np.save(d / "norm.npy", np.zeros(3)), r"DIR/norm\.npy: float64 \(3,\), expected float64 \(6,\)"),
+    (lambda d: np.save(d / "start.npy", np.load(d / "start.npy") + 1), r"DIR/start\.npy: does not span"),
+    (lambda d: (d / "contents.bin").write_bytes(b"short"), r"DIR/contents\.bin: 5 bytes, expected \d+"),
+    (lambda d: (d / "ids.bin").unlink(), r"DIR/ids\.bin: missing, expected"),
+    (lambda d: (d / "vocab.txt").write_text("a\nb"), r"DIR/vocab\.txt: 2 words, expected"),
+])
+def test_a_damaged_or_foreign_index_is_refused_naming_the_file(index_dir, tmp_path, damage, message):
+    path = damaged_copy(index_dir, tmp_path, damage)
+    with pytest.raises(ValueError, match=message.replace("DIR", re.escape(path))):
+        BM25Retriever.load(path)
+
+
+def test_loading_a_missing_directory_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope")) + ": no such index directory"):
+        BM25Retriever.load(str(tmp_path / "nope"))
+
+
+def test_index_command_then_serve_index_answers_like_the_corpus(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", SMALL)
+    built = subprocess.run([sys.executable, str(REPO / "retriever.py"), "index", "--corpus", corpus,
+                            "--out", str(tmp_path / "index"), "--k1", "1.2"], capture_output=True, text=True)
+    assert built.returncode == 0 and "indexed 6 passages" in built.stderr, built.stderr
+    refused = subprocess.run([sys.executable, str(REPO / "retriever.py"), "serve", "--index", str(tmp_path / "index"),
+                              "--b", "0.5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--b: an index's parameters are fixed when it is built" in refused.stderr
+    process = subprocess.Popen([sys.executable, str(REPO / "retriever.py"), "serve", "--index", str(tmp_path / "index"),
+                                "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        match = re.search(r"http://127\.0\.0\.1:\d+/retrieve", process.stdout.readline())
+        assert match, process.stderr.read() if process.poll() is not None else ""
+        queries = ["capital city", "Shakespeare", "xylophone"]
+        assert HTTPRetriever(match.group(0)).search(queries) == BM25Retriever(SMALL, k1=1.2).search(queries)
     finally:
         process.terminate()
         process.wait(timeout=10)
