@@ -99,8 +99,8 @@ search again (each search answered with the needed passages placed in its result
       rule (contains_answer_tokens)], ties in rank going to the earlier gold.
    The question is probed only if some passage of E contains a gold under the whole-token rule;
    otherwise it is skipped (result None; e.g. a yes/no gold), and the report counts it in
-   probe_coverage. So is a question whose probe context (step 4) leaves no room for an answer under
-   max_total_tokens.
+   probe_coverage. So is a question whose probe context (step 4) leaves less than max_new_tokens
+   under max_total_tokens (a cut answer would count as wrong). topk must be >= every H.
 2. The search turn (probe_search_turn): if the model's own evaluation rollout of the question opened
    with an executed search (its first turn's query is its first executed query), that turn's token
    ids exactly as sampled, think and all, and its query ("own"); otherwise the bare turn
@@ -619,6 +619,15 @@ def place_passages(hits: list[dict], needed: list[dict], topk: int) -> list[dict
     return placed
 
 
+def check_probe_topk(needed: list, topk: int) -> None:
+    """w/o think shows every needed passage in one top-k observation: refuse a topk too small for the
+    question that needs the most, before anything is generated."""
+    most = max((len(p) for p in needed if p is not None), default=0)
+    if most > topk:
+        raise ValueError(f"the evidence-given probe shows all needed passages at once, and some question needs "
+                         f"{most}, but topk={topk}: use --topk >= {most} (or --no-probe)")
+
+
 def _first_sampled_run(record: Mapping) -> list[int]:
     """The token ids of a trajectory's first generation turn, exactly as sampled: the first run of
     loss-mask-1 tokens after the prompt (turns are separated by forced observations or nudges)."""
@@ -651,7 +660,8 @@ def _answer_without_think(text: str) -> str | None:
 
 
 def evidence_given_probe(model, tokenizer, questions: list, retriever, config=None, evidence: str = "auto",
-                         batch_size: int = 64, progress: bool = False, records: list | None = None) -> list[dict | None]:
+                         batch_size: int = 64, progress: bool = False, records: list | None = None,
+                         needed: list | None = None) -> list[dict | None]:
     """The evidence-given probe (module docstring) on question rows; one result per row, in order.
 
     records: the rows' evaluation trajectories (aligned with questions), whose first search turn is
@@ -661,7 +671,7 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
     "response_think", "probe_searches" (searches made after the first observation, w/ think),
     "evidence_truncated"} — the shape arc_report(records, probe=...) takes. config: a
     rollout.RolloutConfig for the budgets (max_turns, max_new_tokens, max_obs_tokens, topk,
-    max_total_tokens); the probe is always greedy.
+    max_total_tokens); the probe is always greedy. needed: needed_passages(...) if already computed.
     """
     from dataclasses import replace
 
@@ -671,7 +681,8 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
     config = replace(config or RolloutConfig(), greedy=True)
     if records is not None and len(records) != len(questions):
         raise ValueError(f"{len(records)} evaluation records for {len(questions)} questions")
-    needed = needed_passages(questions, retriever, evidence)
+    needed = needed_passages(questions, retriever, evidence) if needed is None else needed
+    check_probe_topk(needed, config.topk)
     probed = [i for i, passages in enumerate(needed) if passages is not None]
     results: list[dict | None] = [None] * len(questions)
     turns = {i: probe_search_turn(tokenizer, questions[i]["question"], records[i] if records else None)
@@ -696,8 +707,10 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
             observation, cut = observation_ids(tokenizer, shown, config.max_obs_tokens)
             context[i] = turns[i][0] + observation + primer_ids
             results[i]["evidence_truncated"] |= cut
-        fits = [i for i in probed if config.max_total_tokens is None or
-                len(prompt_ids(tokenizer, questions[i]["question"])) + len(context[i]) < config.max_total_tokens]
+        # a context that leaves less than a full turn's budget under max_total_tokens is not probed:
+        # an answer cut short by the cap would count as wrong, lowering EM instead of coverage
+        fits = [i for i in probed if config.max_total_tokens is None or len(prompt_ids(
+                tokenizer, questions[i]["question"])) + len(context[i]) + config.max_new_tokens <= config.max_total_tokens]
         for start in tqdm(range(0, len(fits), batch_size), desc=f"evidence-given probe ({name})", unit="batch",
                           disable=not progress):
             batch = fits[start:start + batch_size]
@@ -774,6 +787,10 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     config = replace(config or RolloutConfig(), greedy=True)
     if config.max_total_tokens is None:          # never generate past the positions the model knows
         config = replace(config, max_total_tokens=default_length_budget(model))
+    needed = None
+    if probe:                                    # the probe's own checks, before any rollout
+        needed = needed_passages(questions, retriever, evidence)
+        check_probe_topk(needed, config.topk)
     overlong = first_overlong_prompt(tokenizer, [row["question"] for row in questions], config.max_total_tokens)
     if overlong is not None:
         i, n = overlong
@@ -791,7 +808,8 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     probe_results = None
     if probe:
         probe_results = evidence_given_probe(model, tokenizer, questions, retriever, config, evidence=evidence,
-                                             batch_size=batch_size, progress=progress, records=records)
+                                             batch_size=batch_size, progress=progress, records=records,
+                                             needed=needed)
         for record, result in zip(records, probe_results):
             record["probe"] = result
     if out_path:
@@ -814,7 +832,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: --model)")
     parser.add_argument("--data", required=True, help="questions JSONL: question, golden_answers, id?, data_source?")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--corpus", help="corpus JSONL {id, contents}: BM25 in this process")
+    source.add_argument("--corpus", help="corpus JSONL {id, contents} (.jsonl or .jsonl.gz): BM25 in this process")
+    source.add_argument("--index", help="a BM25 index directory built by `python retriever.py index`")
     source.add_argument("--retriever-url", help="a Search-R1 retrieval server, e.g. http://127.0.0.1:8000")
     def at_least(low):
         def parse(text):
@@ -855,7 +874,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     questions = load_questions(args.data)[:args.limit]
-    retriever = BM25Retriever(load_corpus(args.corpus)) if args.corpus else HTTPRetriever(args.retriever_url)
+    retriever = BM25Retriever(load_corpus(args.corpus)) if args.corpus else \
+        BM25Retriever.load(args.index) if args.index else HTTPRetriever(args.retriever_url)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     from train import pretrained          # a local directory or a Hub id, with errors naming the argument
@@ -870,7 +890,7 @@ def main(argv=None) -> dict:
                          evidence=args.probe_evidence)
     seconds = time.perf_counter() - started
     print(render_table(report, title=f"{args.model} on {args.data} ({len(questions)} questions, greedy)"))
-    summary = {"model": args.model, "data": args.data, "retriever": args.corpus or args.retriever_url,
+    summary = {"model": args.model, "data": args.data, "retriever": args.corpus or args.index or args.retriever_url,
                "questions": len(questions), "config": asdict(config), "probe": not args.no_probe,
                "probe_evidence": args.probe_evidence, "device": str(device), "seconds": round(seconds, 1),
                "report": report}

@@ -50,16 +50,7 @@ def _carry(source: str, dest: str, names) -> None:
             os.rename(os.path.join(source, name), os.path.join(dest, name))
 
 
-def _fsync_tree(path: str) -> None:
-    """Flushes every file of the new checkpoint and the directory itself to disk (a kill needs none of
-    this; a power cut does)."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -67,9 +58,28 @@ def _fsync_tree(path: str) -> None:
         os.close(fd)
 
 
+def _fsync_tree(path: str) -> None:
+    """Flushes every file and directory of the new checkpoint to disk before it is marked complete
+    (a kill needs none of this; a power cut does)."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
 def recover(target: str, carry=("metrics.jsonl", "best")) -> None:
     """Finishes or rolls back a swap that a crash interrupted, so that `target` is one complete
-    checkpoint again (or absent, if none was ever completed). Safe to call at any time."""
+    checkpoint again (or absent, if none was ever completed), and does the same for every carried
+    entry that is itself a checkpoint (a run's best/, saved by its own swap inside the run directory).
+    Safe to call at any time."""
+    _recover_one(target, carry)
+    for name in carry:
+        nested = os.path.join(target, name)
+        if any(os.path.isdir(p) for p in (nested, *_siblings(nested))):
+            _recover_one(nested, ())
+
+
+def _recover_one(target: str, carry) -> None:
     saving, old = _siblings(target)
     if os.path.isdir(saving):
         if is_complete(saving):                     # the new checkpoint is whole: finish its swap
@@ -98,13 +108,17 @@ def save(target: str, write, carry=("metrics.jsonl", "best")) -> None:
         shutil.rmtree(saving)
     os.makedirs(saving)
     write(saving)
+    _fsync_tree(saving)                           # the files reach the disk before the marker says so
     with open(os.path.join(saving, COMPLETE), "w") as f:
         f.write("this directory was written completely\n")
-    _fsync_tree(saving)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(saving)
     if os.path.isdir(target):
         _carry(target, saving, carry)
         os.rename(target, old)
     os.rename(saving, target)
+    _fsync(os.path.dirname(os.path.abspath(target)))   # the renames themselves
     shutil.rmtree(old, ignore_errors=True)
 
 

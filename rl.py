@@ -38,11 +38,12 @@ from tqdm import tqdm
 
 import dgpo
 from rollout import RolloutConfig
-from train import (Dist, HeadAtPositions, Reporter, all_gather_objects, all_reduce_sum, autocast,
+from train import (Dist, HeadAtPositions, Reporter, all_gather_objects, all_reduce_sum, autocast, enable_checkpointing,
                    check_config, check_output, check_prompts, check_same_tokenizer, data_window, ddp_sync,
                    generate_records, global_token_count, length_budget, load_model, load_tokenizer,
                    load_trainer_state, logits_of, make_batch, make_optimizer, micro_batches, optimizer_step,
-                   padded, pretrained, save_checkpoint, start_from, stop_if_diverged, vocab_size_of, wrap)
+                   padded, pretrained, recover_resume, restore_optimizer, save_checkpoint, start_from,
+                   stop_if_diverged, vocab_size_of, wrap)
 
 
 @dataclass
@@ -71,7 +72,7 @@ class RLConfig:
     critic_warmup_ratio: float = 0.015   # of the critic's steps (Search-R1's PPO script)
     value_clip: float = 0.5        # ε_v of the clipped value loss (veRL's default)
     gamma: float = 1.0             # GAE discount (the paper: 1)
-    lam: float = 1.0               # GAE λ (the paper: 1)
+    gae_lambda: float = 1.0        # GAE λ (the paper: 1)
     whiten_advantages: bool = True  # PPO: advantages whitened over the step's tokens (veRL's default)
     temperature: float = 1.0       # rollout sampling temperature; every RL log-prob uses it too
     top_p: float = 1.0
@@ -120,7 +121,10 @@ def rl_logits(model, batch, vocab_size: int, temperature: float) -> torch.Tensor
     sampling temperature, i.e. the distribution rollout._sample drew the tokens from. Ratios, the
     sampled KL estimates and the k1 reward penalty then all refer to the policy that generated the
     tokens, and KL(π_θ‖π_T) compares the two tempered distributions. (Embedding rows past the
-    tokenizer, as in Qwen2.5, are sliced off: student and teacher compare like with like.)"""
+    tokenizer, as in Qwen2.5, are sliced off: student and teacher compare like with like.) With
+    --top-p < 1 the rollout samples from the nucleus only, while these are the log-probs of the whole
+    tempered distribution — the same approximation veRL makes; keep top_p = 1 (the default) for exact
+    ratios."""
     return logits_of(model, batch)[..., :vocab_size] / temperature              # (B, L, V)
 
 
@@ -188,7 +192,7 @@ def ppo_advantages(cfg: RLConfig, records: list[dict], teacher_logp: list | None
         em = torch.tensor([r["em"]], device=v.device)
         rewards = dgpo.ppo_token_rewards(em, lp, lt, mask, cfg.beta,
                                          cfg.teacher_mode if teacher_logp is not None else "none")   # (1, n_i)
-        adv, ret = dgpo.gae_advantages(rewards, v[None], mask, cfg.gamma, cfg.lam)                  # (1, n_i)
+        adv, ret = dgpo.gae_advantages(rewards, v[None], mask, cfg.gamma, cfg.gae_lambda)      # (1, n_i)
         r["token_advantage"], r["returns"], r["old_values"] = adv[0], ret[0], v
         r["advantage"], r["reward"] = 0.0, rewards.sum().item()
         sums = [sums[0] + adv.sum().item(), sums[1] + (adv ** 2).sum().item(), sums[2] + adv.numel()]
@@ -262,8 +266,15 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
         ppo_advantages(cfg, records, teacher_logp, values, dist)
     steps = [minibatch_update(model, teacher, optimizer, scheduler, part, cfg, dist, vocab_size, counters, critic)
              for part in split_groups(records, cfg.mini_batches)]
-    return {k: sum(s[k] for s in steps) / len(steps) if k != "loss_tokens" else sum(s[k] for s in steps)
-            for k in steps[0]}
+    out = {k: sum(s[k] for s in steps) / len(steps) if k != "loss_tokens" else sum(s[k] for s in steps)
+           for k in steps[0]}
+    if penalty:                 # the KL the penalty charged: k1 over the penalised rollouts' tokens
+        charged = [(r["old_logp"] - lt).sum().item() for r, lt in zip(records, teacher_logp)
+                   if cfg.teacher_mode == "uniform" or r["em"] == 0]
+        n = [len(lt) for r, lt in zip(records, teacher_logp) if cfg.teacher_mode == "uniform" or r["em"] == 0]
+        total, count = all_reduce_sum(dist, [sum(charged), sum(n)])
+        out["teacher_kl"] = total / max(count, 1)
+    return out
 
 
 def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
@@ -380,8 +391,9 @@ def load_critic(path: str, dist: Dist, grad_checkpointing: bool, arg: str, fresh
         with torch.no_grad():
             for p in critic.score.parameters():
                 p.zero_()
+    critic.train()          # from_pretrained returns eval mode, where gradient checkpointing does nothing
     if grad_checkpointing:
-        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(critic)
     return critic
 
 
@@ -399,6 +411,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         raise ValueError("--eval-every needs validation questions (--val FILE)")
     if teacher_dir is None and cfg.teacher_mode != "none":
         raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
+    recover_resume(resume, dist)               # before the weights, the critic or the state are read
     if dist.master:
         check_output(out_dir, resume, overwrite)
     arg = "--resume" if resume else "--student"
@@ -433,8 +446,8 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         state = load_trainer_state(resume, dist, "rl", asdict(cfg), override_config)
         start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
         if critic is not None:
-            critic.optimizer.load_state_dict(state["critic_optimizer"])
-            critic.scheduler.load_state_dict(state["critic_scheduler"])
+            restore_optimizer(critic.optimizer, critic.scheduler, state["critic_optimizer"], state["critic_scheduler"],
+                              cfg.critic_lr, "critic_lr" in state["changed"])
         generator.set_state(state["generators"][dist.rank])
         start_step, counters, best = state["step"], state["counters"], state["best"]
     per_rank = cfg.prompts_per_step // dist.world_size

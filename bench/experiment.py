@@ -214,6 +214,7 @@ def main(argv=None):
         s = f"seed{seed}"
 
         def make_base(out, seed=seed):
+            shutil.rmtree(out + "-init", ignore_errors=True)
             demo.make_tiny_model(tokenizer, design.student_size, seed=100 + seed, out_dir=out + "-init")
             model = train.load_model(out + "-init", dist, trainable=True)
             cfg = dataclasses.replace(design.pretrain, seed=seed)
@@ -227,6 +228,7 @@ def main(argv=None):
             model = train.load_model(path(s, "base"), dist, trainable=True)
             train.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd",
                                    stop_after=design.kd_early_step)
+            shutil.rmtree(out + "-early", ignore_errors=True)   # left by an interrupted earlier run
             shutil.copytree(out, out + "-early")           # the weak start, a complete checkpoint
             model = train.load_model(out, dist, trainable=True)
             train.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd", resume=out)

@@ -441,3 +441,10 @@ def test_scoring_imports_without_torch_and_the_script_has_a_cli():
     assert "--retriever-url" in shown.stdout and "--probe-evidence" in shown.stdout
     with pytest.raises(SystemExit):
         arc_metric.main(["--model", "m", "--data", "d", "--out", "o"])   # a corpus or a server is required
+
+
+def test_a_topk_too_small_for_the_probe_is_refused_before_any_rollout(tokenizer, retriever, two_hop_questions):
+    model = Reader(tokenizer)
+    with pytest.raises(ValueError, match="some question needs 2, but topk=1"):
+        arc_metric.evaluate(model, tokenizer, two_hop_questions, retriever, RolloutConfig(topk=1), progress=False)
+    assert model.turn_contexts == []                                    # nothing was generated

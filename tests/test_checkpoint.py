@@ -108,3 +108,19 @@ def test_truncate_metrics_drops_the_steps_after_the_checkpoint(tmp_path):
     assert checkpoint.truncate_metrics(path, 2) == 2
     assert [json.loads(line)["step"] for line in open(path)] == [0, 1, 2]
     assert checkpoint.truncate_metrics(str(tmp_path / "none.jsonl"), 5) == 0
+
+
+def test_recover_also_repairs_an_interrupted_save_of_a_carried_best_checkpoint(run, tmp_path):
+    """best/ is saved by its own swap inside the run directory: a kill after its old copy was renamed
+    away leaves only run/.best.old and run/.best.saving; recovering the run repairs best/ too, and the
+    run's next save carries it."""
+    best = os.path.join(run, "best")
+    os.makedirs(os.path.join(run, ".best.saving"))
+    write_version("best2")(os.path.join(run, ".best.saving"))
+    open(os.path.join(run, ".best.saving", checkpoint.COMPLETE), "w").close()
+    os.rename(best, os.path.join(run, ".best.old"))
+    checkpoint.recover(run)
+    assert read(best) == "best2" and sorted(os.listdir(run)) == sorted([checkpoint.COMPLETE, "weights",
+                                                                         "metrics.jsonl", "best"])
+    checkpoint.save(run, write_version("v3"))
+    assert read(best) == "best2" and read(run) == "v3"

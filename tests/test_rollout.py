@@ -605,13 +605,17 @@ def test_rollout_runs_in_eval_mode_and_restores_the_training_flag(world, tokeniz
 def test_works_on_the_unwrapped_module_of_a_ddp_model(world, tokenizer, tmp_path):
     """Training calls rollout(ddp.module, ...) between DDP steps: the rollout gives what the bare model
     gives, and DDP still trains afterwards (single-process gloo group)."""
+    import datetime
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     questions = [q["question"] for q in world.test[:2]]
     config = greedy(max_turns=1, max_new_tokens=8)
     expected = [t.input_ids for t in rollout(random_qwen2(tokenizer), tokenizer, questions, NoRetriever(), config)]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    # a bounded timeout: a stuck rendezvous fails the test instead of hanging the suite
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         ddp = DistributedDataParallel(random_qwen2(tokenizer)).train()
         assert [t.input_ids for t in rollout(ddp.module, tokenizer, questions, NoRetriever(), config)] == expected

@@ -3,6 +3,7 @@ stops early. The learning tests (KD lowers held-out loss, RL raises EM) are in t
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -181,6 +182,8 @@ def test_bad_input_stops_early_with_a_clear_message(world, retriever, model_dirs
                        _rl_config(prompts_per_step=3), train.Dist(world_size=2), str(tmp_path / "x"))
     with pytest.raises(ValueError, match="exactly one of"):
         train.make_retriever(None, None)
+    with pytest.raises(ValueError, match="exactly one of"):
+        train.make_retriever("c.jsonl", None, index="idx")
     with pytest.raises(RuntimeError, match="127.0.0.1:9"):
         train.make_retriever(None, "http://127.0.0.1:9/retrieve", retries=0)
 
@@ -360,16 +363,18 @@ def test_kills_inside_saves_always_leave_a_complete_checkpoint_and_resume_ends_b
     straight = str(tmp_path / "straight")
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever,
                    rl.RLConfig(**kill_during_save.CONFIG), train.Dist(), straight)
-    out = str(tmp_path / "killed")
+    out = str(tmp_path / "runs" / "killed")
     # (point, which save of that process, the step of the checkpoint resume must find afterwards)
     plan = [("state", 2, 1), ("carry", 1, 2), ("swap", 1, 3), ("weights", 1, 3)]
     for k, (point, n, step_after) in enumerate(plan):
         result = _kill_run(model_dirs, out, point, n, resume=out if k else None)
         assert result.returncode == -9, (point, result.stderr[-2000:])
-        checkpoint.recover(out)
-        state = torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)
-        assert state["step"] == step_after, point
-        assert checkpoint.is_complete(out) and not os.path.exists(os.path.join(tmp_path, ".killed.saving"))
+        # what a resume will find, checked on a copy: the next resume must do the recovery itself
+        look = tmp_path / f"look{k}"
+        shutil.copytree(tmp_path / "runs", look, symlinks=True)
+        checkpoint.recover(str(look / "killed"))
+        assert torch.load(look / "killed" / "trainer_state.pt", weights_only=False)["step"] == step_after, point
+        assert checkpoint.is_complete(str(look / "killed")) and os.listdir(look) == ["killed"]
     result = _kill_run(model_dirs, out, "none", 0, resume=out)
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = _params(straight), _params(out)
@@ -661,6 +666,13 @@ def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever,
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["vf_loss"]) for r in rows)
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["critic_optimizer"]["state"], "the critic's Adam moments are saved"
+    # an overridden critic lr really reaches the critic's optimizer
+    longer = {**cfg.__dict__, "steps": 5, "critic_lr": 0.5}
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, rl.RLConfig(**longer),
+                train.Dist(), split, resume=split, override_config=True)
+    state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
+    assert state["critic_optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5)
+    assert rl.load_critic(os.path.join(split, "critic"), train.Dist(), True, "--resume", fresh=False).training
     with pytest.raises(FileNotFoundError, match="no critic/ in it"):
         grpo_dir = str(tmp_path / "grpo")
         rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
@@ -701,7 +713,7 @@ def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retrie
 def test_ppo_options_are_listed_with_their_defaults_and_group_size_one_is_legal_for_ppo_only(capsys):
     shown = _cli("rl", "--algo", "ppo", "--help").stdout
     for flag, default in [("--critic-lr", "1e-05"), ("--critic-warmup-ratio", "0.015"), ("--value-clip", "0.5"),
-                          ("--gamma", "1.0"), ("--lam", "1.0"), ("--whiten-advantages", "True"),
+                          ("--gamma", "1.0"), ("--gae-lambda", "1.0"), ("--whiten-advantages", "True"),
                           ("--algo {grpo,ppo}", "grpo")]:
         assert flag in shown and f"default: {default})" in shown.rsplit(flag, 1)[1][:120], flag
     args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--algo", "ppo", "--group-size", "1"])
@@ -758,3 +770,20 @@ def test_save_dtype_bfloat16_writes_bf16_weights_and_says_so(tokenizer, model_di
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16)), k
     assert json.loads((tmp_path / "bf16" / "train_config.json").read_text())["save_dtype"] == "bfloat16"
+
+
+def test_kd_lambda_and_gae_lambda_have_their_own_ranges():
+    train.check_config(train.SupervisedConfig(lam=2.0))               # KD's λ: any weight >= 0
+    with pytest.raises(ValueError, match="gae_lambda=2.0: must be in \\[0, 1\\]"):
+        train.check_config(rl.RLConfig(gae_lambda=2.0))
+
+
+def test_stages_read_a_bm25_index_built_once(world, retriever, tmp_path):
+    import retriever as retriever_lib
+    data.write_jsonl(str(tmp_path / "corpus.jsonl.gz"), world.corpus)
+    retriever_lib.write_index(str(tmp_path / "corpus.jsonl.gz"), str(tmp_path / "index"))
+    loaded = train.make_retriever(None, None, index=str(tmp_path / "index"))
+    queries = [q["question"] for q in world.test[:20]]
+    assert loaded.search(queries, topk=3) == retriever.search(queries, topk=3)
+    args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--index", str(tmp_path / "index")])
+    assert args.index == str(tmp_path / "index") and args.corpus is None
