@@ -787,3 +787,25 @@ def test_stages_read_a_bm25_index_built_once(world, retriever, tmp_path):
     assert loaded.search(queries, topk=3) == retriever.search(queries, topk=3)
     args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--index", str(tmp_path / "index")])
     assert args.index == str(tmp_path / "index") and args.corpus is None
+
+
+def test_a_hub_id_in_the_local_cache_loads_offline_in_every_stage_the_same_way(model_dirs, tmp_path, monkeypatch):
+    """A Hub id resolves through the Hugging Face cache (offline here, so only a cached one can load):
+    the same model as its directory, through the same loader every stage uses."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny-org--tiny-student" / "snapshots" / "0123abcd"
+    shutil.copytree(model_dirs["student"], snapshot)
+    (cache / "models--tiny-org--tiny-student" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-student" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    by_id = train.load_model("tiny-org/tiny-student", train.Dist(), trainable=False, arg="--student")
+    by_dir = train.load_model(model_dirs["student"], train.Dist(), trainable=False, arg="--student")
+    assert all(torch.equal(a, b) for a, b in zip(by_id.state_dict().values(), by_dir.state_dict().values()))
+    assert train.load_tokenizer("tiny-org/tiny-student", "--student").get_vocab() == \
+        train.load_tokenizer(model_dirs["student"], "--student").get_vocab()
+    with pytest.raises(FileNotFoundError, match="--teacher tiny-org/not-cached: neither a local model directory"):
+        train.load_model("tiny-org/not-cached", train.Dist(), trainable=False, arg="--teacher")
