@@ -130,7 +130,7 @@ class Units:
     """Runs each unit once: a directory with result.json is reused, anything else there is redone."""
 
     def __init__(self, root: str):
-        self.root, self.seconds, self.reused = root, {}, 0
+        self.root, self.seconds, self.reused, self.reused_seconds = root, {}, 0, 0.0
 
     def __call__(self, name: str, compute) -> dict:
         path = os.path.join(self.root, name)
@@ -138,7 +138,9 @@ class Units:
         if os.path.isfile(done):
             self.reused += 1
             with open(done) as f:
-                return json.load(f)
+                result = json.load(f)
+            self.reused_seconds += result.get("seconds", 0.0)
+            return result
         if os.path.isdir(path):
             shutil.rmtree(path)                      # an unfinished unit: start it again
         t0 = time.time()
@@ -275,7 +277,10 @@ def main(argv=None):
             reports.setdefault(method, {})[seed] = units(f"{s}/eval-{arm_dir(method)}", evaluate(model_dir))["report"]
 
     wall = time.time() - started
-    markdown = render(design, sizes, tgo_stats, reports, chosen, units, wall, args)
+    errors = {method: {seed: error_kinds(path(f"seed{seed}", f"eval-{arm_dir(method)}", "trajectories.jsonl"))
+                       for seed in by_seed} for method, by_seed in reports.items() if method != "Teacher"}
+    errors["Teacher"] = {0: error_kinds(path("eval-teacher", "trajectories.jsonl"))}
+    markdown = render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors)
     with open(path("results.md"), "w") as f:
         f.write(markdown + "\n")
     png = args.png or path("curves.png")
@@ -309,7 +314,17 @@ def cell(reports_by_seed: dict, source: str, metric: str) -> str:
     return mean_std(values) if values else "–"
 
 
-def render(design, sizes, tgo_stats, reports, chosen, units, wall, args) -> str:
+def error_kinds(trajectories_path: str) -> dict:
+    """Fractions of questions answered right, wrong with the gold never retrieved, and wrong with the
+    gold retrieved (the ARC scores of each trajectory: em, hit_substr)."""
+    scores = [row["scores"] for _, row in data.read_jsonl(trajectories_path)]
+    n = len(scores)
+    return {"right": sum(s["em"] for s in scores) / n,
+            "miss": sum(1 for s in scores if not s["em"] and not s["hit_substr"]) / n,
+            "read": sum(1 for s in scores if not s["em"] and s["hit_substr"]) / n}
+
+
+def render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors) -> str:
     order = ["Student (base)", "Teacher", "KD", "KD continued", "weak KD (start)"] + list(ARMS)
     lines = [f"<!-- written by bench/experiment.py --preset {args.preset}; do not edit by hand -->", "",
              f"**The experiment in miniature** — demo world, {len(design.seeds)} seeds "
@@ -331,6 +346,14 @@ def render(design, sizes, tgo_stats, reports, chosen, units, wall, args) -> str:
                  ("DGPO (PPO, reward penalty)", "KD → PPO")]:
         diffs = [reports[a][s]["all"]["em"] - reports[b][s]["all"]["em"] for s in design.seeds]
         lines.append(f"| {a} − {b} | " + " | ".join(f"{d:+.3f}" for d in diffs) + f" | {mean_std(diffs)} |")
+    lines += ["", "Where the wrong answers come from (fractions of the test questions, mean over seeds): the gold "
+              "answer never appeared in anything the model's own searches retrieved (a retrieval miss), or it did "
+              "and the answer was still wrong (a reading error):", "",
+              "| method | right | wrong: retrieval miss | wrong: reading error |", "|---|---:|---:|---:|"]
+    for method in order:
+        if method in errors:
+            cells = [mean_std([e[k] for e in errors[method].values()]) for k in ("right", "miss", "read")]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Selected on validation (learning rate, step; validation EM), per seed:", "",
               "| method | " + " | ".join(f"seed {s}" for s in design.seeds) + " |", "|---|" + "---|" * len(design.seeds)]
     for method in ["KD continued"] + list(ARMS):
@@ -342,7 +365,8 @@ def render(design, sizes, tgo_stats, reports, chosen, units, wall, args) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     total = sum(units.seconds.values())
     lines += ["", f"Wall time of this invocation: {wall / 60:.1f} min on this machine "
-                  f"({units.reused} finished units reused; the units run now took {total / 60:.1f} min)."]
+                  f"({units.reused} finished units reused; the units run now took {total / 60:.1f} min; "
+                  f"all units together, as first run: {(total + units.reused_seconds) / 60:.1f} min)."]
     return "\n".join(lines)
 
 
