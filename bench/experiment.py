@@ -324,6 +324,18 @@ def error_kinds(trajectories_path: str) -> dict:
             "read": sum(1 for s in scores if not s["em"] and s["hit_substr"]) / n}
 
 
+def training_signal(metrics_path: str, last: int = 5) -> dict:
+    """What an RL run learned from, read from its metrics.jsonl: the mean training reward and wrong
+    fraction per rollout, the fraction of steps whose update had a non-zero gradient, and the
+    teacher KL averaged over the first and the last `last` steps (0 for arms without a teacher)."""
+    steps = [row for _, row in data.read_jsonl(metrics_path) if "reward" in row]
+    kl = [row.get("teacher_kl", 0.0) for row in steps]
+    return {"reward": sum(r["reward"] for r in steps) / len(steps),
+            "wrong": sum(r["wrong_frac"] for r in steps) / len(steps),
+            "moved": sum(1 for r in steps if r.get("grad_norm", 0.0) > 0) / len(steps),
+            "kl_first": sum(kl[:last]) / len(kl[:last]), "kl_last": sum(kl[-last:]) / len(kl[-last:])}
+
+
 def render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors) -> str:
     order = ["Student (base)", "Teacher", "KD", "KD continued", "weak KD (start)"] + list(ARMS)
     lines = [f"<!-- written by bench/experiment.py --preset {args.preset}; do not edit by hand -->", "",
@@ -354,6 +366,16 @@ def render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors)
         if method in errors:
             cells = [mean_std([e[k] for e in errors[method].values()]) for k in ("right", "miss", "read")]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "What the RL arms learned from (their selected runs, every training step; mean over seeds): the "
+              "training reward and the fraction of wrong rollouts, the fraction of steps with a non-zero "
+              "gradient, and the teacher KL over the first and the last five steps:", "",
+              "| method | reward | wrong rollouts | steps with a gradient | teacher KL, first 5 → last 5 |",
+              "|---|---:|---:|---:|---:|"]
+    for arm in ARMS:
+        sig = [training_signal(chosen[(arm, s)]["metrics"]) for s in design.seeds]
+        cells = [mean_std([x[k] for x in sig]) for k in ("reward", "wrong", "moved")]
+        kl = f"{mean_std([x['kl_first'] for x in sig])} → {mean_std([x['kl_last'] for x in sig])}"
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {kl} |")
     lines += ["", "Selected on validation (learning rate, step; validation EM), per seed:", "",
               "| method | " + " | ".join(f"seed {s}" for s in design.seeds) + " |", "|---|" + "---|" * len(design.seeds)]
     for method in ["KD continued"] + list(ARMS):
@@ -364,9 +386,10 @@ def render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors)
             cells.append(f"{lr}" + (f", step {c['step']}" if "step" in c else "") + f"; {c['val_em']:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     total = sum(units.seconds.values())
-    lines += ["", f"Wall time of this invocation: {wall / 60:.1f} min on this machine "
-                  f"({units.reused} finished units reused; the units run now took {total / 60:.1f} min; "
-                  f"all units together, as first run: {(total + units.reused_seconds) / 60:.1f} min)."]
+    lines += ["", f"Time on this machine: the whole table from scratch takes "
+                  f"{(total + units.reused_seconds) / 60:.1f} min (every unit's time when it ran, summed); "
+                  f"this invocation took {wall / 60:.1f} min ({units.reused} finished units reused, "
+                  f"{len(units.seconds)} run now, {total / 60:.1f} min of them)."]
     return "\n".join(lines)
 
 

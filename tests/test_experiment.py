@@ -2,6 +2,7 @@
 grid, selection, evaluation, table, curves) in seconds, reuses finished units, and writes the table
 into a README between its markers."""
 import os
+import re
 import subprocess
 import sys
 
@@ -33,14 +34,19 @@ def test_small_preset_writes_a_row_for_every_method_and_the_paired_differences(s
     for method in ["Student (base)", "Teacher", "KD", "KD continued", *experiment.ARMS]:
         assert f"| {method} |" in table, method
     assert "| DGPO (GRPO, selective KL) − KD |" in table and "seed 0" in table and "seed 1" in table
-    assert "Wall time of this invocation" in stdout
+    assert "the whole table from scratch takes" in stdout
+    assert "| method | reward | wrong rollouts | steps with a gradient | teacher KL, first 5 → last 5 |" in table
+    for arm in experiment.ARMS:
+        assert table.count(f"| {arm} |") >= 4, arm        # results, errors, training signal, selection
     png = (out / "run" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_a_second_run_reuses_every_finished_unit(small_run):
-    _, _, second = small_run
+def test_a_second_run_reuses_every_finished_unit_and_reports_the_same_from_scratch_time(small_run):
+    _, first, second = small_run
     assert " 0 run now)" in second and "units reused" in second
+    from_scratch = [re.search(r"from scratch takes ([0-9.]+) min", out).group(1) for out in (first, second)]
+    assert from_scratch[0] == from_scratch[1]
 
 
 def test_the_readme_block_is_replaced_and_the_rest_kept(small_run):
