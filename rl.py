@@ -49,24 +49,24 @@ from train import (Dist, HeadAtPositions, Reporter, all_gather_objects, all_redu
 @dataclass
 class RLConfig:
     """Defaults are the paper's values where it gives one (docs/method.md §4)."""
-    steps: int = 1000
+    steps: int = 1000              # RL steps: one round of rollouts and one update each
     algo: str = "grpo"             # grpo (group advantages) | ppo (GAE with a critic, the paper's)
     prompts_per_step: int = 512    # questions per step over all ranks (the paper: 512)
     group_size: int = 5            # rollouts per question (GRPO needs >= 2; the paper's PPO uses 1)
     micro_batch_size: int = 8      # sequences per forward/backward on one rank
     mini_batches: int = 1          # optimizer steps per RL step, each on a share of whole groups
     rollout_batch_size: int = 256  # sequences per rollout() call on one rank
-    lr: float = 1e-6
+    lr: float = 1e-6               # actor learning rate (the paper: 1e-6)
     warmup_ratio: float = 0.285    # of `steps` (the paper: 28.5%); then constant
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    weight_decay: float = 0.0      # AdamW weight decay
+    grad_clip: float = 1.0         # max global gradient norm
     beta: float = 0.001            # teacher-KL weight β
     teacher_mode: str = "selective"  # selective (DGPO) | uniform (KL on all rollouts) | none (no teacher)
     teacher_as: str = "loss"       # loss (this project's default) | reward (the paper's k1 penalty)
     kl: str = "full"               # full (exact KL over the vocabulary) | k2 | k3 (sampled)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    agg: str = "token-mean"
+    clip_low: float = 0.2          # ratio clip below: 1 − clip_low
+    clip_high: float = 0.2         # ratio clip above: 1 + clip_high
+    agg: str = "token-mean"        # how token losses are averaged (dgpo.aggregate)
     entropy_coef: float = 0.0      # entropy bonus c_H (the paper's PPO run: 0.001)
     critic_lr: float = 1e-5        # PPO's critic (the paper: 1e-5)
     critic_warmup_ratio: float = 0.015   # of the critic's steps (Search-R1's PPO script)
@@ -75,16 +75,16 @@ class RLConfig:
     gae_lambda: float = 1.0        # GAE λ (the paper: 1)
     whiten_advantages: bool = True  # PPO: advantages whitened over the step's tokens (veRL's default)
     temperature: float = 1.0       # rollout sampling temperature; every RL log-prob uses it too
-    top_p: float = 1.0
-    max_turns: int = 4
-    max_new_tokens: int = 500
-    max_obs_tokens: int = 500
+    top_p: float = 1.0             # nucleus sampling in the rollouts
+    max_turns: int = 4             # searches a rollout may make; then one final turn with no search
+    max_new_tokens: int = 500      # sampled tokens per turn
+    max_obs_tokens: int = 500      # passage tokens per observation
     max_total_tokens: int | None = None  # cap on prompt + response; None = the model's max_position_embeddings
-    topk: int = 3
-    seed: int = 0
+    topk: int = 3                  # passages per search
+    seed: int = 0                  # data order and rollout sampling
     eval_every: int = 0            # validation EM every N steps (and at step 0); the best is kept in best/
     eval_limit: int = 0            # validation questions used (0 = all)
-    save_every: int = 0
+    save_every: int = 0            # a resumable checkpoint every N steps (0 = only at the end)
 
 
 def rollout_config(cfg: RLConfig, greedy: bool = False, max_total_tokens: int | None = None) -> RolloutConfig:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -62,18 +63,18 @@ from rollout import RolloutConfig, rollout
 @dataclass
 class SupervisedConfig:
     """Teacher SFT (no teacher: CE only) and the KD cold start (CE + λ·forward KL to the teacher)."""
-    steps: int = 1000
+    steps: int = 1000              # optimizer steps
     batch_size: int = 8            # sequences per optimizer step, over all ranks
     micro_batch_size: int = 8      # sequences per forward/backward on one rank
-    lr: float = 1e-5
+    lr: float = 1e-5               # peak learning rate
     min_lr_ratio: float = 0.1      # cosine decay to lr·min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 20         # linear warm-up steps
+    weight_decay: float = 0.0      # AdamW weight decay
+    grad_clip: float = 1.0         # max global gradient norm
     lam: float = 1.0               # λ of the KD term (docs/method.md §4)
-    seed: int = 0
+    seed: int = 0                  # data order and any sampling
     eval_every: int = 0            # held-out KD loss every N steps (0 = only at the end)
-    save_every: int = 0
+    save_every: int = 0            # a resumable checkpoint every N steps (0 = only at the end)
 
 
 # the legal values of the enumerated options (rl.RLConfig's): the CLI offers them as choices, the
@@ -1099,18 +1100,31 @@ def results_table(reports: dict[str, dict]) -> str:
 # Command line: one subcommand per stage; config fields become --options with their defaults
 
 
+def field_comments(config_cls) -> dict:
+    """The `# comment` after each field of a config dataclass, by field name: the one place a
+    setting is explained, in the source and in --help alike."""
+    comments = {}
+    for line in inspect.getsource(config_cls).splitlines():
+        match = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2).strip()
+    return comments
+
+
 def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
+    comments = field_comments(config_cls)
     for f in dataclasses.fields(config_cls):
         flag, default = f"--{f.name.replace('_', '-')}", f.default
+        what = (comments[f.name] + " ").replace("%", "%%") if f.name in comments else ""
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=f"(default: {default})")
+                                default=default, help=f"{what}(default: {default})")
             continue
         # a None default (e.g. `seed: int | None = None`) takes its type from the annotation
         kind = type(default) if default is not None else (int if "int" in str(f.type) else float)
         legal = f"{range_text(f.name)}, " if f.name in RANGES else ""
         parser.add_argument(flag, dest=f.name, type=ranged(f.name, kind) if f.name in RANGES else kind,
-                            default=default, choices=CHOICES.get(f.name), help=f"({legal}default: {default})")
+                            default=default, choices=CHOICES.get(f.name), help=f"{what}({legal}default: {default})")
 
 
 def ranged(name: str, kind):

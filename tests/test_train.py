@@ -1,5 +1,6 @@
 """train.py: stages chain, DDP equals one process, resume is exact, checkpoints reload, bad input
 stops early. The learning tests (KD lowers held-out loss, RL raises EM) are in test_train_learning.py."""
+import dataclasses
 import json
 import math
 import os
@@ -485,6 +486,20 @@ def test_help_shows_every_numeric_range():
     assert "--beta BETA" in shown and "(>= 0, default: 0.001)" in shown and "(> 0, default: 1.0)" in shown
 
 
+def test_every_config_option_is_explained_in_help_by_its_field_comment():
+    import rl
+    for stage, config_cls in [("rl", rl.RLConfig), ("kd", train.SupervisedConfig), ("tgo", train.RolloutConfig)]:
+        comments = train.field_comments(config_cls)
+        fields = [f.name for f in dataclasses.fields(config_cls)]
+        assert set(comments) <= set(fields)
+        if stage != "tgo":
+            assert set(comments) == set(fields), set(fields) - set(comments)   # every option explained
+        shown = " ".join(_cli(stage, "--help").stdout.split())              # argparse wraps lines
+        for name, text in comments.items():
+            assert " ".join(text.split()) in shown, (stage, name)
+    assert train.field_comments(rl.RLConfig)["critic_lr"] == "PPO's critic (the paper: 1e-5)"
+
+
 def test_long_questions_are_refused_before_any_rollout(world, retriever, model_dirs, tmp_path, tokenizer):
     huge = {**world.train[0], "id": "huge", "question": "Who founded " + "Velmor " * 150_000 + "Works?"}
     model = train.load_model(model_dirs["student"], train.Dist(), trainable=False)
@@ -711,11 +726,12 @@ def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retrie
 
 
 def test_ppo_options_are_listed_with_their_defaults_and_group_size_one_is_legal_for_ppo_only(capsys):
-    shown = _cli("rl", "--algo", "ppo", "--help").stdout
+    shown = " ".join(_cli("rl", "--algo", "ppo", "--help").stdout.split())     # argparse wraps lines
     for flag, default in [("--critic-lr", "1e-05"), ("--critic-warmup-ratio", "0.015"), ("--value-clip", "0.5"),
-                          ("--gamma", "1.0"), ("--gae-lambda", "1.0"), ("--whiten-advantages", "True"),
+                          ("--gamma", "1.0"), ("--gae-lambda", "1.0"), ("--no-whiten-advantages", "True"),
                           ("--algo {grpo,ppo}", "grpo")]:
-        assert flag in shown and f"default: {default})" in shown.rsplit(flag, 1)[1][:120], flag
+        help_text = shown.rsplit(flag, 1)[1].split(" --", 1)[0]       # up to the next option
+        assert f"default: {default})" in help_text, flag
     args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--algo", "ppo", "--group-size", "1"])
     assert args.group_size == 1
     with pytest.raises(SystemExit):
