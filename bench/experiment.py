@@ -73,7 +73,7 @@ class Design:
     kd_early_step: int = 300         # the weak start: this KD step's checkpoint
     rl: dict = field(default_factory=lambda: {k: v for k, v in DEMO().rl.items() if k not in ("lr", "beta")})
     beta_loss: float = 1.0           # β of the KL-as-a-loss arms (exact KL over the vocabulary)
-    beta_reward: float = 0.01        # β of the paper's k1 reward penalty (see the README for why this value)
+    beta_reward: float = 0.01        # β of the paper's k1 reward penalty (set by arithmetic, not tuned: README)
     lrs: tuple = (3e-4, 1e-3)        # the grid every RL arm and KD-continued gets
     eval_batch_size: int = 64
 
