@@ -105,7 +105,7 @@ def _text_lines(path: str):
     a gzip file without the .gz name is an error naming the file and line."""
     lineno = 0
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 try:
                     line = raw.decode("utf-8")
@@ -118,7 +118,7 @@ def _text_lines(path: str):
 
 
 def corpus_rows(path: str):
-    """Yields (line number, row) for each row of a JSONL corpus (UTF-8; gzip if named .gz), one
+    """Yields each row of a JSONL corpus (UTF-8; gzip if named .gz), one
     {"id": str, "contents": "title\ntext"} object per line (extra keys are kept; blank lines are
     skipped), checking each as it goes: ValueError naming the file and line of the first bad row,
     byte or duplicate id, or the file if it holds no passages."""
@@ -136,14 +136,14 @@ def corpus_rows(path: str):
         if row["id"] in line_of_id:
             raise ValueError(f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {line_of_id[row['id']]})")
         line_of_id[row["id"]] = lineno
-        yield lineno, row
+        yield row
     if not line_of_id:
         raise ValueError(f"{path}: the corpus holds no passages")
 
 
 def load_corpus(path: str) -> list[dict]:
     """Every row of a JSONL corpus (see corpus_rows), in file order."""
-    return [row for _, row in corpus_rows(path)]
+    return list(corpus_rows(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,8 +315,6 @@ class BM25Retriever:
         self.passages = list(passages)
         # float(): an int k1 would make tf * (k1 + 1) integer arithmetic on the uint8 tf array.
         self.k1, self.b, self.epsilon = float(k1), float(b), float(epsilon)
-        if not self.passages:
-            raise ValueError("BM25Retriever: the corpus holds no passages")
         self._index_of_id = {}
         for i, row in enumerate(self.passages):
             problem = _row_problem(row)
@@ -440,6 +438,7 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
     complete, so `out` is either absent or a whole index. Refuses an existing `out`. Memory: the
     vocabulary, the ids and one chunk's sort; the passages and each chunk's postings go to disk as
     they are made. Returns the metadata."""
+    k1, b, epsilon = float(k1), float(b), float(epsilon)   # an int k1 would make the BM25 math integer
     if os.path.exists(out):
         raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
     parent = os.path.dirname(os.path.abspath(out))
@@ -449,12 +448,12 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
         ids, offsets = [], {"id": array("q", [0]), "contents": array("q", [0])}
         with open(os.path.join(tmp, "ids.bin"), "wb") as id_file, open(os.path.join(tmp, "contents.bin"), "wb") as text_file:
             def texts():  # streams the corpus: blobs written as the passages go by
-                for _, row in corpus_rows(corpus):
+                for row in corpus_rows(corpus):
                     ids.append(row["id"])
                     for key, file in (("id", id_file), ("contents", text_file)):
                         offsets[key].append(offsets[key][-1] + file.write(row[key].encode("utf-8", "surrogatepass")))
                     yield row["contents"]
-            index = build_index(texts(), float(k1), float(b), float(epsilon), directory=tmp, source=corpus)
+            index = build_index(texts(), k1, b, epsilon, directory=tmp, source=corpus)
         index["doc"].flush(), index["tf"].flush()
         arrays = {"start": index["start"], "idf": index["idf"], "norm": index["norm"],
                   "id_offsets": np.frombuffer(offsets["id"], dtype=np.int64),
@@ -464,8 +463,8 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
             np.save(os.path.join(tmp, name + ".npy"), values)
         with open(os.path.join(tmp, "vocab.txt"), "w", encoding="utf-8") as f:
             f.write("\n".join(index["vocab"]))  # a word is a \w+ run, so never holds a newline
-        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "k1": float(k1), "b": float(b),
-                "epsilon": float(epsilon), "passages": len(ids), "words": len(index["vocab"]),
+        meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "k1": k1, "b": b,
+                "epsilon": epsilon, "passages": len(ids), "words": len(index["vocab"]),
                 "postings": len(index["doc"]), "tf_dtype": index["tf"].dtype.name, "corpus": os.path.abspath(corpus)}
         with open(os.path.join(tmp, "meta.json.tmp"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
