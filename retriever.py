@@ -727,7 +727,10 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024
 
 
-def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = 16 * 2**20) -> ThreadingHTTPServer:
+MAX_REQUEST_BYTES = 16 * 2**20   # the largest /retrieve body the server reads (a batch of queries is KBs)
+
+
+def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES) -> ThreadingHTTPServer:
     """A threaded HTTP server answering POST /retrieve from `retriever` (anything with .search).
     Port 0 picks a free port: read it back from server.server_address[1]. A request body over
     max_request_bytes gets 413 instead of being read into memory."""
@@ -738,7 +741,7 @@ def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, max_reques
     return server
 
 
-def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = 16 * 2**20):
+def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES):
     """Serves `retriever` over the Search-R1 API until interrupted (blocking)."""
     server = make_server(retriever, host, port, max_request_bytes)
     host, port = server.server_address[:2]
@@ -764,7 +767,7 @@ def main(argv=None):
     source.add_argument("--index", help="an index directory written by `index` (its k1, b and epsilon are used)")
     serve_args.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (no authentication)")
     serve_args.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    serve_args.add_argument("--max-request-bytes", type=int, default=16 * 2**20,
+    serve_args.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                             help="larger request bodies get HTTP 413 (default 16 MiB)")
     for command in (index_args, serve_args):
         command.add_argument("--k1", type=float, help="default 1.5")
