@@ -605,11 +605,9 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2,
     surr_clip = ratio.clamp(1 - clip_low, 1 + clip_high) * adv           # (B, T) clip(r) A
     per_token = -torch.minimum(surr, surr_clip)                          # (B, T) ℓ_t
     loss = pg_loss = aggregate(per_token, m, agg, normaliser)
-    ent = None
-    if logits is not None:
-        ent = entropy(logits) if entropy_coef > 0 else None              # (B, T) with grad
-        if ent is not None:
-            loss = pg_loss - entropy_coef * aggregate(ent, m, agg, normaliser)
+    ent = entropy(logits) if entropy_coef > 0 else None                  # (B, T) with grad
+    if ent is not None:
+        loss = pg_loss - entropy_coef * aggregate(ent, m, agg, normaliser)
 
     with torch.no_grad():
         high = (adv > 0) & (ratio > 1 + clip_high)                       # (B, T)
