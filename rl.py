@@ -184,18 +184,24 @@ def ppo_advantages(cfg: RLConfig, records: list[dict], teacher_logp: list | None
     critic's values (dgpo.gae_advantages), then whitening with the GLOBAL moments of the step's
     advantages (all ranks' tokens), so N ranks whiten as one process would. Sets per record
     r["token_advantage"], r["returns"], r["old_values"] (each (n_i,)) and r["reward"]."""
+    # all records at once, each row its (n_i,) sampled tokens packed to the left: GAE's loop over
+    # positions then runs once per step, not once per record
+    n = [len(v) for v in values]
+    shape, device = (len(records), max(n, default=0)), values[0].device
+    v = padded(values, shape, device)                                             # (N, L)
+    lp = padded([r.get("old_logp", torch.zeros_like(x)) for r, x in zip(records, values)], shape, device)
+    lt = padded(teacher_logp, shape, device) if teacher_logp is not None else lp  # (N, L)
+    mask = torch.arange(shape[1], device=device)[None] < torch.tensor(n, device=device)[:, None]  # (N, L)
+    em = torch.tensor([r["em"] for r in records], device=device)                 # (N,)
+    rewards = dgpo.ppo_token_rewards(em, lp, lt, mask, cfg.beta,
+                                     cfg.teacher_mode if teacher_logp is not None else "none")   # (N, L)
+    adv, ret = dgpo.gae_advantages(rewards, v, mask, cfg.gamma, cfg.gae_lambda)  # (N, L)
     sums = [0.0, 0.0, 0.0]                                                        # Σ A, Σ A², count
-    for k, (r, v) in enumerate(zip(records, values)):
-        lp = r.get("old_logp", torch.zeros_like(v))[None]                         # (1, n_i)
-        lt = teacher_logp[k][None] if teacher_logp is not None else lp
-        mask = torch.ones_like(v, dtype=torch.bool)[None]                         # (1, n_i)
-        em = torch.tensor([r["em"]], device=v.device)
-        rewards = dgpo.ppo_token_rewards(em, lp, lt, mask, cfg.beta,
-                                         cfg.teacher_mode if teacher_logp is not None else "none")   # (1, n_i)
-        adv, ret = dgpo.gae_advantages(rewards, v[None], mask, cfg.gamma, cfg.gae_lambda)      # (1, n_i)
-        r["token_advantage"], r["returns"], r["old_values"] = adv[0], ret[0], v
-        r["advantage"], r["reward"] = 0.0, rewards.sum().item()
-        sums = [sums[0] + adv.sum().item(), sums[1] + (adv ** 2).sum().item(), sums[2] + adv.numel()]
+    for k, r in enumerate(records):
+        a = adv[k, :n[k]]                                                         # (n_i,)
+        r["token_advantage"], r["returns"], r["old_values"] = a, ret[k, :n[k]], values[k]
+        r["advantage"], r["reward"] = 0.0, rewards[k, :n[k]].sum().item()
+        sums = [sums[0] + a.sum().item(), sums[1] + (a ** 2).sum().item(), sums[2] + n[k]]
     if cfg.whiten_advantages:
         total, total_sq, count = all_reduce_sum(dist, sums)
         mean = total / max(count, 1)
@@ -269,10 +275,9 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
     out = {k: sum(s[k] for s in steps) / len(steps) if k != "loss_tokens" else sum(s[k] for s in steps)
            for k in steps[0]}
     if penalty:                 # the KL the penalty charged: k1 over the penalised rollouts' tokens
-        charged = [(r["old_logp"] - lt).sum().item() for r, lt in zip(records, teacher_logp)
-                   if cfg.teacher_mode == "uniform" or r["em"] == 0]
-        n = [len(lt) for r, lt in zip(records, teacher_logp) if cfg.teacher_mode == "uniform" or r["em"] == 0]
-        total, count = all_reduce_sum(dist, [sum(charged), sum(n)])
+        k1 = [r["old_logp"] - lt for r, lt in zip(records, teacher_logp)
+              if cfg.teacher_mode == "uniform" or r["em"] == 0]                    # (n_i,) each
+        total, count = all_reduce_sum(dist, [sum(d.sum().item() for d in k1), sum(len(d) for d in k1)])
         out["teacher_kl"] = total / max(count, 1)
     return out
 
