@@ -865,22 +865,20 @@ def main(argv=None) -> dict:
         parser.error(f"--out {args.out} already holds {', '.join(done)}; pass --overwrite to replace them")
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data import load_corpus, load_questions
-    from retriever import BM25Retriever, HTTPRetriever
+    from data import load_questions
     from rollout import RolloutConfig
+    # models and retrievers load as in every training stage: a directory or a Hub id, errors naming
+    # the argument, bf16 on GPU, non-finite weights refused; a retrieval server is checked once
+    from train import Dist, load_model, load_tokenizer, make_retriever
 
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     questions = load_questions(args.data)[:args.limit]
-    retriever = BM25Retriever(load_corpus(args.corpus)) if args.corpus else \
-        BM25Retriever.load(args.index) if args.index else HTTPRetriever(args.retriever_url)
+    retriever = make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    from train import pretrained          # a local directory or a Hub id, with errors naming the argument
-    tokenizer = pretrained(AutoTokenizer, args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
-    model = pretrained(AutoModelForCausalLM, args.model, "--model", dtype=dtype).to(device).eval()
+    tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    model = load_model(args.model, Dist(device=device), trainable=False)
     config = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                            max_obs_tokens=args.max_obs_tokens, topk=args.topk, greedy=True,
                            max_total_tokens=args.max_total_tokens)
