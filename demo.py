@@ -36,7 +36,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from data import write_jsonl
+from data import TOKENIZER_KEY, tokenizer_fingerprint, write_jsonl
 from rollout import (INVALID_ACTION, PROMPT_TEMPLATE, RolloutConfig, Trajectory, completes_answer, encode_text,
                      format_question, last_query, observation_ids, prompt_ids)
 
@@ -588,12 +588,15 @@ def first_layers(model_dir: str, n_layers: int, out_dir: str) -> str:
 
 def oracle_records(questions: list[dict], retriever, tokenizer, config: RolloutConfig | None = None) -> list[dict]:
     """The oracle's trajectories on question rows, as trajectory records (`train.py teacher --data`),
-    keeping only those it answered correctly (scored like every rollout, on its own turns)."""
+    keeping only those it answered correctly (scored like every rollout, on its own turns); each
+    records the tokenizer its ids come from, like every trajectories file."""
     from dataclasses import asdict
 
     from arc_metric import answer_em
     trajs = oracle_rollout([q["question"] for q in questions], retriever, tokenizer, config)
-    records = [{**q, **asdict(t), "em": answer_em(t.turns, q["golden_answers"])} for q, t in zip(questions, trajs)]
+    made_with = tokenizer_fingerprint(tokenizer)
+    records = [{**q, **asdict(t), "em": answer_em(t.turns, q["golden_answers"]), TOKENIZER_KEY: made_with}
+               for q, t in zip(questions, trajs)]
     return [r for r in records if r["em"] == 1.0]
 
 

@@ -1019,8 +1019,8 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
 
     # 1. the demo teacher learns the protocol from the oracle's correct trajectories (all training questions)
     fingerprint = data.tokenizer_fingerprint(tokenizer)
-    oracle_records = [{**r, data.TOKENIZER_KEY: fingerprint} for r in demo.oracle_records(
-        world.train, retriever, tokenizer, dataclasses.replace(rcfg, max_new_tokens=500))]
+    oracle_records = demo.oracle_records(world.train, retriever, tokenizer,
+                                         dataclasses.replace(rcfg, max_new_tokens=500))
     data.write_jsonl(os.path.join(out, "oracle.jsonl"), oracle_records)
     print0(dist, f"oracle: {len(oracle_records)}/{len(world.train)} correct training trajectories")
     seconds["world+tokenizer+oracle"], t = time.time() - t, time.time()
