@@ -191,14 +191,13 @@ def main(argv=None):
         return {"oracle_trajectories": len(records)}
     units("teacher", make_teacher)
 
+    teacher_model = train.load_model(path("teacher"), dist, trainable=False)
+
     def make_tgo(out):
-        teacher = train.load_model(path("teacher"), dist, trainable=False)
-        stats = train.run_tgo(teacher, tokenizer, kd_pool, retriever, greedy, dist, os.path.join(out, "tgo.jsonl"),
-                              batch_size=design.eval_batch_size, keep_wrong=args.preset == "small")
-        return stats
+        return train.run_tgo(teacher_model, tokenizer, kd_pool, retriever, greedy, dist, os.path.join(out, "tgo.jsonl"),
+                             batch_size=design.eval_batch_size, keep_wrong=args.preset == "small")
     tgo_stats = units("tgo", make_tgo)
     tgo = data.load_trajectories(path("tgo", "tgo.jsonl"), vocab_size=len(tokenizer))
-    teacher_model = train.load_model(path("teacher"), dist, trainable=False)
 
     def evaluate(model_dir):
         def run(out):
