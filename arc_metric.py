@@ -696,6 +696,8 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
     # rest of the normal turn budget
     budgets = {"no_think": replace(config, max_turns=0),
                "think": replace(config, max_turns=max(config.max_turns - 1, 0))}
+    prompt_length = {i: len(prompt_ids(tokenizer, questions[i]["question"])) for i in probed} \
+        if config.max_total_tokens is not None else {}
     for i in probed:
         results[i] = {"search_turn": turns[i][2], "own_turn": float(turns[i][2] == "own"), "query": turns[i][1],
                       "evidence_ids": [p.get("id") for p in needed[i]], "evidence_truncated": False}
@@ -709,8 +711,8 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
             results[i]["evidence_truncated"] |= cut
         # a context that leaves less than a full turn's budget under max_total_tokens is not probed:
         # an answer cut short by the cap would count as wrong, lowering EM instead of coverage
-        fits = [i for i in probed if config.max_total_tokens is None or len(prompt_ids(
-                tokenizer, questions[i]["question"])) + len(context[i]) + config.max_new_tokens <= config.max_total_tokens]
+        fits = [i for i in probed if config.max_total_tokens is None
+                or prompt_length[i] + len(context[i]) + config.max_new_tokens <= config.max_total_tokens]
         for start in tqdm(range(0, len(fits), batch_size), desc=f"evidence-given probe ({name})", unit="batch",
                           disable=not progress):
             batch = fits[start:start + batch_size]
