@@ -31,6 +31,7 @@ import demo
 from data import load_questions, load_trajectories, write_jsonl
 from retriever import BM25Retriever
 from rollout import INVALID_ACTION, RolloutConfig, encode_text, prompt_ids, rollout
+from test_rollout import segments   # the response as maximal runs of equal loss mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -139,17 +140,6 @@ def expected_observation(hits: list[dict]) -> str:
     return f"{OBS_OPEN}{docs.strip()}{OBS_CLOSE}"
 
 
-def runs_of(traj) -> list[tuple[int, list[int]]]:
-    """The response as maximal runs of equal loss mask: [(mask, ids), ...]."""
-    out = []
-    for token, m in zip(traj.input_ids[traj.prompt_length:], traj.loss_mask[traj.prompt_length:]):
-        if out and out[-1][0] == m:
-            out[-1][1].append(token)
-        else:
-            out.append((m, [token]))
-    return out
-
-
 @pytest.fixture(scope="module")
 def smollm2_rollouts(world, smollm2_loaded):
     model, tokenizer = smollm2_loaded
@@ -183,7 +173,7 @@ def test_masked_tokens_decode_exactly_to_the_primer_observations_and_nudges(smol
     for traj in trajs:
         assert traj.input_ids[:traj.prompt_length] == prompt_ids(tokenizer, traj.question)
         assert "You are a helpful AI assistant named SmolLM" in tokenizer.decode(traj.input_ids[:traj.prompt_length])
-        runs = runs_of(traj)
+        runs = segments(traj)
         assert runs[0] == (0, encode_text(tokenizer, PRIMER))
         forced = [tokenizer.decode(ids) for m, ids in runs[1:] if m == 0]
         observations = [text for text in forced if text != INVALID_ACTION]
