@@ -1,0 +1,79 @@
+"""stats.py: paired differences, their bootstrap intervals, the exact McNemar test and the
+detectable difference, against hand computations and closed forms."""
+import math
+
+import numpy as np
+import pytest
+
+import stats
+
+
+def test_identical_models_differ_by_exactly_zero_with_a_zero_width_interval():
+    a = np.array([1, 0, 1, 1, 0, 0, 1, 0])
+    d = stats.paired_difference(a, a)
+    assert d == {"diff": 0.0, "low": 0.0, "high": 0.0, "n": 8, "seeds": 1}
+    assert stats.mcnemar_exact(a, a) == 1.0
+
+
+def test_the_difference_is_b_minus_a_and_the_interval_is_deterministic_and_contains_it():
+    a = np.array([0, 0, 1, 1, 0, 1, 0, 0, 1, 0] * 10)
+    b = np.array([1, 0, 1, 1, 1, 1, 0, 0, 1, 0] * 10)        # b right on 20 more of 100 questions
+    d = stats.paired_difference(a, b, seed=3)
+    assert d["diff"] == pytest.approx(0.2) and d["low"] < 0.2 < d["high"]
+    assert d == stats.paired_difference(a, b, seed=3)
+    assert stats.paired_difference(b, a, seed=3)["diff"] == pytest.approx(-0.2)
+
+
+def test_the_bootstrap_interval_matches_the_normal_approximation_on_a_large_sample():
+    rng = np.random.default_rng(0)
+    n = 4000
+    a = (rng.random(n) < 0.5).astype(float)
+    b = np.where(rng.random(n) < 0.3, 1 - a, a)              # 30% of the questions flip
+    diffs = b - a
+    se = diffs.std(ddof=0) / math.sqrt(n)
+    d = stats.paired_difference(a, b, resamples=20_000)
+    assert d["high"] - d["low"] == pytest.approx(2 * 1.959964 * se, rel=0.05)
+    assert (d["low"] + d["high"]) / 2 == pytest.approx(diffs.mean(), abs=0.2 * se)
+
+
+def test_seeds_are_pooled_by_averaging_each_questions_difference_over_them():
+    a = np.array([[0, 1, 0, 1], [0, 0, 0, 1], [1, 1, 0, 1]])
+    b = np.array([[1, 1, 0, 1], [1, 0, 1, 1], [1, 1, 0, 0]])
+    d = stats.paired_difference(a, b)
+    assert d["seeds"] == 3 and d["n"] == 4
+    assert d["diff"] == pytest.approx((b - a).mean())
+    # a question's seed-mean difference is what gets resampled: with every question alike, no spread
+    same = stats.paired_difference(np.zeros((3, 5)), np.tile([[1.0], [0.0], [0.0]], (1, 5)))
+    assert same["low"] == same["high"] == pytest.approx(1 / 3)
+
+
+def test_mcnemar_exact_is_the_two_sided_binomial_tail_of_the_disagreements():
+    # 10 disagreements split 8 / 2: p = 2 * P(X <= 2), X ~ Bin(10, 1/2) = 2 * 56 / 1024
+    a = np.array([0] * 8 + [1] * 2 + [1] * 5 + [0] * 5)
+    b = np.array([1] * 8 + [0] * 2 + [1] * 5 + [0] * 5)
+    assert stats.discordant_counts(a, b) == (8, 2)
+    assert stats.mcnemar_exact(a, b) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert stats.mcnemar_exact(b, a) == stats.mcnemar_exact(a, b)
+    even = np.array([0, 1]), np.array([1, 0])
+    assert stats.mcnemar_exact(*even) == 1.0                 # an even split is capped at 1
+
+
+def test_detectable_difference_is_the_normal_approximation_formula():
+    z = 1.959964 + 0.841621                                   # z_0.975 + z_0.8
+    assert stats.detectable_difference(1000, 0.2) == pytest.approx(z * math.sqrt(0.2 / 1000), rel=1e-5)
+    assert stats.detectable_difference(4000, 0.2) == pytest.approx(stats.detectable_difference(1000, 0.2) / 2)
+
+
+def test_bad_input_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="same shape"):
+        stats.paired_difference([0, 1], [0, 1, 1])
+    with pytest.raises(ValueError, match="binary"):
+        stats.mcnemar_exact([0, 0.5], [1, 0])
+    with pytest.raises(ValueError, match="N > 0"):
+        stats.paired_difference([], [])
+    with pytest.raises(ValueError, match="discordant"):
+        stats.detectable_difference(10, 1.5)
+
+
+def test_format_difference_prints_sign_and_interval():
+    assert stats.format_difference({"diff": 0.031, "low": -0.0124, "high": 0.05}) == "+0.031 [-0.012, +0.050]"
