@@ -13,9 +13,12 @@ What it does
   memory-mapped, not rebuilt, by `BM25Retriever.load(DIR)` / `serve --index DIR`, same scores.
 - `format_passages` renders hits as the protocol's observation text (docs/method.md, 'The protocol').
 - `HTTPRetriever` speaks the Search-R1 retrieval API (`POST /retrieve`), so the rollout can use an
-  e5 + FAISS server someone already runs; `serve` / `python retriever.py serve` exposes a
-  `BM25Retriever` through the same API, so several training ranks or nodes share one index (a
-  listen backlog of 1024 for their simultaneous requests; bodies over --max-request-bytes get 413).
+  e5 + FAISS server someone already runs. It rides out a server restart: a failed request is
+  repeated with backoff for up to `retry_seconds` (default 5 minutes), one stderr line per retry;
+  a malformed reply or a URL that is not http(s):// is an error naming the URL.
+- `serve` / `python retriever.py serve` exposes a `BM25Retriever` through the same API, so several
+  training ranks or nodes share one index (a listen backlog of 1024 for their simultaneous
+  requests; bodies over --max-request-bytes get 413).
   Both retrievers have the same `.search(queries, topk)`, which is all the rollout needs.
 
 What it does not do: dense retrieval, stemming, stop words, phrase queries, incremental updates of
@@ -588,18 +591,42 @@ class HTTPRetriever:
 
     Request:  POST {url}/retrieve  {"queries": [...], "topk": k, "return_scores": true}
     Reply:    {"result": [[{"document": {"id", "contents", ...}, "score": s}, ...] per query]}
-    Standard library only. Connection errors, timeouts and HTTP 5xx are retried `retries` times,
-    sleeping backoff * 2**attempt seconds in between; then RuntimeError naming the URL. HTTP 4xx
-    (a request the server will never accept) fails at once with the server's message."""
+    Standard library only.
 
-    def __init__(self, url: str, topk: int = 3, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5):
-        if retries < 0 or backoff < 0 or timeout <= 0:
-            raise ValueError(f"HTTPRetriever: need retries >= 0, backoff >= 0, timeout > 0; got {retries}, {backoff}, {timeout}")
+    Faults. A request that fails in a way a server can recover from (connection refused or reset,
+    a timeout of `timeout` seconds, HTTP 5xx, 408 or 429) is repeated until it succeeds or
+    `retry_seconds` have passed since the first attempt, so a server restart is ridden out: waits of
+    `backoff` seconds, doubling up to `max_backoff`, each announced by one line on stderr naming the
+    URL, the error and the budget left. Then RuntimeError naming the URL and the budget. (An attempt
+    in progress is not cut short: the worst case is retry_seconds + timeout.) `retries`, if given,
+    also caps the number of repeats. Anything else fails at once, naming the URL: a URL that is not
+    http(s):// (at construction), HTTP 4xx (a request the server will never accept; with its
+    message), or a reply that is not the API's JSON."""
+
+    def __init__(self, url: str, topk: int = 3, timeout: float = 30.0, retry_seconds: float = 300.0,
+                 backoff: float = 0.5, max_backoff: float = 10.0, retries: int | None = None):
+        for name, value, positive in (("timeout", timeout, True), ("retry_seconds", retry_seconds, False),
+                                      ("backoff", backoff, False), ("max_backoff", max_backoff, True)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (positive and value == 0):
+                raise ValueError(f"HTTPRetriever: {name} must be a finite number of seconds "
+                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
+        if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+            raise ValueError(f"HTTPRetriever: retries must be None or an integer >= 0, got {retries!r}")
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # raises for a port out of range or not a number
+        except ValueError as e:
+            raise ValueError(f"HTTPRetriever: {url!r}: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"HTTPRetriever: {url!r} is not an http:// or https:// URL with a host "
+                             f"(e.g. http://127.0.0.1:8000/retrieve)")
         base = url.rstrip("/")
         self.url = base if base.endswith("/retrieve") else base + "/retrieve"
-        self.topk, self.timeout, self.retries, self.backoff = topk, timeout, retries, backoff
+        self.topk, self.timeout, self.retry_seconds, self.retries = topk, timeout, retry_seconds, retries
+        self.backoff, self.max_backoff = backoff, max_backoff
         # A proxy from the environment (http_proxy) cannot reach this machine's loopback server.
-        loopback = urllib.parse.urlsplit(self.url).hostname in ("localhost", "127.0.0.1", "::1")
+        loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
         self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
 
     def search(self, queries: list[str], topk: int | None = None) -> list[list[dict]]:
@@ -615,7 +642,10 @@ class HTTPRetriever:
         if not isinstance(per_query, list) or len(per_query) != len(asked):
             raise RuntimeError(f"retrieval server {self.url}: expected {{\"result\": [...]}} with "
                                f"{len(asked)} hit lists, got {str(reply)[:300]}")
-        for i, items in zip(asked, per_query):
+        for j, (i, items) in enumerate(zip(asked, per_query)):
+            if not isinstance(items, list):
+                raise RuntimeError(f"retrieval server {self.url}: \"result\"[{j}] must be a list of hits, "
+                                   f"got {str(items)[:300]}")
             results[i] = [self._hit(item) for item in items]
         return results
 
@@ -625,30 +655,50 @@ class HTTPRetriever:
         document, score = (item["document"], item.get("score")) if isinstance(item, dict) and "document" in item else (item, None)
         if not isinstance(document, dict) or not isinstance(document.get("contents"), str):
             raise RuntimeError(f"retrieval server {self.url}: a hit has no \"contents\" string: {str(item)[:300]}")
+        if score is not None and (not isinstance(score, (int, float)) or isinstance(score, bool)):
+            raise RuntimeError(f"retrieval server {self.url}: a hit's \"score\" is not a number: {str(item)[:300]}")
         return {"id": document.get("id"), "contents": document["contents"], "score": score}
 
     def _post(self, payload: dict) -> dict:
+        """The decoded reply to one request, repeated as the class docstring says."""
         body = json.dumps(payload).encode("utf-8")
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-            try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    text = response.read()
-            except urllib.error.HTTPError as e:
-                if e.code < 500:
-                    raise RuntimeError(f"retrieval server {self.url} rejected the request: HTTP {e.code}: "
-                                       f"{e.read()[:500].decode('utf-8', 'replace')}") from None
-                error = f"HTTP {e.code}"
-            except (OSError, http.client.HTTPException) as e:  # URLError: refused, reset, timeout, ...
-                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            else:
-                try:
-                    return json.loads(text)
-                except json.JSONDecodeError:
-                    raise RuntimeError(f"retrieval server {self.url} replied with invalid JSON: {text[:300]!r}") from None
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
-        raise RuntimeError(f"retrieval server {self.url} failed after {self.retries + 1} attempts; last error: {error}")
+        started = time.monotonic()
+        wait, attempts = self.backoff, 0
+        while True:
+            attempts += 1
+            reply, error = self._attempt(body)
+            if error is None:
+                return reply
+            left = started + self.retry_seconds - time.monotonic()
+            if left <= 0 or (self.retries is not None and attempts > self.retries):
+                cap = "" if self.retries is None else f", retries={self.retries}"
+                raise RuntimeError(f"retrieval server {self.url}: no answer after {attempts} attempt{'s' * (attempts > 1)} in "
+                                   f"{time.monotonic() - started:.1f} s (retry budget: retry_seconds="
+                                   f"{self.retry_seconds:g}{cap}); last error: {error}")
+            pause = min(wait, left)
+            print(f"retriever: {self.url}: {error}; retrying in {pause:.3g} s "
+                  f"({left:.0f} s of the {self.retry_seconds:g} s retry budget left)", file=sys.stderr, flush=True)
+            time.sleep(pause)
+            wait = min(2 * wait, self.max_backoff)
+
+    def _attempt(self, body: bytes) -> tuple[dict | None, str | None]:
+        """(decoded reply, None), or (None, why) for a failure worth repeating; raises for the rest."""
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code not in (408, 429):  # the server will never accept this request
+                raise RuntimeError(f"retrieval server {self.url} rejected the request: HTTP {e.code}: "
+                                   f"{e.read()[:500].decode('utf-8', 'replace')}") from None
+            return None, f"HTTP {e.code}"
+        except (OSError, http.client.HTTPException) as e:  # URLError: refused, reset, timeout, ...
+            cause = e.reason if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException) else e
+            return None, f"{type(cause).__name__}: {cause}"
+        try:
+            return json.loads(text), None
+        except ValueError:  # not JSON, or not UTF-8
+            raise RuntimeError(f"retrieval server {self.url} replied with invalid JSON: {text[:300]!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -476,11 +478,11 @@ def test_client_checks_topk_and_queries_like_the_local_retriever(server_url, top
     assert attempts == []                                  # refused before asking the server
 
 
-def test_dead_url_fails_after_configured_retries_naming_the_url():
+def test_retries_if_given_caps_the_attempts_within_the_budget():
     url = f"http://127.0.0.1:{free_port_with_nothing_listening()}"
     client = HTTPRetriever(url, retries=2, backoff=0.001, timeout=2.0)
     attempts = count_attempts(client)
-    with pytest.raises(RuntimeError, match=re.escape(url + "/retrieve") + " failed after 3 attempts"):
+    with pytest.raises(RuntimeError, match=re.escape(url + "/retrieve") + ": no answer after 3 attempts.*retries=2"):
         client.search(["Lima"])
     assert len(attempts) == 3
 
@@ -514,6 +516,128 @@ def test_client_reads_search_r1_replies_without_ids_or_scores():
     assert client._hit({"id": "9", "contents": "T\nx"}) == {"id": "9", "contents": "T\nx", "score": None}
     with pytest.raises(RuntimeError, match="127.0.0.1:1/retrieve.*contents"):
         client._hit({"document": {"text": "x"}})
+
+
+def serve_in_thread(server):
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_client_rides_out_a_server_that_comes_up_after_a_second_with_a_line_per_retry(capsys):
+    port = free_port_with_nothing_listening()
+    url = f"http://127.0.0.1:{port}/retrieve"
+    started = []
+
+    def start_late():  # a server restart: nothing listens for 1.2 s, then the server is back
+        time.sleep(1.2)
+        server = make_server(BM25Retriever(SMALL), "127.0.0.1", port)
+        started.append(server)
+        serve_in_thread(server)
+
+    threading.Thread(target=start_late, daemon=True).start()
+    client = HTTPRetriever(url, retry_seconds=20, backoff=0.05, max_backoff=0.2)
+    attempts = count_attempts(client)
+    try:
+        assert client.search(["Lima"]) == BM25Retriever(SMALL).search(["Lima"])
+    finally:
+        for server in started:
+            server.shutdown()
+            server.server_close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(attempts) - 1 >= 5          # one line per retry: 0.05 + 0.1 + 0.2 + ... < 1.2 s
+    for line in lines:
+        assert line.startswith(f"retriever: {url}: ConnectionRefusedError") and "retrying in" in line
+        assert re.search(r"\(\d+ s of the 20 s retry budget left\)$", line), line
+
+
+def test_client_gives_up_when_the_retry_budget_runs_out_naming_the_url_and_budget(capsys):
+    url = f"http://127.0.0.1:{free_port_with_nothing_listening()}/retrieve"
+    client = HTTPRetriever(url, retry_seconds=0.6, backoff=0.05, max_backoff=0.1)
+    attempts = count_attempts(client)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match=re.escape(url) + r": no answer after \d+ attempts in [\d.]+ s "
+                                            r"\(retry budget: retry_seconds=0\.6\); last error: ConnectionRefusedError"):
+        client.search(["Lima"])
+    assert 0.6 <= time.monotonic() - began < 3
+    assert len(attempts) >= 6                              # bounded by time, not by a count of 3
+    assert len(capsys.readouterr().err.splitlines()) == len(attempts) - 1
+
+
+def test_a_hung_server_gives_a_line_per_timeout_not_silent_minutes(capsys):
+    with socket.socket() as hung:                          # accepts connections (the backlog), never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/retrieve"
+        client = HTTPRetriever(url, timeout=0.2, retry_seconds=0.5, backoff=0.05)
+        with pytest.raises(RuntimeError, match=re.escape(url) + ".*retry_seconds=0.5.*last error: TimeoutError"):
+            client.search(["Lima"])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(f"{url}: TimeoutError" in line for line in lines)
+
+
+def test_a_retry_budget_of_zero_makes_one_attempt():
+    client = HTTPRetriever(f"http://127.0.0.1:{free_port_with_nothing_listening()}", retry_seconds=0)
+    attempts = count_attempts(client)
+    with pytest.raises(RuntimeError, match="no answer after 1 attempt in"):
+        client.search(["Lima"])
+    assert len(attempts) == 1
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost:8000/retrieve", "ftp://127.0.0.1:8000", "http://",
+                                 "http:///retrieve", "http://127.0.0.1:99999"])
+def test_a_url_without_http_scheme_or_host_is_refused_at_construction(url):
+    with pytest.raises(ValueError, match=re.escape(repr(url))):
+        HTTPRetriever(url)
+
+
+@pytest.mark.parametrize("keyword,value", [("retry_seconds", -1), ("retry_seconds", float("inf")),
+                                           ("retry_seconds", float("nan")), ("timeout", 0), ("backoff", -0.5),
+                                           ("max_backoff", 0), ("retries", -1), ("retries", 1.5)])
+def test_client_refuses_bad_retry_settings_naming_them(keyword, value):
+    with pytest.raises(ValueError, match=f"HTTPRetriever: {keyword} must be"):
+        HTTPRetriever("http://127.0.0.1:8000", **{keyword: value})
+
+
+def fixed_reply_server(body: bytes, status: int = 200):
+    """A loopback server that answers every POST with `body`: a server of some other kind."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    serve_in_thread(server)
+    return server
+
+
+@pytest.mark.parametrize("body,message", [
+    (b'{"result": [null]}', r'"result"\[0\] must be a list of hits, got None'),
+    (b'{"result": [7]}', r'"result"\[0\] must be a list of hits, got 7'),
+    (b'{"result": 3}', r'expected \{"result": \[...\]\} with 1 hit lists, got'),
+    (b'{"result": [[null]]}', r'a hit has no "contents" string: None'),
+    (b'{"result": [[{"document": {"contents": "T\\nx"}, "score": "high"}]]}', r'"score" is not a number'),
+    (b"\xff\xfe not utf-8", r"replied with invalid JSON"),
+    (b"<html>Welcome to nginx</html>", r"replied with invalid JSON: b'<html>"),
+])
+def test_a_malformed_reply_is_an_error_naming_the_url_and_what_is_wrong(body, message):
+    server = fixed_reply_server(body)
+    url = f"http://127.0.0.1:{server.server_address[1]}/retrieve"
+    try:
+        client = HTTPRetriever(url, retry_seconds=5)
+        attempts = count_attempts(client)
+        with pytest.raises(RuntimeError, match=re.escape(url) + ".*" + message):
+            client.search(["Lima"])
+        assert len(attempts) == 1                          # a server of another kind: not worth repeating
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_serve_command_line_serves_a_jsonl_corpus(tmp_path):
