@@ -18,7 +18,8 @@ What it does
   a malformed reply or a URL that is not http(s):// is an error naming the URL.
 - `serve` / `python retriever.py serve` exposes a `BM25Retriever` through the same API, so several
   training ranks or nodes share one index (a listen backlog of 1024 for their simultaneous
-  requests; bodies over --max-request-bytes get 413).
+  requests; bodies over --max-request-bytes get 413, a topk over --max-topk, default 100, gets 400;
+  a client that hangs up costs one log line). Its command-line errors are one line, exit status 2.
   Both retrievers have the same `.search(queries, topk)`, which is all the rollout needs.
 
 What it does not do: dense retrieval, stemming, stop words, phrase queries, incremental updates of
@@ -53,6 +54,7 @@ Usage:
 """
 import argparse
 import bisect
+import errno
 import glob
 import gzip
 import http.client
@@ -706,8 +708,8 @@ class HTTPRetriever:
 
 
 class _RetrieveHandler(BaseHTTPRequestHandler):
-    """POST /retrieve on a `server.retriever`. Bad requests get 400 {"error": "..."}, a body over
-    server.max_request_bytes 413 (without reading it)."""
+    """POST /retrieve on a `server.retriever`. Bad requests get 400 {"error": "..."} (a topk over
+    server.max_topk among them), a body over server.max_request_bytes 413 (without reading it)."""
 
     timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
 
@@ -730,7 +732,10 @@ class _RetrieveHandler(BaseHTTPRequestHandler):
         problem = _request_problem(request)
         if problem is not None:
             return self._reply(400, {"error": problem})
-        topk = request.get("topk") or 3  # Search-R1 treats a missing or 0 topk as its default
+        topk = request.get("topk") or min(3, self.server.max_topk)  # Search-R1: a missing or 0 topk is its default
+        if topk > self.server.max_topk:  # a topk of 10**9 would send the whole corpus back
+            return self._reply(400, {"error": f'"topk" {topk} is over this server\'s limit of {self.server.max_topk} '
+                                              f"passages per query (serve --max-topk)"})
         try:
             results = self.server.retriever.search(request["queries"], topk=topk)
         except Exception as e:  # report it rather than drop the connection
@@ -776,24 +781,44 @@ class _Server(ThreadingHTTPServer):
     # loopback clients. (The kernel caps it at net.core.somaxconn.)
     request_queue_size = 1024
 
+    def handle_error(self, request, client_address):
+        """A client that hangs up before its reply (it timed out, or was killed) is its own affair:
+        one line, not the standard library's 25-line traceback. Anything else is a bug: traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            return super().handle_error(request, client_address)
+        print(f"retriever: client {client_address[0]}:{client_address[1]} went away mid-request "
+              f"({type(error).__name__})", file=sys.stderr, flush=True)
+
 
 MAX_REQUEST_BYTES = 16 * 2**20   # the largest /retrieve body the server reads (a batch of queries is KBs)
+# The most passages a query may ask for. Search-R1 trains and evaluates with topk 3 and its largest
+# use is 10 (retrieve 10, rerank to 3); 100 leaves room for recall@100-style evaluation while a
+# request can no longer ask for the whole corpus.
+MAX_TOPK = 100
 
 
-def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES) -> ThreadingHTTPServer:
+def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES,
+                max_topk: int = MAX_TOPK) -> ThreadingHTTPServer:
     """A threaded HTTP server answering POST /retrieve from `retriever` (anything with .search).
     Port 0 picks a free port: read it back from server.server_address[1]. A request body over
-    max_request_bytes gets 413 instead of being read into memory."""
-    if max_request_bytes < 1:
-        raise ValueError(f"make_server: max_request_bytes must be positive, got {max_request_bytes}")
+    max_request_bytes gets 413 instead of being read into memory; a topk over max_topk gets 400.
+    OSError if the address cannot be bound (a busy port, an unknown host)."""
+    for name, value in (("max_request_bytes", max_request_bytes), ("max_topk", max_topk)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"make_server: {name} must be a positive integer, got {value!r}")
     server = _Server((host, port), _RetrieveHandler)
-    server.retriever, server.max_request_bytes = retriever, max_request_bytes
+    server.retriever, server.max_request_bytes, server.max_topk = retriever, max_request_bytes, max_topk
     return server
 
 
-def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES):
+def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES,
+          max_topk: int = MAX_TOPK):
     """Serves `retriever` over the Search-R1 API until interrupted (blocking)."""
-    server = make_server(retriever, host, port, max_request_bytes)
+    _serve_forever(make_server(retriever, host, port, max_request_bytes, max_topk))
+
+
+def _serve_forever(server: ThreadingHTTPServer):
     host, port = server.server_address[:2]
     print(f"retriever: serving at http://{host}:{port}/retrieve", flush=True)
     try:
@@ -804,8 +829,28 @@ def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_byte
         server.server_close()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...`, exit status 2 (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], else a message saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high if high is not None else 'inf'}]")
+        return value
+    return parse
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="BM25 retrieval server speaking the Search-R1 API, and its index builder.")
+    parser = _Parser(description="BM25 retrieval server speaking the Search-R1 API, and its index builder.")
     commands = parser.add_subparsers(dest="command", required=True)
     corpus_help = 'JSONL, one {"id", "contents": "title\\ntext"} per line'
     index_args = commands.add_parser("index", help="build a BM25 index directory once, for serve --index / BM25Retriever.load")
@@ -816,9 +861,11 @@ def main(argv=None):
     source.add_argument("--corpus", help=corpus_help)
     source.add_argument("--index", help="an index directory written by `index` (its k1, b and epsilon are used)")
     serve_args.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (no authentication)")
-    serve_args.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    serve_args.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+    serve_args.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="0 picks a free port")
+    serve_args.add_argument("--max-request-bytes", type=_int_at_least(1), default=MAX_REQUEST_BYTES,
                             help="larger request bodies get HTTP 413 (default 16 MiB)")
+    serve_args.add_argument("--max-topk", type=_int_at_least(1), default=MAX_TOPK,
+                            help=f"a larger topk gets HTTP 400 (default {MAX_TOPK}; Search-R1 uses 3, at most 10)")
     for command in (index_args, serve_args):
         command.add_argument("--k1", type=float, help="default 1.5")
         command.add_argument("--b", type=float, help="default 0.75")
@@ -828,21 +875,29 @@ def main(argv=None):
     if args.command == "serve" and args.index and given:
         serve_args.error(f"--{'/--'.join(given)}: an index's parameters are fixed when it is built "
                          f"(see {args.index}/meta.json); give them to `index`")
-    if args.command == "serve" and args.max_request_bytes < 1:
-        serve_args.error(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
-    started = time.perf_counter()
+    started, server = time.perf_counter(), None
     try:
         if args.command == "index":
             meta = write_index(args.corpus, args.out, **given)
             print(f"retriever: indexed {meta['passages']:,} passages ({meta['words']:,} words, {meta['postings']:,} "
                   f"postings) from {args.corpus} into {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
             return
-        retriever = BM25Retriever.load(args.index) if args.index else BM25Retriever.from_jsonl(args.corpus, **given)
+        try:  # bound before the build, so a busy port fails now and not after minutes of indexing
+            server = make_server(None, args.host, args.port, args.max_request_bytes, args.max_topk)
+        except OSError as e:
+            busy = " (another server? --port 0 picks a free port)" if e.errno == errno.EADDRINUSE else ""
+            parser.exit(2, f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}{busy}\n")
+        server.retriever = BM25Retriever.load(args.index) if args.index else BM25Retriever.from_jsonl(args.corpus, **given)
     except (OSError, ValueError) as e:  # a bad corpus or index: its message names the file
-        sys.exit(f"retriever: {e}")
-    print(f"retriever: {'loaded' if args.index else 'indexed'} {len(retriever):,} passages from {args.index or args.corpus} "
-          f"in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
-    serve(retriever, args.host, args.port, args.max_request_bytes)
+        parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "retriever: interrupted\n")
+    finally:
+        if server is not None and server.retriever is None:
+            server.server_close()
+    print(f"retriever: {'loaded' if args.index else 'indexed'} {len(server.retriever):,} passages from "
+          f"{args.index or args.corpus} in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    _serve_forever(server)
 
 
 if __name__ == "__main__":

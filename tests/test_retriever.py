@@ -5,6 +5,7 @@ import http.client
 import json
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -444,7 +445,7 @@ def test_request_size_limit_is_configurable_and_a_bad_length_is_400():
     finally:
         server.shutdown()
         server.server_close()
-    with pytest.raises(ValueError, match="max_request_bytes must be positive"):
+    with pytest.raises(ValueError, match="max_request_bytes must be a positive integer"):
         make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_request_bytes=0)
 
 
@@ -638,6 +639,115 @@ def test_a_malformed_reply_is_an_error_naming_the_url_and_what_is_wrong(body, me
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_server_refuses_a_topk_over_its_limit_with_400_and_answers_up_to_it(server_url):
+    port = int(server_url.rsplit(":", 1)[1])
+    status, reply = plain_post(port, json.dumps({"queries": ["Lima"] * 200, "topk": 10**9}).encode())
+    assert status == 400 and reply == {"error": "\"topk\" 1000000000 is over this server's limit of 100 "
+                                                "passages per query (serve --max-topk)"}
+    status, reply = plain_post(port, json.dumps({"queries": ["Lima"], "topk": R.MAX_TOPK}).encode())
+    assert status == 200 and len(reply["result"][0]) == len(SMALL)   # the whole (small) corpus: allowed
+
+
+def test_max_topk_is_configurable_and_the_client_fails_at_once_with_the_reason():
+    server = make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_topk=2)
+    serve_in_thread(server)
+    port = server.server_address[1]
+    try:
+        assert plain_post(port, b'{"queries": ["Lima"], "topk": 2}')[0] == 200
+        assert plain_post(port, b'{"queries": ["Lima"], "topk": 3}')[0] == 400
+        status, reply = plain_post(port, b'{"queries": ["Lima"]}')       # the default 3 shrinks to the limit
+        assert status == 200 and len(reply["result"][0]) == 2
+        client = HTTPRetriever(f"http://127.0.0.1:{port}", retry_seconds=5)
+        attempts = count_attempts(client)
+        with pytest.raises(RuntimeError, match=r"rejected the request: HTTP 400: .*limit of 2 passages per query"):
+            client.search(["Lima"], topk=3)
+        assert len(attempts) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_topk must be a positive integer"):
+            make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_topk=bad)
+
+
+def test_a_client_that_hangs_up_before_its_reply_costs_one_line_on_the_server_not_a_traceback(capfd):
+    class GatedRetriever:  # holds the request until the client is gone
+        def __init__(self):
+            self.entered, self.go = threading.Event(), threading.Event()
+
+        def search(self, queries, topk=3):
+            self.entered.set()
+            self.go.wait(10)
+            return BM25Retriever(SMALL).search(queries, topk)
+
+    gated = GatedRetriever()
+    server = make_server(gated, "127.0.0.1", 0)
+    serve_in_thread(server)
+    port = server.server_address[1]
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(b'POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 32\r\n\r\n{"queries": ["Lima"], "topk": 1}')
+        assert gated.entered.wait(10)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()                                     # a reset: the reply has nowhere to go
+        gated.go.set()
+        deadline, err = time.monotonic() + 10, ""
+        while "went away" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
+        time.sleep(0.2)
+        err += capfd.readouterr().err
+        assert re.fullmatch(r"retriever: client 127\.0\.0\.1:\d+ went away mid-request "
+                            r"\((BrokenPipeError|ConnectionResetError)\)\n", err), err
+        assert plain_post(port, b'{"queries": ["Lima"], "topk": 1}')[0] == 200   # and it keeps serving
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, str(REPO / "retriever.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("port,message", [
+    (70000, r"error: argument --port: 70000 is not in \[0, 65535\] \(see retriever\.py serve --help\)"),
+    (-1, r"error: argument --port: -1 is not in \[0, 65535\] \(see retriever\.py serve --help\)"),
+    ("http", r"error: argument --port: expected an integer, got 'http' \(see retriever\.py serve --help\)"),
+    ("BUSY", r"error: cannot listen on 127\.0\.0\.1:\d+: Address already in use \(another server\? "
+             r"--port 0 picks a free port\)"),
+])
+def test_serve_on_a_bad_or_busy_port_is_one_line_and_exit_2(tmp_path, port, message):
+    corpus = write_lines(tmp_path / "c.jsonl", [json.dumps(r) for r in SMALL])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        done = run_cli("serve", "--corpus", corpus, "--port", busy.getsockname()[1] if port == "BUSY" else port)
+    assert done.returncode == 2 and done.stdout == ""
+    assert re.fullmatch(message + r"\n", done.stderr), done.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["serve", "--corpus", "C", "--max-topk", "0"], r"error: argument --max-topk: 0 is not in \[1, inf\] \(see .*"),
+    (["serve", "--corpus", "C", "--max-request-bytes", "0"], r"error: argument --max-request-bytes: 0 is not in \[1, inf\] \(see .*"),
+    (["serve"], r"error: one of the arguments --corpus --index is required \(see .*"),
+    (["index", "--corpus", "MISSING", "--out", "OUT"], r"error: \[Errno 2\] No such file or directory: 'MISSING'"),
+    (["index", "--corpus", "BAD", "--out", "OUT"], r'error: BAD:2: missing "contents"'),
+    (["serve", "--corpus", "BAD", "--port", "0"], r'error: BAD:2: missing "contents"'),
+    (["serve", "--index", "MISSING"], r"error: MISSING: no such index directory .*"),
+])
+def test_command_line_user_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    paths = {"C": write_corpus(tmp_path / "c.jsonl", SMALL), "MISSING": str(tmp_path / "missing"),
+             "BAD": write_lines(tmp_path / "bad.jsonl", [json.dumps(SMALL[0]), '{"id": "x"}']),
+             "OUT": str(tmp_path / "out")}
+    done = run_cli(*[paths.get(a, a) for a in args])
+    expected = message
+    for name, path in paths.items():
+        expected = expected.replace(name, re.escape(path))
+    assert done.returncode == 2 and re.fullmatch(expected + r"\n", done.stderr), done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_serve_command_line_serves_a_jsonl_corpus(tmp_path):
