@@ -3,6 +3,7 @@ format, corpus loading errors, and the Search-R1 HTTP API on loopback."""
 import gzip
 import http.client
 import json
+import os
 import re
 import socket
 import struct
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -737,6 +739,7 @@ def test_serve_on_a_bad_or_busy_port_is_one_line_and_exit_2(tmp_path, port, mess
     (["index", "--corpus", "BAD", "--out", "OUT"], r'error: BAD:2: missing "contents"'),
     (["serve", "--corpus", "BAD", "--port", "0"], r'error: BAD:2: missing "contents"'),
     (["serve", "--index", "MISSING"], r"error: MISSING: no such index directory .*"),
+    (["serve", "--corpus", "C", "--no-verify"], r"error: --no-verify: only an --index is verified .*"),
 ])
 def test_command_line_user_errors_are_one_line_and_exit_2(tmp_path, args, message):
     paths = {"C": write_corpus(tmp_path / "c.jsonl", SMALL), "MISSING": str(tmp_path / "missing"),
@@ -862,24 +865,105 @@ def edit_meta(**changes):
     return damage
 
 
+def without_checksums(damage):
+    """The damage, done to an index as an older retriever.py wrote it (no file sizes or CRCs in
+    meta.json): the structural checks must catch it on their own."""
+    def apply(d):
+        edit_meta(files=None)(d)
+        damage(d)
+    return apply
+
+
+def flip_bytes(name, count=64):
+    """Bit rot: `count` bytes from the middle of the file on are changed, its size is not."""
+    def damage(d):
+        data = bytearray((d / name).read_bytes())
+        for i in range(len(data) // 2, min(len(data), len(data) // 2 + count)):
+            data[i] ^= 0x5A
+        (d / name).write_bytes(bytes(data))
+    return damage
+
+
+def truncate_tf(d):
+    (d / "tf.npy").write_bytes((d / "tf.npy").read_bytes()[:-5])
+
+
+def shrink_norm(d):
+    np.save(d / "norm.npy", np.zeros(3))
+
+
+def shift_start(d):
+    np.save(d / "start.npy", np.load(d / "start.npy") + 1)
+
+
+def short_vocab(d):
+    (d / "vocab.txt").write_text("a\nb")
+
+
+SIZE = r"\d+ bytes, expected \d+ \(meta\.json\): truncated or replaced"
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "meta.json").unlink(), r"DIR: not a BM25 index: no meta\.json"),
     (lambda d: (d / "meta.json").write_text("{trunc"), r"DIR/meta\.json: unreadable"),
     (edit_meta(format="bm25s"), r"DIR: not a BM25 index written by retriever\.py"),
     (edit_meta(version=2), r"DIR: index version 2, this retriever\.py reads version 1"),
     (edit_meta(k1=None), r"DIR/meta\.json: lacks k1"),
-    (lambda d: (d / "doc.npy").unlink(), r"DIR/doc\.npy: missing or unreadable"),
-    (lambda d: (d / "tf.npy").write_bytes((d / "tf.npy").read_bytes()[:-5]), r"DIR/tf\.npy: missing or unreadable"),
-    (lambda d: np.save(d / "norm.npy", np.zeros(3)), r"DIR/norm\.npy: float64 \(3,\), expected float64 \(6,\)"),
-    (lambda d: np.save(d / "start.npy", np.load(d / "start.npy") + 1), r"DIR/start\.npy: does not span"),
+    (edit_meta(files=[1]), r'DIR/meta\.json: "files" is not'),
+    (lambda d: (d / "doc.npy").unlink(), r"DIR/doc\.npy: missing, expected \d+ \(meta\.json\)"),
+    (truncate_tf, r"DIR/tf\.npy: " + SIZE),
+    (shrink_norm, r"DIR/norm\.npy: " + SIZE),
+    (shift_start, r"DIR/start\.npy: damaged: its CRC-32 is [0-9a-f]{8}, meta\.json records [0-9a-f]{8}"),
     (lambda d: (d / "contents.bin").write_bytes(b"short"), r"DIR/contents\.bin: 5 bytes, expected \d+"),
     (lambda d: (d / "ids.bin").unlink(), r"DIR/ids\.bin: missing, expected"),
-    (lambda d: (d / "vocab.txt").write_text("a\nb"), r"DIR/vocab\.txt: 2 words, expected"),
+    (short_vocab, r"DIR/vocab\.txt: " + SIZE),
+    # an index without recorded sizes and checksums: the array and blob checks still hold
+    (without_checksums(lambda d: (d / "doc.npy").unlink()), r"DIR/doc\.npy: missing or unreadable"),
+    (without_checksums(truncate_tf), r"DIR/tf\.npy: missing or unreadable"),
+    (without_checksums(shrink_norm), r"DIR/norm\.npy: float64 \(3,\), expected float64 \(6,\)"),
+    (without_checksums(shift_start), r"DIR/start\.npy: does not span"),
+    (without_checksums(lambda d: (d / "contents.bin").write_bytes(b"short")), r"DIR/contents\.bin: 5 bytes, expected \d+"),
+    (without_checksums(lambda d: (d / "ids.bin").unlink()), r"DIR/ids\.bin: missing, expected"),
+    (without_checksums(short_vocab), r"DIR/vocab\.txt: 2 words, expected"),
 ])
 def test_a_damaged_or_foreign_index_is_refused_naming_the_file(index_dir, tmp_path, damage, message):
     path = damaged_copy(index_dir, tmp_path, damage)
     with pytest.raises(ValueError, match=message.replace("DIR", re.escape(path))):
         BM25Retriever.load(path)
+
+
+@pytest.mark.parametrize("name", ["doc.npy", "tf.npy", "idf.npy", "norm.npy", "start.npy", "id_offsets.npy",
+                                  "id_order.npy", "contents.bin", "ids.bin", "vocab.txt"])
+def test_a_bit_rotten_index_file_is_refused_at_load_naming_it(index_dir, tmp_path, name):
+    """Same size, other bytes: the shape checks pass, so only the recorded CRC-32 can tell. (A rotten
+    doc.npy used to load, then fail inside search with an IndexError, or silently score wrong.)"""
+    path = damaged_copy(index_dir, tmp_path, flip_bytes(name))
+    with pytest.raises(ValueError, match=re.escape(os.path.join(path, name)) + ": damaged: its CRC-32 is"):
+        BM25Retriever.load(path)
+
+
+def test_verify_false_skips_the_checksum_pass_but_not_the_size_check(index_dir, tmp_path):
+    rotten = damaged_copy(index_dir, tmp_path / "rotten", flip_bytes("contents.bin"))
+    assert len(BM25Retriever.load(rotten, verify=False)) == len(SMALL)    # it trusts the disk's bytes
+    truncated = damaged_copy(index_dir, tmp_path / "truncated", truncate_tf)
+    with pytest.raises(ValueError, match=re.escape(truncated) + "/tf\\.npy: " + SIZE):
+        BM25Retriever.load(truncated, verify=False)
+
+
+def test_an_index_without_checksums_loads_with_a_warning(index_dir, tmp_path, capsys):
+    path = damaged_copy(index_dir, tmp_path, edit_meta(files=None))
+    loaded = BM25Retriever.load(path)
+    assert loaded.search(["capital city"]) == BM25Retriever(SMALL).search(["capital city"])
+    assert re.fullmatch(f"retriever: warning: {re.escape(path)} records no file sizes or checksums .*\n",
+                        capsys.readouterr().err)
+
+
+def test_index_records_the_size_and_crc32_of_every_other_file(index_dir):
+    files = json.loads((index_dir / "meta.json").read_text())["files"]
+    assert sorted(files) == sorted(p.name for p in index_dir.iterdir() if p.name != "meta.json")
+    for name, record in files.items():
+        data = (index_dir / name).read_bytes()
+        assert record == {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
 
 
 def test_loading_a_missing_directory_names_it(tmp_path):
@@ -902,6 +986,21 @@ def test_index_command_then_serve_index_answers_like_the_corpus(tmp_path):
         assert match, process.stderr.read() if process.poll() is not None else ""
         queries = ["capital city", "Shakespeare", "xylophone"]
         assert HTTPRetriever(match.group(0)).search(queries) == BM25Retriever(SMALL, k1=1.2).search(queries)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_serve_refuses_a_bit_rotten_index_in_one_line_unless_told_not_to_verify(index_dir, tmp_path):
+    path = damaged_copy(index_dir, tmp_path, flip_bytes("contents.bin"))
+    done = run_cli("serve", "--index", path, "--port", "0")
+    assert done.returncode == 2 and re.fullmatch(f"error: {re.escape(path)}/contents\\.bin: damaged: .*\n", done.stderr)
+    process = subprocess.Popen([sys.executable, str(REPO / "retriever.py"), "serve", "--index", path, "--port", "0",
+                                "--no-verify"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert re.search(r"http://127\.0\.0\.1:\d+/retrieve", process.stdout.readline())   # it trusts the disk
     finally:
         process.terminate()
         process.wait(timeout=10)
