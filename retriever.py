@@ -12,6 +12,7 @@ What it does
   disk, by `python retriever.py index --corpus C.jsonl --out DIR` (`write_index`), and then
   memory-mapped, not rebuilt, by `BM25Retriever.load(DIR)` / `serve --index DIR`, same scores;
   the size and CRC-32 of every file, recorded when it is written, are checked when it is loaded.
+  A build, read or check that runs longer than 2 s shows its progress on stderr (tqdm, if installed).
 - `format_passages` renders hits as the protocol's observation text (docs/method.md, 'The protocol').
 - `HTTPRetriever` speaks the Search-R1 retrieval API (`POST /retrieve`), so the rollout can use an
   e5 + FAISS server someone already runs. It rides out a server restart: a failed request is
@@ -90,6 +91,50 @@ def tokenize(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Progress of long work (indexing wiki-18 takes ~20 minutes)
+
+_PROGRESS_DELAY = 2.0    # seconds of work before anything is shown: small corpora stay quiet
+_PROGRESS_EVERY = 30.0   # seconds between the progress lines printed when tqdm is not installed
+_PROGRESS_BATCH = 4096   # passages counted between updates (an update per passage would cost seconds)
+
+
+class _Progress:
+    """Progress on stderr: a tqdm bar (imported lazily, so this module needs only numpy), or without
+    tqdm a line every _PROGRESS_EVERY seconds; nothing until the work has run _PROGRESS_DELAY
+    seconds, and nothing at all when not `enabled`. update(n) adds n units done."""
+
+    def __init__(self, description: str, total: int | None = None, unit: str = "passages", enabled: bool = True):
+        self.description, self.total, self.unit, self.enabled, self.done = description, total, unit, enabled, 0
+        self._started = self._printed = time.monotonic()
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            # a log file (not a terminal) gets a line every _PROGRESS_EVERY s, not one a second
+            self._bar = tqdm(total=total, desc=f"retriever: {description}", unit="B" if unit == "bytes" else f" {unit}",
+                             unit_scale=True, unit_divisor=1024 if unit == "bytes" else 1000, delay=_PROGRESS_DELAY,
+                             mininterval=1.0 if sys.stderr.isatty() else _PROGRESS_EVERY, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and now - self._started >= _PROGRESS_DELAY and now - self._printed >= _PROGRESS_EVERY:
+            self._printed = now
+            of = "" if self.total is None else f" of {self.total:,}"
+            print(f"retriever: {self.description}: {self.done:,}{of} {self.unit} in {now - self._started:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
 # Corpus rows
 
 
@@ -123,12 +168,14 @@ def _text_lines(path: str):
         raise ValueError(f"{path}:{lineno + 1}: not a readable gzip file ({e})") from None
 
 
-def corpus_rows(path: str):
+def corpus_rows(path: str, progress: bool = False):
     """Yields each row of a JSONL corpus (UTF-8; gzip if named .gz), one
     {"id": str, "contents": "title\ntext"} object per line (extra keys are kept; blank lines are
     skipped), checking each as it goes: ValueError naming the file and line of the first bad row,
-    byte or duplicate id, or the file if it holds no passages."""
+    byte or duplicate id, or the file if it holds no passages. `progress`: count the rows read on
+    stderr if it takes a while (see _Progress)."""
     line_of_id = {}
+    bar = _Progress(f"reading {path}", enabled=progress)
     for lineno, line in _text_lines(path):
         if not line.strip():
             continue
@@ -142,14 +189,18 @@ def corpus_rows(path: str):
         if row["id"] in line_of_id:
             raise ValueError(f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {line_of_id[row['id']]})")
         line_of_id[row["id"]] = lineno
+        if len(line_of_id) % _PROGRESS_BATCH == 0:
+            bar.update(_PROGRESS_BATCH)
         yield row
+    bar.update(len(line_of_id) - bar.done)
+    bar.close()
     if not line_of_id:
         raise ValueError(f"{path}: the corpus holds no passages")
 
 
-def load_corpus(path: str) -> list[dict]:
+def load_corpus(path: str, progress: bool = False) -> list[dict]:
     """Every row of a JSONL corpus (see corpus_rows), in file order."""
-    return list(corpus_rows(path))
+    return list(corpus_rows(path, progress))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,18 +304,21 @@ def _empty(directory: str | None, name: str, dtype, size: int) -> np.ndarray:
     return np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+", dtype=dtype, shape=(size,))
 
 
-def build_index(texts, k1: float, b: float, epsilon: float, directory: str | None = None, source: str = "BM25Retriever") -> dict:
+def build_index(texts, k1: float, b: float, epsilon: float, directory: str | None = None, source: str = "BM25Retriever",
+                progress: bool = False, total: int | None = None) -> dict:
     """The index of an iterable of passage texts, in the layout BM25Retriever documents:
     {"vocab", "start", "doc", "tf", "idf", "norm"}. Tokens are sorted _CHUNK_TOKENS at a time and
     each chunk's postings finally scattered into place; with a `directory`, the chunks and then doc
     and tf are written there (doc.npy / tf.npy, memory-mapped while they are filled) instead of held
-    in memory. `source` names the corpus in errors."""
+    in memory. `source` names the corpus in errors. `progress`: show on stderr, if the build takes
+    a while, the passages indexed (of `total`, when known) and then the chunks placed."""
     # Word ids in order of first appearance (the reference's vocabulary order, which its mean idf
     # sums in). A defaultdict whose factory is its own len() hands a new word the next id on first
     # lookup, so map() assigns ids without a Python-level call per token (2x faster).
     vocab = defaultdict()
     vocab.default_factory = vocab.__len__
     doc_len, word_of_token, chunks, chunk_first = array("i"), array("i"), [], 0  # doc_len: (N,)
+    bar = _Progress("indexing", total=total, enabled=progress)
     for text in texts:
         words = tokenize(text)
         doc_len.append(len(words))
@@ -272,7 +326,11 @@ def build_index(texts, k1: float, b: float, epsilon: float, directory: str | Non
         if len(word_of_token) >= _CHUNK_TOKENS:
             chunks.append(_spill(directory, len(chunks), _chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first)))
             word_of_token, chunk_first = array("i"), len(doc_len)
+        if len(doc_len) % _PROGRESS_BATCH == 0:
+            bar.update(_PROGRESS_BATCH)
     chunks.append(_spill(directory, len(chunks), _chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first)))
+    bar.update(len(doc_len) - bar.done)
+    bar.close()
     del word_of_token
     vocab.default_factory = None  # from here on, an unknown word is a KeyError, not a new id
     if not doc_len:
@@ -287,11 +345,14 @@ def build_index(texts, k1: float, b: float, epsilon: float, directory: str | Non
     doc = _empty(directory, "doc", np.int32, int(start[-1]))  # (P,)
     tf = _empty(directory, "tf", np.result_type(*[chunk[3] for chunk in chunks]), int(start[-1]))  # (P,)
     cursor = start[:-1].copy()  # (V,) where each word's next postings go: chunk after chunk, so
+    bar = _Progress("placing postings", total=len(chunks), unit="chunks", enabled=progress)
     while chunks:               # a word's postings stay in corpus order
         words, counts, chunk_doc, chunk_tf = chunks.pop(0)
         at = np.repeat(cursor[words] - (np.cumsum(counts) - counts), counts) + np.arange(len(chunk_doc))  # (P_chunk,)
         doc[at], tf[at] = chunk_doc, chunk_tf
         cursor[words] += counts
+        bar.update(1)
+    bar.close()
     for spilled in glob.glob(os.path.join(directory, "chunk*.npy")) if directory else []:
         os.remove(spilled)
     doc_len = np.frombuffer(doc_len, dtype=np.int32)
@@ -315,9 +376,13 @@ class BM25Retriever:
     a word, postings are in corpus order. (Storing the finished float64 weight per posting instead
     of tf measured 1.2-1.9x faster scoring at 10k-100k passages, but at 8 bytes a posting instead
     of 1 the arrays of 1M synthetic passages grow from 434 to 992 MiB, and wiki-18's ~1.8G postings
-    (projected) would need ~11.5 GiB more: memory won. bench/bench_retriever.py measures both.)"""
+    (projected) would need ~11.5 GiB more: memory won. bench/bench_retriever.py measures both.)
 
-    def __init__(self, passages: list[dict], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
+    A build or load that runs longer than _PROGRESS_DELAY (2 s) shows its progress on stderr
+    (progress=False: never)."""
+
+    def __init__(self, passages: list[dict], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25,
+                 progress: bool = True):
         self.passages = list(passages)
         # float(): an int k1 would make tf * (k1 + 1) integer arithmetic on the uint8 tf array.
         self.k1, self.b, self.epsilon = float(k1), float(b), float(epsilon)
@@ -330,15 +395,16 @@ class BM25Retriever:
                 raise ValueError(f"BM25Retriever: passages[{i}]: duplicate id {row['id']!r} "
                                  f"(first at passages[{self._index_of_id[row['id']]}])")
             self._index_of_id[row["id"]] = i
-        self._adopt(build_index((row["contents"] for row in self.passages), self.k1, self.b, self.epsilon))
+        self._adopt(build_index((row["contents"] for row in self.passages), self.k1, self.b, self.epsilon,
+                                progress=progress, total=len(self.passages)))
 
     @classmethod
-    def from_jsonl(cls, path: str, **kwargs) -> "BM25Retriever":
-        """BM25Retriever(load_corpus(path), **kwargs)."""
-        return cls(load_corpus(path), **kwargs)
+    def from_jsonl(cls, path: str, progress: bool = True, **kwargs) -> "BM25Retriever":
+        """BM25Retriever(load_corpus(path), **kwargs), showing the progress of both if they take a while."""
+        return cls(load_corpus(path, progress), progress=progress, **kwargs)
 
     @classmethod
-    def load(cls, path: str, verify: bool = True) -> "BM25Retriever":
+    def load(cls, path: str, verify: bool = True, progress: bool = True) -> "BM25Retriever":
         """The retriever of an index directory written by `write_index` (`python retriever.py index`):
         its arrays and passages are memory-mapped, not read into memory, and processes on one machine
         share the pages. k1, b and epsilon are the index's (they are fixed when it is built).
@@ -346,10 +412,10 @@ class BM25Retriever:
         ValueError naming the file for anything that is not a complete, undamaged index of this
         version: every file's size is checked against meta.json, and with `verify` its CRC-32 too,
         which reads every byte once (1-3.5 GiB/s from the page cache on this 2-core machine,
-        depending on its load: ~7-25 s for wiki-18's ~25 GiB; longer from a cold disk), so bit
-        rot is found at load, not as a wrong passage or an IndexError later. verify=False skips
-        it (for an index on a disk you trust)."""
-        meta, arrays, vocab = _read_index(path, verify)
+        depending on its load: ~7-25 s for wiki-18's ~25 GiB; longer from a cold disk; shown on
+        stderr with `progress`), so bit rot is found at load, not as a wrong passage or an
+        IndexError later. verify=False skips it (for an index on a disk you trust)."""
+        meta, arrays, vocab = _read_index(path, verify, progress)
         self = cls.__new__(cls)
         self.k1, self.b, self.epsilon = meta["k1"], meta["b"], meta["epsilon"]
         self.passages = self._index_of_id = _StoredPassages(arrays)
@@ -434,7 +500,8 @@ INDEX_FORMAT, INDEX_VERSION = "retriever.py BM25 index", 1
 _BLOB_OFFSETS = {"ids": "id_offsets", "contents": "contents_offsets"}  # blob file -> its offsets array
 
 
-def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25) -> dict:
+def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25,
+                progress: bool = True) -> dict:
     """Builds the BM25 index of a JSONL corpus into the new directory `out`, for BM25Retriever.load.
 
         meta.json               format, version, k1, b, epsilon, counts, and every other file's
@@ -448,7 +515,7 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
     Everything is written into a temporary directory beside `out` and renamed to `out` when
     complete, so `out` is either absent or a whole index. Refuses an existing `out`. Memory: the
     vocabulary, the ids and one chunk's sort; the passages and each chunk's postings go to disk as
-    they are made. Returns the metadata."""
+    they are made. A long build shows its progress on stderr (`progress`). Returns the metadata."""
     k1, b, epsilon = float(k1), float(b), float(epsilon)   # an int k1 would make the BM25 math integer
     if os.path.exists(out):
         raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
@@ -464,7 +531,7 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
                     for key, file in (("id", id_file), ("contents", text_file)):
                         offsets[key].append(offsets[key][-1] + file.write(row[key].encode("utf-8", "surrogatepass")))
                     yield row["contents"]
-            index = build_index(texts(), k1, b, epsilon, directory=tmp, source=corpus)
+            index = build_index(texts(), k1, b, epsilon, directory=tmp, source=corpus, progress=progress)
         index["doc"].flush(), index["tf"].flush()
         arrays = {"start": index["start"], "idf": index["idf"], "norm": index["norm"],
                   "id_offsets": np.frombuffer(offsets["id"], dtype=np.int64),
@@ -477,7 +544,7 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
         meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "k1": k1, "b": b,
                 "epsilon": epsilon, "passages": len(ids), "words": len(index["vocab"]),
                 "postings": len(index["doc"]), "tf_dtype": index["tf"].dtype.name, "corpus": os.path.abspath(corpus),
-                "files": _file_records(tmp)}
+                "files": _file_records(tmp, progress)}
         with open(os.path.join(tmp, "meta.json.tmp"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         os.replace(os.path.join(tmp, "meta.json.tmp"), os.path.join(tmp, "meta.json"))  # the mark of a whole index
@@ -489,7 +556,7 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
     return meta
 
 
-def _file_crc32(path: str) -> str:
+def _file_crc32(path: str, bar: _Progress | None = None) -> str:
     """CRC-32 of a file's bytes, 8 hex digits. Read 1 MiB at a time, which stays in the CPU cache
     from the read to the CRC (1.0 GiB/s measured here under load, vs 0.55-0.99 with 16 MiB)."""
     crc, buffer = 0, bytearray(1 << 20)
@@ -497,16 +564,22 @@ def _file_crc32(path: str) -> str:
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buffer):
             crc = zlib.crc32(view[:n], crc)
+            if bar is not None:
+                bar.update(n)
     return f"{crc:08x}"
 
 
-def _file_records(directory: str) -> dict:
+def _file_records(directory: str, progress: bool) -> dict:
     """{name: {"bytes", "crc32"}} of every file in `directory`, for meta.json."""
-    return {name: {"bytes": os.path.getsize(os.path.join(directory, name)), "crc32": _file_crc32(os.path.join(directory, name))}
-            for name in sorted(os.listdir(directory))}
+    names = sorted(os.listdir(directory))
+    sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in names}
+    bar = _Progress("checksums", total=sum(sizes.values()), unit="bytes", enabled=progress)
+    records = {name: {"bytes": sizes[name], "crc32": _file_crc32(os.path.join(directory, name), bar)} for name in names}
+    bar.close()
+    return records
 
 
-def _check_files(path: str, files, verify: bool, hint: str) -> None:
+def _check_files(path: str, files, verify: bool, hint: str, progress: bool = False) -> None:
     """Every file meta.json lists has its recorded size, and with `verify` its recorded CRC-32:
     ValueError naming the first that does not (truncated, replaced or bit-rotten)."""
     if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("bytes"), int)
@@ -518,15 +591,18 @@ def _check_files(path: str, files, verify: bool, hint: str) -> None:
         if size != record["bytes"]:
             raise ValueError(f"{file}: {'missing' if size is None else f'{size} bytes'}, expected "
                              f"{record['bytes']} (meta.json): truncated or replaced; {hint}")
+    bar = _Progress(f"verifying {path}", total=sum(r["bytes"] for r in files.values()), unit="bytes",
+                    enabled=progress and verify)
     for name, record in files.items() if verify else ():
         file = os.path.join(path, name)
-        crc = _file_crc32(file)
+        crc = _file_crc32(file, bar)
         if crc != record["crc32"]:
             raise ValueError(f"{file}: damaged: its CRC-32 is {crc}, meta.json records {record['crc32']} "
                              f"(bit rot or a bad copy); {hint}")
+    bar.close()
 
 
-def _read_index(path: str, verify: bool = True) -> tuple[dict, dict, dict]:
+def _read_index(path: str, verify: bool = True, progress: bool = False) -> tuple[dict, dict, dict]:
     """(meta, {name: memory-mapped array or blob}, vocab) of an index directory, checked against
     meta.json: every file's size (and with `verify` its CRC-32), then the dtype and length of every
     array and the offsets ending at the blob sizes. ValueError naming the file when it is not a
@@ -549,7 +625,7 @@ def _read_index(path: str, verify: bool = True) -> tuple[dict, dict, dict]:
     if missing:
         raise ValueError(f"{path}/meta.json: lacks {', '.join(missing)}; {hint}")
     if "files" in meta:
-        _check_files(path, meta["files"], verify, hint)
+        _check_files(path, meta["files"], verify, hint, progress)
     else:
         print(f"retriever: warning: {path} records no file sizes or checksums (it was built by an older "
               f"retriever.py), so a damaged file may go unnoticed; {hint}", file=sys.stderr, flush=True)

@@ -1006,3 +1006,55 @@ def test_serve_refuses_a_bit_rotten_index_in_one_line_unless_told_not_to_verify(
         process.wait(timeout=10)
         process.stdout.close()
         process.stderr.close()
+
+# ---------------------------------------------------------------------------------------------
+# Progress of long builds
+
+
+@pytest.fixture
+def progress_at_once(monkeypatch):
+    """Progress shown from the first moment, every update, in batches of 64 passages."""
+    monkeypatch.setattr(R, "_PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(R, "_PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(R, "_PROGRESS_BATCH", 64)
+
+
+def test_building_an_index_shows_a_progress_bar(progress_at_once, capsys):
+    BM25Retriever(zipf_corpus(300, seed=11))
+    err = capsys.readouterr().err
+    assert "retriever: indexing" in err and "300/300" in err       # tqdm's bar, run to its end
+    assert "retriever: placing postings" in err
+
+
+def test_without_tqdm_progress_is_printed_as_lines(progress_at_once, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)                  # `from tqdm import tqdm` fails
+    BM25Retriever(zipf_corpus(300, seed=11))
+    lines = capsys.readouterr().err.splitlines()
+    indexing = [line for line in lines if line.startswith("retriever: indexing: ")]
+    assert [line.split(" passages")[0] for line in indexing] == \
+        [f"retriever: indexing: {n} of 300" for n in (64, 128, 192, 256, 300)]
+    assert all(re.fullmatch(r"retriever: indexing: \d+ of 300 passages in \d+ s", line) for line in indexing)
+    assert re.fullmatch(r"retriever: placing postings: 1 of 1 chunks in \d+ s", lines[-1])
+
+
+def test_index_command_and_from_jsonl_show_each_stage(progress_at_once, small_chunks, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", zipf_corpus(300, seed=12))
+    R.write_index(corpus, str(tmp_path / "index"))
+    err = capsys.readouterr().err
+    assert all(f"retriever: {stage}" in err for stage in ("indexing", "placing postings", "checksums")), err
+    BM25Retriever.load(str(tmp_path / "index"))
+    assert f"retriever: verifying {tmp_path / 'index'}" in capsys.readouterr().err
+    BM25Retriever.from_jsonl(corpus)
+    err = capsys.readouterr().err
+    assert f"retriever: reading {corpus}" in err and "retriever: indexing" in err
+
+
+def test_progress_false_and_a_quick_build_print_nothing(progress_at_once, tmp_path, capsys, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.jsonl", zipf_corpus(300, seed=13))
+    BM25Retriever.from_jsonl(corpus, progress=False)
+    R.write_index(corpus, str(tmp_path / "index"), progress=False)
+    BM25Retriever.load(str(tmp_path / "index"), progress=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(R, "_PROGRESS_DELAY", 2.0)                 # the default: a build under 2 s is quiet
+    BM25Retriever(SMALL)
+    assert capsys.readouterr().err == ""
