@@ -10,12 +10,18 @@ What it does
   error naming the file and line.
 - The index is built in memory from the rows (`BM25Retriever(rows)`, `.from_jsonl`), or once, on
   disk, by `python retriever.py index --corpus C.jsonl --out DIR` (`write_index`), and then
-  memory-mapped, not rebuilt, by `BM25Retriever.load(DIR)` / `serve --index DIR`, same scores.
+  memory-mapped, not rebuilt, by `BM25Retriever.load(DIR)` / `serve --index DIR`, same scores;
+  the size and CRC-32 of every file, recorded when it is written, are checked when it is loaded.
+  A build, read or check that runs longer than 2 s shows its progress on stderr (tqdm, if installed).
 - `format_passages` renders hits as the protocol's observation text (docs/method.md, 'The protocol').
 - `HTTPRetriever` speaks the Search-R1 retrieval API (`POST /retrieve`), so the rollout can use an
-  e5 + FAISS server someone already runs; `serve` / `python retriever.py serve` exposes a
-  `BM25Retriever` through the same API, so several training ranks or nodes share one index (a
-  listen backlog of 1024 for their simultaneous requests; bodies over --max-request-bytes get 413).
+  e5 + FAISS server someone already runs. It rides out a server restart: a failed request is
+  repeated with backoff for up to `retry_seconds` (default 5 minutes), one stderr line per retry;
+  a malformed reply or a URL that is not http(s):// is an error naming the URL.
+- `serve` / `python retriever.py serve` exposes a `BM25Retriever` through the same API, so several
+  training ranks or nodes share one index (a listen backlog of 1024 for their simultaneous
+  requests; bodies over --max-request-bytes get 413, a topk over --max-topk, default 100, gets 400;
+  a client that hangs up costs one log line). Its command-line errors are one line, exit status 2.
   Both retrievers have the same `.search(queries, topk)`, which is all the rollout needs.
 
 What it does not do: dense retrieval, stemming, stop words, phrase queries, incremental updates of
@@ -50,6 +56,7 @@ Usage:
 """
 import argparse
 import bisect
+import errno
 import glob
 import gzip
 import http.client
@@ -81,6 +88,50 @@ _BLOCK_BYTES = 1 << 20
 def tokenize(text: str) -> list[str]:
     """The BM25 analyzer: lower-case, split into `\\w+` runs. 'Who wrote "Hamlet"?' -> ['who', 'wrote', 'hamlet']."""
     return _WORD.findall(text.lower())
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress of long work (indexing wiki-18 takes ~20 minutes)
+
+_PROGRESS_DELAY = 2.0    # seconds of work before anything is shown: small corpora stay quiet
+_PROGRESS_EVERY = 30.0   # seconds between the progress lines printed when tqdm is not installed
+_PROGRESS_BATCH = 4096   # passages counted between updates (an update per passage would cost seconds)
+
+
+class _Progress:
+    """Progress on stderr: a tqdm bar (imported lazily, so this module needs only numpy), or without
+    tqdm a line every _PROGRESS_EVERY seconds; nothing until the work has run _PROGRESS_DELAY
+    seconds, and nothing at all when not `enabled`. update(n) adds n units done."""
+
+    def __init__(self, description: str, total: int | None = None, unit: str = "passages", enabled: bool = True):
+        self.description, self.total, self.unit, self.enabled, self.done = description, total, unit, enabled, 0
+        self._started = self._printed = time.monotonic()
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            # a log file (not a terminal) gets a line every _PROGRESS_EVERY s, not one a second
+            self._bar = tqdm(total=total, desc=f"retriever: {description}", unit="B" if unit == "bytes" else f" {unit}",
+                             unit_scale=True, unit_divisor=1024 if unit == "bytes" else 1000, delay=_PROGRESS_DELAY,
+                             mininterval=1.0 if sys.stderr.isatty() else _PROGRESS_EVERY, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and now - self._started >= _PROGRESS_DELAY and now - self._printed >= _PROGRESS_EVERY:
+            self._printed = now
+            of = "" if self.total is None else f" of {self.total:,}"
+            print(f"retriever: {self.description}: {self.done:,}{of} {self.unit} in {now - self._started:.0f} s",
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,12 +168,14 @@ def _text_lines(path: str):
         raise ValueError(f"{path}:{lineno + 1}: not a readable gzip file ({e})") from None
 
 
-def corpus_rows(path: str):
+def corpus_rows(path: str, progress: bool = False):
     """Yields each row of a JSONL corpus (UTF-8; gzip if named .gz), one
     {"id": str, "contents": "title\ntext"} object per line (extra keys are kept; blank lines are
     skipped), checking each as it goes: ValueError naming the file and line of the first bad row,
-    byte or duplicate id, or the file if it holds no passages."""
+    byte or duplicate id, or the file if it holds no passages. `progress`: count the rows read on
+    stderr if it takes a while (see _Progress)."""
     line_of_id = {}
+    bar = _Progress(f"reading {path}", enabled=progress)
     for lineno, line in _text_lines(path):
         if not line.strip():
             continue
@@ -136,14 +189,18 @@ def corpus_rows(path: str):
         if row["id"] in line_of_id:
             raise ValueError(f"{path}:{lineno}: duplicate id {row['id']!r} (first on line {line_of_id[row['id']]})")
         line_of_id[row["id"]] = lineno
+        if len(line_of_id) % _PROGRESS_BATCH == 0:
+            bar.update(_PROGRESS_BATCH)
         yield row
+    bar.update(len(line_of_id) - bar.done)
+    bar.close()
     if not line_of_id:
         raise ValueError(f"{path}: the corpus holds no passages")
 
 
-def load_corpus(path: str) -> list[dict]:
+def load_corpus(path: str, progress: bool = False) -> list[dict]:
     """Every row of a JSONL corpus (see corpus_rows), in file order."""
-    return list(corpus_rows(path))
+    return list(corpus_rows(path, progress))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,18 +304,21 @@ def _empty(directory: str | None, name: str, dtype, size: int) -> np.ndarray:
     return np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+", dtype=dtype, shape=(size,))
 
 
-def build_index(texts, k1: float, b: float, epsilon: float, directory: str | None = None, source: str = "BM25Retriever") -> dict:
+def build_index(texts, k1: float, b: float, epsilon: float, directory: str | None = None, source: str = "BM25Retriever",
+                progress: bool = False, total: int | None = None) -> dict:
     """The index of an iterable of passage texts, in the layout BM25Retriever documents:
     {"vocab", "start", "doc", "tf", "idf", "norm"}. Tokens are sorted _CHUNK_TOKENS at a time and
     each chunk's postings finally scattered into place; with a `directory`, the chunks and then doc
     and tf are written there (doc.npy / tf.npy, memory-mapped while they are filled) instead of held
-    in memory. `source` names the corpus in errors."""
+    in memory. `source` names the corpus in errors. `progress`: show on stderr, if the build takes
+    a while, the passages indexed (of `total`, when known) and then the chunks placed."""
     # Word ids in order of first appearance (the reference's vocabulary order, which its mean idf
     # sums in). A defaultdict whose factory is its own len() hands a new word the next id on first
     # lookup, so map() assigns ids without a Python-level call per token (2x faster).
     vocab = defaultdict()
     vocab.default_factory = vocab.__len__
     doc_len, word_of_token, chunks, chunk_first = array("i"), array("i"), [], 0  # doc_len: (N,)
+    bar = _Progress("indexing", total=total, enabled=progress)
     for text in texts:
         words = tokenize(text)
         doc_len.append(len(words))
@@ -266,7 +326,11 @@ def build_index(texts, k1: float, b: float, epsilon: float, directory: str | Non
         if len(word_of_token) >= _CHUNK_TOKENS:
             chunks.append(_spill(directory, len(chunks), _chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first)))
             word_of_token, chunk_first = array("i"), len(doc_len)
+        if len(doc_len) % _PROGRESS_BATCH == 0:
+            bar.update(_PROGRESS_BATCH)
     chunks.append(_spill(directory, len(chunks), _chunk_postings(word_of_token, doc_len[chunk_first:], chunk_first)))
+    bar.update(len(doc_len) - bar.done)
+    bar.close()
     del word_of_token
     vocab.default_factory = None  # from here on, an unknown word is a KeyError, not a new id
     if not doc_len:
@@ -281,11 +345,14 @@ def build_index(texts, k1: float, b: float, epsilon: float, directory: str | Non
     doc = _empty(directory, "doc", np.int32, int(start[-1]))  # (P,)
     tf = _empty(directory, "tf", np.result_type(*[chunk[3] for chunk in chunks]), int(start[-1]))  # (P,)
     cursor = start[:-1].copy()  # (V,) where each word's next postings go: chunk after chunk, so
+    bar = _Progress("placing postings", total=len(chunks), unit="chunks", enabled=progress)
     while chunks:               # a word's postings stay in corpus order
         words, counts, chunk_doc, chunk_tf = chunks.pop(0)
         at = np.repeat(cursor[words] - (np.cumsum(counts) - counts), counts) + np.arange(len(chunk_doc))  # (P_chunk,)
         doc[at], tf[at] = chunk_doc, chunk_tf
         cursor[words] += counts
+        bar.update(1)
+    bar.close()
     for spilled in glob.glob(os.path.join(directory, "chunk*.npy")) if directory else []:
         os.remove(spilled)
     doc_len = np.frombuffer(doc_len, dtype=np.int32)
@@ -309,9 +376,13 @@ class BM25Retriever:
     a word, postings are in corpus order. (Storing the finished float64 weight per posting instead
     of tf measured 1.2-1.9x faster scoring at 10k-100k passages, but at 8 bytes a posting instead
     of 1 the arrays of 1M synthetic passages grow from 434 to 992 MiB, and wiki-18's ~1.8G postings
-    (projected) would need ~11.5 GiB more: memory won. bench/bench_retriever.py measures both.)"""
+    (projected) would need ~11.5 GiB more: memory won. bench/bench_retriever.py measures both.)
 
-    def __init__(self, passages: list[dict], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
+    A build or load that runs longer than _PROGRESS_DELAY (2 s) shows its progress on stderr
+    (progress=False: never)."""
+
+    def __init__(self, passages: list[dict], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25,
+                 progress: bool = True):
         self.passages = list(passages)
         # float(): an int k1 would make tf * (k1 + 1) integer arithmetic on the uint8 tf array.
         self.k1, self.b, self.epsilon = float(k1), float(b), float(epsilon)
@@ -324,22 +395,27 @@ class BM25Retriever:
                 raise ValueError(f"BM25Retriever: passages[{i}]: duplicate id {row['id']!r} "
                                  f"(first at passages[{self._index_of_id[row['id']]}])")
             self._index_of_id[row["id"]] = i
-        self._adopt(build_index((row["contents"] for row in self.passages), self.k1, self.b, self.epsilon))
+        self._adopt(build_index((row["contents"] for row in self.passages), self.k1, self.b, self.epsilon,
+                                progress=progress, total=len(self.passages)))
 
     @classmethod
-    def from_jsonl(cls, path: str, **kwargs) -> "BM25Retriever":
-        """BM25Retriever(load_corpus(path), **kwargs)."""
-        return cls(load_corpus(path), **kwargs)
+    def from_jsonl(cls, path: str, progress: bool = True, **kwargs) -> "BM25Retriever":
+        """BM25Retriever(load_corpus(path), **kwargs), showing the progress of both if they take a while."""
+        return cls(load_corpus(path, progress), progress=progress, **kwargs)
 
     @classmethod
-    def load(cls, path: str) -> "BM25Retriever":
+    def load(cls, path: str, verify: bool = True, progress: bool = True) -> "BM25Retriever":
         """The retriever of an index directory written by `write_index` (`python retriever.py index`):
-        its arrays and passages are memory-mapped, not read, so loading takes about as long as
-        reading the vocabulary, and processes on one machine share the pages. k1, b and epsilon are
-        the index's (they are fixed when it is built). get(id) returns {"id", "contents"} only: extra
-        keys of the corpus rows are not stored. ValueError naming the path for anything that is not
-        a complete index of this version."""
-        meta, arrays, vocab = _read_index(path)
+        its arrays and passages are memory-mapped, not read into memory, and processes on one machine
+        share the pages. k1, b and epsilon are the index's (they are fixed when it is built).
+        get(id) returns {"id", "contents"} only: extra keys of the corpus rows are not stored.
+        ValueError naming the file for anything that is not a complete, undamaged index of this
+        version: every file's size is checked against meta.json, and with `verify` its CRC-32 too,
+        which reads every byte once (1-3.5 GiB/s from the page cache on this 2-core machine,
+        depending on its load: ~7-25 s for wiki-18's ~25 GiB; longer from a cold disk; shown on
+        stderr with `progress`), so bit rot is found at load, not as a wrong passage or an
+        IndexError later. verify=False skips it (for an index on a disk you trust)."""
+        meta, arrays, vocab = _read_index(path, verify, progress)
         self = cls.__new__(cls)
         self.k1, self.b, self.epsilon = meta["k1"], meta["b"], meta["epsilon"]
         self.passages = self._index_of_id = _StoredPassages(arrays)
@@ -424,10 +500,12 @@ INDEX_FORMAT, INDEX_VERSION = "retriever.py BM25 index", 1
 _BLOB_OFFSETS = {"ids": "id_offsets", "contents": "contents_offsets"}  # blob file -> its offsets array
 
 
-def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25) -> dict:
+def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25,
+                progress: bool = True) -> dict:
     """Builds the BM25 index of a JSONL corpus into the new directory `out`, for BM25Retriever.load.
 
-        meta.json               format, version, k1, b, epsilon, counts (written last)
+        meta.json               format, version, k1, b, epsilon, counts, and every other file's
+                                size and CRC-32 (checked by load); written last
         vocab.txt               the words, one a line, in id order
         start, doc, tf, idf, norm .npy   the inverted index (BM25Retriever's layout)
         ids.bin, contents.bin   every passage's id and contents, UTF-8, one after another; passage i
@@ -437,7 +515,7 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
     Everything is written into a temporary directory beside `out` and renamed to `out` when
     complete, so `out` is either absent or a whole index. Refuses an existing `out`. Memory: the
     vocabulary, the ids and one chunk's sort; the passages and each chunk's postings go to disk as
-    they are made. Returns the metadata."""
+    they are made. A long build shows its progress on stderr (`progress`). Returns the metadata."""
     k1, b, epsilon = float(k1), float(b), float(epsilon)   # an int k1 would make the BM25 math integer
     if os.path.exists(out):
         raise FileExistsError(f"{out}: already exists; remove it or choose another --out")
@@ -453,7 +531,7 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
                     for key, file in (("id", id_file), ("contents", text_file)):
                         offsets[key].append(offsets[key][-1] + file.write(row[key].encode("utf-8", "surrogatepass")))
                     yield row["contents"]
-            index = build_index(texts(), k1, b, epsilon, directory=tmp, source=corpus)
+            index = build_index(texts(), k1, b, epsilon, directory=tmp, source=corpus, progress=progress)
         index["doc"].flush(), index["tf"].flush()
         arrays = {"start": index["start"], "idf": index["idf"], "norm": index["norm"],
                   "id_offsets": np.frombuffer(offsets["id"], dtype=np.int64),
@@ -465,7 +543,8 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
             f.write("\n".join(index["vocab"]))  # a word is a \w+ run, so never holds a newline
         meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "k1": k1, "b": b,
                 "epsilon": epsilon, "passages": len(ids), "words": len(index["vocab"]),
-                "postings": len(index["doc"]), "tf_dtype": index["tf"].dtype.name, "corpus": os.path.abspath(corpus)}
+                "postings": len(index["doc"]), "tf_dtype": index["tf"].dtype.name, "corpus": os.path.abspath(corpus),
+                "files": _file_records(tmp, progress)}
         with open(os.path.join(tmp, "meta.json.tmp"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         os.replace(os.path.join(tmp, "meta.json.tmp"), os.path.join(tmp, "meta.json"))  # the mark of a whole index
@@ -477,10 +556,57 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
     return meta
 
 
-def _read_index(path: str) -> tuple[dict, dict, dict]:
+def _file_crc32(path: str, bar: _Progress | None = None) -> str:
+    """CRC-32 of a file's bytes, 8 hex digits. Read 1 MiB at a time, which stays in the CPU cache
+    from the read to the CRC (1.0 GiB/s measured here under load, vs 0.55-0.99 with 16 MiB)."""
+    crc, buffer = 0, bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            crc = zlib.crc32(view[:n], crc)
+            if bar is not None:
+                bar.update(n)
+    return f"{crc:08x}"
+
+
+def _file_records(directory: str, progress: bool) -> dict:
+    """{name: {"bytes", "crc32"}} of every file in `directory`, for meta.json."""
+    names = sorted(os.listdir(directory))
+    sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in names}
+    bar = _Progress("checksums", total=sum(sizes.values()), unit="bytes", enabled=progress)
+    records = {name: {"bytes": sizes[name], "crc32": _file_crc32(os.path.join(directory, name), bar)} for name in names}
+    bar.close()
+    return records
+
+
+def _check_files(path: str, files, verify: bool, hint: str, progress: bool = False) -> None:
+    """Every file meta.json lists has its recorded size, and with `verify` its recorded CRC-32:
+    ValueError naming the first that does not (truncated, replaced or bit-rotten)."""
+    if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("bytes"), int)
+                                              and isinstance(r.get("crc32"), str) for r in files.values()):
+        raise ValueError(f"{path}/meta.json: \"files\" is not {{name: {{\"bytes\", \"crc32\"}}}}; {hint}")
+    for name, record in files.items():
+        file = os.path.join(path, name)
+        size = os.path.getsize(file) if os.path.isfile(file) else None
+        if size != record["bytes"]:
+            raise ValueError(f"{file}: {'missing' if size is None else f'{size} bytes'}, expected "
+                             f"{record['bytes']} (meta.json): truncated or replaced; {hint}")
+    bar = _Progress(f"verifying {path}", total=sum(r["bytes"] for r in files.values()), unit="bytes",
+                    enabled=progress and verify)
+    for name, record in files.items() if verify else ():
+        file = os.path.join(path, name)
+        crc = _file_crc32(file, bar)
+        if crc != record["crc32"]:
+            raise ValueError(f"{file}: damaged: its CRC-32 is {crc}, meta.json records {record['crc32']} "
+                             f"(bit rot or a bad copy); {hint}")
+    bar.close()
+
+
+def _read_index(path: str, verify: bool = True, progress: bool = False) -> tuple[dict, dict, dict]:
     """(meta, {name: memory-mapped array or blob}, vocab) of an index directory, checked against
-    meta.json (presence, dtype and length of every file, offsets ending at the blob sizes); the
-    array contents are not read. ValueError naming the path when it is not a complete index."""
+    meta.json: every file's size (and with `verify` its CRC-32), then the dtype and length of every
+    array and the offsets ending at the blob sizes. ValueError naming the file when it is not a
+    complete, undamaged index. An index written before checksums were recorded gets a warning."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such index directory (build one with `python retriever.py index`)")
     hint = "rebuild it with `python retriever.py index --corpus C.jsonl --out DIR`"
@@ -498,6 +624,11 @@ def _read_index(path: str) -> tuple[dict, dict, dict]:
     missing = [key for key in ("k1", "b", "epsilon", "passages", "words", "postings", "tf_dtype") if key not in meta]
     if missing:
         raise ValueError(f"{path}/meta.json: lacks {', '.join(missing)}; {hint}")
+    if "files" in meta:
+        _check_files(path, meta["files"], verify, hint, progress)
+    else:
+        print(f"retriever: warning: {path} records no file sizes or checksums (it was built by an older "
+              f"retriever.py), so a damaged file may go unnoticed; {hint}", file=sys.stderr, flush=True)
     n, v, p = meta["passages"], meta["words"], meta["postings"]
     arrays, expected = {}, {"start": (np.int64, v + 1), "doc": (np.int32, p), "tf": (meta["tf_dtype"], p),
                             "idf": (np.float64, v), "norm": (np.float64, n), "id_offsets": (np.int64, n + 1),
@@ -588,18 +719,42 @@ class HTTPRetriever:
 
     Request:  POST {url}/retrieve  {"queries": [...], "topk": k, "return_scores": true}
     Reply:    {"result": [[{"document": {"id", "contents", ...}, "score": s}, ...] per query]}
-    Standard library only. Connection errors, timeouts and HTTP 5xx are retried `retries` times,
-    sleeping backoff * 2**attempt seconds in between; then RuntimeError naming the URL. HTTP 4xx
-    (a request the server will never accept) fails at once with the server's message."""
+    Standard library only.
 
-    def __init__(self, url: str, topk: int = 3, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5):
-        if retries < 0 or backoff < 0 or timeout <= 0:
-            raise ValueError(f"HTTPRetriever: need retries >= 0, backoff >= 0, timeout > 0; got {retries}, {backoff}, {timeout}")
+    Faults. A request that fails in a way a server can recover from (connection refused or reset,
+    a timeout of `timeout` seconds, HTTP 5xx, 408 or 429) is repeated until it succeeds or
+    `retry_seconds` have passed since the first attempt, so a server restart is ridden out: waits of
+    `backoff` seconds, doubling up to `max_backoff`, each announced by one line on stderr naming the
+    URL, the error and the budget left. Then RuntimeError naming the URL and the budget. (An attempt
+    in progress is not cut short: the worst case is retry_seconds + timeout.) `retries`, if given,
+    also caps the number of repeats. Anything else fails at once, naming the URL: a URL that is not
+    http(s):// (at construction), HTTP 4xx (a request the server will never accept; with its
+    message), or a reply that is not the API's JSON."""
+
+    def __init__(self, url: str, topk: int = 3, timeout: float = 30.0, retry_seconds: float = 300.0,
+                 backoff: float = 0.5, max_backoff: float = 10.0, retries: int | None = None):
+        for name, value, positive in (("timeout", timeout, True), ("retry_seconds", retry_seconds, False),
+                                      ("backoff", backoff, False), ("max_backoff", max_backoff, True)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (positive and value == 0):
+                raise ValueError(f"HTTPRetriever: {name} must be a finite number of seconds "
+                                 f"{'> 0' if positive else '>= 0'}, got {value!r}")
+        if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool) or retries < 0):
+            raise ValueError(f"HTTPRetriever: retries must be None or an integer >= 0, got {retries!r}")
+        parts = urllib.parse.urlsplit(url)
+        try:
+            parts.port  # raises for a port out of range or not a number
+        except ValueError as e:
+            raise ValueError(f"HTTPRetriever: {url!r}: {e}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"HTTPRetriever: {url!r} is not an http:// or https:// URL with a host "
+                             f"(e.g. http://127.0.0.1:8000/retrieve)")
         base = url.rstrip("/")
         self.url = base if base.endswith("/retrieve") else base + "/retrieve"
-        self.topk, self.timeout, self.retries, self.backoff = topk, timeout, retries, backoff
+        self.topk, self.timeout, self.retry_seconds, self.retries = topk, timeout, retry_seconds, retries
+        self.backoff, self.max_backoff = backoff, max_backoff
         # A proxy from the environment (http_proxy) cannot reach this machine's loopback server.
-        loopback = urllib.parse.urlsplit(self.url).hostname in ("localhost", "127.0.0.1", "::1")
+        loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
         self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
 
     def search(self, queries: list[str], topk: int | None = None) -> list[list[dict]]:
@@ -615,7 +770,10 @@ class HTTPRetriever:
         if not isinstance(per_query, list) or len(per_query) != len(asked):
             raise RuntimeError(f"retrieval server {self.url}: expected {{\"result\": [...]}} with "
                                f"{len(asked)} hit lists, got {str(reply)[:300]}")
-        for i, items in zip(asked, per_query):
+        for j, (i, items) in enumerate(zip(asked, per_query)):
+            if not isinstance(items, list):
+                raise RuntimeError(f"retrieval server {self.url}: \"result\"[{j}] must be a list of hits, "
+                                   f"got {str(items)[:300]}")
             results[i] = [self._hit(item) for item in items]
         return results
 
@@ -625,30 +783,50 @@ class HTTPRetriever:
         document, score = (item["document"], item.get("score")) if isinstance(item, dict) and "document" in item else (item, None)
         if not isinstance(document, dict) or not isinstance(document.get("contents"), str):
             raise RuntimeError(f"retrieval server {self.url}: a hit has no \"contents\" string: {str(item)[:300]}")
+        if score is not None and (not isinstance(score, (int, float)) or isinstance(score, bool)):
+            raise RuntimeError(f"retrieval server {self.url}: a hit's \"score\" is not a number: {str(item)[:300]}")
         return {"id": document.get("id"), "contents": document["contents"], "score": score}
 
     def _post(self, payload: dict) -> dict:
+        """The decoded reply to one request, repeated as the class docstring says."""
         body = json.dumps(payload).encode("utf-8")
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
-            try:
-                with self._opener.open(request, timeout=self.timeout) as response:
-                    text = response.read()
-            except urllib.error.HTTPError as e:
-                if e.code < 500:
-                    raise RuntimeError(f"retrieval server {self.url} rejected the request: HTTP {e.code}: "
-                                       f"{e.read()[:500].decode('utf-8', 'replace')}") from None
-                error = f"HTTP {e.code}"
-            except (OSError, http.client.HTTPException) as e:  # URLError: refused, reset, timeout, ...
-                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            else:
-                try:
-                    return json.loads(text)
-                except json.JSONDecodeError:
-                    raise RuntimeError(f"retrieval server {self.url} replied with invalid JSON: {text[:300]!r}") from None
-            if attempt < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
-        raise RuntimeError(f"retrieval server {self.url} failed after {self.retries + 1} attempts; last error: {error}")
+        started = time.monotonic()
+        wait, attempts = self.backoff, 0
+        while True:
+            attempts += 1
+            reply, error = self._attempt(body)
+            if error is None:
+                return reply
+            left = started + self.retry_seconds - time.monotonic()
+            if left <= 0 or (self.retries is not None and attempts > self.retries):
+                cap = "" if self.retries is None else f", retries={self.retries}"
+                raise RuntimeError(f"retrieval server {self.url}: no answer after {attempts} attempt{'s' * (attempts > 1)} in "
+                                   f"{time.monotonic() - started:.1f} s (retry budget: retry_seconds="
+                                   f"{self.retry_seconds:g}{cap}); last error: {error}")
+            pause = min(wait, left)
+            print(f"retriever: {self.url}: {error}; retrying in {pause:.3g} s "
+                  f"({left:.0f} s of the {self.retry_seconds:g} s retry budget left)", file=sys.stderr, flush=True)
+            time.sleep(pause)
+            wait = min(2 * wait, self.max_backoff)
+
+    def _attempt(self, body: bytes) -> tuple[dict | None, str | None]:
+        """(decoded reply, None), or (None, why) for a failure worth repeating; raises for the rest."""
+        request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                text = response.read()
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code not in (408, 429):  # the server will never accept this request
+                raise RuntimeError(f"retrieval server {self.url} rejected the request: HTTP {e.code}: "
+                                   f"{e.read()[:500].decode('utf-8', 'replace')}") from None
+            return None, f"HTTP {e.code}"
+        except (OSError, http.client.HTTPException) as e:  # URLError: refused, reset, timeout, ...
+            cause = e.reason if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException) else e
+            return None, f"{type(cause).__name__}: {cause}"
+        try:
+            return json.loads(text), None
+        except ValueError:  # not JSON, or not UTF-8
+            raise RuntimeError(f"retrieval server {self.url} replied with invalid JSON: {text[:300]!r}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,8 +834,8 @@ class HTTPRetriever:
 
 
 class _RetrieveHandler(BaseHTTPRequestHandler):
-    """POST /retrieve on a `server.retriever`. Bad requests get 400 {"error": "..."}, a body over
-    server.max_request_bytes 413 (without reading it)."""
+    """POST /retrieve on a `server.retriever`. Bad requests get 400 {"error": "..."} (a topk over
+    server.max_topk among them), a body over server.max_request_bytes 413 (without reading it)."""
 
     timeout = 60  # seconds a client may stall mid-request before its thread gives up on it
 
@@ -680,7 +858,10 @@ class _RetrieveHandler(BaseHTTPRequestHandler):
         problem = _request_problem(request)
         if problem is not None:
             return self._reply(400, {"error": problem})
-        topk = request.get("topk") or 3  # Search-R1 treats a missing or 0 topk as its default
+        topk = request.get("topk") or min(3, self.server.max_topk)  # Search-R1: a missing or 0 topk is its default
+        if topk > self.server.max_topk:  # a topk of 10**9 would send the whole corpus back
+            return self._reply(400, {"error": f'"topk" {topk} is over this server\'s limit of {self.server.max_topk} '
+                                              f"passages per query (serve --max-topk)"})
         try:
             results = self.server.retriever.search(request["queries"], topk=topk)
         except Exception as e:  # report it rather than drop the connection
@@ -726,24 +907,44 @@ class _Server(ThreadingHTTPServer):
     # loopback clients. (The kernel caps it at net.core.somaxconn.)
     request_queue_size = 1024
 
+    def handle_error(self, request, client_address):
+        """A client that hangs up before its reply (it timed out, or was killed) is its own affair:
+        one line, not the standard library's 25-line traceback. Anything else is a bug: traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            return super().handle_error(request, client_address)
+        print(f"retriever: client {client_address[0]}:{client_address[1]} went away mid-request "
+              f"({type(error).__name__})", file=sys.stderr, flush=True)
+
 
 MAX_REQUEST_BYTES = 16 * 2**20   # the largest /retrieve body the server reads (a batch of queries is KBs)
+# The most passages a query may ask for. Search-R1 trains and evaluates with topk 3 and its largest
+# use is 10 (retrieve 10, rerank to 3); 100 leaves room for recall@100-style evaluation while a
+# request can no longer ask for the whole corpus.
+MAX_TOPK = 100
 
 
-def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES) -> ThreadingHTTPServer:
+def make_server(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES,
+                max_topk: int = MAX_TOPK) -> ThreadingHTTPServer:
     """A threaded HTTP server answering POST /retrieve from `retriever` (anything with .search).
     Port 0 picks a free port: read it back from server.server_address[1]. A request body over
-    max_request_bytes gets 413 instead of being read into memory."""
-    if max_request_bytes < 1:
-        raise ValueError(f"make_server: max_request_bytes must be positive, got {max_request_bytes}")
+    max_request_bytes gets 413 instead of being read into memory; a topk over max_topk gets 400.
+    OSError if the address cannot be bound (a busy port, an unknown host)."""
+    for name, value in (("max_request_bytes", max_request_bytes), ("max_topk", max_topk)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"make_server: {name} must be a positive integer, got {value!r}")
     server = _Server((host, port), _RetrieveHandler)
-    server.retriever, server.max_request_bytes = retriever, max_request_bytes
+    server.retriever, server.max_request_bytes, server.max_topk = retriever, max_request_bytes, max_topk
     return server
 
 
-def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES):
+def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_bytes: int = MAX_REQUEST_BYTES,
+          max_topk: int = MAX_TOPK):
     """Serves `retriever` over the Search-R1 API until interrupted (blocking)."""
-    server = make_server(retriever, host, port, max_request_bytes)
+    _serve_forever(make_server(retriever, host, port, max_request_bytes, max_topk))
+
+
+def _serve_forever(server: ThreadingHTTPServer):
     host, port = server.server_address[:2]
     print(f"retriever: serving at http://{host}:{port}/retrieve", flush=True)
     try:
@@ -754,8 +955,28 @@ def serve(retriever, host: str = "127.0.0.1", port: int = 8000, max_request_byte
         server.server_close()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: ...`, exit status 2 (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high], else a message saying so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high if high is not None else 'inf'}]")
+        return value
+    return parse
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="BM25 retrieval server speaking the Search-R1 API, and its index builder.")
+    parser = _Parser(description="BM25 retrieval server speaking the Search-R1 API, and its index builder.")
     commands = parser.add_subparsers(dest="command", required=True)
     corpus_help = 'JSONL, one {"id", "contents": "title\\ntext"} per line'
     index_args = commands.add_parser("index", help="build a BM25 index directory once, for serve --index / BM25Retriever.load")
@@ -766,9 +987,13 @@ def main(argv=None):
     source.add_argument("--corpus", help=corpus_help)
     source.add_argument("--index", help="an index directory written by `index` (its k1, b and epsilon are used)")
     serve_args.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (no authentication)")
-    serve_args.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    serve_args.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+    serve_args.add_argument("--port", type=_int_at_least(0, 65535), default=8000, help="0 picks a free port")
+    serve_args.add_argument("--max-request-bytes", type=_int_at_least(1), default=MAX_REQUEST_BYTES,
                             help="larger request bodies get HTTP 413 (default 16 MiB)")
+    serve_args.add_argument("--no-verify", action="store_true",
+                            help="with --index: skip the CRC-32 pass over its files (sizes are still checked)")
+    serve_args.add_argument("--max-topk", type=_int_at_least(1), default=MAX_TOPK,
+                            help=f"a larger topk gets HTTP 400 (default {MAX_TOPK}; Search-R1 uses 3, at most 10)")
     for command in (index_args, serve_args):
         command.add_argument("--k1", type=float, help="default 1.5")
         command.add_argument("--b", type=float, help="default 0.75")
@@ -778,21 +1003,32 @@ def main(argv=None):
     if args.command == "serve" and args.index and given:
         serve_args.error(f"--{'/--'.join(given)}: an index's parameters are fixed when it is built "
                          f"(see {args.index}/meta.json); give them to `index`")
-    if args.command == "serve" and args.max_request_bytes < 1:
-        serve_args.error(f"--max-request-bytes must be positive, got {args.max_request_bytes}")
-    started = time.perf_counter()
+    if args.command == "serve" and args.no_verify and not args.index:
+        serve_args.error("--no-verify: only an --index is verified (a --corpus is indexed at start-up)")
+    started, server = time.perf_counter(), None
     try:
         if args.command == "index":
             meta = write_index(args.corpus, args.out, **given)
             print(f"retriever: indexed {meta['passages']:,} passages ({meta['words']:,} words, {meta['postings']:,} "
                   f"postings) from {args.corpus} into {args.out} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
             return
-        retriever = BM25Retriever.load(args.index) if args.index else BM25Retriever.from_jsonl(args.corpus, **given)
+        try:  # bound before the build, so a busy port fails now and not after minutes of indexing
+            server = make_server(None, args.host, args.port, args.max_request_bytes, args.max_topk)
+        except OSError as e:
+            busy = " (another server? --port 0 picks a free port)" if e.errno == errno.EADDRINUSE else ""
+            parser.exit(2, f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}{busy}\n")
+        server.retriever = (BM25Retriever.load(args.index, verify=not args.no_verify) if args.index
+                            else BM25Retriever.from_jsonl(args.corpus, **given))
     except (OSError, ValueError) as e:  # a bad corpus or index: its message names the file
-        sys.exit(f"retriever: {e}")
-    print(f"retriever: {'loaded' if args.index else 'indexed'} {len(retriever):,} passages from {args.index or args.corpus} "
-          f"in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
-    serve(retriever, args.host, args.port, args.max_request_bytes)
+        parser.exit(2, f"error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "retriever: interrupted\n")
+    finally:
+        if server is not None and server.retriever is None:
+            server.server_close()
+    print(f"retriever: {'loaded' if args.index else 'indexed'} {len(server.retriever):,} passages from "
+          f"{args.index or args.corpus} in {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    _serve_forever(server)
 
 
 if __name__ == "__main__":

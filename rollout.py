@@ -92,15 +92,38 @@ def format_passages(hits: list[dict]) -> str:
     return "".join(lines)
 
 
+# A passage can be megabytes (one of 18 MB took 43.5 s to tokenise), yet only its first max_obs_tokens
+# tokens are shown. So only a prefix of the text is tokenised: (n + _CUT_SLACK_TOKENS) * _CHARS_PER_TOKEN
+# characters, and twice as many until it yields n + _CUT_SLACK_TOKENS tokens. Cutting the text changes
+# only tokens near the cut (pre-tokenizer splits and BPE merges look at neighbours), so the first n
+# tokens, 64 tokens before it, are the ones the whole text gives -- unless a single unbroken word more
+# than 64 tokens long straddles the cut. English averages ~4 characters a token; 8 is generous.
+_CHARS_PER_TOKEN = 8
+_CUT_SLACK_TOKENS = 64
+
+
+def leading_ids(tokenizer, text: str, n: int) -> tuple[list[int], bool]:
+    """encode_text(text)[:n] and whether text has more than n tokens, tokenising only a prefix of
+    text that is long enough (see _CHARS_PER_TOKEN); the whole text when it is short."""
+    chars = (n + _CUT_SLACK_TOKENS) * _CHARS_PER_TOKEN
+    while chars < len(text):
+        ids = encode_text(tokenizer, text[:chars])
+        if len(ids) >= n + _CUT_SLACK_TOKENS:      # the cut is far past token n: more than n tokens
+            return ids[:n], True
+        chars *= 2                                 # long tokens (runs of spaces, ...): a longer prefix
+    ids = encode_text(tokenizer, text)
+    return ids[:n], len(ids) > n
+
+
 def observation_ids(tokenizer, hits: list[dict], max_obs_tokens: int) -> tuple[list[int], bool]:
     """`\\n\\n<information>{passages}</information>\\n\\n` as token ids, and whether it was cut.
 
     The passages (stripped, as Search-R1 does) are cut to `max_obs_tokens` tokens *before* the closing
-    tag is added, so `</information>` always survives (Search-R1 cuts after and loses it).
+    tag is added, so `</information>` always survives (Search-R1 cuts after and loses it). Only a
+    prefix of a long text is tokenised (leading_ids): the same ids as cutting the whole text's tokens.
     """
-    head = encode_text(tokenizer, OBS_OPEN + format_passages(hits).strip())
-    truncated = len(head) > max_obs_tokens
-    return head[:max_obs_tokens] + encode_text(tokenizer, OBS_CLOSE), truncated
+    head, truncated = leading_ids(tokenizer, OBS_OPEN + format_passages(hits).strip(), max_obs_tokens)
+    return head + encode_text(tokenizer, OBS_CLOSE), truncated
 
 
 def last_query(turn_text: str) -> str | None:

@@ -3,13 +3,18 @@ format, corpus loading errors, and the Search-R1 HTTP API on loopback."""
 import gzip
 import http.client
 import json
+import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -442,7 +447,7 @@ def test_request_size_limit_is_configurable_and_a_bad_length_is_400():
     finally:
         server.shutdown()
         server.server_close()
-    with pytest.raises(ValueError, match="max_request_bytes must be positive"):
+    with pytest.raises(ValueError, match="max_request_bytes must be a positive integer"):
         make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_request_bytes=0)
 
 
@@ -476,11 +481,11 @@ def test_client_checks_topk_and_queries_like_the_local_retriever(server_url, top
     assert attempts == []                                  # refused before asking the server
 
 
-def test_dead_url_fails_after_configured_retries_naming_the_url():
+def test_retries_if_given_caps_the_attempts_within_the_budget():
     url = f"http://127.0.0.1:{free_port_with_nothing_listening()}"
     client = HTTPRetriever(url, retries=2, backoff=0.001, timeout=2.0)
     attempts = count_attempts(client)
-    with pytest.raises(RuntimeError, match=re.escape(url + "/retrieve") + " failed after 3 attempts"):
+    with pytest.raises(RuntimeError, match=re.escape(url + "/retrieve") + ": no answer after 3 attempts.*retries=2"):
         client.search(["Lima"])
     assert len(attempts) == 3
 
@@ -514,6 +519,238 @@ def test_client_reads_search_r1_replies_without_ids_or_scores():
     assert client._hit({"id": "9", "contents": "T\nx"}) == {"id": "9", "contents": "T\nx", "score": None}
     with pytest.raises(RuntimeError, match="127.0.0.1:1/retrieve.*contents"):
         client._hit({"document": {"text": "x"}})
+
+
+def serve_in_thread(server):
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_client_rides_out_a_server_that_comes_up_after_a_second_with_a_line_per_retry(capsys):
+    port = free_port_with_nothing_listening()
+    url = f"http://127.0.0.1:{port}/retrieve"
+    started = []
+
+    def start_late():  # a server restart: nothing listens for 1.2 s, then the server is back
+        time.sleep(1.2)
+        server = make_server(BM25Retriever(SMALL), "127.0.0.1", port)
+        started.append(server)
+        serve_in_thread(server)
+
+    threading.Thread(target=start_late, daemon=True).start()
+    client = HTTPRetriever(url, retry_seconds=20, backoff=0.05, max_backoff=0.2)
+    attempts = count_attempts(client)
+    try:
+        assert client.search(["Lima"]) == BM25Retriever(SMALL).search(["Lima"])
+    finally:
+        for server in started:
+            server.shutdown()
+            server.server_close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(attempts) - 1 >= 5          # one line per retry: 0.05 + 0.1 + 0.2 + ... < 1.2 s
+    for line in lines:
+        assert line.startswith(f"retriever: {url}: ConnectionRefusedError") and "retrying in" in line
+        assert re.search(r"\(\d+ s of the 20 s retry budget left\)$", line), line
+
+
+def test_client_gives_up_when_the_retry_budget_runs_out_naming_the_url_and_budget(capsys):
+    url = f"http://127.0.0.1:{free_port_with_nothing_listening()}/retrieve"
+    client = HTTPRetriever(url, retry_seconds=0.6, backoff=0.05, max_backoff=0.1)
+    attempts = count_attempts(client)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match=re.escape(url) + r": no answer after \d+ attempts in [\d.]+ s "
+                                            r"\(retry budget: retry_seconds=0\.6\); last error: ConnectionRefusedError"):
+        client.search(["Lima"])
+    assert 0.6 <= time.monotonic() - began < 3
+    assert len(attempts) >= 6                              # bounded by time, not by a count of 3
+    assert len(capsys.readouterr().err.splitlines()) == len(attempts) - 1
+
+
+def test_a_hung_server_gives_a_line_per_timeout_not_silent_minutes(capsys):
+    with socket.socket() as hung:                          # accepts connections (the backlog), never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/retrieve"
+        client = HTTPRetriever(url, timeout=0.2, retry_seconds=0.5, backoff=0.05)
+        with pytest.raises(RuntimeError, match=re.escape(url) + ".*retry_seconds=0.5.*last error: TimeoutError"):
+            client.search(["Lima"])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) >= 2 and all(f"{url}: TimeoutError" in line for line in lines)
+
+
+def test_a_retry_budget_of_zero_makes_one_attempt():
+    client = HTTPRetriever(f"http://127.0.0.1:{free_port_with_nothing_listening()}", retry_seconds=0)
+    attempts = count_attempts(client)
+    with pytest.raises(RuntimeError, match="no answer after 1 attempt in"):
+        client.search(["Lima"])
+    assert len(attempts) == 1
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost:8000/retrieve", "ftp://127.0.0.1:8000", "http://",
+                                 "http:///retrieve", "http://127.0.0.1:99999"])
+def test_a_url_without_http_scheme_or_host_is_refused_at_construction(url):
+    with pytest.raises(ValueError, match=re.escape(repr(url))):
+        HTTPRetriever(url)
+
+
+@pytest.mark.parametrize("keyword,value", [("retry_seconds", -1), ("retry_seconds", float("inf")),
+                                           ("retry_seconds", float("nan")), ("timeout", 0), ("backoff", -0.5),
+                                           ("max_backoff", 0), ("retries", -1), ("retries", 1.5)])
+def test_client_refuses_bad_retry_settings_naming_them(keyword, value):
+    with pytest.raises(ValueError, match=f"HTTPRetriever: {keyword} must be"):
+        HTTPRetriever("http://127.0.0.1:8000", **{keyword: value})
+
+
+def fixed_reply_server(body: bytes, status: int = 200):
+    """A loopback server that answers every POST with `body`: a server of some other kind."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    serve_in_thread(server)
+    return server
+
+
+@pytest.mark.parametrize("body,message", [
+    (b'{"result": [null]}', r'"result"\[0\] must be a list of hits, got None'),
+    (b'{"result": [7]}', r'"result"\[0\] must be a list of hits, got 7'),
+    (b'{"result": 3}', r'expected \{"result": \[...\]\} with 1 hit lists, got'),
+    (b'{"result": [[null]]}', r'a hit has no "contents" string: None'),
+    (b'{"result": [[{"document": {"contents": "T\\nx"}, "score": "high"}]]}', r'"score" is not a number'),
+    (b"\xff\xfe not utf-8", r"replied with invalid JSON"),
+    (b"<html>Welcome to nginx</html>", r"replied with invalid JSON: b'<html>"),
+])
+def test_a_malformed_reply_is_an_error_naming_the_url_and_what_is_wrong(body, message):
+    server = fixed_reply_server(body)
+    url = f"http://127.0.0.1:{server.server_address[1]}/retrieve"
+    try:
+        client = HTTPRetriever(url, retry_seconds=5)
+        attempts = count_attempts(client)
+        with pytest.raises(RuntimeError, match=re.escape(url) + ".*" + message):
+            client.search(["Lima"])
+        assert len(attempts) == 1                          # a server of another kind: not worth repeating
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_server_refuses_a_topk_over_its_limit_with_400_and_answers_up_to_it(server_url):
+    port = int(server_url.rsplit(":", 1)[1])
+    status, reply = plain_post(port, json.dumps({"queries": ["Lima"] * 200, "topk": 10**9}).encode())
+    assert status == 400 and reply == {"error": "\"topk\" 1000000000 is over this server's limit of 100 "
+                                                "passages per query (serve --max-topk)"}
+    status, reply = plain_post(port, json.dumps({"queries": ["Lima"], "topk": R.MAX_TOPK}).encode())
+    assert status == 200 and len(reply["result"][0]) == len(SMALL)   # the whole (small) corpus: allowed
+
+
+def test_max_topk_is_configurable_and_the_client_fails_at_once_with_the_reason():
+    server = make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_topk=2)
+    serve_in_thread(server)
+    port = server.server_address[1]
+    try:
+        assert plain_post(port, b'{"queries": ["Lima"], "topk": 2}')[0] == 200
+        assert plain_post(port, b'{"queries": ["Lima"], "topk": 3}')[0] == 400
+        status, reply = plain_post(port, b'{"queries": ["Lima"]}')       # the default 3 shrinks to the limit
+        assert status == 200 and len(reply["result"][0]) == 2
+        client = HTTPRetriever(f"http://127.0.0.1:{port}", retry_seconds=5)
+        attempts = count_attempts(client)
+        with pytest.raises(RuntimeError, match=r"rejected the request: HTTP 400: .*limit of 2 passages per query"):
+            client.search(["Lima"], topk=3)
+        assert len(attempts) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_topk must be a positive integer"):
+            make_server(BM25Retriever(SMALL), "127.0.0.1", 0, max_topk=bad)
+
+
+def test_a_client_that_hangs_up_before_its_reply_costs_one_line_on_the_server_not_a_traceback(capfd):
+    class GatedRetriever:  # holds the request until the client is gone
+        def __init__(self):
+            self.entered, self.go = threading.Event(), threading.Event()
+
+        def search(self, queries, topk=3):
+            self.entered.set()
+            self.go.wait(10)
+            return BM25Retriever(SMALL).search(queries, topk)
+
+    gated = GatedRetriever()
+    server = make_server(gated, "127.0.0.1", 0)
+    serve_in_thread(server)
+    port = server.server_address[1]
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(b'POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 32\r\n\r\n{"queries": ["Lima"], "topk": 1}')
+        assert gated.entered.wait(10)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()                                     # a reset: the reply has nowhere to go
+        gated.go.set()
+        deadline, err = time.monotonic() + 10, ""
+        while "went away" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
+        time.sleep(0.2)
+        err += capfd.readouterr().err
+        assert re.fullmatch(r"retriever: client 127\.0\.0\.1:\d+ went away mid-request "
+                            r"\((BrokenPipeError|ConnectionResetError)\)\n", err), err
+        assert plain_post(port, b'{"queries": ["Lima"], "topk": 1}')[0] == 200   # and it keeps serving
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, str(REPO / "retriever.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("port,message", [
+    (70000, r"error: argument --port: 70000 is not in \[0, 65535\] \(see retriever\.py serve --help\)"),
+    (-1, r"error: argument --port: -1 is not in \[0, 65535\] \(see retriever\.py serve --help\)"),
+    ("http", r"error: argument --port: expected an integer, got 'http' \(see retriever\.py serve --help\)"),
+    ("BUSY", r"error: cannot listen on 127\.0\.0\.1:\d+: Address already in use \(another server\? "
+             r"--port 0 picks a free port\)"),
+])
+def test_serve_on_a_bad_or_busy_port_is_one_line_and_exit_2(tmp_path, port, message):
+    corpus = write_lines(tmp_path / "c.jsonl", [json.dumps(r) for r in SMALL])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        done = run_cli("serve", "--corpus", corpus, "--port", busy.getsockname()[1] if port == "BUSY" else port)
+    assert done.returncode == 2 and done.stdout == ""
+    assert re.fullmatch(message + r"\n", done.stderr), done.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["serve", "--corpus", "C", "--max-topk", "0"], r"error: argument --max-topk: 0 is not in \[1, inf\] \(see .*"),
+    (["serve", "--corpus", "C", "--max-request-bytes", "0"], r"error: argument --max-request-bytes: 0 is not in \[1, inf\] \(see .*"),
+    (["serve"], r"error: one of the arguments --corpus --index is required \(see .*"),
+    (["index", "--corpus", "MISSING", "--out", "OUT"], r"error: \[Errno 2\] No such file or directory: 'MISSING'"),
+    (["index", "--corpus", "BAD", "--out", "OUT"], r'error: BAD:2: missing "contents"'),
+    (["serve", "--corpus", "BAD", "--port", "0"], r'error: BAD:2: missing "contents"'),
+    (["serve", "--index", "MISSING"], r"error: MISSING: no such index directory .*"),
+    (["serve", "--corpus", "C", "--no-verify"], r"error: --no-verify: only an --index is verified .*"),
+])
+def test_command_line_user_errors_are_one_line_and_exit_2(tmp_path, args, message):
+    paths = {"C": write_corpus(tmp_path / "c.jsonl", SMALL), "MISSING": str(tmp_path / "missing"),
+             "BAD": write_lines(tmp_path / "bad.jsonl", [json.dumps(SMALL[0]), '{"id": "x"}']),
+             "OUT": str(tmp_path / "out")}
+    done = run_cli(*[paths.get(a, a) for a in args])
+    expected = message
+    for name, path in paths.items():
+        expected = expected.replace(name, re.escape(path))
+    assert done.returncode == 2 and re.fullmatch(expected + r"\n", done.stderr), done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_serve_command_line_serves_a_jsonl_corpus(tmp_path):
@@ -628,24 +865,105 @@ def edit_meta(**changes):
     return damage
 
 
+def without_checksums(damage):
+    """The damage, done to an index as an older retriever.py wrote it (no file sizes or CRCs in
+    meta.json): the structural checks must catch it on their own."""
+    def apply(d):
+        edit_meta(files=None)(d)
+        damage(d)
+    return apply
+
+
+def flip_bytes(name, count=64):
+    """Bit rot: `count` bytes from the middle of the file on are changed, its size is not."""
+    def damage(d):
+        data = bytearray((d / name).read_bytes())
+        for i in range(len(data) // 2, min(len(data), len(data) // 2 + count)):
+            data[i] ^= 0x5A
+        (d / name).write_bytes(bytes(data))
+    return damage
+
+
+def truncate_tf(d):
+    (d / "tf.npy").write_bytes((d / "tf.npy").read_bytes()[:-5])
+
+
+def shrink_norm(d):
+    np.save(d / "norm.npy", np.zeros(3))
+
+
+def shift_start(d):
+    np.save(d / "start.npy", np.load(d / "start.npy") + 1)
+
+
+def short_vocab(d):
+    (d / "vocab.txt").write_text("a\nb")
+
+
+SIZE = r"\d+ bytes, expected \d+ \(meta\.json\): truncated or replaced"
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "meta.json").unlink(), r"DIR: not a BM25 index: no meta\.json"),
     (lambda d: (d / "meta.json").write_text("{trunc"), r"DIR/meta\.json: unreadable"),
     (edit_meta(format="bm25s"), r"DIR: not a BM25 index written by retriever\.py"),
     (edit_meta(version=2), r"DIR: index version 2, this retriever\.py reads version 1"),
     (edit_meta(k1=None), r"DIR/meta\.json: lacks k1"),
-    (lambda d: (d / "doc.npy").unlink(), r"DIR/doc\.npy: missing or unreadable"),
-    (lambda d: (d / "tf.npy").write_bytes((d / "tf.npy").read_bytes()[:-5]), r"DIR/tf\.npy: missing or unreadable"),
-    (lambda d: np.save(d / "norm.npy", np.zeros(3)), r"DIR/norm\.npy: float64 \(3,\), expected float64 \(6,\)"),
-    (lambda d: np.save(d / "start.npy", np.load(d / "start.npy") + 1), r"DIR/start\.npy: does not span"),
+    (edit_meta(files=[1]), r'DIR/meta\.json: "files" is not'),
+    (lambda d: (d / "doc.npy").unlink(), r"DIR/doc\.npy: missing, expected \d+ \(meta\.json\)"),
+    (truncate_tf, r"DIR/tf\.npy: " + SIZE),
+    (shrink_norm, r"DIR/norm\.npy: " + SIZE),
+    (shift_start, r"DIR/start\.npy: damaged: its CRC-32 is [0-9a-f]{8}, meta\.json records [0-9a-f]{8}"),
     (lambda d: (d / "contents.bin").write_bytes(b"short"), r"DIR/contents\.bin: 5 bytes, expected \d+"),
     (lambda d: (d / "ids.bin").unlink(), r"DIR/ids\.bin: missing, expected"),
-    (lambda d: (d / "vocab.txt").write_text("a\nb"), r"DIR/vocab\.txt: 2 words, expected"),
+    (short_vocab, r"DIR/vocab\.txt: " + SIZE),
+    # an index without recorded sizes and checksums: the array and blob checks still hold
+    (without_checksums(lambda d: (d / "doc.npy").unlink()), r"DIR/doc\.npy: missing or unreadable"),
+    (without_checksums(truncate_tf), r"DIR/tf\.npy: missing or unreadable"),
+    (without_checksums(shrink_norm), r"DIR/norm\.npy: float64 \(3,\), expected float64 \(6,\)"),
+    (without_checksums(shift_start), r"DIR/start\.npy: does not span"),
+    (without_checksums(lambda d: (d / "contents.bin").write_bytes(b"short")), r"DIR/contents\.bin: 5 bytes, expected \d+"),
+    (without_checksums(lambda d: (d / "ids.bin").unlink()), r"DIR/ids\.bin: missing, expected"),
+    (without_checksums(short_vocab), r"DIR/vocab\.txt: 2 words, expected"),
 ])
 def test_a_damaged_or_foreign_index_is_refused_naming_the_file(index_dir, tmp_path, damage, message):
     path = damaged_copy(index_dir, tmp_path, damage)
     with pytest.raises(ValueError, match=message.replace("DIR", re.escape(path))):
         BM25Retriever.load(path)
+
+
+@pytest.mark.parametrize("name", ["doc.npy", "tf.npy", "idf.npy", "norm.npy", "start.npy", "id_offsets.npy",
+                                  "id_order.npy", "contents.bin", "ids.bin", "vocab.txt"])
+def test_a_bit_rotten_index_file_is_refused_at_load_naming_it(index_dir, tmp_path, name):
+    """Same size, other bytes: the shape checks pass, so only the recorded CRC-32 can tell. (A rotten
+    doc.npy used to load, then fail inside search with an IndexError, or silently score wrong.)"""
+    path = damaged_copy(index_dir, tmp_path, flip_bytes(name))
+    with pytest.raises(ValueError, match=re.escape(os.path.join(path, name)) + ": damaged: its CRC-32 is"):
+        BM25Retriever.load(path)
+
+
+def test_verify_false_skips_the_checksum_pass_but_not_the_size_check(index_dir, tmp_path):
+    rotten = damaged_copy(index_dir, tmp_path / "rotten", flip_bytes("contents.bin"))
+    assert len(BM25Retriever.load(rotten, verify=False)) == len(SMALL)    # it trusts the disk's bytes
+    truncated = damaged_copy(index_dir, tmp_path / "truncated", truncate_tf)
+    with pytest.raises(ValueError, match=re.escape(truncated) + "/tf\\.npy: " + SIZE):
+        BM25Retriever.load(truncated, verify=False)
+
+
+def test_an_index_without_checksums_loads_with_a_warning(index_dir, tmp_path, capsys):
+    path = damaged_copy(index_dir, tmp_path, edit_meta(files=None))
+    loaded = BM25Retriever.load(path)
+    assert loaded.search(["capital city"]) == BM25Retriever(SMALL).search(["capital city"])
+    assert re.fullmatch(f"retriever: warning: {re.escape(path)} records no file sizes or checksums .*\n",
+                        capsys.readouterr().err)
+
+
+def test_index_records_the_size_and_crc32_of_every_other_file(index_dir):
+    files = json.loads((index_dir / "meta.json").read_text())["files"]
+    assert sorted(files) == sorted(p.name for p in index_dir.iterdir() if p.name != "meta.json")
+    for name, record in files.items():
+        data = (index_dir / name).read_bytes()
+        assert record == {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
 
 
 def test_loading_a_missing_directory_names_it(tmp_path):
@@ -673,3 +991,70 @@ def test_index_command_then_serve_index_answers_like_the_corpus(tmp_path):
         process.wait(timeout=10)
         process.stdout.close()
         process.stderr.close()
+
+
+def test_serve_refuses_a_bit_rotten_index_in_one_line_unless_told_not_to_verify(index_dir, tmp_path):
+    path = damaged_copy(index_dir, tmp_path, flip_bytes("contents.bin"))
+    done = run_cli("serve", "--index", path, "--port", "0")
+    assert done.returncode == 2 and re.fullmatch(f"error: {re.escape(path)}/contents\\.bin: damaged: .*\n", done.stderr)
+    process = subprocess.Popen([sys.executable, str(REPO / "retriever.py"), "serve", "--index", path, "--port", "0",
+                                "--no-verify"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert re.search(r"http://127\.0\.0\.1:\d+/retrieve", process.stdout.readline())   # it trusts the disk
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+
+# ---------------------------------------------------------------------------------------------
+# Progress of long builds
+
+
+@pytest.fixture
+def progress_at_once(monkeypatch):
+    """Progress shown from the first moment, every update, in batches of 64 passages."""
+    monkeypatch.setattr(R, "_PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(R, "_PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(R, "_PROGRESS_BATCH", 64)
+
+
+def test_building_an_index_shows_a_progress_bar(progress_at_once, capsys):
+    BM25Retriever(zipf_corpus(300, seed=11))
+    err = capsys.readouterr().err
+    assert "retriever: indexing" in err and "300/300" in err       # tqdm's bar, run to its end
+    assert "retriever: placing postings" in err
+
+
+def test_without_tqdm_progress_is_printed_as_lines(progress_at_once, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)                  # `from tqdm import tqdm` fails
+    BM25Retriever(zipf_corpus(300, seed=11))
+    lines = capsys.readouterr().err.splitlines()
+    indexing = [line for line in lines if line.startswith("retriever: indexing: ")]
+    assert [line.split(" passages")[0] for line in indexing] == \
+        [f"retriever: indexing: {n} of 300" for n in (64, 128, 192, 256, 300)]
+    assert all(re.fullmatch(r"retriever: indexing: \d+ of 300 passages in \d+ s", line) for line in indexing)
+    assert re.fullmatch(r"retriever: placing postings: 1 of 1 chunks in \d+ s", lines[-1])
+
+
+def test_index_command_and_from_jsonl_show_each_stage(progress_at_once, small_chunks, tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "c.jsonl", zipf_corpus(300, seed=12))
+    R.write_index(corpus, str(tmp_path / "index"))
+    err = capsys.readouterr().err
+    assert all(f"retriever: {stage}" in err for stage in ("indexing", "placing postings", "checksums")), err
+    BM25Retriever.load(str(tmp_path / "index"))
+    assert f"retriever: verifying {tmp_path / 'index'}" in capsys.readouterr().err
+    BM25Retriever.from_jsonl(corpus)
+    err = capsys.readouterr().err
+    assert f"retriever: reading {corpus}" in err and "retriever: indexing" in err
+
+
+def test_progress_false_and_a_quick_build_print_nothing(progress_at_once, tmp_path, capsys, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.jsonl", zipf_corpus(300, seed=13))
+    BM25Retriever.from_jsonl(corpus, progress=False)
+    R.write_index(corpus, str(tmp_path / "index"), progress=False)
+    BM25Retriever.load(str(tmp_path / "index"), progress=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(R, "_PROGRESS_DELAY", 2.0)                 # the default: a build under 2 s is quiet
+    BM25Retriever(SMALL)
+    assert capsys.readouterr().err == ""

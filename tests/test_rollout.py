@@ -19,8 +19,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import Cache
 
 import demo
-from rollout import (INVALID_ACTION, PROMPT_TEMPLATE, RolloutConfig, _sample, encode_text, format_question,
-                     observation_ids, prompt_ids, rollout)
+import rollout as rollout_module
+from rollout import (INVALID_ACTION, OBS_CLOSE, OBS_OPEN, PROMPT_TEMPLATE, RolloutConfig, _sample, encode_text,
+                     format_passages, format_question, observation_ids, prompt_ids, rollout)
 
 FREE = None   # a script position where the model picks its own token
 
@@ -375,7 +376,6 @@ def test_search_fn_gets_each_querys_question_index_and_its_hits_are_inserted(wor
 def test_rollout_formats_passages_exactly_as_the_retriever_does(world, retriever):
     """rollout.py keeps its own 3-line copy of the formatter (to need nothing from retriever.py)."""
     import retriever as retriever_module
-    import rollout as rollout_module
     for hits in retriever.search([q["question"] for q in world.test[:20]] + ["zzz unknown"], topk=3) + [[]]:
         assert rollout_module.format_passages(hits) == retriever_module.format_passages(hits)
 
@@ -399,6 +399,67 @@ def test_observation_ends_with_closing_tag_even_when_truncated(world, tokenizer,
         assert full.startswith(text[:-len("</information>\n\n")])
     else:
         assert text == full
+
+
+def whole_text_observation_ids(tokenizer, hits, max_obs_tokens):
+    """observation_ids as it was first written: tokenise every passage, then cut the ids."""
+    head = encode_text(tokenizer, OBS_OPEN + format_passages(hits).strip())
+    return head[:max_obs_tokens] + encode_text(tokenizer, OBS_CLOSE), len(head) > max_obs_tokens
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the characters it is asked to tokenise."""
+
+    def __init__(self, inner):
+        self.inner, self.chars = inner, 0
+
+    def __call__(self, text, **kwargs):
+        self.chars += len(text)
+        return self.inner(text, **kwargs)
+
+
+def long_passages(world):
+    """Hits whose text is far past any cut: many world passages, a run of spaces (long tokens), CJK
+    (several byte-level tokens a character), a long unbroken word, and digits."""
+    texts = [p["contents"] for p in world.corpus]
+    return [
+        [{"contents": "Many\n" + " ".join(texts[:200])}],
+        [{"contents": "Spaces\n" + ("a" + " " * 3000 + "b\n") * 20}],
+        [{"contents": "東京\n" + "東京は日本の首都です。" * 800}],
+        [{"contents": "Word\n" + "velmor" * 2000 + " works " * 50}],
+        [{"contents": "Long words\n" + " headquartered" * 3000}],       # 14 characters a token
+        [{"contents": "Digits\n" + "".join(str(i) for i in range(20000))}],
+        [{"contents": t} for t in texts[:3]],                     # normal: three passages, often uncut
+    ]
+
+
+@pytest.mark.parametrize("max_obs_tokens", [0, 1, 8, 30, 500, 2000])
+def test_observation_ids_equal_tokenising_the_whole_text_then_cutting(world, tokenizer, retriever, max_obs_tokens):
+    hit_lists = retriever.search([q["question"] for q in world.test[:30]] + ["zzz"], topk=3) + [[]]
+    for hits in hit_lists + long_passages(world):
+        assert observation_ids(tokenizer, hits, max_obs_tokens) == \
+            whole_text_observation_ids(tokenizer, hits, max_obs_tokens)
+
+
+def test_a_huge_passage_is_not_tokenised_past_the_cut(world, tokenizer):
+    """A 4 MB passage: only a prefix of a few thousand characters reaches the tokenizer (an 18 MB one
+    took 43.5 s per question when the whole text was tokenised)."""
+    hits = [{"contents": "Huge\n" + " ".join(p["contents"] for p in world.corpus) * 40}]
+    assert len(hits[0]["contents"]) > 4_000_000
+    counting = CountingTokenizer(tokenizer)
+    ids, cut = observation_ids(counting, hits, 500)
+    head = [{"contents": hits[0]["contents"][:100_000]}]     # tokenising all 4 MB here would take ~20 s
+    assert cut and (ids, cut) == whole_text_observation_ids(tokenizer, head, 500)
+    assert counting.chars < 20_000          # (500 + 64 slack tokens) * 8 characters, + the closing tag
+
+
+def test_a_text_of_long_tokens_is_tokenised_from_a_longer_prefix(tokenizer):
+    """" headquartered" is one token of 14 characters: the first prefix, 8 characters a token, is too
+    short to hold max_obs_tokens + slack tokens, so a longer one is tokenised -- never the whole text."""
+    hits = [{"contents": "Long words\n" + " headquartered" * 20000}]
+    counting = CountingTokenizer(tokenizer)
+    assert observation_ids(counting, hits, 500) == whole_text_observation_ids(tokenizer, hits, 500)
+    assert (500 + rollout_module._CUT_SLACK_TOKENS) * rollout_module._CHARS_PER_TOKEN < counting.chars < 50_000
 
 
 # -----------------------------------------------------------------------------
