@@ -83,6 +83,9 @@ from rollout import prompt_ids  # noqa: E402
 GB = 1e9                      # decimal GB, as the README's figures on paper
 PAPER_TFLOPS = 100e12         # the README's "~30 s at 100 TFLOP/s"
 LR = 1e-5                     # every weight moves by more than its fp32 rounding step, so "changed" means something
+# the README's totals per GPU for the real shapes (micro-batch 4 × 4,096 with gradient checkpointing)
+README_TOTALS = {"ppo_ckpt": "; README: ~30–35 GB in all, the rollout's KV cache included",
+                 "grpo_ckpt": "; README: PPO's less the critic's 7.9 GB"}
 
 
 # -----------------------------------------------------------------------------
@@ -572,10 +575,13 @@ def check_training(ctx: Context, share: float, algo: str, checkpointing: bool) -
         if measured:
             checks["every critic parameter changed (2 steps)"] = moved["critic"][0] == moved["critic"][1]
     note = "" if measured else "; warm-up step only (time budget)"
+    note += "" if isinstance(actor, DDP) else "; not DDP-wrapped (the distributed set-up failed)"
+    name = algo + ("_ckpt" if checkpointing else "")
     return {"seconds": seconds, "peak_gb": mem.peak_gb, "growth_gb": mem.growth_gb, "loss": out["loss"],
             "params_changed": ", ".join(f"{k} {a}/{b}" for k, (a, b) in moved.items() if k != "critic head"),
             "details": {"metrics": out, "warmup_s": warmup_s, "measured_step": measured, "tokens": tokens,
                         "sequences": len(records), "micro_batch": shapes.micro_batch, "loss_share": loss_share,
+                        "ddp": isinstance(actor, DDP),
                         "gradient_checkpointing": checkpointing, "paper_models_gb": models_bytes / GB,
                         "paper_logits_gb": logits_bytes / GB, "paper_seconds": flops / PAPER_TFLOPS,
                         "tflops_by_paper_count": flops / seconds / 1e12},
@@ -584,8 +590,9 @@ def check_training(ctx: Context, share: float, algo: str, checkpointing: bool) -
                        f"micro-batch {shapes.micro_batch}; {tokens / seconds:,.0f} tokens/s, "
                        f"{flops / seconds / 1e12:.3g} TFLOP/s by the README's count (warm-up step "
                        f"{warmup_s:.1f} s){note}",
-            "paper": f"models {gb(models_bytes)} GB + logits {gb(logits_bytes)} GB + activations; "
-                     f"{flops / PAPER_TFLOPS:.2g} s at 100 TFLOP/s"}
+            "paper": f"models {gb(models_bytes)} GB + logits {gb(logits_bytes)} GB + activations"
+                     f"{README_TOTALS.get(name, '') if shapes is FULL else ''}; {flops / PAPER_TFLOPS:.2g} s at "
+                     "100 TFLOP/s"}
 
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER
 
 def run_check(out, *extra):
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")   # the CPU, as in CI, anywhere
     cmd = [sys.executable, "bench/gpu_check.py", "--tiny", "--out", str(out), *extra]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     with open(out / "gpu_check.json") as f:
@@ -52,7 +52,7 @@ def test_every_training_step_has_a_finite_loss_and_moves_every_parameter(tiny_ru
         part = parts[name]
         assert math.isfinite(part["loss"]) and part["loss"] != 0, name
         assert part["details"]["measured_step"], name                  # the warm-up and the measured step ran
-        assert part["details"]["gradient_checkpointing"] == name.endswith("_ckpt")
+        assert part["details"]["gradient_checkpointing"] == name.endswith("_ckpt") and part["details"]["ddp"]
         moved = re.findall(r"(\w+) (\d+)/(\d+)", part["params_changed"])
         assert [m[0] for m in moved] == (["actor", "critic"] if name.startswith("ppo") else ["actor"]), name
         assert all(int(a) == int(b) > 0 for _, a, b in moved), (name, part["params_changed"])
