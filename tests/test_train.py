@@ -57,6 +57,8 @@ def _run_worker(nproc, model_dirs, records_path, out_dir, *extra):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                script, *args]
+    # one process and every rank alike at one thread: the comparison is of the DDP reduction, not of
+    # how a thread count splits floating-point sums
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -65,6 +67,7 @@ def _run_worker(nproc, model_dirs, records_path, out_dir, *extra):
 
 @pytest.mark.parametrize("teacher_as,mini_batches,algo", [("loss", "1", "grpo"), ("reward", "1", "grpo"),
                                                           ("loss", "2", "grpo"), ("reward", "2", "ppo")])
+@pytest.mark.numerics
 def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rollouts, tmp_path, teacher_as,
                                                            mini_batches, algo):
     """The same actor update (and, with PPO, the same critic update) on 1 and on 2 ranks (gloo)."""
@@ -101,10 +104,12 @@ def _params(path):
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
+@pytest.mark.numerics
 def test_resume_is_exact_four_steps_equal_two_plus_two(world, retriever, model_dirs, tmp_path):
     cfg = _rl_config()
     questions = world.train[:6]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), straight)
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
                    stop_after=2)
@@ -121,9 +126,11 @@ def test_resume_is_exact_four_steps_equal_two_plus_two(world, retriever, model_d
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.numerics
 def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, tmp_path):
     records = data.load_trajectories(fixed_rollouts)
     cfg = train.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1)
+    # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
     dist = train.Dist()
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     model = train.load_model(model_dirs["student"], dist, trainable=True)
@@ -355,15 +362,17 @@ def _kill_run(model_dirs, out, point, n, resume=None):
                           timeout=300)
 
 
+@pytest.mark.numerics
 def test_kills_inside_saves_always_leave_a_complete_checkpoint_and_resume_ends_bit_identical(
         world, retriever, model_dirs, tmp_path):
     """One run, killed by SIGKILL inside four different saves at four different points; each time
     --resume continues from the last complete checkpoint. The end equals an uninterrupted run, and
     every step is logged exactly once."""
-    import kill_during_save
+    # The uninterrupted run is the same kind of process with the same thread count as the killed ones
+    # (a subprocess at OMP_NUM_THREADS=1): floating-point sums depend on the thread count, so a run
+    # inside pytest (torch's default threads) would differ in the last bits for reasons other than resume.
     straight = str(tmp_path / "straight")
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever,
-                   rl.RLConfig(**kill_during_save.CONFIG), train.Dist(), straight)
+    assert _kill_run(model_dirs, straight, "none", 0).returncode == 0
     out = str(tmp_path / "runs" / "killed")
     # (point, which save of that process, the step of the checkpoint resume must find afterwards)
     plan = [("state", 2, 1), ("carry", 1, 2), ("swap", 1, 3), ("weights", 1, 3)]
@@ -660,10 +669,12 @@ def test_a_model_whose_forward_is_more_than_its_head_is_refused(tokenizer):
 # PPO with a critic
 
 
+@pytest.mark.numerics
 def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever, model_dirs, tmp_path):
     from transformers import AutoModelForTokenClassification
     cfg = _rl_config(algo="ppo", group_size=1, prompts_per_step=3, teacher_as="reward", critic_lr=1e-2,
                      mini_batches=1)
+    # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
     questions = world.train[:6]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), straight)
@@ -697,6 +708,7 @@ def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever,
                     override_config=True)
 
 
+@pytest.mark.numerics
 def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retriever, model_dirs, fixed_rollouts,
                                                                    tmp_path, tokenizer):
     """A short PPO run with the per-token teacher penalty (so the returns are not all zero) from the
@@ -722,7 +734,8 @@ def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retrie
     vocab = train.vocab_size_of(tokenizer, model)
     losses = [rl.rl_update(train.wrap(model, dist), teacher, frozen, torch.optim.lr_scheduler.LambdaLR(frozen, lambda s: 1.0),
                            [dict(r) for r in records], fixed_cfg, dist, vocab, {}, critic)["vf_loss"] for _ in range(12)]
-    assert losses[-1] < 0.5 * losses[0], [round(x, 5) for x in losses]
+    print(f"critic value loss, last / first of 12 updates: {losses[-1] / losses[0]:.3f}")
+    assert losses[-1] < 0.5 * losses[0], [round(x, 5) for x in losses]    # measured 0.38x at 1 and 2 threads
 
 
 def test_ppo_options_are_listed_with_their_defaults_and_group_size_one_is_legal_for_ppo_only(capsys):

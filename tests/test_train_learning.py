@@ -1,9 +1,12 @@
 """train.py learns: KD lowers the KD loss on held-out teacher trajectories, and from a student whose every
 rollout is wrong, DGPO's teacher term raises EM where plain GRPO gets no signal. Real runs on test-size
-models on CPU, seeded (deterministic on this machine), with the measured values beside each assertion."""
+models on CPU, seeded. Floating-point results differ between machines and thread counts, so every
+threshold has a margin over the values measured at 1 and 2 threads (written beside it), and the RL
+claims are asserted over three seeds or as mechanisms that hold exactly."""
 import dataclasses
 import json
 
+import pytest
 import torch
 
 import demo
@@ -35,6 +38,7 @@ def _greedy_em(model_dir, tokenizer, questions, retriever):
     return sum(r["em"] for r in records) / len(records)
 
 
+@pytest.mark.numerics
 def test_kd_lowers_the_kd_loss_on_heldout_teacher_trajectories(world, tokenizer, retriever, tmp_path):
     questions = world.train[:48]
     records = _oracle_records(world, tokenizer, retriever, questions)
@@ -53,41 +57,84 @@ def test_kd_lowers_the_kd_loss_on_heldout_teacher_trajectories(world, tokenizer,
     curve = [r["heldout_loss"] for r in rows if "heldout_loss" in r]
     assert len(curve) == 4 and all(torch.isfinite(torch.tensor(curve)))
     print(f"held-out KD loss: {before:.3f} before, {[round(c, 3) for c in curve]}")
-    assert curve[-1] < 0.6 * before, (before, curve)   # measured: 10.72 -> 4.34 (0.41x)
+    assert curve[-1] < 0.6 * before, (before, curve)   # measured 10.72 -> 4.34 (0.41x) at 1 and 2 threads
     assert rows[-1]["kl"] > 0                         # the KD term (not only CE) was in the loss
 
 
-def test_from_an_all_wrong_start_grpo_gets_no_signal_while_dgpos_teacher_term_raises_em(world, tokenizer, retriever,
-                                                                                       tmp_path):
-    """The paper's mechanism, on 8 questions. The teacher is a model trained on their oracle
-    trajectories to EM 1.0; the student is the same recipe stopped early, so that none of its greedy
-    or sampled rollouts is right. Plain GRPO's groups are then all wrong, their advantage is exactly 0,
-    and on almost every step there is no gradient at all; DGPO's teacher term on those same wrong
-    rollouts gives a gradient at every step and raises the EM. The learning rate is one at which
-    plain GRPO stays stable (its entropy stays below twice its start; measured 1.8x)."""
+# Seeds of the RL runs (rollout sampling and data order); the teacher and the all-wrong student are
+# shared. The margins beside the assertions were measured over these seeds on this project's 2-core
+# machine at OMP_NUM_THREADS=1 and =2 (the two gave the same numbers for these test-size models; on
+# another machine of the same kind one GRPO seed reached greedy EM 0.125), and every threshold is an
+# aggregate over the seeds, or a mechanism that holds exactly on each run.
+LEARNING_SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def all_wrong_start(world, tokenizer, retriever, tmp_path_factory):
+    """8 founder questions, a teacher trained on their oracle trajectories (greedy EM 1.0), and a
+    student that is the same recipe stopped early, so that none of its greedy rollouts is right."""
+    root = tmp_path_factory.mktemp("all_wrong_start")
     questions = [q for q in world.train if q["kind"] == "founder"][:8]
     records = _oracle_records(world, tokenizer, retriever, questions)
-    teacher_dir = _sft(tokenizer, records, 110, tmp_path / "teacher")
-    student_dir = _sft(tokenizer, records, 80, tmp_path / "student")   # the same recipe, stopped early
-    teacher_em = _greedy_em(teacher_dir, tokenizer, questions, retriever)
-    before = _greedy_em(student_dir, tokenizer, questions, retriever)
-    assert teacher_em == 1.0 and before == 0.0, (teacher_em, before)
+    teacher_dir = _sft(tokenizer, records, 110, root / "teacher")
+    student_dir = _sft(tokenizer, records, 80, root / "student")   # the same recipe, stopped early
+    return dict(root=root, questions=questions, teacher=teacher_dir, student=student_dir,
+                teacher_em=_greedy_em(teacher_dir, tokenizer, questions, retriever),
+                student_em=_greedy_em(student_dir, tokenizer, questions, retriever))
+
+
+def _first_last(rows, key, n=5):
+    return sum(r[key] for r in rows[:n]) / n, sum(r[key] for r in rows[-n:]) / n
+
+
+@pytest.mark.numerics
+def test_from_an_all_wrong_start_grpo_gets_no_signal_while_dgpos_teacher_term_raises_em(all_wrong_start, tokenizer,
+                                                                                       retriever):
+    """The paper's mechanism, on 8 questions, over three seeds. Plain GRPO's groups are (almost)
+    all wrong, so their advantage is exactly 0 and most steps have no gradient at all; DGPO's teacher
+    term on those same wrong rollouts gives a gradient on every step, its KL to the teacher falls,
+    and greedy EM rises above plain GRPO's.
+
+    Exact on every run (any machine, any thread count): a GRPO step whose rollouts are all wrong has
+    a gradient of exactly 0; a DGPO step with a wrong rollout has a non-zero gradient. Everything
+    else is asserted on the aggregate over LEARNING_SEEDS with margins measured at
+    OMP_NUM_THREADS=1 and =2 (see the numbers beside each assertion)."""
+    start = all_wrong_start
+    questions = start["questions"]
+    # measured teacher 1.0 / student 0.0 at 1 and 2 threads; the premise, with a margin for other machines
+    assert start["teacher_em"] >= 0.875 and start["student_em"] <= 0.125, (start["teacher_em"], start["student_em"])
     config = dict(steps=60, prompts_per_step=8, group_size=4, micro_batch_size=32, rollout_batch_size=32,
-                  lr=3e-4, warmup_ratio=0.0, beta=1.0, temperature=1.0, max_turns=2, max_new_tokens=40, seed=0)
-    runs = {}
-    for mode in ("selective", "none"):
-        out = tmp_path / mode
-        rl.train_rl(student_dir, teacher_dir, questions, retriever, rl.RLConfig(**config, teacher_mode=mode),
-                    train.Dist(), str(out))
-        runs[mode] = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    grpo, dgpo = runs["none"], runs["selective"]
-    # sampled EM over the whole run: measured 5 and 7 right of 1,920 rollouts: (almost) every group is all wrong
-    assert sum(r["em"] for r in grpo) / len(grpo) < 0.01 and sum(r["em"] for r in dgpo) / len(dgpo) < 0.01
-    no_signal = sum(r["grad_norm"] == 0.0 for r in grpo)
-    assert no_signal >= 50, no_signal                                  # measured 55 of 60 steps: no gradient
-    assert all(r["grad_norm"] > 0 for r in dgpo)                       # the teacher term acts on every step
-    assert max(r["entropy"] for r in grpo) < 2 * grpo[0]["entropy"]    # stable at this lr (measured 1.8x)
-    after_grpo = _greedy_em(str(tmp_path / "none"), tokenizer, questions, retriever)
-    after_dgpo = _greedy_em(str(tmp_path / "selective"), tokenizer, questions, retriever)
-    assert after_grpo == 0.0 and after_dgpo >= 0.25, (after_grpo, after_dgpo)   # measured 0.0 and 0.25
-    assert sum(r["teacher_kl"] for r in dgpo[-5:]) < 0.6 * sum(r["teacher_kl"] for r in dgpo[:5])
+                  lr=3e-4, warmup_ratio=0.0, beta=1.0, temperature=1.0, max_turns=2, max_new_tokens=40)
+    runs, after = {}, {}
+    for seed in LEARNING_SEEDS:
+        for mode in ("selective", "none"):
+            out = start["root"] / f"{mode}{seed}"
+            rl.train_rl(start["student"], start["teacher"], questions, retriever,
+                        rl.RLConfig(**config, seed=seed, teacher_mode=mode), train.Dist(), str(out))
+            runs[mode, seed] = [json.loads(line) for line in open(out / "metrics.jsonl")]
+            after[mode, seed] = _greedy_em(str(out), tokenizer, questions, retriever)
+    summary = {seed: dict(grpo_no_grad=sum(r["grad_norm"] == 0.0 for r in runs["none", seed]),
+                          grpo_em=after["none", seed], dgpo_em=after["selective", seed],
+                          grpo_sampled=sum(r["em"] for r in runs["none", seed]) / 60,
+                          dgpo_sampled=sum(r["em"] for r in runs["selective", seed]) / 60,
+                          kl=_first_last(runs["selective", seed], "teacher_kl"),
+                          entropy=max(r["entropy"] for r in runs["none", seed]) / runs["none", seed][0]["entropy"])
+               for seed in LEARNING_SEEDS}
+    print(f"torch threads {torch.get_num_threads()}, student greedy EM {start['student_em']}:", summary)
+    for seed in LEARNING_SEEDS:
+        grpo, dgpo = runs["none", seed], runs["selective", seed]
+        # exact: no right rollout in a step -> every group's advantage is 0 -> no gradient (entropy_coef 0)
+        assert all(r["grad_norm"] == 0.0 for r in grpo if r["em"] == 0.0), seed
+        # exact: a wrong rollout in a step -> the teacher KL term has a gradient
+        assert all(r["grad_norm"] > 0 for r in dgpo if r["em"] < 1.0), seed
+        first, last = _first_last(dgpo, "teacher_kl")
+        assert last < first, (seed, first, last)                            # the KL to the teacher falls
+    mean = lambda key: sum(summary[s][key] for s in LEARNING_SEEDS) / len(LEARNING_SEEDS)  # noqa: E731
+    # sampled EM over a whole run: measured 0.0005-0.009 per seed for either method (1 and 2 threads)
+    assert mean("grpo_sampled") < 0.03 and mean("dgpo_sampled") < 0.03
+    # steps of plain GRPO with no gradient: measured 48, 59, 57 of 60 (mean 54.7; 1 and 2 threads)
+    assert mean("grpo_no_grad") >= 45
+    # greedy EM after 60 steps: measured GRPO 0, 0, 0 and DGPO 0.5, 0.375, 0.375 (mean 0.417; 1 and 2 threads)
+    assert mean("dgpo_em") >= mean("grpo_em") + 0.125 and mean("dgpo_em") >= start["student_em"] + 0.125
+    # the teacher KL, last 5 steps against the first 5: measured 0.46x-0.48x per seed (1 and 2 threads)
+    assert sum(summary[s]["kl"][1] for s in LEARNING_SEEDS) < 0.75 * sum(summary[s]["kl"][0] for s in LEARNING_SEEDS)
