@@ -411,6 +411,7 @@ def test_main_evaluates_a_saved_model_directory(demo_files, capsys):
     assert saved["config"]["greedy"] is True and saved["config"]["max_turns"] == 1 and saved["questions"] == 4
     lines = (root / "out" / "trajectories.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == [q["id"] for q in data.load_questions(paths["test"])[:4]]
+    assert not (root / "out" / "progress.jsonl").exists()          # the results are written: progress is gone
 
 
 def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retriever):
