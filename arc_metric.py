@@ -93,7 +93,7 @@ search again (each search answered with the needed passages placed in its result
    a. If the row has `supporting_ids` (a non-empty list), the retriever can fetch by id
       (`retriever.get(id)`: BM25Retriever can, the HTTP API cannot) and evidence="auto": E = those
       passages, in the row's order (the demo's two-hop rows: the bridge passage, then the answer's).
-      An id missing from the corpus is an error.
+      An id missing from the corpus is an error, found before anything is generated.
    b. Otherwise by search: for each gold g, search `question + " " + g` (top EVIDENCE_DEPTH = 10
       hits); E = [the best-ranked hit over those searches that contains a gold under the whole-token
       rule (contains_answer_tokens)], ties in rank going to the earlier gold.
@@ -545,30 +545,55 @@ def _hit_key(hit: Mapping):
 
 def _supporting_passages(row: Mapping, retriever) -> list[dict]:
     """The row's supporting passages fetched by id, in the row's order (hop order)."""
-    ids = row["supporting_ids"]
-    if not isinstance(ids, list) or not all(isinstance(pid, str) for pid in ids):
-        raise TypeError(f"question id={row.get('id')!r}: 'supporting_ids' must be a list of str, got {ids!r}")
     passages = []
-    for pid in ids:
-        try:
-            passage = retriever.get(pid)
-        except KeyError:
-            raise ValueError(f"question id={row.get('id')!r}: supporting passage {pid!r} is not in the "
-                             "retriever's corpus (use evidence='search', --probe-evidence search, to find "
-                             "evidence by search instead)") from None
+    for pid in row["supporting_ids"]:
+        passage = retriever.get(pid)
         passages.append({"id": passage["id"], "contents": passage["contents"]})
     return passages
 
 
-def needed_passages(questions: list, retriever, evidence: str = "auto") -> list[list[dict] | None]:
+def check_supporting_ids(questions: list, retriever, evidence: str = "auto") -> None:
+    """Before anything is generated (and before a model is loaded, by main): every `supporting_ids`
+    the probe will fetch is a list of str that the retriever's corpus holds; otherwise one error
+    naming the first few rows and ids that are not. Nothing to check with evidence="search" or a
+    retriever that cannot fetch by id (the HTTP API)."""
+    if evidence != "auto" or not callable(getattr(retriever, "get", None)):
+        return
+    missing = []
+    for row in questions:
+        ids = row.get("supporting_ids")
+        if not ids:
+            continue
+        if not isinstance(ids, list) or not all(isinstance(pid, str) for pid in ids):
+            raise TypeError(f"question id={row.get('id')!r}: 'supporting_ids' must be a list of str, got {ids!r}")
+        for pid in ids:
+            try:
+                retriever.get(pid)
+            except KeyError:
+                missing.append(f"question id={row.get('id')!r}: supporting passage {pid!r} is not in the "
+                               "retriever's corpus")
+    if missing:
+        more = f"; and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError("; ".join(missing[:3]) + more + " (use evidence='search', --probe-evidence search, to find "
+                         "evidence by search instead, or --no-probe)")
+
+
+SEARCH_BLOCK = 256        # queries per retriever call while finding evidence: one progress step each
+
+
+def needed_passages(questions: list, retriever, evidence: str = "auto",
+                    progress: bool = False) -> list[list[dict] | None]:
     """The passages each question needs, in hop order, or None when none holds a gold answer (skipped).
 
     evidence="auto": a row's supporting_ids when it has them and the retriever has .get(id), else
     search; evidence="search": always search. The rule is step 1 of the probe in the module
-    docstring. All searches go to the retriever in one batched call.
+    docstring. The searches go to the retriever in blocks of SEARCH_BLOCK queries (a progress bar
+    with `progress`: for tens of thousands of questions this takes a while).
     """
+    from tqdm import tqdm
     if evidence not in ("auto", "search"):
         raise ValueError(f"evidence={evidence!r}: expected 'auto' or 'search'")
+    check_supporting_ids(questions, retriever, evidence)
     by_id = evidence == "auto" and callable(getattr(retriever, "get", None))
     golds = [_gold_list(row["golden_answers"]) for row in questions]
     chosen: list[list[dict] | None] = [None] * len(questions)
@@ -580,7 +605,10 @@ def needed_passages(questions: list, retriever, evidence: str = "auto") -> list[
             to_search.append(i)
 
     gold_queries = [(i, f"{questions[i]['question']} {gold}") for i in to_search for gold in golds[i]]
-    gold_hits = retriever.search([q for _, q in gold_queries], topk=EVIDENCE_DEPTH) if gold_queries else []
+    gold_hits = []
+    for start in tqdm(range(0, len(gold_queries), SEARCH_BLOCK), desc="finding evidence", unit="block",
+                      disable=not progress or len(gold_queries) <= SEARCH_BLOCK):
+        gold_hits += retriever.search([q for _, q in gold_queries[start:start + SEARCH_BLOCK]], topk=EVIDENCE_DEPTH)
     hits_per_gold: dict[int, list[list[dict]]] = {i: [] for i in to_search}
     for (i, _), hits in zip(gold_queries, gold_hits):
         hits_per_gold[i].append(hits)
@@ -661,7 +689,8 @@ def _answer_without_think(text: str) -> str | None:
 
 def evidence_given_probe(model, tokenizer, questions: list, retriever, config=None, evidence: str = "auto",
                          batch_size: int = 64, progress: bool = False, records: list | None = None,
-                         needed: list | None = None) -> list[dict | None]:
+                         needed: list | None = None, done: dict | None = None,
+                         on_batch=None) -> list[dict | None]:
     """The evidence-given probe (module docstring) on question rows; one result per row, in order.
 
     records: the rows' evaluation trajectories (aligned with questions), whose first search turn is
@@ -672,6 +701,9 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
     "evidence_truncated"} — the shape arc_report(records, probe=...) takes. config: a
     rollout.RolloutConfig for the budgets (max_turns, max_new_tokens, max_obs_tokens, topk,
     max_total_tokens); the probe is always greedy. needed: needed_passages(...) if already computed.
+    done: {primer name: {row index: that primer's result fields}} computed by an earlier, interrupted
+    call with the same arguments (those rows are not generated again); on_batch(name, {row index:
+    fields}) is called after every generated batch (evaluate appends them to its progress file).
     """
     from dataclasses import replace
 
@@ -713,9 +745,13 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
         # an answer cut short by the cap would count as wrong, lowering EM instead of coverage
         fits = [i for i in probed if config.max_total_tokens is None
                 or prompt_length[i] + len(context[i]) + config.max_new_tokens <= config.max_total_tokens]
-        for start in tqdm(range(0, len(fits), batch_size), desc=f"evidence-given probe ({name})", unit="batch",
+        finished = (done or {}).get(name, {})
+        for i in fits:
+            results[i].update(finished.get(i, {}))
+        todo = [i for i in fits if i not in finished]
+        for start in tqdm(range(0, len(todo), batch_size), desc=f"evidence-given probe ({name})", unit="batch",
                           disable=not progress):
-            batch = fits[start:start + batch_size]
+            batch = todo[start:start + batch_size]
             searches = {i: 1 for i in batch}               # the forced search turn was search 1
 
             def search_fn(indices, queries, batch=batch, searches=searches):
@@ -729,16 +765,20 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
 
             trajectories = rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever,
                                    budgets[name], prefix_ids=[context[i] for i in batch], search_fn=search_fn)
+            generated = {}
             for i, trajectory in zip(batch, trajectories):
                 golds = questions[i]["golden_answers"]
                 if name == "no_think":
-                    results[i]["em_no_think"] = exact_match(_answer_without_think(trajectory.turns[0]), golds)
+                    fields = {"em_no_think": exact_match(_answer_without_think(trajectory.turns[0]), golds)}
                 else:   # the forced primer belongs to the first turn's text
                     answer = final_answer([primer + trajectory.turns[0]] + trajectory.turns[1:])
-                    results[i]["em_think"] = exact_match(answer, golds)
-                    results[i]["probe_searches"] = trajectory.num_searches
+                    fields = {"em_think": exact_match(answer, golds), "probe_searches": trajectory.num_searches}
                 written = trajectory.input_ids[trajectory.prompt_length + len(context[i]) - len(primer_ids):]
-                results[i][f"response_{name}"] = tokenizer.decode(written, skip_special_tokens=True)
+                fields[f"response_{name}"] = tokenizer.decode(written, skip_special_tokens=True)
+                results[i].update(fields)
+                generated[i] = fields
+            if on_batch is not None:
+                on_batch(name, generated)
     for i in probed:        # a context that fills the length budget leaves the row unprobed
         if "em_no_think" not in results[i] or "em_think" not in results[i]:
             results[i] = None
@@ -768,7 +808,8 @@ def _check_questions(questions: list) -> None:
 
 
 def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: bool = True, batch_size: int = 64,
-             out_path: str | None = None, progress: bool = True, evidence: str = "auto"):
+             out_path: str | None = None, progress: bool = True, evidence: str = "auto",
+             progress_path: str | None = None, made_with: dict | None = None):
     """Greedy rollouts over question rows, every trajectory scored, the probe, and the ARC report.
 
     questions: rows {"question", "golden_answers", "id", "data_source", …} as data.load_questions
@@ -776,6 +817,12 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     greedy. Returns (records, report): records[i] = {**questions[i], **asdict(trajectory),
     "scores": score_record(...), "probe": probe result or None (only when probe=True)}, and
     report = arc_report(records, probe=...). out_path: write every record there as JSONL.
+
+    progress_path: a JSONL file every finished batch (of rollouts, then of the probe) is appended to,
+    its first line recording how they are made (the settings, a hash of the questions, and
+    `made_with`: the caller's description of model, data and retriever). A call that finds the file
+    continues after what it holds, and refuses it if it was made otherwise. The caller deletes it
+    once the results are safely written.
     """
     from dataclasses import asdict, replace
 
@@ -791,7 +838,7 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
         config = replace(config, max_total_tokens=default_length_budget(model))
     needed = None
     if probe:                                    # the probe's own checks, before any rollout
-        needed = needed_passages(questions, retriever, evidence)
+        needed = needed_passages(questions, retriever, evidence, progress=progress)
         check_probe_topk(needed, config.topk)
     overlong = first_overlong_prompt(tokenizer, [row["question"] for row in questions], config.max_total_tokens)
     if overlong is not None:
@@ -799,19 +846,24 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
         raise ValueError(f"questions[{i}] (id={questions[i].get('id')!r}): its prompt is {n} tokens, leaving no "
                          f"room under the length budget of {config.max_total_tokens} (--max-total-tokens, default: "
                          "the model's max_position_embeddings)")
-    records = []
-    for start in tqdm(range(0, len(questions), batch_size), desc="rollouts", unit="batch", disable=not progress):
-        batch = questions[start:start + batch_size]
-        trajectories = rollout(model, tokenizer, [row["question"] for row in batch], retriever, config)
-        for row, trajectory in zip(batch, trajectories):
-            record = {**row, **asdict(trajectory)}
+    saved = _Progress(progress_path, {"config": asdict(config), "probe": probe, "evidence": evidence,
+                                      "questions": _questions_hash(questions), **(made_with or {})})
+    records = [saved.records.get(i) for i in range(len(questions))]
+    todo = [i for i, record in enumerate(records) if record is None]
+    for start in tqdm(range(0, len(todo), batch_size), desc="rollouts", unit="batch", disable=not progress):
+        batch = todo[start:start + batch_size]
+        trajectories = rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever, config)
+        for i, trajectory in zip(batch, trajectories):
+            record = {**questions[i], **asdict(trajectory)}
             record["scores"] = score_record(record)
-            records.append(record)
+            records[i] = record
+        saved.add([{"rollout": i, "record": records[i]} for i in batch])
     probe_results = None
     if probe:
-        probe_results = evidence_given_probe(model, tokenizer, questions, retriever, config, evidence=evidence,
-                                             batch_size=batch_size, progress=progress, records=records,
-                                             needed=needed)
+        probe_results = evidence_given_probe(
+            model, tokenizer, questions, retriever, config, evidence=evidence, batch_size=batch_size,
+            progress=progress, records=records, needed=needed, done=saved.probe,
+            on_batch=lambda name, fields: saved.add([{"probe": name, "results": {str(i): f for i, f in fields.items()}}]))
         for record, result in zip(records, probe_results):
             record["probe"] = result
     if out_path:
@@ -819,17 +871,64 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     return records, arc_report(records, probe=probe_results)
 
 
+def _questions_hash(questions: list) -> str:
+    """16 hex digits of sha256 over the question rows: a progress file holds results of these rows only."""
+    import hashlib
+    import json
+    text = json.dumps(questions, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class _Progress:
+    """evaluate's progress file (see evaluate): what an interrupted run finished, and where the next
+    batches go. No path: nothing is read or written."""
+
+    def __init__(self, path: str | None, made_with: dict):
+        import json
+
+        from data import append_jsonl, read_appended
+        self.path, self.records, self.probe, self._append = path, {}, {}, append_jsonl
+        if path is None:
+            return
+        made_with = json.loads(json.dumps(made_with, default=str))       # as it reads back from the file
+        rows = read_appended(path)
+        if not rows:
+            append_jsonl(path, [{"made_with": made_with}])
+            return
+        recorded = rows[0].get("made_with") or {}
+        if recorded != made_with:
+            differ = sorted(k for k in set(made_with) | set(recorded) if recorded.get(k) != made_with.get(k))
+            raise ValueError(f"{path}: an unfinished evaluation made with other settings or inputs (they differ in "
+                             f"{', '.join(differ)}); rerun it as it was started to continue it, or pass --overwrite "
+                             "to start again")
+        for row in rows[1:]:
+            if "rollout" in row:
+                self.records[row["rollout"]] = row["record"]
+            else:
+                self.probe.setdefault(row["probe"], {}).update({int(i): f for i, f in row["results"].items()})
+
+    def add(self, rows: list[dict]) -> None:
+        if self.path is not None:
+            self._append(self.path, rows)
+
+
 def main(argv=None) -> dict:
     """`python arc_metric.py --model DIR --data questions.jsonl --corpus corpus.jsonl --out DIR`:
-    prints the report as Markdown and writes DIR/report.json and DIR/trajectories.jsonl."""
+    prints the report as Markdown and writes DIR/report.json and DIR/trajectories.jsonl. Finished
+    batches go to DIR/progress.jsonl as they complete; a rerun of the same command continues from
+    them (see evaluate), and the file is deleted once the results are written."""
     import argparse
     import json
     import os
     import time
     from dataclasses import asdict
 
-    parser = argparse.ArgumentParser(prog="arc_metric.py", description="Evaluate a Hugging Face model directory as "
-                                     "a search agent: greedy rollouts, EM/F1/sub-EM and ARC per data source.")
+    # models, tokenizers, retrievers and errors as in every training stage: a directory or a Hub id,
+    # errors naming the argument, bf16 on GPU, non-finite weights refused; a server checked once
+    from train import ArgumentParser, Dist, check_writable, input_fingerprints, load_model, load_tokenizer, make_retriever
+
+    parser = ArgumentParser(prog="arc_metric.py", description="Evaluate a Hugging Face model directory as "
+                            "a search agent: greedy rollouts, EM/F1/sub-EM and ARC per data source.")
     parser.add_argument("--model", required=True, help="HF model directory (AutoModelForCausalLM)")
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: --model)")
     parser.add_argument("--data", required=True, help="questions JSONL: question, golden_answers, id?, data_source?")
@@ -862,32 +961,43 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: is a file; eval writes a directory (report.json, trajectories.jsonl)")
     done = [name for name in ("report.json", "trajectories.jsonl") if os.path.exists(os.path.join(args.out, name))]
     if done and not args.overwrite:
         parser.error(f"--out {args.out} already holds {', '.join(done)}; pass --overwrite to replace them")
+    check_writable(args.out)
 
     import torch
 
     from data import load_questions
     from rollout import RolloutConfig
-    # models and retrievers load as in every training stage: a directory or a Hub id, errors naming
-    # the argument, bf16 on GPU, non-finite weights refused; a retrieval server is checked once
-    from train import Dist, load_model, load_tokenizer, make_retriever
 
     started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
     questions = load_questions(args.data)[:args.limit]
+    progress_path = os.path.join(args.out, "progress.jsonl")
+    inputs = input_fingerprints({"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data,
+                                 "--corpus": args.corpus, "--index": args.index, "--retriever-url": args.retriever_url},
+                                rows={"--data": len(questions)})
+    # a rerun continues only with the same inputs, wherever they lie now (the paths are not compared)
+    made_with = {"inputs": {arg: {k: v for k, v in fp.items() if k != "path"} for arg, fp in inputs.items()},
+                 "limit": args.limit}
     retriever = make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index)
+    if not args.no_probe:                # the questions' supporting passages exist: before a model is loaded
+        check_supporting_ids(questions, retriever, args.probe_evidence)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     model = load_model(args.model, Dist(device=device), trainable=False)
     config = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                            max_obs_tokens=args.max_obs_tokens, topk=args.topk, greedy=True,
                            max_total_tokens=args.max_total_tokens)
+    os.makedirs(args.out, exist_ok=True)
+    if args.overwrite and os.path.exists(progress_path):   # only now: every input has loaded
+        os.remove(progress_path)
     trajectories_path = os.path.join(args.out, "trajectories.jsonl")
     _, report = evaluate(model, tokenizer, questions, retriever, config, probe=not args.no_probe,
                          batch_size=args.batch_size, out_path=trajectories_path, progress=not args.no_progress,
-                         evidence=args.probe_evidence)
+                         evidence=args.probe_evidence, progress_path=progress_path, made_with=made_with)
     seconds = time.perf_counter() - started
     print(render_table(report, title=f"{args.model} on {args.data} ({len(questions)} questions, greedy)"))
     summary = {"model": args.model, "data": args.data, "retriever": args.corpus or args.index or args.retriever_url,
@@ -896,9 +1006,11 @@ def main(argv=None) -> dict:
                "report": report}
     with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
+    os.remove(progress_path)
     print(f"\nwrote {trajectories_path} and {os.path.join(args.out, 'report.json')} in {seconds:.1f}s")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    from train import run_cli      # errors a person can act on print one line (--debug: the traceback)
+    run_cli(main)

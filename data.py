@@ -6,7 +6,8 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     (Search-R1's `nq_hotpotqa_train.parquet` / `test.parquet`; needs the optional pyarrow). Field names
     are FlashRAG / Search-R1's, so their files load as they are:
     {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
-    `golden_answers` may be a single string (some FlashRAG files) or an array; it becomes a list of str.
+    `golden_answers` may be a single string (some FlashRAG files) or an array; it becomes a list of str,
+    at least one of which must survive answer normalisation (["the"] or [""] could never be matched).
     A missing `id` becomes "<file stem>-<line>" (Parquet: "<file stem>-<row>", rows counted from 0 as
     pyarrow and pandas count them), a missing `data_source` the file stem. Search-R1's `prompt`,
     `reward_model`, `extra_info` and `ability` are dropped (large, and the prompt is rollout.py's job);
@@ -21,10 +22,13 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     and `tokenizer`: the `tokenizer_fingerprint` of the tokenizer that made the ids. `load_trajectories`
     refuses rows made with another tokenizer than the caller's.
   * `read_jsonl` / `write_jsonl` read and write gzip when the path ends in `.gz`; writes are atomic.
+    `append_jsonl` / `read_appended`: progress files that grow row by row (tgo, eval) and survive a
+    crash mid-append (the torn last line is dropped).
 
 What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or need
 anything but the standard library itself (pyarrow is imported only when a `.parquet` file is read; the
-re-exported corpus loader brings retriever.py's numpy).
+re-exported corpus loader brings retriever.py's numpy; arc_metric's answer normalisation is standard
+library only).
 
     questions = load_questions("data/nq_hotpotqa_train.parquet")      # or .jsonl / .jsonl.gz
     corpus = load_corpus("data/wiki-18.jsonl")
@@ -40,6 +44,7 @@ import os
 import warnings
 import zlib
 
+from arc_metric import normalize_answer     # the scoring rule decides which gold answers can ever match
 from retriever import load_corpus  # noqa: F401  (re-exported: the corpus format is the retriever's)
 
 # -----------------------------------------------------------------------------
@@ -102,6 +107,37 @@ def write_jsonl(path: str, rows) -> None:
         raise
 
 
+def append_jsonl(path: str, rows) -> None:
+    """Appends rows to a plain JSONL progress file and flushes them to disk, so that a crash can cut
+    at most its last line (which read_appended drops)."""
+    with open(path, "ab") as f:
+        for row in rows:
+            f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_appended(path: str) -> list[dict]:
+    """The rows of a file written by append_jsonl ([] if there is none). A torn last line (no newline
+    at its end, what a crash or a full disk leaves mid-append) is cut off the file, with a warning, so
+    the next append starts on a line of its own; any other bad line is an error naming file and line."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, "rb") as f:
+        content = f.read()
+    complete = content.rfind(b"\n") + 1                  # bytes up to the last whole line
+    if complete < len(content):
+        warnings.warn(f"{path}: dropped a torn last line ({len(content) - complete} bytes), what a crash or a "
+                      "full disk leaves in the middle of an append")
+        os.truncate(path, complete)
+    rows = []
+    for line_no, raw in enumerate(content[:complete].splitlines(), start=1):
+        row = _parse_line(raw, f"{path}:{line_no}")
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # Questions: JSONL or Search-R1 Parquet
 
@@ -162,6 +198,9 @@ def check_question(row: dict, where: str, default_id: str, default_source: str) 
     source = row.get("data_source", default_source)
     if not isinstance(source, str) or not source:
         raise ValueError(f"{where}: 'data_source' must be a non-empty string")
+    if not any(normalize_answer(g) for g in golds):     # "the", "", "!!!": no answer could ever match
+        raise ValueError(f"{where}: every golden answer ({golds!r}) is empty once normalised (articles, "
+                         "punctuation and spaces removed), so no answer could ever score; fix or drop this row")
     kept = {k: v for k, v in row.items() if k not in SEARCH_R1_DROPPED}
     return {**kept, "id": str(qid), "question": str(question), "golden_answers": [str(g) for g in golds],
             "data_source": str(source)}

@@ -622,6 +622,9 @@ def write_demo_files(out_dir: str, tokenizer_dir: str | None = None, seed: int =
     real model's directory) or, without one, with the demo's BPE tokenizer, trained and saved in
     `out_dir/tokenizer`. Returns the paths by name."""
     from retriever import BM25Retriever
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"--out {out_dir}: exists and is not a directory; the world is written as files "
+                              "in a directory")
     if tokenizer_dir and not os.path.isdir(tokenizer_dir):
         raise FileNotFoundError(f"{tokenizer_dir}: not a tokenizer (or model) directory")
     world = make_world(seed=seed)
@@ -676,4 +679,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from train import run_cli      # errors a person can act on print one line (--debug: the traceback)
+    run_cli(main)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 
 from data import read_jsonl
 
@@ -144,6 +145,7 @@ def plot_metrics(groups: dict[str, list[str]], out_path: str, keys: list[str] | 
     """Writes `figure(groups, keys)` as a PNG to out_path (temp file + rename: an existing file is only
     ever replaced by a complete one). Returns the keys drawn, in panel order."""
     fig, keys = figure(groups, keys)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)   # --out runs/figs/x.png: made
     tmp = f"{out_path}.tmp-{os.getpid()}"
     try:
         fig.savefig(tmp, dpi=100, format="png")
@@ -202,5 +204,19 @@ def main(argv=None) -> list[str]:
     return drawn
 
 
+def run_cli(argv=None) -> None:
+    """main(), with an error a person can act on (a bad file or row, a missing package) printed as one
+    line and exit status 2; `--debug` shows the traceback instead. (train.run_cli does the same for
+    the training stages; this file does not import train.py and its torch.)"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main([a for a in argv if a != "--debug"])
+    except (ValueError, OSError, ImportError) as error:
+        if "--debug" in argv:
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    run_cli()

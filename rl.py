@@ -34,16 +34,17 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as torch_dist
 from tqdm import tqdm
 
 import dgpo
 from rollout import RolloutConfig
-from train import (Dist, HeadAtPositions, Reporter, all_gather_objects, all_reduce_sum, autocast, enable_checkpointing,
+from train import (Dist, HeadAtPositions, Reporter, StopSignals, all_gather_objects, all_reduce_sum, autocast,
                    check_config, check_output, check_prompts, check_same_tokenizer, data_window, ddp_sync,
-                   generate_records, global_token_count, length_budget, load_model, load_tokenizer,
-                   load_trainer_state, logits_of, make_batch, make_optimizer, micro_batches, optimizer_step,
-                   padded, pretrained, recover_resume, restore_optimizer, save_checkpoint, start_from,
-                   stop_if_diverged, vocab_size_of, wrap)
+                   enable_checkpointing, generate_records, global_token_count, interrupted, length_budget, load_model,
+                   load_tokenizer, load_trainer_state, logits_of, make_batch, make_optimizer, micro_batches,
+                   optimizer_step, padded, prepare_output, pretrained, recover_resume, restore_optimizer,
+                   save_checkpoint, start_from, stop_if_diverged, vocab_size_of, wrap)
 
 
 @dataclass
@@ -406,29 +407,37 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
              dist: Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
              grad_checkpointing: bool = False, stop_after: int | None = None, override_config: bool = False,
              overwrite: bool = False, report_to: str = "none", save_dtype: str = "float32",
-             info: dict | None = None) -> dict:
+             info: dict | None = None, inputs: dict | None = None) -> dict:
     """RL from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`,
     by validation EM, the start model included, when cfg.eval_every). `stop_after` ends this run after
     that many steps with a resumable checkpoint (the schedule still spans cfg.steps). report_to,
-    save_dtype, info: as in train.train_supervised."""
+    save_dtype, info, inputs, and SIGINT / SIGTERM: as in train.train_supervised. `retriever` may
+    be a function of no argument that builds it: it is called after every cheaper check (settings,
+    --out, models, prompts), since building a BM25 index of a large corpus takes minutes."""
     check_rl_config(cfg, dist)
     if cfg.eval_every and not validation:
         raise ValueError("--eval-every needs validation questions (--val FILE)")
     if teacher_dir is None and cfg.teacher_mode != "none":
         raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
+    if override_config and not resume:
+        raise ValueError("--override-config only makes sense with --resume")
     recover_resume(resume, dist)               # before the weights, the critic or the state are read
+    # what this run reads (resumed, the weights come from the checkpoint, not from --student)
+    paths = {"--student": None if resume else student_dir, "--teacher": teacher_dir, "--resume": resume,
+             **{arg: fp["path"] for arg, fp in (inputs or {}).items()}}
     if dist.master:
-        check_output(out_dir, resume, overwrite)
+        check_output(out_dir, resume, overwrite, inputs=paths)
     arg = "--resume" if resume else "--student"
     tokenizer = load_tokenizer(resume or student_dir, arg)
-    model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing, arg=arg)
     teacher = None
     if cfg.teacher_mode != "none":
         check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir, "--teacher"), student_dir, teacher_dir)
-        teacher = load_model(teacher_dir, dist, trainable=False, arg="--teacher")
+    model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing, arg=arg)
     budget = length_budget(cfg.max_total_tokens, model)
     check_prompts(tokenizer, questions, budget, "training question")
     check_prompts(tokenizer, validation or [], budget, "validation question")
+    if cfg.teacher_mode != "none":
+        teacher = load_model(teacher_dir, dist, trainable=False, arg="--teacher")
     vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
     ddp_model = wrap(model, dist)
     teacher = HeadAtPositions(teacher).check() if teacher is not None else None
@@ -445,10 +454,16 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         critic = Critic(wrap(critic_hf, dist), *make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
                                                                int(cfg.critic_warmup_ratio * updates), None))
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
+    state = load_trainer_state(resume, dist, "rl", asdict(cfg), override_config, inputs) if resume else None
+    if not hasattr(retriever, "search"):       # built last: every check above is cheaper
+        retriever = retriever()
+    if dist.master:                            # every input is loaded: only now may --overwrite delete anything
+        prepare_output(out_dir, resume, overwrite)
+    if dist.enabled:
+        torch_dist.barrier()
     reporter = Reporter(out_dir, report_to, "rl", asdict(cfg), dist)
     start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
     if resume:
-        state = load_trainer_state(resume, dist, "rl", asdict(cfg), override_config)
         start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
         if critic is not None:
             restore_optimizer(critic.optimizer, critic.scheduler, state["critic_optimizer"], state["critic_scheduler"],
@@ -463,7 +478,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         generators = all_gather_objects(dist, [generator.get_state()])
         state = {"stage": "rl", "step": step, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "counters": counters, "best": best,
-                 "generators": generators, "config": asdict(cfg)}
+                 "generators": generators, "config": asdict(cfg), "inputs": inputs}
         extra = {}
         if critic is not None and run_dir:
             state.update(critic_optimizer=critic.optimizer.state_dict(), critic_scheduler=critic.scheduler.state_dict())
@@ -489,42 +504,49 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
     bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
                total=cfg.steps, dynamic_ncols=True)
-    for step in bar:
-        t0 = time.time()
-        idx = data_window(cfg.seed, len(questions), step * cfg.prompts_per_step, cfg.prompts_per_step)
-        mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-        # G copies of each question; the group id is the question's slot in the global step batch,
-        # unique per prompt instance (never a per-dataset index, docs/method.md §8)
-        expanded = [{**questions[idx[j]], "group": step * cfg.prompts_per_step + j}
-                    for j in mine for _ in range(cfg.group_size)]
-        model.eval()
-        records = generate_records(ddp_model, tokenizer, expanded, retriever, rcfg, dist,
-                                   cfg.rollout_batch_size, generator)
-        for r, q in zip(records, expanded):
-            r["group"] = q["group"]
-        t_rollout = time.time() - t0
-        model.train()
-        row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, counters, critic)
-        sums = all_reduce_sum(dist, [len(records), sum(r["reward"] for r in records),
-                                     sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
-                                     sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
-                                     sum(sum(r["loss_mask"]) for r in records),
-                                     sum(r["truncated"] for r in records)])
-        n, elapsed = sums[0], time.time() - t0
-        row = {"step": step + 1, "reward": sums[1] / n, "em": sums[2] / n, "wrong_frac": 1 - sums[2] / n,
-               "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
-               "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
-               "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0)}
-        if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            validate(step + 1, row)
-        if dist.master:
-            bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
-                            **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
-        reporter.log(row, dist)
-        stop_if_diverged(counters, out_dir)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
-            checkpoint(out_dir, step + 1)
+    with StopSignals() as stop:
+        for step in bar:
+            t0 = time.time()
+            idx = data_window(cfg.seed, len(questions), step * cfg.prompts_per_step, cfg.prompts_per_step)
+            mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+            # G copies of each question; the group id is the question's slot in the global step batch,
+            # unique per prompt instance (never a per-dataset index, docs/method.md §8)
+            expanded = [{**questions[idx[j]], "group": step * cfg.prompts_per_step + j}
+                        for j in mine for _ in range(cfg.group_size)]
+            model.eval()
+            records = generate_records(ddp_model, tokenizer, expanded, retriever, rcfg, dist,
+                                       cfg.rollout_batch_size, generator)
+            for r, q in zip(records, expanded):
+                r["group"] = q["group"]
+            t_rollout = time.time() - t0
+            model.train()
+            row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, counters, critic)
+            sums = all_reduce_sum(dist, [len(records), sum(r["reward"] for r in records),
+                                         sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
+                                         sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
+                                         sum(sum(r["loss_mask"]) for r in records),
+                                         sum(r["truncated"] for r in records)])
+            n, elapsed = sums[0], time.time() - t0
+            row = {"step": step + 1, "reward": sums[1] / n, "em": sums[2] / n, "wrong_frac": 1 - sums[2] / n,
+                   "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
+                   "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
+                   "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0)}
+            if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                validate(step + 1, row)
+            if dist.master:
+                bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
+                                **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
+            reporter.log(row, dist)
+            stop_if_diverged(counters, out_dir)
+            if step + 1 < end_step and stop.requested(dist):
+                bar.close()
+                checkpoint(out_dir, step + 1)
+                reporter.close()
+                raise interrupted(stop.signum, "rl", step + 1, cfg.steps, out_dir, info, dist)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
+                checkpoint(out_dir, step + 1)
     bar.close()
     checkpoint(out_dir, end_step)
     reporter.close()
-    return {"best_val_em": best["em"], "best_step": best["step"], **counters}
+    validated = {"best_val_em": best["em"], "best_step": best["step"]} if best["em"] >= 0 else {}
+    return {**validated, **counters}

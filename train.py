@@ -37,8 +37,12 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -83,14 +87,17 @@ CHOICES = {"algo": ("grpo", "ppo"), "teacher_mode": ("selective", "uniform", "no
            "teacher_as": ("loss", "reward"), "kl": ("full", "k2", "k3"), "agg": dgpo.AGG_MODES}
 
 # The legal range of every numeric setting, (low, high, low is allowed, high is allowed), None = no
-# bound. The CLI checks them at parse time (they show in --help); the trainers check them again for
-# callers of the Python API. Why some bounds exist: grad_clip 0 would clip every update to nothing;
-# a negative beta pushes the student away from the teacher. (RL also needs temperature > 0: rl.py.)
+# bound; every value must also be finite. The CLI checks them at parse time (they show in --help);
+# the trainers check them again for callers of the Python API. Why some bounds exist: grad_clip 0
+# would clip every update to nothing; a negative beta pushes the student away from the teacher;
+# AdamW moves every weight by about lr per step and shrinks it by lr·weight_decay, so above 1 either
+# destroys the model within steps (lr 1e30: NaN logits two steps later, in sampling). (RL also needs
+# temperature > 0: rl.py.)
 RANGES = {
     "steps": (1, None, True, None), "batch_size": (1, None, True, None),
-    "micro_batch_size": (1, None, True, None), "lr": (0, None, True, None),
+    "micro_batch_size": (1, None, True, None), "lr": (0, 1, True, True),
     "min_lr_ratio": (0, 1, True, True), "warmup_steps": (0, None, True, None),
-    "weight_decay": (0, None, True, None), "grad_clip": (0, None, False, None), "lam": (0, None, True, None),
+    "weight_decay": (0, 1, True, True), "grad_clip": (0, None, False, None), "lam": (0, None, True, None),
     "seed": (0, None, True, None), "eval_every": (0, None, True, None), "save_every": (0, None, True, None),
     "prompts_per_step": (1, None, True, None), "group_size": (1, None, True, None),
     "mini_batches": (1, None, True, None), "rollout_batch_size": (1, None, True, None),
@@ -99,7 +106,7 @@ RANGES = {
     "temperature": (0, None, True, None), "top_p": (0, 1, False, True), "max_turns": (0, None, True, None),
     "max_new_tokens": (1, None, True, None), "max_obs_tokens": (0, None, True, None),
     "max_total_tokens": (1, None, True, None), "topk": (1, None, True, None), "eval_limit": (0, None, True, None),
-    "critic_lr": (0, None, True, None), "critic_warmup_ratio": (0, 1, True, True), "value_clip": (0, None, False, None),
+    "critic_lr": (0, 1, True, True), "critic_warmup_ratio": (0, 1, True, True), "value_clip": (0, None, False, None),
     "gamma": (0, 1, True, True), "gae_lambda": (0, 1, True, True),
 }
 
@@ -112,9 +119,13 @@ def range_text(name: str) -> str:
 
 
 def in_range(name: str, value) -> bool:
+    """Inside RANGES[name], and finite: no setting means anything at inf or NaN (`--lr inf` would
+    only crash steps later, in sampling)."""
     low, high, low_ok, high_ok = RANGES[name]
     if value is None:
         return name == "max_total_tokens"
+    if not math.isfinite(value):
+        return False
     above = value >= low if low_ok else value > low
     below = high is None or (value <= high if high_ok else value < high)
     return above and below
@@ -125,7 +136,8 @@ def check_config(cfg) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in RANGES and not in_range(f.name, value):
-            raise ValueError(f"{type(cfg).__name__}.{f.name}={value!r}: must be {range_text(f.name)}")
+            finite = "finite and " if value is not None and not math.isfinite(value) else ""
+            raise ValueError(f"{type(cfg).__name__}.{f.name}={value!r}: must be {finite}{range_text(f.name)}")
         if f.name in CHOICES and value not in CHOICES[f.name]:
             raise ValueError(f"{type(cfg).__name__}.{f.name}={value!r}: must be one of {CHOICES[f.name]}")
 
@@ -214,13 +226,51 @@ def pretrained(loader, path: str, arg: str, **kwargs):
                                 f"loaded here (offline and not cached?): {first_line}") from None
 
 
+# what a local model directory must hold: transformers' own messages for a missing piece are a
+# 1-token tokenizer or "cannot reshape a tensor of 0 elements" much later
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken", "qwen.tiktoken")
+
+
+def check_model_dir(path: str, arg: str, needs: str) -> None:
+    """A local directory (not a Hub id) holds what `needs` ("model" or "tokenizer") loads from; and a
+    checkpoint of this project has the checksums its files were saved with (checkpoint.verify; the
+    trainer state is verified where it is read)."""
+    if not os.path.isdir(path):
+        return
+    names = set(os.listdir(path))
+    if needs == "model":
+        if "config.json" not in names:
+            raise FileNotFoundError(f"{arg} {path}: not a model directory: it has no config.json")
+        if not names & set(WEIGHT_FILES):
+            raise FileNotFoundError(f"{arg} {path}: no weights in it (none of {', '.join(WEIGHT_FILES)})")
+        checkpoint.verify(path, which=lambda rel: rel != STATE_FILE)
+    elif not names & set(TOKENIZER_FILES):
+        raise FileNotFoundError(f"{arg} {path}: no tokenizer in it (none of {', '.join(TOKENIZER_FILES)}); "
+                                "save the tokenizer beside the model (tokenizer.save_pretrained)")
+
+
 def load_model(path: str, dist: Dist, trainable: bool, grad_checkpointing: bool = False, arg: str = "--model"):
     """An HF causal LM from a local directory or a Hub id: fp32 weights when trained (AdamW state in
-    fp32; bf16 comes from autocast), bf16 when frozen on GPU (the teacher), fp32 on CPU. A model
-    with a non-finite weight is refused (it would train on NaN or sample garbage)."""
+    fp32; bf16 comes from autocast), bf16 when frozen on GPU (the teacher), fp32 on CPU. A checkpoint
+    whose files differ from their recorded checksums, a directory without config or weights, weights
+    that cannot be read (named) and a model with a non-finite weight are refused."""
     from transformers import AutoModelForCausalLM
     dtype = torch.float32 if trainable or dist.device.type != "cuda" else torch.bfloat16
-    model = pretrained(AutoModelForCausalLM, path, arg, dtype=dtype).to(dist.device)
+    check_model_dir(path, arg, "model")
+    try:
+        model = pretrained(AutoModelForCausalLM, path, arg, dtype=dtype)
+    except Exception as error:
+        if not os.path.isdir(path) or isinstance(error, MemoryError):
+            raise
+        weights = sorted(set(os.listdir(path)) & set(WEIGHT_FILES)) + \
+            sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".bin")) and n not in WEIGHT_FILES)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"{arg} {path}: cannot load the model from {', '.join(weights)} "
+                         f"({type(error).__name__}: {first_line}); the files are damaged or not this "
+                         "architecture's") from None
+    model = model.to(dist.device)
     bad = first_non_finite(model)
     if bad is not None:
         raise ValueError(f"{arg} {path}: weight {bad} holds NaN or inf values; refusing to use this model")
@@ -249,8 +299,14 @@ def first_non_finite(model) -> str | None:
 
 
 def load_tokenizer(path: str, arg: str = "--model"):
+    """The tokenizer of a model directory or Hub id; a directory without tokenizer files, or one whose
+    files make a tokenizer of fewer than 2 tokens, is refused naming it."""
     from transformers import AutoTokenizer
+    check_model_dir(path, arg, "tokenizer")
     tokenizer = pretrained(AutoTokenizer, path, arg)
+    if len(tokenizer) < 2:
+        raise ValueError(f"{arg} {path}: its tokenizer files make a tokenizer of {len(tokenizer)} token(s); "
+                         "they are damaged or incomplete")
     if tokenizer.pad_token_id is None:          # only used as filler; masks are always explicit
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -281,8 +337,9 @@ STATE_FILE = "trainer_state.pt"
 
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+RUN_MARKER = ".dgpo-run"   # in every run directory a trainer made: only those may be replaced (--overwrite)
 # what a run directory holds beside its checkpoint; every save moves them into the new directory
-RUN_ENTRIES = ("metrics.jsonl", "best", "tensorboard", "wandb")
+RUN_ENTRIES = ("metrics.jsonl", "best", "tensorboard", "wandb", RUN_MARKER)
 CONFIG_FILE = "train_config.json"   # the run's settings, readable, next to every checkpoint
 
 
@@ -308,22 +365,51 @@ def save_checkpoint(out_dir: str, model, tokenizer, dist: Dist, state: dict | No
             raise RuntimeError(f"not saving {out_dir}: weight {bad} of {name} holds NaN or inf values")
     if dist.master:
         def write(tmp: str) -> None:
-            for path, m in [(tmp, raw)] + [(os.path.join(tmp, name), m) for name, m in others.items()]:
-                save_pretrained(m, path, save_dtype)
-            tokenizer.save_pretrained(tmp)
+            for where, m in [("", raw)] + [(name, m) for name, m in others.items()]:
+                with writing(out_dir, f"{where}/ model files" if where else "model files"):
+                    save_pretrained(m, os.path.join(tmp, where), save_dtype)
+            with writing(out_dir, "tokenizer files"):
+                tokenizer.save_pretrained(tmp)
             if state is not None:
                 full = {**state, "rng": rngs, "world_size": dist.world_size, "save_dtype": save_dtype}
                 if "config" in state:
                     full["config_hash"] = checkpoint.config_hash(state["config"])
-                torch.save(full, os.path.join(tmp, STATE_FILE))
+                with writing(out_dir, STATE_FILE):
+                    torch.save(full, os.path.join(tmp, STATE_FILE))
                 readable = {"stage": state.get("stage"), "step": state.get("step"), "config": state.get("config"),
-                            "config_hash": full.get("config_hash"), "world_size": dist.world_size,
-                            "save_dtype": save_dtype, **(info or {})}
-                with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                            "config_hash": full.get("config_hash"), "inputs": state.get("inputs"),
+                            "world_size": dist.world_size, "save_dtype": save_dtype, **(info or {})}
+                with writing(out_dir, CONFIG_FILE), open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                     json.dump(readable, f, indent=1, default=str)
-        checkpoint.save(out_dir, write, carry=RUN_ENTRIES if carry is None else carry)
+        with writing(out_dir, "the checksums or the swap"):
+            checkpoint.save(out_dir, write, carry=RUN_ENTRIES if carry is None else carry)
     if dist.enabled:
         torch_dist.barrier()
+
+
+@contextlib.contextmanager
+def writing(out_dir: str, what: str):
+    """A failed write of a checkpoint file (a full disk: torch.save says only "basic_ios::clear:
+    iostream error") becomes an OSError naming the checkpoint and the file; the previous checkpoint
+    is intact (checkpoint.save replaces it only after everything is written)."""
+    try:
+        yield
+    except Exception as error:           # OSError, torch's RuntimeError, safetensors' own SafetensorError
+        if isinstance(error, CheckpointWriteError):
+            raise
+        raise CheckpointWriteError(f"cannot write checkpoint {out_dir} ({what}): {first_line(error)}; the previous "
+                                   f"checkpoint there, if any, is unchanged (full disk? try --save-dtype bfloat16 "
+                                   "or another --out)") from error
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (see `writing`)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (transformers' and torch's run to many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def save_pretrained(model, path: str, save_dtype: str) -> None:
@@ -344,24 +430,25 @@ def save_pretrained(model, path: str, save_dtype: str) -> None:
 
 
 def load_trainer_state(ckpt_dir: str, dist: Dist, stage: str | None = None, config: dict | None = None,
-                       override: bool = False) -> dict:
-    """The trainer state of a checkpoint (after finishing any save a crash interrupted), with every
-    rank's RNG restored. Refuses a checkpoint of another stage, and one whose settings differ from
-    `config` (except FREE_SETTINGS) unless `override`; state["changed"] lists what differs."""
+                       override: bool = False, inputs: dict | None = None) -> dict:
+    """The trainer state of a checkpoint (after finishing any save a crash interrupted, its checksum
+    verified), with every rank's RNG restored. Refuses a checkpoint of another stage, and one whose
+    settings differ from `config` (except FREE_SETTINGS) or whose inputs differ from `inputs`
+    ({argument: checkpoint.fingerprint}, for the inputs the checkpoint recorded too) unless
+    `override`; state["changed"] and state["changed_inputs"] list what differs."""
     recover_resume(ckpt_dir, dist)
     path = os.path.join(ckpt_dir, STATE_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume {ckpt_dir}: not a checkpoint to resume from (no {STATE_FILE})")
+    checkpoint.verify(ckpt_dir, which=lambda rel: rel == STATE_FILE)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:   # a truncated zip: checkpoint.save makes this impossible for its own saves
-        raise ValueError(f"--resume {ckpt_dir}: {STATE_FILE} cannot be read ({error})") from None
+        raise ValueError(f"--resume {ckpt_dir}: {STATE_FILE} cannot be read ({first_line(error)})") from None
     if stage is not None and state.get("stage") != stage:
         raise ValueError(f"--resume {ckpt_dir}: a checkpoint of stage {state.get('stage')!r}; "
                          f"this is stage {stage!r}, which cannot continue it")
     if state["world_size"] != dist.world_size:
         raise ValueError(f"{path} was written by {state['world_size']} ranks; resume with the same number")
-    state["changed"] = {}
+    state["changed"], state["changed_inputs"] = {}, {}
     if config is not None:
         changed = checkpoint.config_differences(state.get("config", {}), config, FREE_SETTINGS)
         if changed and not override:
@@ -370,6 +457,15 @@ def load_trainer_state(ckpt_dir: str, dist: Dist, stage: str | None = None, conf
                              "Resume with the same settings, or pass --override-config to apply the new "
                              "values from here on (the change is recorded in metrics.jsonl)")
         state["changed"] = changed
+    if inputs is not None and state.get("inputs") is not None:
+        changed = checkpoint.input_differences(state["inputs"], inputs)
+        if changed and not override:
+            listed = "; ".join(f"{arg} {describe_input(new)} (was {describe_input(old)})"
+                               for arg, (old, new) in changed.items())
+            raise ValueError(f"--resume {ckpt_dir}: these inputs differ from the ones the run was started with: "
+                             f"{listed}. Resume with the same inputs, or pass --override-config to continue on the "
+                             "new ones (the change is recorded in metrics.jsonl)")
+        state["changed_inputs"] = changed
     rng = state["rng"][dist.rank]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -379,14 +475,50 @@ def load_trainer_state(ckpt_dir: str, dist: Dist, stage: str | None = None, conf
     return state
 
 
+def describe_input(fp: dict | None) -> str:
+    """A fingerprint in a few words, for an error message."""
+    if fp is None:
+        return "not given"
+    if "bytes" not in fp and "files" not in fp:          # a URL or a Hub id
+        return fp["path"]
+    if "files" in fp:
+        return f"{fp['path']} ({len(fp['files'])} files)"
+    rows = f", {fp['rows']} rows" if "rows" in fp else ""
+    return f"{fp['path']} ({fp['bytes']} bytes{rows}, head/tail sha256 {fp['head_tail_sha256']})"
+
+
+def input_fingerprints(paths: dict, rows: dict | None = None) -> dict:
+    """{argument: checkpoint.fingerprint(path)} for the inputs given (None ones skipped); a URL or a Hub
+    id is recorded by its name (what a server or the Hub serves cannot be fingerprinted here);
+    `rows`: the row count of each data file read."""
+    out = {}
+    for arg, path in paths.items():
+        if path is None:
+            continue
+        if "://" in path or not os.path.exists(path):
+            out[arg] = {"path": path, "name": path}
+        else:
+            out[arg] = checkpoint.fingerprint(path, (rows or {}).get(arg))
+    return out
+
+
 def recover_resume(resume: str | None, dist: Dist) -> None:
     """Before anything reads a --resume directory: finish or roll back a save that a crash
     interrupted (checkpoint.recover), on rank 0, so that weights, state and metrics all come from
-    one complete checkpoint."""
-    if resume is not None and dist.master:
+    one complete checkpoint; then refuse a directory that holds no trainer state, saying why."""
+    if resume is None:
+        return
+    if dist.master:                     # also when `resume` itself is gone: a crash between two renames
         checkpoint.recover(resume, carry=RUN_ENTRIES)
     if dist.enabled:
         torch_dist.barrier()
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume {resume}: not a model directory (no such directory)")
+    if not os.path.isfile(os.path.join(resume, STATE_FILE)):
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint to resume from in it (no {STATE_FILE}). A run "
+                                "saves one at its end, every --save-every N steps and when Ctrl-C or SIGTERM stops "
+                                "it; a run that crashed before its first save has none: start it again without "
+                                "--resume (with --overwrite to replace its directory)")
 
 
 def restore_optimizer(optimizer, scheduler, optimizer_state: dict, scheduler_state: dict, lr: float,
@@ -404,9 +536,9 @@ def restore_optimizer(optimizer, scheduler, optimizer_state: dict, scheduler_sta
 
 def start_from(state: dict, optimizer, scheduler, lr: float, reporter: "Reporter", dist: Dist) -> None:
     """Restores optimizer and scheduler from a resumed state (an overridden lr applied), drops metric
-    lines written after the checkpoint, records any overridden settings in the metrics, and drops a
-    best/ that does not belong to this state (saved just before a crash, by a step the resumed run
-    has not reached: the run saves it again if it gets there)."""
+    lines written after the checkpoint (and a torn last line), records any overridden settings or
+    inputs in the metrics, and drops a best/ that does not belong to this state (saved just before
+    a crash, by a step the resumed run has not reached: the run saves it again if it gets there)."""
     restore_optimizer(optimizer, scheduler, state["optimizer"], state["scheduler"], lr, "lr" in state["changed"])
     if state.get("save_dtype", "float32") != "float32":
         warnings.warn(f"resuming from weights saved as {state['save_dtype']}: the run continues from rounded "
@@ -423,6 +555,9 @@ def start_from(state: dict, optimizer, scheduler, lr: float, reporter: "Reporter
             shutil.rmtree(best_dir)
     if state["changed"]:
         reporter.log({"step": state["step"], "config_override": {k: list(v) for k, v in state["changed"].items()}},
+                     dist)
+    if state["changed_inputs"]:
+        reporter.log({"step": state["step"], "input_override": {k: list(v) for k, v in state["changed_inputs"].items()}},
                      dist)
 
 
@@ -480,36 +615,93 @@ class Reporter:
             self.wandb.finish()
 
 
-def check_output(out: str, resume: str | None, overwrite: bool, kind: str = "dir") -> None:
-    """Before any work: an existing non-empty output is refused unless the run resumes from it or
-    --overwrite is given (then a directory this trainer wrote is deleted; anything else is refused).
-    kind="file" for a trajectories file. Also checks that the output can be written."""
+def _same(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: str, parent: str) -> bool:
+    """`path` is `parent` or lies under it (symbolic links resolved)."""
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def is_run_dir(path: str) -> bool:
+    """A directory a trainer made: it holds RUN_MARKER or a checkpoint manifest (checkpoint.py)."""
+    return os.path.isfile(os.path.join(path, RUN_MARKER)) or checkpoint.manifest(path) is not None
+
+
+def check_writable(out: str) -> None:
+    """The output can be created: its nearest existing ancestor is a directory a file can be written in
+    (tried, so a read-only mount or a missing permission shows here, not after the first step)."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"--out {out}: cannot be created, {probe} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as error:
+        raise PermissionError(f"--out {out}: cannot write in {probe} ({error.strerror})") from None
+
+
+def check_output(out: str, resume: str | None, overwrite: bool, kind: str = "dir", inputs: dict | None = None) -> None:
+    """Before any work, changing nothing (prepare_output acts, after every input is loaded):
+    - an output that is, or contains, one of the `inputs` ({argument: path} of what the stage reads)
+      is refused, --overwrite or not: writing there would destroy what the run reads (resuming a run
+      in its own directory is the one exception);
+    - an existing non-empty output is refused unless the run resumes from it or --overwrite is given,
+      and --overwrite only replaces a directory a trainer made (is_run_dir); the message names the
+      command that works;
+    - the output must be writable.
+    kind="file" for tgo's trajectories file."""
+    for arg, path in (inputs or {}).items():
+        if not path or "://" in path or (kind == "dir" and arg == "--resume" and _same(path, out)):
+            continue
+        if _same(path, out) or (kind == "dir" and _inside(path, out)):
+            raise ValueError(f"--out {out}: {'is' if _same(path, out) else 'contains'} the input {arg} {path}; "
+                             "writing there would destroy what this run reads: choose another --out")
     if kind == "file":
         if os.path.isdir(out):
             raise ValueError(f"--out {out}: is a directory; tgo writes a trajectories file (e.g. {out}/tgo.jsonl)")
         if os.path.exists(out) and not overwrite:
             raise ValueError(f"--out {out}: exists; pass --overwrite to replace it")
-        parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
-        if not os.access(parent, os.W_OK):
-            raise PermissionError(f"--out {out}: cannot write in {parent}")
+        check_writable(out)
         return
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out}: exists and is not a directory")
-    if resume is not None and os.path.abspath(resume) == os.path.abspath(out):
+    if resume is not None and _same(resume, out):
         return
     if os.path.isdir(out) and os.listdir(out):
-        ours = any(os.path.exists(os.path.join(out, name)) for name in
-                   (STATE_FILE, "metrics.jsonl", checkpoint.COMPLETE))
+        if not is_run_dir(out):
+            raise ValueError(f"--out {out}: exists, is not empty and is not a directory this trainer wrote (no "
+                             f"{RUN_MARKER} marker or checkpoint manifest); refusing to replace it even with "
+                             "--overwrite: choose another --out")
         if not overwrite:
-            hint = f"--resume {out} to continue it, or " if ours else ""
-            raise ValueError(f"--out {out}: exists and is not empty; pass {hint}--overwrite to replace it")
-        if not ours:
-            raise ValueError(f"--out {out}: not a directory this trainer wrote (no {STATE_FILE} or "
-                             "metrics.jsonl); refusing to delete it even with --overwrite")
-        shutil.rmtree(out)
+            if os.path.isfile(os.path.join(out, STATE_FILE)):
+                raise ValueError(f"--out {out}: exists and is not empty; pass --resume {out} to continue it, "
+                                 "or --overwrite to replace it")
+            raise ValueError(f"--out {out}: exists and is not empty; it holds a run that saved no checkpoint to "
+                             "resume (it stopped before its first save): pass --overwrite to replace it")
+    check_writable(out)
+
+
+def prepare_output(out: str, resume: str | None, overwrite: bool) -> None:
+    """After every input is loaded and check_output passed: with --overwrite, deletes the entries the
+    previous run wrote (its checkpoint's files, RUN_ENTRIES; anything else in the directory stays);
+    creates the directory with RUN_MARKER; a run resumed into a new directory gets the resumed run's
+    metrics (and best/) there."""
+    same = resume is not None and _same(resume, out)
+    if overwrite and not same and os.path.isdir(out) and is_run_dir(out):
+        checkpoint.recover(out, carry=RUN_ENTRIES)         # an interrupted swap leaves its pieces beside it
+        own = set(checkpoint.own_entries(out)) | set(RUN_ENTRIES) | {".best.saving", ".best.old", "metrics.jsonl.tmp"}
+        for name in sorted(own & set(os.listdir(out))):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     os.makedirs(out, exist_ok=True)
-    if resume is not None:              # continue the resumed run's metrics (and best/) in the new directory
+    with open(os.path.join(out, RUN_MARKER), "w") as f:
+        f.write("written by train.py; --overwrite may replace what a run wrote here, nothing else\n")
+    if resume is not None and not same:   # continue the resumed run's metrics (and best/) in the new directory
         source = os.path.join(resume, "metrics.jsonl")
         if os.path.isfile(source):
             shutil.copyfile(source, os.path.join(out, "metrics.jsonl"))
@@ -536,12 +728,15 @@ def make_optimizer(model, lr: float, weight_decay: float, total_steps: int, warm
 def optimizer_step(model, optimizer, scheduler, grad_clip: float, counters: dict, dist: Dist,
                    finite_loss: bool = True) -> float:
     """Clips, then steps — unless some rank's loss or the gradient is not finite, in which case the
-    step is skipped on every rank (the decision is all-reduced), counted and warned about."""
+    step is skipped on every rank (the decision is all-reduced), counted and warned about. A step
+    that leaves a weight non-finite (finite gradients times a learning rate like 1e30) stops the run:
+    it cannot be undone, and the next forward would sample garbage."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
     any_bad = all_reduce_sum(dist, [0.0 if finite_loss else 1.0])[0] > 0
     if math.isfinite(norm) and not any_bad:
         optimizer.step()
         counters["consecutive_skipped"] = 0
+        check_weights_finite(model, optimizer)
     else:
         counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
         counters["consecutive_skipped"] = counters.get("consecutive_skipped", 0) + 1
@@ -554,6 +749,22 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float, counters: dict
     return norm
 
 
+def check_weights_finite(model, optimizer) -> None:
+    """Raises Stopped naming the first weight an update made NaN or inf (one device sync for all)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if torch.stack([torch.isfinite(p).all() for p in params]).all():
+        return
+    bad = first_non_finite(hf_model(model))
+    lr = optimizer.param_groups[0]["lr"]
+    raise Stopped(f"the update at learning rate {lr:g} made weight {bad} NaN or inf (the learning rate is far too "
+                  "large?); stopping without saving: the last checkpoint saved, if any, is unchanged")
+
+
+class Stopped(RuntimeError):
+    """A run that stopped on purpose, with a message for the person running it (a diverged run, a
+    weight made non-finite, an interrupt): the command line prints it as one line."""
+
+
 MAX_CONSECUTIVE_SKIPPED = 10   # then the run stops: the model (or the data) is broken, not unlucky
 
 
@@ -561,9 +772,78 @@ def stop_if_diverged(counters: dict, out_dir: str) -> None:
     """Stops a run whose last MAX_CONSECUTIVE_SKIPPED steps all had a non-finite loss or gradient,
     without saving: the last checkpoint in out_dir (if any) stays the result."""
     if counters.get("consecutive_skipped", 0) >= MAX_CONSECUTIVE_SKIPPED:
-        raise RuntimeError(f"{counters['consecutive_skipped']} consecutive steps had a non-finite loss or "
-                           f"gradient and were skipped; stopping without saving (the last checkpoint, if any, "
-                           f"is in {out_dir})")
+        raise Stopped(f"{counters['consecutive_skipped']} consecutive steps had a non-finite loss or "
+                      f"gradient and were skipped; stopping without saving (the last checkpoint, if any, "
+                      f"is in {out_dir})")
+
+
+# -----------------------------------------------------------------------------
+# Interrupts: Ctrl-C or SIGTERM finishes the step, saves, and says how to continue
+
+
+class Interrupted(Stopped):
+    """Raised after a run stopped by SIGINT / SIGTERM has saved its resumable checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, the first SIGINT or SIGTERM only sets `.signum`: the training loop finishes its
+    step, saves and raises Interrupted. A second one stops at once (the step in flight is lost, the
+    last checkpoint is intact). Handlers can only be installed from the main thread; elsewhere (a
+    notebook's worker thread) signals act as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:                    # the second one: stop now
+            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a resumable checkpoint "
+              "(send it again to stop at once, losing the step)", file=sys.stderr, flush=True)
+
+    def requested(self, dist: "Dist") -> int | None:
+        """The signal any rank received (all ranks agree, so all stop after the same step)."""
+        got = all_reduce_sum(dist, [float(self.signum or 0)])[0] if dist.enabled else float(self.signum or 0)
+        if got and self.signum is None:      # another rank got it; name the usual one
+            self.signum = signal.SIGTERM
+        return self.signum if got else None
+
+
+def resume_command(info: dict | None, out_dir: str, dist: "Dist") -> str:
+    """The command that continues a run from out_dir: the run's own command line (info["argv"]) without
+    --overwrite and any earlier --resume, plus --resume out_dir; under torchrun, as a torchrun command."""
+    argv = list((info or {}).get("argv") or [])
+    if not argv:
+        return f"resume=\"{out_dir}\" (the Python API)"
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif arg != "--overwrite" and not arg.startswith("--resume="):
+            kept.append(arg)
+    launcher = [f"torchrun --nproc_per_node={dist.world_size}"] if dist.enabled else [sys.executable]
+    return " ".join(launcher + [shlex.quote(a) for a in [argv[0], *kept, "--resume", out_dir]])
 
 
 # -----------------------------------------------------------------------------
@@ -731,74 +1011,105 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
                      out_dir: str, teacher=None, heldout: list[dict] | None = None, resume: str | None = None,
                      desc: str = "sft", stop_after: int | None = None, override_config: bool = False,
                      overwrite: bool = False, report_to: str = "none", save_dtype: str = "float32",
-                     info: dict | None = None) -> dict:
+                     info: dict | None = None, inputs: dict | None = None) -> dict:
     """Trains `model` on trajectory records (loss on loss_mask tokens) and saves it to `out_dir`.
     `resume`: a checkpoint of this stage to continue from (the model must already hold its weights);
     `stop_after` ends this run early with the schedule still spanning cfg.steps; `info` (input paths,
-    the command line) is written into train_config.json beside the settings."""
+    the command line) is written into train_config.json beside the settings; `inputs`
+    ({argument: checkpoint.fingerprint}) is recorded in the trainer state, and a resume with other
+    inputs is refused unless `override_config`. SIGINT / SIGTERM: the step finishes, a resumable
+    checkpoint is saved and Interrupted is raised."""
     check_config(cfg)
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size}")
+    if cfg.eval_every and not heldout:
+        raise ValueError(f"--eval-every {cfg.eval_every}: needs held-out trajectories (--heldout FILE)")
+    if override_config and not resume:
+        raise ValueError("--override-config only makes sense with --resume")
+    for what, rows in (("the training trajectories", records), ("the held-out trajectories", heldout or None)):
+        if rows is not None and loss_token_count(rows) == 0:
+            raise ValueError(f"{what}: no row has a loss token (every loss_mask is 0 after the prompt), so there "
+                             "is nothing to train on or to score")
     recover_resume(resume, dist)    # the caller loaded `model` from resume: run_stage recovers before that
+    paths = {**{arg: fp["path"] for arg, fp in (inputs or {}).items()}, "--resume": resume}
     if dist.master:
-        check_output(out_dir, resume, overwrite)
+        check_output(out_dir, resume, overwrite, inputs=paths)
     vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
     ddp_model = wrap(model, dist)
     teacher = HeadAtPositions(teacher).check() if teacher is not None else None
     optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_steps,
                                           cfg.min_lr_ratio)
+    state = load_trainer_state(resume, dist, desc, asdict(cfg), override_config, inputs) if resume else None
+    if dist.master:                 # every input is loaded: only now may --overwrite delete anything
+        prepare_output(out_dir, resume, overwrite)
+    if dist.enabled:
+        torch_dist.barrier()
     reporter = Reporter(out_dir, report_to, desc, asdict(cfg), dist)
     start_step, counters = 0, {}
     if resume:
-        state = load_trainer_state(resume, dist, desc, asdict(cfg), override_config)
         start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
         start_step, counters = state["step"], state["counters"]
 
     def save(step: int) -> None:
         save_checkpoint(out_dir, ddp_model, tokenizer, dist, {
             "stage": desc, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "counters": counters, "config": asdict(cfg)}, save_dtype=save_dtype, info=info)
+            "counters": counters, "config": asdict(cfg), "inputs": inputs}, save_dtype=save_dtype, info=info)
 
     per_rank = cfg.batch_size // dist.world_size
     model.train()
     end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
     bar = tqdm(range(start_step, end_step), desc=desc, disable=not dist.master, initial=start_step,
                total=cfg.steps, dynamic_ncols=True)
-    for step in bar:
-        t0 = time.time()
-        # the global batch of this step: a window of a per-epoch permutation; each rank its slice
-        idx = data_window(cfg.seed, len(records), step * cfg.batch_size, cfg.batch_size)
-        local = [records[i] for i in idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
-        normaliser = global_token_count(dist, local) / dist.world_size   # DDP averages over ranks
-        chunks = micro_batches(local, cfg.micro_batch_size)
-        sums, finite = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "n_tokens": 0.0}, True
-        for i, chunk in enumerate(chunks):
-            with ddp_sync(ddp_model, last=i == len(chunks) - 1):
-                loss, m = supervised_loss(ddp_model, teacher, chunk, normaliser, vocab_size, cfg.lam, dist)
-                loss.backward()               # even if not finite: every rank keeps in step with DDP
-            finite &= math.isfinite(loss.item())
-            sums["loss"] += loss.item()
-            for k in ("ce", "kl"):
-                sums[k] += m[k] * m["n_tokens"]
-            sums["n_tokens"] += m["n_tokens"]
-        norm = optimizer_step(ddp_model, optimizer, scheduler, cfg.grad_clip, counters, dist, finite)
-        loss_sum, ce_sum, kl_sum, n_tok = all_reduce_sum(dist, [sums["loss"], sums["ce"], sums["kl"],
-                                                                sums["n_tokens"]])
-        row = {"step": step + 1, "loss": loss_sum / dist.world_size, "ce": ce_sum / max(n_tok, 1),
-               "kl": kl_sum / max(n_tok, 1), "grad_norm": norm, "lr": scheduler.get_last_lr()[0],
-               "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0)}
-        if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
-            row["heldout_loss"] = heldout_loss(model, teacher, heldout, cfg, vocab_size, dist)
-        if dist.master:
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
-        reporter.log(row, dist)
-        stop_if_diverged(counters, out_dir)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
-            save(step + 1)
+    with StopSignals() as stop:
+        for step in bar:
+            t0 = time.time()
+            # the global batch of this step: a window of a per-epoch permutation; each rank its slice
+            idx = data_window(cfg.seed, len(records), step * cfg.batch_size, cfg.batch_size)
+            local = [records[i] for i in idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
+            normaliser = global_token_count(dist, local) / dist.world_size   # DDP averages over ranks
+            chunks = micro_batches(local, cfg.micro_batch_size)
+            sums, finite = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "n_tokens": 0.0}, True
+            for i, chunk in enumerate(chunks):
+                with ddp_sync(ddp_model, last=i == len(chunks) - 1):
+                    loss, m = supervised_loss(ddp_model, teacher, chunk, normaliser, vocab_size, cfg.lam, dist)
+                    loss.backward()               # even if not finite: every rank keeps in step with DDP
+                finite &= math.isfinite(loss.item())
+                sums["loss"] += loss.item()
+                for k in ("ce", "kl"):
+                    sums[k] += m[k] * m["n_tokens"]
+                sums["n_tokens"] += m["n_tokens"]
+            norm = optimizer_step(ddp_model, optimizer, scheduler, cfg.grad_clip, counters, dist, finite)
+            loss_sum, ce_sum, kl_sum, n_tok = all_reduce_sum(dist, [sums["loss"], sums["ce"], sums["kl"],
+                                                                    sums["n_tokens"]])
+            row = {"step": step + 1, "loss": loss_sum / dist.world_size, "ce": ce_sum / max(n_tok, 1),
+                   "kl": kl_sum / max(n_tok, 1), "grad_norm": norm, "lr": scheduler.get_last_lr()[0],
+                   "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0)}
+            if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
+                row["heldout_loss"] = heldout_loss(model, teacher, heldout, cfg, vocab_size, dist)
+            if dist.master:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
+            reporter.log(row, dist)
+            stop_if_diverged(counters, out_dir)
+            if step + 1 < end_step and stop.requested(dist):
+                bar.close()
+                save(step + 1)
+                reporter.close()
+                raise interrupted(stop.signum, desc, step + 1, cfg.steps, out_dir, info, dist)
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
+                save(step + 1)
     bar.close()
     save(end_step)
     reporter.close()
     return counters
+
+
+def interrupted(signum: int, stage: str, step: int, steps: int, out_dir: str, info: dict | None,
+                dist: Dist) -> Interrupted:
+    """The exception a stage raises after saving on SIGINT / SIGTERM: what happened, where the
+    checkpoint is, and the exact command that continues the run."""
+    return Interrupted(f"{signal.Signals(signum).name}: {stage} stopped after step {step} of {steps} and saved a "
+                       f"resumable checkpoint in {out_dir}; continue with: {resume_command(info, out_dir, dist)}",
+                       signum)
 
 
 def data_window(seed: int, n: int, start: int, size: int) -> list[int]:
@@ -872,28 +1183,100 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: R
 
 def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, dist: Dist,
             out_path: str, samples: int = 1, batch_size: int = 64, seed: int = 0,
-            keep_wrong: bool = False, info: dict | None = None) -> dict:
+            keep_wrong: bool = False, info: dict | None = None, inputs: dict | None = None,
+            overwrite: bool = False) -> dict:
     """Rolls the teacher out `samples` times per question (each rank its shard), keeps EM = 1
     (`keep_wrong` keeps everything: only for plumbing tests with an untrained teacher). Rollouts are
-    capped at the length budget (length_budget), and a prompt that leaves no room is refused first."""
+    capped at the length budget (length_budget), and a prompt that leaves no room is refused first.
+
+    Nothing finished is lost: every chunk of rollouts is appended to its rank's progress file as it
+    completes (tgo_progress_files), whose first line records how they are made (settings, tokenizer,
+    `inputs` fingerprints); a rerun with the same ones continues after them, with any number of ranks,
+    and is refused with other ones (`overwrite` deletes them and starts again). The trajectories file
+    is written, atomically, only when every question is done; the progress files are then deleted.
+    (A rerun of sampled rollouts draws fresh samples for the rest: not bit-identical to one run.)
+    `retriever` may be a function that builds it, called after the checks, as in rl.train_rl."""
     rcfg = dataclasses.replace(rcfg, max_total_tokens=length_budget(rcfg.max_total_tokens, teacher))
     check_prompts(tokenizer, questions, rcfg.max_total_tokens, "question")
-    shard = questions[dist.rank::dist.world_size] * samples
-    generator = torch.Generator(device=dist.device).manual_seed(seed + dist.rank)
-    records = generate_records(teacher, tokenizer, shard, retriever, rcfg, dist, batch_size, generator,
-                               desc="tgo")
-    records = all_gather_objects(dist, records)
     fingerprint = data.tokenizer_fingerprint(tokenizer)       # kd refuses these ids with another tokenizer
+    made_with = json.loads(json.dumps(
+        {"config": asdict(rcfg), "samples": samples, "seed": seed, "keep_wrong": keep_wrong, "tokenizer": fingerprint,
+         "inputs": {arg: {k: v for k, v in fp.items() if k != "path"} for arg, fp in (inputs or {}).items()}},
+        default=str))
+    done = {} if overwrite else read_tgo_progress(out_path, made_with)   # refuses to mix, before anything slow
+    if not hasattr(retriever, "search"):     # a function that builds it (train_rl's convention)
+        retriever = retriever()
+    if overwrite and dist.master:
+        for path in tgo_progress_files(out_path):
+            os.remove(path)
+    if dist.enabled:
+        torch_dist.barrier()
+    todo = [(s, i) for s in range(samples) for i, q in enumerate(questions)
+            if (*data.question_key(q), s) not in done]
+    if done:
+        print0(dist, f"tgo: continuing after {len(done)} finished rollouts in {out_path}.progress-*")
+    progress = f"{out_path}.progress-rank{dist.rank}.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    if not os.path.isfile(progress) or os.path.getsize(progress) == 0:
+        data.append_jsonl(progress, [{"made_with": made_with}])
+    mine = todo[dist.rank::dist.world_size]
+    generator = torch.Generator(device=dist.device).manual_seed(seed + dist.rank)
+    bar = tqdm(total=samples * len(questions), initial=len(done), desc="tgo", disable=not dist.master,
+               dynamic_ncols=True)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        records = generate_records(teacher, tokenizer, [questions[i] for _, i in chunk], retriever, rcfg, dist,
+                                   batch_size, generator)
+        data.append_jsonl(progress, [{**r, "sample": s} for r, (s, _) in zip(records, chunk)])
+        bar.update(len(chunk) * dist.world_size)
+    bar.close()
+    if dist.enabled:
+        torch_dist.barrier()
+    done = read_tgo_progress(out_path, made_with)
+    order = {key: n for n, key in enumerate((*data.question_key(q), s) for s in range(samples) for q in questions)}
+    records = sorted((r for key, r in done.items() if key in order), key=lambda r: order[(*data.question_key(r),
+                                                                                           r["sample"])])
     kept = [{**r, data.TOKENIZER_KEY: fingerprint} for r in records if r["em"] == 1.0 or keep_wrong]
     stats = {"rollouts": len(records), "kept": len(kept),
              "teacher_em": sum(r["em"] for r in records) / max(len(records), 1)}
+    if dist.enabled:
+        torch_dist.barrier()                  # every rank has read the progress files before they go
     if dist.master:
         data.write_jsonl(out_path, kept)
         with open(out_path + ".config.json", "w") as f:      # how these trajectories were made
             json.dump({"stage": "tgo", "config": asdict(rcfg), "samples": samples, "seed": seed,
-                       "tokenizer": fingerprint, **stats, **(info or {})}, f, indent=1, default=str)
+                       "tokenizer": fingerprint, "inputs": inputs, **stats, **(info or {})}, f, indent=1, default=str)
+        for path in tgo_progress_files(out_path):
+            os.remove(path)
     print0(dist, f"tgo: kept {len(kept)} of {len(records)} teacher trajectories -> {out_path}")
     return stats
+
+
+def tgo_progress_files(out_path: str) -> list[str]:
+    """The progress files of a tgo run writing out_path: one per rank that worked on it."""
+    folder, name = os.path.split(os.path.abspath(out_path))
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(name + ".progress-rank")
+                  and n.endswith(".jsonl")) if os.path.isdir(folder) else []
+
+
+def read_tgo_progress(out_path: str, made_with: dict) -> dict:
+    """{(data_source, id, sample): record} of every finished rollout in the progress files; a file
+    made with other settings or inputs is refused, naming what differs."""
+    done = {}
+    for path in tgo_progress_files(out_path):
+        rows = data.read_appended(path)
+        if not rows:
+            continue
+        recorded = rows[0].get("made_with")
+        if recorded != made_with:
+            differ = sorted(k for k in set(made_with) | set(recorded or {})
+                            if (recorded or {}).get(k) != made_with.get(k))
+            raise ValueError(f"{path}: unfinished tgo rollouts made with other settings or inputs (they differ in "
+                             f"{', '.join(differ)}); rerun with the ones they were made with to continue them, or "
+                             "pass --overwrite to start again")
+        for row in rows[1:]:
+            done[(*data.question_key(row), row["sample"])] = row
+    return done
 
 
 # -----------------------------------------------------------------------------
@@ -979,17 +1362,31 @@ PRESETS = {
 DEMO_MARKER = ".dgpo-demo"   # a directory holding this file was made by run_demo, which may replace it
 
 
+# what run_demo writes in its directory: a rerun deletes these, and nothing else
+DEMO_ENTRIES = ("data", "tokenizer", "init", "teacher", "base", "kd", "dgpo", "eval", "oracle.jsonl", "tgo.jsonl",
+                "tgo.jsonl.config.json", "tgo.jsonl.progress-rank0.jsonl", "results.json", DEMO_MARKER)
+
+
 def own_demo_dir(out: str) -> None:
-    """The demo regenerates its whole directory: an earlier demo run there is deleted, so the
-    README's first command works when run twice; any other non-empty directory is refused."""
+    """The demo regenerates its directory: what an earlier demo run wrote there (DEMO_ENTRIES) is
+    deleted, so the README's first command works when run twice, and anything else is kept; a
+    non-empty directory the demo did not make is refused."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory; the demo writes a directory of runs")
     if os.path.isdir(out) and os.listdir(out):
         if not os.path.isfile(os.path.join(out, DEMO_MARKER)):
             raise ValueError(f"--out {out}: exists, is not empty and was not written by the demo; "
                              "choose another --out (the demo replaces its own directory)")
-        shutil.rmtree(out)
+        for name in DEMO_ENTRIES:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+    check_writable(out)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, DEMO_MARKER), "w") as f:
-        f.write("written by `python train.py demo`; the next demo run here deletes this directory\n")
+        f.write("written by `python train.py demo`; the next demo run here replaces what it wrote\n")
 
 
 def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
@@ -1100,6 +1497,39 @@ def results_table(reports: dict[str, dict]) -> str:
 # Command line: one subcommand per stage; config fields become --options with their defaults
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block of a stage runs to ~28 lines and hides the
+    message; --help shows it), and a negative number such as `--lr -1e-3` read as the option's
+    value, so the range check answers it (argparse takes "-1e-3" for an option: "expected one
+    argument")."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(glue_negative_numbers(sys.argv[1:] if args is None else list(args)),
+                                        namespace)
+
+
+def glue_negative_numbers(argv: list[str]) -> list[str]:
+    """["--lr", "-1e-3"] -> ["--lr=-1e-3"]: a number that starts with "-" after a --long option is its value."""
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-") and _is_number(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def field_comments(config_cls) -> dict:
     """The `# comment` after each field of a config dataclass, by field name: the one place a
     setting is explained, in the source and in --help alike."""
@@ -1132,7 +1562,8 @@ def ranged(name: str, kind):
     def parse(text: str):
         value = kind(text)
         if not in_range(name, value):
-            raise argparse.ArgumentTypeError(f"must be {range_text(name)}, got {text}")
+            finite = "" if math.isfinite(value) else "finite and "
+            raise argparse.ArgumentTypeError(f"must be {finite}{range_text(name)}, got {text}")
         return value
     parse.__name__ = kind.__name__          # argparse names the type in its messages
     return parse
@@ -1165,8 +1596,9 @@ def add_retriever_args(parser) -> None:
 
 def parse_args(argv):
     import rl               # the rl stage's module (it imports this one, so not at the top)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="Errors print one line; --debug (anywhere on the line) shows the traceback.")
     sub = parser.add_subparsers(dest="stage")
 
     p = sub.add_parser("demo", help="the whole chain on the built-in world (default)")
@@ -1220,13 +1652,16 @@ def parse_args(argv):
                     "temperature; it must be > 0 (greedy rollouts make every group identical)")
         if args.eval_every and not args.val:
             p.error("--eval-every needs --val FILE (the validation questions)")
-        if args.override_config and not args.resume:
-            p.error("--override-config only makes sense with --resume")
+    if args.stage in ("teacher", "kd") and args.eval_every and not args.heldout:
+        sub.choices[args.stage].error("--eval-every needs --heldout FILE (the held-out trajectories it scores)")
+    if args.stage in ("teacher", "kd", "rl") and args.override_config and not args.resume:
+        sub.choices[args.stage].error("--override-config only makes sense with --resume")
     return args
 
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command line as a function (errors are raised; `run_cli` turns them into one line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:             # one evaluation entry point: arc_metric's
         arc_metric.main(argv[1:])
         return
@@ -1234,68 +1669,129 @@ def main(argv=None) -> None:
     dist = setup()
     torch.manual_seed(1234 + dist.rank)  # each rank its own seed; sampling uses explicit generators
     try:
-        run_stage(args, dist)
+        run_stage(args, dist, argv)
     finally:
         if dist.enabled:
             torch_dist.destroy_process_group()
 
 
-def run_info(args) -> dict:
+# what a person can act on: bad arguments, files, models, a missing optional package, a run that
+# stopped on purpose. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, Stopped)
+
+
+def run_cli(entry, argv=None) -> None:
+    """Runs a command-line entry point `entry(argv)`: a user error (USER_ERRORS) prints one line,
+    "error: …", and exits 2; an interrupted run prints how to continue it and exits 128 + the
+    signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell does. `--debug` anywhere on the
+    line keeps the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        entry(argv)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        where = f"[rank {os.environ['RANK']}] " if os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        print(f"{where}error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + error.signum if isinstance(error, Interrupted) else 2) from None
+
+
+def run_info(args, argv: list[str]) -> dict:
     """What train_config.json records besides the settings: every command-line value, the command
-    line itself, and the versions that matter for reproducing the run."""
+    line itself (the one a hint to continue the run repeats), and the versions that matter for
+    reproducing the run."""
     import transformers
-    return {"args": {k: v for k, v in vars(args).items()}, "argv": sys.argv,
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == "train.py" else "train.py"
+    return {"args": {k: v for k, v in vars(args).items()}, "argv": [script, *argv],
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "python": sys.version.split()[0]}}
 
 
-def run_stage(args, dist: Dist) -> None:
+def run_stage(args, dist: Dist, argv: list[str] | None = None) -> None:
+    """One stage from its parsed arguments. Everything cheap is checked before anything slow: the
+    settings, that --out may be written (and is no input), the data files, then models, then the
+    retriever (building a BM25 index of a large corpus takes minutes); nothing is deleted before
+    every input is loaded."""
     import rl
+    info = run_info(args, argv if argv is not None else sys.argv[1:])
     if args.stage == "demo":
         run_demo(args.preset, args.out, dist)
     elif args.stage in ("teacher", "kd"):
         cfg = config_from_args(args, SupervisedConfig)
+        check_config(cfg)
+        start = args.model if args.stage == "teacher" else args.student
+        # what this run reads (resumed, the weights come from the checkpoint, not from --model/--student)
+        paths = {"--model" if args.stage == "teacher" else "--student": None if args.resume else start,
+                 "--teacher": getattr(args, "teacher", None), "--data": args.data, "--heldout": args.heldout,
+                 "--resume": args.resume}
         recover_resume(args.resume, dist)                      # before anything reads it
         if dist.master:                                        # before any model is loaded
-            check_output(args.out, args.resume, args.overwrite)
+            check_output(args.out, args.resume, args.overwrite, inputs=paths)
         arg = "--resume" if args.resume else ("--model" if args.stage == "teacher" else "--student")
-        init = args.resume or (args.model if args.stage == "teacher" else args.student)
+        init = args.resume or start
         tokenizer = load_tokenizer(init, arg)
+        made_with = {"vocab_size": len(tokenizer), "tokenizer_fingerprint": data.tokenizer_fingerprint(tokenizer)}
+        records = data.load_trajectories(args.data, **made_with)
+        heldout = data.load_trajectories(args.heldout, **made_with) if args.heldout else None
+        for flag, rows in (("--data", records), ("--heldout", heldout)):
+            if rows is not None and loss_token_count(rows) == 0:
+                raise ValueError(f"{flag} {paths[flag]}: no row has a loss token (every loss_mask is 0 after the "
+                                 "prompt): nothing to train on")
         teacher = None
         if args.stage == "kd":
             check_same_tokenizer(tokenizer, load_tokenizer(args.teacher, "--teacher"), args.student, args.teacher)
             teacher = load_model(args.teacher, dist, trainable=False, arg="--teacher")
-        made_with = {"vocab_size": len(tokenizer), "tokenizer_fingerprint": data.tokenizer_fingerprint(tokenizer)}
-        records = data.load_trajectories(args.data, **made_with)
-        heldout = data.load_trajectories(args.heldout, **made_with) if args.heldout else None
         model = load_model(init, dist, trainable=True, grad_checkpointing=args.grad_checkpointing, arg=arg)
+        inputs = input_fingerprints({"--data": args.data, "--heldout": args.heldout,
+                                     "--teacher": getattr(args, "teacher", None)},
+                                    rows={"--data": len(records), "--heldout": len(heldout or [])})
         train_supervised(model, tokenizer, records, cfg, dist, args.out, teacher=teacher, heldout=heldout,
                          resume=args.resume, desc=args.stage, stop_after=args.stop_after,
                          override_config=args.override_config, overwrite=args.overwrite, report_to=args.report_to,
-                         save_dtype=args.save_dtype, info=run_info(args))
+                         save_dtype=args.save_dtype, info=info, inputs=inputs)
     elif args.stage == "tgo":
         rcfg = config_from_args(args, RolloutConfig)
         rcfg.greedy = rcfg.greedy or args.samples == 1
+        paths = {"--teacher": args.teacher, "--data": args.data, "--corpus": args.corpus, "--index": args.index}
         if dist.master:
-            check_output(args.out, None, args.overwrite, kind="file")
+            check_output(args.out, None, args.overwrite, kind="file", inputs=paths)
         questions = data.load_questions(args.data)
-        retriever = make_retriever(args.corpus, args.retriever_url, rcfg.topk, index=args.index)
+        tokenizer = load_tokenizer(args.teacher, "--teacher")
         teacher = load_model(args.teacher, dist, trainable=False, arg="--teacher")
-        run_tgo(teacher, load_tokenizer(args.teacher, "--teacher"), questions, retriever, rcfg, dist,
-                args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=run_info(args))
+        inputs = input_fingerprints({"--data": args.data, "--teacher": args.teacher, "--corpus": args.corpus,
+                                     "--index": args.index, "--retriever-url": args.retriever_url},
+                                    rows={"--data": len(questions)})
+        run_tgo(teacher, tokenizer, questions,
+                lambda: make_retriever(args.corpus, args.retriever_url, rcfg.topk, index=args.index), rcfg, dist,
+                args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=info,
+                inputs=inputs, overwrite=args.overwrite)
     elif args.stage == "rl":
         cfg = config_from_args(args, rl.RLConfig)
+        rl.check_rl_config(cfg, dist)
+        # what this run reads (resumed, the weights come from the checkpoint, not from --student)
+        paths = {"--student": None if args.resume else args.student, "--teacher": args.teacher, "--data": args.data,
+                 "--val": args.val, "--corpus": args.corpus, "--index": args.index, "--resume": args.resume}
+        recover_resume(args.resume, dist)
+        if dist.master:
+            check_output(args.out, args.resume, args.overwrite, inputs=paths)
         questions = data.load_questions(args.data)
         validation = data.load_questions(args.val) if args.val else None
-        retriever = make_retriever(args.corpus, args.retriever_url, cfg.topk, index=args.index)
-        summary = rl.train_rl(args.student, args.teacher, questions, retriever, cfg, dist,
-                              args.out, validation=validation, resume=args.resume,
+        inputs = input_fingerprints({"--data": args.data, "--val": args.val, "--teacher": args.teacher,
+                                     "--corpus": args.corpus, "--index": args.index,
+                                     "--retriever-url": args.retriever_url},
+                                    rows={"--data": len(questions), "--val": len(validation or [])})
+        summary = rl.train_rl(args.student, args.teacher, questions,
+                              lambda: make_retriever(args.corpus, args.retriever_url, cfg.topk, index=args.index),
+                              cfg, dist, args.out, validation=validation, resume=args.resume,
                               grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after,
                               override_config=args.override_config, overwrite=args.overwrite,
-                              report_to=args.report_to, save_dtype=args.save_dtype, info=run_info(args))
+                              report_to=args.report_to, save_dtype=args.save_dtype, info=info, inputs=inputs)
         print0(dist, json.dumps(summary))
 
 
 if __name__ == "__main__":
     import train            # run as the module `train`, the one rl.py imports, not as a second copy
-    train.main()
+    train.run_cli(train.main)

@@ -411,6 +411,7 @@ def test_main_evaluates_a_saved_model_directory(demo_files, capsys):
     assert saved["config"]["greedy"] is True and saved["config"]["max_turns"] == 1 and saved["questions"] == 4
     lines = (root / "out" / "trajectories.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == [q["id"] for q in data.load_questions(paths["test"])[:4]]
+    assert not (root / "out" / "progress.jsonl").exists()          # the results are written: progress is gone
 
 
 def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retriever):
@@ -448,3 +449,65 @@ def test_a_topk_too_small_for_the_probe_is_refused_before_any_rollout(tokenizer,
     with pytest.raises(ValueError, match="some question needs 2, but topk=1"):
         arc_metric.evaluate(model, tokenizer, two_hop_questions, retriever, RolloutConfig(topk=1), progress=False)
     assert model.turn_contexts == []                                    # nothing was generated
+
+
+# ----------------------------------------------------------------------------- nothing finished is lost
+
+
+def test_evaluate_appends_finished_batches_and_a_rerun_continues_from_them(tmp_path, world, tokenizer, retriever,
+                                                                           monkeypatch):
+    """Rollouts and then the probe's batches go to the progress file as they finish; two crashes (one
+    among the rollouts, one inside the probe) and two reruns end with the records and report of one
+    uninterrupted evaluation, and no batch is generated twice."""
+    import rollout as rollout_lib
+    rows = [q for q in world.test if q["question"].startswith("Who founded")][:3] + \
+           [q for q in world.test if q["question"].startswith("Where was the founder of")][:2]
+    config = RolloutConfig(max_turns=2, max_new_tokens=40, max_obs_tokens=200, topk=3)
+    model = Reader(tokenizer)
+    expected, expected_report = arc_metric.evaluate(model, tokenizer, rows, retriever, config, batch_size=2,
+                                                    progress=False)
+    real, calls = rollout_lib.rollout, []
+
+    def crashing(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) in (2, 6):                     # 3 batches of rollouts, then 3 + 3 of the probe
+            raise RuntimeError("the machine went away")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rollout_lib, "rollout", crashing)
+    progress = str(tmp_path / "progress.jsonl")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="went away"):
+            arc_metric.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
+                                progress_path=progress, made_with={"model": "reader"})
+    with pytest.raises(ValueError, match=r"progress.jsonl: an unfinished evaluation made with other settings or "
+                                         r"inputs \(they differ in config\)"):
+        arc_metric.evaluate(model, tokenizer, rows, retriever, RolloutConfig(max_turns=1), batch_size=2,
+                            progress=False, progress_path=progress, made_with={"model": "reader"})
+    with pytest.raises(ValueError, match=r"\(they differ in model\)"):
+        arc_metric.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
+                            progress_path=progress, made_with={"model": "another"})
+    records, report = arc_metric.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
+                                          progress_path=progress, made_with={"model": "reader"})
+    # 1st run: rollout batch 1, crash; 2nd: rollout batches 2 and 3, probe w/o think batch 1, crash;
+    # 3rd: the rest only, i.e. probe w/o think batches 2 and 3 (rows 2-3, 4), then the 3 of w/ think
+    assert calls[:6] == [2, 2, 2, 1, 2, 2] and calls[6:] == [2, 1, 2, 2, 1]
+    assert json.loads(json.dumps(records)) == json.loads(json.dumps(expected)) and report == expected_report
+
+
+def test_main_finds_missing_supporting_passages_before_loading_the_model_and_refuses_a_file_as_out(
+        demo_files, tmp_path, monkeypatch):
+    import train
+    root, paths = demo_files
+    rows = data.load_questions(paths["test"])[:3]
+    rows[1]["supporting_ids"], rows[2]["supporting_ids"] = ["nope-1"], ["nope-2", rows[2]["supporting_ids"][0]]
+    data.write_jsonl(str(tmp_path / "q.jsonl"), rows)
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=r"id='demo-0-1': supporting passage 'nope-1' is not in the retriever's "
+                                         r"corpus; .*id='demo-0-2': supporting passage 'nope-2'"):
+        arc_metric.main(["--model", str(root / "model"), "--data", str(tmp_path / "q.jsonl"), "--corpus",
+                         paths["corpus"], "--out", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit):
+        arc_metric.main(["--model", str(root / "model"), "--data", paths["test"], "--corpus", paths["corpus"],
+                         "--out", str(tmp_path / "taken")])

@@ -124,3 +124,93 @@ def test_recover_also_repairs_an_interrupted_save_of_a_carried_best_checkpoint(r
                                                                          "metrics.jsonl", "best"])
     checkpoint.save(run, write_version("v3"))
     assert read(best) == "best2" and read(run) == "v3"
+
+
+# -----------------------------------------------------------------------------------------------
+# The manifest, torn metric lines, the user's own files, input fingerprints
+
+
+def test_the_marker_records_every_files_checksum_and_verify_names_the_file_that_changed(run, tmp_path):
+    def write(tmp):
+        write_version("v2")(tmp)
+        os.makedirs(os.path.join(tmp, "critic"))
+        with open(os.path.join(tmp, "critic", "weights"), "wb") as f:
+            f.write(bytes(range(256)) * 100)
+    checkpoint.save(run, write)
+    files = checkpoint.manifest(run)
+    assert sorted(files) == ["critic/weights", "weights"] and files["weights"]["bytes"] == 2
+    checkpoint.verify(run)                                       # untouched: nothing to say
+    with open(os.path.join(run, "critic", "weights"), "r+b") as f:   # 200 flipped bytes, same size
+        f.seek(1000)
+        f.write(bytes(255 - b for b in f.read(200)[::-1]))
+    with pytest.raises(ValueError, match=r"critic/weights: corrupted, its checksum differs"):
+        checkpoint.verify(run)
+    checkpoint.verify(run, which=lambda rel: rel == "weights")   # the other files can be checked alone
+    os.remove(os.path.join(run, "weights"))
+    with pytest.raises(ValueError, match=r"weights: missing"):
+        checkpoint.verify(run, which=lambda rel: rel == "weights")
+
+
+def test_a_checkpoint_of_an_older_version_without_checksums_loads_with_a_warning(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / checkpoint.COMPLETE).write_text("this directory was written completely\n")
+    with pytest.warns(UserWarning, match="without checksums"):
+        checkpoint.verify(str(old))
+
+
+def test_save_keeps_the_entries_the_old_checkpoint_did_not_write(run, tmp_path):
+    """A user's notes in a run directory survive the run's next save (and its interrupted swaps);
+    the old checkpoint's own files do not."""
+    with open(os.path.join(run, "notes.txt"), "w") as f:
+        f.write("precious")
+    with open(os.path.join(run, "old-only"), "w") as f:          # pretend v1 wrote it: in its manifest
+        f.write("x")
+    checkpoint.save(run, write_version("v1.5"))                  # the manifest now lists "weights" only
+    assert read(run, "notes.txt") == "precious" and read(run, "old-only") == "x"   # not v1's: kept
+    assert checkpoint.foreign_entries(run) == ["best", "metrics.jsonl", "notes.txt", "old-only"]
+    _interrupted(run, "old")                                     # a crash in the middle of the next swap
+    checkpoint.recover(run)
+    assert read(run) == "v2" and read(run, "notes.txt") == "precious"
+
+
+def test_a_failed_write_gives_its_space_back_at_once(run, tmp_path):
+    def broken(tmp):
+        write_version("v2")(tmp)
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(run, broken)
+    assert listing(tmp_path) == ["run"] and read(run) == "v1"     # no .run.saving left to fill the disk
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_any_other_bad_line_is_an_error(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')      # a full disk in mid-append
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert checkpoint.truncate_metrics(str(path), 2) == 1
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line, and not the last one"):
+        checkpoint.truncate_metrics(str(path), 2)
+
+
+def test_fingerprint_follows_the_content_not_the_location(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_bytes(b"x" * (3 << 20))                                  # 3 MiB: the middle MiB is not hashed
+    fp = checkpoint.fingerprint(str(a), rows=7)
+    assert fp["bytes"] == 3 << 20 and fp["rows"] == 7 and fp["path"] == str(a)
+    moved = tmp_path / "sub" / "a.jsonl"
+    moved.parent.mkdir()
+    a.rename(moved)
+    assert checkpoint.input_differences({"--data": fp}, {"--data": checkpoint.fingerprint(str(moved), rows=7)}) == {}
+    with open(moved, "r+b") as f:                                  # the last byte changes
+        f.seek(-1, 2)
+        f.write(b"y")
+    assert list(checkpoint.input_differences({"--data": fp}, {"--data": checkpoint.fingerprint(str(moved), 7)})) == \
+        ["--data"]
+    assert list(checkpoint.input_differences({"--data": fp}, {})) == ["--data"]       # an input dropped
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / ".hidden").write_text("not part of it")
+    assert list(checkpoint.fingerprint(str(model))["files"]) == ["config.json"]

@@ -500,8 +500,8 @@ def test_parquet_extra_columns_are_kept_and_missing_ids_are_filled_from_the_row(
 def test_parquet_golden_answers_as_a_plain_string_column_become_lists(tmp_path):
     pa = pytest.importorskip("pyarrow")
     schema = pa.schema([("question", pa.string()), ("golden_answers", pa.string())])
-    path = write_parquet(tmp_path / "single.parquet", [{"question": "q?", "golden_answers": "a"}], schema)
-    assert load_questions(path) == [{"id": "single-0", "question": "q?", "golden_answers": ["a"],
+    path = write_parquet(tmp_path / "single.parquet", [{"question": "q?", "golden_answers": "Oslo"}], schema)
+    assert load_questions(path) == [{"id": "single-0", "question": "q?", "golden_answers": ["Oslo"],
                                      "data_source": "single"}]
 
 
@@ -691,3 +691,35 @@ def test_tokenizer_key_that_is_not_a_fingerprint_string_names_file_and_line(tmp_
     path = write_lines(tmp_path / "tgo.jsonl", lines)
     with pytest.raises(ValueError, match=where(path, 2) + " 'tokenizer' must be a non-empty string"):
         load_trajectories(path)
+
+
+# ----------------------------------------------------------------------------- answers that can never score
+
+
+@pytest.mark.parametrize("golds", [["the"], [""], ["A"], ["!!!", " an "]])
+def test_a_question_whose_every_gold_answer_normalises_to_nothing_is_refused_naming_the_line(tmp_path, golds):
+    path = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION),
+                                              json.dumps({**GOOD_QUESTION, "id": "q2", "golden_answers": golds})])
+    with pytest.raises(ValueError, match=where(path, 2) + r" every golden answer .* is empty once normalised"):
+        load_questions(path)
+    write_lines(tmp_path / "ok.jsonl", [json.dumps({**GOOD_QUESTION, "golden_answers": golds + ["The Hague"]})])
+    assert load_questions(str(tmp_path / "ok.jsonl"))[0]["golden_answers"] == golds + ["The Hague"]
+
+
+# ----------------------------------------------------------------------------- progress files
+
+
+def test_progress_rows_survive_a_torn_last_line_which_is_cut_off_so_appends_continue_cleanly(tmp_path):
+    path = str(tmp_path / "progress.jsonl")
+    assert data.read_appended(path) == []
+    data.append_jsonl(path, [{"a": 1}, {"a": 2}])
+    with open(path, "ab") as f:
+        f.write(b'{"a": 3, "b"')                                     # a crash in the middle of an append
+    with pytest.warns(UserWarning, match="dropped a torn last line"):
+        assert data.read_appended(path) == [{"a": 1}, {"a": 2}]
+    data.append_jsonl(path, [{"a": 4}])
+    assert data.read_appended(path) == [{"a": 1}, {"a": 2}, {"a": 4}]
+    with open(path, "ab") as f:
+        f.write(b'{"a": \n{"a": 5}\n')                              # a bad line that is not the last
+    with pytest.raises(ValueError, match=r"progress.jsonl:4: not valid JSON"):
+        data.read_appended(path)

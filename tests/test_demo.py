@@ -644,3 +644,10 @@ def test_world_command_tokenises_the_oracle_with_the_tokenizer_it_is_given(world
             assert r["loss_mask"] == expected[r["question"]].loss_mask
             checked += 1
     assert checked >= 15 and max(max(r["input_ids"]) for r in records) < 1024
+
+
+def test_world_command_refuses_a_file_as_out_naming_it(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(FileExistsError, match=r"--out .*taken: exists and is not a directory"):
+        demo.main(["world", "--out", str(tmp_path / "taken")])
+    assert (tmp_path / "taken").read_text() == "x"

@@ -187,3 +187,20 @@ def test_many_groups_share_one_legend_under_the_panels(small_run, tmp_path):
     [legend] = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == list(groups)
     plt.close(fig)
+
+
+def test_out_in_a_missing_directory_is_made_and_a_bad_file_is_one_line_of_error(tmp_path, capsys):
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.7}\n')
+    out = tmp_path / "figs" / "new" / "curves.png"
+    assert plot.main(["--out", str(out), str(metrics)]) == ["reward"]
+    assert read_png_size(out)[0] > 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": "one"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        plot.run_cli(["--out", str(out), str(bad)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: {bad}:1: 'step' must be a non-negative integer")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        plot.run_cli(["--out", str(out), str(bad), "--debug"])          # --debug: the exception itself

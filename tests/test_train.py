@@ -838,3 +838,383 @@ def test_a_hub_id_in_the_local_cache_loads_offline_in_every_stage_the_same_way(m
         train.load_tokenizer(model_dirs["student"], "--student").get_vocab()
     with pytest.raises(FileNotFoundError, match="--teacher tiny-org/not-cached: neither a local model directory"):
         train.load_model("tiny-org/not-cached", train.Dist(), trainable=False, arg="--teacher")
+
+
+# -----------------------------------------------------------------------------
+# No run, model or file is ever lost: --overwrite, corrupted state, interrupts, resumable tgo
+
+
+RL_ARGS = ["--prompts-per-step", "2", "--group-size", "2", "--max-turns", "1", "--max-new-tokens", "6",
+           "--micro-batch-size", "4", "--rollout-batch-size", "8", "--lr", "1e-2", "--warmup-ratio", "0", "--seed", "3"]
+
+
+@pytest.fixture
+def files(world, tmp_path):
+    """Question and corpus files of the demo world, as a user would pass them."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    paths = {"q": str(folder / "q.jsonl"), "q2": str(folder / "q2.jsonl"), "val": str(folder / "val.jsonl"),
+             "corpus": str(folder / "corpus.jsonl")}
+    data.write_jsonl(paths["q"], world.train[:6])
+    data.write_jsonl(paths["q2"], world.train[6:12])
+    data.write_jsonl(paths["val"], world.validation[:2])
+    data.write_jsonl(paths["corpus"], world.corpus)
+    return paths
+
+
+def _listing(path):
+    return sorted((p.relative_to(path).as_posix(), p.stat().st_size) for p in path.rglob("*"))
+
+
+def _flip(path, count=200, at=4096):
+    """Inverts `count` bytes of a file in place (its size unchanged): what bit rot or a bad copy does."""
+    with open(path, "r+b") as f:
+        f.seek(min(at, os.path.getsize(path) - count))
+        chunk = f.read(count)
+        f.seek(-len(chunk), 1)
+        f.write(bytes(255 - b for b in chunk))
+
+
+def test_overwrite_never_deletes_an_input_it_refuses_an_output_that_is_or_holds_one(model_dirs, files, world,
+                                                                                    retriever, tmp_path):
+    x = tmp_path / "x"
+    shutil.copytree(model_dirs["student"], x)
+    before = _listing(x)
+    for stage, model_flag in [("rl", "--student"), ("teacher", "--model")]:
+        extra = ["--corpus", files["corpus"]] if stage == "rl" else []
+        with pytest.raises(ValueError, match=rf"--out {x}: is the input {model_flag} {x}; .*choose another --out"):
+            train.main([stage, model_flag, str(x), "--data", files["q"], "--out", str(x), "--overwrite", *extra])
+        assert _listing(x) == before
+    run = tmp_path / "run"                                  # a run with best/: resuming best/ into the run
+    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever,
+                _rl_config(steps=1, teacher_mode="none", eval_every=1, eval_limit=2), train.Dist(), str(run),
+                validation=world.validation)
+    before = _listing(run)
+    with pytest.raises(ValueError, match=r"--out .*run: contains the input --resume .*run/best"):
+        train.main(["rl", "--student", str(x), "--teacher-mode", "none", "--data", files["q"], "--corpus",
+                    files["corpus"], "--resume", str(run / "best"), "--out", str(run), "--overwrite",
+                    "--steps", "1", "--eval-every", "1", "--eval-limit", "2", "--val", files["val"], *RL_ARGS])
+    assert _listing(run) == before
+    questions = open(files["q"]).read()
+    with pytest.raises(ValueError, match=r"--out .*q.jsonl: is the input --data"):
+        train.main(["tgo", "--teacher", str(x), "--data", files["q"], "--corpus", files["corpus"], "--out", files["q"],
+                    "--overwrite"])
+    assert open(files["q"]).read() == questions
+
+
+def test_overwrite_replaces_only_a_run_directory_and_only_what_the_run_wrote(model_dirs, world, retriever, tmp_path):
+    cfg, dist = _rl_config(steps=1, teacher_mode="none"), train.Dist()
+    foreign = tmp_path / "mine"                         # somebody's directory that happens to hold metrics.jsonl
+    foreign.mkdir()
+    (foreign / "metrics.jsonl").write_text('{"step": 1}\n')
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not a directory this trainer wrote.*choose another --out"):
+        rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(foreign), overwrite=True)
+    assert _listing(foreign) == [("metrics.jsonl", 12), ("notes.txt", 8)]
+    run = tmp_path / "run"
+    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run))
+    (run / "notes.txt").write_text("mine too")          # the user's own file in a run directory
+    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run), overwrite=True)
+    assert (run / "notes.txt").read_text() == "mine too"
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    # the hint names the command that works: a run without a checkpoint cannot be resumed
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / train.RUN_MARKER).write_text("")
+    (stopped / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ValueError, match="saved no checkpoint to resume .*pass --overwrite") as error:
+        train.check_output(str(stopped), None, False)
+    assert "--resume" not in str(error.value)
+    with pytest.raises(FileNotFoundError, match=r"--resume .*stopped: no checkpoint to resume from in it"):
+        rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(stopped),
+                    resume=str(stopped))
+
+
+def test_a_corrupted_checkpoint_is_refused_on_resume_naming_the_file(model_dirs, world, retriever, tmp_path,
+                                                                     tokenizer):
+    cfg, dist = _rl_config(steps=2), train.Dist()
+    run = tmp_path / "run"
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist, str(run),
+                stop_after=1)
+    shutil.copytree(run, tmp_path / "run2")
+    _flip(run / "trainer_state.pt")                      # torch.load would read it without a word
+    with pytest.raises(ValueError, match=r"run/trainer_state.pt: corrupted, its checksum differs"):
+        rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist, str(run),
+                    resume=str(run))
+    _flip(tmp_path / "run2" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"run2/model.safetensors: corrupted"):
+        rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist,
+                    str(tmp_path / "run2"), resume=str(tmp_path / "run2"))
+    # a model directory without checksums (save_pretrained by anyone) with damaged weights: named too
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dirs["student"], plain)
+    with open(plain / "model.safetensors", "r+b") as f:
+        f.write(b"\xff" * 64)                            # the header's length: nonsense
+    with pytest.raises(ValueError, match=r"--student .*plain: cannot load the model from model.safetensors"):
+        train.load_model(str(plain), dist, trainable=True, arg="--student")
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_says_so(model_dirs, world, retriever, tmp_path):
+    cfg, dist = _rl_config(steps=2, teacher_mode="none"), train.Dist()
+    run = tmp_path / "run"
+    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run), stop_after=1)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "reward": 0.')               # a full disk in the middle of an append
+    with pytest.warns(UserWarning, match="torn last line"):
+        summary = rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run),
+                              resume=str(run))
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+    assert "best_val_em" not in summary                  # no validation: no best to report (was -1.0)
+
+
+def _wait_for_line(path, proc, timeout=240):
+    """Waits until `path` holds a complete line (or the process ends)."""
+    import time
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if os.path.isfile(path) and open(path).read().endswith("\n"):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_sigterm_during_rl_finishes_the_step_saves_and_names_the_command_that_continues_it(model_dirs, files,
+                                                                                           tmp_path):
+    """SIGTERM (what a scheduler sends; Ctrl-C is SIGINT, handled alike) after the first step: the run
+    saves a resumable checkpoint, exits 143 with one line naming the exact command to continue, and
+    that command finishes the run where an uninterrupted one ends."""
+    import shlex
+    import signal
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["rl", "--student", model_dirs["student"], "--teacher", model_dirs["teacher"], "--data", files["q"],
+              "--corpus", files["corpus"], "--steps", "8", *RL_ARGS]
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "train.py", *common, "--out", out], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_line(os.path.join(out, "metrics.jsonl"), proc), "the run ended before its first step"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: SIGTERM: rl stopped after step ") and f"saved a resumable checkpoint in {out}" in last
+    step = torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"]
+    assert 1 <= step < 8 and f"after step {step} of 8" in last
+    command = shlex.split(last.split("continue with: ", 1)[1])
+    assert command[-2:] == ["--resume", out] and "--overwrite" not in command
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = str(tmp_path / "straight")
+    train.main([*common, "--out", straight])
+    a, b = _params(straight), _params(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the interrupted and resumed run differs"
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == list(range(1, 9))
+
+
+def test_ctrl_c_in_a_supervised_stage_saves_after_the_step_and_the_resume_is_exact(tokenizer, model_dirs,
+                                                                                  fixed_rollouts, tmp_path,
+                                                                                  monkeypatch):
+    import signal
+    records = data.load_trajectories(fixed_rollouts)
+    cfg = train.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1)
+    dist = train.Dist()
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train.train_supervised(train.load_model(model_dirs["student"], dist, trainable=True), tokenizer, records, cfg,
+                           dist, straight)
+    real_loss, calls = train.supervised_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):               # Ctrl-C arrives in the middle of step 2's forward
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "supervised_loss", loss_then_ctrl_c)
+    info = {"argv": ["train.py", "kd", "--data", "t.jsonl", "--out", split, "--overwrite"]}
+    with pytest.raises(train.Interrupted, match=r"SIGINT: sft stopped after step 2 of 4 .* continue with: .*"
+                                                r"train.py kd --data t.jsonl --out .*split --resume .*split$") as stop:
+        train.train_supervised(train.load_model(model_dirs["student"], dist, trainable=True), tokenizer, records,
+                               cfg, dist, split, info=info)
+    assert stop.value.signum == signal.SIGINT and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)["step"] == 2
+    monkeypatch.setattr(train, "supervised_loss", real_loss)
+    train.train_supervised(train.load_model(split, dist, trainable=True), tokenizer, records, cfg, dist, split,
+                           resume=split)
+    a, b = _params(straight), _params(split)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the interrupted and resumed run differs"
+
+
+def test_tgo_appends_finished_rollouts_and_a_rerun_continues_from_them(world, retriever, model_dirs, tmp_path,
+                                                                       tokenizer, monkeypatch):
+    teacher = train.load_model(model_dirs["teacher"], train.Dist(), trainable=False)
+    rcfg = RolloutConfig(max_turns=1, max_new_tokens=4, greedy=True)
+    questions, out = world.train[:5], str(tmp_path / "tgo.jsonl")
+    real, asked = train.generate_records, []
+
+    def crash_on_the_second_chunk(model, tok, chunk, *args, **kwargs):
+        asked.append([q["id"] for q in chunk])
+        if len(asked) == 2:
+            raise RuntimeError("the machine went away")
+        return real(model, tok, chunk, *args, **kwargs)
+    monkeypatch.setattr(train, "generate_records", crash_on_the_second_chunk)
+    with pytest.raises(RuntimeError, match="went away"):
+        train.run_tgo(teacher, tokenizer, questions, retriever, rcfg, train.Dist(), out, batch_size=2, keep_wrong=True)
+    assert not os.path.exists(out) and len(data.read_appended(out + ".progress-rank0.jsonl")) == 1 + 2
+    with pytest.raises(ValueError, match=r"progress-rank0.jsonl: unfinished tgo rollouts made with other settings "
+                                         r"or inputs \(they differ in config\)"):
+        train.run_tgo(teacher, tokenizer, questions, retriever, dataclasses.replace(rcfg, max_new_tokens=5),
+                      train.Dist(), out, batch_size=2, keep_wrong=True)
+    asked.clear()
+    monkeypatch.setattr(train, "generate_records", lambda m, t, chunk, *a, **k: asked.append(
+        [q["id"] for q in chunk]) or real(m, t, chunk, *a, **k))
+    stats = train.run_tgo(teacher, tokenizer, questions, retriever, rcfg, train.Dist(), out, batch_size=2,
+                          keep_wrong=True)
+    assert asked == [[q["id"] for q in questions[2:4]], [questions[4]["id"]]]      # the first two: not again
+    assert [r["id"] for r in data.load_trajectories(out)] == [q["id"] for q in questions] and stats["rollouts"] == 5
+    assert train.tgo_progress_files(out) == []
+    # the same trajectories as a run never interrupted (greedy)
+    monkeypatch.setattr(train, "generate_records", real)
+    train.run_tgo(teacher, tokenizer, questions, retriever, rcfg, train.Dist(), str(tmp_path / "one.jsonl"),
+                  batch_size=2, keep_wrong=True)
+    assert [r["input_ids"] for r in data.load_trajectories(out)] == \
+        [r["input_ids"] for r in data.load_trajectories(str(tmp_path / "one.jsonl"))]
+
+
+def test_resume_refuses_another_data_file_or_teacher_unless_overridden_and_logs_it(model_dirs, files, tmp_path):
+    out = str(tmp_path / "run")
+    base = ["rl", "--student", model_dirs["student"], "--corpus", files["corpus"], "--steps", "3", *RL_ARGS]
+    train.main([*base, "--teacher", model_dirs["teacher"], "--data", files["q"], "--out", out, "--stop-after", "1"])
+    with pytest.raises(ValueError, match=r"these inputs differ .*--data .*q2.jsonl \(.*6 rows.*\) \(was .*q.jsonl"):
+        train.main([*base, "--teacher", model_dirs["teacher"], "--data", files["q2"], "--out", out, "--resume", out,
+                    "--stop-after", "1"])
+    with pytest.raises(ValueError, match=r"these inputs differ .*--teacher .*student"):
+        train.main([*base, "--teacher", model_dirs["student"], "--data", files["q"], "--out", out, "--resume", out,
+                    "--stop-after", "1"])
+    train.main([*base, "--teacher", model_dirs["teacher"], "--data", files["q2"], "--out", out, "--resume", out,
+                "--override-config"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    [logged] = [r for r in rows if "input_override" in r]
+    assert logged["step"] == 1 and list(logged["input_override"]) == ["--data"]
+    state = torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)
+    assert state["step"] == 3 and state["inputs"]["--data"]["path"] == files["q2"]
+
+
+@pytest.mark.filterwarnings("ignore:non-finite loss or gradient norm")
+def test_learning_rates_that_destroy_the_model_are_refused_and_an_update_that_breaks_a_weight_stops(
+        model_dirs, tokenizer, fixed_rollouts):
+    for flag, value, message in [("--lr", "inf", "must be finite and in [0, 1], got inf"),
+                                 ("--lr", "1e30", "must be in [0, 1], got 1e30"),
+                                 ("--lr", "-1e-3", "must be in [0, 1], got -1e-3"),
+                                 ("--weight-decay", "nan", "must be finite and in [0, 1], got nan")]:
+        with pytest.raises(SystemExit):
+            train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", flag, value])
+    with pytest.raises(ValueError, match=r"RLConfig.lr=inf: must be finite"):
+        train.check_config(rl.RLConfig(lr=float("inf")))
+    # the guard after an update: a step that leaves a weight non-finite stops the run, naming it
+    model = train.load_model(model_dirs["student"], train.Dist(), trainable=True)
+    records = data.load_trajectories(fixed_rollouts)[:2]
+    loss, _ = train.supervised_loss(model, None, records, 1.0, len(tokenizer), 1.0, train.Dist())
+    loss.backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=3e38)       # finite gradients, an overflowing step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(train.Stopped, match=r"made weight .* NaN or inf .*stopping without saving"):
+        train.optimizer_step(model, optimizer, scheduler, 1e30, {}, train.Dist())
+
+
+def test_argument_errors_are_one_line_and_negative_numbers_reach_the_range_check(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--lr", "-1e-3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "usage:" not in err
+    assert "train.py rl: error: argument --lr: must be in [0, 1], got -1e-3 (see train.py rl --help)" in err
+    assert "expected one argument" not in err
+    args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--beta", "0", "--seed", "2"])
+    assert (args.beta, args.seed, args.lr) == (0.0, 2, 1e-6)
+    for stage, extra in [("kd", ["--teacher", "t"]), ("teacher", [])]:
+        flag = "--model" if stage == "teacher" else "--student"
+        for args_, message in [(["--eval-every", "2"], "--eval-every needs --heldout FILE"),
+                               (["--override-config"], "--override-config only makes sense with --resume")]:
+            with pytest.raises(SystemExit):
+                train.parse_args([stage, flag, "s", *extra, "--data", "d", "--out", "o", *args_])
+            assert message in capsys.readouterr().err
+
+
+def test_command_line_errors_print_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path):
+    args = ["kd", "--student", str(tmp_path / "missing"), "--teacher", "t", "--data", "x", "--out", str(tmp_path / "o")]
+    result = _cli(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: --student {tmp_path / 'missing'}: not a model directory " \
+                                                     "(and not a Hub id of the form org/name)"
+    debug = _cli(*args, "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+def test_a_full_disk_during_a_save_names_the_checkpoint_and_keeps_the_previous_one(model_dirs, tokenizer, tmp_path):
+    import resource
+    dist = train.Dist()
+    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    out = str(tmp_path / "ckpt")
+    train.save_checkpoint(out, model, tokenizer, dist, {"step": 1, "config": {}})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))   # files may not grow past 200 kB: "disk full"
+    try:
+        with pytest.raises(OSError, match=r"cannot write checkpoint .*ckpt \((model files|trainer_state.pt)\): .*"
+                                          "the previous checkpoint there, if any, is unchanged"):
+            train.save_checkpoint(out, model, tokenizer, dist, {"step": 2, "config": {}, "big": torch.zeros(10**6)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]                  # the half-written copy is gone
+    checkpoint.verify(out)
+
+
+def test_rl_checks_settings_output_and_models_before_building_the_retriever(model_dirs, files, tmp_path,
+                                                                            monkeypatch):
+    built = []
+    monkeypatch.setattr(train, "make_retriever", lambda *a, **k: built.append(a) or pytest.fail("built"))
+    base = ["rl", "--teacher-mode", "none", "--data", files["q"], "--retriever-url", "http://127.0.0.1:9/retrieve",
+            *RL_ARGS]
+    (tmp_path / "file").write_text("x")
+    for extra, error, message in [
+            (["--student", model_dirs["student"], "--out", str(tmp_path / "file" / "run")], ValueError,
+             "cannot be created, .*file is a file"),
+            (["--student", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")], FileNotFoundError,
+             "not a model directory"),
+            (["--student", model_dirs["student"], "--out", str(tmp_path / "run"), "--prompts-per-step", "3",
+              "--mini-batches", "2"], ValueError, "cannot form 2 equal mini-batches")]:
+        with pytest.raises(error, match=message):
+            train.main([*base, *extra])
+    assert built == [] and not os.path.exists(tmp_path / "run")
+
+
+def test_a_model_directory_without_its_tokenizer_or_config_is_named_with_what_is_missing(model_dirs, tmp_path):
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(model_dirs["student"], no_tokenizer)
+    for name in os.listdir(no_tokenizer):
+        if name.startswith("tokenizer"):
+            os.remove(no_tokenizer / name)
+    with pytest.raises(FileNotFoundError, match=r"--student .*no-tokenizer: no tokenizer in it \(none of tokenizer.json"):
+        train.load_tokenizer(str(no_tokenizer), "--student")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"--teacher .*empty: not a model directory: it has no config.json"):
+        train.load_model(str(empty), train.Dist(), trainable=False, arg="--teacher")
+    with pytest.raises(FileNotFoundError, match=r"--teacher .*empty: no tokenizer in it"):
+        train.load_tokenizer(str(empty), "--teacher")
+    weightless = tmp_path / "weightless"
+    shutil.copytree(model_dirs["student"], weightless)
+    os.remove(weightless / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"weightless: no weights in it \(none of model.safetensors"):
+        train.load_model(str(weightless), train.Dist(), trainable=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*record no 'tokenizer' fingerprint")
+def test_supervised_stages_refuse_trajectories_without_a_loss_token_and_the_demo_a_file_as_out(
+        model_dirs, fixed_rollouts, tmp_path):
+    rows = [{**r, "loss_mask": [0] * len(r["loss_mask"])} for r in data.load_trajectories(fixed_rollouts)]
+    data.write_jsonl(str(tmp_path / "empty.jsonl"), rows)
+    with pytest.raises(ValueError, match=r"--data .*empty.jsonl: no row has a loss token"):
+        train.main(["teacher", "--model", model_dirs["student"], "--data", str(tmp_path / "empty.jsonl"),
+                    "--out", str(tmp_path / "t")])
+    assert not os.path.exists(tmp_path / "t")
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*taken: exists and is not a directory"):
+        train.main(["demo", "--preset", "small", "--out", str(tmp_path / "taken")])
