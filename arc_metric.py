@@ -925,7 +925,8 @@ def main(argv=None) -> dict:
 
     # models, tokenizers, retrievers and errors as in every training stage: a directory or a Hub id,
     # errors naming the argument, bf16 on GPU, non-finite weights refused; a server checked once
-    from train import ArgumentParser, Dist, check_writable, input_fingerprints, load_model, load_tokenizer, make_retriever
+    from train import (ArgumentParser, Dist, add_retriever_client_args, check_writable, input_fingerprints, load_model,
+                       load_tokenizer, make_retriever)
 
     parser = ArgumentParser(prog="arc_metric.py", description="Evaluate a Hugging Face model directory as "
                             "a search agent: greedy rollouts, EM/F1/sub-EM and ARC per data source.")
@@ -936,6 +937,7 @@ def main(argv=None) -> dict:
     source.add_argument("--corpus", help="corpus JSONL {id, contents} (.jsonl or .jsonl.gz): BM25 in this process")
     source.add_argument("--index", help="a BM25 index directory built by `python retriever.py index`")
     source.add_argument("--retriever-url", help="a Search-R1 retrieval server, e.g. http://127.0.0.1:8000")
+    add_retriever_client_args(parser)
     def at_least(low):
         def parse(text):
             value = int(text)
@@ -982,7 +984,8 @@ def main(argv=None) -> dict:
     # a rerun continues only with the same inputs, wherever they lie now (the paths are not compared)
     made_with = {"inputs": {arg: {k: v for k, v in fp.items() if k != "path"} for arg, fp in inputs.items()},
                  "limit": args.limit}
-    retriever = make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index)
+    retriever = make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index,
+                               retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
     if not args.no_probe:                # the questions' supporting passages exist: before a model is loaded
         check_supporting_ids(questions, retriever, args.probe_evidence)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

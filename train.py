@@ -108,6 +108,7 @@ RANGES = {
     "max_total_tokens": (1, None, True, None), "topk": (1, None, True, None), "eval_limit": (0, None, True, None),
     "critic_lr": (0, 1, True, True), "critic_warmup_ratio": (0, 1, True, True), "value_clip": (0, None, False, None),
     "gamma": (0, 1, True, True), "gae_lambda": (0, 1, True, True),
+    "retriever_retry_seconds": (0, None, True, None), "retriever_timeout": (0, None, False, None),
 }
 
 
@@ -1283,16 +1284,22 @@ def read_tgo_progress(out_path: str, made_with: dict) -> dict:
 # Retrievers, evaluation
 
 
-def make_retriever(corpus: str | None, url: str | None, topk: int = 3, retries: int = 3, index: str | None = None):
+def make_retriever(corpus: str | None, url: str | None, topk: int = 3, index: str | None = None,
+                   retry_seconds: float = 300.0, timeout: float = 30.0):
     """BM25 over a JSONL corpus (built at start-up) or over an index built once (`retriever.py index`,
     memory-mapped), or a Search-R1 retrieval server (checked once, so a dead URL stops the run here
-    with a clear message instead of deep inside the first rollout)."""
+    with a clear message instead of deep inside the first rollout). A server that fails is retried,
+    a line per retry, for up to `retry_seconds` — at start-up and on every later request alike, so
+    a run rides out a server restart; `timeout` bounds one request."""
     from retriever import BM25Retriever, HTTPRetriever
     if sum(bool(x) for x in (corpus, url, index)) != 1:
         raise ValueError("give exactly one of --corpus FILE.jsonl[.gz], --index DIR or --retriever-url URL")
     if url:
-        retriever = HTTPRetriever(url, topk=topk, retries=retries)
-        retriever.search(["test"], topk=1)
+        retriever = HTTPRetriever(url, topk=topk, timeout=timeout, retry_seconds=retry_seconds)
+        try:
+            retriever.search(["test"], topk=1)
+        except RuntimeError as e:          # the budget ran out: a user's problem, said in one line
+            raise ConnectionError(f"--retriever-url: {e}") from e
         return retriever
     return BM25Retriever.load(index) if index else BM25Retriever.from_jsonl(corpus)
 
@@ -1592,6 +1599,24 @@ def add_retriever_args(parser) -> None:
     parser.add_argument("--corpus", help="JSONL corpus {id, contents} (.jsonl or .jsonl.gz) for in-process BM25")
     parser.add_argument("--index", help="a BM25 index directory built by `python retriever.py index`")
     parser.add_argument("--retriever-url", help="a Search-R1 retrieval server, e.g. http://127.0.0.1:8000/retrieve")
+    add_retriever_client_args(parser)
+
+
+def retriever_from_args(args, topk: int):
+    """A function that builds the retriever the arguments name: called by a stage only after its
+    cheaper checks, since a corpus may take minutes to index and a server minutes to answer."""
+    return lambda: make_retriever(args.corpus, args.retriever_url, topk, index=args.index,
+                                  retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
+
+
+def add_retriever_client_args(parser) -> None:
+    """How patient the client of a retrieval server is (used only with --retriever-url)."""
+    parser.add_argument("--retriever-retry-seconds", type=ranged("retriever_retry_seconds", float), default=300.0,
+                        metavar="S", help="keep retrying a failing retrieval server for up to S seconds, with backoff "
+                        "and a line per retry, so a run rides out a server restart (>= 0; 0: one attempt; default: 300)")
+    parser.add_argument("--retriever-timeout", type=ranged("retriever_timeout", float), default=30.0, metavar="S",
+                        help="seconds one retrieval request may take; a CPU-FAISS server answering a large batch "
+                             "needs more (> 0, default: 30)")
 
 
 def parse_args(argv):
@@ -1765,7 +1790,7 @@ def run_stage(args, dist: Dist, argv: list[str] | None = None) -> None:
                                      "--index": args.index, "--retriever-url": args.retriever_url},
                                     rows={"--data": len(questions)})
         run_tgo(teacher, tokenizer, questions,
-                lambda: make_retriever(args.corpus, args.retriever_url, rcfg.topk, index=args.index), rcfg, dist,
+                retriever_from_args(args, rcfg.topk), rcfg, dist,
                 args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=info,
                 inputs=inputs, overwrite=args.overwrite)
     elif args.stage == "rl":
@@ -1784,7 +1809,7 @@ def run_stage(args, dist: Dist, argv: list[str] | None = None) -> None:
                                      "--retriever-url": args.retriever_url},
                                     rows={"--data": len(questions), "--val": len(validation or [])})
         summary = rl.train_rl(args.student, args.teacher, questions,
-                              lambda: make_retriever(args.corpus, args.retriever_url, cfg.topk, index=args.index),
+                              retriever_from_args(args, cfg.topk),
                               cfg, dist, args.out, validation=validation, resume=args.resume,
                               grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after,
                               override_config=args.override_config, overwrite=args.overwrite,

@@ -192,8 +192,8 @@ def test_bad_input_stops_early_with_a_clear_message(world, retriever, model_dirs
         train.make_retriever(None, None)
     with pytest.raises(ValueError, match="exactly one of"):
         train.make_retriever("c.jsonl", None, index="idx")
-    with pytest.raises(RuntimeError, match="127.0.0.1:9"):
-        train.make_retriever(None, "http://127.0.0.1:9/retrieve", retries=0)
+    with pytest.raises(ConnectionError, match="--retriever-url: .*127.0.0.1:9"):   # an OSError: one line
+        train.make_retriever(None, "http://127.0.0.1:9/retrieve", retry_seconds=0)
 
 
 def test_nonfinite_loss_skips_the_step_counts_it_and_warns(tokenizer, model_dirs, fixed_rollouts):
@@ -1218,3 +1218,21 @@ def test_supervised_stages_refuse_trajectories_without_a_loss_token_and_the_demo
     (tmp_path / "taken").write_text("x")
     with pytest.raises(ValueError, match=r"--out .*taken: exists and is not a directory"):
         train.main(["demo", "--preset", "small", "--out", str(tmp_path / "taken")])
+
+
+def test_retrieval_client_options_reach_the_client_and_are_range_checked(monkeypatch):
+    """--retriever-retry-seconds / --retriever-timeout go to the HTTP client of every stage that
+    searches; a timeout of 0 is refused at parse time."""
+    seen = []
+    monkeypatch.setattr(train, "make_retriever", lambda *a, **k: seen.append(k))
+    for stage in (["rl", "--student", "s", "--teacher", "t", "--out", "o"], ["tgo", "--teacher", "t", "--out", "o"]):
+        args = train.parse_args([*stage, "--data", "q.jsonl", "--retriever-url", "http://127.0.0.1:9/retrieve",
+                                 "--retriever-retry-seconds", "7", "--retriever-timeout", "2.5"])
+        train.retriever_from_args(args, 3)()
+    assert [(k["retry_seconds"], k["timeout"]) for k in seen] == [(7.0, 2.5), (7.0, 2.5)]
+    defaults = train.parse_args(["tgo", "--teacher", "t", "--out", "o", "--data", "q.jsonl"])
+    assert (defaults.retriever_retry_seconds, defaults.retriever_timeout) == (300.0, 30.0)
+    shown = subprocess.run([sys.executable, "arc_metric.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert "--retriever-retry-seconds" in shown.stdout and "--retriever-timeout" in shown.stdout   # eval's parser
+    bad = _cli("rl", "--student", "s", "--out", "o", "--data", "q.jsonl", "--retriever-timeout", "0")
+    assert bad.returncode == 2 and "--retriever-timeout: must be > 0" in bad.stderr, bad.stderr
