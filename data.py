@@ -19,8 +19,11 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
     record needed to train on it again without re-tokenising model output: `input_ids`, `loss_mask`
     (1 = model-sampled), `prompt_length`, plus the rollout's counts and flags (see rollout.Trajectory),
-    and `tokenizer`: the `tokenizer_fingerprint` of the tokenizer that made the ids. `load_trajectories`
-    refuses rows made with another tokenizer than the caller's.
+    and `tokenizer`: the `vocab_fingerprint` of the tokenizer that made the ids (its id -> token table
+    and size: what distillation needs to share; not its eos / pad ids). `load_trajectories` refuses rows
+    made with another vocabulary than the caller's; `tokenizer_differences` names what differs between
+    two tokenizers. Older files record a `legacy_fingerprint` (which included the eos / pad ids): they
+    load when the tokenizer that made them is named (`accepted_fingerprints(student, teacher)`).
   * `read_jsonl` / `write_jsonl` read and write gzip when the path ends in `.gz`; writes are atomic.
     `append_jsonl` / `read_appended`: progress files that grow row by row (tgo, eval) and survive a
     crash mid-append (the torn last line is dropped).
@@ -32,8 +35,9 @@ library only).
 
     questions = load_questions("data/nq_hotpotqa_train.parquet")      # or .jsonl / .jsonl.gz
     corpus = load_corpus("data/wiki-18.jsonl")
-    write_jsonl("runs/x/tgo.jsonl.gz", [{**r, "tokenizer": tokenizer_fingerprint(tok)} for r in records])
-    records = load_trajectories("runs/x/tgo.jsonl.gz", len(tok), tokenizer_fingerprint(tok))
+    write_jsonl("runs/x/tgo.jsonl.gz", [{**r, "tokenizer": vocab_fingerprint(tok)} for r in records])
+    records = load_trajectories("runs/x/tgo.jsonl.gz", len(tok), accepted_fingerprints(tok, teacher_tok))
+    tokenizer_differences(tok, teacher_tok)        # ["id 151643: '<|endoftext|>' vs 'x'", ...] or []
 """
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import warnings
 import zlib
+from collections.abc import Collection
 
 from arc_metric import normalize_answer     # the scoring rule decides which gold answers can ever match
 from retriever import load_corpus  # noqa: F401  (re-exported: the corpus format is the retriever's)
@@ -238,24 +244,90 @@ def load_questions(path: str) -> list[dict]:
 # Trajectories and the tokenizer they were made with
 
 TRAJECTORY_KEYS = ("question", "golden_answers", "response_text", "input_ids", "loss_mask", "prompt_length")
-TOKENIZER_KEY = "tokenizer"     # each row's tokenizer_fingerprint, written by whoever writes trajectories
+TOKENIZER_KEY = "tokenizer"     # each row's vocab_fingerprint, written by whoever writes trajectories
+VOCAB_PREFIX = "vocab-"         # marks a vocab_fingerprint; a bare 16-hex-digit value is a legacy_fingerprint
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """16 hex digits of sha256 over what a token id means: the id -> token table of get_vocab() (added
-    tokens included) and the bos / eos / pad ids, as compact JSON with sorted keys,
-    {"special": {"bos": id|null, "eos": ..., "pad": ...}, "vocab": [[id, token], ...]} in id order.
-    Merges and normalisers are not part of it: trajectories store ids, not text."""
+def _vocab_table(tokenizer, caller: str) -> list[tuple[int, str]]:
+    """[(id, token), ...] in id order, from get_vocab() (added tokens included)."""
     if not callable(getattr(tokenizer, "get_vocab", None)):
-        raise TypeError(f"tokenizer_fingerprint: {type(tokenizer).__name__} has no get_vocab()")
-    table = sorted((int(i), str(token)) for token, i in tokenizer.get_vocab().items())
+        raise TypeError(f"{caller}: {type(tokenizer).__name__} has no get_vocab()")
+    return sorted((int(i), str(token)) for token, i in tokenizer.get_vocab().items())
+
+
+def _vocab_size(tokenizer, table: list) -> int:
+    """len(tokenizer) (the rows of logits a model must have for it), or the table's length for a
+    duck-typed tokenizer without __len__."""
+    return len(tokenizer) if callable(getattr(tokenizer, "__len__", None)) else len(table)
+
+
+def _sha16(obj) -> str:
+    canonical = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """What distillation needs two tokenizers to share, as "vocab-" + 16 hex digits of sha256 over the
+    compact JSON (sorted keys) {"size": len(tokenizer), "vocab": [[id, token], ...] in id order}: the
+    same ids for the same strings (get_vocab(), added tokens included) and the same vocabulary size.
+    Not the bos / eos / pad ids: a base-derived teacher whose eos is <|endoftext|> and an instruct
+    student whose eos is <|im_end|> share every id, and trajectories store ids, not text. Merges and
+    normalisers are not part of it either."""
+    table = _vocab_table(tokenizer, "vocab_fingerprint")
+    return VOCAB_PREFIX + _sha16({"size": _vocab_size(tokenizer, table), "vocab": table})
+
+
+tokenizer_fingerprint = vocab_fingerprint    # the name trajectory writers (train.py, demo.py) call
+
+
+def legacy_fingerprint(tokenizer) -> str:
+    """The fingerprint trajectory files recorded before vocab_fingerprint, kept only to read them:
+    16 hex digits of sha256 over {"special": {"bos": id|null, "eos": ..., "pad": ...}, "vocab":
+    [[id, token], ...]} (compact JSON, sorted keys). It includes the special ids, so two tokenizers
+    that differ only in eos have different legacy fingerprints (see accepted_fingerprints)."""
+    table = _vocab_table(tokenizer, "legacy_fingerprint")
     specials = {}
     for name in ("bos", "eos", "pad"):
         i = getattr(tokenizer, f"{name}_token_id", None)
         specials[name] = None if i is None else int(i)
-    canonical = json.dumps({"vocab": table, "special": specials}, ensure_ascii=False,
-                           separators=(",", ":"), sort_keys=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    return _sha16({"vocab": table, "special": specials})
+
+
+SHOWN_DIFFERENCES = 5      # ids named by tokenizer_differences before "and N more"
+
+
+def tokenizer_differences(first, second) -> list[str]:
+    """What makes two tokenizers unusable together for distillation, one line each ([] = none): their
+    vocabulary sizes, and the first SHOWN_DIFFERENCES ids whose token differs (or that one of them
+    lacks), each "<what>: <first's> vs <second's>". eos, pad and bos ids are not compared."""
+    tables = [_vocab_table(t, "tokenizer_differences") for t in (first, second)]
+    sizes = [_vocab_size(t, table) for t, table in zip((first, second), tables)]
+    differences = [f"vocabulary size {sizes[0]} vs {sizes[1]}"] if sizes[0] != sizes[1] else []
+    tokens = [dict(table) for table in tables]
+    ids = [i for i in sorted(tokens[0].keys() | tokens[1].keys()) if tokens[0].get(i) != tokens[1].get(i)]
+    for i in ids[:SHOWN_DIFFERENCES]:
+        a, b = (repr(t[i]) if i in t else "(no such id)" for t in tokens)
+        differences.append(f"id {i}: {a} vs {b}")
+    if len(ids) > SHOWN_DIFFERENCES:
+        differences.append(f"and {len(ids) - SHOWN_DIFFERENCES} more ids")
+    return differences
+
+
+def accepted_fingerprints(tokenizer, *made_with) -> frozenset[str]:
+    """The TOKENIZER_KEY values a trajectory row may record to be trained on with `tokenizer`: its
+    vocab_fingerprint, and the legacy_fingerprint of it and of each tokenizer in `made_with` (e.g. kd's
+    teacher, which made the file). Older files recorded legacy fingerprints, which include eos/pad ids;
+    naming the tokenizer that made them lets them load even when its eos differs. Each of `made_with`
+    must share `tokenizer`'s vocabulary (tokenizer_differences), else ValueError naming what differs."""
+    for other in made_with:
+        differences = tokenizer_differences(tokenizer, other)
+        if differences:
+            raise ValueError("accepted_fingerprints: the tokenizers differ: " + "; ".join(differences))
+    return frozenset([vocab_fingerprint(tokenizer)] + [legacy_fingerprint(t) for t in (tokenizer, *made_with)])
+
+
+def _is_legacy(fingerprint: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{16}", fingerprint) is not None
 
 
 def check_trajectory(row: dict, where: str) -> None:
@@ -276,24 +348,41 @@ def check_trajectory(row: dict, where: str) -> None:
     if not isinstance(row["golden_answers"], list):
         raise ValueError(f"{where}: 'golden_answers' must be a list")
     if TOKENIZER_KEY in row and (not isinstance(row[TOKENIZER_KEY], str) or not row[TOKENIZER_KEY]):
-        raise ValueError(f"{where}: {TOKENIZER_KEY!r} must be a non-empty string (a tokenizer_fingerprint)")
+        raise ValueError(f"{where}: {TOKENIZER_KEY!r} must be a non-empty string (a vocab_fingerprint)")
 
 
 def load_trajectories(path: str, vocab_size: int | None = None,
-                      tokenizer_fingerprint: str | None = None) -> list[dict]:
+                      tokenizer_fingerprint: str | Collection[str] | None = None) -> list[dict]:
     """Trajectory rows, each checked. With `vocab_size`, token ids must be below it. With
-    `tokenizer_fingerprint` (the caller's tokenizer's), a row recording another one is refused; rows
-    recording none (older files, other tools) get one warning for the file and the vocab-size check only."""
+    `tokenizer_fingerprint` (the caller's vocab_fingerprint, or a collection of accepted values such as
+    accepted_fingerprints(student, teacher)), a row recording another one is refused; rows recording
+    none (other tools) get one warning for the file and the vocab-size check only.
+
+    Older files record a legacy_fingerprint (16 hex digits without the "vocab-" prefix); such a row loads
+    when that value is among the accepted ones, i.e. when a tokenizer passed to accepted_fingerprints
+    has the very vocabulary and bos/eos/pad ids that made it; otherwise it is refused with a message
+    saying so (it may differ from the caller's only in eos or pad)."""
+    accepted = None
+    if tokenizer_fingerprint is not None:
+        accepted = {tokenizer_fingerprint} if isinstance(tokenizer_fingerprint, str) else set(tokenizer_fingerprint)
+        if not accepted or not all(isinstance(f, str) and f for f in accepted):
+            raise TypeError(f"load_trajectories: tokenizer_fingerprint must be a non-empty str or a non-empty "
+                            f"collection of them, got {tokenizer_fingerprint!r}")
     rows, unrecorded = [], 0
     for line_no, row in read_jsonl(path):
         where = f"{path}:{line_no}"
         check_trajectory(row, where)
         made_with = row.get(TOKENIZER_KEY)
-        if tokenizer_fingerprint is not None and made_with is None:
+        if accepted is not None and made_with is None:
             unrecorded += 1
-        elif tokenizer_fingerprint is not None and made_with != tokenizer_fingerprint:
-            raise ValueError(f"{where}: made with tokenizer {made_with}, but the tokenizer given is "
-                             f"{tokenizer_fingerprint}: these trajectories were made with another tokenizer")
+        elif accepted is not None and made_with not in accepted:
+            given = " or ".join(sorted(accepted, key=lambda f: (_is_legacy(f), f)))
+            why = ("these trajectories were made with another tokenizer" if not _is_legacy(made_with) else
+                   "this row records a fingerprint of the older kind, over the vocabulary and the bos/eos/pad ids, "
+                   "so they were made with another tokenizer or with one that differs only in those ids; to read "
+                   "them, also give the tokenizer that made them (data.accepted_fingerprints(yours, theirs); kd "
+                   "gives its --teacher's)")
+            raise ValueError(f"{where}: made with tokenizer {made_with}, but the tokenizer given is {given}: {why}")
         if vocab_size is not None and max(row["input_ids"]) >= vocab_size:
             raise ValueError(f"{where}: token id {max(row['input_ids'])} >= vocab size {vocab_size}: "
                              "these trajectories were made with another tokenizer")

@@ -598,43 +598,153 @@ class VocabOnly:
         return dict(self.vocab)
 
 
-def test_fingerprint_is_sha256_of_the_documented_canonical_json():
+def test_vocab_fingerprint_is_sha256_of_the_documented_canonical_json():
     # the canonical form, written out by hand: files record the fingerprint, so it must never drift
+    canonical = '{"size":2,"vocab":[[0,"a"],[1,"b"]]}'
+    expected = "vocab-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert expected == "vocab-bda7074dda5d4013"
+    assert data.vocab_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
+    assert data.tokenizer_fingerprint is data.vocab_fingerprint          # the name the trajectory writers call
+
+
+def test_legacy_fingerprint_is_the_one_older_files_recorded():
+    # the pre-vocab_fingerprint formula, byte for byte: old trajectory files hold these values
     canonical = '{"special":{"bos":null,"eos":1,"pad":null},"vocab":[[0,"a"],[1,"b"]]}'
     expected = hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert expected == "667789551f1dda0f"
-    assert data.tokenizer_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
+    assert data.legacy_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
 
 
-def test_fingerprint_changes_with_what_an_id_means_and_not_with_dict_order():
-    base = data.tokenizer_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0))
-    assert re.fullmatch(r"[0-9a-f]{16}", base)
-    assert data.tokenizer_fingerprint(VocabOnly({"c": 2, "a": 0, "b": 1}, eos_token_id=2, pad_token_id=0)) == base
-    for other in [VocabOnly({"a": 0, "b": 2, "c": 1}, eos_token_id=2, pad_token_id=0),   # two ids swapped
-                  VocabOnly({"a": 0, "b": 1, "d": 2}, eos_token_id=2, pad_token_id=0),   # one token renamed
-                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=1, pad_token_id=0),   # another eos
-                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=2),   # another pad
-                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0, bos_token_id=0)]:
-        assert data.tokenizer_fingerprint(other) != base
+def test_vocab_fingerprint_changes_with_what_an_id_means_and_not_with_special_ids_or_dict_order():
+    base = data.vocab_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0))
+    assert re.fullmatch(r"vocab-[0-9a-f]{16}", base)
+    for same in [VocabOnly({"c": 2, "a": 0, "b": 1}, eos_token_id=2, pad_token_id=0),    # dict order
+                 VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=1, pad_token_id=0),    # another eos
+                 VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=2),    # another pad
+                 VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0, bos_token_id=0)]:
+        assert data.vocab_fingerprint(same) == base
+    for other in [VocabOnly({"a": 0, "b": 2, "c": 1}),                                   # two ids swapped
+                  VocabOnly({"a": 0, "b": 1, "d": 2}),                                   # one token renamed
+                  VocabOnly({"a": 0, "b": 1, "c": 2, "d": 3})]:                          # one more token
+        assert data.vocab_fingerprint(other) != base
+    legacy = data.legacy_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0))
+    assert data.legacy_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=1, pad_token_id=0)) != legacy
 
 
 def test_fingerprint_of_an_object_without_get_vocab_is_a_type_error():
-    with pytest.raises(TypeError, match="tokenizer_fingerprint: str has no get_vocab()"):
-        data.tokenizer_fingerprint("Qwen/Qwen2.5-0.5B")
+    with pytest.raises(TypeError, match="vocab_fingerprint: str has no get_vocab()"):
+        data.vocab_fingerprint("Qwen/Qwen2.5-0.5B")
+    with pytest.raises(TypeError, match="tokenizer_differences: str has no get_vocab()"):
+        data.tokenizer_differences(VocabOnly({"a": 0}), "Qwen/Qwen2.5-0.5B")
 
 
 def test_tokenizers_of_the_same_size_with_different_vocabularies_differ(world, tokenizer):
     import demo
     other = demo.train_tokenizer(demo.make_world(seed=1))
     assert len(other) == len(tokenizer) and other.get_vocab() != tokenizer.get_vocab()
-    assert data.tokenizer_fingerprint(other) != data.tokenizer_fingerprint(tokenizer)
+    assert data.vocab_fingerprint(other) != data.vocab_fingerprint(tokenizer)
+    differences = data.tokenizer_differences(tokenizer, other)
+    assert len(differences) == data.SHOWN_DIFFERENCES + 1 and differences[-1].startswith("and ")
+    assert re.fullmatch(r"and \d+ more ids", differences[-1])
 
 
 def test_tokenizer_saved_and_reloaded_keeps_its_fingerprint(tokenizer, tmp_path):
     from transformers import AutoTokenizer
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    assert data.tokenizer_fingerprint(reloaded) == data.tokenizer_fingerprint(tokenizer)
+    assert data.vocab_fingerprint(reloaded) == data.vocab_fingerprint(tokenizer)
+    assert data.legacy_fingerprint(reloaded) == data.legacy_fingerprint(tokenizer)
+
+
+def other_eos(tokenizer):
+    """The demo tokenizer with eos <|endoftext|> instead of <|im_end|>: how a base-derived teacher
+    (eos <|endoftext|>) and an instruct student (eos <|im_end|>) of one model family differ."""
+    import copy
+    other = copy.deepcopy(tokenizer)
+    other.eos_token = "<|endoftext|>"
+    assert other.eos_token_id != tokenizer.eos_token_id and other.get_vocab() == tokenizer.get_vocab()
+    return other
+
+
+def swapped_ids(tokenizer, tmp_path, first: int, second: int):
+    """The demo tokenizer with the tokens of two ids swapped (same size, merges untouched): the same
+    strings get other ids."""
+    from transformers import PreTrainedTokenizerFast
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    with open(tmp_path / "tok" / "tokenizer.json", encoding="utf-8") as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    by_id = {i: token for token, i in vocab.items()}
+    vocab[by_id[first]], vocab[by_id[second]] = second, first
+    with open(tmp_path / "tok" / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    return PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"),
+                                   eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token), by_id
+
+
+def write_trajectories(path, tokenizer, retriever, questions, fingerprint) -> list[dict]:
+    import demo
+    trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)
+    records = [{**dataclasses.asdict(t), **q, data.TOKENIZER_KEY: fingerprint} for q, t in zip(questions, trajs)]
+    write_jsonl(path, records)
+    return records
+
+
+def test_tokenizers_that_differ_only_in_eos_are_compatible_and_share_trajectories(world, tokenizer, retriever,
+                                                                                   tmp_path):
+    """Issue 25, item 2: a teacher whose eos is <|endoftext|> and a student whose eos is <|im_end|>."""
+    teacher = other_eos(tokenizer)
+    assert data.tokenizer_differences(tokenizer, teacher) == []
+    assert data.vocab_fingerprint(teacher) == data.vocab_fingerprint(tokenizer)
+    path = str(tmp_path / "tgo.jsonl")
+    records = write_trajectories(path, teacher, retriever, world.test[:3], data.vocab_fingerprint(teacher))
+    assert load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=data.vocab_fingerprint(tokenizer)) \
+        == records
+    assert load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer, teacher)) == records
+
+
+def test_tokenizers_that_differ_in_a_token_are_refused_naming_the_ids(world, tokenizer, retriever, tmp_path):
+    other, by_id = swapped_ids(tokenizer, tmp_path, 300, 301)
+    assert len(other) == len(tokenizer)
+    assert data.tokenizer_differences(tokenizer, other) == [f"id 300: {by_id[300]!r} vs {by_id[301]!r}",
+                                                            f"id 301: {by_id[301]!r} vs {by_id[300]!r}"]
+    with pytest.raises(ValueError, match=re.escape(f"the tokenizers differ: id 300: {by_id[300]!r} vs")):
+        data.accepted_fingerprints(tokenizer, other)
+    path = str(tmp_path / "tgo.jsonl")
+    write_trajectories(path, other, retriever, world.test[:2], data.vocab_fingerprint(other))
+    with pytest.raises(ValueError, match=where(path, 1) + re.escape(
+            f" made with tokenizer {data.vocab_fingerprint(other)}, but the tokenizer given is "
+            f"{data.vocab_fingerprint(tokenizer)}: these trajectories were made with another tokenizer")):
+        load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=data.vocab_fingerprint(tokenizer))
+
+
+def test_a_tokenizer_with_one_more_token_differs_in_size_and_names_the_new_id(tokenizer):
+    import copy
+    bigger = copy.deepcopy(tokenizer)
+    bigger.add_tokens(["<extra>"])
+    n = len(tokenizer)
+    assert data.tokenizer_differences(tokenizer, bigger) == [f"vocabulary size {n} vs {n + 1}",
+                                                             f"id {n}: (no such id) vs '<extra>'"]
+    assert data.vocab_fingerprint(bigger) != data.vocab_fingerprint(tokenizer)
+
+
+def test_an_old_file_with_legacy_fingerprints_loads_when_the_tokenizer_that_made_it_is_named(
+        world, tokenizer, retriever, tmp_path):
+    """Files written before vocab_fingerprint record legacy_fingerprint (vocab + bos/eos/pad ids)."""
+    teacher = other_eos(tokenizer)
+    path = str(tmp_path / "old-tgo.jsonl")
+    records = write_trajectories(path, teacher, retriever, world.test[:2], data.legacy_fingerprint(teacher))
+    # the student's own fingerprints cannot vouch for it: its eos differs, and the message says so
+    for given in (data.vocab_fingerprint(tokenizer), data.accepted_fingerprints(tokenizer)):
+        with pytest.raises(ValueError, match=where(path, 1) + " made with tokenizer "
+                           + data.legacy_fingerprint(teacher) + ".*older kind.*differs only in those ids"):
+            load_trajectories(path, tokenizer_fingerprint=given)
+    # naming the tokenizer that made it (kd's teacher) reads it
+    assert load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer, teacher)) == records
+    # an old file made with the student's own tokenizer needs nothing more
+    mine = str(tmp_path / "old-mine.jsonl")
+    records = write_trajectories(mine, tokenizer, retriever, world.test[:2], data.legacy_fingerprint(tokenizer))
+    assert load_trajectories(mine, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer)) == records
 
 
 def test_trajectories_of_another_tokenizer_of_the_same_size_are_refused_naming_both(
@@ -644,13 +754,13 @@ def test_trajectories_of_another_tokenizer_of_the_same_size_are_refused_naming_b
     other = demo.train_tokenizer(demo.make_world(seed=1))
     questions = world.test[:3]
     trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)
-    mine = data.tokenizer_fingerprint(tokenizer)
+    mine = data.vocab_fingerprint(tokenizer)
     records = [{**dataclasses.asdict(t), **q, data.TOKENIZER_KEY: mine} for q, t in zip(questions, trajs)]
     path = str(tmp_path / "tgo.jsonl.gz")
     write_jsonl(path, records)
     assert load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=mine) == records
     assert load_trajectories(path, vocab_size=len(other)) == records        # size alone cannot tell
-    theirs = data.tokenizer_fingerprint(other)
+    theirs = data.vocab_fingerprint(other)
     with pytest.raises(ValueError, match=where(path, 1) + re.escape(
             f" made with tokenizer {mine}, but the tokenizer given is {theirs}")):
         load_trajectories(path, vocab_size=len(other), tokenizer_fingerprint=theirs)
