@@ -949,7 +949,11 @@ def main(argv=None) -> dict:
 
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--limit", type=at_least(1), help="evaluate the first N questions only")
+    parser.add_argument("--limit", type=at_least(1),
+                        help="evaluate N questions: a seeded sample stratified by data_source, each source keeping "
+                             "its share of the file, in file order (data.sample_questions; not the first N rows: "
+                             "Search-R1's test.parquet is sorted by source)")
+    parser.add_argument("--limit-seed", type=int, default=0, help="the seed of --limit's sample")
     parser.add_argument("--max-turns", type=at_least(0), default=4)
     parser.add_argument("--max-new-tokens", type=at_least(1), default=500)
     parser.add_argument("--max-obs-tokens", type=at_least(0), default=500)
@@ -972,18 +976,20 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from data import load_questions
+    from data import load_questions, sample_questions
     from rollout import RolloutConfig
 
     started = time.perf_counter()
-    questions = load_questions(args.data)[:args.limit]
+    questions = load_questions(args.data)
+    if args.limit is not None:
+        questions = sample_questions(questions, args.limit, seed=args.limit_seed)
     progress_path = os.path.join(args.out, "progress.jsonl")
     inputs = input_fingerprints({"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data,
                                  "--corpus": args.corpus, "--index": args.index, "--retriever-url": args.retriever_url},
                                 rows={"--data": len(questions)})
     # a rerun continues only with the same inputs, wherever they lie now (the paths are not compared)
     made_with = {"inputs": {arg: {k: v for k, v in fp.items() if k != "path"} for arg, fp in inputs.items()},
-                 "limit": args.limit}
+                 "limit": args.limit, "limit_seed": args.limit_seed}
     retriever = make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index,
                                retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
     if not args.no_probe:                # the questions' supporting passages exist: before a model is loaded
@@ -1004,7 +1010,8 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - started
     print(render_table(report, title=f"{args.model} on {args.data} ({len(questions)} questions, greedy)"))
     summary = {"model": args.model, "data": args.data, "retriever": args.corpus or args.index or args.retriever_url,
-               "questions": len(questions), "config": asdict(config), "probe": not args.no_probe,
+               "questions": len(questions), "limit": args.limit, "limit_seed": args.limit_seed,
+               "config": asdict(config), "probe": not args.no_probe,
                "probe_evidence": args.probe_evidence, "device": str(device), "seconds": round(seconds, 1),
                "report": report}
     with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:

@@ -14,6 +14,8 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     other keys are kept (e.g. `supporting_ids`, used by the evidence-given probe). A question's identity
     is (data_source, id) — `question_key` — because merged files repeat FlashRAG's per-split ids
     (`test_0` in nq and in hotpotqa); a repeat within one source is an error naming both lines.
+    `sample_questions(questions, n, seed)`: what a limit on questions means (eval --limit, rl's
+    validation): a seeded sample stratified by data_source, each source keeping its share of the file.
   * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader is retriever.py's,
     re-exported here, because the format belongs to the retriever (a `.gz` corpus is its job too).
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
@@ -238,6 +240,50 @@ def load_questions(path: str) -> list[dict]:
         first_seen[key] = n
         questions.append(question)
     return questions
+
+
+# -----------------------------------------------------------------------------
+# A limit on questions: a seeded sample that keeps every source's share
+
+def source_quotas(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """How many of n sampled questions each source gets: its share n * size / total, rounded by the
+    largest-remainder rule (every source gets the floor of its share; the rows left over go one each to
+    the largest fractional parts, ties to the source that appears first). Sums to min(n, total).
+    {"nq": 3610, "hotpotqa": 7405}, 100 -> {"nq": 33, "hotpotqa": 67}."""
+    total = sum(sizes.values())
+    if n >= total:
+        return dict(sizes)
+    shares = {source: n * size / total for source, size in sizes.items()}
+    quotas = {source: int(share) for source, share in shares.items()}
+    order = sorted(sizes, key=lambda source: -(shares[source] - quotas[source]))   # stable: ties keep file order
+    for source in order[:n - sum(quotas.values())]:
+        quotas[source] += 1
+    return quotas
+
+
+def sample_questions(questions: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """n question rows sampled within each data_source (source_quotas: each source keeps its share of
+    the file), in their original order; all of them when n >= len(questions). Which rows a source
+    gives: those with the smallest sha256(f"{seed}\\n{data_source}\\n{id}") (a row without an id:
+    its position), so the sample is the same on every machine and Python version, and a source's
+    sample does not depend on the other sources or on the order of the file. Why: Search-R1's
+    test.parquet is sorted by source, so its first N rows are NQ only."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"sample_questions: n must be a positive integer, got {n!r}")
+    if n >= len(questions):
+        return list(questions)
+    by_source: dict[str, list[int]] = {}
+    for i, row in enumerate(questions):
+        by_source.setdefault(row.get("data_source"), []).append(i)
+
+    def rank(i: int) -> bytes:
+        row = questions[i]
+        name = f"{seed}\n{row.get('data_source')}\n{row['id'] if 'id' in row else '#' + str(i)}"
+        return hashlib.sha256(name.encode("utf-8")).digest()
+
+    quotas = source_quotas({source: len(rows) for source, rows in by_source.items()}, n)
+    chosen = [i for source, rows in by_source.items() for i in sorted(rows, key=rank)[:quotas[source]]]
+    return [questions[i] for i in sorted(chosen)]
 
 
 # -----------------------------------------------------------------------------

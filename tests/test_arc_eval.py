@@ -410,8 +410,26 @@ def test_main_evaluates_a_saved_model_directory(demo_files, capsys):
     assert saved["report"] == json.loads(json.dumps(summary["report"]))
     assert saved["config"]["greedy"] is True and saved["config"]["max_turns"] == 1 and saved["questions"] == 4
     lines = (root / "out" / "trajectories.jsonl").read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == [q["id"] for q in data.load_questions(paths["test"])[:4]]
+    assert [json.loads(line)["id"] for line in lines] == \
+        [q["id"] for q in data.sample_questions(data.load_questions(paths["test"]), 4)]
     assert not (root / "out" / "progress.jsonl").exists()          # the results are written: progress is gone
+
+
+def test_main_limit_is_a_sample_of_every_source_of_a_file_sorted_by_source(demo_files, tmp_path):
+    """Search-R1's test.parquet is sorted by source: --limit must not mean its first N rows (one source)."""
+    root, paths = demo_files
+    questions = data.load_questions(paths["test"])
+    by_source = sorted(questions, key=lambda q: q["data_source"])       # demo_1hop (152) then demo_2hop (88)
+    data.write_jsonl(str(tmp_path / "sorted.jsonl"), by_source)
+    summary = arc_metric.main(["--model", str(root / "model"), "--data", str(tmp_path / "sorted.jsonl"),
+                               "--corpus", paths["corpus"], "--out", str(tmp_path / "out"), "--limit", "4",
+                               "--limit-seed", "7", "--max-turns", "0", "--max-new-tokens", "2", "--no-probe",
+                               "--no-progress"])
+    # shares 4·152/240 = 2.53 and 1.47: floors 2 + 1, the row left over to the larger remainder
+    assert {s: row["n"] for s, row in summary["report"].items()} == {"demo_1hop": 3, "demo_2hop": 1, "all": 4}
+    assert summary["limit"] == 4 and summary["limit_seed"] == 7
+    records = [json.loads(line) for line in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [q["id"] for q in data.sample_questions(by_source, 4, seed=7)]
 
 
 def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retriever):

@@ -833,3 +833,68 @@ def test_progress_rows_survive_a_torn_last_line_which_is_cut_off_so_appends_cont
         f.write(b'{"a": \n{"a": 5}\n')                              # a bad line that is not the last
     with pytest.raises(ValueError, match=r"progress.jsonl:4: not valid JSON"):
         data.read_appended(path)
+
+
+# ----------------------------------------------------------------------------- a limit: a stratified sample
+
+def sorted_by_source(sizes: dict) -> list[dict]:
+    """Question rows grouped by source, as Search-R1's test.parquet is (every nq row, then hotpotqa, …);
+    ids repeat across sources, as FlashRAG's per-split ids do."""
+    return [{"id": f"test_{k}", "question": f"{source} question {k}?", "golden_answers": ["x"], "data_source": source}
+            for source, n in sizes.items() for k in range(n)]
+
+
+@pytest.mark.parametrize("sizes, n, expected", [
+    ({"nq": 7, "hotpotqa": 2, "musique": 1}, 5, {"nq": 4, "hotpotqa": 1, "musique": 0}),  # 3.5 1.0 0.5: tie to nq
+    ({"nq": 7, "hotpotqa": 2, "musique": 1}, 3, {"nq": 2, "hotpotqa": 1, "musique": 0}),  # 2.1 0.6 0.3
+    ({"nq": 3610, "hotpotqa": 7405}, 100, {"nq": 33, "hotpotqa": 67}),                    # 32.77 67.23
+    ({"nq": 2, "hotpotqa": 2}, 9, {"nq": 2, "hotpotqa": 2}),                              # more than there are
+])
+def test_source_quotas_are_each_sources_share_by_largest_remainder(sizes, n, expected):
+    assert data.source_quotas(sizes, n) == expected
+    assert sum(expected.values()) == min(n, sum(sizes.values()))
+
+
+def test_a_limit_samples_every_source_of_a_file_sorted_by_source_not_its_first_rows():
+    questions = sorted_by_source({"nq": 60, "hotpotqa": 30, "bamboogle": 10})
+    assert {q["data_source"] for q in questions[:10]} == {"nq"}              # the old first-N limit: NQ only
+    sample = data.sample_questions(questions, 10)
+    counts = {s: sum(q["data_source"] == s for q in sample) for s in ("nq", "hotpotqa", "bamboogle")}
+    assert counts == {"nq": 6, "hotpotqa": 3, "bamboogle": 1}
+    positions = [questions.index(q) for q in sample]
+    assert positions == sorted(positions)                                     # file order kept
+    assert data.sample_questions(questions, 10) == sample                     # deterministic
+    assert data.sample_questions(questions, 10, seed=1) != sample             # the seed picks other rows
+    assert all(q in questions for q in sample) and len({data.question_key(q) for q in sample}) == 10
+
+
+def test_a_sources_sample_is_its_rows_with_the_smallest_documented_hash():
+    questions = sorted_by_source({"nq": 20, "hotpotqa": 20})
+    chosen = data.sample_questions(questions, 6, seed=3)
+
+    def digest(q):   # the rule of the docstring, written out
+        return hashlib.sha256(f"3\n{q['data_source']}\n{q['id']}".encode()).digest()
+    for source in ("nq", "hotpotqa"):
+        rows = [q for q in questions if q["data_source"] == source]
+        assert [q for q in chosen if q["data_source"] == source] == \
+            [q for q in rows if q in sorted(rows, key=digest)[:3]]
+
+
+def test_a_sample_does_not_depend_on_the_order_of_the_file_or_on_other_sources():
+    import random
+    questions = sorted_by_source({"nq": 40, "hotpotqa": 40})
+    shuffled = list(questions)
+    random.Random(0).shuffle(shuffled)
+    key = data.question_key
+    assert {key(q) for q in data.sample_questions(shuffled, 8)} == {key(q) for q in data.sample_questions(questions, 8)}
+    more = questions + sorted_by_source({"musique": 80})           # the same 4 + 4, then 8 from musique
+    assert [key(q) for q in data.sample_questions(more, 16) if q["data_source"] != "musique"] == \
+        [key(q) for q in data.sample_questions(questions, 8)]
+
+
+def test_a_limit_at_or_above_the_file_size_keeps_every_row_and_a_bad_limit_is_an_error():
+    questions = sorted_by_source({"nq": 3, "hotpotqa": 1})
+    assert data.sample_questions(questions, 4) == questions and data.sample_questions(questions, 99) == questions
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="sample_questions: n must be a positive integer"):
+            data.sample_questions(questions, bad)
