@@ -3,15 +3,19 @@
 What it does: reads and writes the files every stage exchanges and checks each row, naming the file and
 the line (or Parquet row) in every error, so a malformed row never becomes a silently wrong example.
   * questions — `load_questions` picks the reader by extension: `.jsonl`, `.jsonl.gz`, or `.parquet`
-    (Search-R1's `nq_hotpotqa_train.parquet` / `test.parquet`; needs the optional pyarrow). Field names
+    (Search-R1's `nq_hotpotqa_train/train.parquet` / `test.parquet`; needs the optional pyarrow). Field names
     are FlashRAG / Search-R1's, so their files load as they are:
     {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
     `golden_answers` may be a single string (some FlashRAG files) or an array; it becomes a list of str,
     at least one of which must survive answer normalisation (["the"] or [""] could never be matched).
     A missing `id` becomes "<file stem>-<line>" (Parquet: "<file stem>-<row>", rows counted from 0 as
-    pyarrow and pandas count them), a missing `data_source` the file stem. Search-R1's `prompt`,
-    `reward_model`, `extra_info` and `ability` are dropped (large, and the prompt is rollout.py's job);
-    other keys are kept (e.g. `supporting_ids`, used by the evidence-given probe). A question's identity
+    pyarrow and pandas count them), a missing `data_source` the file stem. Search-R1's `reward_model`,
+    `extra_info` and `ability` are dropped. Its `prompt` (the chat [{"role": "user", "content": …}] that
+    its rl_dataset.py renders) is kept as row["prompt"] and compared with the user message rollout.py
+    builds from `question`: on Search-R1's own files they agree byte for byte; where they differ (a
+    customised prompt), one warning names the first differing row, where the texts first differ and
+    how many rows differ (the rollout still builds its own). Other keys are kept (e.g.
+    `supporting_ids`, used by the evidence-given probe). A question's identity
     is (data_source, id) — `question_key` — because merged files repeat FlashRAG's per-split ids
     (`test_0` in nq and in hotpotqa); a repeat within one source is an error naming both lines.
     `sample_questions(questions, n, seed)`: what a limit on questions means (eval --limit, rl's
@@ -31,11 +35,12 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     crash mid-append (the torn last line is dropped).
 
 What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or need
-anything but the standard library itself (pyarrow is imported only when a `.parquet` file is read; the
+anything but the standard library itself (pyarrow is imported only when a `.parquet` file is read;
+rollout.py, and with it torch, only when a question file has a `prompt` column to compare; the
 re-exported corpus loader brings retriever.py's numpy; arc_metric's answer normalisation is standard
 library only).
 
-    questions = load_questions("data/nq_hotpotqa_train.parquet")      # or .jsonl / .jsonl.gz
+    questions = load_questions("data/nq_hotpotqa_train/train.parquet")  # or .jsonl / .jsonl.gz
     corpus = load_corpus("data/wiki-18.jsonl")
     write_jsonl("runs/x/tgo.jsonl.gz", [{**r, "tokenizer": vocab_fingerprint(tok)} for r in records])
     records = load_trajectories("runs/x/tgo.jsonl.gz", len(tok), accepted_fingerprints(tok, teacher_tok))
@@ -150,7 +155,7 @@ def read_appended(path: str) -> list[dict]:
 # Questions: JSONL or Search-R1 Parquet
 
 QUESTION_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
-SEARCH_R1_DROPPED = ("prompt", "reward_model", "extra_info", "ability")   # Search-R1 columns not read
+SEARCH_R1_DROPPED = ("reward_model", "extra_info", "ability")   # Search-R1 columns not read
 
 
 def read_parquet_rows(path: str) -> list[tuple[int, dict]]:
@@ -210,8 +215,49 @@ def check_question(row: dict, where: str, default_id: str, default_source: str) 
         raise ValueError(f"{where}: every golden answer ({golds!r}) is empty once normalised (articles, "
                          "punctuation and spaces removed), so no answer could ever score; fix or drop this row")
     kept = {k: v for k, v in row.items() if k not in SEARCH_R1_DROPPED}
+    if "prompt" in row:
+        kept["prompt"] = prompt_messages(row["prompt"], where)
     return {**kept, "id": str(qid), "question": str(question), "golden_answers": [str(g) for g in golds],
             "data_source": str(source)}
+
+
+def prompt_messages(value, where: str) -> list[dict]:
+    """A row's `prompt` as Search-R1 stores it, a chat [{"role": "user", "content": str}, ...] (a plain
+    str is taken as the user message); anything else raises ValueError prefixed with `where`."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    messages = _as_list(value)
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError(f"{where}: 'prompt' must be a chat, a non-empty list of {{\"role\": str, \"content\": str}} "
+                         f"messages as Search-R1 writes it (or the user message as a str), got {value!r:.120}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def built_prompt(question: str) -> str:
+    """The user message rollout.py builds from a question (PROMPT_TEMPLATE, docs/method.md §2).
+    Imports rollout.py (and so torch) on first use: only files with a `prompt` column need it."""
+    from rollout import PROMPT_TEMPLATE, format_question
+    return PROMPT_TEMPLATE.format(question=format_question(question))
+
+
+PROMPT_CONTEXT = 40     # characters shown around the first difference of two prompts
+
+
+def prompt_difference(messages: list[dict], built: str) -> str | None:
+    """None when the chat is the one user message `built`, else where they first differ, in words."""
+    roles = [m["role"] for m in messages]
+    if roles != ["user"]:
+        return (f"the file's prompt is a chat of {len(messages)} messages (roles: {', '.join(roles)}), this "
+                "project's is one user message")
+    content = messages[0]["content"]
+    if content == built:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(content, built)) if a != b), min(len(content), len(built)))
+    start = max(0, k - PROMPT_CONTEXT // 2)
+    return (f"they first differ at character {k}: the file has {content[start:k + PROMPT_CONTEXT]!r}, "
+            f"the project builds {built[start:k + PROMPT_CONTEXT]!r}")
 
 
 def question_key(row: dict) -> tuple[str, str]:
@@ -229,7 +275,7 @@ def load_questions(path: str) -> list[dict]:
     stem = os.path.basename(path)[:-len(extension)]
     parquet = extension == ".parquet"
     unit = "row" if parquet else "line"
-    questions, first_seen = [], {}
+    questions, first_seen, prompts_differ, first_differing = [], {}, 0, None
     for n, row in read_parquet_rows(path) if parquet else read_jsonl(path):
         where = f"{path}: row {n}" if parquet else f"{path}:{n}"
         question = check_question(row, where, default_id=f"{stem}-{n}", default_source=stem)
@@ -238,7 +284,17 @@ def load_questions(path: str) -> list[dict]:
             raise ValueError(f"{where}: duplicate id {key[1]!r} in data_source {key[0]!r} "
                              f"(first on {unit} {first_seen[key]})")
         first_seen[key] = n
+        if "prompt" in question:
+            difference = prompt_difference(question["prompt"], built_prompt(question["question"]))
+            if difference is not None:
+                prompts_differ += 1
+                first_differing = first_differing or (where, difference)
         questions.append(question)
+    if first_differing is not None:
+        where, difference = first_differing
+        warnings.warn(f"{where}: the prompt in the file is not the one rollout.py builds from 'question' "
+                      f"(docs/method.md §2): {difference}; {prompts_differ} of {len(questions)} rows differ. The "
+                      "rollout builds its own prompt; the file's is kept in each row's 'prompt'", stacklevel=2)
     return questions
 
 

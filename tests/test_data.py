@@ -436,12 +436,24 @@ def test_failed_gzip_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
 
 # ----------------------------------------------------------------------------- questions: Search-R1 Parquet
 
+def search_r1_prompt(question: str) -> str:
+    """The user message Search-R1 writes into its Parquet files, typed out here from its
+    scripts/data_process/qa_search_test_merge.py, make_prefix (lines 32-36; the same in
+    qa_search_train_merge.py): independent of rollout.py, so a drift of either shows."""
+    return ("Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
+            "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine "
+            "by <search> query </search> and it will return the top searched results between <information> and "
+            "</information>. You can search as many times as your want. If you find no further external knowledge "
+            "needed, you can directly provide the answer inside <answer> and </answer>, without detailed "
+            f"illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
+
+
 def search_r1_row(qid, question, golds, source, index, split="test") -> dict:
     """One row as Search-R1's scripts/data_process/qa_search_*_merge.py build it: FlashRAG's fields
-    (id, question, golden_answers) plus data_source, the chat prompt, ability, reward_model, extra_info."""
-    prefix = "Answer the given question. ... Question: "          # the real prompt is ~1 kB of instructions
+    (id, question (stripped, ending in "?"), golden_answers) plus data_source, the chat prompt, ability,
+    reward_model, extra_info."""
     return {"id": qid, "question": question, "golden_answers": golds, "data_source": source,
-            "prompt": [{"content": prefix + question + "\n", "role": "user"}], "ability": "fact-reasoning",
+            "prompt": [{"content": search_r1_prompt(question), "role": "user"}], "ability": "fact-reasoning",
             "reward_model": {"ground_truth": {"target": golds}, "style": "rule"},
             "extra_info": {"index": index, "split": split}}
 
@@ -468,13 +480,20 @@ SEARCH_R1_TEST = [  # nq and hotpotqa merged: FlashRAG's per-split ids repeat ac
     search_r1_row("test_0", "who wrote the declaration of independence?", ["Thomas Jefferson"], "nq", 0),
     search_r1_row("test_1", "when did the titanic sink?", ["15 April 1912", "1912"], "nq", 1),
     search_r1_row("test_0", "Which band was formed first, Muse or Keane?", ["Keane"], "hotpotqa", 0)]
-QUESTION_FIELDS = ("id", "question", "golden_answers", "data_source")
+QUESTION_FIELDS = ("id", "question", "golden_answers", "data_source", "prompt")
 
 
-def test_search_r1_parquet_loads_without_its_prompt_and_reward_columns(tmp_path):
+def question_fields(row: dict) -> dict:
+    """What load_questions keeps of a Search-R1 row: the question fields and the prompt, as a chat."""
+    return {k: ([dict(m) for m in row[k]] if k == "prompt" else row[k]) for k in QUESTION_FIELDS}
+
+
+def test_search_r1_parquet_loads_without_its_reward_columns_and_its_prompt_is_the_projects(tmp_path):
     path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST)
-    loaded = load_questions(path)
-    assert loaded == [{k: row[k] for k in QUESTION_FIELDS} for row in SEARCH_R1_TEST]   # no other keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # Search-R1's prompts are the project's, byte for byte
+        loaded = load_questions(path)
+    assert loaded == [question_fields(row) for row in SEARCH_R1_TEST]   # no other keys
     assert all(type(q["golden_answers"]) is list and all(type(g) is str for g in q["golden_answers"])
                for q in loaded)
     assert json.loads(json.dumps(loaded)) == loaded                  # plain Python, writable as JSONL
@@ -483,7 +502,64 @@ def test_search_r1_parquet_loads_without_its_prompt_and_reward_columns(tmp_path)
 def test_search_r1_rows_exported_to_jsonl_load_without_the_same_columns(tmp_path):
     path = str(tmp_path / "test.jsonl.gz")
     write_jsonl(path, SEARCH_R1_TEST)
-    assert load_questions(path) == [{k: row[k] for k in QUESTION_FIELDS} for row in SEARCH_R1_TEST]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_questions(path) == [question_fields(row) for row in SEARCH_R1_TEST]
+
+
+def customised(row: dict, content=None, messages=None) -> dict:
+    return {**row, "prompt": messages if messages is not None else [{"content": content, "role": "user"}]}
+
+
+def test_a_customised_prompt_is_kept_and_one_warning_names_the_first_differing_row_and_texts(tmp_path):
+    """Issue 25, item 6: a file whose prompts were customised must not be silently replaced."""
+    mine = "Reply in one word. Question: when did the titanic sink?\n"
+    rows = [SEARCH_R1_TEST[0], customised(SEARCH_R1_TEST[1], mine),
+            customised(SEARCH_R1_TEST[2], search_r1_prompt(SEARCH_R1_TEST[2]["question"]).replace("Beijing", "Paris"))]
+    path = write_parquet(tmp_path / "test.parquet", rows)
+    with pytest.warns(UserWarning) as caught:
+        loaded = load_questions(path)
+    built = search_r1_prompt("when did the titanic sink?")
+    assert [str(w.message) for w in caught] == [
+        f"{path}: row 1: the prompt in the file is not the one rollout.py builds from 'question' (docs/method.md §2): "
+        f"they first differ at character 0: the file has {mine[:40]!r}, the project builds {built[:40]!r}; "
+        "2 of 3 rows differ. The rollout builds its own prompt; the file's is kept in each row's 'prompt'"]
+    assert [q["prompt"][0]["content"] for q in loaded] == [r["prompt"][0]["content"] for r in rows]
+
+
+def test_the_first_difference_is_shown_with_twenty_characters_before_it_from_both_texts():
+    built = search_r1_prompt("who?")
+    theirs = built.replace("Beijing", "Paris")
+    k = built.index("Beijing")                                     # "B" vs "P": the first differing character
+    assert data.prompt_difference([{"role": "user", "content": theirs}], built) == (
+        f"they first differ at character {k}: the file has {theirs[k - 20:k + 40]!r}, "
+        f"the project builds {built[k - 20:k + 40]!r}")
+    assert data.prompt_difference([{"role": "user", "content": built}], built) is None
+    n = len(built)                                                 # one text is a prefix of the other
+    assert data.prompt_difference([{"role": "user", "content": built + " "}], built) == (
+        f"they first differ at character {n}: the file has {built[n - 20:] + ' '!r}, the project builds {built[n - 20:]!r}")
+
+
+def test_a_prompt_with_a_system_message_is_a_difference_and_a_plain_string_is_the_user_message(tmp_path):
+    system = [{"content": "You are terse.", "role": "system"}] + SEARCH_R1_TEST[0]["prompt"]
+    path = str(tmp_path / "q.jsonl")
+    write_jsonl(path, [customised(SEARCH_R1_TEST[0], messages=system),
+                       {**SEARCH_R1_TEST[1], "prompt": search_r1_prompt(SEARCH_R1_TEST[1]["question"])}])
+    with pytest.warns(UserWarning, match=re.escape(f"{path}:1: the prompt in the file is not the one rollout.py builds "
+                                                   "from 'question' (docs/method.md §2): the file's prompt is a chat of "
+                                                   "2 messages (roles: system, user), this project's is one user "
+                                                   "message; 1 of 2 rows differ")):
+        loaded = load_questions(path)
+    assert loaded[0]["prompt"] == [dict(m) for m in system]
+    assert loaded[1]["prompt"] == [{"role": "user", "content": search_r1_prompt(SEARCH_R1_TEST[1]["question"])}]
+
+
+@pytest.mark.parametrize("bad", [7, [], [{"role": "user"}], [{"role": "user", "content": 3}], ["text"], {"a": 1}])
+def test_a_prompt_that_is_not_a_chat_names_the_line(tmp_path, bad):
+    path = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION), json.dumps({**GOOD_QUESTION, "id": "q2",
+                                                                                     "prompt": bad})])
+    with pytest.raises(ValueError, match=where(path, 2) + re.escape(" 'prompt' must be a chat, a non-empty list of")):
+        load_questions(path)
 
 
 def test_parquet_extra_columns_are_kept_and_missing_ids_are_filled_from_the_row(tmp_path):
