@@ -16,7 +16,7 @@ import demo
 import retriever as retriever_lib
 from arc_metric import (PROBE_PRIMERS, contains_answer_tokens, evidence_given_probe, needed_passages,
                         place_passages, score_record)
-from rollout import OBS_CLOSE, OBS_OPEN, RolloutConfig, encode_text, format_passages, observation_ids
+from rollout import OBS_CLOSE, OBS_OPEN, RolloutConfig, encode_text, format_passages, observation_ids, prompt_text
 
 
 # ----------------------------------------------------------------------------- a scripted model
@@ -363,6 +363,10 @@ def test_evaluate_with_a_tiny_random_model_writes_every_trajectory(tmp_path, wor
     for row, record in zip(rows, records):
         assert {k: record[k] for k in row} == row
         assert record["scores"] == score_record(record)
+        # the decoded prompt, for the official DGPO code's proxies: the prompt the rollout built
+        assert record["prompt_text"] == prompt_text(tokenizer, row["question"]) == \
+            tokenizer.decode(record["input_ids"][:record["prompt_length"]])
+        assert set(arc_metric.DGPO_PROXIES) <= set(record["scores"])
         assert 1 <= record["num_turns"] == len(record["turns"]) <= 2
         assert record["probe"]["evidence_ids"] == row["supporting_ids"]
         assert set(record["probe"]) >= {"em_no_think", "em_think", "response_no_think", "response_think"}
