@@ -536,3 +536,39 @@ def test_dgpo_proxies_are_extra_columns_only_for_records_with_the_decoded_prompt
     with pytest.raises(TypeError, match="'prompt_text' has type list"):
         score_record(with_prompt(record_a(), prompt=["not", "decoded"]))
 
+
+# ----------------------------------------------------------------------------- Search-R1's answer rule, a known fault
+
+def search_r1_extract_and_em(decoded_prompt_and_response: str, golden_answers: list[str]) -> tuple[str | None, int]:
+    """A RE-IMPLEMENTATION, for this test only, of Search-R1's reward rule as read in its
+    verl/utils/reward_score/qa_em.py (byte-identical in the official DGPO code): extract_solution
+    (lines 62-82) takes the matches of <answer>(.*?)</answer> (DOTALL) in the decoded prompt +
+    response, returns None for 0 or 1 match, else the last match stripped; compute_score_em (85-110)
+    scores 0 for None, else em_check (36-46): SQuAD-normalised equality with some gold."""
+    import re
+    matches = re.findall(r"<answer>(.*?)</answer>", decoded_prompt_and_response, re.DOTALL)
+    if len(matches) <= 1:
+        return None, 0
+    answer = matches[-1].strip()
+    return answer, int(any(normalize_answer(answer) == normalize_answer(g) for g in golden_answers))
+
+
+def test_search_r1s_rule_pays_the_prompts_example_and_reads_the_nudge_where_ours_finds_no_answer():
+    """The prompt itself holds two <answer> matches ("inside <answer> and </answer>" and "<answer>
+    Beijing </answer>"), so "at least two matches" is always met by the prompt alone."""
+    # 1. no answer at all: theirs extracts the prompt's example and pays EM 1 for the gold "Beijing"
+    silent = make_record("x", "nq", ["Beijing"], ["<think> I do not know. </think>"], [], [], [], num_invalid=0,
+                         n_tokens=20)
+    assert search_r1_extract_and_em(CHAT_PROMPT + silent["response_text"], ["Beijing"]) == ("Beijing", 1)
+    assert final_answer(silent["turns"]) is None and score_record(silent)["em"] == 0
+    # 2. after an invalid turn's nudge and a final turn without an answer: theirs extracts "and"
+    nudged = make_record("y", "nq", ["and"], ["<think> hmm", "<think> still thinking"], [INVALID], [], [],
+                         num_invalid=1, n_tokens=40)
+    assert search_r1_extract_and_em(CHAT_PROMPT + nudged["response_text"], ["and"]) == ("and", 1)
+    assert search_r1_extract_and_em(CHAT_PROMPT + nudged["response_text"], ["Paris"]) == ("and", 0)
+    assert final_answer(nudged["turns"]) is None and score_record(nudged)["em"] == 0
+    # 3. a real answer: both rules agree
+    answered = make_record("z", "nq", ["Paris"], ["<think> ok </think> <answer> Paris </answer>"], [], [], [],
+                           num_invalid=0, n_tokens=20)
+    assert search_r1_extract_and_em(CHAT_PROMPT + answered["response_text"], ["Paris"]) == ("Paris", 1)
+    assert score_record(answered)["em"] == 1
