@@ -236,8 +236,10 @@ def prompt_messages(value, where: str) -> list[dict]:
 
 
 def built_prompt(question: str) -> str:
-    """The user message rollout.py builds from a question (PROMPT_TEMPLATE, docs/method.md §2).
-    Imports rollout.py (and so torch) on first use: only files with a `prompt` column need it."""
+    """The user message rollout.py builds from a question (PROMPT_TEMPLATE, docs/method.md §2): the
+    text Search-R1's scripts/data_process/qa_search_{train,test}_merge.py (make_prefix, lines 32-36)
+    write into the `prompt` column, whose rl_dataset.py (lines 126-131) renders it. Imports rollout.py
+    (and so torch) on first use: only files with a `prompt` column need it."""
     from rollout import PROMPT_TEMPLATE, format_question
     return PROMPT_TEMPLATE.format(question=format_question(question))
 
@@ -323,7 +325,9 @@ def sample_questions(questions: list[dict], n: int, seed: int = 0) -> list[dict]
     gives: those with the smallest sha256(f"{seed}\\n{data_source}\\n{id}") (a row without an id:
     its position), so the sample is the same on every machine and Python version, and a source's
     sample does not depend on the other sources or on the order of the file. Why: Search-R1's
-    test.parquet is sorted by source, so its first N rows are NQ only."""
+    test.parquet is sorted by source (scripts/data_process/qa_search_test_merge.py concatenates the
+    sources, lines 54-109), so its first N rows are NQ only. (The official DGPO scripts evaluate every
+    row, data.val_data_num=null in scripts/train_dgpo.sh.)"""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"sample_questions: n must be a positive integer, got {n!r}")
     if n >= len(questions):
