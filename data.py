@@ -482,7 +482,8 @@ def load_trajectories(path: str, vocab_size: int | None = None,
         if accepted is not None and made_with is None:
             unrecorded += 1
         elif accepted is not None and made_with not in accepted:
-            given = " or ".join(sorted(accepted, key=lambda f: (_is_legacy(f), f)))
+            alike = sorted(f for f in accepted if _is_legacy(f) == _is_legacy(made_with))   # like for like
+            given = " or ".join(alike or sorted(accepted))
             why = ("these trajectories were made with another tokenizer" if not _is_legacy(made_with) else
                    "this row records a fingerprint of the older kind, over the vocabulary and the bos/eos/pad ids, "
                    "so they were made with another tokenizer or with one that differs only in those ids; to read "

@@ -792,6 +792,8 @@ def test_tokenizers_that_differ_in_a_token_are_refused_naming_the_ids(world, tok
             f" made with tokenizer {data.vocab_fingerprint(other)}, but the tokenizer given is "
             f"{data.vocab_fingerprint(tokenizer)}: these trajectories were made with another tokenizer")):
         load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=data.vocab_fingerprint(tokenizer))
+    with pytest.raises(ValueError, match=re.escape(f"given is {data.vocab_fingerprint(tokenizer)}: these")):
+        load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer))   # like for like
 
 
 def test_a_tokenizer_with_one_more_token_differs_in_size_and_names_the_new_id(tokenizer):
@@ -815,6 +817,8 @@ def test_an_old_file_with_legacy_fingerprints_loads_when_the_tokenizer_that_made
         with pytest.raises(ValueError, match=where(path, 1) + " made with tokenizer "
                            + data.legacy_fingerprint(teacher) + ".*older kind.*differs only in those ids"):
             load_trajectories(path, tokenizer_fingerprint=given)
+    with pytest.raises(ValueError, match=re.escape(f"but the tokenizer given is {data.legacy_fingerprint(tokenizer)}:")):
+        load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer))   # like for like
     # naming the tokenizer that made it (kd's teacher) reads it
     assert load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer, teacher)) == records
     # an old file made with the student's own tokenizer needs nothing more
