@@ -56,7 +56,8 @@ ARC per trajectory (score_record), each a number; the report averages them over 
 em, f1, sub_em      of final_answer(record["turns"]) against record["golden_answers"].
 has_answer          answer format: 1 if final_answer finds a complete answer (even an empty one).
 hit_substr          Query Rewriting, the rule of Search-R1's code (is_retrieval_correct in
-                    verl/utils/reward_score/qa_em_format.py; DGPO's own ARC script is not public):
+                    verl/utils/reward_score/qa_em_format.py:145-151, also in the official DGPO code,
+                    which logs its own raw proxy instead: dgpo_info_contains_answer below):
                     1 if normalize(g) is a character substring of normalize(passage) for some gold
                     g and some passage the model's own searches retrieved (record["hits"], each
                     hit's "contents" = "title\\ntext"). Search-R1 applies it to the whole
@@ -82,6 +83,26 @@ response_len_tokens len(record["input_ids"]) - record["prompt_length"]: every to
 turns               number of generation turns, len(record["turns"]).
 probe_em_no_think,  Source Referencing (and Thinking): evidence-given EM without / with the
 probe_em_think      <think> step, present only when arc_report gets `probe` results (below).
+
+The official DGPO code's validation proxies, for comparison with its logs (extra columns, present when
+the record has "prompt_text", the decoded prompt, which `evaluate` stores). The official code
+(omron-sinicx/dgpo, verl/trainer/main_ppo.py, RewardManager.__call__, lines 80-108) computes them on
+tokenizer.decode(prompt ids + response ids), here record["prompt_text"] + record["response_text"], and
+verl/trainer/ppo/ray_trainer.py (_validate, lines 573-595) logs their means per data source as
+val/search_count, val/search_present_ratio and val/info_contains_answer_ratio. Per record:
+dgpo_search_count          text.count("<search>") - 1 (the -1 removes the prompt's "<search> query
+                           </search>"). It counts every "<search>" in the text: searches that were
+                           never executed, one per invalid-action nudge (which says "between <search>
+                           and </search>"), and any inside retrieved passages. Not `searches`.
+dgpo_search_present        1 if dgpo_search_count > 0 (a nudge alone makes it 1).
+dgpo_info_contains_answer  1 if some gold g, raw (not normalised: case-sensitive; only an all-blank gold
+                           is skipped), is a substring of the inside of some <information…>…</information>
+                           block of the text (regex `<information[^>]*>(.*?)</information>`, DOTALL and
+                           IGNORECASE, the latter on the tags only). The blocks include the prompt's
+                           "between <information> and </information>" (so the golds "a", "an", "and",
+                           "d", "n" always hit), the "Doc i(Title: …)" headers (so do "1", "Doc",
+                           "Title" after any search), and any block the model writes itself. Not
+                           `hit_substr`. docs/method.md §5 lists the differences.
 
 Source Referencing: the evidence-given probe (evidence_given_probe), per question row
 -------------------------------------------------------------------------------------
@@ -289,10 +310,32 @@ def contains_answer_tokens(text: str, golden_answers) -> bool:
 
 
 # -----------------------------------------------------------------------------
+# The official DGPO code's validation proxies (verl/trainer/main_ppo.py:98-108), for comparison only
+
+_DGPO_INFORMATION = re.compile(r"<information[^>]*>(.*?)</information>", re.DOTALL | re.IGNORECASE)
+
+
+def dgpo_search_count(sequence_text: str) -> int:
+    """count("<search>") - 1 over the decoded prompt + response (main_ppo.py:98): the prompt's own
+    "<search> query </search>" is the -1; unexecuted searches and nudges count too."""
+    return sequence_text.count("<search>") - 1
+
+
+def dgpo_info_contains_answer(sequence_text: str, golden_answers) -> bool:
+    """main_ppo.py:102-108: some gold, raw and case-sensitive (a blank gold skipped), is a substring of
+    the inside of some <information…>…</information> block of the decoded prompt + response,
+    the prompt's own "<information> and </information>" included."""
+    golds = _gold_list(golden_answers)
+    return any(any(gold.strip() and gold in block for gold in golds)
+               for block in _DGPO_INFORMATION.findall(sequence_text))
+
+
+# -----------------------------------------------------------------------------
 # One trajectory record -> its metrics
 
 METRICS = ("em", "f1", "sub_em", "has_answer", "hit_substr", "hit_token", "searches", "has_search",
            "think_turn_frac", "invalid_rate", "response_len_tokens", "turns")
+DGPO_PROXIES = ("dgpo_search_count", "dgpo_search_present", "dgpo_info_contains_answer")   # with record["prompt_text"]
 PROBE_KEYS = ("em_no_think", "em_think", "own_turn")  # numbers of one probe result, each in [0, 1]
 PROBE_OPTIONAL = ("own_turn",)                        # the fraction of probes that reused the model's own search
 PROBE_COLUMNS = ("probe_coverage",) + tuple(f"probe_{key}" for key in PROBE_KEYS)
@@ -346,11 +389,13 @@ def _passage_hits(hits: list, norm_golds: list[str], record: Mapping) -> tuple[b
 
 
 def score_record(record: Mapping) -> dict[str, float]:
-    """Every per-trajectory metric of METRICS (see the module docstring) for one rollout record.
+    """Every per-trajectory metric of METRICS (see the module docstring) for one rollout record, and the
+    DGPO_PROXIES when the record has "prompt_text" (the decoded prompt).
 
     Reads golden_answers, turns, queries, hits, num_invalid, input_ids and prompt_length (never
-    response_text: answers come from the model's own turns); checks num_searches / num_turns
-    against the lists when present.
+    response_text: answers come from the model's own turns; only the DGPO proxies read it, as the
+    official code reads its decoded sequence); checks num_searches / num_turns against the lists when
+    present.
     """
     where = f"trajectory record id={record.get('id')!r}"
     gold_field = _field(record, "golden_answers", (str, list, tuple))
@@ -381,7 +426,7 @@ def score_record(record: Mapping) -> dict[str, float]:
     norm_golds = [normalize_answer(g) for g in golds]
     hit_substr, hit_token = _passage_hits(hits, norm_golds, record)
     thinking_turns = sum(turn.lstrip().startswith("<think>") and "</think>" in turn for turn in turns)
-    return {
+    scores = {
         "em": exact_match(answer, golds),
         "f1": f1(answer, golds),
         "sub_em": sub_em(answer, golds),
@@ -395,6 +440,12 @@ def score_record(record: Mapping) -> dict[str, float]:
         "response_len_tokens": float(len(input_ids) - prompt_length),
         "turns": float(len(turns)),
     }
+    if "prompt_text" in record:              # the official DGPO code's proxies, on its decoded sequence
+        sequence = _field(record, "prompt_text", str) + _field(record, "response_text", str)
+        searches = dgpo_search_count(sequence)
+        scores.update(dgpo_search_count=float(searches), dgpo_search_present=float(searches > 0),
+                      dgpo_info_contains_answer=float(dgpo_info_contains_answer(sequence, golds)))
+    return scores
 
 
 # -----------------------------------------------------------------------------
@@ -500,7 +551,7 @@ def render_table(report: Mapping[str, Mapping[str, float]], columns=None, title:
     """
     if columns is None:
         present = {key for row in report.values() for key in row}
-        columns = ["n"] + [key for key in METRICS + PROBE_COLUMNS if key in present]
+        columns = ["n"] + [key for key in METRICS + DGPO_PROXIES + PROBE_COLUMNS if key in present]
     else:
         columns = list(columns)
         for column in columns:
@@ -815,6 +866,7 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     questions: rows {"question", "golden_answers", "id", "data_source", …} as data.load_questions
     returns them. config: a rollout.RolloutConfig (default: the paper's budgets), always run
     greedy. Returns (records, report): records[i] = {**questions[i], **asdict(trajectory),
+    "prompt_text": the decoded prompt ids (special tokens kept, for the DGPO proxies),
     "scores": score_record(...), "probe": probe result or None (only when probe=True)}, and
     report = arc_report(records, probe=...). out_path: write every record there as JSONL.
 
@@ -855,6 +907,8 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
         trajectories = rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever, config)
         for i, trajectory in zip(batch, trajectories):
             record = {**questions[i], **asdict(trajectory)}
+            # the prompt as the official DGPO code decodes it (special tokens kept), for its proxies
+            record["prompt_text"] = tokenizer.decode(trajectory.input_ids[:trajectory.prompt_length])
             record["scores"] = score_record(record)
             records[i] = record
         saved.add([{"rollout": i, "record": records[i]} for i in batch])
@@ -949,7 +1003,11 @@ def main(argv=None) -> dict:
 
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--limit", type=at_least(1), help="evaluate the first N questions only")
+    parser.add_argument("--limit", type=at_least(1),
+                        help="evaluate N questions: a seeded sample stratified by data_source, each source keeping "
+                             "its share of the file, in file order (data.sample_questions; not the first N rows: "
+                             "Search-R1's test.parquet is sorted by source)")
+    parser.add_argument("--limit-seed", type=int, default=0, help="the seed of --limit's sample")
     parser.add_argument("--max-turns", type=at_least(0), default=4)
     parser.add_argument("--max-new-tokens", type=at_least(1), default=500)
     parser.add_argument("--max-obs-tokens", type=at_least(0), default=500)
@@ -972,18 +1030,20 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from data import load_questions
+    from data import load_questions, sample_questions
     from rollout import RolloutConfig
 
     started = time.perf_counter()
-    questions = load_questions(args.data)[:args.limit]
+    questions = load_questions(args.data)
+    if args.limit is not None:
+        questions = sample_questions(questions, args.limit, seed=args.limit_seed)
     progress_path = os.path.join(args.out, "progress.jsonl")
     inputs = input_fingerprints({"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data,
                                  "--corpus": args.corpus, "--index": args.index, "--retriever-url": args.retriever_url},
                                 rows={"--data": len(questions)})
     # a rerun continues only with the same inputs, wherever they lie now (the paths are not compared)
     made_with = {"inputs": {arg: {k: v for k, v in fp.items() if k != "path"} for arg, fp in inputs.items()},
-                 "limit": args.limit}
+                 "limit": args.limit, "limit_seed": args.limit_seed}
     retriever = make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index,
                                retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
     if not args.no_probe:                # the questions' supporting passages exist: before a model is loaded
@@ -1004,7 +1064,8 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - started
     print(render_table(report, title=f"{args.model} on {args.data} ({len(questions)} questions, greedy)"))
     summary = {"model": args.model, "data": args.data, "retriever": args.corpus or args.index or args.retriever_url,
-               "questions": len(questions), "config": asdict(config), "probe": not args.no_probe,
+               "questions": len(questions), "limit": args.limit, "limit_seed": args.limit_seed,
+               "config": asdict(config), "probe": not args.no_probe,
                "probe_evidence": args.probe_evidence, "device": str(device), "seconds": round(seconds, 1),
                "report": report}
     with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:

@@ -3,37 +3,48 @@
 What it does: reads and writes the files every stage exchanges and checks each row, naming the file and
 the line (or Parquet row) in every error, so a malformed row never becomes a silently wrong example.
   * questions — `load_questions` picks the reader by extension: `.jsonl`, `.jsonl.gz`, or `.parquet`
-    (Search-R1's `nq_hotpotqa_train.parquet` / `test.parquet`; needs the optional pyarrow). Field names
+    (Search-R1's `nq_hotpotqa_train/train.parquet` / `test.parquet`; needs the optional pyarrow). Field names
     are FlashRAG / Search-R1's, so their files load as they are:
     {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
     `golden_answers` may be a single string (some FlashRAG files) or an array; it becomes a list of str,
     at least one of which must survive answer normalisation (["the"] or [""] could never be matched).
     A missing `id` becomes "<file stem>-<line>" (Parquet: "<file stem>-<row>", rows counted from 0 as
-    pyarrow and pandas count them), a missing `data_source` the file stem. Search-R1's `prompt`,
-    `reward_model`, `extra_info` and `ability` are dropped (large, and the prompt is rollout.py's job);
-    other keys are kept (e.g. `supporting_ids`, used by the evidence-given probe). A question's identity
+    pyarrow and pandas count them), a missing `data_source` the file stem. Search-R1's `reward_model`,
+    `extra_info` and `ability` are dropped. Its `prompt` (the chat [{"role": "user", "content": …}] that
+    its rl_dataset.py renders) is kept as row["prompt"] and compared with the user message rollout.py
+    builds from `question`: on Search-R1's own files they agree byte for byte; where they differ (a
+    customised prompt), one warning names the first differing row, where the texts first differ and
+    how many rows differ (the rollout still builds its own). Other keys are kept (e.g.
+    `supporting_ids`, used by the evidence-given probe). A question's identity
     is (data_source, id) — `question_key` — because merged files repeat FlashRAG's per-split ids
     (`test_0` in nq and in hotpotqa); a repeat within one source is an error naming both lines.
+    `sample_questions(questions, n, seed)`: what a limit on questions means (eval --limit, rl's
+    validation): a seeded sample stratified by data_source, each source keeping its share of the file.
   * corpus — wiki-18 format, {"id": str, "contents": "title\\ntext"}; the loader is retriever.py's,
     re-exported here, because the format belongs to the retriever (a `.gz` corpus is its job too).
   * trajectories — one rollout per line: the question fields, `response_text`, and the token-level
     record needed to train on it again without re-tokenising model output: `input_ids`, `loss_mask`
     (1 = model-sampled), `prompt_length`, plus the rollout's counts and flags (see rollout.Trajectory),
-    and `tokenizer`: the `tokenizer_fingerprint` of the tokenizer that made the ids. `load_trajectories`
-    refuses rows made with another tokenizer than the caller's.
+    and `tokenizer`: the `vocab_fingerprint` of the tokenizer that made the ids (its id -> token table
+    and size: what distillation needs to share; not its eos / pad ids). `load_trajectories` refuses rows
+    made with another vocabulary than the caller's; `tokenizer_differences` names what differs between
+    two tokenizers. Older files record a `legacy_fingerprint` (which included the eos / pad ids): they
+    load when the tokenizer that made them is named (`accepted_fingerprints(student, teacher)`).
   * `read_jsonl` / `write_jsonl` read and write gzip when the path ends in `.gz`; writes are atomic.
     `append_jsonl` / `read_appended`: progress files that grow row by row (tgo, eval) and survive a
     crash mid-append (the torn last line is dropped).
 
 What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or need
-anything but the standard library itself (pyarrow is imported only when a `.parquet` file is read; the
+anything but the standard library itself (pyarrow is imported only when a `.parquet` file is read;
+rollout.py, and with it torch, only when a question file has a `prompt` column to compare; the
 re-exported corpus loader brings retriever.py's numpy; arc_metric's answer normalisation is standard
 library only).
 
-    questions = load_questions("data/nq_hotpotqa_train.parquet")      # or .jsonl / .jsonl.gz
+    questions = load_questions("data/nq_hotpotqa_train/train.parquet")  # or .jsonl / .jsonl.gz
     corpus = load_corpus("data/wiki-18.jsonl")
-    write_jsonl("runs/x/tgo.jsonl.gz", [{**r, "tokenizer": tokenizer_fingerprint(tok)} for r in records])
-    records = load_trajectories("runs/x/tgo.jsonl.gz", len(tok), tokenizer_fingerprint(tok))
+    write_jsonl("runs/x/tgo.jsonl.gz", [{**r, "tokenizer": vocab_fingerprint(tok)} for r in records])
+    records = load_trajectories("runs/x/tgo.jsonl.gz", len(tok), accepted_fingerprints(tok, teacher_tok))
+    tokenizer_differences(tok, teacher_tok)        # ["id 151643: '<|endoftext|>' vs 'x'", ...] or []
 """
 from __future__ import annotations
 
@@ -41,8 +52,10 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import warnings
 import zlib
+from collections.abc import Collection
 
 from arc_metric import normalize_answer     # the scoring rule decides which gold answers can ever match
 from retriever import load_corpus  # noqa: F401  (re-exported: the corpus format is the retriever's)
@@ -142,7 +155,7 @@ def read_appended(path: str) -> list[dict]:
 # Questions: JSONL or Search-R1 Parquet
 
 QUESTION_EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet")
-SEARCH_R1_DROPPED = ("prompt", "reward_model", "extra_info", "ability")   # Search-R1 columns not read
+SEARCH_R1_DROPPED = ("reward_model", "extra_info", "ability")   # Search-R1 columns not read
 
 
 def read_parquet_rows(path: str) -> list[tuple[int, dict]]:
@@ -202,8 +215,51 @@ def check_question(row: dict, where: str, default_id: str, default_source: str) 
         raise ValueError(f"{where}: every golden answer ({golds!r}) is empty once normalised (articles, "
                          "punctuation and spaces removed), so no answer could ever score; fix or drop this row")
     kept = {k: v for k, v in row.items() if k not in SEARCH_R1_DROPPED}
+    if "prompt" in row:
+        kept["prompt"] = prompt_messages(row["prompt"], where)
     return {**kept, "id": str(qid), "question": str(question), "golden_answers": [str(g) for g in golds],
             "data_source": str(source)}
+
+
+def prompt_messages(value, where: str) -> list[dict]:
+    """A row's `prompt` as Search-R1 stores it, a chat [{"role": "user", "content": str}, ...] (a plain
+    str is taken as the user message); anything else raises ValueError prefixed with `where`."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    messages = _as_list(value)
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise ValueError(f"{where}: 'prompt' must be a chat, a non-empty list of {{\"role\": str, \"content\": str}} "
+                         f"messages as Search-R1 writes it (or the user message as a str), got {value!r:.120}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def built_prompt(question: str) -> str:
+    """The user message rollout.py builds from a question (PROMPT_TEMPLATE, docs/method.md §2): the
+    text Search-R1's scripts/data_process/qa_search_{train,test}_merge.py (make_prefix, lines 32-36)
+    write into the `prompt` column, whose rl_dataset.py (lines 126-131) renders it. Imports rollout.py
+    (and so torch) on first use: only files with a `prompt` column need it."""
+    from rollout import PROMPT_TEMPLATE, format_question
+    return PROMPT_TEMPLATE.format(question=format_question(question))
+
+
+PROMPT_CONTEXT = 40     # characters shown around the first difference of two prompts
+
+
+def prompt_difference(messages: list[dict], built: str) -> str | None:
+    """None when the chat is the one user message `built`, else where they first differ, in words."""
+    roles = [m["role"] for m in messages]
+    if roles != ["user"]:
+        return (f"the file's prompt is a chat of {len(messages)} messages (roles: {', '.join(roles)}), this "
+                "project's is one user message")
+    content = messages[0]["content"]
+    if content == built:
+        return None
+    k = next((i for i, (a, b) in enumerate(zip(content, built)) if a != b), min(len(content), len(built)))
+    start = max(0, k - PROMPT_CONTEXT // 2)
+    return (f"they first differ at character {k}: the file has {content[start:k + PROMPT_CONTEXT]!r}, "
+            f"the project builds {built[start:k + PROMPT_CONTEXT]!r}")
 
 
 def question_key(row: dict) -> tuple[str, str]:
@@ -221,7 +277,7 @@ def load_questions(path: str) -> list[dict]:
     stem = os.path.basename(path)[:-len(extension)]
     parquet = extension == ".parquet"
     unit = "row" if parquet else "line"
-    questions, first_seen = [], {}
+    questions, first_seen, prompts_differ, first_differing = [], {}, 0, None
     for n, row in read_parquet_rows(path) if parquet else read_jsonl(path):
         where = f"{path}: row {n}" if parquet else f"{path}:{n}"
         question = check_question(row, where, default_id=f"{stem}-{n}", default_source=stem)
@@ -230,32 +286,154 @@ def load_questions(path: str) -> list[dict]:
             raise ValueError(f"{where}: duplicate id {key[1]!r} in data_source {key[0]!r} "
                              f"(first on {unit} {first_seen[key]})")
         first_seen[key] = n
+        if "prompt" in question:
+            difference = prompt_difference(question["prompt"], built_prompt(question["question"]))
+            if difference is not None:
+                prompts_differ += 1
+                first_differing = first_differing or (where, difference)
         questions.append(question)
+    if first_differing is not None:
+        where, difference = first_differing
+        warnings.warn(f"{where}: the prompt in the file is not the one rollout.py builds from 'question' "
+                      f"(docs/method.md §2): {difference}; {prompts_differ} of {len(questions)} rows differ. The "
+                      "rollout builds its own prompt; the file's is kept in each row's 'prompt'", stacklevel=2)
     return questions
+
+
+# -----------------------------------------------------------------------------
+# A limit on questions: a seeded sample that keeps every source's share
+
+def source_quotas(sizes: dict[str, int], n: int) -> dict[str, int]:
+    """How many of n sampled questions each source gets: its share n * size / total, rounded by the
+    largest-remainder rule (every source gets the floor of its share; the rows left over go one each to
+    the largest fractional parts, ties to the source that appears first). Sums to min(n, total).
+    {"nq": 3610, "hotpotqa": 7405}, 100 -> {"nq": 33, "hotpotqa": 67}."""
+    total = sum(sizes.values())
+    if n >= total:
+        return dict(sizes)
+    shares = {source: n * size / total for source, size in sizes.items()}
+    quotas = {source: int(share) for source, share in shares.items()}
+    order = sorted(sizes, key=lambda source: -(shares[source] - quotas[source]))   # stable: ties keep file order
+    for source in order[:n - sum(quotas.values())]:
+        quotas[source] += 1
+    return quotas
+
+
+def sample_questions(questions: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """n question rows sampled within each data_source (source_quotas: each source keeps its share of
+    the file), in their original order; all of them when n >= len(questions). Which rows a source
+    gives: those with the smallest sha256(f"{seed}\\n{data_source}\\n{id}") (a row without an id:
+    its position), so the sample is the same on every machine and Python version, and a source's
+    sample does not depend on the other sources or on the order of the file. Why: Search-R1's
+    test.parquet is sorted by source (scripts/data_process/qa_search_test_merge.py concatenates the
+    sources, lines 54-109), so its first N rows are NQ only. (The official DGPO scripts evaluate every
+    row, data.val_data_num=null in scripts/train_dgpo.sh.)"""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"sample_questions: n must be a positive integer, got {n!r}")
+    if n >= len(questions):
+        return list(questions)
+    by_source: dict[str, list[int]] = {}
+    for i, row in enumerate(questions):
+        by_source.setdefault(row.get("data_source"), []).append(i)
+
+    def rank(i: int) -> bytes:
+        row = questions[i]
+        name = f"{seed}\n{row.get('data_source')}\n{row['id'] if 'id' in row else '#' + str(i)}"
+        return hashlib.sha256(name.encode("utf-8")).digest()
+
+    quotas = source_quotas({source: len(rows) for source, rows in by_source.items()}, n)
+    chosen = [i for source, rows in by_source.items() for i in sorted(rows, key=rank)[:quotas[source]]]
+    return [questions[i] for i in sorted(chosen)]
 
 
 # -----------------------------------------------------------------------------
 # Trajectories and the tokenizer they were made with
 
 TRAJECTORY_KEYS = ("question", "golden_answers", "response_text", "input_ids", "loss_mask", "prompt_length")
-TOKENIZER_KEY = "tokenizer"     # each row's tokenizer_fingerprint, written by whoever writes trajectories
+TOKENIZER_KEY = "tokenizer"     # each row's vocab_fingerprint, written by whoever writes trajectories
+VOCAB_PREFIX = "vocab-"         # marks a vocab_fingerprint; a bare 16-hex-digit value is a legacy_fingerprint
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """16 hex digits of sha256 over what a token id means: the id -> token table of get_vocab() (added
-    tokens included) and the bos / eos / pad ids, as compact JSON with sorted keys,
-    {"special": {"bos": id|null, "eos": ..., "pad": ...}, "vocab": [[id, token], ...]} in id order.
-    Merges and normalisers are not part of it: trajectories store ids, not text."""
+def _vocab_table(tokenizer, caller: str) -> list[tuple[int, str]]:
+    """[(id, token), ...] in id order, from get_vocab() (added tokens included)."""
     if not callable(getattr(tokenizer, "get_vocab", None)):
-        raise TypeError(f"tokenizer_fingerprint: {type(tokenizer).__name__} has no get_vocab()")
-    table = sorted((int(i), str(token)) for token, i in tokenizer.get_vocab().items())
+        raise TypeError(f"{caller}: {type(tokenizer).__name__} has no get_vocab()")
+    return sorted((int(i), str(token)) for token, i in tokenizer.get_vocab().items())
+
+
+def _vocab_size(tokenizer, table: list) -> int:
+    """len(tokenizer) (the rows of logits a model must have for it), or the table's length for a
+    duck-typed tokenizer without __len__."""
+    return len(tokenizer) if callable(getattr(tokenizer, "__len__", None)) else len(table)
+
+
+def _sha16(obj) -> str:
+    canonical = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """What distillation needs two tokenizers to share, as "vocab-" + 16 hex digits of sha256 over the
+    compact JSON (sorted keys) {"size": len(tokenizer), "vocab": [[id, token], ...] in id order}: the
+    same ids for the same strings (get_vocab(), added tokens included) and the same vocabulary size.
+    Not the bos / eos / pad ids: a base-derived teacher whose eos is <|endoftext|> and an instruct
+    student whose eos is <|im_end|> share every id, and trajectories store ids, not text. Merges and
+    normalisers are not part of it either."""
+    table = _vocab_table(tokenizer, "vocab_fingerprint")
+    return VOCAB_PREFIX + _sha16({"size": _vocab_size(tokenizer, table), "vocab": table})
+
+
+tokenizer_fingerprint = vocab_fingerprint    # the name trajectory writers (train.py, demo.py) call
+
+
+def legacy_fingerprint(tokenizer) -> str:
+    """The fingerprint trajectory files recorded before vocab_fingerprint, kept only to read them:
+    16 hex digits of sha256 over {"special": {"bos": id|null, "eos": ..., "pad": ...}, "vocab":
+    [[id, token], ...]} (compact JSON, sorted keys). It includes the special ids, so two tokenizers
+    that differ only in eos have different legacy fingerprints (see accepted_fingerprints)."""
+    table = _vocab_table(tokenizer, "legacy_fingerprint")
     specials = {}
     for name in ("bos", "eos", "pad"):
         i = getattr(tokenizer, f"{name}_token_id", None)
         specials[name] = None if i is None else int(i)
-    canonical = json.dumps({"vocab": table, "special": specials}, ensure_ascii=False,
-                           separators=(",", ":"), sort_keys=True)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+    return _sha16({"vocab": table, "special": specials})
+
+
+SHOWN_DIFFERENCES = 5      # ids named by tokenizer_differences before "and N more"
+
+
+def tokenizer_differences(first, second) -> list[str]:
+    """What makes two tokenizers unusable together for distillation, one line each ([] = none): their
+    vocabulary sizes, and the first SHOWN_DIFFERENCES ids whose token differs (or that one of them
+    lacks), each "<what>: <first's> vs <second's>". eos, pad and bos ids are not compared."""
+    tables = [_vocab_table(t, "tokenizer_differences") for t in (first, second)]
+    sizes = [_vocab_size(t, table) for t, table in zip((first, second), tables)]
+    differences = [f"vocabulary size {sizes[0]} vs {sizes[1]}"] if sizes[0] != sizes[1] else []
+    tokens = [dict(table) for table in tables]
+    ids = [i for i in sorted(tokens[0].keys() | tokens[1].keys()) if tokens[0].get(i) != tokens[1].get(i)]
+    for i in ids[:SHOWN_DIFFERENCES]:
+        a, b = (repr(t[i]) if i in t else "(no such id)" for t in tokens)
+        differences.append(f"id {i}: {a} vs {b}")
+    if len(ids) > SHOWN_DIFFERENCES:
+        differences.append(f"and {len(ids) - SHOWN_DIFFERENCES} more ids")
+    return differences
+
+
+def accepted_fingerprints(tokenizer, *made_with) -> frozenset[str]:
+    """The TOKENIZER_KEY values a trajectory row may record to be trained on with `tokenizer`: its
+    vocab_fingerprint, and the legacy_fingerprint of it and of each tokenizer in `made_with` (e.g. kd's
+    teacher, which made the file). Older files recorded legacy fingerprints, which include eos/pad ids;
+    naming the tokenizer that made them lets them load even when its eos differs. Each of `made_with`
+    must share `tokenizer`'s vocabulary (tokenizer_differences), else ValueError naming what differs."""
+    for other in made_with:
+        differences = tokenizer_differences(tokenizer, other)
+        if differences:
+            raise ValueError("accepted_fingerprints: the tokenizers differ: " + "; ".join(differences))
+    return frozenset([vocab_fingerprint(tokenizer)] + [legacy_fingerprint(t) for t in (tokenizer, *made_with)])
+
+
+def _is_legacy(fingerprint: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{16}", fingerprint) is not None
 
 
 def check_trajectory(row: dict, where: str) -> None:
@@ -276,24 +454,42 @@ def check_trajectory(row: dict, where: str) -> None:
     if not isinstance(row["golden_answers"], list):
         raise ValueError(f"{where}: 'golden_answers' must be a list")
     if TOKENIZER_KEY in row and (not isinstance(row[TOKENIZER_KEY], str) or not row[TOKENIZER_KEY]):
-        raise ValueError(f"{where}: {TOKENIZER_KEY!r} must be a non-empty string (a tokenizer_fingerprint)")
+        raise ValueError(f"{where}: {TOKENIZER_KEY!r} must be a non-empty string (a vocab_fingerprint)")
 
 
 def load_trajectories(path: str, vocab_size: int | None = None,
-                      tokenizer_fingerprint: str | None = None) -> list[dict]:
+                      tokenizer_fingerprint: str | Collection[str] | None = None) -> list[dict]:
     """Trajectory rows, each checked. With `vocab_size`, token ids must be below it. With
-    `tokenizer_fingerprint` (the caller's tokenizer's), a row recording another one is refused; rows
-    recording none (older files, other tools) get one warning for the file and the vocab-size check only."""
+    `tokenizer_fingerprint` (the caller's vocab_fingerprint, or a collection of accepted values such as
+    accepted_fingerprints(student, teacher)), a row recording another one is refused; rows recording
+    none (other tools) get one warning for the file and the vocab-size check only.
+
+    Older files record a legacy_fingerprint (16 hex digits without the "vocab-" prefix); such a row loads
+    when that value is among the accepted ones, i.e. when a tokenizer passed to accepted_fingerprints
+    has the very vocabulary and bos/eos/pad ids that made it; otherwise it is refused with a message
+    saying so (it may differ from the caller's only in eos or pad)."""
+    accepted = None
+    if tokenizer_fingerprint is not None:
+        accepted = {tokenizer_fingerprint} if isinstance(tokenizer_fingerprint, str) else set(tokenizer_fingerprint)
+        if not accepted or not all(isinstance(f, str) and f for f in accepted):
+            raise TypeError(f"load_trajectories: tokenizer_fingerprint must be a non-empty str or a non-empty "
+                            f"collection of them, got {tokenizer_fingerprint!r}")
     rows, unrecorded = [], 0
     for line_no, row in read_jsonl(path):
         where = f"{path}:{line_no}"
         check_trajectory(row, where)
         made_with = row.get(TOKENIZER_KEY)
-        if tokenizer_fingerprint is not None and made_with is None:
+        if accepted is not None and made_with is None:
             unrecorded += 1
-        elif tokenizer_fingerprint is not None and made_with != tokenizer_fingerprint:
-            raise ValueError(f"{where}: made with tokenizer {made_with}, but the tokenizer given is "
-                             f"{tokenizer_fingerprint}: these trajectories were made with another tokenizer")
+        elif accepted is not None and made_with not in accepted:
+            alike = sorted(f for f in accepted if _is_legacy(f) == _is_legacy(made_with))   # like for like
+            given = " or ".join(alike or sorted(accepted))
+            why = ("these trajectories were made with another tokenizer" if not _is_legacy(made_with) else
+                   "this row records a fingerprint of the older kind, over the vocabulary and the bos/eos/pad ids, "
+                   "so they were made with another tokenizer or with one that differs only in those ids; to read "
+                   "them, also give the tokenizer that made them (data.accepted_fingerprints(yours, theirs); kd "
+                   "gives its --teacher's)")
+            raise ValueError(f"{where}: made with tokenizer {made_with}, but the tokenizer given is {given}: {why}")
         if vocab_size is not None and max(row["input_ids"]) >= vocab_size:
             raise ValueError(f"{where}: token id {max(row['input_ids'])} >= vocab size {vocab_size}: "
                              "these trajectories were made with another tokenizer")

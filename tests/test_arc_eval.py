@@ -16,7 +16,7 @@ import demo
 import retriever as retriever_lib
 from arc_metric import (PROBE_PRIMERS, contains_answer_tokens, evidence_given_probe, needed_passages,
                         place_passages, score_record)
-from rollout import OBS_CLOSE, OBS_OPEN, RolloutConfig, encode_text, format_passages, observation_ids
+from rollout import OBS_CLOSE, OBS_OPEN, RolloutConfig, encode_text, format_passages, observation_ids, prompt_text
 
 
 # ----------------------------------------------------------------------------- a scripted model
@@ -363,6 +363,10 @@ def test_evaluate_with_a_tiny_random_model_writes_every_trajectory(tmp_path, wor
     for row, record in zip(rows, records):
         assert {k: record[k] for k in row} == row
         assert record["scores"] == score_record(record)
+        # the decoded prompt, for the official DGPO code's proxies: the prompt the rollout built
+        assert record["prompt_text"] == prompt_text(tokenizer, row["question"]) == \
+            tokenizer.decode(record["input_ids"][:record["prompt_length"]])
+        assert set(arc_metric.DGPO_PROXIES) <= set(record["scores"])
         assert 1 <= record["num_turns"] == len(record["turns"]) <= 2
         assert record["probe"]["evidence_ids"] == row["supporting_ids"]
         assert set(record["probe"]) >= {"em_no_think", "em_think", "response_no_think", "response_think"}
@@ -410,8 +414,26 @@ def test_main_evaluates_a_saved_model_directory(demo_files, capsys):
     assert saved["report"] == json.loads(json.dumps(summary["report"]))
     assert saved["config"]["greedy"] is True and saved["config"]["max_turns"] == 1 and saved["questions"] == 4
     lines = (root / "out" / "trajectories.jsonl").read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == [q["id"] for q in data.load_questions(paths["test"])[:4]]
+    assert [json.loads(line)["id"] for line in lines] == \
+        [q["id"] for q in data.sample_questions(data.load_questions(paths["test"]), 4)]
     assert not (root / "out" / "progress.jsonl").exists()          # the results are written: progress is gone
+
+
+def test_main_limit_is_a_sample_of_every_source_of_a_file_sorted_by_source(demo_files, tmp_path):
+    """Search-R1's test.parquet is sorted by source: --limit must not mean its first N rows (one source)."""
+    root, paths = demo_files
+    questions = data.load_questions(paths["test"])
+    by_source = sorted(questions, key=lambda q: q["data_source"])       # demo_1hop (152) then demo_2hop (88)
+    data.write_jsonl(str(tmp_path / "sorted.jsonl"), by_source)
+    summary = arc_metric.main(["--model", str(root / "model"), "--data", str(tmp_path / "sorted.jsonl"),
+                               "--corpus", paths["corpus"], "--out", str(tmp_path / "out"), "--limit", "4",
+                               "--limit-seed", "7", "--max-turns", "0", "--max-new-tokens", "2", "--no-probe",
+                               "--no-progress"])
+    # shares 4·152/240 = 2.53 and 1.47: floors 2 + 1, the row left over to the larger remainder
+    assert {s: row["n"] for s, row in summary["report"].items()} == {"demo_1hop": 3, "demo_2hop": 1, "all": 4}
+    assert summary["limit"] == 4 and summary["limit_seed"] == 7
+    records = [json.loads(line) for line in (tmp_path / "out" / "trajectories.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [q["id"] for q in data.sample_questions(by_source, 4, seed=7)]
 
 
 def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retriever):

@@ -465,3 +465,110 @@ def test_render_comparison_uses_the_papers_unweighted_average():
     partial = render_comparison({"KD": only_nq}, metric="hit_token", sources=["hotpotqa", "nq"], title="Hit")
     assert partial.splitlines()[-1] == "| KD | – | 1.000 | – |"
     assert partial.startswith("**Hit**\n")
+
+
+# ----------------------------------------------------------------------------- the official DGPO code's proxies
+
+# The decoded prompt as the official code decodes it: the chat template's special tokens kept.
+CHAT_PROMPT = "<|im_start|>user\n" + PROMPT + "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def with_prompt(record, prompt=CHAT_PROMPT):
+    return {**record, "prompt_text": prompt}
+
+
+def test_dgpo_search_count_is_every_search_tag_of_prompt_and_response_minus_one():
+    assert arc_metric.dgpo_search_count(CHAT_PROMPT) == 0                    # the prompt's example is the -1
+    assert arc_metric.dgpo_search_count(CHAT_PROMPT + "<search> a </search>" + INVALID) == 2   # a nudge is one
+    # record b: one executed search, then an invalid turn whose nudge also says "<search>"
+    scores = score_record(with_prompt(record_b()))
+    assert scores["searches"] == 1 and scores["dgpo_search_count"] == 2 and scores["dgpo_search_present"] == 1
+    # a search in the final turn is never executed (no observation), but it is in the text
+    final = make_record("s", "nq", ["Paris"], ["<search> capital </search>", "<think> t </think> <search> again </search>"],
+                        [information(["France\nParis."])], ["capital"], [["France\nParis."]], num_invalid=0, n_tokens=30)
+    scores = score_record(with_prompt(final))
+    assert scores["searches"] == 1 and scores["dgpo_search_count"] == 2
+    # an invalid turn alone is "search present" there, and no search here
+    nudged = make_record("n", "nq", ["Paris"], ["<think> hmm", "<answer> Paris </answer>"], [INVALID], [], [],
+                         num_invalid=1, n_tokens=20)
+    scores = score_record(with_prompt(nudged))
+    assert scores["has_search"] == 0 and scores["dgpo_search_count"] == 1 and scores["dgpo_search_present"] == 1
+
+
+def test_dgpo_info_contains_answer_is_a_raw_case_sensitive_substring_of_any_information_block():
+    observation = information(["France\nThe capital of France is Paris."])
+    text = CHAT_PROMPT + "<search> capital </search>" + observation
+    assert arc_metric.dgpo_info_contains_answer(text, ["Paris"])
+    assert not arc_metric.dgpo_info_contains_answer(text, ["paris"])            # case-sensitive
+    assert contains_answer_substr("The capital of France is Paris.", ["paris"])   # ours normalises
+    assert arc_metric.dgpo_info_contains_answer(text, ["and"])                  # the prompt's "<information> and </information>"
+    assert arc_metric.dgpo_info_contains_answer(CHAT_PROMPT, ["an"])            # ... even with no search at all
+    assert arc_metric.dgpo_info_contains_answer(text, ["1"])                    # the "Doc 1(Title:" header
+    assert arc_metric.dgpo_info_contains_answer(text, ["Title"])
+    assert not arc_metric.dgpo_info_contains_answer(text, [" ", "Lyon"])        # a blank gold is skipped
+    own = CHAT_PROMPT + "<think> <information> Lyon </information> </think>"  # a block the model wrote
+    assert arc_metric.dgpo_info_contains_answer(own, ["Lyon"])
+    assert arc_metric.dgpo_info_contains_answer("<INFORMATION id=1>Lyon</Information>", "Lyon")   # tags: any case
+
+
+def test_dgpo_proxies_and_this_projects_hit_ratio_differ_on_the_same_records():
+    record = with_prompt(make_record("h", "nq", ["1"], ["<search> numbers </search>", "<answer> 2 </answer>"],
+                                     [information(["Lyon\nLyon is a city."])], ["numbers"], [["Lyon\nLyon is a city."]],
+                                     num_invalid=0, n_tokens=30))
+    scores = score_record(record)
+    assert scores["dgpo_info_contains_answer"] == 1 and scores["hit_substr"] == 0   # only the header holds "1"
+    record = with_prompt(record_c())                     # no search; "Tokyo" only in the model's own thinking
+    assert score_record(record)["dgpo_info_contains_answer"] == 0 and score_record(record)["hit_substr"] == 0
+
+
+def test_dgpo_proxies_are_extra_columns_only_for_records_with_the_decoded_prompt():
+    assert list(score_record(record_a())) == list(arc_metric.METRICS)
+    scores = score_record(with_prompt(record_a()))
+    assert list(scores) == list(arc_metric.METRICS) + list(arc_metric.DGPO_PROXIES)
+    assert {k: scores[k] for k in arc_metric.METRICS} == score_record(record_a())   # ours are unchanged
+    report = arc_report([with_prompt(r) for r in (record_a(), record_b(), record_c(), record_d())])
+    # by hand: a 1 search; b 1 + a nudge; c none; d 2 (its invalid turn has no nudge in its text)
+    assert report["nq"]["dgpo_search_count"] == pytest.approx(0.5) and report["hotpotqa"]["dgpo_search_count"] == 2
+    assert report["all"]["dgpo_search_present"] == 0.75
+    assert report["nq"]["dgpo_info_contains_answer"] == 0.5       # a: "Paris" in its block; c: only the prompt's
+    header = render_table(report).splitlines()[0]
+    assert header == "| source | n | " + " | ".join(arc_metric.METRICS + arc_metric.DGPO_PROXIES) + " |"
+    with pytest.raises(TypeError, match="'prompt_text' has type list"):
+        score_record(with_prompt(record_a(), prompt=["not", "decoded"]))
+
+
+# ----------------------------------------------------------------------------- Search-R1's answer rule, a known fault
+
+def search_r1_extract_and_em(decoded_prompt_and_response: str, golden_answers: list[str]) -> tuple[str | None, int]:
+    """A RE-IMPLEMENTATION, for this test only, of Search-R1's reward rule as read in its
+    verl/utils/reward_score/qa_em.py (byte-identical in the official DGPO code): extract_solution
+    (lines 62-82) takes the matches of <answer>(.*?)</answer> (DOTALL) in the decoded prompt +
+    response, returns None for 0 or 1 match, else the last match stripped; compute_score_em (85-110)
+    scores 0 for None, else em_check (36-46): SQuAD-normalised equality with some gold."""
+    import re
+    matches = re.findall(r"<answer>(.*?)</answer>", decoded_prompt_and_response, re.DOTALL)
+    if len(matches) <= 1:
+        return None, 0
+    answer = matches[-1].strip()
+    return answer, int(any(normalize_answer(answer) == normalize_answer(g) for g in golden_answers))
+
+
+def test_search_r1s_rule_pays_the_prompts_example_and_reads_the_nudge_where_ours_finds_no_answer():
+    """The prompt itself holds two <answer> matches ("inside <answer> and </answer>" and "<answer>
+    Beijing </answer>"), so "at least two matches" is always met by the prompt alone."""
+    # 1. no answer at all: theirs extracts the prompt's example and pays EM 1 for the gold "Beijing"
+    silent = make_record("x", "nq", ["Beijing"], ["<think> I do not know. </think>"], [], [], [], num_invalid=0,
+                         n_tokens=20)
+    assert search_r1_extract_and_em(CHAT_PROMPT + silent["response_text"], ["Beijing"]) == ("Beijing", 1)
+    assert final_answer(silent["turns"]) is None and score_record(silent)["em"] == 0
+    # 2. after an invalid turn's nudge and a final turn without an answer: theirs extracts "and"
+    nudged = make_record("y", "nq", ["and"], ["<think> hmm", "<think> still thinking"], [INVALID], [], [],
+                         num_invalid=1, n_tokens=40)
+    assert search_r1_extract_and_em(CHAT_PROMPT + nudged["response_text"], ["and"]) == ("and", 1)
+    assert search_r1_extract_and_em(CHAT_PROMPT + nudged["response_text"], ["Paris"]) == ("and", 0)
+    assert final_answer(nudged["turns"]) is None and score_record(nudged)["em"] == 0
+    # 3. a real answer: both rules agree
+    answered = make_record("z", "nq", ["Paris"], ["<think> ok </think> <answer> Paris </answer>"], [], [], [],
+                           num_invalid=0, n_tokens=20)
+    assert search_r1_extract_and_em(CHAT_PROMPT + answered["response_text"], ["Paris"]) == ("Paris", 1)
+    assert score_record(answered)["em"] == 1

@@ -436,12 +436,24 @@ def test_failed_gzip_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
 
 # ----------------------------------------------------------------------------- questions: Search-R1 Parquet
 
+def search_r1_prompt(question: str) -> str:
+    """The user message Search-R1 writes into its Parquet files, typed out here from its
+    scripts/data_process/qa_search_test_merge.py, make_prefix (lines 32-36; the same in
+    qa_search_train_merge.py): independent of rollout.py, so a drift of either shows."""
+    return ("Answer the given question. You must conduct reasoning inside <think> and </think> first every time you "
+            "get new information. After reasoning, if you find you lack some knowledge, you can call a search engine "
+            "by <search> query </search> and it will return the top searched results between <information> and "
+            "</information>. You can search as many times as your want. If you find no further external knowledge "
+            "needed, you can directly provide the answer inside <answer> and </answer>, without detailed "
+            f"illustrations. For example, <answer> Beijing </answer>. Question: {question}\n")
+
+
 def search_r1_row(qid, question, golds, source, index, split="test") -> dict:
     """One row as Search-R1's scripts/data_process/qa_search_*_merge.py build it: FlashRAG's fields
-    (id, question, golden_answers) plus data_source, the chat prompt, ability, reward_model, extra_info."""
-    prefix = "Answer the given question. ... Question: "          # the real prompt is ~1 kB of instructions
+    (id, question (stripped, ending in "?"), golden_answers) plus data_source, the chat prompt, ability,
+    reward_model, extra_info."""
     return {"id": qid, "question": question, "golden_answers": golds, "data_source": source,
-            "prompt": [{"content": prefix + question + "\n", "role": "user"}], "ability": "fact-reasoning",
+            "prompt": [{"content": search_r1_prompt(question), "role": "user"}], "ability": "fact-reasoning",
             "reward_model": {"ground_truth": {"target": golds}, "style": "rule"},
             "extra_info": {"index": index, "split": split}}
 
@@ -468,13 +480,20 @@ SEARCH_R1_TEST = [  # nq and hotpotqa merged: FlashRAG's per-split ids repeat ac
     search_r1_row("test_0", "who wrote the declaration of independence?", ["Thomas Jefferson"], "nq", 0),
     search_r1_row("test_1", "when did the titanic sink?", ["15 April 1912", "1912"], "nq", 1),
     search_r1_row("test_0", "Which band was formed first, Muse or Keane?", ["Keane"], "hotpotqa", 0)]
-QUESTION_FIELDS = ("id", "question", "golden_answers", "data_source")
+QUESTION_FIELDS = ("id", "question", "golden_answers", "data_source", "prompt")
 
 
-def test_search_r1_parquet_loads_without_its_prompt_and_reward_columns(tmp_path):
+def question_fields(row: dict) -> dict:
+    """What load_questions keeps of a Search-R1 row: the question fields and the prompt, as a chat."""
+    return {k: ([dict(m) for m in row[k]] if k == "prompt" else row[k]) for k in QUESTION_FIELDS}
+
+
+def test_search_r1_parquet_loads_without_its_reward_columns_and_its_prompt_is_the_projects(tmp_path):
     path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST)
-    loaded = load_questions(path)
-    assert loaded == [{k: row[k] for k in QUESTION_FIELDS} for row in SEARCH_R1_TEST]   # no other keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # Search-R1's prompts are the project's, byte for byte
+        loaded = load_questions(path)
+    assert loaded == [question_fields(row) for row in SEARCH_R1_TEST]   # no other keys
     assert all(type(q["golden_answers"]) is list and all(type(g) is str for g in q["golden_answers"])
                for q in loaded)
     assert json.loads(json.dumps(loaded)) == loaded                  # plain Python, writable as JSONL
@@ -483,7 +502,64 @@ def test_search_r1_parquet_loads_without_its_prompt_and_reward_columns(tmp_path)
 def test_search_r1_rows_exported_to_jsonl_load_without_the_same_columns(tmp_path):
     path = str(tmp_path / "test.jsonl.gz")
     write_jsonl(path, SEARCH_R1_TEST)
-    assert load_questions(path) == [{k: row[k] for k in QUESTION_FIELDS} for row in SEARCH_R1_TEST]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_questions(path) == [question_fields(row) for row in SEARCH_R1_TEST]
+
+
+def customised(row: dict, content=None, messages=None) -> dict:
+    return {**row, "prompt": messages if messages is not None else [{"content": content, "role": "user"}]}
+
+
+def test_a_customised_prompt_is_kept_and_one_warning_names_the_first_differing_row_and_texts(tmp_path):
+    """Issue 25, item 6: a file whose prompts were customised must not be silently replaced."""
+    mine = "Reply in one word. Question: when did the titanic sink?\n"
+    rows = [SEARCH_R1_TEST[0], customised(SEARCH_R1_TEST[1], mine),
+            customised(SEARCH_R1_TEST[2], search_r1_prompt(SEARCH_R1_TEST[2]["question"]).replace("Beijing", "Paris"))]
+    path = write_parquet(tmp_path / "test.parquet", rows)
+    with pytest.warns(UserWarning) as caught:
+        loaded = load_questions(path)
+    built = search_r1_prompt("when did the titanic sink?")
+    assert [str(w.message) for w in caught] == [
+        f"{path}: row 1: the prompt in the file is not the one rollout.py builds from 'question' (docs/method.md §2): "
+        f"they first differ at character 0: the file has {mine[:40]!r}, the project builds {built[:40]!r}; "
+        "2 of 3 rows differ. The rollout builds its own prompt; the file's is kept in each row's 'prompt'"]
+    assert [q["prompt"][0]["content"] for q in loaded] == [r["prompt"][0]["content"] for r in rows]
+
+
+def test_the_first_difference_is_shown_with_twenty_characters_before_it_from_both_texts():
+    built = search_r1_prompt("who?")
+    theirs = built.replace("Beijing", "Paris")
+    k = built.index("Beijing")                                     # "B" vs "P": the first differing character
+    assert data.prompt_difference([{"role": "user", "content": theirs}], built) == (
+        f"they first differ at character {k}: the file has {theirs[k - 20:k + 40]!r}, "
+        f"the project builds {built[k - 20:k + 40]!r}")
+    assert data.prompt_difference([{"role": "user", "content": built}], built) is None
+    n = len(built)                                                 # one text is a prefix of the other
+    assert data.prompt_difference([{"role": "user", "content": built + " "}], built) == (
+        f"they first differ at character {n}: the file has {built[n - 20:] + ' '!r}, the project builds {built[n - 20:]!r}")
+
+
+def test_a_prompt_with_a_system_message_is_a_difference_and_a_plain_string_is_the_user_message(tmp_path):
+    system = [{"content": "You are terse.", "role": "system"}] + SEARCH_R1_TEST[0]["prompt"]
+    path = str(tmp_path / "q.jsonl")
+    write_jsonl(path, [customised(SEARCH_R1_TEST[0], messages=system),
+                       {**SEARCH_R1_TEST[1], "prompt": search_r1_prompt(SEARCH_R1_TEST[1]["question"])}])
+    with pytest.warns(UserWarning, match=re.escape(f"{path}:1: the prompt in the file is not the one rollout.py builds "
+                                                   "from 'question' (docs/method.md §2): the file's prompt is a chat of "
+                                                   "2 messages (roles: system, user), this project's is one user "
+                                                   "message; 1 of 2 rows differ")):
+        loaded = load_questions(path)
+    assert loaded[0]["prompt"] == [dict(m) for m in system]
+    assert loaded[1]["prompt"] == [{"role": "user", "content": search_r1_prompt(SEARCH_R1_TEST[1]["question"])}]
+
+
+@pytest.mark.parametrize("bad", [7, [], [{"role": "user"}], [{"role": "user", "content": 3}], ["text"], {"a": 1}])
+def test_a_prompt_that_is_not_a_chat_names_the_line(tmp_path, bad):
+    path = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION), json.dumps({**GOOD_QUESTION, "id": "q2",
+                                                                                     "prompt": bad})])
+    with pytest.raises(ValueError, match=where(path, 2) + re.escape(" 'prompt' must be a chat, a non-empty list of")):
+        load_questions(path)
 
 
 def test_parquet_extra_columns_are_kept_and_missing_ids_are_filled_from_the_row(tmp_path):
@@ -598,43 +674,157 @@ class VocabOnly:
         return dict(self.vocab)
 
 
-def test_fingerprint_is_sha256_of_the_documented_canonical_json():
+def test_vocab_fingerprint_is_sha256_of_the_documented_canonical_json():
     # the canonical form, written out by hand: files record the fingerprint, so it must never drift
+    canonical = '{"size":2,"vocab":[[0,"a"],[1,"b"]]}'
+    expected = "vocab-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert expected == "vocab-bda7074dda5d4013"
+    assert data.vocab_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
+    assert data.tokenizer_fingerprint is data.vocab_fingerprint          # the name the trajectory writers call
+
+
+def test_legacy_fingerprint_is_the_one_older_files_recorded():
+    # the pre-vocab_fingerprint formula, byte for byte: old trajectory files hold these values
     canonical = '{"special":{"bos":null,"eos":1,"pad":null},"vocab":[[0,"a"],[1,"b"]]}'
     expected = hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert expected == "667789551f1dda0f"
-    assert data.tokenizer_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
+    assert data.legacy_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
 
 
-def test_fingerprint_changes_with_what_an_id_means_and_not_with_dict_order():
-    base = data.tokenizer_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0))
-    assert re.fullmatch(r"[0-9a-f]{16}", base)
-    assert data.tokenizer_fingerprint(VocabOnly({"c": 2, "a": 0, "b": 1}, eos_token_id=2, pad_token_id=0)) == base
-    for other in [VocabOnly({"a": 0, "b": 2, "c": 1}, eos_token_id=2, pad_token_id=0),   # two ids swapped
-                  VocabOnly({"a": 0, "b": 1, "d": 2}, eos_token_id=2, pad_token_id=0),   # one token renamed
-                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=1, pad_token_id=0),   # another eos
-                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=2),   # another pad
-                  VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0, bos_token_id=0)]:
-        assert data.tokenizer_fingerprint(other) != base
+def test_vocab_fingerprint_changes_with_what_an_id_means_and_not_with_special_ids_or_dict_order():
+    base = data.vocab_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0))
+    assert re.fullmatch(r"vocab-[0-9a-f]{16}", base)
+    for same in [VocabOnly({"c": 2, "a": 0, "b": 1}, eos_token_id=2, pad_token_id=0),    # dict order
+                 VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=1, pad_token_id=0),    # another eos
+                 VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=2),    # another pad
+                 VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0, bos_token_id=0)]:
+        assert data.vocab_fingerprint(same) == base
+    for other in [VocabOnly({"a": 0, "b": 2, "c": 1}),                                   # two ids swapped
+                  VocabOnly({"a": 0, "b": 1, "d": 2}),                                   # one token renamed
+                  VocabOnly({"a": 0, "b": 1, "c": 2, "d": 3})]:                          # one more token
+        assert data.vocab_fingerprint(other) != base
+    legacy = data.legacy_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=2, pad_token_id=0))
+    assert data.legacy_fingerprint(VocabOnly({"a": 0, "b": 1, "c": 2}, eos_token_id=1, pad_token_id=0)) != legacy
 
 
 def test_fingerprint_of_an_object_without_get_vocab_is_a_type_error():
-    with pytest.raises(TypeError, match="tokenizer_fingerprint: str has no get_vocab()"):
-        data.tokenizer_fingerprint("Qwen/Qwen2.5-0.5B")
+    with pytest.raises(TypeError, match="vocab_fingerprint: str has no get_vocab()"):
+        data.vocab_fingerprint("Qwen/Qwen2.5-0.5B")
+    with pytest.raises(TypeError, match="tokenizer_differences: str has no get_vocab()"):
+        data.tokenizer_differences(VocabOnly({"a": 0}), "Qwen/Qwen2.5-0.5B")
 
 
 def test_tokenizers_of_the_same_size_with_different_vocabularies_differ(world, tokenizer):
     import demo
     other = demo.train_tokenizer(demo.make_world(seed=1))
     assert len(other) == len(tokenizer) and other.get_vocab() != tokenizer.get_vocab()
-    assert data.tokenizer_fingerprint(other) != data.tokenizer_fingerprint(tokenizer)
+    assert data.vocab_fingerprint(other) != data.vocab_fingerprint(tokenizer)
+    differences = data.tokenizer_differences(tokenizer, other)
+    assert len(differences) == data.SHOWN_DIFFERENCES + 1 and differences[-1].startswith("and ")
+    assert re.fullmatch(r"and \d+ more ids", differences[-1])
 
 
 def test_tokenizer_saved_and_reloaded_keeps_its_fingerprint(tokenizer, tmp_path):
     from transformers import AutoTokenizer
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     reloaded = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
-    assert data.tokenizer_fingerprint(reloaded) == data.tokenizer_fingerprint(tokenizer)
+    assert data.vocab_fingerprint(reloaded) == data.vocab_fingerprint(tokenizer)
+    assert data.legacy_fingerprint(reloaded) == data.legacy_fingerprint(tokenizer)
+
+
+def other_eos(tokenizer):
+    """The demo tokenizer with eos <|endoftext|> instead of <|im_end|>: how a base-derived teacher
+    (eos <|endoftext|>) and an instruct student (eos <|im_end|>) of one model family differ."""
+    import copy
+    other = copy.deepcopy(tokenizer)
+    other.eos_token = "<|endoftext|>"
+    assert other.eos_token_id != tokenizer.eos_token_id and other.get_vocab() == tokenizer.get_vocab()
+    return other
+
+
+def swapped_ids(tokenizer, tmp_path, first: int, second: int):
+    """The demo tokenizer with the tokens of two ids swapped (same size, merges untouched): the same
+    strings get other ids."""
+    from transformers import PreTrainedTokenizerFast
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    with open(tmp_path / "tok" / "tokenizer.json", encoding="utf-8") as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    by_id = {i: token for token, i in vocab.items()}
+    vocab[by_id[first]], vocab[by_id[second]] = second, first
+    with open(tmp_path / "tok" / "tokenizer.json", "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    return PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"),
+                                   eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token), by_id
+
+
+def write_trajectories(path, tokenizer, retriever, questions, fingerprint) -> list[dict]:
+    import demo
+    trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)
+    records = [{**dataclasses.asdict(t), **q, data.TOKENIZER_KEY: fingerprint} for q, t in zip(questions, trajs)]
+    write_jsonl(path, records)
+    return records
+
+
+def test_tokenizers_that_differ_only_in_eos_are_compatible_and_share_trajectories(world, tokenizer, retriever,
+                                                                                   tmp_path):
+    """Issue 25, item 2: a teacher whose eos is <|endoftext|> and a student whose eos is <|im_end|>."""
+    teacher = other_eos(tokenizer)
+    assert data.tokenizer_differences(tokenizer, teacher) == []
+    assert data.vocab_fingerprint(teacher) == data.vocab_fingerprint(tokenizer)
+    path = str(tmp_path / "tgo.jsonl")
+    records = write_trajectories(path, teacher, retriever, world.test[:3], data.vocab_fingerprint(teacher))
+    assert load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=data.vocab_fingerprint(tokenizer)) \
+        == records
+    assert load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer, teacher)) == records
+
+
+def test_tokenizers_that_differ_in_a_token_are_refused_naming_the_ids(world, tokenizer, retriever, tmp_path):
+    other, by_id = swapped_ids(tokenizer, tmp_path, 300, 301)
+    assert len(other) == len(tokenizer)
+    assert data.tokenizer_differences(tokenizer, other) == [f"id 300: {by_id[300]!r} vs {by_id[301]!r}",
+                                                            f"id 301: {by_id[301]!r} vs {by_id[300]!r}"]
+    with pytest.raises(ValueError, match=re.escape(f"the tokenizers differ: id 300: {by_id[300]!r} vs")):
+        data.accepted_fingerprints(tokenizer, other)
+    path = str(tmp_path / "tgo.jsonl")
+    write_trajectories(path, other, retriever, world.test[:2], data.vocab_fingerprint(other))
+    with pytest.raises(ValueError, match=where(path, 1) + re.escape(
+            f" made with tokenizer {data.vocab_fingerprint(other)}, but the tokenizer given is "
+            f"{data.vocab_fingerprint(tokenizer)}: these trajectories were made with another tokenizer")):
+        load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=data.vocab_fingerprint(tokenizer))
+    with pytest.raises(ValueError, match=re.escape(f"given is {data.vocab_fingerprint(tokenizer)}: these")):
+        load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer))   # like for like
+
+
+def test_a_tokenizer_with_one_more_token_differs_in_size_and_names_the_new_id(tokenizer):
+    import copy
+    bigger = copy.deepcopy(tokenizer)
+    bigger.add_tokens(["<extra>"])
+    n = len(tokenizer)
+    assert data.tokenizer_differences(tokenizer, bigger) == [f"vocabulary size {n} vs {n + 1}",
+                                                             f"id {n}: (no such id) vs '<extra>'"]
+    assert data.vocab_fingerprint(bigger) != data.vocab_fingerprint(tokenizer)
+
+
+def test_an_old_file_with_legacy_fingerprints_loads_when_the_tokenizer_that_made_it_is_named(
+        world, tokenizer, retriever, tmp_path):
+    """Files written before vocab_fingerprint record legacy_fingerprint (vocab + bos/eos/pad ids)."""
+    teacher = other_eos(tokenizer)
+    path = str(tmp_path / "old-tgo.jsonl")
+    records = write_trajectories(path, teacher, retriever, world.test[:2], data.legacy_fingerprint(teacher))
+    # the student's own fingerprints cannot vouch for it: its eos differs, and the message says so
+    for given in (data.vocab_fingerprint(tokenizer), data.accepted_fingerprints(tokenizer)):
+        with pytest.raises(ValueError, match=where(path, 1) + " made with tokenizer "
+                           + data.legacy_fingerprint(teacher) + ".*older kind.*differs only in those ids"):
+            load_trajectories(path, tokenizer_fingerprint=given)
+    with pytest.raises(ValueError, match=re.escape(f"but the tokenizer given is {data.legacy_fingerprint(tokenizer)}:")):
+        load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer))   # like for like
+    # naming the tokenizer that made it (kd's teacher) reads it
+    assert load_trajectories(path, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer, teacher)) == records
+    # an old file made with the student's own tokenizer needs nothing more
+    mine = str(tmp_path / "old-mine.jsonl")
+    records = write_trajectories(mine, tokenizer, retriever, world.test[:2], data.legacy_fingerprint(tokenizer))
+    assert load_trajectories(mine, tokenizer_fingerprint=data.accepted_fingerprints(tokenizer)) == records
 
 
 def test_trajectories_of_another_tokenizer_of_the_same_size_are_refused_naming_both(
@@ -644,13 +834,13 @@ def test_trajectories_of_another_tokenizer_of_the_same_size_are_refused_naming_b
     other = demo.train_tokenizer(demo.make_world(seed=1))
     questions = world.test[:3]
     trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)
-    mine = data.tokenizer_fingerprint(tokenizer)
+    mine = data.vocab_fingerprint(tokenizer)
     records = [{**dataclasses.asdict(t), **q, data.TOKENIZER_KEY: mine} for q, t in zip(questions, trajs)]
     path = str(tmp_path / "tgo.jsonl.gz")
     write_jsonl(path, records)
     assert load_trajectories(path, vocab_size=len(tokenizer), tokenizer_fingerprint=mine) == records
     assert load_trajectories(path, vocab_size=len(other)) == records        # size alone cannot tell
-    theirs = data.tokenizer_fingerprint(other)
+    theirs = data.vocab_fingerprint(other)
     with pytest.raises(ValueError, match=where(path, 1) + re.escape(
             f" made with tokenizer {mine}, but the tokenizer given is {theirs}")):
         load_trajectories(path, vocab_size=len(other), tokenizer_fingerprint=theirs)
@@ -723,3 +913,68 @@ def test_progress_rows_survive_a_torn_last_line_which_is_cut_off_so_appends_cont
         f.write(b'{"a": \n{"a": 5}\n')                              # a bad line that is not the last
     with pytest.raises(ValueError, match=r"progress.jsonl:4: not valid JSON"):
         data.read_appended(path)
+
+
+# ----------------------------------------------------------------------------- a limit: a stratified sample
+
+def sorted_by_source(sizes: dict) -> list[dict]:
+    """Question rows grouped by source, as Search-R1's test.parquet is (every nq row, then hotpotqa, …);
+    ids repeat across sources, as FlashRAG's per-split ids do."""
+    return [{"id": f"test_{k}", "question": f"{source} question {k}?", "golden_answers": ["x"], "data_source": source}
+            for source, n in sizes.items() for k in range(n)]
+
+
+@pytest.mark.parametrize("sizes, n, expected", [
+    ({"nq": 7, "hotpotqa": 2, "musique": 1}, 5, {"nq": 4, "hotpotqa": 1, "musique": 0}),  # 3.5 1.0 0.5: tie to nq
+    ({"nq": 7, "hotpotqa": 2, "musique": 1}, 3, {"nq": 2, "hotpotqa": 1, "musique": 0}),  # 2.1 0.6 0.3
+    ({"nq": 3610, "hotpotqa": 7405}, 100, {"nq": 33, "hotpotqa": 67}),                    # 32.77 67.23
+    ({"nq": 2, "hotpotqa": 2}, 9, {"nq": 2, "hotpotqa": 2}),                              # more than there are
+])
+def test_source_quotas_are_each_sources_share_by_largest_remainder(sizes, n, expected):
+    assert data.source_quotas(sizes, n) == expected
+    assert sum(expected.values()) == min(n, sum(sizes.values()))
+
+
+def test_a_limit_samples_every_source_of_a_file_sorted_by_source_not_its_first_rows():
+    questions = sorted_by_source({"nq": 60, "hotpotqa": 30, "bamboogle": 10})
+    assert {q["data_source"] for q in questions[:10]} == {"nq"}              # the old first-N limit: NQ only
+    sample = data.sample_questions(questions, 10)
+    counts = {s: sum(q["data_source"] == s for q in sample) for s in ("nq", "hotpotqa", "bamboogle")}
+    assert counts == {"nq": 6, "hotpotqa": 3, "bamboogle": 1}
+    positions = [questions.index(q) for q in sample]
+    assert positions == sorted(positions)                                     # file order kept
+    assert data.sample_questions(questions, 10) == sample                     # deterministic
+    assert data.sample_questions(questions, 10, seed=1) != sample             # the seed picks other rows
+    assert all(q in questions for q in sample) and len({data.question_key(q) for q in sample}) == 10
+
+
+def test_a_sources_sample_is_its_rows_with_the_smallest_documented_hash():
+    questions = sorted_by_source({"nq": 20, "hotpotqa": 20})
+    chosen = data.sample_questions(questions, 6, seed=3)
+
+    def digest(q):   # the rule of the docstring, written out
+        return hashlib.sha256(f"3\n{q['data_source']}\n{q['id']}".encode()).digest()
+    for source in ("nq", "hotpotqa"):
+        rows = [q for q in questions if q["data_source"] == source]
+        assert [q for q in chosen if q["data_source"] == source] == \
+            [q for q in rows if q in sorted(rows, key=digest)[:3]]
+
+
+def test_a_sample_does_not_depend_on_the_order_of_the_file_or_on_other_sources():
+    import random
+    questions = sorted_by_source({"nq": 40, "hotpotqa": 40})
+    shuffled = list(questions)
+    random.Random(0).shuffle(shuffled)
+    key = data.question_key
+    assert {key(q) for q in data.sample_questions(shuffled, 8)} == {key(q) for q in data.sample_questions(questions, 8)}
+    more = questions + sorted_by_source({"musique": 80})           # the same 4 + 4, then 8 from musique
+    assert [key(q) for q in data.sample_questions(more, 16) if q["data_source"] != "musique"] == \
+        [key(q) for q in data.sample_questions(questions, 8)]
+
+
+def test_a_limit_at_or_above_the_file_size_keeps_every_row_and_a_bad_limit_is_an_error():
+    questions = sorted_by_source({"nq": 3, "hotpotqa": 1})
+    assert data.sample_questions(questions, 4) == questions and data.sample_questions(questions, 99) == questions
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="sample_questions: n must be a positive integer"):
+            data.sample_questions(questions, bad)
