@@ -527,9 +527,14 @@ class BM25Retriever:
             if f is not None:
                 scores[row] += self._dense[f]
             else:
-                docs, tf = self._postings(t)
-                scores[row][docs] += self._idf[t] * bm25_term_weight(tf, self._norm[docs], self.k1)
+                docs, terms = self._terms(t)
+                scores[row][docs] += terms
         return scores
+
+    def _terms(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Word t's passages (P_t,) and its BM25 term in each (P_t,) float64."""
+        docs, tf = self._postings(t)
+        return docs, self._idf[t] * bm25_term_weight(tf, self._norm[docs], self.k1)
 
     def _lead_scores(self, lead: list[tuple[int, int]], n_rows: int) -> np.ndarray:
         """(n_rows, N): the terms of the (row, word) pairs summed per passage in list order."""
