@@ -507,47 +507,50 @@ class BM25Retriever:
 
         The reference adds one term of the sum per query word, repeats included and in query order,
         to every passage; the same float operations in the same order give the same bits, and a
-        passage a word misses gets +-0.0 there, which changes no sum. So each query is added word by
-        word in its order, in two parts:
+        passage a word misses gets +-0.0 there, which changes no sum. So each query's words are
+        added in its order, in two parts:
         - the words before its first dense word (for content-word queries, all of them), for the
           whole block at once: their postings laid out one after another (copied slices: measured
           ~25% faster than gathering posting positions), each given its term, and one np.bincount
           into the block, which adds in array order, i.e. in query order for each passage;
-        - then each remaining word on the query's row: a dense word's row is added to it in one
-          pass, another word's terms are added at its passages (each passage once per word)."""
-        lead, rest = [], []  # (row, t) of the words before each query's first dense word; the others
+        - then the remaining words, the j-th of every query at step j: a dense word's row is added
+          to its query's row in one pass, and the other words' terms go into their cells at once
+          (distinct cells: one word per query, one posting per passage)."""
+        lead, rest = [], []  # (row, t) of the words before each query's first dense word; the others per query
         for row, query in enumerate(queries):
             words = [t for t in map(self._vocab.get, tokenize(query)) if t is not None]  # unknown words score 0
             cut = next((i for i, t in enumerate(words) if t in self._dense_row), len(words))
             lead += [(row, t) for t in words[:cut]]
-            rest += [(row, t) for t in words[cut:]]
-        scores = self._lead_scores(lead, len(queries))  # (G, N)
-        for row, t in rest:
-            f = self._dense_row.get(t)
-            if f is not None:
-                scores[row] += self._dense[f]
-            else:
-                docs, terms = self._terms(t)
-                scores[row][docs] += terms
+            rest.append(words[cut:])
+        if lead:
+            cell, weight = self._block_terms(lead)
+            scores = np.bincount(cell, weights=weight, minlength=len(queries) * len(self)).reshape(len(queries), -1)
+        else:
+            scores = np.zeros((len(queries), len(self)))  # (G, N)
+        flat = scores.reshape(-1)  # a view: cell = row * N + passage
+        for j in range(max(map(len, rest), default=0)):
+            sparse = []
+            for row, words in enumerate(rest):
+                if j < len(words):
+                    f = self._dense_row.get(words[j])
+                    if f is None:
+                        sparse.append((row, words[j]))
+                    else:
+                        scores[row] += self._dense[f]
+            if sparse:
+                cell, weight = self._block_terms(sparse)
+                flat[cell] += weight
         return scores
 
-    def _terms(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        """Word t's passages (P_t,) and its BM25 term in each (P_t,) float64."""
-        docs, tf = self._postings(t)
-        return docs, self._idf[t] * bm25_term_weight(tf, self._norm[docs], self.k1)
-
-    def _lead_scores(self, lead: list[tuple[int, int]], n_rows: int) -> np.ndarray:
-        """(n_rows, N): the terms of the (row, word) pairs summed per passage in list order."""
-        n = len(self)
-        if not lead:
-            return np.zeros((n_rows, n))
-        docs, tfs = zip(*(self._postings(t) for _, t in lead))
+    def _block_terms(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The BM25 terms of (row, word) pairs, their postings one after another: each term's cell
+        in the flattened block, row * N + passage (P,) int64, and its value (P,) float64."""
+        docs, tfs = zip(*(self._postings(t) for _, t in pairs))
         count = np.array([len(d) for d in docs])  # (M,) postings of each word, in order
         doc = np.concatenate(docs)  # (P,) their passages, word after word
-        idf = self._idf[[t for _, t in lead]]  # (M,)
-        weight = np.repeat(idf, count) * bm25_term_weight(np.concatenate(tfs), self._norm[doc], self.k1)  # (P,)
-        cell = doc + np.repeat(np.array([row for row, _ in lead], dtype=np.int64) * n, count)  # (P,) flat block index
-        return np.bincount(cell, weights=weight, minlength=n_rows * n).reshape(n_rows, n)
+        idf = np.repeat(self._idf[[t for _, t in pairs]], count)  # (P,)
+        cell = doc + np.repeat(np.array([row for row, _ in pairs], dtype=np.int64) * len(self), count)
+        return cell, idf * bm25_term_weight(np.concatenate(tfs), self._norm[doc], self.k1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ Per corpus and query set, ms per query of
 and the checks: how many queries get bit-identical score vectors from ours, no dense and weights vs
 rank_bm25, the identical top-3 (rank_bm25 order: score descending, ties by corpus order), and how
 many of bm25s's top-3 equal ours. The methods run in interleaved rounds (each round runs each once,
-in turn), so load from other work on the machine falls on all of them alike; times are the medians
+in turn, the order rotated every round), so load from other work on the machine falls on all of them alike; times are the medians
 over the rounds and each ratio is the median of the per-round ratios. A second table gives the
 index's arrays: postings (doc + tf), the dense rows, and what stored weights would add.
 `--build-only N` instead builds an in-memory index over N synthetic passages: time, memory, array sizes.
@@ -198,18 +198,12 @@ class PrecomputedWeights(BM25Retriever):
         self.__dict__.update(base.__dict__)  # share the index; add the weights
         self._weight = np.repeat(self._idf, np.diff(self._start)) * bm25_term_weight(self._tf, self._norm[self._doc], self.k1)
 
-    def _terms(self, t):
-        first, end = self._start[t], self._start[t + 1]
-        return self._doc[first:end], self._weight[first:end]
-
-    def _lead_scores(self, lead, n_rows):
-        n = len(self)
-        if not lead:
-            return np.zeros((n_rows, n))
-        docs, weights = zip(*(self._terms(t) for _, t in lead))
+    def _block_terms(self, pairs):
+        docs, weights = zip(*((self._doc[self._start[t]:self._start[t + 1]], self._weight[self._start[t]:self._start[t + 1]])
+                              for _, t in pairs))
         count = np.array([len(d) for d in docs])
-        cell = np.concatenate(docs) + np.repeat(np.array([row for row, _ in lead], dtype=np.int64) * n, count)
-        return np.bincount(cell, weights=np.concatenate(weights), minlength=n_rows * n).reshape(n_rows, n)
+        cell = np.concatenate(docs) + np.repeat(np.array([row for row, _ in pairs], dtype=np.int64) * len(self), count)
+        return cell, np.concatenate(weights)
 
 
 @contextlib.contextmanager
@@ -240,12 +234,15 @@ def reference_top3(scores: np.ndarray) -> list[int]:
 
 
 def interleaved(methods: dict, rounds: int, limited: dict) -> tuple[dict, list[dict]]:
-    """Runs every method once per round, in turn, for `rounds` rounds (a method in `limited` only in
-    its first limited[name] rounds): (each method's last result, per-round {method: seconds})."""
-    results, times = {}, []
+    """Runs every method once per round, in turn, for `rounds` rounds, the order rotated by one each
+    round so that no method always follows the same one (whose leftovers in the CPU caches it would
+    inherit); a method in `limited` runs only in its first limited[name] rounds. Returns each
+    method's last result and the per-round {method: seconds}."""
+    results, times, names = {}, [], list(methods)
     for i in range(rounds):
         times.append({})
-        for name, run in methods.items():
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            run = methods[name]
             if i < limited.get(name, rounds):
                 started = time.perf_counter()
                 results[name] = run()
