@@ -1,6 +1,8 @@
 """Benchmark: rollout() against a Search-R1-style loop and against plain KV-cache decoding, in one process.
 
-Same model, same batch (--questions demo test questions), greedy, BM25 on the demo corpus:
+Same model, same batch (--questions demo test questions), greedy (or with --temperature T sampled, as
+RL does: then the rollout and the raw loops sample with the rollout's sampler, search-r1 and decode
+stay greedy), BM25 on the demo corpus:
   rollout    rollout.rollout(): stops in token space, keeps each row's KV cache across turns, so an
              observation costs a forward over its own tokens; rows that end a turn leave the batch.
   search-r1  the public code's loop, written here: each turn left-pads every active row's whole context
@@ -17,6 +19,10 @@ Same model, same batch (--questions demo test questions), greedy, BM25 on the de
              the limit; this one does not.
 "Tokens kept" = model-written tokens that end up in the trajectories (for the decodes: all new tokens);
 the figure compared is tokens kept per second of wall time, retrieval included where there is any.
+Each round runs every method once, in turn; the tables give medians over --repeats rounds, so load
+from other work on the machine falls on all methods alike. Then a split of the rollout's and the
+ragged raw loop's wall time: prefill forwards (prompts, observations, nudges), decode forwards,
+retrieval, and the rest (Python, tokenisation, sampling, cache bookkeeping).
 
 Cases: a random student-size model (never writes a tag, so every turn runs to the budget and the
 Search-R1 loop wastes nothing past the tags — only its re-prefills), and with --warmup-steps N the
@@ -25,7 +31,9 @@ and rows end their turns at different times). --model DIR benchmarks a saved che
 
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --warmup-steps 300
-    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --model runs/demo/student
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --model runs/demo/kd
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --model runs/demo/kd --temperature 1 \
+        --methods "ragged raw loop" --repeats 5
 """
 import argparse
 import os
@@ -45,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
 import train  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
-from rollout import (INVALID_ACTION, RolloutConfig, encode_text, last_query, observation_ids,  # noqa: E402
+from rollout import (INVALID_ACTION, RolloutConfig, _sample, encode_text, last_query, observation_ids,  # noqa: E402
                      prompt_ids, rollout)
 
 
@@ -109,16 +117,22 @@ def generate_decode(model, tokenizer, questions, new_tokens: int) -> int:
     return out[:, ids.shape[1]:].numel()
 
 
-def raw_decode(model, tokenizer, questions, new_tokens: int) -> int:
-    """The least work a KV-cache decode can do: one batched forward per token, argmax, nothing else."""
-    return ragged_decode(model, tokenizer, questions, [new_tokens] * len(questions))
+def raw_decode(model, tokenizer, questions, new_tokens: int, config: RolloutConfig | None = None) -> int:
+    """The least work a KV-cache decode can do: one batched forward per token, argmax (or the
+    rollout's sampler), nothing else."""
+    return ragged_decode(model, tokenizer, questions, [new_tokens] * len(questions), config)
 
 
 @torch.no_grad()
-def ragged_decode(model, tokenizer, questions, new_tokens: list[int]) -> int:
+def ragged_decode(model, tokenizer, questions, new_tokens: list[int], config: RolloutConfig | None = None) -> int:
     """The decode limit for the rollout's own workload: row i decodes exactly new_tokens[i] tokens (what
     it sampled in the whole rollout, no search) and leaves the batch when done, as rollout rows do. A
-    row that wrote long turns is then as long a sequential chain here as in the rollout."""
+    row that wrote long turns is then as long a sequential chain here as in the rollout. Tokens are
+    the argmax, or with a sampling `config` drawn by the rollout's own sampler (torch.multinomial
+    costs more than argmax: ~2 ms a step for 64 rows of 2,048 ids here), so a sampled rollout is
+    compared with a decoder that samples."""
+    sampling = config is not None and not config.greedy and config.temperature > 0
+    generator = torch.Generator().manual_seed(config.seed or 0) if sampling else None
     ids, mask = _left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     left = torch.tensor(new_tokens)                                                      # (B,)
@@ -126,7 +140,10 @@ def ragged_decode(model, tokenizer, questions, new_tokens: list[int]) -> int:
     while len(left):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
-        ids = logits.argmax(dim=-1, keepdim=True)                                        # (R, 1)
+        if sampling:
+            ids = _sample(logits[:, :len(tokenizer)].float(), config, generator).unsqueeze(1)  # (R, 1)
+        else:
+            ids = logits.argmax(dim=-1, keepdim=True)                                    # (R, 1)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         positions = positions[:, -1:] + 1
         left = left - 1
@@ -247,8 +264,8 @@ def bench_case(name, model, tokenizer, questions, retriever, config, repeats: in
     runs = {"rollout": lambda: kept_by(rollout(model, tokenizer, questions, retriever, config)),
             "search-r1": lambda: search_r1_loop(model, tokenizer, questions, retriever, config),
             "decode": lambda: generate_decode(model, tokenizer, questions, per_row),
-            "raw loop": lambda: raw_decode(model, tokenizer, questions, per_row),
-            "ragged raw loop": lambda: ragged_decode(model, tokenizer, questions, per_traj)}
+            "raw loop": lambda: raw_decode(model, tokenizer, questions, per_row, config),
+            "ragged raw loop": lambda: ragged_decode(model, tokenizer, questions, per_traj, config)}
     runs = {k: v for k, v in runs.items() if k == "rollout" or k in methods}
     seconds, tokens, baseline = {k: [] for k in runs}, {}, None
     for _ in range(repeats):
@@ -283,7 +300,7 @@ def bench_case(name, model, tokenizer, questions, retriever, config, repeats: in
     print(split.row("rollout", repeats))
     split.seconds, split.forwards = {k: 0.0 for k in split.seconds}, {k: 0 for k in split.forwards}
     for _ in range(repeats):
-        split.measure(lambda: ragged_decode(model, tokenizer, questions, per_traj))
+        split.measure(lambda: ragged_decode(model, tokenizer, questions, per_traj, config))
     print(split.row("ragged raw loop", repeats))
     split.close()
 
