@@ -692,12 +692,12 @@ def _read_index(path: str, verify: bool = True, progress: bool = False) -> tuple
     else:
         print(f"retriever: warning: {path} records no file sizes or checksums (it was built by an older "
               f"retriever.py), so a damaged file may go unnoticed; {hint}", file=sys.stderr, flush=True)
-    n, v, p, f = meta["passages"], meta["words"], meta["postings"], meta.get("dense_words")
+    n, v, p, n_dense = meta["passages"], meta["words"], meta["postings"], meta.get("dense_words")
     arrays, expected = {}, {"start": (np.int64, (v + 1,)), "doc": (np.int32, (p,)), "tf": (meta["tf_dtype"], (p,)),
                             "idf": (np.float64, (v,)), "norm": (np.float64, (n,)), "id_offsets": (np.int64, (n + 1,)),
                             "contents_offsets": (np.int64, (n + 1,)), "id_order": (np.int64, (n,))}
-    if f is not None:  # an index written before the dense rows existed has none: BM25Retriever.load computes them
-        expected.update({"dense_words": (np.int64, (f,)), "dense": (np.float64, (f, n))})
+    if n_dense is not None:  # an index written before the dense rows existed has none: BM25Retriever.load makes them
+        expected.update({"dense_words": (np.int64, (n_dense,)), "dense": (np.float64, (n_dense, n))})
     for name, (dtype, shape) in expected.items():
         file = os.path.join(path, name + ".npy")
         try:

