@@ -5,7 +5,8 @@ What it does
   with Okapi BM25. Its scores are the ones `rank_bm25.BM25Okapi` (rank-bm25 0.2.2, the reference that
   defines the numbers) gives for the same token lists -- bit for bit, not just approximately -- but
   computed from an inverted index with numpy: a batch of queries costs time proportional to the
-  postings of its words, scored a block of queries at a time, instead of a Python loop over every
+  postings of its words (and for the few words in more than half of the passages, one pass over a
+  precomputed dense row), scored a block of queries at a time, instead of a Python loop over every
   passage per query. Corpus files are UTF-8 JSONL, gzip-compressed when named .gz; a bad line is an
   error naming the file and line.
 - The index is built in memory from the rows (`BM25Retriever(rows)`, `.from_jsonl`), or once, on
@@ -297,21 +298,44 @@ def _spill(directory: str | None, i: int, arrays: tuple) -> tuple:
     return tuple(np.load(path, mmap_mode="r") for path in paths)
 
 
-def _empty(directory: str | None, name: str, dtype, size: int) -> np.ndarray:
+def _empty(directory: str | None, name: str, dtype, shape: int | tuple) -> np.ndarray:
     """np.empty, or with a directory a memory-mapped `directory/name.npy` of that shape."""
     if directory is None:
-        return np.empty(size, dtype=dtype)
-    return np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+", dtype=dtype, shape=(size,))
+        return np.empty(shape, dtype=dtype)
+    return np.lib.format.open_memmap(os.path.join(directory, name + ".npy"), mode="w+", dtype=dtype,
+                                     shape=shape if isinstance(shape, tuple) else (shape,))
+
+
+def dense_words(doc_freq: np.ndarray, n_docs: int) -> np.ndarray:
+    """The words in more than half of the passages, (F,) ids ascending: exactly the words whose idf
+    is on the epsilon floor (log(N - n + 0.5) - log(n + 0.5) < 0 <=> n > N / 2). In real text these
+    are "the", "of", "is", ... : few words, but the bulk of a question's postings."""
+    return np.flatnonzero(2 * np.asarray(doc_freq) > n_docs)
+
+
+def dense_term_rows(words: np.ndarray, start: np.ndarray, doc: np.ndarray, tf: np.ndarray, idf: np.ndarray,
+                    norm: np.ndarray, k1: float, out: np.ndarray | None = None) -> np.ndarray:
+    """(F, N) float64: row f is the BM25 term of word words[f] for every passage,
+    idf * tf (k1 + 1) / (tf + K(d)) with tf = 0 (a term of +-0.0) where the word is absent -- the
+    very vector rank_bm25 adds for the word, with the same float operations, so adding the row is
+    adding the word, bit for bit. Written into `out` if given."""
+    out = np.empty((len(words), len(norm))) if out is None else out
+    for f, t in enumerate(words.tolist()):
+        tf_row = np.zeros(len(norm), dtype=tf.dtype)  # (N,)
+        tf_row[doc[start[t]:start[t + 1]]] = tf[start[t]:start[t + 1]]
+        out[f] = idf[t] * bm25_term_weight(tf_row, norm, k1)
+    return out
 
 
 def build_index(texts, k1: float, b: float, epsilon: float, directory: str | None = None, source: str = "BM25Retriever",
                 progress: bool = False, total: int | None = None) -> dict:
     """The index of an iterable of passage texts, in the layout BM25Retriever documents:
-    {"vocab", "start", "doc", "tf", "idf", "norm"}. Tokens are sorted _CHUNK_TOKENS at a time and
-    each chunk's postings finally scattered into place; with a `directory`, the chunks and then doc
-    and tf are written there (doc.npy / tf.npy, memory-mapped while they are filled) instead of held
-    in memory. `source` names the corpus in errors. `progress`: show on stderr, if the build takes
-    a while, the passages indexed (of `total`, when known) and then the chunks placed."""
+    {"vocab", "start", "doc", "tf", "idf", "norm", "dense_words", "dense"}. Tokens are sorted
+    _CHUNK_TOKENS at a time and each chunk's postings finally scattered into place; with a
+    `directory`, the chunks and then doc, tf and dense are written there (doc.npy / tf.npy /
+    dense.npy, memory-mapped while they are filled) instead of held in memory. `source` names the
+    corpus in errors. `progress`: show on stderr, if the build takes a while, the passages indexed
+    (of `total`, when known) and then the chunks placed."""
     # Word ids in order of first appearance (the reference's vocabulary order, which its mean idf
     # sums in). A defaultdict whose factory is its own len() hands a new word the next id on first
     # lookup, so map() assigns ids without a Python-level call per token (2x faster).
@@ -356,8 +380,12 @@ def build_index(texts, k1: float, b: float, epsilon: float, directory: str | Non
     for spilled in glob.glob(os.path.join(directory, "chunk*.npy")) if directory else []:
         os.remove(spilled)
     doc_len = np.frombuffer(doc_len, dtype=np.int32)
-    return {"vocab": vocab, "start": start, "doc": doc, "tf": tf,
-            "idf": bm25_idf(doc_freq, len(doc_len), epsilon), "norm": bm25_length_norm(doc_len, k1, b)}
+    idf, norm = bm25_idf(doc_freq, len(doc_len), epsilon), bm25_length_norm(doc_len, k1, b)
+    dense = dense_words(doc_freq, len(doc_len))
+    rows = dense_term_rows(dense, start, doc, tf, idf, norm, k1,
+                           out=_empty(directory, "dense", np.float64, (len(dense), len(doc_len))))
+    return {"vocab": vocab, "start": start, "doc": doc, "tf": tf, "idf": idf, "norm": norm,
+            "dense_words": dense, "dense": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,10 +401,13 @@ class BM25Retriever:
         passage index of each posting     _doc[p]                       _doc:    (P,) int32
         how often the word is in it       _tf[p]                        _tf:     (P,) uint8 (wider if needed)
     plus idf per word (_idf: (V,)) and K(d) per passage (_norm: (N,)), and _vocab {word: t}. Within
-    a word, postings are in corpus order. (Storing the finished float64 weight per posting instead
-    of tf measured 1.2-1.9x faster scoring at 10k-100k passages, but at 8 bytes a posting instead
-    of 1 the arrays of 1M synthetic passages grow from 434 to 992 MiB, and wiki-18's ~1.8G postings
-    (projected) would need ~11.5 GiB more: memory won. bench/bench_retriever.py measures both.)
+    a word, postings are in corpus order. The few words in more than half of the passages (the
+    words on the epsilon floor: "the", "of", "is", ...) also have their finished term for every
+    passage, a dense row of _dense: (F, N) float64, word _dense_words[f]: adding a row is one pass
+    over N contiguous floats instead of scattering as many postings. In real questions these words
+    hold most of the postings; the rows cost 8 N bytes each (F = 8 for 10k Wikipedia leads, about
+    a quarter of the postings' bytes). bench/bench_retriever.py measures the trade, and the other
+    one: the finished float64 weight stored for every posting (8 bytes instead of 1).
 
     A build or load that runs longer than _PROGRESS_DELAY (2 s) shows its progress on stderr
     (progress=False: never)."""
@@ -419,12 +450,17 @@ class BM25Retriever:
         self = cls.__new__(cls)
         self.k1, self.b, self.epsilon = meta["k1"], meta["b"], meta["epsilon"]
         self.passages = self._index_of_id = _StoredPassages(arrays)
+        if "dense" not in arrays:  # an index written before the dense rows existed: made here, in memory
+            arrays["dense_words"] = dense_words(np.diff(arrays["start"]), len(arrays["norm"]))
+            arrays["dense"] = dense_term_rows(arrays["dense_words"], arrays["start"], arrays["doc"], arrays["tf"],
+                                              arrays["idf"], arrays["norm"], self.k1)
         self._adopt({"vocab": vocab, **arrays})
         return self
 
     def _adopt(self, index: dict):
-        self._vocab, self._start, self._doc, self._tf, self._idf, self._norm = (
-            index[key] for key in ("vocab", "start", "doc", "tf", "idf", "norm"))
+        self._vocab, self._start, self._doc, self._tf, self._idf, self._norm, self._dense_words, self._dense = (
+            index[key] for key in ("vocab", "start", "doc", "tf", "idf", "norm", "dense_words", "dense"))
+        self._dense_row = dict(zip(self._dense_words.tolist(), range(len(self._dense_words))))  # {t: f}
 
     def __len__(self) -> int:
         return len(self.passages)
@@ -460,36 +496,61 @@ class BM25Retriever:
         row = self.passages[i]
         return {"id": row["id"], "contents": row["contents"], "score": score}
 
+    def _postings(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Word t's postings: passages (P_t,) int32 and term frequencies (P_t,)."""
+        first, end = self._start[t], self._start[t + 1]
+        return self._doc[first:end], self._tf[first:end]
+
     def _score_block(self, queries: list[str]) -> np.ndarray:
         """BM25 scores of G queries against every passage: (G, N) float64, row g bit-identical to
         rank_bm25's get_scores(tokenize(queries[g])).
 
         The reference adds one term of the sum per query word, repeats included and in query order,
-        to every passage. Here the postings of every query word of the block are laid out one after
-        another (copied slices: measured ~25% faster than gathering posting positions), each gets
-        its term's value with the reference's float operations, and one np.bincount adds them into
-        the block: bincount adds in array order, so each passage receives its terms in query order,
-        as in the reference, and the same operations in the same order give the same bits (a
-        passage a word misses gets +0.0 there, which changes no sum)."""
-        n = len(self)
-        words, row_of_word, docs, tfs = [], [], [], []
+        to every passage; the same float operations in the same order give the same bits, and a
+        passage a word misses gets +-0.0 there, which changes no sum. So each query's words are
+        added in its order, in two parts:
+        - the words before its first dense word (for content-word queries, all of them), for the
+          whole block at once: their postings laid out one after another (copied slices: measured
+          ~25% faster than gathering posting positions), each given its term, and one np.bincount
+          into the block, which adds in array order, i.e. in query order for each passage;
+        - then the remaining words, the j-th of every query at step j: a dense word's row is added
+          to its query's row in one pass, and the other words' terms go into their cells at once
+          (distinct cells: one word per query, one posting per passage)."""
+        lead, rest = [], []  # (row, t) of the words before each query's first dense word; the others per query
         for row, query in enumerate(queries):
-            for word in tokenize(query):
-                t = self._vocab.get(word)
-                if t is not None:  # an unknown word scores 0 everywhere
-                    first, end = self._start[t], self._start[t + 1]
-                    words.append(t)
-                    row_of_word.append(row)
-                    docs.append(self._doc[first:end])
-                    tfs.append(self._tf[first:end])
-        if not words:
-            return np.zeros((len(queries), n))
-        count = np.array([len(d) for d in docs])  # (M,) postings of each query word of the block, in order
+            words = [t for t in map(self._vocab.get, tokenize(query)) if t is not None]  # unknown words score 0
+            cut = next((i for i, t in enumerate(words) if t in self._dense_row), len(words))
+            lead += [(row, t) for t in words[:cut]]
+            rest.append(words[cut:])
+        if lead:
+            cell, weight = self._block_terms(lead)
+            scores = np.bincount(cell, weights=weight, minlength=len(queries) * len(self)).reshape(len(queries), -1)
+        else:
+            scores = np.zeros((len(queries), len(self)))  # (G, N)
+        flat = scores.reshape(-1)  # a view: cell = row * N + passage
+        for j in range(max(map(len, rest), default=0)):
+            sparse = []
+            for row, words in enumerate(rest):
+                if j < len(words):
+                    f = self._dense_row.get(words[j])
+                    if f is None:
+                        sparse.append((row, words[j]))
+                    else:
+                        scores[row] += self._dense[f]
+            if sparse:
+                cell, weight = self._block_terms(sparse)
+                flat[cell] += weight
+        return scores
+
+    def _block_terms(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The BM25 terms of (row, word) pairs, their postings one after another: each term's cell
+        in the flattened block, row * N + passage (P,) int64, and its value (P,) float64."""
+        docs, tfs = zip(*(self._postings(t) for _, t in pairs))
+        count = np.array([len(d) for d in docs])  # (M,) postings of each word, in order
         doc = np.concatenate(docs)  # (P,) their passages, word after word
-        weight = np.repeat(self._idf[words], count) * bm25_term_weight(np.concatenate(tfs), self._norm[doc], self.k1)  # (P,)
-        cell = doc + np.repeat(np.array(row_of_word, dtype=np.int64) * n, count)  # (P,) index into the flat block
-        scores = np.bincount(cell, weights=weight, minlength=len(queries) * n)  # (G * N,)
-        return scores.reshape(len(queries), n)
+        idf = np.repeat(self._idf[[t for _, t in pairs]], count)  # (P,)
+        cell = doc + np.repeat(np.array([row for row, _ in pairs], dtype=np.int64) * len(self), count)
+        return cell, idf * bm25_term_weight(np.concatenate(tfs), self._norm[doc], self.k1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,6 +569,7 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
                                 size and CRC-32 (checked by load); written last
         vocab.txt               the words, one a line, in id order
         start, doc, tf, idf, norm .npy   the inverted index (BM25Retriever's layout)
+        dense_words, dense .npy the dense rows of the words in more than half of the passages
         ids.bin, contents.bin   every passage's id and contents, UTF-8, one after another; passage i
         id_offsets.npy, ...     is ids.bin[id_offsets[i]:id_offsets[i + 1]] (N + 1,), and so on
         id_order.npy            passage indices sorted by id, for get(id) by binary search
@@ -532,8 +594,8 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
                         offsets[key].append(offsets[key][-1] + file.write(row[key].encode("utf-8", "surrogatepass")))
                     yield row["contents"]
             index = build_index(texts(), k1, b, epsilon, directory=tmp, source=corpus, progress=progress)
-        index["doc"].flush(), index["tf"].flush()
-        arrays = {"start": index["start"], "idf": index["idf"], "norm": index["norm"],
+        index["doc"].flush(), index["tf"].flush(), index["dense"].flush()
+        arrays = {"start": index["start"], "idf": index["idf"], "norm": index["norm"], "dense_words": index["dense_words"],
                   "id_offsets": np.frombuffer(offsets["id"], dtype=np.int64),
                   "contents_offsets": np.frombuffer(offsets["contents"], dtype=np.int64),
                   "id_order": np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)}
@@ -543,7 +605,8 @@ def write_index(corpus: str, out: str, k1: float = 1.5, b: float = 0.75, epsilon
             f.write("\n".join(index["vocab"]))  # a word is a \w+ run, so never holds a newline
         meta = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "k1": k1, "b": b,
                 "epsilon": epsilon, "passages": len(ids), "words": len(index["vocab"]),
-                "postings": len(index["doc"]), "tf_dtype": index["tf"].dtype.name, "corpus": os.path.abspath(corpus),
+                "postings": len(index["doc"]), "tf_dtype": index["tf"].dtype.name, "dense_words": len(index["dense_words"]),
+                "corpus": os.path.abspath(corpus),
                 "files": _file_records(tmp, progress)}
         with open(os.path.join(tmp, "meta.json.tmp"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
@@ -629,18 +692,20 @@ def _read_index(path: str, verify: bool = True, progress: bool = False) -> tuple
     else:
         print(f"retriever: warning: {path} records no file sizes or checksums (it was built by an older "
               f"retriever.py), so a damaged file may go unnoticed; {hint}", file=sys.stderr, flush=True)
-    n, v, p = meta["passages"], meta["words"], meta["postings"]
-    arrays, expected = {}, {"start": (np.int64, v + 1), "doc": (np.int32, p), "tf": (meta["tf_dtype"], p),
-                            "idf": (np.float64, v), "norm": (np.float64, n), "id_offsets": (np.int64, n + 1),
-                            "contents_offsets": (np.int64, n + 1), "id_order": (np.int64, n)}
-    for name, (dtype, length) in expected.items():
+    n, v, p, n_dense = meta["passages"], meta["words"], meta["postings"], meta.get("dense_words")
+    arrays, expected = {}, {"start": (np.int64, (v + 1,)), "doc": (np.int32, (p,)), "tf": (meta["tf_dtype"], (p,)),
+                            "idf": (np.float64, (v,)), "norm": (np.float64, (n,)), "id_offsets": (np.int64, (n + 1,)),
+                            "contents_offsets": (np.int64, (n + 1,)), "id_order": (np.int64, (n,))}
+    if n_dense is not None:  # an index written before the dense rows existed has none: BM25Retriever.load makes them
+        expected.update({"dense_words": (np.int64, (n_dense,)), "dense": (np.float64, (n_dense, n))})
+    for name, (dtype, shape) in expected.items():
         file = os.path.join(path, name + ".npy")
         try:
             arrays[name] = np.load(file, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:
             raise ValueError(f"{file}: missing or unreadable ({type(e).__name__}: {e}); {hint}") from None
-        if (arrays[name].dtype, arrays[name].shape) != (np.dtype(dtype), (length,)):
-            raise ValueError(f"{file}: {arrays[name].dtype} {arrays[name].shape}, expected {np.dtype(dtype)} ({length},) "
+        if (arrays[name].dtype, arrays[name].shape) != (np.dtype(dtype), shape):
+            raise ValueError(f"{file}: {arrays[name].dtype} {arrays[name].shape}, expected {np.dtype(dtype)} {shape} "
                              f"from meta.json; {hint}")
     for blob in _BLOB_OFFSETS:
         file, end = os.path.join(path, blob + ".bin"), int(arrays[_BLOB_OFFSETS[blob]][-1])

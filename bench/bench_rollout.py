@@ -1,6 +1,8 @@
 """Benchmark: rollout() against a Search-R1-style loop and against plain KV-cache decoding, in one process.
 
-Same model, same batch (--questions demo test questions), greedy, BM25 on the demo corpus:
+Same model, same batch (--questions demo test questions), greedy (or with --temperature T sampled, as
+RL does: then the rollout and the raw loops sample with the rollout's sampler, search-r1 and decode
+stay greedy), BM25 on the demo corpus:
   rollout    rollout.rollout(): stops in token space, keeps each row's KV cache across turns, so an
              observation costs a forward over its own tokens; rows that end a turn leave the batch.
   search-r1  the public code's loop, written here: each turn left-pads every active row's whole context
@@ -17,6 +19,10 @@ Same model, same batch (--questions demo test questions), greedy, BM25 on the de
              the limit; this one does not.
 "Tokens kept" = model-written tokens that end up in the trajectories (for the decodes: all new tokens);
 the figure compared is tokens kept per second of wall time, retrieval included where there is any.
+Each round runs every method once, in turn; the tables give medians over --repeats rounds, so load
+from other work on the machine falls on all methods alike. Then a split of the rollout's and the
+ragged raw loop's wall time: prefill forwards (prompts, observations, nudges), decode forwards,
+retrieval, and the rest (Python, tokenisation, sampling, cache bookkeeping).
 
 Cases: a random student-size model (never writes a tag, so every turn runs to the budget and the
 Search-R1 loop wastes nothing past the tags — only its re-prefills), and with --warmup-steps N the
@@ -25,12 +31,15 @@ and rows end their turns at different times). --model DIR benchmarks a saved che
 
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py
     flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --warmup-steps 300
-    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --model runs/demo/student
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --model runs/demo/kd
+    flock /tmp/dgpo-cpu.lock .venv/bin/python bench/bench_rollout.py --model runs/demo/kd --temperature 1 \
+        --methods "ragged raw loop" --repeats 5
 """
 import argparse
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -44,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
 import train  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
-from rollout import (INVALID_ACTION, RolloutConfig, encode_text, last_query, observation_ids,  # noqa: E402
+from rollout import (INVALID_ACTION, RolloutConfig, _sample, encode_text, last_query, observation_ids,  # noqa: E402
                      prompt_ids, rollout)
 
 
@@ -108,16 +117,22 @@ def generate_decode(model, tokenizer, questions, new_tokens: int) -> int:
     return out[:, ids.shape[1]:].numel()
 
 
-def raw_decode(model, tokenizer, questions, new_tokens: int) -> int:
-    """The least work a KV-cache decode can do: one batched forward per token, argmax, nothing else."""
-    return ragged_decode(model, tokenizer, questions, [new_tokens] * len(questions))
+def raw_decode(model, tokenizer, questions, new_tokens: int, config: RolloutConfig | None = None) -> int:
+    """The least work a KV-cache decode can do: one batched forward per token, argmax (or the
+    rollout's sampler), nothing else."""
+    return ragged_decode(model, tokenizer, questions, [new_tokens] * len(questions), config)
 
 
 @torch.no_grad()
-def ragged_decode(model, tokenizer, questions, new_tokens: list[int]) -> int:
+def ragged_decode(model, tokenizer, questions, new_tokens: list[int], config: RolloutConfig | None = None) -> int:
     """The decode limit for the rollout's own workload: row i decodes exactly new_tokens[i] tokens (what
     it sampled in the whole rollout, no search) and leaves the batch when done, as rollout rows do. A
-    row that wrote long turns is then as long a sequential chain here as in the rollout."""
+    row that wrote long turns is then as long a sequential chain here as in the rollout. Tokens are
+    the argmax, or with a sampling `config` drawn by the rollout's own sampler (torch.multinomial
+    costs more than argmax: ~2 ms a step for 64 rows of 2,048 ids here), so a sampled rollout is
+    compared with a decoder that samples."""
+    sampling = config is not None and not config.greedy and config.temperature > 0
+    generator = torch.Generator().manual_seed(config.seed or 0) if sampling else None
     ids, mask = _left_pad([prompt_ids(tokenizer, q) for q in questions], tokenizer.pad_token_id)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     left = torch.tensor(new_tokens)                                                      # (B,)
@@ -125,7 +140,10 @@ def ragged_decode(model, tokenizer, questions, new_tokens: list[int]) -> int:
     while len(left):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]
-        ids = logits.argmax(dim=-1, keepdim=True)                                        # (R, 1)
+        if sampling:
+            ids = _sample(logits[:, :len(tokenizer)].float(), config, generator).unsqueeze(1)  # (R, 1)
+        else:
+            ids = logits.argmax(dim=-1, keepdim=True)                                    # (R, 1)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
         positions = positions[:, -1:] + 1
         left = left - 1
@@ -166,42 +184,125 @@ def timed(fn):
     return result, time.perf_counter() - started
 
 
-def bench_case(name, model, tokenizer, questions, retriever, config, repeats: int) -> None:
-    print(f"\n## {name}: {len(questions)} questions, max_turns {config.max_turns}, "
-          f"{config.max_new_tokens} new tokens per turn, greedy", flush=True)
-    rollout(model, tokenizer, questions[:4], retriever, RolloutConfig(max_turns=1, max_new_tokens=8, greedy=True))
-    best = {}                                          # method -> (tokens, seconds) of its fastest run
+class TimeSplit:
+    """Where a run's wall time goes: model forwards that feed several tokens a row (prefills: prompts,
+    observations, nudges), forwards that feed one (decode steps), retrieval calls, and the rest
+    (Python, tokenisation, cache bookkeeping). Hooks on the model and a wrapper around the
+    retriever's search; split.measure(fn) runs fn and adds to the totals; close() removes them."""
 
-    def run(method, fn, count):
-        result, seconds = timed(fn)
-        if method not in best or seconds < best[method][1]:
-            best[method] = (count(result), seconds)
+    def __init__(self, model, retriever):
+        self.model, self.retriever, self.active = model, retriever, False
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "retrieval": 0.0, "total": 0.0}
+        self.forwards = {"prefill": 0, "decode": 0}
+        self._started = None
+        self._hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                       model.register_forward_hook(self._after, with_kwargs=True)]
+        search = retriever.search
+
+        def timed_search(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return search(*args, **kwargs)
+            finally:
+                if self.active:
+                    self.seconds["retrieval"] += time.perf_counter() - started
+        retriever.search = timed_search
+
+    def close(self):
+        """Removes the hooks and the wrapper."""
+        for hook in self._hooks:
+            hook.remove()
+        del self.retriever.search          # the instance attribute: the class's method shows again
+
+    def _before(self, module, args, kwargs):
+        self._started = time.perf_counter()
+
+    def _after(self, module, args, kwargs, output):
+        if self.active:
+            kind = "prefill" if kwargs["input_ids"].shape[1] > 1 else "decode"
+            self.seconds[kind] += time.perf_counter() - self._started
+            self.forwards[kind] += 1
+
+    def measure(self, fn):
+        self.active = True
+        try:
+            result, seconds = timed(fn)
+        finally:
+            self.active = False
+        self.seconds["total"] += seconds
         return result
 
-    def kept_by(trajectories):
-        return sum(sum(t.loss_mask) for t in trajectories)
+    def row(self, name: str, runs: int) -> str:
+        s = {k: v / runs for k, v in self.seconds.items()}
+        rest = s["total"] - s["prefill"] - s["decode"] - s["retrieval"]
+        return (f"| {name} | {s['total']:.2f} | {s['prefill']:.2f} ({self.forwards['prefill'] // runs}) | "
+                f"{s['decode']:.2f} ({self.forwards['decode'] // runs}) | {s['retrieval']:.3f} | {rest:.2f} |")
 
+
+def kept_by(trajectories) -> int:
+    return sum(sum(t.loss_mask) for t in trajectories)
+
+
+def bench_case(name, model, tokenizer, questions, retriever, config, repeats: int, methods: list[str],
+               max_row_tokens: int | None = None) -> None:
+    """Each round runs every method once, in turn (rollout first); reported: the median seconds over
+    the rounds and, per method, the median over the rounds of the ratio of rollout's tokens kept per
+    second to its. Then where the rollout's and the ragged decode's time goes (one more run each)."""
+    rollout(model, tokenizer, questions[:4], retriever, RolloutConfig(max_turns=1, max_new_tokens=8, greedy=True))
+    if max_row_tokens is not None:  # a diagnostic: leave out the rows that sample more than this
+        lengths = [sum(t.loss_mask) for t in rollout(model, tokenizer, questions, retriever, config)]
+        dropped = [i for i, n in enumerate(lengths) if n > max_row_tokens]
+        questions = [q for i, q in enumerate(questions) if i not in dropped]
+        name += f", without the {len(dropped)} rows that sample more than {max_row_tokens} tokens ({[lengths[i] for i in dropped]})"
+    sampling = "greedy" if config.greedy or config.temperature == 0 else f"temperature {config.temperature}, seed {config.seed}"
+    print(f"\n## {name}: {len(questions)} questions, max_turns {config.max_turns}, "
+          f"{config.max_new_tokens} new tokens per turn, {sampling}", flush=True)
+    trajs = rollout(model, tokenizer, questions, retriever, config)
+    kept = kept_by(trajs)
+    per_row = max(1, round(kept / len(questions)))
+    per_traj = [max(1, sum(t.loss_mask)) for t in trajs]
+    runs = {"rollout": lambda: kept_by(rollout(model, tokenizer, questions, retriever, config)),
+            "search-r1": lambda: search_r1_loop(model, tokenizer, questions, retriever, config),
+            "decode": lambda: generate_decode(model, tokenizer, questions, per_row),
+            "raw loop": lambda: raw_decode(model, tokenizer, questions, per_row, config),
+            "ragged raw loop": lambda: ragged_decode(model, tokenizer, questions, per_traj, config)}
+    runs = {k: v for k, v in runs.items() if k == "rollout" or k in methods}
+    seconds, tokens, baseline = {k: [] for k in runs}, {}, None
     for _ in range(repeats):
-        trajs = run("rollout", lambda: rollout(model, tokenizer, questions, retriever, config), kept_by)
-        kept = kept_by(trajs)
-        baseline = run("search-r1", lambda: search_r1_loop(model, tokenizer, questions, retriever, config),
-                       lambda b: b["kept"])
-        per_row = max(1, round(kept / len(questions)))
-        per_traj = [max(1, sum(t.loss_mask)) for t in trajs]
-        run("decode", lambda: generate_decode(model, tokenizer, questions, per_row), int)
-        run("raw loop", lambda: raw_decode(model, tokenizer, questions, per_row), int)
-        run("ragged raw loop", lambda: ragged_decode(model, tokenizer, questions, per_traj), int)
+        for method, fn in runs.items():
+            result, took = timed(fn)
+            seconds[method].append(took)
+            if method == "search-r1":
+                baseline, result = result, result["kept"]
+            if method == "rollout" and result != kept:
+                raise RuntimeError(f"rollout kept {result} tokens, {kept} in its first run: not deterministic")
+            tokens[method] = result
     turns = [len(t.turns) for t in trajs]
     print(f"rollout rows: searches {sum(t.num_searches for t in trajs)}, answered {sum(t.answered for t in trajs)}, "
-          f"invalid {sum(t.num_invalid for t in trajs)}, turns per row {min(turns)}-{max(turns)}, "
-          f"sampled tokens per turn {kept / sum(turns):.1f}; search-r1 loop: searches {baseline['searches']}, "
-          f"answered {baseline['answered']}, generated {baseline['generated']} for {baseline['kept']} kept")
-    ours = best["rollout"][0] / best["rollout"][1]
-    print(f"| method | tokens kept | seconds | tokens kept/s | rollout / this |")
-    print(f"|---|---|---|---|---|")
-    for method, (tokens, seconds) in best.items():
-        rate = tokens / seconds
-        print(f"| {method} | {tokens} | {seconds:.2f} | {rate:.0f} | {ours / rate:.2f}x |")
+          f"invalid {sum(t.num_invalid for t in trajs)}, turns per row {min(turns)}-{max(turns)}, sampled tokens "
+          f"per turn {kept / sum(turns):.1f}, per row {min(per_traj)}-{max(per_traj)}" + (
+              "" if baseline is None else f"; search-r1 loop: searches {baseline['searches']}, answered "
+              f"{baseline['answered']}, generated {baseline['generated']} for {baseline['kept']} kept"))
+    print(f"\nmedians of {repeats} interleaved rounds")
+    print("| method | tokens kept | seconds | tokens kept/s | rollout / this |")
+    print("|---|---|---|---|---|")
+    for method in runs:
+        ratio = statistics.median((tokens["rollout"] / r) / (tokens[method] / m)
+                                  for r, m in zip(seconds["rollout"], seconds[method]))
+        median = statistics.median(seconds[method])
+        print(f"| {method} | {tokens[method]} | {median:.2f} | {tokens[method] / median:.0f} | {ratio:.2f}x |")
+    split = TimeSplit(model, retriever)
+    for _ in range(repeats):
+        split.measure(lambda: rollout(model, tokenizer, questions, retriever, config))
+    print("\nwhere the time goes, seconds per run (forwards in parentheses), mean of", repeats, "more runs each")
+    print("| run | total | prefill forwards | decode forwards | retrieval | the rest |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(split.row("rollout", repeats))
+    split.seconds, split.forwards = {k: 0.0 for k in split.seconds}, {k: 0 for k in split.forwards}
+    for _ in range(repeats):
+        split.measure(lambda: ragged_decode(model, tokenizer, questions, per_traj, config))
+    print(split.row("ragged raw loop", repeats))
+    split.close()
 
 
 def main():
@@ -212,7 +313,13 @@ def main():
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per method; the fastest is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--methods", nargs="+", default=["search-r1", "decode", "raw loop", "ragged raw loop"],
+                        help="baselines to run besides the rollout (search-r1 is the slow one)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sampled with --seed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-row-tokens", type=int, help="a diagnostic: leave out the questions whose rows "
+                                                           "sample more than this many tokens")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -223,25 +330,28 @@ def main():
     world = demo.make_world(seed=0)
     retriever = BM25Retriever(world.corpus)
     questions = [q["question"] for q in world.test[:args.questions]]
-    config = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, greedy=True)
+    config = RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens, greedy=args.temperature == 0,
+                           temperature=args.temperature or 1.0, seed=args.seed)
     print(f"# bench_rollout: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-        bench_case(f"model {args.model}", model, tokenizer, questions, retriever, config, args.repeats)
+        bench_case(f"model {args.model}", model, tokenizer, questions, retriever, config, args.repeats, args.methods,
+                   args.max_row_tokens)
         return
     tokenizer = demo.train_tokenizer(world)
     positions = 2 * (args.max_turns + 1) * (args.max_new_tokens + 600)
     model = demo.make_tiny_model(tokenizer, size=args.size, seed=0, max_positions=positions).eval()
-    bench_case(f"random {args.size} model", model, tokenizer, questions, retriever, config, args.repeats)
+    bench_case(f"random {args.size} model", model, tokenizer, questions, retriever, config, args.repeats, args.methods,
+               args.max_row_tokens)
     if args.warmup_steps:
         print(f"\nwarming up the {args.size} model: {args.warmup_steps} steps on oracle trajectories", flush=True)
         _, seconds = timed(lambda: warm_up(model, tokenizer, world, retriever, args.warmup_steps))
         print(f"  ({seconds:.0f} s)")
         bench_case(f"{args.size} model after {args.warmup_steps} SFT steps", model, tokenizer, questions,
-                   retriever, config, args.repeats)
+                   retriever, config, args.repeats, args.methods, args.max_row_tokens)
 
 
 if __name__ == "__main__":

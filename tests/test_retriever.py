@@ -152,6 +152,42 @@ def test_batched_search_is_bit_identical_to_rank_bm25_for_any_block_size(monkeyp
     assert batch == [ours.search([q], topk=4)[0] for q in queries]
 
 
+def test_dense_rows_are_exactly_the_epsilon_floor_words_and_each_is_the_references_term_vector():
+    rows = zipf_corpus(300, seed=11)
+    ours, ref = BM25Retriever(rows), reference(rows)
+    word_of_id = {t: w for w, t in ours._vocab.items()}
+    floor_words = sorted(w for w, idf in ref.idf.items() if idf == ref.average_idf * ref.epsilon)
+    assert len(floor_words) >= 2 and sorted(word_of_id[t] for t in ours._dense_words.tolist()) == floor_words
+    assert ours._dense.shape == (len(floor_words), len(rows))
+    for t, row in zip(ours._dense_words.tolist(), ours._dense):
+        np.testing.assert_array_equal(row, ref.get_scores([word_of_id[t]]))   # one word: its term vector
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 4, 1000])
+def test_queries_mixing_dense_and_sparse_words_in_any_order_are_bit_identical(monkeypatch, rows_per_block):
+    # A dense word's row is added in one pass, other words by postings; the words before the first
+    # dense word of a query go through the block's bincount, the others one by one. Every order of
+    # two floor words and two sparse words (one repeated) must still add in the reference's order.
+    import itertools
+    rows = zipf_corpus(300, seed=12)
+    monkeypatch.setattr(R, "_BLOCK_BYTES", 8 * len(rows) * rows_per_block)
+    ours, ref = BM25Retriever(rows), reference(rows)
+    word_of_id = {t: w for w, t in ours._vocab.items()}
+    dense = [word_of_id[t] for t in ours._dense_words.tolist()][:2]
+    df = np.diff(ours._start)
+    sparse = [word_of_id[t] for t in np.argsort(-df, kind="stable").tolist() if word_of_id[t] not in dense][:2]
+    assert len(dense) == 2 and df[ours._vocab[sparse[1]]] * 2 < len(rows)
+    queries = sorted({" ".join(p) for p in itertools.permutations(dense + sparse + [sparse[0]])}) + ["unknownword"]
+    scores = [ref.get_scores(tokenize(q)) for q in queries]
+    for query, expected in zip(queries, scores):
+        np.testing.assert_array_equal(ours.scores(query), expected)
+    # the order matters here: the same terms summed in another order differ in the last bit somewhere
+    assert any(not np.array_equal(ref.get_scores(sorted(tokenize(q))), s) for q, s in zip(queries, scores))
+    for query, hits, s in zip(queries, ours.search(queries, topk=5), scores):
+        expected = sorted(range(len(rows)), key=lambda i: (-s[i], i))[:5]
+        assert [(h["id"], h["score"]) for h in hits] == [(rows[i]["id"], s[i]) for i in expected]
+
+
 def test_top_k_picks_each_rows_best_with_ties_in_column_order_for_small_and_large_k():
     scores = np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0], [-1.0, 2.0, -3.0, 2.0, 5.0]])
     for k, expected in [(3, [[1, 2, 4], [0, 1, 2], [4, 1, 3]]), (99, [[1, 2, 4, 0, 3], [0, 1, 2, 3, 4], [4, 1, 3, 0, 2]])]:
@@ -799,10 +835,12 @@ def test_index_round_trip_scores_are_bit_identical_to_building_from_the_corpus(t
     assert loaded.passages[-1] == {"id": "é\u00e8\ud800", "contents": "Café\nnaïve w1"}
     with pytest.raises(KeyError, match="nope"):
         loaded.get("nope")
-    assert isinstance(loaded._doc, np.memmap) and isinstance(loaded._tf, np.memmap)  # mapped, not read
+    assert all(isinstance(getattr(loaded, name), np.memmap) for name in ("_doc", "_tf", "_dense"))  # mapped, not read
+    np.testing.assert_array_equal(loaded._dense, built._dense)
+    assert loaded._dense_words.tolist() == built._dense_words.tolist() and len(built._dense_words) >= 1
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(  # the spilled chunks are gone
         ["meta.json", "vocab.txt", "ids.bin", "contents.bin"] + [f"{name}.npy" for name in
-        ("start", "doc", "tf", "idf", "norm", "id_offsets", "contents_offsets", "id_order")])
+        ("start", "doc", "tf", "idf", "norm", "dense_words", "dense", "id_offsets", "contents_offsets", "id_order")])
 
 
 def test_chunked_build_equals_a_single_chunk_build(monkeypatch):
@@ -810,7 +848,7 @@ def test_chunked_build_equals_a_single_chunk_build(monkeypatch):
     whole = BM25Retriever(rows)
     monkeypatch.setattr(R, "_CHUNK_TOKENS", 7)  # chunks end mid-corpus every passage or two
     chunked = BM25Retriever(rows)
-    for name in ("_start", "_doc", "_tf", "_idf", "_norm"):
+    for name in ("_start", "_doc", "_tf", "_idf", "_norm", "_dense_words", "_dense"):
         np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name))
     assert list(chunked._vocab.items()) == list(whole._vocab.items())
 
@@ -892,6 +930,10 @@ def shrink_norm(d):
     np.save(d / "norm.npy", np.zeros(3))
 
 
+def reshape_dense(d):
+    np.save(d / "dense.npy", np.zeros((1, 3)))
+
+
 def shift_start(d):
     np.save(d / "start.npy", np.load(d / "start.npy") + 1)
 
@@ -921,6 +963,7 @@ SIZE = r"\d+ bytes, expected \d+ \(meta\.json\): truncated or replaced"
     (without_checksums(lambda d: (d / "doc.npy").unlink()), r"DIR/doc\.npy: missing or unreadable"),
     (without_checksums(truncate_tf), r"DIR/tf\.npy: missing or unreadable"),
     (without_checksums(shrink_norm), r"DIR/norm\.npy: float64 \(3,\), expected float64 \(6,\)"),
+    (without_checksums(reshape_dense), r"DIR/dense\.npy: float64 \(1, 3\), expected float64 \(\d+, 6\)"),
     (without_checksums(shift_start), r"DIR/start\.npy: does not span"),
     (without_checksums(lambda d: (d / "contents.bin").write_bytes(b"short")), r"DIR/contents\.bin: 5 bytes, expected \d+"),
     (without_checksums(lambda d: (d / "ids.bin").unlink()), r"DIR/ids\.bin: missing, expected"),
@@ -932,7 +975,7 @@ def test_a_damaged_or_foreign_index_is_refused_naming_the_file(index_dir, tmp_pa
         BM25Retriever.load(path)
 
 
-@pytest.mark.parametrize("name", ["doc.npy", "tf.npy", "idf.npy", "norm.npy", "start.npy", "id_offsets.npy",
+@pytest.mark.parametrize("name", ["doc.npy", "tf.npy", "idf.npy", "norm.npy", "start.npy", "dense.npy", "id_offsets.npy",
                                   "id_order.npy", "contents.bin", "ids.bin", "vocab.txt"])
 def test_a_bit_rotten_index_file_is_refused_at_load_naming_it(index_dir, tmp_path, name):
     """Same size, other bytes: the shape checks pass, so only the recorded CRC-32 can tell. (A rotten
@@ -956,6 +999,20 @@ def test_an_index_without_checksums_loads_with_a_warning(index_dir, tmp_path, ca
     assert loaded.search(["capital city"]) == BM25Retriever(SMALL).search(["capital city"])
     assert re.fullmatch(f"retriever: warning: {re.escape(path)} records no file sizes or checksums .*\n",
                         capsys.readouterr().err)
+
+
+def test_an_index_written_before_dense_rows_existed_makes_them_at_load_and_scores_the_same(index_dir, tmp_path):
+    def as_before(d):
+        meta = json.loads((d / "meta.json").read_text())
+        for name in ("dense.npy", "dense_words.npy"):
+            (d / name).unlink()
+            del meta["files"][name]
+        del meta["dense_words"]
+        (d / "meta.json").write_text(json.dumps(meta))
+    loaded, built = BM25Retriever.load(damaged_copy(index_dir, tmp_path, as_before)), BM25Retriever(SMALL)
+    np.testing.assert_array_equal(loaded._dense, built._dense)
+    for query in ["the city", "capital the city of", "shakespeare the the"]:
+        np.testing.assert_array_equal(loaded.scores(query), reference(SMALL).get_scores(tokenize(query)))
 
 
 def test_index_records_the_size_and_crc32_of_every_other_file(index_dir):

@@ -253,6 +253,26 @@ def test_a_rows_greedy_rollout_is_the_same_alone_and_in_a_batch(searching_run, t
         assert alone.loss_mask == in_batch.loss_mask
 
 
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4], [0, 1, 3], [2, 4], [1, 2, 3, 4], [4], []])
+def test_turn_cache_keeps_the_selected_rows_in_order_and_grows_in_place(keep):
+    """A row that ends its turn leaves: the rows kept move to the front of the reserved buffers
+    (filled columns only), in their order, with the strides they had; later writes go after them."""
+    torch.manual_seed(0)
+    layer = rollout_module._TurnLayer(room=6)
+    prefill = torch.randn(5, 2, 3, 4), torch.randn(5, 2, 3, 4)                  # (R, H, n, D)
+    layer.update(*prefill)
+    step = torch.randn(5, 2, 1, 4), torch.randn(5, 2, 1, 4)
+    layer.update(*step)
+    strides = layer.keys.stride()
+    layer.batch_select_indices(torch.tensor(keep, dtype=torch.long))
+    for got, first, then in ((layer.keys, prefill[0], step[0]), (layer.values, prefill[1], step[1])):
+        torch.testing.assert_close(got, torch.cat([first, then], dim=2)[keep], rtol=0, atol=0)
+    assert layer.keys.stride() == strides and layer.keys.shape == (len(keep), 2, 4, 4)
+    more = torch.randn(len(keep), 2, 1, 4), torch.randn(len(keep), 2, 1, 4)
+    for got, first, then, last in zip(layer.update(*more), prefill, step, more):
+        torch.testing.assert_close(got, torch.cat([torch.cat([first, then], dim=2)[keep], last], dim=2), rtol=0, atol=0)
+
+
 # -----------------------------------------------------------------------------
 # Without searches the rollout is plain greedy decoding
 
