@@ -530,7 +530,8 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
             row = {"step": step + 1, "reward": sums[1] / n, "em": sums[2] / n, "wrong_frac": 1 - sums[2] / n,
                    "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
                    "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
-                   "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0)}
+                   "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0),
+                   "zero_grad_steps": counters.get("zero_grad_steps", 0)}
             if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 validate(step + 1, row)
             if dist.master:

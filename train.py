@@ -728,16 +728,25 @@ def make_optimizer(model, lr: float, weight_decay: float, total_steps: int, warm
 
 def optimizer_step(model, optimizer, scheduler, grad_clip: float, counters: dict, dist: Dist,
                    finite_loss: bool = True) -> float:
-    """Clips, then steps — unless some rank's loss or the gradient is not finite, in which case the
-    step is skipped on every rank (the decision is all-reduced), counted and warned about. A step
-    that leaves a weight non-finite (finite gradients times a learning rate like 1e30) stops the run:
-    it cannot be undone, and the next forward would sample garbage."""
+    """Clips, then steps — with two exceptions, both decided on every rank alike (one all-reduce):
+    - some rank's loss or the gradient is not finite: the step is skipped, counted (skipped_steps)
+      and warned about;
+    - the gradient is exactly zero (every GRPO group constant and no other term, say): the step is
+      skipped and counted (zero_grad_steps), since AdamW would otherwise still move every weight,
+      replaying its momentum (0.64, 0.50, 0.41 … × lr on the following empty steps with betas
+      (0.9, 0.95)) and decaying it; the optimizer's state (moments, step count) is left as it is.
+    The learning-rate schedule advances on every step, skipped or not: it follows the step count.
+    A step that leaves a weight non-finite (finite gradients times a learning rate like 1e30) stops
+    the run: it cannot be undone, and the next forward would sample garbage."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
-    any_bad = all_reduce_sum(dist, [0.0 if finite_loss else 1.0])[0] > 0
-    if math.isfinite(norm) and not any_bad:
+    bad, moved = all_reduce_sum(dist, [0.0 if finite_loss else 1.0, 1.0 if norm != 0.0 else 0.0])
+    if math.isfinite(norm) and not bad and moved:
         optimizer.step()
         counters["consecutive_skipped"] = 0
         check_weights_finite(model, optimizer)
+    elif math.isfinite(norm) and not bad:         # a zero gradient on every rank: nothing to learn from
+        counters["zero_grad_steps"] = counters.get("zero_grad_steps", 0) + 1
+        counters["consecutive_skipped"] = 0
     else:
         counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
         counters["consecutive_skipped"] = counters.get("consecutive_skipped", 0) + 1
@@ -1084,7 +1093,8 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
                                                                     sums["n_tokens"]])
             row = {"step": step + 1, "loss": loss_sum / dist.world_size, "ce": ce_sum / max(n_tok, 1),
                    "kl": kl_sum / max(n_tok, 1), "grad_norm": norm, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0)}
+                   "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0),
+                   "zero_grad_steps": counters.get("zero_grad_steps", 0)}
             if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
                 row["heldout_loss"] = heldout_loss(model, teacher, heldout, cfg, vocab_size, dist)
             if dist.master:

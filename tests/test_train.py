@@ -214,6 +214,63 @@ def test_nonfinite_loss_skips_the_step_counts_it_and_warns(tokenizer, model_dirs
         assert torch.equal(before[k], after[k]) or torch.isnan(before[k]).all(), k
 
 
+def _state_tensors(state):
+    """Every tensor of a (nested) optimizer state dict, by path, cloned."""
+    out = {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            out[f"{pid}.{name}"] = value.clone() if torch.is_tensor(value) else value
+    return out
+
+
+def test_a_zero_gradient_step_moves_nothing_counts_it_and_the_schedule_still_advances(tokenizer, model_dirs,
+                                                                                      fixed_rollouts):
+    """After a real step AdamW holds momentum; a step whose gradient is exactly zero (every group
+    constant, no teacher term) must then leave every weight and the optimizer's state (moments and
+    step count) as they are — AdamW would otherwise move the weights by ~0.64 × lr — count itself,
+    and still advance the learning-rate schedule."""
+    dist = train.Dist()
+    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    cfg = _rl_config(teacher_mode="none", lr=1e-2)
+    optimizer, scheduler = train.make_optimizer(model, cfg.lr, 0.1, 10, 4, None)   # warm-up: lr changes per step
+    records = data.load_trajectories(fixed_rollouts)       # mixed groups: a real gradient
+    counters = {}
+    view = train.wrap(model, dist)
+    rl.rl_update(view, None, optimizer, scheduler, records, cfg, dist, len(tokenizer), counters)
+    assert "zero_grad_steps" not in counters and optimizer.state_dict()["state"], "the first step is a real one"
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state, lr = _state_tensors(optimizer.state_dict()), scheduler.get_last_lr()[0]
+    constant = [{**r, "em": 1.0} for r in records]           # every group all right: advantage exactly 0
+    row = rl.rl_update(view, None, optimizer, scheduler, constant, cfg, dist, len(tokenizer), counters)
+    assert row["grad_norm"] == 0.0 and counters["zero_grad_steps"] == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    after = _state_tensors(optimizer.state_dict())
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(after[k], v) if torch.is_tensor(v) else after[k] == v, k
+    assert (lr, scheduler.get_last_lr()[0]) == pytest.approx((0.5e-2, 0.75e-2))   # the warm-up moved on: 2/4 -> 3/4
+    # the same empty step without the skip: AdamW replays its momentum and the weights move
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert any(not torch.equal(v, params[k]) for k, v in model.state_dict().items())
+
+
+def test_rl_steps_with_no_gradient_leave_the_student_as_it_was_and_the_metrics_count_them(world, retriever,
+                                                                                        model_dirs, tmp_path):
+    """Plain GRPO from an untrained student: every rollout is wrong, every group constant, so no step
+    has a gradient; the run logs each as a zero-gradient step and saves the start weights."""
+    out = str(tmp_path / "grpo")
+    cfg = _rl_config(steps=2, teacher_mode="none")
+    rl.train_rl(model_dirs["student"], None, world.train[:4], retriever, cfg, train.Dist(), out)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["em"] for r in rows] == [0.0, 0.0]
+    assert [r["zero_grad_steps"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)
+    start, end = _params(model_dirs["student"]), _params(out)
+    assert all(torch.equal(start[k], end[k]) for k in start)
+
+
 def test_data_window_is_a_permutation_per_epoch_and_depends_only_on_seed_and_position():
     n = 7
     stream = train.data_window(5, n, 0, 3 * n)
