@@ -107,7 +107,8 @@ RANGES = {
     "max_new_tokens": (1, None, True, None), "max_obs_tokens": (0, None, True, None),
     "max_total_tokens": (1, None, True, None), "topk": (1, None, True, None), "eval_limit": (0, None, True, None),
     "critic_lr": (0, 1, True, True), "critic_warmup_ratio": (0, 1, True, True), "value_clip": (0, None, False, None),
-    "gamma": (0, 1, True, True), "gae_lambda": (0, 1, True, True),
+    "gamma": (0, 1, True, True), "gae_lambda": (0, 1, True, True), "max_draws": (1, None, True, None),
+    "probe_samples": (0, None, True, None), "pool_eval_limit": (0, None, True, None),
     "retriever_retry_seconds": (0, None, True, None), "retriever_timeout": (0, None, False, None),
 }
 
@@ -331,9 +332,11 @@ def vocab_size_of(tokenizer, *models) -> int:
     return n
 
 
-# Settings a resume may change without changing what is trained (how often to save, evaluate, batch
-# the forward passes); every other setting must match the checkpoint's unless --override-config.
-FREE_SETTINGS = ("eval_every", "eval_limit", "save_every", "micro_batch_size", "rollout_batch_size")
+# Settings a resume may change without changing what is trained (how often to save, evaluate, what to
+# measure, how to batch the forward passes); every other setting must match the checkpoint's unless
+# --override-config.
+FREE_SETTINGS = ("eval_every", "eval_limit", "save_every", "micro_batch_size", "rollout_batch_size",
+                 "term_grad_norms", "probe_samples", "pool_eval_limit")
 STATE_FILE = "trainer_state.pt"
 
 

@@ -65,17 +65,22 @@ def _run_worker(nproc, model_dirs, records_path, out_dir, *extra):
     return [torch.load(out_dir / f"rank{r}_of{nproc}.pt") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("teacher_as,mini_batches,algo", [("loss", "1", "grpo"), ("reward", "1", "grpo"),
-                                                          ("loss", "2", "grpo"), ("reward", "2", "ppo")])
+@pytest.mark.parametrize("teacher_as,mini_batches,algo,drop", [("loss", "1", "grpo", "0"), ("reward", "1", "grpo", "0"),
+                                                               ("loss", "2", "grpo", "0"), ("reward", "2", "ppo", "0"),
+                                                               ("loss", "2", "grpo", "1"), ("reward", "1", "grpo", "1")])
 @pytest.mark.numerics
 def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rollouts, tmp_path, teacher_as,
-                                                           mini_batches, algo):
-    """The same actor update (and, with PPO, the same critic update) on 1 and on 2 ranks (gloo)."""
+                                                           mini_batches, algo, drop):
+    """The same actor update (and, with PPO, the same critic update) on 1 and on 2 ranks (gloo), and the
+    same instruments. With --drop-constant-groups (2 prompts a step) the update keeps groups 100 and
+    103 for the policy gradient and the wrong rollouts of the others for the teacher term: rank 0
+    holds 6 of the 11 kept rollouts, rank 1 5, and with 2 mini-batches one rank has 1 micro-batch
+    where the other has 2 — it runs an empty one so that DDP's all-reduce meets."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     before = train.load_model(model_dirs["student"], train.Dist(), trainable=True).state_dict()
-    [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as, mini_batches, algo)
-    rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as, mini_batches, algo)
+    [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as, mini_batches, algo, drop)
+    rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as, mini_batches, algo, drop)
     moved = max((single["params"][k] - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4, "the step must actually change the parameters for the comparison to mean anything"
     for which in ("params", "critic"):
@@ -90,6 +95,18 @@ def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rol
     assert rank0["metrics"]["teacher_kl"] == pytest.approx(single["metrics"]["teacher_kl"], rel=1e-5)
     if mini_batches == "2":    # the second mini-batch is off-policy: the ratio moved away from 1
         assert single["metrics"]["approx_kl"] > 0
+    # the instruments: per-term gradient norms of the global batch, group counts, PPO's explained variance
+    keys = ["grad_norm_surrogate", "grad_norm_teacher", "grad_norm_entropy", "mixed_groups", "nonzero_adv"]
+    keys += {"ppo": ["explained_var"], "grpo": []}[algo] + (["pg_groups", "kept_rollouts"] if drop == "1" else [])
+    for key in keys:
+        assert rank0["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-7), key
+        assert rank0["metrics"][key] == rank1["metrics"][key], key
+    assert single["metrics"]["mixed_groups"] == 3 / 8          # groups 100, 103, 105 of the fixture
+    assert all(single["metrics"][f"grad_norm_{k}"] > 0 for k in ("surrogate", "teacher", "entropy"))
+    if drop == "1":
+        assert single["metrics"]["pg_groups"] == 2
+        assert single["metrics"]["kept_rollouts"] == 4 + 7       # groups 100 and 103, and the other wrong rollouts
+        assert single["metrics"]["nonzero_adv"] == (4 if teacher_as == "loss" else 11)   # the penalty: every kept one
 
 
 def _rl_config(**kw):
@@ -393,7 +410,7 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
     summary = rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg,
                              train.Dist(), out, validation=world.validation)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == [0, 1, 2] and rows[0].keys() == {"step", "val_em"}
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[0].keys() == {"step", "val_em", "eval_s"}
     assert rows[0]["val_em"] == rows[1]["val_em"] == rows[2]["val_em"]
     assert summary["best_step"] == 0
     assert torch.load(os.path.join(out, "best", "trainer_state.pt"), weights_only=False)["step"] == 0
