@@ -591,6 +591,24 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2,
     entropy_coef c_H > 0 needs logits (B, T, V) and adds the bonus (differentiable); with logits and
     c_H = 0 the entropy is a metric only. Example: r = 1.5, A = 1, ε = 0.2 -> ℓ = −1.2, gradient 0.
     """
+    terms, metrics = _policy_terms(logp, old_logp, advantages, mask, clip_low, clip_high, agg, normaliser,
+                                   logits, entropy_coef, normaliser)
+    return _sum_terms(terms), metrics
+
+
+def _sum_terms(terms):
+    """surrogate (+ entropy) (+ teacher), in that order: the loss, one scalar."""
+    loss = terms["surrogate"]
+    for name in ("entropy", "teacher"):
+        if name in terms:
+            loss = loss + terms[name]
+    return loss
+
+
+def _policy_terms(logp, old_logp, advantages, mask, clip_low, clip_high, agg, normaliser, logits,
+                  entropy_coef, entropy_normaliser):
+    """policy_loss's two terms apart, {"surrogate": aggregate(ℓ, m) / normaliser, "entropy":
+    −c_H · aggregate(H, m) / entropy_normaliser (only when c_H > 0)}, and its metrics."""
     _check_same("policy_loss", "logp", logp, old_logp=old_logp)
     adv = _advantage_columns("policy_loss", advantages, logp.shape).to(logp.dtype)  # (B, 1) | (B, T)
     m = _bool_mask("policy_loss", mask, logp.shape)                      # (B, T)
@@ -604,10 +622,11 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2,
     surr = ratio * adv                                                   # (B, T) r A
     surr_clip = ratio.clamp(1 - clip_low, 1 + clip_high) * adv           # (B, T) clip(r) A
     per_token = -torch.minimum(surr, surr_clip)                          # (B, T) ℓ_t
-    loss = pg_loss = aggregate(per_token, m, agg, normaliser)
+    pg_loss = aggregate(per_token, m, agg, normaliser)
+    terms = {"surrogate": pg_loss}
     ent = entropy(logits) if entropy_coef > 0 else None                  # (B, T) with grad
     if ent is not None:
-        loss = pg_loss - entropy_coef * aggregate(ent, m, agg, normaliser)
+        terms["entropy"] = -(entropy_coef * aggregate(ent, m, agg, entropy_normaliser))
 
     with torch.no_grad():
         high = (adv > 0) & (ratio > 1 + clip_high)                       # (B, T)
@@ -622,13 +641,13 @@ def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2,
         }
         if logits is not None:
             metrics["entropy"] = _mean(ent if ent is not None else entropy(logits), m)
-    return loss, metrics
+    return terms, metrics
 
 
 def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="selective",
               kl="full", student_logits=None, teacher_logits=None, teacher_logp=None,
               clip_low=0.2, clip_high=0.2, agg="token-mean", normaliser=None, vocab_size=None,
-              entropy_coef=0.0):
+              entropy_coef=0.0, pg_normaliser=None):
     """DGPO: "reward if correct, mimic the teacher if wrong" (docs/method.md §4, GRPO form).
 
         L = L_clip(θ) − c_H · aggregate(H, m) + β · aggregate(w_i · KL_t(π_θ‖π_T), m, agg, normaliser)
@@ -639,6 +658,9 @@ def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="sele
     and does not jump with the fraction of wrong rollouts. Only loss-masked tokens of weighted
     rollouts receive gradient from it (exactly zero elsewhere). The visited prefixes are taken as
     given, as in every per-token KL penalty; "exact" below means exact at each visited position.
+    pg_normaliser (None = normaliser) divides L_clip alone: with rollouts in the batch only for the
+    teacher term (advantage 0, e.g. the constant groups that DAPO-style dynamic sampling keeps for
+    it), the surrogate is then averaged over the rollouts that carry a policy gradient.
 
     kl="full" (default): KL_t = Σ_v π_θ(v)(log π_θ(v) − log π_T(v)) from student_logits and
       teacher_logits (B, T, V) (teacher detached, vocab_size slices padding rows).
@@ -659,8 +681,25 @@ def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="sele
     entropy_coef as in policy_loss (needs student_logits). Metrics add to
     policy_loss's: teacher_kl (mean KL over weighted loss tokens: exact for "full", the k3 value
     for sampled kinds), teacher_term (= β · the aggregated term), n_teacher_tokens, wrong_frac
-    (fraction of rollouts with EM = 0), loss.
+    (fraction of rollouts with EM = 0), loss. dgpo_terms gives the terms apart.
     """
+    terms, metrics = dgpo_terms(
+        logp, old_logp, advantages, em, mask, beta=beta, teacher=teacher, kl=kl, student_logits=student_logits,
+        teacher_logits=teacher_logits, teacher_logp=teacher_logp, clip_low=clip_low, clip_high=clip_high, agg=agg,
+        normaliser=normaliser, vocab_size=vocab_size, entropy_coef=entropy_coef, pg_normaliser=pg_normaliser)
+    loss = _sum_terms(terms)
+    metrics["loss"] = loss.item()
+    return loss, metrics
+
+
+def dgpo_terms(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="selective",
+               kl="full", student_logits=None, teacher_logits=None, teacher_logp=None,
+               clip_low=0.2, clip_high=0.2, agg="token-mean", normaliser=None, vocab_size=None,
+               entropy_coef=0.0, pg_normaliser=None):
+    """dgpo_loss's terms apart, each a scalar with its gradient, and its metrics (without "loss"):
+    {"surrogate": L_clip, "entropy": −c_H · aggregate(H, m) (only when c_H > 0), "teacher":
+    β · aggregate(w_i · KL_t, m) (only when teacher != "none")}; dgpo_loss is their sum. Taking
+    each term's gradient on its own shows which one moves the policy."""
     if teacher not in ("selective", "uniform", "none"):
         raise ValueError(f"dgpo_loss: teacher must be 'selective', 'uniform' or 'none', got "
                          f"{teacher!r}")
@@ -679,12 +718,12 @@ def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="sele
         raise ValueError("dgpo_loss: kl='full' needs student_logits and teacher_logits")
     # with the exact KL the entropy comes free from _FullKL, unless the bonus needs its gradient
     metric_logits = None if exact and entropy_coef == 0 else student_logits
-    loss_clip, metrics = policy_loss(logp, old_logp, advantages, m, clip_low, clip_high, agg,
-                                     normaliser, logits=metric_logits, entropy_coef=entropy_coef)
+    terms, metrics = _policy_terms(logp, old_logp, advantages, m, clip_low, clip_high, agg,
+                                   normaliser if pg_normaliser is None else pg_normaliser,
+                                   metric_logits, entropy_coef, normaliser)
     metrics["wrong_frac"] = (em == 0).float().mean().item() if em.numel() else 0.0
     if teacher == "none":
-        metrics["loss"] = loss_clip.item()
-        return loss_clip, metrics
+        return terms, metrics
     w = _rollout_weights("dgpo_loss", em, teacher, logp.shape[0])[:, None]  # (B, 1) w_i
 
     if exact:   # KL(π_θ‖π_T) per position; H(π_θ) comes with it (see _FullKL)
@@ -707,16 +746,15 @@ def dgpo_loss(logp, old_logp, advantages, em, mask, *, beta=0.001, teacher="sele
         kl_value = kl_estimate(lp, lt, "k3").detach()                    # (B, T) value estimate
 
     teacher_term = aggregate(w * kl_t, m, agg, normaliser)               # scalar
-    loss = loss_clip + beta * teacher_term
+    terms["teacher"] = beta * teacher_term
     with torch.no_grad():
         weighted = m & (w > 0)                                           # (B, T)
         metrics.update({
             "teacher_kl": _mean(kl_value, weighted),
             "teacher_term": beta * teacher_term.item(),
             "n_teacher_tokens": int(weighted.sum()),
-            "loss": loss.item(),
         })
-    return loss, metrics
+    return terms, metrics
 
 
 def kd_loss(student_logits, teacher_logits, tokens, mask, lam=1.0, normaliser=None,

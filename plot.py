@@ -1,8 +1,10 @@
 """Training curves: one or more metrics.jsonl files (as train.py writes them) → one PNG, a panel per quantity.
 
 What it does: reads the per-step JSON lines of `train.py rl` (keys step, reward, em, teacher_kl, entropy,
-and val_em on the steps that evaluated) or of `train.py teacher|kd` (step, loss, ce, kl, heldout_loss),
-and draws each requested quantity against the step. Runs can be grouped under a label: a group of
+the instruments — mixed_groups, nonzero_adv, grad_norm_<term>, PPO's vf_loss, explained_var, value_mean,
+the time split — and val_em, pool_em, probe_reward on the steps that evaluated) or of `train.py
+teacher|kd` (step, loss, ce, kl, heldout_loss), and draws each requested quantity against the step
+(by default the RL ones present; probe_reward with a ±1 standard-error band for a single run). Runs can be grouped under a label: a group of
 several files (seeds of one configuration) is drawn as the mean over its files with a min–max band, at
 the steps every file of the group logged.
 
@@ -26,11 +28,24 @@ import sys
 
 from data import read_jsonl
 
-DEFAULT_KEYS = ("reward", "em", "teacher_kl", "entropy", "val_em")   # RL metrics; those present are drawn
+# RL metrics, those present are drawn: what is learnt (training reward and EM, validation EM, the RL
+# pool's own EM, the probe), where the signal comes from (mixed groups, rollouts with an advantage, each
+# loss term's gradient norm, the teacher KL, entropy), PPO's critic, the refill, and the time per step
+DEFAULT_KEYS = ("reward", "em", "teacher_kl", "entropy", "val_em", "pool_em", "probe_reward", "mixed_groups",
+                "nonzero_adv", "grad_norm_surrogate", "grad_norm_teacher", "grad_norm_entropy", "vf_loss",
+                "explained_var", "value_mean", "draws", "rollout_s", "score_s", "update_s", "critic_s")
 SHARED_LEGEND = 4          # more groups than this get one legend for the figure instead of one per panel
 TITLES = {"reward": "reward", "em": "EM (training rollouts)", "teacher_kl": "teacher KL", "entropy": "entropy",
           "val_em": "validation EM", "loss": "loss", "ce": "cross-entropy", "kl": "KL(teacher‖student)",
-          "heldout_loss": "held-out loss"}
+          "heldout_loss": "held-out loss", "pool_em": "EM on the RL pool (greedy)",
+          "probe_reward": "probe: sampled reward on validation", "mixed_groups": "fraction of mixed groups",
+          "nonzero_adv": "rollouts with an advantage", "grad_norm_surrogate": "‖∇ surrogate‖",
+          "grad_norm_teacher": "‖∇ teacher term‖", "grad_norm_entropy": "‖∇ entropy bonus‖",
+          "vf_loss": "value loss", "explained_var": "explained variance (critic)", "value_mean": "mean value",
+          "draws": "rounds drawn per step", "rollout_s": "rollout seconds", "score_s": "scoring seconds",
+          "update_s": "update seconds", "critic_s": "critic seconds"}
+# a key whose rows carry its standard error: a single run is drawn with a ±1 SE band
+STANDARD_ERRORS = {"probe_reward": "probe_reward_se"}
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -96,7 +111,8 @@ def load_groups(groups: dict[str, list[str]], keys: list[str] | None) -> tuple[l
         if key not in present:
             raise ValueError(f"key {key!r} is in none of {', '.join(rows)} (they have: "
                              f"{', '.join(sorted(present - {'_line'}))})")
-    data = {label: {key: {p: series(rows[p], key, p) for p in paths} for key in keys}
+    loaded = keys + [STANDARD_ERRORS[k] for k in keys if STANDARD_ERRORS.get(k) in present]
+    data = {label: {key: {p: series(rows[p], key, p) for p in paths} for key in loaded}
             for label, paths in groups.items()}
     return keys, data
 
@@ -118,9 +134,17 @@ def figure(groups: dict[str, list[str]], keys: list[str] | None = None):
                 continue
             steps, mean, low, high = group_curve(runs, key, label)
             name = label if len(runs) == 1 else f"{label} (mean of {len(runs)}, band min–max)"
+            se = by_key.get(STANDARD_ERRORS.get(key), {})
+            if len(runs) == 1 and se.get(next(iter(runs))):
+                name += " (band ±1 SE)"
             line, = ax.plot(steps, mean, label=name, marker="o" if len(steps) <= 20 else None, markersize=3)
             if len(runs) > 1:
                 ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            elif se.get(next(iter(runs))):
+                errors = se[next(iter(runs))]
+                width = [errors.get(step, 0.0) for step in steps]
+                ax.fill_between(steps, [m - w for m, w in zip(mean, width)], [m + w for m, w in zip(mean, width)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(TITLES.get(key, key))
         ax.set_xlabel("step")
         ax.xaxis.get_major_locator().set_params(integer=True)

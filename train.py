@@ -58,6 +58,7 @@ import checkpoint
 import data
 import dgpo
 import rollout as rollout_lib
+import stats
 from rollout import RolloutConfig, rollout
 
 # -----------------------------------------------------------------------------
@@ -107,7 +108,8 @@ RANGES = {
     "max_new_tokens": (1, None, True, None), "max_obs_tokens": (0, None, True, None),
     "max_total_tokens": (1, None, True, None), "topk": (1, None, True, None), "eval_limit": (0, None, True, None),
     "critic_lr": (0, 1, True, True), "critic_warmup_ratio": (0, 1, True, True), "value_clip": (0, None, False, None),
-    "gamma": (0, 1, True, True), "gae_lambda": (0, 1, True, True),
+    "gamma": (0, 1, True, True), "gae_lambda": (0, 1, True, True), "max_draws": (1, None, True, None),
+    "probe_samples": (0, None, True, None), "pool_eval_limit": (0, None, True, None),
     "retriever_retry_seconds": (0, None, True, None), "retriever_timeout": (0, None, False, None),
 }
 
@@ -331,9 +333,11 @@ def vocab_size_of(tokenizer, *models) -> int:
     return n
 
 
-# Settings a resume may change without changing what is trained (how often to save, evaluate, batch
-# the forward passes); every other setting must match the checkpoint's unless --override-config.
-FREE_SETTINGS = ("eval_every", "eval_limit", "save_every", "micro_batch_size", "rollout_batch_size")
+# Settings a resume may change without changing what is trained (how often to save, evaluate, what to
+# measure, how to batch the forward passes); every other setting must match the checkpoint's unless
+# --override-config.
+FREE_SETTINGS = ("eval_every", "eval_limit", "save_every", "micro_batch_size", "rollout_batch_size",
+                 "term_grad_norms", "probe_samples", "pool_eval_limit")
 STATE_FILE = "trainer_state.pt"
 
 
@@ -728,16 +732,25 @@ def make_optimizer(model, lr: float, weight_decay: float, total_steps: int, warm
 
 def optimizer_step(model, optimizer, scheduler, grad_clip: float, counters: dict, dist: Dist,
                    finite_loss: bool = True) -> float:
-    """Clips, then steps — unless some rank's loss or the gradient is not finite, in which case the
-    step is skipped on every rank (the decision is all-reduced), counted and warned about. A step
-    that leaves a weight non-finite (finite gradients times a learning rate like 1e30) stops the run:
-    it cannot be undone, and the next forward would sample garbage."""
+    """Clips, then steps — with two exceptions, both decided on every rank alike (one all-reduce):
+    - some rank's loss or the gradient is not finite: the step is skipped, counted (skipped_steps)
+      and warned about;
+    - the gradient is exactly zero (every GRPO group constant and no other term, say): the step is
+      skipped and counted (zero_grad_steps), since AdamW would otherwise still move every weight,
+      replaying its momentum (0.64, 0.50, 0.41 … × lr on the following empty steps with betas
+      (0.9, 0.95)) and decaying it; the optimizer's state (moments, step count) is left as it is.
+    The learning-rate schedule advances on every step, skipped or not: it follows the step count.
+    A step that leaves a weight non-finite (finite gradients times a learning rate like 1e30) stops
+    the run: it cannot be undone, and the next forward would sample garbage."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
-    any_bad = all_reduce_sum(dist, [0.0 if finite_loss else 1.0])[0] > 0
-    if math.isfinite(norm) and not any_bad:
+    bad, moved = all_reduce_sum(dist, [0.0 if finite_loss else 1.0, 1.0 if norm != 0.0 else 0.0])
+    if math.isfinite(norm) and not bad and moved:
         optimizer.step()
         counters["consecutive_skipped"] = 0
         check_weights_finite(model, optimizer)
+    elif math.isfinite(norm) and not bad:         # a zero gradient on every rank: nothing to learn from
+        counters["zero_grad_steps"] = counters.get("zero_grad_steps", 0) + 1
+        counters["consecutive_skipped"] = 0
     else:
         counters["skipped_steps"] = counters.get("skipped_steps", 0) + 1
         counters["consecutive_skipped"] = counters.get("consecutive_skipped", 0) + 1
@@ -1084,7 +1097,8 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
                                                                     sums["n_tokens"]])
             row = {"step": step + 1, "loss": loss_sum / dist.world_size, "ce": ce_sum / max(n_tok, 1),
                    "kl": kl_sum / max(n_tok, 1), "grad_norm": norm, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0)}
+                   "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0),
+                   "zero_grad_steps": counters.get("zero_grad_steps", 0)}
             if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
                 row["heldout_loss"] = heldout_loss(model, teacher, heldout, cfg, vocab_size, dist)
             if dist.master:
@@ -1471,9 +1485,12 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
                                      batch_size=preset.eval_batch_size)
     seconds["eval"], seconds["total"] = time.time() - t, time.time() - t_start
     seconds = {k: round(v, 1) for k, v in seconds.items()}
+    per_question = {name: per_question_em(os.path.join(out, "eval", name.split()[0].lower(), "trajectories.jsonl"))
+                    for name in reports}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"preset": preset_name, "reports": reports, "rl": summary, "seconds": seconds}, f, indent=1)
-    print0(dist, "\n" + results_table(reports))
+        json.dump({"preset": preset_name, "reports": reports, "paired_vs_kd": paired_differences(per_question),
+                   "rl": summary, "seconds": seconds}, f, indent=1)
+    print0(dist, "\n" + results_table(reports, per_question))
     print0(dist, f"\nDGPO = the RL checkpoint with the best validation EM (step {summary['best_step']} of "
                  f"{preset.rl['steps']}; step 0 is the KD model itself). Seconds per stage: {seconds}. "
                  f"Everything is in {out}/.")
@@ -1486,9 +1503,47 @@ def best_or_last(run_dir: str) -> str:
     return best if os.path.isdir(best) else run_dir
 
 
-def results_table(reports: dict[str, dict]) -> str:
+def per_question_em(trajectories_path: str) -> dict[tuple[str, str], float]:
+    """{(data_source, id): EM} of every question of an evaluation's trajectories.jsonl (arc_metric's)."""
+    return {data.question_key(row): float(row["scores"]["em"]) for _, row in data.read_jsonl(trajectories_path)}
+
+
+def paired_differences(per_question: dict[str, dict], reference: str = "KD only") -> dict[str, dict]:
+    """Every other method against `reference` on the same questions: {method: {diff, low, high, n,
+    seeds} (the EM difference method − reference with its 95% bootstrap interval over questions,
+    stats.paired_difference), only_reference / only_method (the questions only one of the two got
+    right), mcnemar_p (stats.mcnemar_exact)}. A method scored on other questions than the reference
+    is an error naming both."""
+    ref = per_question[reference]
+    keys = sorted(ref)
+    out = {}
+    for name, scores in per_question.items():
+        if name == reference:
+            continue
+        if set(scores) != set(ref):
+            raise ValueError(f"{name} and {reference} were evaluated on different questions "
+                             f"({len(scores)} and {len(ref)}): a paired comparison needs the same ones")
+        a, b = np.array([ref[k] for k in keys]), np.array([scores[k] for k in keys])
+        only_b, only_a = stats.discordant_counts(a, b)
+        out[name] = {**stats.paired_difference(a, b), "only_reference": only_a, "only_method": only_b,
+                     "mcnemar_p": stats.mcnemar_exact(a, b)}
+    return out
+
+
+def paired_table(per_question: dict[str, dict], reference: str = "KD only") -> str:
+    """paired_differences as a Markdown table, a row per method."""
+    rows = [f"| method − {reference} | questions | EM difference [95% CI] | only {reference} right | "
+            "only method right | McNemar p |", "|---|---:|---|---:|---:|---:|"]
+    for name, d in paired_differences(per_question, reference).items():
+        rows.append(f"| {name} | {d['n']} | {stats.format_difference(d)} | {d['only_reference']} | "
+                    f"{d['only_method']} | {d['mcnemar_p']:.3g} |")
+    return "\n".join(rows)
+
+
+def results_table(reports: dict[str, dict], per_question: dict[str, dict] | None = None) -> str:
     """Methods × (EM per data source, Avg), evidence-given EM w/ think per source, and the ARC columns
-    on all test questions."""
+    on all test questions; with `per_question` ({method: per_question_em(...)}, "KD only" among them)
+    the paired comparison of every other method with the KD model (paired_table)."""
     em = arc_metric.render_comparison(reports, metric="em", title="EM on the demo test split")
     probe = arc_metric.render_comparison(reports, metric="probe_em_think",
                                          title="Evidence-given EM, w/ think, on the demo test split")
@@ -1497,7 +1552,10 @@ def results_table(reports: dict[str, dict]) -> str:
     rows = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, report in reports.items():
         rows.append(f"| {name} | " + " | ".join(f"{report['all'].get(c, float('nan')):.3f}" for c in columns) + " |")
-    return em + "\n\n" + probe + "\n\nARC (all test questions)\n" + "\n".join(rows)
+    table = em + "\n\n" + probe + "\n\nARC (all test questions)\n" + "\n".join(rows)
+    if per_question:
+        table += "\n\nPaired on the same test questions (95% CI: bootstrap over questions)\n" + paired_table(per_question)
+    return table
 
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,10 @@ or as a single process. Each rank takes a contiguous share of whole groups; the 
 step are saved per rank so the test can compare ranks with each other and with one process.
 
     python -m torch.distributed.run --nproc_per_node=2 tests/ddp_rl_step.py STUDENT TEACHER RECORDS OUT \
-        [TEACHER_AS [MINI_BATCHES [ALGO]]]
+        [TEACHER_AS [MINI_BATCHES [ALGO [DROP]]]]
+
+Every instrument is on (per-term gradient norms, an entropy bonus for the entropy term); DROP=1 turns
+on --drop-constant-groups with 2 prompts a step, so the ranks hold unequal shares of the update.
 """
 import os
 import sys
@@ -19,10 +22,12 @@ import rl  # noqa: E402
 import train  # noqa: E402
 
 
-def main(student_dir, teacher_dir, records_path, out_dir, teacher_as="loss", mini_batches="1", algo="grpo"):
+def main(student_dir, teacher_dir, records_path, out_dir, teacher_as="loss", mini_batches="1", algo="grpo",
+         drop="0"):
     dist = train.setup()
     cfg = rl.RLConfig(micro_batch_size=3, beta=0.5, warmup_ratio=0.0, teacher_as=teacher_as,
-                      mini_batches=int(mini_batches), algo=algo)
+                      mini_batches=int(mini_batches), algo=algo, entropy_coef=0.01, term_grad_norms=True,
+                      drop_constant_groups=drop == "1", prompts_per_step=2 if drop == "1" else 512)
     model = train.load_model(student_dir, dist, trainable=True)
     teacher = train.load_model(teacher_dir, dist, trainable=False)
     tokenizer = train.load_tokenizer(student_dir)

@@ -591,6 +591,46 @@ def test_entropy_bonus_gradient_equals_minus_coef_times_the_direct_entropy_gradi
     torch.testing.assert_close(g_with - g_without, g_ref, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("kl", ["full", "k2"])
+def test_dgpo_terms_are_the_surrogate_the_entropy_bonus_and_the_teacher_term_and_sum_to_the_loss(kl):
+    student, teacher, tokens, mask, old_logp, adv, em = _batch()
+    kw = dict(beta=0.5, kl=kl, entropy_coef=0.01, normaliser=13.0)
+    z = student.clone().requires_grad_()
+    loss, metrics = _dgpo(z, teacher, tokens, mask, old_logp, adv, em, **kw)
+    logp = dgpo.token_logprobs(z, tokens)
+    terms, term_metrics = dgpo.dgpo_terms(logp, old_logp, adv, em, mask, student_logits=z, teacher_logits=teacher,
+                                          teacher_logp=dgpo.token_logprobs(teacher, tokens), **kw)
+    assert set(terms) == {"surrogate", "entropy", "teacher"}
+    assert (terms["surrogate"] + terms["entropy"] + terms["teacher"]).item() == loss.item()
+    assert term_metrics == {k: v for k, v in metrics.items() if k != "loss"}
+    surrogate, _ = dgpo.policy_loss(logp, old_logp, adv, mask, normaliser=13.0)
+    bonus = -0.01 * dgpo.aggregate(dgpo.entropy(z), mask, normaliser=13.0)
+    assert terms["surrogate"].item() == surrogate.item() and terms["entropy"].item() == pytest.approx(bonus.item())
+    assert terms["teacher"].item() == pytest.approx(metrics["teacher_term"])
+    grads = {name: torch.autograd.grad(t, z, retain_graph=True)[0] for name, t in terms.items()}
+    torch.testing.assert_close(grads["surrogate"], torch.autograd.grad(surrogate, z, retain_graph=True)[0])
+    torch.testing.assert_close(grads["entropy"], torch.autograd.grad(bonus, z, retain_graph=True)[0])
+    (g_loss,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(sum(grads.values()), g_loss, rtol=1e-5, atol=1e-7)
+    wrong = (em == 0)[:, None] & mask                       # the teacher term acts on wrong rollouts only
+    assert torch.equal(grads["teacher"].abs().sum(-1) > 0, wrong)
+    none, _ = dgpo.dgpo_terms(logp, old_logp, adv, em, mask, teacher="none")
+    assert set(none) == {"surrogate"}
+
+
+def test_pg_normaliser_divides_the_surrogate_alone():
+    student, teacher, tokens, mask, old_logp, adv, em = _batch()
+    z = student.requires_grad_()
+    logp = dgpo.token_logprobs(z, tokens)
+    kw = dict(student_logits=z, teacher_logits=teacher, beta=0.5, entropy_coef=0.01, normaliser=20.0)
+    shared, _ = dgpo.dgpo_terms(logp, old_logp, adv, em, mask, **kw)
+    apart, _ = dgpo.dgpo_terms(logp, old_logp, adv, em, mask, pg_normaliser=5.0, **kw)
+    assert apart["surrogate"].item() == pytest.approx(shared["surrogate"].item() * 20.0 / 5.0, rel=1e-6)
+    assert apart["teacher"].item() == shared["teacher"].item() and apart["entropy"].item() == shared["entropy"].item()
+    loss, _ = dgpo.dgpo_loss(logp, old_logp, adv, em, mask, pg_normaliser=5.0, **kw)
+    assert loss.item() == pytest.approx(sum(t.item() for t in apart.values()), rel=1e-6)
+
+
 def test_dgpo_loss_rejects_k1_missing_inputs_and_non_binary_em():
     student, teacher, tokens, mask, old_logp, adv, em = _batch()
     logp = dgpo.token_logprobs(student, tokens)

@@ -52,8 +52,10 @@ def shifted_copy(src: str, dst, delta: float) -> str:
 def test_png_of_the_small_preset_rl_run_has_a_panel_per_quantity(small_run, tmp_path):
     out = tmp_path / "curves.png"
     drawn = plot.main(["--out", str(out), small_run["dgpo"]])
-    assert drawn == ["reward", "em", "teacher_kl", "entropy", "val_em"]     # val_em: the preset evaluates
-    assert read_png_size(out) == (3 * 450, 2 * 320)                          # 3 × 2 panels at 100 dpi
+    # val_em: the preset evaluates; the instruments and the time split are in every RL step
+    assert drawn == ["reward", "em", "teacher_kl", "entropy", "val_em", "mixed_groups", "nonzero_adv", "rollout_s",
+                     "score_s", "update_s"]
+    assert read_png_size(out) == (3 * 450, 4 * 320)                          # 3 × 4 panels at 100 dpi
     assert out.stat().st_size > 20_000
     assert os.listdir(tmp_path) == ["curves.png"]                            # no temporary file left
 
@@ -112,6 +114,28 @@ def test_validation_rows_of_their_own_and_step_zero_are_drawn(tmp_path):
     assert keys == ["reward", "em", "val_em"]
     [val] = fig.axes[2].get_lines()
     assert list(val.get_xdata()) == [0, 2] and list(val.get_ydata()) == [0.1, 0.3]
+    plt.close(fig)
+
+
+def test_the_instruments_are_drawn_and_the_probe_with_a_band_of_one_standard_error(tmp_path):
+    rows = [{"step": 0, "val_em": 0.5, "pool_em": 0.5, "probe_reward": 0.40, "probe_reward_se": 0.02},
+            {"step": 1, "reward": 0.4, "mixed_groups": 0.25, "nonzero_adv": 8, "grad_norm_surrogate": 0.3,
+             "grad_norm_teacher": 0.9, "grad_norm_entropy": 0.0, "vf_loss": 0.1, "explained_var": 0.2,
+             "value_mean": 0.3, "draws": 2, "critic_s": 1.5},
+            {"step": 2, "reward": 0.5, "val_em": 0.6, "pool_em": 0.7, "probe_reward": 0.45, "probe_reward_se": 0.03}]
+    path = write(tmp_path / "m.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    fig, keys = plot.figure({"run": [path]})
+    assert keys == ["reward", "val_em", "pool_em", "probe_reward", "mixed_groups", "nonzero_adv", "grad_norm_surrogate",
+                    "grad_norm_teacher", "grad_norm_entropy", "vf_loss", "explained_var", "value_mean", "draws",
+                    "critic_s"]                                 # probe_reward_se is the probe's band, not a panel
+    probe = fig.axes[keys.index("probe_reward")]
+    [line] = probe.get_lines()
+    assert list(line.get_xdata()) == [0, 2] and list(line.get_ydata()) == [0.40, 0.45]
+    [band] = probe.collections                                  # 0.40 ± 0.02 at step 0, 0.45 ± 0.03 at step 2
+    edge = band.get_paths()[0].vertices[:, 1]
+    assert edge.min() == pytest.approx(0.38) and edge.max() == pytest.approx(0.48)
+    assert probe.get_legend().get_texts()[0].get_text() == "run (band ±1 SE)"
+    assert not fig.axes[keys.index("pool_em")].collections     # no standard error logged: no band
     plt.close(fig)
 
 

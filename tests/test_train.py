@@ -16,6 +16,7 @@ import checkpoint
 import data
 import demo
 import rl
+import stats
 import train
 from rollout import RolloutConfig
 
@@ -65,17 +66,22 @@ def _run_worker(nproc, model_dirs, records_path, out_dir, *extra):
     return [torch.load(out_dir / f"rank{r}_of{nproc}.pt") for r in range(nproc)]
 
 
-@pytest.mark.parametrize("teacher_as,mini_batches,algo", [("loss", "1", "grpo"), ("reward", "1", "grpo"),
-                                                          ("loss", "2", "grpo"), ("reward", "2", "ppo")])
+@pytest.mark.parametrize("teacher_as,mini_batches,algo,drop", [("loss", "1", "grpo", "0"), ("reward", "1", "grpo", "0"),
+                                                               ("loss", "2", "grpo", "0"), ("reward", "2", "ppo", "0"),
+                                                               ("loss", "2", "grpo", "1"), ("reward", "1", "grpo", "1")])
 @pytest.mark.numerics
 def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rollouts, tmp_path, teacher_as,
-                                                           mini_batches, algo):
-    """The same actor update (and, with PPO, the same critic update) on 1 and on 2 ranks (gloo)."""
+                                                           mini_batches, algo, drop):
+    """The same actor update (and, with PPO, the same critic update) on 1 and on 2 ranks (gloo), and the
+    same instruments. With --drop-constant-groups (2 prompts a step) the update keeps groups 100 and
+    103 for the policy gradient and the wrong rollouts of the others for the teacher term: rank 0
+    holds 6 of the 11 kept rollouts, rank 1 5, and with 2 mini-batches one rank has 1 micro-batch
+    where the other has 2 — it runs an empty one so that DDP's all-reduce meets."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     before = train.load_model(model_dirs["student"], train.Dist(), trainable=True).state_dict()
-    [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as, mini_batches, algo)
-    rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as, mini_batches, algo)
+    [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as, mini_batches, algo, drop)
+    rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as, mini_batches, algo, drop)
     moved = max((single["params"][k] - before[k]).abs().max().item() for k in before)
     assert moved > 1e-4, "the step must actually change the parameters for the comparison to mean anything"
     for which in ("params", "critic"):
@@ -90,6 +96,18 @@ def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rol
     assert rank0["metrics"]["teacher_kl"] == pytest.approx(single["metrics"]["teacher_kl"], rel=1e-5)
     if mini_batches == "2":    # the second mini-batch is off-policy: the ratio moved away from 1
         assert single["metrics"]["approx_kl"] > 0
+    # the instruments: per-term gradient norms of the global batch, group counts, PPO's explained variance
+    keys = ["grad_norm_surrogate", "grad_norm_teacher", "grad_norm_entropy", "mixed_groups", "nonzero_adv"]
+    keys += {"ppo": ["explained_var"], "grpo": []}[algo] + (["pg_groups", "kept_rollouts"] if drop == "1" else [])
+    for key in keys:
+        assert rank0["metrics"][key] == pytest.approx(single["metrics"][key], rel=1e-4, abs=1e-7), key
+        assert rank0["metrics"][key] == rank1["metrics"][key], key
+    assert single["metrics"]["mixed_groups"] == 3 / 8          # groups 100, 103, 105 of the fixture
+    assert all(single["metrics"][f"grad_norm_{k}"] > 0 for k in ("surrogate", "teacher", "entropy"))
+    if drop == "1":
+        assert single["metrics"]["pg_groups"] == 2
+        assert single["metrics"]["kept_rollouts"] == 4 + 7       # groups 100 and 103, and the other wrong rollouts
+        assert single["metrics"]["nonzero_adv"] == (4 if teacher_as == "loss" else 11)   # the penalty: every kept one
 
 
 def _rl_config(**kw):
@@ -171,7 +189,35 @@ def test_small_preset_runs_every_stage_and_each_writes_what_the_next_reads(tmp_p
     assert set(reports) == {"Student (base)", "Teacher", "KD only", "DGPO"}
     for name in ("student", "teacher", "kd", "dgpo"):
         assert data.load_trajectories(str(tmp_path / "eval" / name / "trajectories.jsonl"))
-    assert "EM on the demo test split" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "EM on the demo test split" in out
+    # every other model against the KD model, paired on the same test questions
+    assert "Paired on the same test questions" in out and "| method − KD only | questions |" in out
+    paired = json.loads((tmp_path / "results.json").read_text())["paired_vs_kd"]
+    assert set(paired) == {"Student (base)", "Teacher", "DGPO"}
+    kd = train.per_question_em(str(tmp_path / "eval" / "kd" / "trajectories.jsonl"))
+    dgpo = train.per_question_em(str(tmp_path / "eval" / "dgpo" / "trajectories.jsonl"))
+    assert paired["DGPO"]["n"] == len(kd) == 4
+    assert paired["DGPO"]["diff"] == pytest.approx(sum(dgpo[k] - kd[k] for k in kd) / len(kd))
+    assert f"| DGPO | 4 | {stats.format_difference(paired['DGPO'])} |" in out
+
+
+def test_the_paired_table_gives_the_difference_its_interval_the_discordant_questions_and_mcnemar():
+    keys = [("demo", f"q{i}") for i in range(12)]
+    kd = dict(zip(keys, [1, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 1]))
+    dgpo = dict(zip(keys, [1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1]))     # right on 4 more, wrong on none more
+    worse = dict(zip(keys, [0, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 1]))    # wrong on 1 more
+    table = train.paired_table({"KD only": kd, "DGPO": dgpo, "Other": worse})
+    rows = table.splitlines()
+    assert rows[0].startswith("| method − KD only | questions | EM difference [95% CI] |")
+    order = sorted(keys)                                             # the table pairs the questions in key order
+    expected = stats.format_difference(stats.paired_difference([kd[k] for k in order], [dgpo[k] for k in order]))
+    assert expected.startswith("+0.333 [")
+    # McNemar by hand: 4 discordant questions, all one way: p = 2 · (1/2)^4 = 0.125
+    assert rows[2] == f"| DGPO | 12 | {expected} | 0 | 4 | 0.125 |"
+    assert rows[3].startswith("| Other | 12 | -0.083 [") and rows[3].endswith("| 1 | 0 | 1 |")
+    with pytest.raises(ValueError, match="DGPO and KD only were evaluated on different questions"):
+        train.paired_table({"KD only": kd, "DGPO": dict(list(dgpo.items())[:11])})
 
 
 def test_teacher_and_student_tokenizers_must_match(world, tokenizer, model_dirs, tmp_path):
@@ -212,6 +258,63 @@ def test_nonfinite_loss_skips_the_step_counts_it_and_warns(tokenizer, model_dirs
     after = model.state_dict()
     for k in before:
         assert torch.equal(before[k], after[k]) or torch.isnan(before[k]).all(), k
+
+
+def _state_tensors(state):
+    """Every tensor of a (nested) optimizer state dict, by path, cloned."""
+    out = {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            out[f"{pid}.{name}"] = value.clone() if torch.is_tensor(value) else value
+    return out
+
+
+def test_a_zero_gradient_step_moves_nothing_counts_it_and_the_schedule_still_advances(tokenizer, model_dirs,
+                                                                                      fixed_rollouts):
+    """After a real step AdamW holds momentum; a step whose gradient is exactly zero (every group
+    constant, no teacher term) must then leave every weight and the optimizer's state (moments and
+    step count) as they are — AdamW would otherwise move the weights by ~0.64 × lr — count itself,
+    and still advance the learning-rate schedule."""
+    dist = train.Dist()
+    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    cfg = _rl_config(teacher_mode="none", lr=1e-2)
+    optimizer, scheduler = train.make_optimizer(model, cfg.lr, 0.1, 10, 4, None)   # warm-up: lr changes per step
+    records = data.load_trajectories(fixed_rollouts)       # mixed groups: a real gradient
+    counters = {}
+    view = train.wrap(model, dist)
+    rl.rl_update(view, None, optimizer, scheduler, records, cfg, dist, len(tokenizer), counters)
+    assert "zero_grad_steps" not in counters and optimizer.state_dict()["state"], "the first step is a real one"
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state, lr = _state_tensors(optimizer.state_dict()), scheduler.get_last_lr()[0]
+    constant = [{**r, "em": 1.0} for r in records]           # every group all right: advantage exactly 0
+    row = rl.rl_update(view, None, optimizer, scheduler, constant, cfg, dist, len(tokenizer), counters)
+    assert row["grad_norm"] == 0.0 and counters["zero_grad_steps"] == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    after = _state_tensors(optimizer.state_dict())
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(after[k], v) if torch.is_tensor(v) else after[k] == v, k
+    assert (lr, scheduler.get_last_lr()[0]) == pytest.approx((0.5e-2, 0.75e-2))   # the warm-up moved on: 2/4 -> 3/4
+    # the same empty step without the skip: AdamW replays its momentum and the weights move
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert any(not torch.equal(v, params[k]) for k, v in model.state_dict().items())
+
+
+def test_rl_steps_with_no_gradient_leave_the_student_as_it_was_and_the_metrics_count_them(world, retriever,
+                                                                                        model_dirs, tmp_path):
+    """Plain GRPO from an untrained student: every rollout is wrong, every group constant, so no step
+    has a gradient; the run logs each as a zero-gradient step and saves the start weights."""
+    out = str(tmp_path / "grpo")
+    cfg = _rl_config(steps=2, teacher_mode="none")
+    rl.train_rl(model_dirs["student"], None, world.train[:4], retriever, cfg, train.Dist(), out)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["em"] for r in rows] == [0.0, 0.0]
+    assert [r["zero_grad_steps"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)
+    start, end = _params(model_dirs["student"]), _params(out)
+    assert all(torch.equal(start[k], end[k]) for k in start)
 
 
 def test_data_window_is_a_permutation_per_epoch_and_depends_only_on_seed_and_position():
@@ -336,7 +439,7 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
     summary = rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg,
                              train.Dist(), out, validation=world.validation)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["step"] for r in rows] == [0, 1, 2] and rows[0].keys() == {"step", "val_em"}
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[0].keys() == {"step", "val_em", "eval_s"}
     assert rows[0]["val_em"] == rows[1]["val_em"] == rows[2]["val_em"]
     assert summary["best_step"] == 0
     assert torch.load(os.path.join(out, "best", "trainer_state.pt"), weights_only=False)["step"] == 0
