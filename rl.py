@@ -47,6 +47,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+import data
 import dgpo
 from rollout import RolloutConfig
 from train import (Dist, HeadAtPositions, Reporter, StopSignals, all_gather_objects, all_reduce_sum, autocast,
@@ -94,7 +95,7 @@ class RLConfig:
     topk: int = 3                  # passages per search
     seed: int = 0                  # data order and rollout sampling
     eval_every: int = 0            # validation EM every N steps (and at step 0); the best is kept in best/
-    eval_limit: int = 0            # validation questions used (0 = all)
+    eval_limit: int = 0            # validation questions: a seeded sample stratified by data_source (0 = all)
     save_every: int = 0            # a resumable checkpoint every N steps (0 = only at the end)
     drop_constant_groups: bool = False  # GRPO: the policy gradient over mixed groups only (rewards not all equal), the step refilled from further questions until it has prompts_per_step of them (DAPO's dynamic sampling); constant groups still carry the teacher term
     max_draws: int = 4             # with --drop-constant-groups: at most this many rounds of prompts_per_step questions per step
@@ -783,6 +784,9 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     # order, which RL trains on in its first steps, so pool_em − val_em shows what it memorised
     pool = [questions[i] for i in data_window(cfg.seed, len(questions), 0, min(cfg.pool_eval_limit, len(questions)))]
 
+    # a seeded sample stratified by data_source: a file sorted by source is not cut to its first source
+    val = data.sample_questions(validation, cfg.eval_limit) if (validation and cfg.eval_limit) else validation
+
     def validate(step: int, row: dict) -> None:
         """Greedy validation EM into `row` (and pool_em, probe_reward, probe_reward_se when asked for);
         a new best by validation EM (the start model included) is saved to best/."""
@@ -790,7 +794,6 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         t = time.time()
         was_training = model.training
         model.eval()
-        val = validation[:cfg.eval_limit] if cfg.eval_limit else validation
         greedy = dataclasses.replace(rcfg, greedy=True)
         row["val_em"] = validation_em(model, tokenizer, val, retriever, greedy, cfg.rollout_batch_size, dist)
         if pool:

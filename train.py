@@ -24,7 +24,7 @@ passes (equal shards). Checkpoints are `save_pretrained` directories plus `train
     python train.py                                    # the whole demo on CPU (~20 min)
     python train.py demo --preset small                # the same chain in under a minute
     torchrun --nproc_per_node=8 train.py rl --student ckpt/kd --teacher ckpt/teacher \\
-        --data nq_hotpotqa_train.jsonl --retriever-url http://127.0.0.1:8000/retrieve --out runs/rl
+        --data data/nq_hotpotqa_train/train.parquet --retriever-url http://127.0.0.1:8000/retrieve --out runs/rl
 """
 from __future__ import annotations
 
@@ -316,11 +316,12 @@ def load_tokenizer(path: str, arg: str = "--model"):
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student_dir: str, teacher_dir: str) -> None:
-    """Distillation compares distributions token by token: the two vocabularies must be identical."""
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise ValueError(f"the tokenizers of {student_dir} and {teacher_dir} differ "
-                         f"({len(student_tok)} vs {len(teacher_tok)} tokens): KD and the teacher KL "
-                         "need one shared tokenizer")
+    """Distillation compares distributions token by token: the same ids for the same strings and the
+    same vocabulary size (eos and pad ids may differ: data.tokenizer_differences)."""
+    differences = data.tokenizer_differences(student_tok, teacher_tok)
+    if differences:
+        raise ValueError(f"the tokenizers of {student_dir} and {teacher_dir} differ ({'; '.join(differences)}): "
+                         "KD and the teacher KL need the same ids for the same strings")
 
 
 def vocab_size_of(tokenizer, *models) -> int:
@@ -1816,7 +1817,11 @@ def run_stage(args, dist: Dist, argv: list[str] | None = None) -> None:
         arg = "--resume" if args.resume else ("--model" if args.stage == "teacher" else "--student")
         init = args.resume or start
         tokenizer = load_tokenizer(init, arg)
-        made_with = {"vocab_size": len(tokenizer), "tokenizer_fingerprint": data.tokenizer_fingerprint(tokenizer)}
+        teacher_tok = load_tokenizer(args.teacher, "--teacher") if args.stage == "kd" else None
+        if teacher_tok is not None:          # first: the trajectories were made with the teacher's tokenizer
+            check_same_tokenizer(tokenizer, teacher_tok, args.student, args.teacher)
+        made_with = {"vocab_size": len(tokenizer), "tokenizer_fingerprint": data.accepted_fingerprints(
+            tokenizer, *([teacher_tok] if teacher_tok is not None else []))}
         records = data.load_trajectories(args.data, **made_with)
         heldout = data.load_trajectories(args.heldout, **made_with) if args.heldout else None
         for flag, rows in (("--data", records), ("--heldout", heldout)):
@@ -1825,7 +1830,6 @@ def run_stage(args, dist: Dist, argv: list[str] | None = None) -> None:
                                  "prompt): nothing to train on")
         teacher = None
         if args.stage == "kd":
-            check_same_tokenizer(tokenizer, load_tokenizer(args.teacher, "--teacher"), args.student, args.teacher)
             teacher = load_model(args.teacher, dist, trainable=False, arg="--teacher")
         model = load_model(init, dist, trainable=True, grad_checkpointing=args.grad_checkpointing, arg=arg)
         inputs = input_fingerprints({"--data": args.data, "--heldout": args.heldout,
