@@ -33,3 +33,15 @@ def tiny_model(tokenizer):
     """A randomly initialised 2-layer Qwen2 (hidden 32), fp32, eval mode. Fresh per test."""
     import demo
     return demo.make_tiny_model(tokenizer, size="test", seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tokenizer, tmp_path_factory):
+    """A test-size student and a differently initialised test-size teacher, as HF directories
+    (one pair per test module: a module may train from them, never into them)."""
+    import demo
+    root = tmp_path_factory.mktemp("models")
+    dirs = {"student": str(root / "student"), "teacher": str(root / "teacher")}
+    demo.make_tiny_model(tokenizer, "test", seed=11, out_dir=dirs["student"])
+    demo.make_tiny_model(tokenizer, "test", seed=12, out_dir=dirs["teacher"])
+    return dirs

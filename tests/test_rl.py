@@ -12,23 +12,12 @@ import pytest
 import torch
 
 import data
-import demo
 import rl
 import train
 from rollout import RolloutConfig
 
 # 8 groups of G = 2 with hand-set EM: groups 100, 103, 105 mixed; 101, 104, 106 all wrong; 102, 107 all right
 EM_PATTERN = [1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 1, 1]
-
-
-@pytest.fixture(scope="module")
-def model_dirs(tokenizer, tmp_path_factory):
-    """A test-size student and a differently initialised test-size teacher, as HF directories."""
-    root = tmp_path_factory.mktemp("models")
-    dirs = {"student": str(root / "student"), "teacher": str(root / "teacher")}
-    demo.make_tiny_model(tokenizer, "test", seed=11, out_dir=dirs["student"])
-    demo.make_tiny_model(tokenizer, "test", seed=12, out_dir=dirs["teacher"])
-    return dirs
 
 
 @pytest.fixture(scope="module")

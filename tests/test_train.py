@@ -24,16 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tokenizer, tmp_path_factory):
-    """A test-size student and a differently initialised test-size teacher, as HF directories."""
-    root = tmp_path_factory.mktemp("models")
-    dirs = {"student": str(root / "student"), "teacher": str(root / "teacher")}
-    demo.make_tiny_model(tokenizer, "test", seed=11, out_dir=dirs["student"])
-    demo.make_tiny_model(tokenizer, "test", seed=12, out_dir=dirs["teacher"])
-    return dirs
-
-
-@pytest.fixture(scope="module")
 def fixed_rollouts(world, tokenizer, retriever, model_dirs, tmp_path_factory):
     """16 sampled rollouts of the tiny student (8 groups of G = 2) with hand-set EM: mixed groups,
     all-right and all-wrong groups, so the surrogate and the selective teacher term both act."""
