@@ -233,7 +233,7 @@ def test_informative_records_keep_the_first_mixed_groups_for_the_gradient_and_th
     groups = [(14, (1, 0)), (11, (1, 1)), (12, (0, 1)), (13, (0, 0)), (10, (1, 0)), (15, (0, 0)), (16, (1, 1))]
     records = [_record(g, em) for g, ems in groups for em in ems]
     cfg = rl.RLConfig(prompts_per_step=2, drop_constant_groups=True, teacher_mode=mode, mini_batches=2)
-    out, part_of, counts = rl.informative_records(records, cfg, train.Dist())
+    out, part_of, counts = rl.informative_records(records, rl.group_outcomes(records, train.Dist()), cfg, train.Dist())
     position = {id(r): i for i, r in enumerate(records)}
     assert [position[id(r)] for r in out] == kept
     assert {r["group"] for r in records if r["pg"]} == {10, 12}           # not 14: two are enough
