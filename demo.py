@@ -201,11 +201,17 @@ def _questions(facts: dict) -> list[dict]:
 TWO_HOP_KINDS = ("founder_birthplace", "headquarters_country")
 
 
-def make_world(seed: int = 0, n_test: int = 240, n_validation: int = 120) -> World:
-    """Builds the world deterministically from `seed` (same seed → byte-identical output)."""
+def make_world(seed: int = 0, n_test: int = 240, n_validation: int = 120, scale: int = 1) -> World:
+    """Builds the world deterministically from `seed` (same seed → byte-identical output). `scale`
+    multiplies every entity count and the distractors (scale 1: 15 countries, 60 cities, 400 people,
+    300 companies, 1,400 distractors, 1,660 questions), keeping the kinds of question and their mix;
+    a larger world gives larger held-out splits and an RL pool that is not repeated."""
+    if scale < 1:
+        raise ValueError(f"scale={scale}: must be a whole number ≥ 1")
     rng = random.Random(seed)
-    facts = _make_facts(rng)
-    distractors = _distractor_passages(rng, facts, n=1400)
+    facts = _make_facts(rng, n_countries=15 * scale, n_cities=60 * scale, n_people=400 * scale,
+                        n_companies=300 * scale)
+    distractors = _distractor_passages(rng, facts, n=1400 * scale)
     rows = _entity_passages(facts) + distractors
     order = list(range(len(rows)))
     rng.shuffle(order)                                  # so passage ids say nothing about the kind
@@ -221,6 +227,9 @@ def make_world(seed: int = 0, n_test: int = 240, n_validation: int = 120) -> Wor
         q["id"] = f"demo-{seed}-{i}"
         q["data_source"] = "demo_2hop" if q["kind"] in TWO_HOP_KINDS else "demo_1hop"
         q["supporting_ids"] = [id_of_title[key] for key in q.pop("support_keys")]
+    if n_test + n_validation >= len(questions):
+        raise ValueError(f"n_test={n_test} + n_validation={n_validation} leave no training questions of "
+                         f"{len(questions)} (scale={scale}); use a larger scale")
     test = questions[:n_test]
     validation = questions[n_test:n_test + n_validation]
     train = questions[n_test + n_validation:]

@@ -1352,6 +1352,9 @@ class DemoPreset:
     teacher_size: str = "teacher"
     student_size: str = "student"
     world_seed: int = 0
+    world_scale: int = 1           # demo.make_world's scale: entities and distractors × this
+    n_test: int = 240              # the world's held-out splits
+    n_validation: int = 120
     kd_pool: int = 800             # training questions the teacher is rolled out on for KD
     rl_pool: int = 500             # the other training questions: the only ones RL trains on
     tgo_keep_wrong: bool = False   # True only in the plumbing preset, whose teacher cannot be right yet
@@ -1423,7 +1426,8 @@ def run_demo(preset_name: str, out: str, dist: Dist) -> dict:
     own_demo_dir(out)
     t_start = t = time.time()
     seconds = {}                          # wall time per stage, reported with the results
-    world = demo.make_world(seed=preset.world_seed)
+    world = demo.make_world(seed=preset.world_seed, n_test=preset.n_test, n_validation=preset.n_validation,
+                            scale=preset.world_scale)
     paths = demo.write_world(world, os.path.join(out, "data"))
     tokenizer = demo.train_tokenizer(world, os.path.join(out, "tokenizer"))
     retriever = BM25Retriever(world.corpus)

@@ -68,6 +68,26 @@ def test_another_seed_gives_another_world(world, tmp_path):
     assert len(names_0 & names_1) < 0.05 * len(names_0)       # not a shuffle of the same people
 
 
+def test_scaled_world_multiplies_entities_keeps_the_question_mix_and_the_scale_one_world():
+    """scale=2 doubles every entity count and the distractors, with held-out splits of the asked size
+    and the same share of two-hop questions; scale 1 is the world the default arguments give."""
+    small, large = demo.make_world(seed=0), demo.make_world(seed=0, n_test=1000, n_validation=500, scale=2)
+    for kind in ("countries", "cities", "people", "companies"):
+        assert len(large.facts[kind]) == 2 * len(small.facts[kind]), kind
+    assert len(large.corpus) == 2 * len(small.corpus)
+    assert (len(large.test), len(large.validation)) == (1000, 500)
+    n_small, n_large = (sum(len(getattr(w, s)) for s in SPLITS) for w in (small, large))
+    assert n_large == 2 * n_small
+    two_hop = [sum(q["data_source"] == "demo_2hop" for s in SPLITS for q in getattr(w, s)) for w in (small, large)]
+    assert two_hop[1] == 2 * two_hop[0]
+    again = demo.make_world(seed=0, scale=1)
+    assert again.corpus == small.corpus and again.test == small.test and again.train == small.train
+    with pytest.raises(ValueError, match="use a larger scale"):
+        demo.make_world(seed=0, n_test=1000, n_validation=700)
+    with pytest.raises(ValueError, match="scale=0"):
+        demo.make_world(seed=0, scale=0)
+
+
 def test_corpus_has_at_least_2000_passages_in_wiki18_format(world):
     assert len(world.corpus) >= 2000
     for p in world.corpus:
