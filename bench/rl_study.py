@@ -1,0 +1,250 @@
+"""The RL settings study and the seeded answer of docs/rl_settings.md, from one demo run's KD student.
+
+What it does: takes the world, the teacher and the KD student a `python train.py demo` run wrote, and
+runs RL arms from that KD student on the demo's RL pool (the training questions KD never saw), each
+a `train.py rl` subprocess at one thread with the instruments on (validation EM, the sampled probe
+reward with its standard error, greedy EM on the RL pool, mixed-group fraction, zero-gradient
+steps). Each finished arm is evaluated on the test split twice — its best-validation checkpoint
+(step 0 included) and its last — and compared with the KD student on the same questions: the paired
+EM difference with its 95% bootstrap interval (stats.paired_difference) and the exact McNemar p.
+
+  --part study    the levers on the tuning seed (seed 0), which the answer does not use
+  --part answer   KD → GRPO and DGPO (β chosen on the study: the DGPO arm with the best validation
+                  EM at seed 0) on seeds 1, 2, 3, and the paired differences per seed and pooled
+                  (each question's EM averaged over the seeds, resampled by question)
+
+Every arm lives in --out/<arm>/ (the RL run, its log, eval-best/ and eval-last/); an interrupted arm
+resumes from its last checkpoint (--save-every), a finished one is reused. The tables go to
+--out/<part>.md and stdout.
+
+What it does not: train the teacher or the KD student (run the demo first), tune anything outside
+the grids below, or run on GPU.
+
+    python train.py demo --out runs/demo                                     # world, teacher, KD
+    python bench/rl_study.py --demo runs/demo --out runs/rl_study --part study --jobs 2
+    python bench/rl_study.py --demo runs/demo --out runs/rl_study --part answer --jobs 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import stats  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every arm: 100 steps × 8 questions = 800 distinct RL-pool questions (the scale-2 demo's pool has
+# 1,020), so no question is seen twice; G = 8 at T = 1.0 gives the KD student mixed groups often
+# enough that most steps carry a policy gradient (README "Signal in every step").
+COMMON = dict(steps=100, prompts_per_step=8, group_size=8, temperature=1.0, lr=3e-4, warmup_ratio=0.1,
+              micro_batch_size=16, rollout_batch_size=64, max_new_tokens=64, eval_every=25, save_every=25,
+              probe_samples=1, pool_eval_limit=200)
+GRPO = dict(teacher_mode="none")
+STUDY = {                       # arm: settings over COMMON, all at the tuning seed 0
+    "grpo": GRPO,
+    "dgpo-b0.1": dict(beta=0.1),
+    "dgpo-b1": dict(beta=1.0),
+    "dgpo-b0.01": dict(beta=0.01),
+    "grpo-T0.7-G4": dict(GRPO, temperature=0.7, group_size=4),
+    "grpo-lr1e-4": dict(GRPO, lr=1e-4),
+    "grpo-drop": dict(GRPO, drop_constant_groups=True),
+}
+TUNING_SEED, ANSWER_SEEDS = 0, (1, 2, 3)
+
+
+def flags(settings: dict) -> list[str]:
+    """{"group_size": 8, "drop_constant_groups": True} → ["--group-size", "8", "--drop-constant-groups"]."""
+    out = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag] if value is True else [f"--no-{key.replace('_', '-')}"] if value is False else [flag, str(value)]
+    return out
+
+
+def write_pool(demo_dir: str, kd_pool: int, out: str) -> str:
+    """The RL pool: the demo's training questions after the first `kd_pool` (the ones KD learnt from)."""
+    path = os.path.join(out, "rl_pool.jsonl")
+    with open(os.path.join(demo_dir, "data", "train.jsonl")) as f:
+        rows = f.readlines()[kd_pool:]
+    if not rows:
+        raise ValueError(f"--demo {demo_dir}: no training questions after the KD pool's {kd_pool}")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def run(cmd: list[str], log: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{cmd[1:3]} failed (exit {done.returncode}); see {log}")
+
+
+def train_arm(arm_dir: str, settings: dict, seed: int, demo_dir: str, pool: str) -> None:
+    """The RL run, resumed from its last checkpoint if one exists; nothing to do if it finished."""
+    run_dir = os.path.join(arm_dir, "run")
+    if os.path.isfile(os.path.join(arm_dir, "trained")):
+        return
+    os.makedirs(arm_dir, exist_ok=True)
+    data = os.path.join(demo_dir, "data")
+    cmd = [sys.executable, "train.py", "rl", "--student", os.path.join(demo_dir, "kd"),
+           "--teacher", os.path.join(demo_dir, "teacher"), "--data", pool,
+           "--val", os.path.join(data, "validation.jsonl"), "--corpus", os.path.join(data, "corpus.jsonl"),
+           "--out", run_dir, "--seed", str(seed)] + flags({**COMMON, **settings})
+    has_state = os.path.isfile(os.path.join(run_dir, "trainer_state.pt"))
+    run(cmd + (["--resume", run_dir] if has_state else ["--overwrite"]), os.path.join(arm_dir, "log.txt"))
+    open(os.path.join(arm_dir, "trained"), "w").close()
+
+
+def evaluate(model: str, demo_dir: str, out: str, log: str) -> dict[str, float]:
+    """Greedy EM per test question id (the eval stage resumes a half-written --out by itself)."""
+    path = os.path.join(out, "trajectories.jsonl")
+    if not os.path.isfile(os.path.join(out, "report.json")):
+        data = os.path.join(demo_dir, "data")
+        run([sys.executable, "train.py", "eval", "--model", model, "--data", os.path.join(data, "test.jsonl"),
+             "--corpus", os.path.join(data, "corpus.jsonl"), "--out", out, "--no-probe", "--batch-size", "64",
+             "--max-new-tokens", str(COMMON["max_new_tokens"]), "--no-progress"], log)
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["id"]: r["scores"]["em"] for r in rows}
+
+
+def arm_result(arm_dir: str, demo_dir: str) -> dict:
+    """The arm's test EM per question (best-validation and last checkpoint) and its training curves."""
+    run_dir, log = os.path.join(arm_dir, "run"), os.path.join(arm_dir, "log.txt")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    return {"best": evaluate(os.path.join(run_dir, "best"), demo_dir, os.path.join(arm_dir, "eval-best"), log),
+            "last": evaluate(run_dir, demo_dir, os.path.join(arm_dir, "eval-last"), log),
+            "metrics": metrics}
+
+
+def do_arm(name: str, settings: dict, seed: int, args) -> dict:
+    arm_dir = os.path.join(args.out, name)
+    t0 = time.time()
+    train_arm(arm_dir, settings, seed, args.demo, args.pool)
+    result = arm_result(arm_dir, args.demo)
+    print(f"{name}: done ({time.time() - t0:.0f} s this call)", flush=True)
+    return result
+
+
+def curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(m["step"], m[key]) for m in metrics if key in m]
+
+
+def summary_row(name: str, result: dict, kd: dict[str, float]) -> str:
+    """One arm: test EM (best-val / last), the paired difference of best-val against KD, and the curves'
+    start → end of validation EM, RL-pool EM and the probe reward, plus the signal it trained on."""
+    m = result["metrics"]
+    steps = [x for x in m if "reward" in x]
+    keys = sorted(kd)
+    a = np.array([kd[k] for k in keys])
+    best, last = (np.array([result[which][k] for k in keys]) for which in ("best", "last"))
+    diff = stats.paired_difference(a, best)
+    val, pool, probe = curve(m, "val_em"), curve(m, "pool_em"), curve(m, "probe_reward")
+    best_step = max(val, key=lambda sv: (sv[1], -sv[0]))[0] if val else "-"
+
+    def span(c):
+        return f"{c[0][1]:.3f} → {c[-1][1]:.3f}" if c else "-"
+    mixed = np.mean([x.get("mixed_groups", float("nan")) for x in steps])
+    no_grad = sum(1 for x in steps if x.get("grad_norm", 1.0) == 0.0)
+    return (f"| {name} | {best.mean():.3f} (step {best_step}) | {last.mean():.3f} | "
+            f"{stats.format_difference(diff)} | {span(val)} | {span(pool)} | {span(probe)} | {mixed:.2f} | {no_grad} |")
+
+
+HEADER = ("| arm | test EM, best val | test EM, last | best − KD [95% CI] | val EM start → end | "
+          "RL-pool EM start → end | probe reward start → end | mixed groups | no-grad steps |\n"
+          "|---|---:|---:|---|---|---|---|---:|---:|")
+
+
+def paired_row(label: str, a: np.ndarray, b: np.ndarray) -> str:
+    """b − a over the same questions; a, b of shape (N,) or (seeds, N) (then each question's difference
+    is averaged over the seeds and the questions are resampled)."""
+    d = stats.paired_difference(a, b)
+    counts = " | ".join(map(str, stats.discordant_counts(b, a))) if np.ndim(a) == 1 else "- | -"
+    return f"| {label} | {d['n']} | {stats.format_difference(d)} | {counts} |"
+
+
+def chosen_beta(out: str) -> float:
+    """The selection rule: of the study's DGPO arms (GRPO-based, selective KL as a loss), the β whose
+    best-validation checkpoint has the highest validation EM at the tuning seed (ties: smaller β)."""
+    scored = []
+    for name, settings in STUDY.items():
+        if not name.startswith("dgpo-b"):
+            continue
+        path = os.path.join(out, name, "run", "metrics.jsonl")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: run --part study first (the answer's β is chosen on it)")
+        with open(path) as f:
+            val = [json.loads(line).get("val_em") for line in f]
+        scored.append((max(v for v in val if v is not None), -settings["beta"], settings["beta"]))
+    return max(scored)[2]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo", required=True, help="a `python train.py demo` output directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--part", choices=("study", "answer"), required=True)
+    p.add_argument("--arms", nargs="*", help="--part study: only these arms (default: all)")
+    p.add_argument("--kd-pool", type=int, default=800, help="the demo preset's kd_pool (default: 800)")
+    p.add_argument("--jobs", type=int, default=2, help="arms run at once, one thread each")
+    p.add_argument("--steps", type=int, default=COMMON["steps"], help="RL steps per arm (fewer: a check of the "
+                   "pipeline, not the study)")
+    args = p.parse_args(argv)
+    COMMON["steps"] = args.steps
+    os.makedirs(args.out, exist_ok=True)
+    args.pool = write_pool(args.demo, args.kd_pool, args.out)
+    kd = evaluate(os.path.join(args.demo, "kd"), args.demo, os.path.join(args.out, "kd-eval"),
+                  os.path.join(args.out, "kd-eval.log"))
+
+    if args.part == "study":
+        arms = {name: (STUDY[name], TUNING_SEED) for name in (args.arms or STUDY)}
+    else:
+        beta = chosen_beta(args.out)
+        arms = {}
+        for seed in ANSWER_SEEDS:
+            arms[f"grpo-s{seed}"] = (GRPO, seed)
+            arms[f"dgpo-s{seed}"] = (dict(beta=beta), seed)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {name: pool.submit(do_arm, name, settings, seed, args) for name, (settings, seed) in arms.items()}
+        results = {name: f.result() for name, f in futures.items()}
+
+    lines = [f"KD student on the {len(kd)} test questions: EM {np.mean(list(kd.values())):.3f}.", "", HEADER]
+    lines += [summary_row(name, results[name], kd) for name in arms]
+    if args.part == "answer":
+        lines += ["", f"β = {beta} (chosen on the tuning seed {TUNING_SEED}: {chosen_beta.__doc__.split(': ')[1]}",
+                  "", "| comparison (best-validation checkpoints) | questions | EM difference [95% CI] | "
+                  "only first right | only second right |", "|---|---:|---|---:|---:|"]
+        keys = sorted(kd)
+        k = np.array([kd[q] for q in keys])                                       # (N,)
+        em = {arm: np.array([[results[f"{arm}-s{s}"]["best"][q] for q in keys] for s in ANSWER_SEEDS])
+              for arm in ("grpo", "dgpo")}                                        # (seeds, N)
+        for i, seed in enumerate(ANSWER_SEEDS):
+            g, d = em["grpo"][i], em["dgpo"][i]
+            lines += [paired_row(f"seed {seed}: DGPO − KD", k, d), paired_row(f"seed {seed}: DGPO − (KD → GRPO)", g, d),
+                      paired_row(f"seed {seed}: (KD → GRPO) − KD", k, g)]
+        ks = np.tile(k, (len(ANSWER_SEEDS), 1))
+        lines += [paired_row("3 seeds: DGPO − KD", ks, em["dgpo"]),
+                  paired_row("3 seeds: DGPO − (KD → GRPO)", em["grpo"], em["dgpo"]),
+                  paired_row("3 seeds: (KD → GRPO) − KD", ks, em["grpo"])]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, f"{args.part}.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
