@@ -209,6 +209,8 @@ def main(argv=None) -> None:
     args.pool = write_pool(args.demo, args.kd_pool, args.out)
     kd = evaluate(os.path.join(args.demo, "kd"), args.demo, os.path.join(args.out, "kd-eval"),
                   os.path.join(args.out, "kd-eval.log"))
+    teacher = evaluate(os.path.join(args.demo, "teacher"), args.demo, os.path.join(args.out, "teacher-eval"),
+                       os.path.join(args.out, "teacher-eval.log"))
 
     if args.part == "study":
         arms = {name: (STUDY[name], TUNING_SEED) for name in (args.arms or STUDY)}
@@ -222,7 +224,9 @@ def main(argv=None) -> None:
         futures = {name: pool.submit(do_arm, name, settings, seed, args) for name, (settings, seed) in arms.items()}
         results = {name: f.result() for name, f in futures.items()}
 
-    lines = [f"KD student on the {len(kd)} test questions: EM {np.mean(list(kd.values())):.3f}.", "", HEADER]
+    lines = [f"On the {len(kd)} test questions: teacher EM {np.mean(list(teacher.values())):.3f}, KD student "
+             f"{np.mean(list(kd.values())):.3f}. RL pool: {sum(1 for _ in open(args.pool))} questions, "
+             f"{COMMON['steps'] * COMMON['prompts_per_step']} drawn per arm.", "", HEADER]
     lines += [summary_row(name, results[name], kd) for name in arms]
     if args.part == "answer":
         lines += ["", f"β = {beta} (chosen on the tuning seed {TUNING_SEED}: {chosen_beta.__doc__.split(': ')[1]}",
