@@ -146,6 +146,23 @@ def default_length_budget(model) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
+def length_budget(max_total_tokens: int | None, model) -> int | None:
+    """The cap on prompt + response of every rollout: --max-total-tokens, by default the model's
+    max_position_embeddings (a longer sequence leaves the positions the model was trained on)."""
+    return max_total_tokens if max_total_tokens is not None else default_length_budget(model)
+
+
+def check_prompts(tokenizer, questions: list[dict], budget: int | None, what: str) -> None:
+    """Refuses, before any rollout, a question whose prompt leaves no room under the length budget."""
+    found = first_overlong_prompt(tokenizer, [q["question"] for q in questions], budget)
+    if found is not None:
+        i, n = found
+        q = questions[i]
+        raise ValueError(f"{what} id={q.get('id')!r} ({q['question'][:60]!r}…): its prompt is {n} tokens, "
+                         f"leaving no room under the length budget of {budget} tokens (--max-total-tokens, "
+                         "default: the model's max_position_embeddings); shorten or drop it")
+
+
 def first_overlong_prompt(tokenizer, questions: list[str], max_total_tokens: int | None):
     """(index, prompt length) of the first question whose prompt leaves no room for a generated
     token under max_total_tokens, or None. A prompt has at most as many tokens as UTF-8 bytes, so
@@ -505,3 +522,4 @@ def _left_pad_pending(rows: list[_Row], device) -> tuple[torch.Tensor, torch.Ten
         mask[b, width - len(p):] = True
         positions[b, width - len(p):] = torch.arange(r.n_cached, r.n_cached + len(p), device=device)
     return ids, mask, positions
+

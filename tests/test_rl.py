@@ -11,7 +11,12 @@ import os
 import pytest
 import torch
 
+import arc_eval
+import cli
 import data
+import ddp
+import loop
+import models
 import rl
 import train
 from rollout import RolloutConfig
@@ -23,10 +28,10 @@ EM_PATTERN = [1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 1, 1]
 @pytest.fixture(scope="module")
 def rollouts(world, tokenizer, retriever, model_dirs):
     """16 sampled rollouts of the tiny student, 8 groups of 2, with EM_PATTERN."""
-    model = train.load_model(model_dirs["student"], train.Dist(), trainable=False)
+    model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=False)
     expanded = [q for q in world.train[:8] for _ in range(2)]
-    records = train.generate_records(model, tokenizer, expanded, retriever,
-                                     RolloutConfig(max_turns=1, max_new_tokens=12, seed=0), train.Dist(), 16)
+    records = arc_eval.generate_records(model, tokenizer, expanded, retriever,
+                                     RolloutConfig(max_turns=1, max_new_tokens=12, seed=0), ddp.Dist(), 16)
     for i, r in enumerate(records):
         r["group"], r["em"] = 100 + i // 2, float(EM_PATTERN[i])
     return records
@@ -38,13 +43,13 @@ def _copies(records, **changes):
 
 def _update(model_dirs, tokenizer, records, **settings):
     """One rl_update from the student's initial weights: (metrics row, weights after)."""
-    dist = train.Dist()
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
-    teacher = train.load_model(model_dirs["teacher"], dist, trainable=False)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    teacher = models.load_model(model_dirs["teacher"], dist, trainable=False)
     cfg = rl.RLConfig(**{"micro_batch_size": 5, "beta": 0.5, "warmup_ratio": 0.0, **settings})
-    optimizer, scheduler = train.make_optimizer(model, 1e-2, 0.0, 10, 0, None)
-    view = train.wrap(model, dist)
-    row = rl.rl_update(view, train.HeadAtPositions(teacher), optimizer, scheduler, _copies(records), cfg, dist,
+    optimizer, scheduler = loop.make_optimizer(model, 1e-2, 0.0, 10, 0, None)
+    view = models.wrap(model, dist)
+    row = rl.rl_update(view, models.HeadAtPositions(teacher), optimizer, scheduler, _copies(records), cfg, dist,
                        len(tokenizer), {})
     return row, {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -114,7 +119,7 @@ def test_the_penalty_forms_teacher_norm_is_the_penaltys_share_of_the_surrogate(m
 
 
 def test_explained_variance_by_hand():
-    dist = train.Dist()
+    dist = ddp.Dist()
     mask = torch.tensor([[True, True, False], [True, True, True]])
     returns = torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 5.0]])        # the masked-out 99 must not count
     assert rl.explained_variance(returns, returns.clone(), mask, dist) == pytest.approx(1.0)
@@ -129,15 +134,15 @@ def test_explained_variance_by_hand():
 
 
 def test_a_ppo_step_logs_the_critics_instruments_and_time(model_dirs, tokenizer, rollouts):
-    dist = train.Dist()
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
-    teacher = train.load_model(model_dirs["teacher"], dist, trainable=False)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    teacher = models.load_model(model_dirs["teacher"], dist, trainable=False)
     critic_hf = rl.load_critic(model_dirs["student"], dist, False, "--student", fresh=True)
     critic_opt = torch.optim.AdamW(critic_hf.parameters(), lr=1e-3)
-    critic = rl.Critic(train.wrap(critic_hf, dist), critic_opt, torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda s: 1))
-    optimizer, scheduler = train.make_optimizer(model, 1e-3, 0.0, 10, 0, None)
+    critic = rl.Critic(models.wrap(critic_hf, dist), critic_opt, torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda s: 1))
+    optimizer, scheduler = loop.make_optimizer(model, 1e-3, 0.0, 10, 0, None)
     cfg = rl.RLConfig(algo="ppo", teacher_as="reward", beta=0.5, micro_batch_size=8, term_grad_norms=True)
-    row = rl.rl_update(train.wrap(model, dist), teacher, optimizer, scheduler, _copies(rollouts), cfg, dist,
+    row = rl.rl_update(models.wrap(model, dist), teacher, optimizer, scheduler, _copies(rollouts), cfg, dist,
                        len(tokenizer), {}, critic)
     # a fresh critic predicts V = 0 everywhere: it explains none of the returns' variance
     assert row["explained_var"] == pytest.approx(0.0, abs=1e-6)
@@ -158,11 +163,11 @@ def test_the_probe_draws_the_same_samples_at_every_call_and_its_error_is_over_qu
         # question q gets EM 1 on its first q mod 3 of 3 samples: per-question means 0, 1/3, 2/3, 0, 1/3
         return [{"em": float(i % 3 < (i // 3) % 3)} for i in range(len(questions))]
 
-    monkeypatch.setattr(rl, "generate_records", fake_generate)
+    monkeypatch.setattr(arc_eval, "generate_records", fake_generate)
     questions = [{"id": str(i)} for i in range(5)]
     rcfg = RolloutConfig(temperature=0.7)
-    first = rl.probe_reward(None, None, questions, None, rcfg, 3, 64, train.Dist())
-    second = rl.probe_reward(None, None, questions, None, rcfg, 3, 64, train.Dist())
+    first = rl.probe_reward(None, None, questions, None, rcfg, 3, 64, ddp.Dist())
+    second = rl.probe_reward(None, None, questions, None, rcfg, 3, 64, ddp.Dist())
     means = torch.tensor([0.0, 1 / 3, 2 / 3, 0.0, 1 / 3], dtype=torch.float64)
     assert first == pytest.approx((means.mean().item(), (means.std() / math.sqrt(5)).item()))
     assert first == second and calls[0] == calls[1] == (15, rl.PROBE_SEED, False, 0.7)
@@ -174,11 +179,11 @@ def test_evaluations_log_the_probe_and_the_pool_em_without_changing_training(wor
     on, off, other_seed = (str(tmp_path / n) for n in ("on", "off", "seed"))
     measure = dict(eval_every=2, probe_samples=2, pool_eval_limit=4)
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, _rl_config(**measure),
-                train.Dist(), on, validation=validation)
+                ddp.Dist(), on, validation=validation)
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, _rl_config(eval_every=2),
-                train.Dist(), off, validation=validation)
+                ddp.Dist(), off, validation=validation)
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, _rl_config(seed=4, **measure),
-                train.Dist(), other_seed, validation=validation)
+                ddp.Dist(), other_seed, validation=validation)
     a, b = _weights(on), _weights(off)
     assert all(torch.equal(a[k], b[k]) for k in a), "the probe and the pool EM must not change what is trained"
     rows = [r for r in _rows(on) if "val_em" in r]
@@ -189,25 +194,25 @@ def test_evaluations_log_the_probe_and_the_pool_em_without_changing_training(wor
     # the same start model and the same probe seed in another run: the same probe at step 0 (paired)
     assert _rows(other_seed)[0]["probe_reward"] == rows[0]["probe_reward"]
     # pool_em is greedy EM on the first pool_eval_limit questions of the data order, by the model of that step
-    pool = [questions[i] for i in train.data_window(3, len(questions), 0, 4)]
-    model = train.load_model(on, train.Dist(), trainable=False)
+    pool = [questions[i] for i in loop.data_window(3, len(questions), 0, 4)]
+    model = models.load_model(on, ddp.Dist(), trainable=False)
     greedy = rl.rollout_config(_rl_config(), greedy=True, max_total_tokens=model.config.max_position_embeddings)
-    assert rows[-1]["pool_em"] == rl.validation_em(model, tokenizer, pool, retriever, greedy, 8, train.Dist())
+    assert rows[-1]["pool_em"] == rl.validation_em(model, tokenizer, pool, retriever, greedy, 8, ddp.Dist())
 
 
 def test_probe_and_pool_options_need_evaluations_and_drop_needs_grpo(capsys):
     with pytest.raises(ValueError, match="need --eval-every"):
-        rl.check_rl_config(_rl_config(probe_samples=4), train.Dist())
+        rl.check_rl_config(_rl_config(probe_samples=4), ddp.Dist())
     with pytest.raises(ValueError, match="need --eval-every"):
-        rl.check_rl_config(_rl_config(pool_eval_limit=4), train.Dist())
+        rl.check_rl_config(_rl_config(pool_eval_limit=4), ddp.Dist())
     with pytest.raises(ValueError, match="is for --algo grpo"):
-        rl.check_rl_config(_rl_config(algo="ppo", drop_constant_groups=True), train.Dist())
+        rl.check_rl_config(_rl_config(algo="ppo", drop_constant_groups=True), ddp.Dist())
     with pytest.raises(ValueError, match="must be >= 1"):
-        rl.check_rl_config(_rl_config(max_draws=0), train.Dist())
+        rl.check_rl_config(_rl_config(max_draws=0), ddp.Dist())
     args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--drop-constant-groups",
                              "--max-draws", "3", "--term-grad-norms", "--probe-samples", "4", "--pool-eval-limit", "100",
                              "--eval-every", "5", "--val", "v"])
-    cfg = train.config_from_args(args, rl.RLConfig)
+    cfg = cli.config_from_args(args, rl.RLConfig)
     assert (cfg.drop_constant_groups, cfg.max_draws, cfg.term_grad_norms, cfg.probe_samples,
             cfg.pool_eval_limit) == (True, 3, True, 4, 100)
     defaults = rl.RLConfig()
@@ -233,7 +238,7 @@ def test_informative_records_keep_the_first_mixed_groups_for_the_gradient_and_th
     groups = [(14, (1, 0)), (11, (1, 1)), (12, (0, 1)), (13, (0, 0)), (10, (1, 0)), (15, (0, 0)), (16, (1, 1))]
     records = [_record(g, em) for g, ems in groups for em in ems]
     cfg = rl.RLConfig(prompts_per_step=2, drop_constant_groups=True, teacher_mode=mode, mini_batches=2)
-    out, part_of, counts = rl.informative_records(records, rl.group_outcomes(records, train.Dist()), cfg, train.Dist())
+    out, part_of, counts = rl.informative_records(records, rl.group_outcomes(records, ddp.Dist()), cfg, ddp.Dist())
     position = {id(r): i for i, r in enumerate(records)}
     assert [position[id(r)] for r in out] == kept
     assert {r["group"] for r in records if r["pg"]} == {10, 12}           # not 14: two are enough
@@ -261,20 +266,20 @@ def test_the_refill_draws_further_questions_until_enough_groups_are_mixed(monkey
         # a question is mixed (one of its two rollouts right) when its position is a multiple of 3
         return [{"id": q["id"], "em": float(q["group"] % 3 == 0 and k % 2 == 0)} for k, q in enumerate(questions)]
 
-    monkeypatch.setattr(rl, "generate_records", fake_generate)
+    monkeypatch.setattr(arc_eval, "generate_records", fake_generate)
     questions = world.train[:50]
     cfg = rl.RLConfig(prompts_per_step=4, group_size=2, drop_constant_groups=True, max_draws=5, seed=1)
-    records, draws, cursor = rl.draw_rollouts(None, None, questions, None, None, cfg, train.Dist(), None, 10)
+    records, draws, cursor = rl.draw_rollouts(None, None, questions, None, None, cfg, ddp.Dist(), None, 10)
     # positions 10..13 hold one multiple of 3 (12), 14..17 one (15), 18..21 two (18, 21): 4 after 3 rounds
     assert (draws, cursor) == (3, 22)
     assert sorted({r["group"] for r in records}) == list(range(10, 22))
-    order = train.data_window(1, len(questions), 10, 12)
+    order = loop.data_window(1, len(questions), 10, 12)
     assert [r["id"] for r in records[::2]] == [questions[i]["id"] for i in order]
-    capped = rl.draw_rollouts(None, None, questions, None, None, dataclasses.replace(cfg, max_draws=2), train.Dist(),
+    capped = rl.draw_rollouts(None, None, questions, None, None, dataclasses.replace(cfg, max_draws=2), ddp.Dist(),
                               None, 10)
     assert capped[1:] == (2, 18)
     off = rl.draw_rollouts(None, None, questions, None, None, dataclasses.replace(cfg, drop_constant_groups=False),
-                           train.Dist(), None, 10)
+                           ddp.Dist(), None, 10)
     assert off[1:] == (1, 14)
 
 
@@ -285,12 +290,12 @@ def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(wo
     cfg = _rl_config(drop_constant_groups=True, max_draws=2)
     questions = world.train[:12]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), straight)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), straight)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
                 stop_after=2)
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["cursor"] == 2 * 2 * 2                  # 2 steps × 2 rounds × 2 prompts
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
                 resume=split)
     a, b, start = _weights(straight), _weights(split), _weights(model_dirs["student"])
     assert any(not torch.equal(a[k], start[k]) for k in a), "the teacher term must move the student"
@@ -305,5 +310,5 @@ def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(wo
     grpo = str(tmp_path / "grpo")
     rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(drop_constant_groups=True, max_draws=2,
                                                                              steps=2, teacher_mode="none"),
-                train.Dist(), grpo)
+                ddp.Dist(), grpo)
     assert [(r["kept_rollouts"], r["zero_grad_steps"]) for r in _rows(grpo)] == [(0, 1), (0, 2)]

@@ -12,13 +12,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import arc_eval
 import checkpoint
+import cli
 import data
+import ddp
 import demo
+import dgpo
+import loop
+import models
+import retriever as retriever_lib
 import rl
+import sft
 import stats
 import train
-from rollout import RolloutConfig
+from rollout import RolloutConfig, prompt_ids
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,11 +35,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def fixed_rollouts(world, tokenizer, retriever, model_dirs, tmp_path_factory):
     """16 sampled rollouts of the tiny student (8 groups of G = 2) with hand-set EM: mixed groups,
     all-right and all-wrong groups, so the surrogate and the selective teacher term both act."""
-    model = train.load_model(model_dirs["student"], train.Dist(), trainable=False)
+    model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=False)
     questions = world.train[:8]
     expanded = [q for q in questions for _ in range(2)]
-    records = train.generate_records(model, tokenizer, expanded, retriever,
-                                     RolloutConfig(max_turns=1, max_new_tokens=12, seed=0), train.Dist(), 16)
+    records = arc_eval.generate_records(model, tokenizer, expanded, retriever,
+                                     RolloutConfig(max_turns=1, max_new_tokens=12, seed=0), ddp.Dist(), 16)
     em_pattern = [1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 1, 1]
     for i, r in enumerate(records):
         r["group"], r["em"] = 100 + i // 2, float(em_pattern[i])
@@ -69,7 +77,7 @@ def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rol
     where the other has 2 — it runs an empty one so that DDP's all-reduce meets."""
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    before = train.load_model(model_dirs["student"], train.Dist(), trainable=True).state_dict()
+    before = models.load_model(model_dirs["student"], ddp.Dist(), trainable=True).state_dict()
     [single] = _run_worker(1, model_dirs, fixed_rollouts, tmp_path / "one", teacher_as, mini_batches, algo, drop)
     rank0, rank1 = _run_worker(2, model_dirs, fixed_rollouts, tmp_path / "two", teacher_as, mini_batches, algo, drop)
     moved = max((single["params"][k] - before[k]).abs().max().item() for k in before)
@@ -118,12 +126,12 @@ def test_resume_is_exact_four_steps_equal_two_plus_two(world, retriever, model_d
     questions = world.train[:6]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), straight)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), straight)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
                    stop_after=2)
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["step"] == 2
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
                    resume=split)
     a, b = _params(straight), _params(split)
     initial = _params(model_dirs["student"])
@@ -137,16 +145,16 @@ def test_resume_is_exact_four_steps_equal_two_plus_two(world, retriever, model_d
 @pytest.mark.numerics
 def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, tmp_path):
     records = data.load_trajectories(fixed_rollouts)
-    cfg = train.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1)
+    cfg = sft.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1)
     # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
-    dist = train.Dist()
+    dist = ddp.Dist()
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
-    train.train_supervised(model, tokenizer, records, cfg, dist, straight)
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
-    train.train_supervised(model, tokenizer, records, cfg, dist, split, stop_after=2)
-    model = train.load_model(split, dist, trainable=True)
-    train.train_supervised(model, tokenizer, records, cfg, dist, split, resume=split)
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    sft.train_supervised(model, tokenizer, records, cfg, dist, straight)
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    sft.train_supervised(model, tokenizer, records, cfg, dist, split, stop_after=2)
+    model = models.load_model(split, dist, trainable=True)
+    sft.train_supervised(model, tokenizer, records, cfg, dist, split, resume=split)
     a, b = _params(straight), _params(split)
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed run differs on {k}"
@@ -154,12 +162,12 @@ def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, tmp_p
 
 def test_checkpoint_reloads_with_automodel_and_gives_the_same_logits(tokenizer, model_dirs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    dist = train.Dist()
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))          # not the initial weights
-    train.save_checkpoint(str(tmp_path / "ckpt"), model, tokenizer, dist, {"step": 7})
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), model, tokenizer, dist, {"step": 7})
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt")).eval()
     ids = torch.tensor([tokenizer("<think> a test </think>")["input_ids"]])
     with torch.no_grad():
@@ -169,7 +177,7 @@ def test_checkpoint_reloads_with_automodel_and_gives_the_same_logits(tokenizer, 
 
 
 def test_small_preset_runs_every_stage_and_each_writes_what_the_next_reads(tmp_path, capsys):
-    reports = train.run_demo("small", str(tmp_path), train.Dist())
+    reports = train.run_demo("small", str(tmp_path), ddp.Dist())
     for name in ("teacher", "base", "kd", "dgpo", "dgpo/best"):
         assert os.path.isfile(tmp_path / name / "config.json"), name
     assert json.loads((tmp_path / "base" / "train_config.json").read_text())["stage"] == "pretrain"
@@ -215,31 +223,31 @@ def test_teacher_and_student_tokenizers_must_match(world, tokenizer, model_dirs,
     other = str(tmp_path / "other")
     demo.make_tiny_model(other_tok, "test", out_dir=other)
     with pytest.raises(ValueError, match="tokenizers of .* differ"):
-        train.check_same_tokenizer(tokenizer, train.load_tokenizer(other), model_dirs["student"], other)
+        models.check_same_tokenizer(tokenizer, models.load_tokenizer(other), model_dirs["student"], other)
 
 
 def test_bad_input_stops_early_with_a_clear_message(world, retriever, model_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a model directory"):
-        train.load_model(str(tmp_path / "missing"), train.Dist(), trainable=False)
+        models.load_model(str(tmp_path / "missing"), ddp.Dist(), trainable=False)
     with pytest.raises(ValueError, match="not divisible by world size"):
         rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:4], retriever,
-                       _rl_config(prompts_per_step=3), train.Dist(world_size=2), str(tmp_path / "x"))
+                       _rl_config(prompts_per_step=3), ddp.Dist(world_size=2), str(tmp_path / "x"))
     with pytest.raises(ValueError, match="exactly one of"):
-        train.make_retriever(None, None)
+        retriever_lib.make_retriever(None, None)
     with pytest.raises(ValueError, match="exactly one of"):
-        train.make_retriever("c.jsonl", None, index="idx")
+        retriever_lib.make_retriever("c.jsonl", None, index="idx")
     with pytest.raises(ConnectionError, match="--retriever-url: .*127.0.0.1:9"):   # an OSError: one line
-        train.make_retriever(None, "http://127.0.0.1:9/retrieve", retry_seconds=0)
+        retriever_lib.make_retriever(None, "http://127.0.0.1:9/retrieve", retry_seconds=0)
 
 
 def test_nonfinite_loss_skips_the_step_counts_it_and_warns(tokenizer, model_dirs, fixed_rollouts):
-    dist = train.Dist()
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))       # every logit becomes NaN
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = _rl_config(teacher_mode="none")
-    optimizer, scheduler = train.make_optimizer(model, cfg.lr, 0.0, 1, 0, None)
+    optimizer, scheduler = loop.make_optimizer(model, cfg.lr, 0.0, 1, 0, None)
     records = data.load_trajectories(fixed_rollouts)
     counters = {}
     with pytest.warns(UserWarning, match="step skipped"):
@@ -265,13 +273,13 @@ def test_a_zero_gradient_step_moves_nothing_counts_it_and_the_schedule_still_adv
     constant, no teacher term) must then leave every weight and the optimizer's state (moments and
     step count) as they are — AdamW would otherwise move the weights by ~0.64 × lr — count itself,
     and still advance the learning-rate schedule."""
-    dist = train.Dist()
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
     cfg = _rl_config(teacher_mode="none", lr=1e-2)
-    optimizer, scheduler = train.make_optimizer(model, cfg.lr, 0.1, 10, 4, None)   # warm-up: lr changes per step
+    optimizer, scheduler = loop.make_optimizer(model, cfg.lr, 0.1, 10, 4, None)   # warm-up: lr changes per step
     records = data.load_trajectories(fixed_rollouts)       # mixed groups: a real gradient
     counters = {}
-    view = train.wrap(model, dist)
+    view = models.wrap(model, dist)
     rl.rl_update(view, None, optimizer, scheduler, records, cfg, dist, len(tokenizer), counters)
     assert "zero_grad_steps" not in counters and optimizer.state_dict()["state"], "the first step is a real one"
     params = {k: v.clone() for k, v in model.state_dict().items()}
@@ -299,7 +307,7 @@ def test_rl_steps_with_no_gradient_leave_the_student_as_it_was_and_the_metrics_c
     has a gradient; the run logs each as a zero-gradient step and saves the start weights."""
     out = str(tmp_path / "grpo")
     cfg = _rl_config(steps=2, teacher_mode="none")
-    rl.train_rl(model_dirs["student"], None, world.train[:4], retriever, cfg, train.Dist(), out)
+    rl.train_rl(model_dirs["student"], None, world.train[:4], retriever, cfg, ddp.Dist(), out)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["em"] for r in rows] == [0.0, 0.0]
     assert [r["zero_grad_steps"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)
@@ -309,17 +317,17 @@ def test_rl_steps_with_no_gradient_leave_the_student_as_it_was_and_the_metrics_c
 
 def test_data_window_is_a_permutation_per_epoch_and_depends_only_on_seed_and_position():
     n = 7
-    stream = train.data_window(5, n, 0, 3 * n)
+    stream = loop.data_window(5, n, 0, 3 * n)
     for epoch in range(3):
         assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
-    assert stream[4:10] == train.data_window(5, n, 4, 6)
-    assert stream != train.data_window(6, n, 0, 3 * n)
+    assert stream[4:10] == loop.data_window(5, n, 4, 6)
+    assert stream != loop.data_window(6, n, 0, 3 * n)
 
 
 def test_make_batch_shifts_once_and_packs_the_loss_positions_with_an_explicit_mask():
     records = [{"input_ids": [5, 6, 7, 8, 4, 3], "loss_mask": [0, 0, 1, 0, 1, 1]},   # an observation at 8
                {"input_ids": [9, 10], "loss_mask": [0, 1]}]
-    batch = train.make_batch(records, "cpu", pad_id=9)    # pad id equal to a real token: masks decide
+    batch = models.make_batch(records, "cpu", pad_id=9)    # pad id equal to a real token: masks decide
     assert batch.inputs.tolist() == [[5, 6, 7, 8, 4], [9, 9, 9, 9, 9]]
     assert batch.positions.tolist() == [[1, 3, 4], [0, 0, 0]]   # input position t predicts token t + 1
     assert batch.targets.tolist() == [[7, 4, 3], [10, 9, 9]]
@@ -331,11 +339,11 @@ def test_cli_parses_every_stage_and_defaults_to_the_demo(capsys):
     assert args.stage == "demo" and args.preset == "default"
     args = train.parse_args(["rl", "--student", "s", "--teacher", "t", "--data", "d", "--corpus", "c",
                              "--out", "o", "--beta", "0.2", "--teacher-mode", "uniform", "--kl", "k2"])
-    cfg = train.config_from_args(args, rl.RLConfig)
+    cfg = cli.config_from_args(args, rl.RLConfig)
     assert (cfg.beta, cfg.teacher_mode, cfg.kl, cfg.group_size) == (0.2, "uniform", "k2", 5)
     args = train.parse_args(["tgo", "--teacher", "t", "--data", "d", "--corpus", "c", "--out", "o",
                              "--max-turns", "2", "--greedy", "--seed", "4"])
-    rcfg = train.config_from_args(args, RolloutConfig)
+    rcfg = cli.config_from_args(args, RolloutConfig)
     assert (rcfg.max_turns, rcfg.greedy, rcfg.seed, rcfg.max_total_tokens) == (2, True, 4, None)
     for flag, bad in [("--kl", "k4"), ("--teacher-mode", "selctive"), ("--agg", "mean")]:
         with pytest.raises(SystemExit):
@@ -372,15 +380,14 @@ def test_rl_length_budget_truncates_flags_and_keeps_running(world, tokenizer, re
                                                             monkeypatch):
     """--max-total-tokens reaches the rollout: no trajectory grows past it, the step still trains, and
     the metrics say how many rollouts were cut."""
-    from rollout import prompt_ids
     questions = world.train[:4]
     cap = max(len(prompt_ids(tokenizer, q["question"])) for q in questions) + 3
     cfg = _rl_config(steps=1, prompts_per_step=4, max_total_tokens=cap, max_new_tokens=6)
     seen = []
-    real = train.generate_records
-    monkeypatch.setattr(rl, "generate_records", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    real = arc_eval.generate_records
+    monkeypatch.setattr(arc_eval, "generate_records", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
     out = tmp_path / "rl"
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), str(out))
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), str(out))
     assert len(seen) == 8 and all(len(r["input_ids"]) <= cap and r["truncated"] for r in seen)
     assert any(len(r["input_ids"]) == cap for r in seen)          # the cap, not something else, ended them
     [row] = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -396,13 +403,13 @@ def test_rl_logprobs_are_the_tempered_sampling_distribution_and_the_first_miniba
     """At T = 0.7, log π_old (scored before the update) and log π_θ (scored inside the first
     mini-batch) are both log softmax(z / T): the ratio is exactly 1 (approx_kl 0, nothing clipped).
     Scored at T = 1, as before, the same first mini-batch would see a ratio far from 1."""
-    dist = train.Dist()
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
-    vocab = train.vocab_size_of(tokenizer, model)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    vocab = models.vocab_size_of(tokenizer, model)
     records = data.load_trajectories(fixed_rollouts)
     cfg = rl.RLConfig(micro_batch_size=4, temperature=0.7, teacher_mode="none", warmup_ratio=0.0)
     old = rl.sampled_logprobs(model, records, cfg, vocab, dist)
-    batch = train.make_batch(records[:1], dist.device)
+    batch = models.make_batch(records[:1], dist.device)
     with torch.no_grad():                                 # the textbook way: all logits, then pick
         direct = torch.log_softmax(model(input_ids=batch.inputs).logits[0, :, :vocab] / 0.7, -1)
     direct = direct[batch.positions[0]].gather(-1, batch.targets[0][:, None])[:, 0]
@@ -427,7 +434,7 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
     cfg = _rl_config(steps=2, lr=0.0, eval_every=1, eval_limit=3)
     out = str(tmp_path / "rl")
     summary = rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg,
-                             train.Dist(), out, validation=world.validation)
+                             ddp.Dist(), out, validation=world.validation)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[0].keys() == {"step", "val_em", "eval_s"}
     assert rows[0]["val_em"] == rows[1]["val_em"] == rows[2]["val_em"]
@@ -440,7 +447,7 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
 def test_rl_refuses_a_zero_temperature(world, retriever, model_dirs, tmp_path):
     with pytest.raises(ValueError, match="--temperature 0.0: .*must be > 0"):
         rl.train_rl(model_dirs["student"], None, world.train[:2], retriever,
-                       _rl_config(temperature=0.0, teacher_mode="none"), train.Dist(), str(tmp_path / "x"))
+                       _rl_config(temperature=0.0, teacher_mode="none"), ddp.Dist(), str(tmp_path / "x"))
 
 
 # -----------------------------------------------------------------------------
@@ -491,7 +498,7 @@ def test_kills_inside_saves_always_leave_a_complete_checkpoint_and_resume_ends_b
 
 def test_resume_refuses_another_stage_and_changed_settings_unless_overridden(world, retriever, model_dirs,
                                                                             tmp_path, tokenizer, fixed_rollouts):
-    questions, dist = world.train[:6], train.Dist()
+    questions, dist = world.train[:6], ddp.Dist()
     run = str(tmp_path / "rl")
     cfg = _rl_config(lr=1e-4, group_size=2)
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, run, stop_after=2)
@@ -512,13 +519,13 @@ def test_resume_refuses_another_stage_and_changed_settings_unless_overridden(wor
     state = torch.load(os.path.join(run, "trainer_state.pt"), weights_only=False)
     assert state["config"]["lr"] == 5e-2 and state["config_hash"] == checkpoint.config_hash(state["config"])
     # another stage's checkpoint cannot be continued, either way round
-    model = train.load_model(run, dist, trainable=True)
-    sup = train.SupervisedConfig(steps=6, batch_size=4, micro_batch_size=2)
+    model = models.load_model(run, dist, trainable=True)
+    sup = sft.SupervisedConfig(steps=6, batch_size=4, micro_batch_size=2)
     with pytest.raises(ValueError, match="a checkpoint of stage 'rl'; this is stage 'kd'"):
-        train.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, run,
+        sft.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, run,
                                resume=run, desc="kd")
     kd = str(tmp_path / "kd")
-    train.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, kd, desc="kd",
+    sft.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, kd, desc="kd",
                            stop_after=1)
     with pytest.raises(ValueError, match="a checkpoint of stage 'kd'; this is stage 'rl'"):
         rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, kd, resume=kd)
@@ -526,7 +533,7 @@ def test_resume_refuses_another_stage_and_changed_settings_unless_overridden(wor
 
 def test_an_existing_output_is_refused_before_any_work_unless_resumed_or_overwritten(world, retriever,
                                                                                      model_dirs, tmp_path):
-    questions, dist = world.train[:6], train.Dist()
+    questions, dist = world.train[:6], ddp.Dist()
     run = str(tmp_path / "rl")
     rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
                    dist, run)
@@ -589,9 +596,8 @@ def test_help_shows_every_numeric_range():
 
 
 def test_every_config_option_is_explained_in_help_by_its_field_comment():
-    import rl
-    for stage, config_cls in [("rl", rl.RLConfig), ("kd", train.SupervisedConfig), ("tgo", train.RolloutConfig)]:
-        comments = train.field_comments(config_cls)
+    for stage, config_cls in [("rl", rl.RLConfig), ("kd", sft.SupervisedConfig), ("tgo", RolloutConfig)]:
+        comments = cli.field_comments(config_cls)
         fields = [f.name for f in dataclasses.fields(config_cls)]
         assert set(comments) <= set(fields)
         if stage != "tgo":
@@ -599,24 +605,23 @@ def test_every_config_option_is_explained_in_help_by_its_field_comment():
         shown = " ".join(_cli(stage, "--help").stdout.split())              # argparse wraps lines
         for name, text in comments.items():
             assert " ".join(text.split()) in shown, (stage, name)
-    assert train.field_comments(rl.RLConfig)["critic_lr"] == "PPO's critic (the paper: 1e-5)"
+    assert cli.field_comments(rl.RLConfig)["critic_lr"] == "PPO's critic (the paper: 1e-5)"
 
 
 def test_long_questions_are_refused_before_any_rollout(world, retriever, model_dirs, tmp_path, tokenizer):
     huge = {**world.train[0], "id": "huge", "question": "Who founded " + "Velmor " * 150_000 + "Works?"}
-    model = train.load_model(model_dirs["student"], train.Dist(), trainable=False)
+    model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=False)
     assert model.config.max_position_embeddings == 2048
     with pytest.raises(ValueError, match=r"training question id='huge'.*prompt is \d+ tokens.*budget of 2048"):
         rl.train_rl(model_dirs["student"], None, [world.train[1], huge], retriever,
-                       _rl_config(teacher_mode="none"), train.Dist(), str(tmp_path / "rl"))
-    import arc_metric
+                       _rl_config(teacher_mode="none"), ddp.Dist(), str(tmp_path / "rl"))
     with pytest.raises(ValueError, match=r"questions\[0\] \(id='huge'\): its prompt is"):
-        arc_metric.evaluate(model, tokenizer, [huge], retriever, progress=False)
+        arc_eval.evaluate(model, tokenizer, [huge], retriever, progress=False)
     longer = {**huge, "question": "Who founded " + "Velmor " * 800 + "Works?"}   # ~2,500 tokens > 2048
     with pytest.raises(ValueError, match="id='huge'"):
-        arc_metric.evaluate(model, tokenizer, [longer], retriever, progress=False)
+        arc_eval.evaluate(model, tokenizer, [longer], retriever, progress=False)
     # with an explicit budget the same cap applies: a question that fits is rolled out within it
-    records, _ = arc_metric.evaluate(model, tokenizer, world.test[:1], retriever,
+    records, _ = arc_eval.evaluate(model, tokenizer, world.test[:1], retriever,
                                      RolloutConfig(max_turns=1, max_new_tokens=4, max_total_tokens=300), probe=False,
                                      progress=False)
     assert len(records[0]["input_ids"]) <= 300
@@ -639,32 +644,32 @@ def test_model_arguments_get_one_clear_message(model_dirs, tmp_path):
 def test_a_model_with_a_nan_weight_is_refused_and_a_diverging_run_stops_without_saving(
         world, retriever, tokenizer, model_dirs, tmp_path, fixed_rollouts):
     nan_dir = str(tmp_path / "nan")
-    model = train.load_model(model_dirs["student"], train.Dist(), trainable=True)
+    model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=True)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     model.save_pretrained(nan_dir)
     tokenizer.save_pretrained(nan_dir)
     with pytest.raises(ValueError, match=r"--student .*nan: weight model.layers.0.mlp.up_proj.weight holds NaN"):
-        train.load_model(nan_dir, train.Dist(), trainable=True, arg="--student")
+        models.load_model(nan_dir, ddp.Dist(), trainable=True, arg="--student")
     # a run whose every loss is non-finite skips steps, then stops, saving nothing
     out = str(tmp_path / "sft")
     records = data.load_trajectories(fixed_rollouts)
-    cfg = train.SupervisedConfig(steps=50, batch_size=2, micro_batch_size=2)
+    cfg = sft.SupervisedConfig(steps=50, batch_size=2, micro_batch_size=2)
     with pytest.raises(RuntimeError, match="10 consecutive steps had a non-finite loss"):
-        train.train_supervised(model, tokenizer, records, cfg, train.Dist(), out)
+        sft.train_supervised(model, tokenizer, records, cfg, ddp.Dist(), out)
     assert not os.path.exists(os.path.join(out, "trainer_state.pt"))
     with pytest.raises(RuntimeError, match="not saving .*: weight .* holds NaN"):
-        train.save_checkpoint(out, model, tokenizer, train.Dist(), {"step": 1})
+        checkpoint.save_checkpoint(out, model, tokenizer, ddp.Dist(), {"step": 1})
 
 
 def test_the_demo_owns_its_directory_and_can_run_twice(tmp_path):
-    train.run_demo("small", str(tmp_path / "demo"), train.Dist())
-    train.run_demo("small", str(tmp_path / "demo"), train.Dist())
+    train.run_demo("small", str(tmp_path / "demo"), ddp.Dist())
+    train.run_demo("small", str(tmp_path / "demo"), ddp.Dist())
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="was not written by the demo"):
-        train.run_demo("small", str(other), train.Dist())
+        train.run_demo("small", str(other), ddp.Dist())
 
 
 def test_kd_refuses_trajectories_made_with_another_tokenizer_of_the_same_size(tokenizer, model_dirs, fixed_rollouts,
@@ -682,7 +687,7 @@ def test_kd_refuses_trajectories_made_with_another_tokenizer_of_the_same_size(to
                              "--out", str(tmp_path / "kd"), "--steps", "1"])
     with pytest.raises(ValueError, match=(rf"tgo.jsonl:1: made with tokenizer {data.tokenizer_fingerprint(tokenizer)}"
                                           rf", but the tokenizer given is {data.tokenizer_fingerprint(other_tok)}")):
-        train.run_stage(args, train.Dist())
+        train.run_stage(args, ddp.Dist())
     assert not os.path.exists(tmp_path / "kd" / "trainer_state.pt")
 
 
@@ -717,12 +722,11 @@ def test_head_at_loss_positions_gives_the_full_logits_losses_and_gradients(token
     """KD loss and DGPO loss (exact teacher KL) through HeadAtPositions equal the same losses on the
     full (B, T, V) logits with a (B, T) mask, and so do every parameter's gradients, to 1e-6 in fp32 —
     tied and untied embeddings, and an embedding padded past the tokenizer (sliced off)."""
-    import dgpo
     records = data.load_trajectories(fixed_rollouts)[:6]
     vocab = len(tokenizer)
     student, teacher = _qwen2(tokenizer, tied, extra_rows, 1), _qwen2(tokenizer, tied, extra_rows, 2).eval()
     inputs, targets, mask = _full_path_batch(records)
-    batch = train.make_batch(records, "cpu")
+    batch = models.make_batch(records, "cpu")
     assert batch.mask.sum() == mask.sum() and batch.mask.shape[1] < mask.shape[1]
     em = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0])
     adv = torch.tensor([0.5, -1.0, 0.25, 0.0, 1.0, -0.5])
@@ -739,10 +743,10 @@ def test_head_at_loss_positions_gives_the_full_logits_losses_and_gradients(token
         loss.backward(retain_graph=True)
         return {k: p.grad.clone() for k, p in student.named_parameters()}
 
-    view, teacher_view = train.HeadAtPositions(student).check(), train.HeadAtPositions(teacher).check()
+    view, teacher_view = models.HeadAtPositions(student).check(), models.HeadAtPositions(teacher).check()
     with torch.no_grad():
-        t_full, t_packed = teacher(input_ids=inputs).logits, train.logits_of(teacher_view, batch)
-    ours = losses(train.logits_of(view, batch), t_packed, batch.targets, batch.mask)
+        t_full, t_packed = teacher(input_ids=inputs).logits, models.logits_of(teacher_view, batch)
+    ours = losses(models.logits_of(view, batch), t_packed, batch.targets, batch.mask)
     full = losses(student(input_ids=inputs).logits, t_full, targets, mask)
     for a, b in zip(ours, full):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -755,7 +759,7 @@ def test_a_model_whose_forward_is_more_than_its_head_is_refused(tokenizer):
     model = _qwen2(tokenizer, True, 0, 1)
     model.forward = lambda *a, **k: SimpleNamespace(logits=type(model).forward(model, *a, **k).logits * 2)
     with pytest.raises(ValueError, match="forward is not head"):
-        train.HeadAtPositions(model).check()
+        models.HeadAtPositions(model).check()
 
 
 # -----------------------------------------------------------------------------
@@ -770,10 +774,10 @@ def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever,
     # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
     questions = world.train[:6]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), straight)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), straight)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
                 stop_after=2)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, train.Dist(), split,
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
                 resume=split)
     for sub, load in (("", _params), ("critic", lambda p: AutoModelForTokenClassification.from_pretrained(p).state_dict())):
         a, b = load(os.path.join(straight, sub)), load(os.path.join(split, sub))
@@ -788,16 +792,16 @@ def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever,
     # an overridden critic lr really reaches the critic's optimizer
     longer = {**cfg.__dict__, "steps": 5, "critic_lr": 0.5}
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, rl.RLConfig(**longer),
-                train.Dist(), split, resume=split, override_config=True)
+                ddp.Dist(), split, resume=split, override_config=True)
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["critic_optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5)
-    assert rl.load_critic(os.path.join(split, "critic"), train.Dist(), True, "--resume", fresh=False).training
+    assert rl.load_critic(os.path.join(split, "critic"), ddp.Dist(), True, "--resume", fresh=False).training
     with pytest.raises(FileNotFoundError, match="no critic/ in it"):
         grpo_dir = str(tmp_path / "grpo")
         rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(steps=1, teacher_mode="none"),
-                    train.Dist(), grpo_dir)
+                    ddp.Dist(), grpo_dir)
         rl.train_rl(model_dirs["student"], None, questions, retriever,
-                    _rl_config(steps=2, teacher_mode="none", algo="ppo"), train.Dist(), grpo_dir, resume=grpo_dir,
+                    _rl_config(steps=2, teacher_mode="none", algo="ppo"), ddp.Dist(), grpo_dir, resume=grpo_dir,
                     override_config=True)
 
 
@@ -810,22 +814,22 @@ def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retrie
     cfg = _rl_config(algo="ppo", group_size=1, steps=4, prompts_per_step=4, micro_batch_size=4, rollout_batch_size=4,
                      teacher_as="reward", beta=0.5, lr=1e-4, critic_lr=3e-3, warmup_ratio=0.0, entropy_coef=0.001)
     out = str(tmp_path / "ppo")
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:16], retriever, cfg, train.Dist(), out)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:16], retriever, cfg, ddp.Dist(), out)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert len(rows) == 4 and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
     assert all("vf_loss" in r and "value_mean" in r for r in rows)
 
-    dist = train.Dist()
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
-    teacher = train.load_model(model_dirs["teacher"], dist, trainable=False)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    teacher = models.load_model(model_dirs["teacher"], dist, trainable=False)
     frozen = torch.optim.SGD(model.parameters(), lr=0.0)
     critic_hf = rl.load_critic(model_dirs["student"], dist, False, "--student", fresh=True)
     critic_opt = torch.optim.Adam(critic_hf.parameters(), lr=1e-2)
-    critic = rl.Critic(train.wrap(critic_hf, dist), critic_opt, torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda s: 1.0))
+    critic = rl.Critic(models.wrap(critic_hf, dist), critic_opt, torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda s: 1.0))
     records = data.load_trajectories(fixed_rollouts)
     fixed_cfg = rl.RLConfig(algo="ppo", teacher_as="reward", beta=0.5, micro_batch_size=16, whiten_advantages=False)
-    vocab = train.vocab_size_of(tokenizer, model)
-    losses = [rl.rl_update(train.wrap(model, dist), teacher, frozen, torch.optim.lr_scheduler.LambdaLR(frozen, lambda s: 1.0),
+    vocab = models.vocab_size_of(tokenizer, model)
+    losses = [rl.rl_update(models.wrap(model, dist), teacher, frozen, torch.optim.lr_scheduler.LambdaLR(frozen, lambda s: 1.0),
                            [dict(r) for r in records], fixed_cfg, dist, vocab, {}, critic)["vf_loss"] for _ in range(12)]
     print(f"critic value loss, last / first of 12 updates: {losses[-1] / losses[0]:.3f}")
     assert losses[-1] < 0.5 * losses[0], [round(x, 5) for x in losses]    # measured 0.38x at 1 and 2 threads
@@ -857,7 +861,7 @@ def test_every_checkpoint_carries_its_settings_as_json_and_tensorboard_gets_the_
                              "--data", fixed_rollouts, "--out", str(out), "--steps", "2", "--batch-size", "2",
                              "--micro-batch-size", "2", "--report-to", "tensorboard"])
     with pytest.warns(UserWarning, match="rows .* no 'tokenizer'|no tokenizer"):
-        train.run_stage(args, train.Dist())
+        train.run_stage(args, ddp.Dist())
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["stage"] == "kd" and saved["step"] == 2 and saved["config"]["steps"] == 2
     assert saved["args"]["student"] == model_dirs["student"] and saved["config_hash"]
@@ -879,13 +883,13 @@ def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ImportError, match="--report-to wandb needs the optional package 'wandb'"):
-        train.Reporter(str(tmp_path), "wandb", "rl", {}, train.Dist())
+        loop.Reporter(str(tmp_path), "wandb", "rl", {}, ddp.Dist())
 
 
 def test_save_dtype_bfloat16_writes_bf16_weights_and_says_so(tokenizer, model_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
-    model = train.load_model(model_dirs["student"], train.Dist(), trainable=True)
-    train.save_checkpoint(str(tmp_path / "bf16"), model, tokenizer, train.Dist(), {"step": 1, "config": {}},
+    model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=True)
+    checkpoint.save_checkpoint(str(tmp_path / "bf16"), model, tokenizer, ddp.Dist(), {"step": 1, "config": {}},
                           save_dtype="bfloat16")
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype="auto")
     assert loaded.dtype == torch.bfloat16 and model.dtype == torch.float32       # the trained copy is untouched
@@ -895,16 +899,15 @@ def test_save_dtype_bfloat16_writes_bf16_weights_and_says_so(tokenizer, model_di
 
 
 def test_kd_lambda_and_gae_lambda_have_their_own_ranges():
-    train.check_config(train.SupervisedConfig(lam=2.0))               # KD's λ: any weight >= 0
+    cli.check_config(sft.SupervisedConfig(lam=2.0))               # KD's λ: any weight >= 0
     with pytest.raises(ValueError, match="gae_lambda=2.0: must be in \\[0, 1\\]"):
-        train.check_config(rl.RLConfig(gae_lambda=2.0))
+        cli.check_config(rl.RLConfig(gae_lambda=2.0))
 
 
 def test_stages_read_a_bm25_index_built_once(world, retriever, tmp_path):
-    import retriever as retriever_lib
     data.write_jsonl(str(tmp_path / "corpus.jsonl.gz"), world.corpus)
     retriever_lib.write_index(str(tmp_path / "corpus.jsonl.gz"), str(tmp_path / "index"))
-    loaded = train.make_retriever(None, None, index=str(tmp_path / "index"))
+    loaded = retriever_lib.make_retriever(None, None, index=str(tmp_path / "index"))
     queries = [q["question"] for q in world.test[:20]]
     assert loaded.search(queries, topk=3) == retriever.search(queries, topk=3)
     args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--index", str(tmp_path / "index")])
@@ -924,13 +927,13 @@ def test_a_hub_id_in_the_local_cache_loads_offline_in_every_stage_the_same_way(m
     import huggingface_hub.constants as hub_constants
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
-    by_id = train.load_model("tiny-org/tiny-student", train.Dist(), trainable=False, arg="--student")
-    by_dir = train.load_model(model_dirs["student"], train.Dist(), trainable=False, arg="--student")
+    by_id = models.load_model("tiny-org/tiny-student", ddp.Dist(), trainable=False, arg="--student")
+    by_dir = models.load_model(model_dirs["student"], ddp.Dist(), trainable=False, arg="--student")
     assert all(torch.equal(a, b) for a, b in zip(by_id.state_dict().values(), by_dir.state_dict().values()))
-    assert train.load_tokenizer("tiny-org/tiny-student", "--student").get_vocab() == \
-        train.load_tokenizer(model_dirs["student"], "--student").get_vocab()
+    assert models.load_tokenizer("tiny-org/tiny-student", "--student").get_vocab() == \
+        models.load_tokenizer(model_dirs["student"], "--student").get_vocab()
     with pytest.raises(FileNotFoundError, match="--teacher tiny-org/not-cached: neither a local model directory"):
-        train.load_model("tiny-org/not-cached", train.Dist(), trainable=False, arg="--teacher")
+        models.load_model("tiny-org/not-cached", ddp.Dist(), trainable=False, arg="--teacher")
 
 
 # -----------------------------------------------------------------------------
@@ -980,7 +983,7 @@ def test_overwrite_never_deletes_an_input_it_refuses_an_output_that_is_or_holds_
         assert _listing(x) == before
     run = tmp_path / "run"                                  # a run with best/: resuming best/ into the run
     rl.train_rl(model_dirs["student"], None, world.train[:6], retriever,
-                _rl_config(steps=1, teacher_mode="none", eval_every=1, eval_limit=2), train.Dist(), str(run),
+                _rl_config(steps=1, teacher_mode="none", eval_every=1, eval_limit=2), ddp.Dist(), str(run),
                 validation=world.validation)
     before = _listing(run)
     with pytest.raises(ValueError, match=r"--out .*run: contains the input --resume .*run/best"):
@@ -996,7 +999,7 @@ def test_overwrite_never_deletes_an_input_it_refuses_an_output_that_is_or_holds_
 
 
 def test_overwrite_replaces_only_a_run_directory_and_only_what_the_run_wrote(model_dirs, world, retriever, tmp_path):
-    cfg, dist = _rl_config(steps=1, teacher_mode="none"), train.Dist()
+    cfg, dist = _rl_config(steps=1, teacher_mode="none"), ddp.Dist()
     foreign = tmp_path / "mine"                         # somebody's directory that happens to hold metrics.jsonl
     foreign.mkdir()
     (foreign / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -1013,10 +1016,10 @@ def test_overwrite_replaces_only_a_run_directory_and_only_what_the_run_wrote(mod
     # the hint names the command that works: a run without a checkpoint cannot be resumed
     stopped = tmp_path / "stopped"
     stopped.mkdir()
-    (stopped / train.RUN_MARKER).write_text("")
+    (stopped / checkpoint.RUN_MARKER).write_text("")
     (stopped / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(ValueError, match="saved no checkpoint to resume .*pass --overwrite") as error:
-        train.check_output(str(stopped), None, False)
+        checkpoint.check_output(str(stopped), None, False)
     assert "--resume" not in str(error.value)
     with pytest.raises(FileNotFoundError, match=r"--resume .*stopped: no checkpoint to resume from in it"):
         rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(stopped),
@@ -1025,7 +1028,7 @@ def test_overwrite_replaces_only_a_run_directory_and_only_what_the_run_wrote(mod
 
 def test_a_corrupted_checkpoint_is_refused_on_resume_naming_the_file(model_dirs, world, retriever, tmp_path,
                                                                      tokenizer):
-    cfg, dist = _rl_config(steps=2), train.Dist()
+    cfg, dist = _rl_config(steps=2), ddp.Dist()
     run = tmp_path / "run"
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist, str(run),
                 stop_after=1)
@@ -1044,11 +1047,11 @@ def test_a_corrupted_checkpoint_is_refused_on_resume_naming_the_file(model_dirs,
     with open(plain / "model.safetensors", "r+b") as f:
         f.write(b"\xff" * 64)                            # the header's length: nonsense
     with pytest.raises(ValueError, match=r"--student .*plain: cannot load the model from model.safetensors"):
-        train.load_model(str(plain), dist, trainable=True, arg="--student")
+        models.load_model(str(plain), dist, trainable=True, arg="--student")
 
 
 def test_resume_drops_a_torn_last_metrics_line_and_says_so(model_dirs, world, retriever, tmp_path):
-    cfg, dist = _rl_config(steps=2, teacher_mode="none"), train.Dist()
+    cfg, dist = _rl_config(steps=2, teacher_mode="none"), ddp.Dist()
     run = tmp_path / "run"
     rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run), stop_after=1)
     with open(run / "metrics.jsonl", "a") as f:
@@ -1108,29 +1111,29 @@ def test_ctrl_c_in_a_supervised_stage_saves_after_the_step_and_the_resume_is_exa
                                                                                   monkeypatch):
     import signal
     records = data.load_trajectories(fixed_rollouts)
-    cfg = train.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1)
-    dist = train.Dist()
+    cfg = sft.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1)
+    dist = ddp.Dist()
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train.train_supervised(train.load_model(model_dirs["student"], dist, trainable=True), tokenizer, records, cfg,
+    sft.train_supervised(models.load_model(model_dirs["student"], dist, trainable=True), tokenizer, records, cfg,
                            dist, straight)
-    real_loss, calls = train.supervised_loss, []
+    real_loss, calls = sft.supervised_loss, []
 
     def loss_then_ctrl_c(*args, **kwargs):               # Ctrl-C arrives in the middle of step 2's forward
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(*args, **kwargs)
-    monkeypatch.setattr(train, "supervised_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(sft, "supervised_loss", loss_then_ctrl_c)
     info = {"argv": ["train.py", "kd", "--data", "t.jsonl", "--out", split, "--overwrite"]}
     before = signal.getsignal(signal.SIGINT)    # SIG_IGN when the suite runs in a background job (nohup … &)
-    with pytest.raises(train.Interrupted, match=r"SIGINT: sft stopped after step 2 of 4 .* continue with: .*"
+    with pytest.raises(cli.Interrupted, match=r"SIGINT: sft stopped after step 2 of 4 .* continue with: .*"
                                                 r"train.py kd --data t.jsonl --out .*split --resume .*split$") as stop:
-        train.train_supervised(train.load_model(model_dirs["student"], dist, trainable=True), tokenizer, records,
+        sft.train_supervised(models.load_model(model_dirs["student"], dist, trainable=True), tokenizer, records,
                                cfg, dist, split, info=info)
     assert stop.value.signum == signal.SIGINT and signal.getsignal(signal.SIGINT) is before   # handler restored
     assert torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)["step"] == 2
-    monkeypatch.setattr(train, "supervised_loss", real_loss)
-    train.train_supervised(train.load_model(split, dist, trainable=True), tokenizer, records, cfg, dist, split,
+    monkeypatch.setattr(sft, "supervised_loss", real_loss)
+    sft.train_supervised(models.load_model(split, dist, trainable=True), tokenizer, records, cfg, dist, split,
                            resume=split)
     a, b = _params(straight), _params(split)
     assert all(torch.equal(a[k], b[k]) for k in a), "the interrupted and resumed run differs"
@@ -1138,35 +1141,35 @@ def test_ctrl_c_in_a_supervised_stage_saves_after_the_step_and_the_resume_is_exa
 
 def test_tgo_appends_finished_rollouts_and_a_rerun_continues_from_them(world, retriever, model_dirs, tmp_path,
                                                                        tokenizer, monkeypatch):
-    teacher = train.load_model(model_dirs["teacher"], train.Dist(), trainable=False)
+    teacher = models.load_model(model_dirs["teacher"], ddp.Dist(), trainable=False)
     rcfg = RolloutConfig(max_turns=1, max_new_tokens=4, greedy=True)
     questions, out = world.train[:5], str(tmp_path / "tgo.jsonl")
-    real, asked = train.generate_records, []
+    real, asked = arc_eval.generate_records, []
 
     def crash_on_the_second_chunk(model, tok, chunk, *args, **kwargs):
         asked.append([q["id"] for q in chunk])
         if len(asked) == 2:
             raise RuntimeError("the machine went away")
         return real(model, tok, chunk, *args, **kwargs)
-    monkeypatch.setattr(train, "generate_records", crash_on_the_second_chunk)
+    monkeypatch.setattr(arc_eval, "generate_records", crash_on_the_second_chunk)
     with pytest.raises(RuntimeError, match="went away"):
-        train.run_tgo(teacher, tokenizer, questions, retriever, rcfg, train.Dist(), out, batch_size=2, keep_wrong=True)
+        sft.run_tgo(teacher, tokenizer, questions, retriever, rcfg, ddp.Dist(), out, batch_size=2, keep_wrong=True)
     assert not os.path.exists(out) and len(data.read_appended(out + ".progress-rank0.jsonl")) == 1 + 2
     with pytest.raises(ValueError, match=r"progress-rank0.jsonl: unfinished tgo rollouts made with other settings "
                                          r"or inputs \(they differ in config\)"):
-        train.run_tgo(teacher, tokenizer, questions, retriever, dataclasses.replace(rcfg, max_new_tokens=5),
-                      train.Dist(), out, batch_size=2, keep_wrong=True)
+        sft.run_tgo(teacher, tokenizer, questions, retriever, dataclasses.replace(rcfg, max_new_tokens=5),
+                      ddp.Dist(), out, batch_size=2, keep_wrong=True)
     asked.clear()
-    monkeypatch.setattr(train, "generate_records", lambda m, t, chunk, *a, **k: asked.append(
+    monkeypatch.setattr(arc_eval, "generate_records", lambda m, t, chunk, *a, **k: asked.append(
         [q["id"] for q in chunk]) or real(m, t, chunk, *a, **k))
-    stats = train.run_tgo(teacher, tokenizer, questions, retriever, rcfg, train.Dist(), out, batch_size=2,
+    stats = sft.run_tgo(teacher, tokenizer, questions, retriever, rcfg, ddp.Dist(), out, batch_size=2,
                           keep_wrong=True)
     assert asked == [[q["id"] for q in questions[2:4]], [questions[4]["id"]]]      # the first two: not again
     assert [r["id"] for r in data.load_trajectories(out)] == [q["id"] for q in questions] and stats["rollouts"] == 5
-    assert train.tgo_progress_files(out) == []
+    assert sft.tgo_progress_files(out) == []
     # the same trajectories as a run never interrupted (greedy)
-    monkeypatch.setattr(train, "generate_records", real)
-    train.run_tgo(teacher, tokenizer, questions, retriever, rcfg, train.Dist(), str(tmp_path / "one.jsonl"),
+    monkeypatch.setattr(arc_eval, "generate_records", real)
+    sft.run_tgo(teacher, tokenizer, questions, retriever, rcfg, ddp.Dist(), str(tmp_path / "one.jsonl"),
                   batch_size=2, keep_wrong=True)
     assert [r["input_ids"] for r in data.load_trajectories(out)] == \
         [r["input_ids"] for r in data.load_trajectories(str(tmp_path / "one.jsonl"))]
@@ -1201,16 +1204,16 @@ def test_learning_rates_that_destroy_the_model_are_refused_and_an_update_that_br
         with pytest.raises(SystemExit):
             train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", flag, value])
     with pytest.raises(ValueError, match=r"RLConfig.lr=inf: must be finite"):
-        train.check_config(rl.RLConfig(lr=float("inf")))
+        cli.check_config(rl.RLConfig(lr=float("inf")))
     # the guard after an update: a step that leaves a weight non-finite stops the run, naming it
-    model = train.load_model(model_dirs["student"], train.Dist(), trainable=True)
+    model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=True)
     records = data.load_trajectories(fixed_rollouts)[:2]
-    loss, _ = train.supervised_loss(model, None, records, 1.0, len(tokenizer), 1.0, train.Dist())
+    loss, _ = sft.supervised_loss(model, None, records, 1.0, len(tokenizer), 1.0, ddp.Dist())
     loss.backward()
     optimizer = torch.optim.SGD(model.parameters(), lr=3e38)       # finite gradients, an overflowing step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    with pytest.raises(train.Stopped, match=r"made weight .* NaN or inf .*stopping without saving"):
-        train.optimizer_step(model, optimizer, scheduler, 1e30, {}, train.Dist())
+    with pytest.raises(cli.Stopped, match=r"made weight .* NaN or inf .*stopping without saving"):
+        loop.optimizer_step(model, optimizer, scheduler, 1e30, {}, ddp.Dist())
 
 
 def test_argument_errors_are_one_line_and_negative_numbers_reach_the_range_check(capsys):
@@ -1243,16 +1246,16 @@ def test_command_line_errors_print_one_line_and_exit_2_and_debug_shows_the_trace
 
 def test_a_full_disk_during_a_save_names_the_checkpoint_and_keeps_the_previous_one(model_dirs, tokenizer, tmp_path):
     import resource
-    dist = train.Dist()
-    model = train.load_model(model_dirs["student"], dist, trainable=True)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
     out = str(tmp_path / "ckpt")
-    train.save_checkpoint(out, model, tokenizer, dist, {"step": 1, "config": {}})
+    checkpoint.save_checkpoint(out, model, tokenizer, dist, {"step": 1, "config": {}})
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))   # files may not grow past 200 kB: "disk full"
     try:
         with pytest.raises(OSError, match=r"cannot write checkpoint .*ckpt \((model files|trainer_state.pt)\): .*"
                                           "the previous checkpoint there, if any, is unchanged"):
-            train.save_checkpoint(out, model, tokenizer, dist, {"step": 2, "config": {}, "big": torch.zeros(10**6)})
+            checkpoint.save_checkpoint(out, model, tokenizer, dist, {"step": 2, "config": {}, "big": torch.zeros(10**6)})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"] == 1
@@ -1263,7 +1266,7 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_keeps_the_previous_o
 def test_rl_checks_settings_output_and_models_before_building_the_retriever(model_dirs, files, tmp_path,
                                                                             monkeypatch):
     built = []
-    monkeypatch.setattr(train, "make_retriever", lambda *a, **k: built.append(a) or pytest.fail("built"))
+    monkeypatch.setattr(retriever_lib, "make_retriever", lambda *a, **k: built.append(a) or pytest.fail("built"))
     base = ["rl", "--teacher-mode", "none", "--data", files["q"], "--retriever-url", "http://127.0.0.1:9/retrieve",
             *RL_ARGS]
     (tmp_path / "file").write_text("x")
@@ -1286,18 +1289,18 @@ def test_a_model_directory_without_its_tokenizer_or_config_is_named_with_what_is
         if name.startswith("tokenizer"):
             os.remove(no_tokenizer / name)
     with pytest.raises(FileNotFoundError, match=r"--student .*no-tokenizer: no tokenizer in it \(none of tokenizer.json"):
-        train.load_tokenizer(str(no_tokenizer), "--student")
+        models.load_tokenizer(str(no_tokenizer), "--student")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"--teacher .*empty: not a model directory: it has no config.json"):
-        train.load_model(str(empty), train.Dist(), trainable=False, arg="--teacher")
+        models.load_model(str(empty), ddp.Dist(), trainable=False, arg="--teacher")
     with pytest.raises(FileNotFoundError, match=r"--teacher .*empty: no tokenizer in it"):
-        train.load_tokenizer(str(empty), "--teacher")
+        models.load_tokenizer(str(empty), "--teacher")
     weightless = tmp_path / "weightless"
     shutil.copytree(model_dirs["student"], weightless)
     os.remove(weightless / "model.safetensors")
     with pytest.raises(FileNotFoundError, match=r"weightless: no weights in it \(none of model.safetensors"):
-        train.load_model(str(weightless), train.Dist(), trainable=False)
+        models.load_model(str(weightless), ddp.Dist(), trainable=False)
 
 
 @pytest.mark.filterwarnings("ignore:.*record no 'tokenizer' fingerprint")
@@ -1318,7 +1321,7 @@ def test_retrieval_client_options_reach_the_client_and_are_range_checked(monkeyp
     """--retriever-retry-seconds / --retriever-timeout go to the HTTP client of every stage that
     searches; a timeout of 0 is refused at parse time."""
     seen = []
-    monkeypatch.setattr(train, "make_retriever", lambda *a, **k: seen.append(k))
+    monkeypatch.setattr(retriever_lib, "make_retriever", lambda *a, **k: seen.append(k))
     for stage in (["rl", "--student", "s", "--teacher", "t", "--out", "o"], ["tgo", "--teacher", "t", "--out", "o"]):
         args = train.parse_args([*stage, "--data", "q.jsonl", "--retriever-url", "http://127.0.0.1:9/retrieve",
                                  "--retriever-retry-seconds", "7", "--retriever-timeout", "2.5"])
