@@ -460,6 +460,7 @@ def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retri
                                       record["golden_answers"])
 
 
+@pytest.mark.slow
 def test_scoring_imports_without_torch_and_the_script_has_a_cli():
     check = "import sys, arc_metric; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True)

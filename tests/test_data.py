@@ -639,6 +639,7 @@ def test_missing_pyarrow_is_an_error_naming_the_package_and_the_file(tmp_path, m
     assert load_questions(jsonl) == [GOOD_QUESTION]                   # JSONL does not need it
 
 
+@pytest.mark.slow
 def test_importing_data_and_reading_jsonl_does_not_import_pyarrow(tmp_path):
     jsonl = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION)])
     code = ("import sys, data; data.load_questions(sys.argv[1]); "

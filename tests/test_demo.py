@@ -45,6 +45,7 @@ def oracle_runs(world, tokenizer, retriever):
 
 # ----------------------------------------------------------------------------- the world
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_files_across_processes(world, tmp_path):
     """Built again in a fresh interpreter with another hash seed: set/dict order must not leak in."""
     here, there = tmp_path / "here", tmp_path / "there"

@@ -13,6 +13,8 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import demo  # noqa: E402
 import experiment  # noqa: E402
 
+pytestmark = pytest.mark.slow      # whole experiment runs in subprocesses
+
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):

@@ -49,7 +49,8 @@ def why_skip() -> str | None:
 
 
 SKIP_REASON = why_skip()
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
+pytestmark = [pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON)),
+              pytest.mark.slow]      # the command line in subprocesses, on a real model
 
 
 def run(*argv, timeout=600) -> str:

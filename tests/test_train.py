@@ -64,6 +64,7 @@ def _run_worker(nproc, model_dirs, records_path, out_dir, *extra):
     return [torch.load(out_dir / f"rank{r}_of{nproc}.pt") for r in range(nproc)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("teacher_as,mini_batches,algo,drop", [("loss", "1", "grpo", "0"), ("reward", "1", "grpo", "0"),
                                                                ("loss", "2", "grpo", "0"), ("reward", "2", "ppo", "0"),
                                                                ("loss", "2", "grpo", "1"), ("reward", "1", "grpo", "1")])
@@ -462,6 +463,7 @@ def _kill_run(model_dirs, out, point, n, resume=None):
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.numerics
 def test_kills_inside_saves_always_leave_a_complete_checkpoint_and_resume_ends_bit_identical(
         world, retriever, model_dirs, tmp_path):
@@ -558,6 +560,7 @@ def _cli(*args, timeout=120):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_tgo_refuses_an_existing_output_before_rolling_out(tmp_path, model_dirs, world):
     data.write_jsonl(str(tmp_path / "q.jsonl"), world.train[:2])
     data.write_jsonl(str(tmp_path / "c.jsonl"), world.corpus[:50])
@@ -590,11 +593,13 @@ def test_nonsense_rl_values_are_refused_at_parse_time_with_the_reason(args, mess
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_help_shows_every_numeric_range():
     shown = _cli("rl", "--help").stdout
     assert "--beta BETA" in shown and "(>= 0, default: 0.001)" in shown and "(> 0, default: 1.0)" in shown
 
 
+@pytest.mark.slow
 def test_every_config_option_is_explained_in_help_by_its_field_comment():
     for stage, config_cls in [("rl", rl.RLConfig), ("kd", sft.SupervisedConfig), ("tgo", RolloutConfig)]:
         comments = cli.field_comments(config_cls)
@@ -627,6 +632,7 @@ def test_long_questions_are_refused_before_any_rollout(world, retriever, model_d
     assert len(records[0]["input_ids"]) <= 300
 
 
+@pytest.mark.slow
 def test_model_arguments_get_one_clear_message(model_dirs, tmp_path):
     result = _cli("kd", "--student", str(tmp_path / "missing"), "--teacher", model_dirs["teacher"], "--data", "x",
                   "--out", str(tmp_path / "kd"))
@@ -835,6 +841,7 @@ def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retrie
     assert losses[-1] < 0.5 * losses[0], [round(x, 5) for x in losses]    # measured 0.38x at 1 and 2 threads
 
 
+@pytest.mark.slow
 def test_ppo_options_are_listed_with_their_defaults_and_group_size_one_is_legal_for_ppo_only(capsys):
     shown = " ".join(_cli("rl", "--algo", "ppo", "--help").stdout.split())     # argparse wraps lines
     for flag, default in [("--critic-lr", "1e-05"), ("--critic-warmup-ratio", "0.015"), ("--value-clip", "0.5"),
@@ -1074,6 +1081,7 @@ def _wait_for_line(path, proc, timeout=240):
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_during_rl_finishes_the_step_saves_and_names_the_command_that_continues_it(model_dirs, files,
                                                                                            tmp_path):
     """SIGTERM (what a scheduler sends; Ctrl-C is SIGINT, handled alike) after the first step: the run
@@ -1234,6 +1242,7 @@ def test_argument_errors_are_one_line_and_negative_numbers_reach_the_range_check
             assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_command_line_errors_print_one_line_and_exit_2_and_debug_shows_the_traceback(tmp_path):
     args = ["kd", "--student", str(tmp_path / "missing"), "--teacher", "t", "--data", "x", "--out", str(tmp_path / "o")]
     result = _cli(*args)
@@ -1317,6 +1326,7 @@ def test_supervised_stages_refuse_trajectories_without_a_loss_token_and_the_demo
         train.main(["demo", "--preset", "small", "--out", str(tmp_path / "taken")])
 
 
+@pytest.mark.slow
 def test_retrieval_client_options_reach_the_client_and_are_range_checked(monkeypatch):
     """--retriever-retry-seconds / --retriever-timeout go to the HTTP client of every stage that
     searches; a timeout of 0 is refused at parse time."""

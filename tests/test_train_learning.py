@@ -17,6 +17,8 @@ import rl
 import sft
 from rollout import RolloutConfig
 
+pytestmark = pytest.mark.slow      # real training runs, minutes each
+
 GREEDY = RolloutConfig(max_turns=2, max_new_tokens=40, greedy=True)
 
 
