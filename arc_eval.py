@@ -54,7 +54,7 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: r
     for chunk in tqdm(chunks, desc=desc, disable=desc is None or not dist.master, leave=False):
         with ddp.autocast(dist):
             trajs = rollout.rollout(raw, tokenizer, [q["question"] for q in chunk], retriever, rcfg,
-                            generator=generator)
+                                    generator=generator)
         for q, t in zip(chunk, trajs):
             record = {"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"],
                       "data_source": q["data_source"], **asdict(t)}
@@ -70,8 +70,8 @@ def evaluate_dir(model_dir: str, questions: list[dict], retriever, rcfg: rollout
     tokenizer = models.load_tokenizer(model_dir)
     with ddp.autocast(dist):
         _, report = evaluate(model, tokenizer, questions, retriever, rcfg, probe=probe,
-                                        batch_size=batch_size, progress=dist.master,
-                                        out_path=os.path.join(out_dir, "trajectories.jsonl") if out_dir else None)
+                             batch_size=batch_size, progress=dist.master,
+                             out_path=os.path.join(out_dir, "trajectories.jsonl") if out_dir else None)
     if out_dir and dist.master:
         with open(os.path.join(out_dir, "report.json"), "w") as f:   # the layout main writes
             json.dump({"model": model_dir, "questions": len(questions), "config": asdict(rcfg),
@@ -163,12 +163,14 @@ def needed_passages(questions: list, retriever, evidence: str = "auto",
     for i in to_search:
         ranked = (hits[rank] for rank in range(max(map(len, hits_per_gold[i]), default=0))   # rank first,
                   for hits in hits_per_gold[i] if rank < len(hits))                           # then gold order
-        gold_passage = next((hit for hit in ranked if arc_metric.contains_answer_tokens(hit["contents"], golds[i])), None)
+        gold_passage = next((hit for hit in ranked if arc_metric.contains_answer_tokens(hit["contents"], golds[i])),
+                            None)
         if gold_passage is not None:
             chosen[i] = [{"id": gold_passage.get("id"), "contents": gold_passage["contents"]}]
 
     for i, passages in enumerate(chosen):      # probed only if a passage really holds a gold answer
-        if passages is not None and not any(arc_metric.contains_answer_tokens(p["contents"], golds[i]) for p in passages):
+        if passages is not None and not any(arc_metric.contains_answer_tokens(p["contents"], golds[i])
+                                            for p in passages):
             chosen[i] = None
     return chosen
 
@@ -308,7 +310,7 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
                 return placed
 
             trajectories = rollout.rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever,
-                                   budgets[name], prefix_ids=[context[i] for i in batch], search_fn=search_fn)
+                                           budgets[name], prefix_ids=[context[i] for i in batch], search_fn=search_fn)
             generated = {}
             for i, trajectory in zip(batch, trajectories):
                 golds = questions[i]["golden_answers"]
@@ -316,7 +318,8 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
                     fields = {"em_no_think": arc_metric.exact_match(_answer_without_think(trajectory.turns[0]), golds)}
                 else:   # the forced primer belongs to the first turn's text
                     answer = arc_metric.final_answer([primer + trajectory.turns[0]] + trajectory.turns[1:])
-                    fields = {"em_think": arc_metric.exact_match(answer, golds), "probe_searches": trajectory.num_searches}
+                    fields = {"em_think": arc_metric.exact_match(answer, golds),
+                              "probe_searches": trajectory.num_searches}
                 written = trajectory.input_ids[trajectory.prompt_length + len(context[i]) - len(primer_ids):]
                 fields[f"response_{name}"] = tokenizer.decode(written, skip_special_tokens=True)
                 results[i].update(fields)
@@ -407,7 +410,8 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
         probe_results = evidence_given_probe(
             model, tokenizer, questions, retriever, config, evidence=evidence, batch_size=batch_size,
             progress=progress, records=records, needed=needed, done=saved.probe,
-            on_batch=lambda name, fields: saved.add([{"probe": name, "results": {str(i): f for i, f in fields.items()}}]))
+            on_batch=lambda name, fields: saved.add([{"probe": name,
+                                                      "results": {str(i): f for i, f in fields.items()}}]))
         for record, result in zip(records, probe_results):
             record["probe"] = result
     if out_path:
@@ -460,7 +464,7 @@ def main(argv=None) -> dict:
 
 
     parser = cli.ArgumentParser(prog="arc_metric.py", description="Evaluate a Hugging Face model directory as "
-                            "a search agent: greedy rollouts, EM/F1/sub-EM and ARC per data source.")
+                                "a search agent: greedy rollouts, EM/F1/sub-EM and ARC per data source.")
     parser.add_argument("--model", required=True, help="HF model directory (AutoModelForCausalLM)")
     parser.add_argument("--tokenizer", help="HF tokenizer directory (default: --model)")
     parser.add_argument("--data", required=True, help="questions JSONL: question, golden_answers, id?, data_source?")
@@ -513,21 +517,22 @@ def main(argv=None) -> dict:
         questions = data.sample_questions(questions, args.limit, seed=args.limit_seed)
     progress_path = os.path.join(args.out, "progress.jsonl")
     inputs = checkpoint.input_fingerprints({"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data,
-                                 "--corpus": args.corpus, "--index": args.index, "--retriever-url": args.retriever_url},
-                                rows={"--data": len(questions)})
+                                            "--corpus": args.corpus, "--index": args.index,
+                                            "--retriever-url": args.retriever_url},
+                                           rows={"--data": len(questions)})
     # a rerun continues only with the same inputs, wherever they lie now (the paths are not compared)
     made_with = {"inputs": {arg: {k: v for k, v in fp.items() if k != "path"} for arg, fp in inputs.items()},
                  "limit": args.limit, "limit_seed": args.limit_seed}
     retriever = retriever_lib.make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index,
-                               retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
+                                             retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
     if not args.no_probe:                # the questions' supporting passages exist: before a model is loaded
         check_supporting_ids(questions, retriever, args.probe_evidence)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = models.load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     model = models.load_model(args.model, ddp.Dist(device=device), trainable=False)
     config = rollout.RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
-                           max_obs_tokens=args.max_obs_tokens, topk=args.topk, greedy=True,
-                           max_total_tokens=args.max_total_tokens)
+                                   max_obs_tokens=args.max_obs_tokens, topk=args.topk, greedy=True,
+                                   max_total_tokens=args.max_total_tokens)
     os.makedirs(args.out, exist_ok=True)
     if args.overwrite and os.path.exists(progress_path):   # only now: every input has loaded
         os.remove(progress_path)

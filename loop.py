@@ -79,8 +79,8 @@ def start_from(state: dict, optimizer, scheduler, lr: float, reporter: Reporter,
         reporter.log({"step": state["step"], "config_override": {k: list(v) for k, v in state["changed"].items()}},
                      dist)
     if state["changed_inputs"]:
-        reporter.log({"step": state["step"], "input_override": {k: list(v) for k, v in state["changed_inputs"].items()}},
-                     dist)
+        reporter.log({"step": state["step"],
+                      "input_override": {k: list(v) for k, v in state["changed_inputs"].items()}}, dist)
 
 
 # -----------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def check_weights_finite(model, optimizer) -> None:
     bad = checkpoint.first_non_finite(models.hf_model(model))
     lr = optimizer.param_groups[0]["lr"]
     raise cli.Stopped(f"the update at learning rate {lr:g} made weight {bad} NaN or inf (the learning rate is far too "
-                  "large?); stopping without saving: the last checkpoint saved, if any, is unchanged")
+                      "large?); stopping without saving: the last checkpoint saved, if any, is unchanged")
 
 
 MAX_CONSECUTIVE_SKIPPED = 10   # then the run stops: the model (or the data) is broken, not unlucky
@@ -213,8 +213,8 @@ def stop_if_diverged(counters: dict, out_dir: str) -> None:
     without saving: the last checkpoint in out_dir (if any) stays the result."""
     if counters.get("consecutive_skipped", 0) >= MAX_CONSECUTIVE_SKIPPED:
         raise cli.Stopped(f"{counters['consecutive_skipped']} consecutive steps had a non-finite loss or "
-                      f"gradient and were skipped; stopping without saving (the last checkpoint, if any, "
-                      f"is in {out_dir})")
+                          f"gradient and were skipped; stopping without saving (the last checkpoint, if any, "
+                          f"is in {out_dir})")
 
 
 # -----------------------------------------------------------------------------
@@ -283,8 +283,8 @@ def interrupted(signum: int, stage: str, step: int, steps: int, out_dir: str, in
     """The exception a stage raises after saving on SIGINT / SIGTERM: what happened, where the
     checkpoint is, and the exact command that continues the run."""
     return cli.Interrupted(f"{signal.Signals(signum).name}: {stage} stopped after step {step} of {steps} and saved a "
-                       f"resumable checkpoint in {out_dir}; continue with: {resume_command(info, out_dir, dist)}",
-                       signum)
+                           f"resumable checkpoint in {out_dir}; continue with: {resume_command(info, out_dir, dist)}",
+                           signum)
 
 
 # -----------------------------------------------------------------------------

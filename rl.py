@@ -105,10 +105,12 @@ class RLConfig:
     pool_eval_limit: int = 0       # at every evaluation: greedy EM on this many RL-pool questions, the first of the data order (0 = off)
 
 
-def rollout_config(cfg: RLConfig, greedy: bool = False, max_total_tokens: int | None = None) -> rollout.RolloutConfig:
+def rollout_config(cfg: RLConfig, greedy: bool = False,
+                   max_total_tokens: int | None = None) -> rollout.RolloutConfig:
     return rollout.RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                         max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
-                         top_p=cfg.top_p, greedy=greedy, max_total_tokens=max_total_tokens or cfg.max_total_tokens)
+                                 max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, greedy=greedy,
+                                 max_total_tokens=max_total_tokens or cfg.max_total_tokens)
 
 
 def check_rl_config(cfg: RLConfig, dist: ddp.Dist) -> None:
@@ -258,7 +260,7 @@ def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.
     return, 0 when it does no better than the mean return, below 0 when it is worse. NaN if Var(R) = 0."""
     r, res = returns[mask].double(), (returns - values)[mask].double()           # (n,) each
     s = ddp.all_reduce_sum(dist, [r.sum().item(), (r * r).sum().item(), res.sum().item(), (res * res).sum().item(),
-                              float(r.numel())])
+                                  float(r.numel())])
     count = max(s[4], 1.0)
     var_r = s[1] / count - (s[0] / count) ** 2
     var_res = s[3] / count - (s[2] / count) ** 2
@@ -537,7 +539,7 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
     if critic is not None:
         t = clock(dist)
         out["critic_grad_norm"] = loop.optimizer_step(critic.model, critic.optimizer, critic.scheduler, cfg.grad_clip,
-                                                 counters.setdefault("critic", {}), dist, critic_finite)
+                                                      counters.setdefault("critic", {}), dist, critic_finite)
         extra["critic_s"] += clock(dist) - t
     keys = ["clip_frac", "entropy", "approx_kl", "teacher_kl", "n_tokens", "n_teacher_tokens", "loss",
             "vf_loss", "vf_clip_frac", "value_mean"]
@@ -635,7 +637,7 @@ def probe_reward(model, tokenizer, questions: list[dict], retriever, rcfg: rollo
     records = arc_eval.generate_records(model, tokenizer, expanded, retriever, rcfg, dist, batch_size, generator)
     per_question = [sum(r["em"] for r in records[i:i + samples]) / samples for i in range(0, len(records), samples)]
     total, total_sq, n = ddp.all_reduce_sum(dist, [sum(per_question), sum(p * p for p in per_question),
-                                               len(per_question)])
+                                                   len(per_question)])
     mean = total / max(n, 1)
     var = (total_sq - n * mean * mean) / (n - 1) if n > 1 else 0.0
     return mean, math.sqrt(max(var, 0.0) / max(n, 1))
@@ -656,7 +658,8 @@ def draw_rollouts(model, tokenizer, questions: list[dict], retriever, rcfg: roll
         idx = loop.data_window(cfg.seed, len(questions), cursor, cfg.prompts_per_step)
         mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         expanded = [{**questions[idx[j]], "group": cursor + j} for j in mine for _ in range(cfg.group_size)]
-        drawn = arc_eval.generate_records(model, tokenizer, expanded, retriever, rcfg, dist, cfg.rollout_batch_size, generator)
+        drawn = arc_eval.generate_records(model, tokenizer, expanded, retriever, rcfg, dist, cfg.rollout_batch_size,
+                                          generator)
         for r, q in zip(drawn, expanded):
             r["group"] = q["group"]
         records += drawn
@@ -684,7 +687,7 @@ def load_critic(path: str, dist: ddp.Dist, grad_checkpointing: bool, arg: str, f
     logging.set_verbosity_error()              # "newly initialized: score.weight" is expected, not a fault
     try:
         critic = models.pretrained(AutoModelForTokenClassification, path, arg, config=config,
-                            dtype=torch.float32).to(dist.device)
+                                   dtype=torch.float32).to(dist.device)
     finally:
         logging.set_verbosity(verbosity)
     if fresh:
@@ -725,8 +728,10 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     tokenizer = models.load_tokenizer(resume or student_dir, arg)
     teacher = None
     if cfg.teacher_mode != "none":
-        models.check_same_tokenizer(tokenizer, models.load_tokenizer(teacher_dir, "--teacher"), student_dir, teacher_dir)
-    model = models.load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing, arg=arg)
+        models.check_same_tokenizer(tokenizer, models.load_tokenizer(teacher_dir, "--teacher"), student_dir,
+                                    teacher_dir)
+    model = models.load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing,
+                              arg=arg)
     budget = rollout.length_budget(cfg.max_total_tokens, model)
     rollout.check_prompts(tokenizer, questions, budget, "training question")
     rollout.check_prompts(tokenizer, validation or [], budget, "validation question")
@@ -737,7 +742,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     teacher = models.HeadAtPositions(teacher).check() if teacher is not None else None
     updates = cfg.steps * cfg.mini_batches                      # optimizer steps in the whole run
     optimizer, scheduler = loop.make_optimizer(model, cfg.lr, cfg.weight_decay, updates,
-                                          int(cfg.warmup_ratio * updates), min_lr_ratio=None)
+                                               int(cfg.warmup_ratio * updates), min_lr_ratio=None)
     critic, critic_hf = None, None
     if cfg.algo == "ppo":
         critic_path = os.path.join(resume, CRITIC_DIR) if resume else student_dir
@@ -745,8 +750,9 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
             raise FileNotFoundError(f"--resume {resume}: no {CRITIC_DIR}/ in it, so it is not a PPO checkpoint")
         critic_hf = load_critic(critic_path, dist, grad_checkpointing, "--resume" if resume else "--student",
                                 fresh=not resume)
-        critic = Critic(models.wrap(critic_hf, dist), *loop.make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
-                                                               int(cfg.critic_warmup_ratio * updates), None))
+        critic = Critic(models.wrap(critic_hf, dist),
+                        *loop.make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
+                                             int(cfg.critic_warmup_ratio * updates), None))
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
     state = checkpoint.load_trainer_state(resume, dist, "rl", asdict(cfg), override_config, inputs) if resume else None
     if not hasattr(retriever, "search"):       # built last: every check above is cheaper
@@ -760,8 +766,8 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     if resume:
         loop.start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
         if critic is not None:
-            loop.restore_optimizer(critic.optimizer, critic.scheduler, state["critic_optimizer"], state["critic_scheduler"],
-                              cfg.critic_lr, "critic_lr" in state["changed"])
+            loop.restore_optimizer(critic.optimizer, critic.scheduler, state["critic_optimizer"],
+                                   state["critic_scheduler"], cfg.critic_lr, "critic_lr" in state["changed"])
         generator.set_state(state["generators"][dist.rank])
         start_step, counters, best = state["step"], state["counters"], state["best"]
     # the data position: every step reads the next prompts_per_step questions of the data order, or
@@ -779,12 +785,14 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         if critic is not None and run_dir:
             state.update(critic_optimizer=critic.optimizer.state_dict(), critic_scheduler=critic.scheduler.state_dict())
             extra[CRITIC_DIR] = critic_hf
-        checkpoint.save_checkpoint(path, models.hf_model(ddp_model), tokenizer, dist, state, carry=None if run_dir else (),
-                        extra=extra, save_dtype=save_dtype, info={**(info or {}), "best": best})
+        checkpoint.save_checkpoint(path, models.hf_model(ddp_model), tokenizer, dist, state,
+                                   carry=None if run_dir else (), extra=extra, save_dtype=save_dtype,
+                                   info={**(info or {}), "best": best})
 
     # RL-pool questions evaluated greedily beside validation (cfg.pool_eval_limit): the first of the data
     # order, which RL trains on in its first steps, so pool_em − val_em shows what it memorised
-    pool = [questions[i] for i in loop.data_window(cfg.seed, len(questions), 0, min(cfg.pool_eval_limit, len(questions)))]
+    pool = [questions[i]
+            for i in loop.data_window(cfg.seed, len(questions), 0, min(cfg.pool_eval_limit, len(questions)))]
 
     # a seeded sample stratified by data_source: a file sorted by source is not cut to its first source
     val = data.sample_questions(validation, cfg.eval_limit) if (validation and cfg.eval_limit) else validation
@@ -828,10 +836,10 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
             row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, counters, critic)
             # every rollout drawn; one --drop-constant-groups left out has no penalty: its reward is its EM
             sums = ddp.all_reduce_sum(dist, [len(records), sum(r.get("reward", r["em"]) for r in records),
-                                         sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
-                                         sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
-                                         sum(sum(r["loss_mask"]) for r in records),
-                                         sum(r["truncated"] for r in records)])
+                                             sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
+                                             sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
+                                             sum(sum(r["loss_mask"]) for r in records),
+                                             sum(r["truncated"] for r in records)])
             n, elapsed = sums[0], time.time() - t0
             row = {"step": step + 1, "reward": sums[1] / n, "em": sums[2] / n, "wrong_frac": 1 - sums[2] / n,
                    "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,

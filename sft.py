@@ -108,7 +108,7 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
     ddp_model = models.wrap(model, dist)
     teacher = models.HeadAtPositions(teacher).check() if teacher is not None else None
     optimizer, scheduler = loop.make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_steps,
-                                          cfg.min_lr_ratio)
+                                               cfg.min_lr_ratio)
     state = checkpoint.load_trainer_state(resume, dist, desc, asdict(cfg), override_config, inputs) if resume else None
     if dist.master:                 # every input is loaded: only now may --overwrite delete anything
         checkpoint.prepare_output(out_dir, resume, overwrite)
@@ -150,7 +150,7 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
                 sums["n_tokens"] += m["n_tokens"]
             norm = loop.optimizer_step(ddp_model, optimizer, scheduler, cfg.grad_clip, counters, dist, finite)
             loss_sum, ce_sum, kl_sum, n_tok = ddp.all_reduce_sum(dist, [sums["loss"], sums["ce"], sums["kl"],
-                                                                    sums["n_tokens"]])
+                                                                        sums["n_tokens"]])
             row = {"step": step + 1, "loss": loss_sum / dist.world_size, "ce": ce_sum / max(n_tok, 1),
                    "kl": kl_sum / max(n_tok, 1), "grad_norm": norm, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0),
@@ -245,7 +245,7 @@ def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: rollout.
     done = read_tgo_progress(out_path, made_with)
     order = {key: n for n, key in enumerate((*data.question_key(q), s) for s in range(samples) for q in questions)}
     records = sorted((r for key, r in done.items() if key in order), key=lambda r: order[(*data.question_key(r),
-                                                                                           r["sample"])])
+                                                                                          r["sample"])])
     kept = [{**r, data.TOKENIZER_KEY: fingerprint} for r in records if r["em"] == 1.0 or keep_wrong]
     stats = {"rollouts": len(records), "kept": len(kept),
              "teacher_em": sum(r["em"] for r in records) / max(len(records), 1)}

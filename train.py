@@ -73,7 +73,7 @@ class DemoPreset:
     teacher: sft.SupervisedConfig
     pretrain: sft.SupervisedConfig     # the base student: language modelling on the corpus text only
     kd: sft.SupervisedConfig
-    rl: dict                       # rl.RLConfig's settings (rl.py is imported when the chain runs)
+    rl: dict                       # rl.RLConfig's settings
     teacher_size: str = "teacher"
     student_size: str = "student"
     world_seed: int = 0
@@ -159,7 +159,7 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     validation = world.validation[:preset.val_limit] if preset.val_limit else world.validation
     test = world.test[:preset.eval_limit] if preset.eval_limit else world.test
     ddp.print0(dist, f"demo world: {len(world.corpus)} passages; questions: KD pool {len(kd_pool)}, RL pool "
-                 f"{len(rl_pool)} (disjoint), validation {len(validation)}, test {len(test)} -> {paths['corpus']}")
+               f"{len(rl_pool)} (disjoint), validation {len(validation)}, test {len(test)} -> {paths['corpus']}")
     dirs = {name: os.path.join(out, name) for name in ("init", "teacher", "base", "kd", "dgpo")}
 
     # 1. the demo teacher learns the protocol from the oracle's correct trajectories (all training questions)
@@ -179,13 +179,13 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     demo.make_tiny_model(tokenizer, preset.student_size, seed=2, out_dir=os.path.join(dirs["init"], "student"))
     student = models.load_model(os.path.join(dirs["init"], "student"), dist, trainable=True)
     sft.train_supervised(student, tokenizer, demo.corpus_records(world, tokenizer), preset.pretrain, dist, dirs["base"],
-                     desc="pretrain")
+                         desc="pretrain")
     seconds["base student"], t = time.time() - t, time.time()
 
     # 3. tgo: the teacher's correct trajectories on the KD pool
     tgo_path = os.path.join(out, "tgo.jsonl")
     stats = sft.run_tgo(teacher, tokenizer, kd_pool, retriever, rcfg, dist, tgo_path, samples=1,
-                    batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
+                        batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
     if not stats["kept"]:       # checked before loading: the loader rejects an empty file less clearly
         raise RuntimeError("the teacher got no training question right: nothing to distil")
     tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer), tokenizer_fingerprint=fingerprint)
@@ -194,7 +194,7 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     # 4. kd: cold start of the base student on the teacher's trajectories
     heldout, train_part = tgo[:max(1, len(tgo) // 20)], tgo[max(1, len(tgo) // 20):]
     sft.train_supervised(student, tokenizer, train_part, preset.kd, dist, dirs["kd"], teacher=teacher,
-                     heldout=heldout, desc="kd")
+                         heldout=heldout, desc="kd")
     del student
     seconds["kd"], t = time.time() - t, time.time()
 
@@ -208,8 +208,8 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     for name, model_dir in [("Student (base)", dirs["base"]), ("Teacher", dirs["teacher"]),
                             ("KD only", dirs["kd"]), ("DGPO", best_or_last(dirs["dgpo"]))]:
         reports[name] = arc_eval.evaluate_dir(model_dir, test, retriever, rcfg, dist,
-                                     os.path.join(out, "eval", name.split()[0].lower()),
-                                     batch_size=preset.eval_batch_size)
+                                              os.path.join(out, "eval", name.split()[0].lower()),
+                                              batch_size=preset.eval_batch_size)
     seconds["eval"], seconds["total"] = time.time() - t, time.time() - t_start
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     per_question = {name: per_question_em(os.path.join(out, "eval", name.split()[0].lower(), "trajectories.jsonl"))
@@ -219,8 +219,8 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
                    "rl": summary, "seconds": seconds}, f, indent=1)
     ddp.print0(dist, "\n" + results_table(reports, per_question))
     ddp.print0(dist, f"\nDGPO = the RL checkpoint with the best validation EM (step {summary['best_step']} of "
-                 f"{preset.rl['steps']}; step 0 is the KD model itself). Seconds per stage: {seconds}. "
-                 f"Everything is in {out}/.")
+               f"{preset.rl['steps']}; step 0 is the KD model itself). Seconds per stage: {seconds}. "
+               f"Everything is in {out}/.")
     return reports
 
 
@@ -315,13 +315,13 @@ def retriever_from_args(args, topk: int):
     """A function that builds the retriever the arguments name: called by a stage only after its
     cheaper checks, since a corpus may take minutes to index and a server minutes to answer."""
     return lambda: retriever_lib.make_retriever(args.corpus, args.retriever_url, topk, index=args.index,
-                                  retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
+                                                retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
 
 
 def parse_args(argv):
     parser = cli.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="Errors print one line; --debug (anywhere on the line) shows the traceback.")
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Errors print one line; --debug (anywhere on the line) shows the traceback.")
     sub = parser.add_subparsers(dest="stage")
 
     p = sub.add_parser("demo", help="the whole chain on the built-in world (default)")
@@ -447,12 +447,12 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
             teacher = models.load_model(args.teacher, dist, trainable=False, arg="--teacher")
         model = models.load_model(init, dist, trainable=True, grad_checkpointing=args.grad_checkpointing, arg=arg)
         inputs = checkpoint.input_fingerprints({"--data": args.data, "--heldout": args.heldout,
-                                     "--teacher": getattr(args, "teacher", None)},
-                                    rows={"--data": len(records), "--heldout": len(heldout or [])})
+                                                "--teacher": getattr(args, "teacher", None)},
+                                               rows={"--data": len(records), "--heldout": len(heldout or [])})
         sft.train_supervised(model, tokenizer, records, cfg, dist, args.out, teacher=teacher, heldout=heldout,
-                         resume=args.resume, desc=args.stage, stop_after=args.stop_after,
-                         override_config=args.override_config, overwrite=args.overwrite, report_to=args.report_to,
-                         save_dtype=args.save_dtype, info=info, inputs=inputs)
+                             resume=args.resume, desc=args.stage, stop_after=args.stop_after,
+                             override_config=args.override_config, overwrite=args.overwrite, report_to=args.report_to,
+                             save_dtype=args.save_dtype, info=info, inputs=inputs)
     elif args.stage == "tgo":
         rcfg = cli.config_from_args(args, rollout.RolloutConfig)
         rcfg.greedy = rcfg.greedy or args.samples == 1
@@ -463,12 +463,12 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         tokenizer = models.load_tokenizer(args.teacher, "--teacher")
         teacher = models.load_model(args.teacher, dist, trainable=False, arg="--teacher")
         inputs = checkpoint.input_fingerprints({"--data": args.data, "--teacher": args.teacher, "--corpus": args.corpus,
-                                     "--index": args.index, "--retriever-url": args.retriever_url},
-                                    rows={"--data": len(questions)})
+                                                "--index": args.index, "--retriever-url": args.retriever_url},
+                                               rows={"--data": len(questions)})
         sft.run_tgo(teacher, tokenizer, questions,
-                retriever_from_args(args, rcfg.topk), rcfg, dist,
-                args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=info,
-                inputs=inputs, overwrite=args.overwrite)
+                    retriever_from_args(args, rcfg.topk), rcfg, dist,
+                    args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=info,
+                    inputs=inputs, overwrite=args.overwrite)
     elif args.stage == "rl":
         cfg = cli.config_from_args(args, rl.RLConfig)
         rl.check_rl_config(cfg, dist)
@@ -481,9 +481,9 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         questions = data.load_questions(args.data)
         validation = data.load_questions(args.val) if args.val else None
         inputs = checkpoint.input_fingerprints({"--data": args.data, "--val": args.val, "--teacher": args.teacher,
-                                     "--corpus": args.corpus, "--index": args.index,
-                                     "--retriever-url": args.retriever_url},
-                                    rows={"--data": len(questions), "--val": len(validation or [])})
+                                                "--corpus": args.corpus, "--index": args.index,
+                                                "--retriever-url": args.retriever_url},
+                                               rows={"--data": len(questions), "--val": len(validation or [])})
         summary = rl.train_rl(args.student, args.teacher, questions,
                               retriever_from_args(args, cfg.topk),
                               cfg, dist, args.out, validation=validation, resume=args.resume,

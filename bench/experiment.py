@@ -200,7 +200,7 @@ def main(argv=None):
 
     def make_tgo(out):
         return sft.run_tgo(teacher_model, tokenizer, kd_pool, retriever, greedy, dist, os.path.join(out, "tgo.jsonl"),
-                             batch_size=design.eval_batch_size, keep_wrong=args.preset == "small")
+                           batch_size=design.eval_batch_size, keep_wrong=args.preset == "small")
     tgo_stats = units("tgo", make_tgo)
     tgo = data.load_trajectories(path("tgo", "tgo.jsonl"), vocab_size=len(tokenizer))
 
@@ -233,7 +233,7 @@ def main(argv=None):
             cfg = dataclasses.replace(design.kd, seed=seed)
             model = models.load_model(path(s, "base"), dist, trainable=True)
             sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd",
-                                   stop_after=design.kd_early_step)
+                                 stop_after=design.kd_early_step)
             shutil.rmtree(out + "-early", ignore_errors=True)   # left by an interrupted earlier run
             shutil.copytree(out, out + "-early")           # the weak start, a complete checkpoint
             model = models.load_model(out, dist, trainable=True)

@@ -317,7 +317,7 @@ class Context:
                 self.dist_error = error
                 local = int(os.environ.get("LOCAL_RANK", 0))
                 self._dist = ddp.Dist(device=torch.device("cuda", local) if torch.cuda.is_available()
-                                        else torch.device("cpu"))
+                                      else torch.device("cpu"))
         return self._dist
 
     @property
@@ -445,7 +445,7 @@ def check_distributed(ctx: Context, share: float) -> dict:
     n = models.loss_token_count(records)
     with PeakMemory(dist.device) as mem:
         (loss, _), seconds = timed(lambda: sft.supervised_loss(ddp_view(model, dist), None, records, n,
-                                                                 TINY.tokens, 1.0, dist), dist.device)
+                                                               TINY.tokens, 1.0, dist), dist.device)
         loss.backward()
     plain_loss, _ = sft.supervised_loss(models.HeadAtPositions(plain), None, records, n, TINY.tokens, 1.0, dist)
     plain_loss.backward()
@@ -533,7 +533,7 @@ def check_training(ctx: Context, share: float, algo: str, checkpointing: bool) -
     shapes, dist = ctx.shapes, ctx.dist
     teacher = ctx.teacher_view
     model = models.load_model(ctx.student_dir, dist, trainable=True, grad_checkpointing=checkpointing,
-                             arg="--student")
+                              arg="--student")
     model.train()
     actor = ddp_view(model, dist)
     optimizer, scheduler = loop.make_optimizer(model, LR, 0.0, 2, 0, None)
