@@ -6,9 +6,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
+import arc_eval  # noqa: E402
+import data  # noqa: E402
+import ddp  # noqa: E402
 import demo  # noqa: E402
+import models  # noqa: E402
+import rl  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
+from rollout import RolloutConfig  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +67,39 @@ def _segments(traj) -> list[tuple[int, list[int]]]:
 def segments():
     """A trajectory's response as maximal runs of equal loss mask, [(mask, ids), ...] (rollout tests)."""
     return _segments
+
+
+@pytest.fixture(scope="module")
+def fixed_rollouts(world, tokenizer, retriever, model_dirs, tmp_path_factory):
+    """16 sampled rollouts of the tiny student (8 groups of G = 2) with hand-set EM: mixed groups,
+    all-right and all-wrong groups, so the surrogate and the selective teacher term both act."""
+    model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=False)
+    questions = world.train[:8]
+    expanded = [q for q in questions for _ in range(2)]
+    records = arc_eval.generate_records(model, tokenizer, expanded, retriever,
+                                        RolloutConfig(max_turns=1, max_new_tokens=12, seed=0), ddp.Dist(), 16)
+    em_pattern = [1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 1, 1]
+    for i, r in enumerate(records):
+        r["group"], r["em"] = 100 + i // 2, float(em_pattern[i])
+    path = str(tmp_path_factory.mktemp("rollouts") / "rollouts.jsonl")
+    data.write_jsonl(path, records)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rl_config():
+    """rl.RLConfig with the small settings most stage tests run: rl_config(steps=2, ...) overrides them."""
+    def make(**kw):
+        base = dict(steps=4, prompts_per_step=2, group_size=2, micro_batch_size=2, rollout_batch_size=4,
+                    lr=1e-2, warmup_ratio=0.5, beta=0.5, temperature=1.0, max_turns=1, max_new_tokens=6,
+                    seed=3)
+        return rl.RLConfig(**{**base, **kw})
+    return make
+
+
+@pytest.fixture(scope="session")
+def saved_weights():
+    """The state dict of the model saved in a directory, loaded afresh: saved_weights(path)."""
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path).state_dict()
+    return load

@@ -70,7 +70,7 @@ def main(student, teacher, out, point, n, resume=None):
         arm(point, int(n))
     world = demo.make_world(seed=0)
     rl.train_rl(student, teacher, world.train[:6], BM25Retriever(world.corpus), rl.RLConfig(**CONFIG),
-                   ddp.Dist(), out, resume=resume)
+                ddp.Dist(), out, resume=resume)
 
 
 if __name__ == "__main__":

@@ -208,10 +208,10 @@ def test_probe_context_is_the_real_topk_in_the_rollouts_format_with_the_needed_p
 
 
 def test_probe_reuses_the_models_own_first_search_turn_token_for_token(world, tokenizer, retriever,
-                                                                        founder_questions):
+                                                                       founder_questions):
     rows = founder_questions[:3]
     records, _ = arc_eval.evaluate(Reader(tokenizer), tokenizer, rows, retriever, CONFIG, probe=False,
-                                     progress=False)
+                                   progress=False)
     model = Reader(tokenizer)
     results = evidence_given_probe(model, tokenizer, rows, retriever, CONFIG, records=records)
     probes = [c for c in model.turn_contexts if c.endswith("<answer>")]
@@ -247,7 +247,7 @@ def test_a_model_that_copies_the_passage_scores_one_on_both(tokenizer, retriever
 
 
 def test_a_model_that_thinks_after_the_answer_primer_scores_zero_without_think(tokenizer, retriever,
-                                                                                founder_questions):
+                                                                               founder_questions):
     results = evidence_given_probe(Reader(tokenizer, think_first=True), tokenizer, founder_questions, retriever,
                                    CONFIG)
     for result in results:
@@ -293,7 +293,7 @@ def test_a_two_hop_question_searches_again_and_each_search_gets_its_hops_passage
     # the same reader with the real rollout and the blind retriever cannot answer: the probe's
     # placement is what it reads
     records, _ = arc_eval.evaluate(Reader(tokenizer), tokenizer, two_hop_questions, blind, CONFIG, probe=False,
-                                     progress=False)
+                                   progress=False)
     assert all(r["scores"]["em"] == 0.0 for r in records)
 
 
@@ -307,14 +307,14 @@ def test_probe_results_feed_the_report(tmp_path, tokenizer, retriever, founder_q
     rows = founder_questions[:3] + [{"id": "none", "question": "Who founded Nowhere Works?",
                                      "golden_answers": ["Zzyqx Qwv"], "data_source": "made_up"}]
     records, report = arc_eval.evaluate(Reader(tokenizer, copy=False), tokenizer, rows, retriever, CONFIG,
-                                          batch_size=2, progress=False)
+                                        batch_size=2, progress=False)
     assert [r["probe"] is None for r in records] == [False, False, False, True]
     assert report["demo_1hop"]["probe_em_no_think"] == 0.0 and report["demo_1hop"]["probe_coverage"] == 1.0
     assert report["made_up"]["probe_coverage"] == 0.0 and "probe_em_think" not in report["made_up"]
     assert report["all"]["probe_coverage"] == 0.75
     assert report["all"]["probe_own_turn"] == 0.0         # it never searched: plain-question turns
     records, report = arc_eval.evaluate(Reader(tokenizer), tokenizer, rows[:3], retriever, CONFIG,
-                                          batch_size=2, progress=False)
+                                        batch_size=2, progress=False)
     assert report["all"]["em"] == 1.0 and report["all"]["probe_em_think"] == 1.0
     assert report["all"]["probe_own_turn"] == 1.0
 
@@ -358,7 +358,7 @@ def test_evaluate_with_a_tiny_random_model_writes_every_trajectory(tmp_path, wor
     out = tmp_path / "eval" / "trajectories.jsonl"
     config = RolloutConfig(max_turns=1, max_new_tokens=6, max_obs_tokens=64, temperature=5.0)  # evaluate is greedy
     records, report = arc_eval.evaluate(tiny_model, tokenizer, rows, retriever, config, batch_size=2,
-                                          out_path=str(out), progress=False)
+                                        out_path=str(out), progress=False)
     assert [r["id"] for r in records] == [r["id"] for r in rows]
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert written == json.loads(json.dumps(records))
@@ -382,7 +382,7 @@ def test_evaluate_with_a_tiny_random_model_writes_every_trajectory(tmp_path, wor
                                       probe=[r["probe"] for r in records if r["data_source"] == source])
         assert report[source] == alone[source]
     again, _ = arc_eval.evaluate(tiny_model, tokenizer, rows, retriever, config, batch_size=5, probe=False,
-                                   progress=False)
+                                 progress=False)
     assert [r["input_ids"] for r in again] == [r["input_ids"] for r in records]   # greedy: batch-independent
     assert "probe" not in again[0]
 
@@ -391,10 +391,10 @@ def test_evaluate_checks_question_rows_before_generating(tokenizer, retriever):
     model = Reader(tokenizer)
     with pytest.raises(ValueError, match=r"questions\[1\] \(id='b'\): golden_answers is empty"):
         arc_eval.evaluate(model, tokenizer, [{"id": "a", "question": "Q?", "golden_answers": ["x"]},
-                                               {"id": "b", "question": "Q?", "golden_answers": []}], retriever)
+                                             {"id": "b", "question": "Q?", "golden_answers": []}], retriever)
     with pytest.raises(ValueError, match="'all' is reserved"):
         arc_eval.evaluate(model, tokenizer, [{"question": "Q?", "golden_answers": ["x"], "data_source": "all"}],
-                            retriever)
+                          retriever)
     assert model.turn_contexts == []                                    # nothing was generated
 
 
@@ -409,8 +409,8 @@ def demo_files(tmp_path_factory, world, tokenizer):
 def test_main_evaluates_a_saved_model_directory(demo_files, capsys):
     root, paths = demo_files
     summary = arc_eval.main(["--model", str(root / "model"), "--data", paths["test"], "--corpus", paths["corpus"],
-                               "--out", str(root / "out"), "--limit", "4", "--max-turns", "1",
-                               "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"])
+                             "--out", str(root / "out"), "--limit", "4", "--max-turns", "1",
+                             "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"])
     printed = capsys.readouterr().out
     assert "| source | n | em |" in printed and "| all | 4 |" in printed
     saved = json.loads((root / "out" / "report.json").read_text())
@@ -429,9 +429,9 @@ def test_main_limit_is_a_sample_of_every_source_of_a_file_sorted_by_source(demo_
     by_source = sorted(questions, key=lambda q: q["data_source"])       # demo_1hop (152) then demo_2hop (88)
     data.write_jsonl(str(tmp_path / "sorted.jsonl"), by_source)
     summary = arc_eval.main(["--model", str(root / "model"), "--data", str(tmp_path / "sorted.jsonl"),
-                               "--corpus", paths["corpus"], "--out", str(tmp_path / "out"), "--limit", "4",
-                               "--limit-seed", "7", "--max-turns", "0", "--max-new-tokens", "2", "--no-probe",
-                               "--no-progress"])
+                             "--corpus", paths["corpus"], "--out", str(tmp_path / "out"), "--limit", "4",
+                             "--limit-seed", "7", "--max-turns", "0", "--max-new-tokens", "2", "--no-probe",
+                             "--no-progress"])
     # shares 4·152/240 = 2.53 and 1.47: floors 2 + 1, the row left over to the larger remainder
     assert {s: row["n"] for s, row in summary["report"].items()} == {"demo_1hop": 3, "demo_2hop": 1, "all": 4}
     assert summary["limit"] == 4 and summary["limit_seed"] == 7
@@ -447,8 +447,8 @@ def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retri
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         summary = arc_eval.main(["--model", str(root / "model"), "--data", paths["test"], "--retriever-url", url,
-                                   "--out", str(root / "out_http"), "--limit", "2", "--max-turns", "0",
-                                   "--max-new-tokens", "4", "--no-progress"])
+                                 "--out", str(root / "out_http"), "--limit", "2", "--max-turns", "0",
+                                 "--max-new-tokens", "4", "--no-progress"])
     finally:
         server.shutdown()
         server.server_close()
@@ -490,7 +490,7 @@ def test_evaluate_appends_finished_batches_and_a_rerun_continues_from_them(tmp_p
     config = RolloutConfig(max_turns=2, max_new_tokens=40, max_obs_tokens=200, topk=3)
     model = Reader(tokenizer)
     expected, expected_report = arc_eval.evaluate(model, tokenizer, rows, retriever, config, batch_size=2,
-                                                    progress=False)
+                                                  progress=False)
     real, calls = rollout_lib.rollout, []
 
     def crashing(*args, **kwargs):
@@ -503,16 +503,16 @@ def test_evaluate_appends_finished_batches_and_a_rerun_continues_from_them(tmp_p
     for _ in range(2):
         with pytest.raises(RuntimeError, match="went away"):
             arc_eval.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
-                                progress_path=progress, made_with={"model": "reader"})
+                              progress_path=progress, made_with={"model": "reader"})
     with pytest.raises(ValueError, match=r"progress.jsonl: an unfinished evaluation made with other settings or "
                                          r"inputs \(they differ in config\)"):
         arc_eval.evaluate(model, tokenizer, rows, retriever, RolloutConfig(max_turns=1), batch_size=2,
-                            progress=False, progress_path=progress, made_with={"model": "reader"})
+                          progress=False, progress_path=progress, made_with={"model": "reader"})
     with pytest.raises(ValueError, match=r"\(they differ in model\)"):
         arc_eval.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
-                            progress_path=progress, made_with={"model": "another"})
+                          progress_path=progress, made_with={"model": "another"})
     records, report = arc_eval.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
-                                          progress_path=progress, made_with={"model": "reader"})
+                                        progress_path=progress, made_with={"model": "reader"})
     # 1st run: rollout batch 1, crash; 2nd: rollout batches 2 and 3, probe w/o think batch 1, crash;
     # 3rd: the rest only, i.e. probe w/o think batches 2 and 3 (rows 2-3, 4), then the 3 of w/ think
     assert calls[:6] == [2, 2, 2, 1, 2, 2] and calls[6:] == [2, 1, 2, 2, 1]
@@ -529,9 +529,9 @@ def test_main_finds_missing_supporting_passages_before_loading_the_model_and_ref
     with pytest.raises(ValueError, match=r"id='demo-0-1': supporting passage 'nope-1' is not in the retriever's "
                                          r"corpus; .*id='demo-0-2': supporting passage 'nope-2'"):
         arc_eval.main(["--model", str(root / "model"), "--data", str(tmp_path / "q.jsonl"), "--corpus",
-                         paths["corpus"], "--out", str(tmp_path / "out"), "--no-progress"])
+                       paths["corpus"], "--out", str(tmp_path / "out"), "--no-progress"])
     assert not (tmp_path / "out").exists()
     (tmp_path / "taken").write_text("x")
     with pytest.raises(SystemExit):
         arc_eval.main(["--model", str(root / "model"), "--data", paths["test"], "--corpus", paths["corpus"],
-                         "--out", str(tmp_path / "taken")])
+                       "--out", str(tmp_path / "taken")])

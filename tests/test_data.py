@@ -766,7 +766,7 @@ def write_trajectories(path, tokenizer, retriever, questions, fingerprint) -> li
 
 
 def test_tokenizers_that_differ_only_in_eos_are_compatible_and_share_trajectories(world, tokenizer, retriever,
-                                                                                   tmp_path):
+                                                                                  tmp_path):
     """Issue 25, item 2: a teacher whose eos is <|endoftext|> and a student whose eos is <|im_end|>."""
     teacher = other_eos(tokenizer)
     assert data.tokenizer_differences(tokenizer, teacher) == []

@@ -596,7 +596,7 @@ def test_client_gives_up_when_the_retry_budget_runs_out_naming_the_url_and_budge
     attempts = count_attempts(client)
     began = time.monotonic()
     with pytest.raises(RuntimeError, match=re.escape(url) + r": no answer after \d+ attempts in [\d.]+ s "
-                                            r"\(retry budget: retry_seconds=0\.6\); last error: ConnectionRefusedError"):
+                       r"\(retry budget: retry_seconds=0\.6\); last error: ConnectionRefusedError"):
         client.search(["Lima"])
     assert 0.6 <= time.monotonic() - began < 3
     assert len(attempts) >= 6                              # bounded by time, not by a count of 3
@@ -844,7 +844,7 @@ def test_index_round_trip_scores_are_bit_identical_to_building_from_the_corpus(t
     assert loaded._dense_words.tolist() == built._dense_words.tolist() and len(built._dense_words) >= 1
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(  # the spilled chunks are gone
         ["meta.json", "vocab.txt", "ids.bin", "contents.bin"] + [f"{name}.npy" for name in
-        ("start", "doc", "tf", "idf", "norm", "dense_words", "dense", "id_offsets", "contents_offsets", "id_order")])
+                                                                 ("start", "doc", "tf", "idf", "norm", "dense_words", "dense", "id_offsets", "contents_offsets", "id_order")])
 
 
 def test_chunked_build_equals_a_single_chunk_build(monkeypatch):

@@ -32,7 +32,7 @@ def _sft(tokenizer, records, steps, out_dir, seed=1):
     torch.manual_seed(0)
     model = demo.make_tiny_model(tokenizer, "test", seed=seed)
     cfg = sft.SupervisedConfig(steps=steps, batch_size=len(records), micro_batch_size=len(records),
-                                 lr=1e-2, warmup_steps=10)
+                               lr=1e-2, warmup_steps=10)
     sft.train_supervised(model, tokenizer, records, cfg, ddp.Dist(), str(out_dir), desc="sft")
     return str(out_dir)
 
@@ -53,11 +53,11 @@ def test_kd_lowers_the_kd_loss_on_heldout_teacher_trajectories(world, tokenizer,
     assert not {r["question"] for r in fit} & {r["question"] for r in heldout}
     student = demo.make_tiny_model(tokenizer, "test", seed=5)
     cfg = sft.SupervisedConfig(steps=40, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=5,
-                                 eval_every=10, lam=1.0)
+                               eval_every=10, lam=1.0)
     vocab = models.vocab_size_of(tokenizer, student, teacher)
     before = sft.heldout_loss(student, teacher, heldout, cfg, vocab, ddp.Dist())
     sft.train_supervised(student, tokenizer, fit, cfg, ddp.Dist(), str(tmp_path / "kd"), teacher=teacher,
-                           heldout=heldout, desc="kd")
+                         heldout=heldout, desc="kd")
     rows = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
     curve = [r["heldout_loss"] for r in rows if "heldout_loss" in r]
     assert len(curve) == 4 and all(torch.isfinite(torch.tensor(curve)))
@@ -94,7 +94,7 @@ def _first_last(rows, key, n=5):
 
 @pytest.mark.numerics
 def test_from_an_all_wrong_start_grpo_gets_no_signal_while_dgpos_teacher_term_raises_em(all_wrong_start, tokenizer,
-                                                                                       retriever):
+                                                                                        retriever):
     """The paper's mechanism, on 8 questions, over three seeds. Plain GRPO's groups are (almost)
     all wrong, so their advantage is exactly 0 and most steps have no gradient at all; DGPO's teacher
     term on those same wrong rollouts gives a gradient on every step, its KL to the teacher falls,
