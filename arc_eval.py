@@ -5,7 +5,8 @@ binary EM on the model's own turns (the records RL, tgo and the oracle's data ar
 `evaluate` runs greedy rollouts over a question set, scores every trajectory on every metric
 (arc_metric.score_record), runs the evidence-given probe (Source Referencing: the gold passages
 placed in the first search's results, does the model then answer?) and returns the ARC report;
-`evaluate_dir` does that for a model directory and writes its report.json; `main` is
+`evaluate_dir` does that for a model directory and writes its report.json; `paired_differences`
+compares evaluations of several methods on the same questions (bootstrap interval, McNemar); `main` is
 `python arc_eval.py` / `python train.py eval`, resumable from its progress file.
 
 What it does not do: define the metrics or render the tables (arc_metric.py, standard library only),
@@ -27,6 +28,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, replace
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -38,6 +40,7 @@ import ddp
 import models
 import retriever as retriever_lib
 import rollout
+import stats
 
 
 # -----------------------------------------------------------------------------
@@ -330,6 +333,47 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
         if "em_no_think" not in results[i] or "em_think" not in results[i]:
             results[i] = None
     return results
+
+
+# -----------------------------------------------------------------------------
+# Comparing evaluations: methods paired on the same questions
+
+
+def per_question_em(trajectories_path: str) -> dict[tuple[str, str], float]:
+    """{(data_source, id): EM} of every question of an evaluation's trajectories.jsonl (arc_metric's)."""
+    return {data.question_key(row): float(row["scores"]["em"]) for _, row in data.read_jsonl(trajectories_path)}
+
+
+def paired_differences(per_question: dict[str, dict], reference: str = "KD only") -> dict[str, dict]:
+    """Every other method against `reference` on the same questions: {method: {diff, low, high, n,
+    seeds} (the EM difference method − reference with its 95% bootstrap interval over questions,
+    stats.paired_difference), only_reference / only_method (the questions only one of the two got
+    right), mcnemar_p (stats.mcnemar_exact)}. A method scored on other questions than the reference
+    is an error naming both."""
+    ref = per_question[reference]
+    keys = sorted(ref)
+    out = {}
+    for name, scores in per_question.items():
+        if name == reference:
+            continue
+        if set(scores) != set(ref):
+            raise ValueError(f"{name} and {reference} were evaluated on different questions "
+                             f"({len(scores)} and {len(ref)}): a paired comparison needs the same ones")
+        a, b = np.array([ref[k] for k in keys]), np.array([scores[k] for k in keys])
+        only_b, only_a = stats.discordant_counts(a, b)
+        out[name] = {**stats.paired_difference(a, b), "only_reference": only_a, "only_method": only_b,
+                     "mcnemar_p": stats.mcnemar_exact(a, b)}
+    return out
+
+
+def paired_table(per_question: dict[str, dict], reference: str = "KD only") -> str:
+    """paired_differences as a Markdown table, a row per method."""
+    rows = [f"| method − {reference} | questions | EM difference [95% CI] | only {reference} right | "
+            "only method right | McNemar p |", "|---|---:|---|---:|---:|---:|"]
+    for name, d in paired_differences(per_question, reference).items():
+        rows.append(f"| {name} | {d['n']} | {stats.format_difference(d)} | {d['only_reference']} | "
+                    f"{d['only_method']} | {d['mcnemar_p']:.3g} |")
+    return "\n".join(rows)
 
 
 # -----------------------------------------------------------------------------

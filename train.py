@@ -40,7 +40,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 
@@ -57,7 +56,6 @@ import retriever as retriever_lib
 import rl
 import rollout
 import sft
-import stats
 
 
 # -----------------------------------------------------------------------------
@@ -212,10 +210,11 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
                                               batch_size=preset.eval_batch_size)
     seconds["eval"], seconds["total"] = time.time() - t, time.time() - t_start
     seconds = {k: round(v, 1) for k, v in seconds.items()}
-    per_question = {name: per_question_em(os.path.join(out, "eval", name.split()[0].lower(), "trajectories.jsonl"))
+    per_question = {name: arc_eval.per_question_em(os.path.join(out, "eval", name.split()[0].lower(),
+                                                                "trajectories.jsonl"))
                     for name in reports}
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"preset": preset_name, "reports": reports, "paired_vs_kd": paired_differences(per_question),
+        json.dump({"preset": preset_name, "reports": reports, "paired_vs_kd": arc_eval.paired_differences(per_question),
                    "rl": summary, "seconds": seconds}, f, indent=1)
     ddp.print0(dist, "\n" + results_table(reports, per_question))
     ddp.print0(dist, f"\nDGPO = the RL checkpoint with the best validation EM (step {summary['best_step']} of "
@@ -230,47 +229,10 @@ def best_or_last(run_dir: str) -> str:
     return best if os.path.isdir(best) else run_dir
 
 
-def per_question_em(trajectories_path: str) -> dict[tuple[str, str], float]:
-    """{(data_source, id): EM} of every question of an evaluation's trajectories.jsonl (arc_metric's)."""
-    return {data.question_key(row): float(row["scores"]["em"]) for _, row in data.read_jsonl(trajectories_path)}
-
-
-def paired_differences(per_question: dict[str, dict], reference: str = "KD only") -> dict[str, dict]:
-    """Every other method against `reference` on the same questions: {method: {diff, low, high, n,
-    seeds} (the EM difference method − reference with its 95% bootstrap interval over questions,
-    stats.paired_difference), only_reference / only_method (the questions only one of the two got
-    right), mcnemar_p (stats.mcnemar_exact)}. A method scored on other questions than the reference
-    is an error naming both."""
-    ref = per_question[reference]
-    keys = sorted(ref)
-    out = {}
-    for name, scores in per_question.items():
-        if name == reference:
-            continue
-        if set(scores) != set(ref):
-            raise ValueError(f"{name} and {reference} were evaluated on different questions "
-                             f"({len(scores)} and {len(ref)}): a paired comparison needs the same ones")
-        a, b = np.array([ref[k] for k in keys]), np.array([scores[k] for k in keys])
-        only_b, only_a = stats.discordant_counts(a, b)
-        out[name] = {**stats.paired_difference(a, b), "only_reference": only_a, "only_method": only_b,
-                     "mcnemar_p": stats.mcnemar_exact(a, b)}
-    return out
-
-
-def paired_table(per_question: dict[str, dict], reference: str = "KD only") -> str:
-    """paired_differences as a Markdown table, a row per method."""
-    rows = [f"| method − {reference} | questions | EM difference [95% CI] | only {reference} right | "
-            "only method right | McNemar p |", "|---|---:|---|---:|---:|---:|"]
-    for name, d in paired_differences(per_question, reference).items():
-        rows.append(f"| {name} | {d['n']} | {stats.format_difference(d)} | {d['only_reference']} | "
-                    f"{d['only_method']} | {d['mcnemar_p']:.3g} |")
-    return "\n".join(rows)
-
-
 def results_table(reports: dict[str, dict], per_question: dict[str, dict] | None = None) -> str:
     """Methods × (EM per data source, Avg), evidence-given EM w/ think per source, and the ARC columns
     on all test questions; with `per_question` ({method: per_question_em(...)}, "KD only" among them)
-    the paired comparison of every other method with the KD model (paired_table)."""
+    the paired comparison of every other method with the KD model (arc_eval.paired_table)."""
     em = arc_metric.render_comparison(reports, metric="em", title="EM on the demo test split")
     probe = arc_metric.render_comparison(reports, metric="probe_em_think",
                                          title="Evidence-given EM, w/ think, on the demo test split")
@@ -281,7 +243,8 @@ def results_table(reports: dict[str, dict], per_question: dict[str, dict] | None
         rows.append(f"| {name} | " + " | ".join(f"{report['all'].get(c, float('nan')):.3f}" for c in columns) + " |")
     table = em + "\n\n" + probe + "\n\nARC (all test questions)\n" + "\n".join(rows)
     if per_question:
-        table += "\n\nPaired on the same test questions (95% CI: bootstrap over questions)\n" + paired_table(per_question)
+        table += ("\n\nPaired on the same test questions (95% CI: bootstrap over questions)\n"
+                  + arc_eval.paired_table(per_question))
     return table
 
 
@@ -315,7 +278,8 @@ def retriever_from_args(args, topk: int):
     """A function that builds the retriever the arguments name: called by a stage only after its
     cheaper checks, since a corpus may take minutes to index and a server minutes to answer."""
     return lambda: retriever_lib.make_retriever(args.corpus, args.retriever_url, topk, index=args.index,
-                                                retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
+                                                retry_seconds=args.retriever_retry_seconds,
+                                                timeout=args.retriever_timeout)
 
 
 def parse_args(argv):

@@ -1,5 +1,6 @@
-"""arc_metric's generating half: evidence selection, the evidence-given probe (with a scripted model
-that reads its whole context), `evaluate` with a tiny random model, and the `main` entry point."""
+"""arc_eval.py: evidence selection, the evidence-given probe (with a scripted model that reads its whole
+context), `evaluate` with a tiny random model, the `main` entry point, and the paired comparison of
+evaluations."""
 import json
 import re
 import subprocess
@@ -17,6 +18,7 @@ import demo
 import models
 import retriever as retriever_lib
 import rollout as rollout_lib
+import stats
 from arc_eval import PROBE_PRIMERS, evidence_given_probe, needed_passages, place_passages
 from arc_metric import contains_answer_tokens, score_record
 from rollout import OBS_CLOSE, OBS_OPEN, RolloutConfig, encode_text, format_passages, observation_ids, prompt_text
@@ -535,3 +537,21 @@ def test_main_finds_missing_supporting_passages_before_loading_the_model_and_ref
     with pytest.raises(SystemExit):
         arc_eval.main(["--model", str(root / "model"), "--data", paths["test"], "--corpus", paths["corpus"],
                        "--out", str(tmp_path / "taken")])
+
+
+def test_the_paired_table_gives_the_difference_its_interval_the_discordant_questions_and_mcnemar():
+    keys = [("demo", f"q{i}") for i in range(12)]
+    kd = dict(zip(keys, [1, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 1]))
+    dgpo = dict(zip(keys, [1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1]))     # right on 4 more, wrong on none more
+    worse = dict(zip(keys, [0, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 1]))    # wrong on 1 more
+    table = arc_eval.paired_table({"KD only": kd, "DGPO": dgpo, "Other": worse})
+    rows = table.splitlines()
+    assert rows[0].startswith("| method − KD only | questions | EM difference [95% CI] |")
+    order = sorted(keys)                                             # the table pairs the questions in key order
+    expected = stats.format_difference(stats.paired_difference([kd[k] for k in order], [dgpo[k] for k in order]))
+    assert expected.startswith("+0.333 [")
+    # McNemar by hand: 4 discordant questions, all one way: p = 2 · (1/2)^4 = 0.125
+    assert rows[2] == f"| DGPO | 12 | {expected} | 0 | 4 | 0.125 |"
+    assert rows[3].startswith("| Other | 12 | -0.083 [") and rows[3].endswith("| 1 | 0 | 1 |")
+    with pytest.raises(ValueError, match="DGPO and KD only were evaluated on different questions"):
+        arc_eval.paired_table({"KD only": kd, "DGPO": dict(list(dgpo.items())[:11])})

@@ -48,29 +48,11 @@ def test_small_preset_runs_every_stage_and_each_writes_what_the_next_reads(tmp_p
     assert "Paired on the same test questions" in out and "| method − KD only | questions |" in out
     paired = json.loads((tmp_path / "results.json").read_text())["paired_vs_kd"]
     assert set(paired) == {"Student (base)", "Teacher", "DGPO"}
-    kd = train.per_question_em(str(tmp_path / "eval" / "kd" / "trajectories.jsonl"))
-    dgpo = train.per_question_em(str(tmp_path / "eval" / "dgpo" / "trajectories.jsonl"))
+    kd = arc_eval.per_question_em(str(tmp_path / "eval" / "kd" / "trajectories.jsonl"))
+    dgpo = arc_eval.per_question_em(str(tmp_path / "eval" / "dgpo" / "trajectories.jsonl"))
     assert paired["DGPO"]["n"] == len(kd) == 4
     assert paired["DGPO"]["diff"] == pytest.approx(sum(dgpo[k] - kd[k] for k in kd) / len(kd))
     assert f"| DGPO | 4 | {stats.format_difference(paired['DGPO'])} |" in out
-
-
-def test_the_paired_table_gives_the_difference_its_interval_the_discordant_questions_and_mcnemar():
-    keys = [("demo", f"q{i}") for i in range(12)]
-    kd = dict(zip(keys, [1, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 1]))
-    dgpo = dict(zip(keys, [1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1]))     # right on 4 more, wrong on none more
-    worse = dict(zip(keys, [0, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 1]))    # wrong on 1 more
-    table = train.paired_table({"KD only": kd, "DGPO": dgpo, "Other": worse})
-    rows = table.splitlines()
-    assert rows[0].startswith("| method − KD only | questions | EM difference [95% CI] |")
-    order = sorted(keys)                                             # the table pairs the questions in key order
-    expected = stats.format_difference(stats.paired_difference([kd[k] for k in order], [dgpo[k] for k in order]))
-    assert expected.startswith("+0.333 [")
-    # McNemar by hand: 4 discordant questions, all one way: p = 2 · (1/2)^4 = 0.125
-    assert rows[2] == f"| DGPO | 12 | {expected} | 0 | 4 | 0.125 |"
-    assert rows[3].startswith("| Other | 12 | -0.083 [") and rows[3].endswith("| 1 | 0 | 1 |")
-    with pytest.raises(ValueError, match="DGPO and KD only were evaluated on different questions"):
-        train.paired_table({"KD only": kd, "DGPO": dict(list(dgpo.items())[:11])})
 
 
 def test_bad_input_stops_early_with_a_clear_message(world, retriever, model_dirs, tmp_path, rl_config):
