@@ -18,7 +18,7 @@ What it does:
   * `python demo.py smollm2 | first-layers | world` writes those directories and the world's files
     (with the oracle's correct trajectories, tokenised by any tokenizer) for train.py's stages.
 
-What it does not do: train anything (train.py does), or know about real datasets (data.py loads those).
+What it does not do: train anything (sft.py and rl.py do), or know about real datasets (data.py loads those).
 
     world = make_world(seed=0)
     write_world(world, "runs/demo/data")             # corpus.jsonl, train/validation/test.jsonl

@@ -28,7 +28,7 @@ metrics and stopping (loop.py), settings' ranges and the CLI (cli.py, train.py).
 
 Distributed: each rank rolls out its own share of whole groups; every loss is divided by the
 GLOBAL token count and PPO's whitening uses global moments, so N ranks make the same actor and
-critic updates as one process (tests/test_train.py checks both with gloo). Every decision that
+critic updates as one process (tests/test_rl.py checks both with gloo). Every decision that
 depends on the data (skip a step, draw another round, which groups to keep) is all-reduced, so all
 ranks take it alike and run the same number of forward/backward passes.
 

@@ -8,7 +8,7 @@ from the KV cache. Every model-written token is kept exactly as sampled, and the
 at the moment a token is appended (1 = sampled, 0 = prompt, observation, nudge) — never re-derived
 from text or from `pad_id`.
 
-What it does not do: compute rewards or log-probs for training (train.py and dgpo.py do), or
+What it does not do: compute rewards or log-probs for training (rl.py and dgpo.py do), or
 decode → cut → re-tokenise model output (the public code's fault, docs/method.md §8).
 
 How the cache works: every row keeps its own key/value tensors (only real tokens, no padding) between
@@ -319,7 +319,7 @@ def _generate_turn(model, tokenizer, rows: list[_Row], config: RolloutConfig, st
         logits = model(input_ids=chunk, attention_mask=attention, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (R, V)
         # an embedding matrix padded past the tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens) must
-        # not emit ids no tokenizer can decode; train.py scores the same sliced vocabulary
+        # not emit ids no tokenizer can decode; rl.py scores the same sliced vocabulary
         sampled = _sample(logits[:, :vocabulary].float(), config, generator)   # (R,)
         tokens = sampled.tolist()
         pieces = tokenizer.convert_ids_to_tokens(tokens)                 # vocabulary strings, (R,)

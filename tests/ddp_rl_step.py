@@ -1,4 +1,4 @@
-"""One DGPO optimizer step on fixed rollouts, run by tests/test_train.py under torchrun (gloo, CPU)
+"""One DGPO optimizer step on fixed rollouts, run by tests/test_rl.py under torchrun (gloo, CPU)
 or as a single process. Each rank takes a contiguous share of whole groups; the parameters after the
 step are saved per rank so the test can compare ranks with each other and with one process.
 
