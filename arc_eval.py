@@ -58,11 +58,7 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: r
         with ddp.autocast(dist):
             trajs = rollout.rollout(raw, tokenizer, [q["question"] for q in chunk], retriever, rcfg,
                                     generator=generator)
-        for q, t in zip(chunk, trajs):
-            record = {"id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"],
-                      "data_source": q["data_source"], **asdict(t)}
-            record["em"] = arc_metric.answer_em(t.turns, q["golden_answers"])
-            records.append(record)
+        records += arc_metric.scored_records(chunk, trajs, keys=("id", "question", "golden_answers", "data_source"))
     return records
 
 

@@ -164,6 +164,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import asdict
 
 # -----------------------------------------------------------------------------
 # Answer scoring
@@ -282,6 +283,15 @@ def answer_em(turns_or_text, golden_answers) -> float:
     answer_em(["<search> q </search>", "<answer> Paris </answer>"], ["Paris"]) -> 1.0.
     """
     return exact_match(final_answer(turns_or_text), golden_answers)
+
+
+def scored_records(questions: list, trajectories: list, keys: tuple[str, ...] | None = None) -> list[dict]:
+    """Question rows and their trajectories (rollout.Trajectory, in the same order) as trajectory
+    records: the question's fields (only `keys`, in that order, if given), every trajectory field,
+    and `em`, the binary reward scored on the model's own turns (answer_em). The one way rollouts
+    become scored records: RL's and tgo's (arc_eval.generate_records) and the oracle's alike."""
+    return [{**({k: q[k] for k in keys} if keys is not None else q), **asdict(t),
+             "em": answer_em(t.turns, q["golden_answers"])} for q, t in zip(questions, trajectories)]
 
 
 # -----------------------------------------------------------------------------

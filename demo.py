@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import arc_metric
 import cli
@@ -604,8 +604,7 @@ def oracle_records(questions: list[dict], retriever, tokenizer, config: RolloutC
     records the tokenizer its ids come from, like every trajectories file."""
     trajs = oracle_rollout([q["question"] for q in questions], retriever, tokenizer, config)
     made_with = tokenizer_fingerprint(tokenizer)
-    records = [{**q, **asdict(t), "em": arc_metric.answer_em(t.turns, q["golden_answers"]), TOKENIZER_KEY: made_with}
-               for q, t in zip(questions, trajs)]
+    records = [{**r, TOKENIZER_KEY: made_with} for r in arc_metric.scored_records(questions, trajs)]
     return [r for r in records if r["em"] == 1.0]
 
 
