@@ -708,7 +708,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     """RL from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`,
     by validation EM, the start model included, when cfg.eval_every). `stop_after` ends this run after
     that many steps with a resumable checkpoint (the schedule still spans cfg.steps). report_to,
-    save_dtype, info, inputs, and SIGINT / SIGTERM: as in train.train_supervised. `retriever` may
+    save_dtype, info, inputs, and SIGINT / SIGTERM: as in sft.train_supervised. `retriever` may
     be a function of no argument that builds it: it is called after every cheaper check (settings,
     --out, models, prompts), since building a BM25 index of a large corpus takes minutes."""
     check_rl_config(cfg, dist)
