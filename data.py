@@ -34,7 +34,7 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     `append_jsonl` / `read_appended`: progress files that grow row by row (tgo, eval) and survive a
     crash mid-append (the torn last line is dropped).
 
-What it does not do: tokenise, batch or shuffle (train.py does), fetch anything from a hub, or need
+What it does not do: tokenise, batch or shuffle (models.py and loop.py do), fetch anything from a hub, or need
 anything but the standard library itself (pyarrow is imported only when a `.parquet` file is read;
 rollout.py, and with it torch, only when a question file has a `prompt` column to compare; the
 re-exported corpus loader brings retriever.py's numpy; arc_metric's answer normalisation is standard
@@ -383,7 +383,7 @@ def vocab_fingerprint(tokenizer) -> str:
     return VOCAB_PREFIX + _sha16({"size": _vocab_size(tokenizer, table), "vocab": table})
 
 
-tokenizer_fingerprint = vocab_fingerprint    # the name trajectory writers (train.py, demo.py) call
+tokenizer_fingerprint = vocab_fingerprint    # the name trajectory writers (sft.py, demo.py) call
 
 
 def legacy_fingerprint(tokenizer) -> str:

@@ -18,7 +18,7 @@ What it does:
   * `python demo.py smollm2 | first-layers | world` writes those directories and the world's files
     (with the oracle's correct trajectories, tokenised by any tokenizer) for train.py's stages.
 
-What it does not do: train anything (train.py does), or know about real datasets (data.py loads those).
+What it does not do: train anything (sft.py and rl.py do), or know about real datasets (data.py loads those).
 
     world = make_world(seed=0)
     write_world(world, "runs/demo/data")             # corpus.jsonl, train/validation/test.jsonl
@@ -36,7 +36,10 @@ import random
 import re
 from dataclasses import dataclass, field
 
+import arc_metric
+import cli
 from data import TOKENIZER_KEY, tokenizer_fingerprint, write_jsonl
+from retriever import BM25Retriever
 from rollout import (INVALID_ACTION, PROMPT_TEMPLATE, RolloutConfig, Trajectory, completes_answer, encode_text,
                      format_question, last_query, observation_ids, prompt_ids)
 
@@ -599,13 +602,9 @@ def oracle_records(questions: list[dict], retriever, tokenizer, config: RolloutC
     """The oracle's trajectories on question rows, as trajectory records (`train.py teacher --data`),
     keeping only those it answered correctly (scored like every rollout, on its own turns); each
     records the tokenizer its ids come from, like every trajectories file."""
-    from dataclasses import asdict
-
-    from arc_metric import answer_em
     trajs = oracle_rollout([q["question"] for q in questions], retriever, tokenizer, config)
     made_with = tokenizer_fingerprint(tokenizer)
-    records = [{**q, **asdict(t), "em": answer_em(t.turns, q["golden_answers"]), TOKENIZER_KEY: made_with}
-               for q, t in zip(questions, trajs)]
+    records = [{**r, TOKENIZER_KEY: made_with} for r in arc_metric.scored_records(questions, trajs)]
     return [r for r in records if r["em"] == 1.0]
 
 
@@ -630,7 +629,6 @@ def write_demo_files(out_dir: str, tokenizer_dir: str | None = None, seed: int =
     trajectories on the training questions, tokenised with the tokenizer in `tokenizer_dir` (e.g. a
     real model's directory) or, without one, with the demo's BPE tokenizer, trained and saved in
     `out_dir/tokenizer`. Returns the paths by name."""
-    from retriever import BM25Retriever
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"--out {out_dir}: exists and is not a directory; the world is written as files "
                               "in a directory")
@@ -688,5 +686,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from train import run_cli      # errors a person can act on print one line (--debug: the traceback)
-    run_cli(main)
+    cli.run_cli(main)      # errors a person can act on print one line (--debug: the traceback)

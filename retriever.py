@@ -895,6 +895,28 @@ class HTTPRetriever:
 
 
 # ----------------------------------------------------------------------------------------------
+# Which retriever a run uses
+
+def make_retriever(corpus: str | None, url: str | None, topk: int = 3, index: str | None = None,
+                   retry_seconds: float = 300.0, timeout: float = 30.0):
+    """BM25 over a JSONL corpus (built at start-up) or over an index built once (`retriever.py index`,
+    memory-mapped), or a Search-R1 retrieval server (checked once, so a dead URL stops the run here
+    with a clear message instead of deep inside the first rollout). A server that fails is retried,
+    a line per retry, for up to `retry_seconds` — at start-up and on every later request alike, so
+    a run rides out a server restart; `timeout` bounds one request."""
+    if sum(bool(x) for x in (corpus, url, index)) != 1:
+        raise ValueError("give exactly one of --corpus FILE.jsonl[.gz], --index DIR or --retriever-url URL")
+    if url:
+        retriever = HTTPRetriever(url, topk=topk, timeout=timeout, retry_seconds=retry_seconds)
+        try:
+            retriever.search(["test"], topk=1)
+        except RuntimeError as e:          # the budget ran out: a user's problem, said in one line
+            raise ConnectionError(f"--retriever-url: {e}") from e
+        return retriever
+    return BM25Retriever.load(index) if index else BM25Retriever.from_jsonl(corpus)
+
+
+# ----------------------------------------------------------------------------------------------
 # Search-R1 retrieval API: server
 
 

@@ -22,12 +22,13 @@ term (--term-grad-norms), PPO's explained_var, and the time split rollout_s / sc
 critic_s; at every evaluation validation EM, the RL pool's own EM (--pool-eval-limit) and a paired,
 low-variance learning probe, the sampled reward on the validation questions (--probe-samples).
 
-What it does not do: define the losses (dgpo.py), generate (rollout.py), or own the shared machinery
-(DDP set-up, checkpoints, batches, the CLI): those are train.py's, imported from it.
+What it does not do: define the losses (dgpo.py), generate (rollout.py), or own the shared machinery:
+DDP set-up (ddp.py), models and batches (models.py), checkpoints (checkpoint.py), the optimizer,
+metrics and stopping (loop.py), settings' ranges and the CLI (cli.py, train.py).
 
 Distributed: each rank rolls out its own share of whole groups; every loss is divided by the
 GLOBAL token count and PPO's whitening uses global moments, so N ranks make the same actor and
-critic updates as one process (tests/test_train.py checks both with gloo). Every decision that
+critic updates as one process (tests/test_rl.py checks both with gloo). Every decision that
 depends on the data (skip a step, draw another round, which groups to keep) is all-reduced, so all
 ranks take it alike and run the same number of forward/backward passes.
 
@@ -49,13 +50,13 @@ from tqdm import tqdm
 
 import data
 import dgpo
-from rollout import RolloutConfig
-from train import (Dist, HeadAtPositions, Reporter, StopSignals, all_gather_objects, all_reduce_sum, autocast,
-                   check_config, check_output, check_prompts, check_same_tokenizer, data_window, ddp_sync,
-                   enable_checkpointing, generate_records, global_token_count, interrupted, length_budget, load_model,
-                   load_tokenizer, load_trainer_state, logits_of, make_batch, make_optimizer, micro_batches,
-                   optimizer_step, padded, prepare_output, pretrained, recover_resume, restore_optimizer,
-                   save_checkpoint, start_from, stop_if_diverged, vocab_size_of, wrap)
+import arc_eval
+import checkpoint
+import cli
+import ddp
+import loop
+import models
+import rollout
 
 
 @dataclass
@@ -104,15 +105,17 @@ class RLConfig:
     pool_eval_limit: int = 0       # at every evaluation: greedy EM on this many RL-pool questions, the first of the data order (0 = off)
 
 
-def rollout_config(cfg: RLConfig, greedy: bool = False, max_total_tokens: int | None = None) -> RolloutConfig:
-    return RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
-                         max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
-                         top_p=cfg.top_p, greedy=greedy, max_total_tokens=max_total_tokens or cfg.max_total_tokens)
+def rollout_config(cfg: RLConfig, greedy: bool = False,
+                   max_total_tokens: int | None = None) -> rollout.RolloutConfig:
+    return rollout.RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
+                                 max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
+                                 top_p=cfg.top_p, greedy=greedy,
+                                 max_total_tokens=max_total_tokens or cfg.max_total_tokens)
 
 
-def check_rl_config(cfg: RLConfig, dist: Dist) -> None:
+def check_rl_config(cfg: RLConfig, dist: ddp.Dist) -> None:
     """Settings that are legal alone but not together, or not for this algorithm."""
-    check_config(cfg)
+    cli.check_config(cfg)
     if cfg.prompts_per_step % dist.world_size:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by world size "
                          f"{dist.world_size}: every rank must hold whole groups")
@@ -147,29 +150,29 @@ def rl_logits(model, batch, vocab_size: int, temperature: float) -> torch.Tensor
     --top-p < 1 the rollout samples from the nucleus only, while these are the log-probs of the whole
     tempered distribution — the same approximation veRL makes; keep top_p = 1 (the default) for exact
     ratios."""
-    return logits_of(model, batch)[..., :vocab_size] / temperature              # (B, L, V)
+    return models.logits_of(model, batch)[..., :vocab_size] / temperature              # (B, L, V)
 
 
 def values_of(critic, batch) -> torch.Tensor:
     """The critic's value at each loss position (the same tokens the policy is scored on): (B, L)."""
-    return logits_of(critic, batch)[..., 0].float()                            # (B, L)
+    return models.logits_of(critic, batch)[..., 0].float()                            # (B, L)
 
 
 @torch.no_grad()
-def per_record(score, records: list[dict], micro_batch_size: int, dist: Dist) -> list[torch.Tensor]:
+def per_record(score, records: list[dict], micro_batch_size: int, dist: ddp.Dist) -> list[torch.Tensor]:
     """score(batch) -> (B, L) for every micro-batch, cut back into one (n_i,) tensor per record (its
     loss positions, in order)."""
     out = {}
-    for chunk in micro_batches(records, micro_batch_size):
-        batch = make_batch(chunk, dist.device)
-        with autocast(dist):
+    for chunk in models.micro_batches(records, micro_batch_size):
+        batch = models.make_batch(chunk, dist.device)
+        with ddp.autocast(dist):
             values = score(batch)                                                  # (B, L)
         for r, row, n in zip(chunk, values, batch.mask.sum(1).tolist()):
             out[id(r)] = row[:n].float()                                           # (n_i,)
     return [out[id(r)] for r in records]
 
 
-def sampled_logprobs(model, records: list[dict], cfg: RLConfig, vocab_size: int, dist: Dist):
+def sampled_logprobs(model, records: list[dict], cfg: RLConfig, vocab_size: int, dist: ddp.Dist):
     """log π(y_t) of each record's sampled tokens under `model` (tempered, rl_logits), (n_i,) each:
     log π_old before the first of several mini-batch updates, log π_old and log π_T for the paper's
     reward penalty, which is needed before the advantages exist."""
@@ -203,7 +206,7 @@ def grpo_advantages(cfg: RLConfig, records: list[dict], teacher_logp: list | Non
 
 
 def ppo_advantages(cfg: RLConfig, records: list[dict], teacher_logp: list | None, values: list,
-                   dist: Dist) -> dict:
+                   dist: ddp.Dist) -> dict:
     """Per-token rewards r_t = EM·1[last sampled token] (− the k1 teacher penalty on wrong rollouts
     when teacher_logp is given: dgpo.ppo_token_rewards), GAE over the sampled tokens with the
     critic's values (dgpo.gae_advantages), then whitening with the GLOBAL moments of the step's
@@ -217,9 +220,9 @@ def ppo_advantages(cfg: RLConfig, records: list[dict], teacher_logp: list | None
     # positions then runs once per step, not once per record
     n = [len(v) for v in values]
     shape, device = (len(records), max(n, default=0)), values[0].device
-    v = padded(values, shape, device)                                             # (N, L)
-    lp = padded([r.get("old_logp", torch.zeros_like(x)) for r, x in zip(records, values)], shape, device)
-    lt = padded(teacher_logp, shape, device) if teacher_logp is not None else lp  # (N, L)
+    v = models.padded(values, shape, device)                                             # (N, L)
+    lp = models.padded([r.get("old_logp", torch.zeros_like(x)) for r, x in zip(records, values)], shape, device)
+    lt = models.padded(teacher_logp, shape, device) if teacher_logp is not None else lp  # (N, L)
     mask = torch.arange(shape[1], device=device)[None] < torch.tensor(n, device=device)[:, None]  # (N, L)
     em = torch.tensor([r["em"] for r in records], device=device)                 # (N,)
     rewards = dgpo.ppo_token_rewards(em, lp, lt, mask, cfg.beta,
@@ -240,11 +243,11 @@ def ppo_advantages(cfg: RLConfig, records: list[dict], teacher_logp: list | None
     return {"explained_var": explained_variance(ret, v, mask, dist)}
 
 
-def whiten(records: list[dict], key: str, dist: Dist) -> None:
+def whiten(records: list[dict], key: str, dist: ddp.Dist) -> None:
     """r[key] ((n_i,) each) whitened with the GLOBAL moments of every rank's entries (dgpo.masked_whiten)."""
     local = [sum(r[key].sum().item() for r in records), sum((r[key] ** 2).sum().item() for r in records),
              sum(len(r[key]) for r in records)]                                   # Σ A, Σ A², count
-    total, total_sq, count = all_reduce_sum(dist, local)
+    total, total_sq, count = ddp.all_reduce_sum(dist, local)
     mean = total / max(count, 1)
     var = (total_sq - count * mean * mean) / max(count - 1, 1)                    # unbiased, as masked_whiten
     for r in records:
@@ -252,12 +255,12 @@ def whiten(records: list[dict], key: str, dist: Dist) -> None:
         r[key] = dgpo.masked_whiten(a, torch.ones_like(a, dtype=torch.bool), torch.tensor(mean), torch.tensor(var))[0]
 
 
-def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, dist: Dist) -> float:
+def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, dist: ddp.Dist) -> float:
     """1 − Var(R − V) / Var(R) over the masked tokens of every rank: 1 when the critic predicts every
     return, 0 when it does no better than the mean return, below 0 when it is worse. NaN if Var(R) = 0."""
     r, res = returns[mask].double(), (returns - values)[mask].double()           # (n,) each
-    s = all_reduce_sum(dist, [r.sum().item(), (r * r).sum().item(), res.sum().item(), (res * res).sum().item(),
-                              float(r.numel())])
+    s = ddp.all_reduce_sum(dist, [r.sum().item(), (r * r).sum().item(), res.sum().item(), (res * res).sum().item(),
+                                  float(r.numel())])
     count = max(s[4], 1.0)
     var_r = s[1] / count - (s[0] / count) ** 2
     var_res = s[3] / count - (s[2] / count) ** 2
@@ -287,23 +290,23 @@ def local_outcomes(records: list[dict]) -> list[tuple[int, bool, bool]]:
     return [(g, max(v) != min(v), min(v) == 0) for g, v in em.items()]
 
 
-def group_outcomes(records: list[dict], dist: Dist) -> list[tuple[int, bool, bool]]:
+def group_outcomes(records: list[dict], dist: ddp.Dist) -> list[tuple[int, bool, bool]]:
     """local_outcomes of every rank's groups, sorted by id: the same list on every rank (groups never
     span ranks)."""
-    return sorted(all_gather_objects(dist, local_outcomes(records)))
+    return sorted(ddp.all_gather_objects(dist, local_outcomes(records)))
 
 
-def nonzero_advantages(records: list[dict], dist: Dist) -> float:
+def nonzero_advantages(records: list[dict], dist: ddp.Dist) -> float:
     """How many rollouts of the update (all ranks) have an advantage that is not 0 on some token."""
     def nonzero(r):
         if "token_advantage" in r:
             return bool((r["token_advantage"] != 0).any())
         return r["advantage"] != 0
-    return all_reduce_sum(dist, [sum(nonzero(r) for r in records)])[0]
+    return ddp.all_reduce_sum(dist, [sum(nonzero(r) for r in records)])[0]
 
 
 def informative_records(records: list[dict], outcomes: list[tuple[int, bool, bool]], cfg: RLConfig,
-                        dist: Dist) -> tuple[list[dict], dict, dict]:
+                        dist: ddp.Dist) -> tuple[list[dict], dict, dict]:
     """--drop-constant-groups, decided on the whole step and alike on every rank: the first
     cfg.prompts_per_step mixed groups in data order (group ids are data positions) carry the policy
     gradient (r["pg"] = True); every other rollout stays in the update only if the teacher term acts
@@ -327,7 +330,7 @@ def informative_records(records: list[dict], outcomes: list[tuple[int, bool, boo
         if r["pg"] or (teacher and (cfg.teacher_mode == "uniform" or r["em"] == 0)):
             kept.append(r)
     counts = {"drawn_groups": len(outcomes), "pg_groups": len(pg),
-              "kept_rollouts": all_reduce_sum(dist, [len(kept)])[0]}
+              "kept_rollouts": ddp.all_reduce_sum(dist, [len(kept)])[0]}
     return kept, part_of, counts
 
 
@@ -344,17 +347,17 @@ def filler_record(record: dict) -> dict:
 # The update
 
 
-def rl_normaliser(cfg: RLConfig, dist: Dist, records: list[dict]) -> float:
+def rl_normaliser(cfg: RLConfig, dist: ddp.Dist, records: list[dict]) -> float:
     """The denominator of every loss term, counted over ALL ranks and divided by the world size
     (DDP averages gradients): token count for token-mean, non-empty sequences for
     seq-mean-token-mean, sequences × max_new_tokens for token-sum-norm (a constant per step)."""
     if cfg.agg == "token-mean":
-        return global_token_count(dist, records) / dist.world_size
+        return models.global_token_count(dist, records) / dist.world_size
     if cfg.agg == "seq-mean-token-mean":
         local = sum(1 for r in records if any(r["loss_mask"][1:]))
     else:
         local = len(records) * cfg.max_new_tokens
-    return all_reduce_sum(dist, [local])[0] / dist.world_size
+    return ddp.all_reduce_sum(dist, [local])[0] / dist.world_size
 
 
 @dataclass
@@ -366,14 +369,14 @@ class Critic:
     scheduler: torch.optim.lr_scheduler.LRScheduler
 
 
-def clock(dist: Dist) -> float:
+def clock(dist: ddp.Dist) -> float:
     """Wall time for the step's time split, after the GPU's queued work (a no-op on CPU)."""
     if dist.device.type == "cuda":
         torch.cuda.synchronize(dist.device)
     return time.perf_counter()
 
 
-def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
+def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: ddp.Dist,
               vocab_size: int, counters: dict, critic: Critic | None = None) -> dict:
     """One RL step on this rank's records (whole groups, `group` ids set): rewards, advantages, then
     cfg.mini_batches optimizer steps of the actor (and of the critic, for PPO), each on an equal
@@ -429,7 +432,7 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
     if penalty:                 # the KL the penalty charged: k1 over the penalised rollouts' tokens
         k1 = [r["old_logp"] - lt for r, lt in zip(records, teacher_logp)
               if cfg.teacher_mode == "uniform" or r["em"] == 0]                    # (n_i,) each
-        total, count = all_reduce_sum(dist, [sum(d.sum().item() for d in k1), sum(len(d) for d in k1)])
+        total, count = ddp.all_reduce_sum(dist, [sum(d.sum().item() for d in k1), sum(len(d) for d in k1)])
         out["teacher_kl"] = total / max(count, 1)
     # the time split: scoring π_old and the teacher; the critic (its values, losses and steps); the
     # per-term gradient norms; the rest of the update (advantages, the actor's passes and steps)
@@ -445,20 +448,20 @@ def rl_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RL
     return {**out, **instruments, **times}
 
 
-def policy_inputs(model, teacher, chunk: list[dict], batch, cfg: RLConfig, dist: Dist, vocab_size: int) -> dict:
+def policy_inputs(model, teacher, chunk: list[dict], batch, cfg: RLConfig, dist: ddp.Dist, vocab_size: int) -> dict:
     """The tensors dgpo.dgpo_loss / dgpo_terms take for one micro-batch: the student's tempered logits
     and log-probs (with their graph), π_old's log-probs, the teacher's logits (exact KL) or log-probs
     (sampled KL) without a graph, the advantages ((B,) or per token (B, L)) and EM (B,)."""
     use_teacher = cfg.teacher_as == "loss" and cfg.teacher_mode != "none"
     adv = torch.tensor([r["advantage"] for r in chunk], device=dist.device)      # (B,)
     if "token_advantage" in chunk[0]:                                             # per token: (B, L)
-        adv = padded([r["token_advantage"] for r in chunk], batch.targets.shape, dist.device)
+        adv = models.padded([r["token_advantage"] for r in chunk], batch.targets.shape, dist.device)
     em = torch.tensor([r["em"] for r in chunk], device=dist.device)              # (B,)
     logits = rl_logits(model, batch, vocab_size, cfg.temperature)                 # (B, L, V)
     logp = dgpo.token_logprobs(logits, batch.targets)                             # (B, L)
     old_logp = logp.detach()                                                      # (B, L)
     if "old_logp" in chunk[0]:
-        old_logp = padded([r["old_logp"] for r in chunk], logp.shape, dist.device)
+        old_logp = models.padded([r["old_logp"] for r in chunk], logp.shape, dist.device)
     teacher_logits = teacher_logp = None
     if use_teacher:
         with torch.no_grad():
@@ -478,7 +481,7 @@ def loss_settings(cfg: RLConfig, normaliser: float, pg_normaliser: float | None,
                 vocab_size=vocab_size, entropy_coef=cfg.entropy_coef, pg_normaliser=pg_normaliser)
 
 
-def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: Dist,
+def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: ddp.Dist,
                      vocab_size: int, counters: dict, critic: Critic | None = None, filler: dict | None = None,
                      pg_records: list[dict] | None = None) -> dict:
     """One optimizer step of dgpo_loss over records with their advantages set (and, for PPO, one of
@@ -494,9 +497,9 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
     settings = loss_settings(cfg, normaliser, pg_normaliser, vocab_size)
     sums: dict[str, float] = {}
     finite = critic_finite = True
-    chunks = micro_batches(records, cfg.micro_batch_size)
+    chunks = models.micro_batches(records, cfg.micro_batch_size)
     if filler is not None:
-        most = max(all_gather_objects(dist, [len(chunks)]))
+        most = max(ddp.all_gather_objects(dist, [len(chunks)]))
         chunks += [[filler]] * (most - len(chunks))
     extra = {"critic_s": 0.0}                 # seconds, and with cfg.term_grad_norms each term's norm
     if cfg.term_grad_norms:
@@ -504,19 +507,19 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
         extra.update(term_grad_norms(model, teacher, chunks, cfg, dist, vocab_size, settings))
         extra["grad_norms_s"] = clock(dist) - t
     for i, chunk in enumerate(chunks):
-        batch = make_batch(chunk, dist.device)
+        batch = models.make_batch(chunk, dist.device)
         last = i == len(chunks) - 1
-        with ddp_sync(model, last), autocast(dist):
+        with ddp.ddp_sync(model, last), ddp.autocast(dist):
             loss, m = dgpo.dgpo_loss(**policy_inputs(model, teacher, chunk, batch, cfg, dist, vocab_size), **settings)
             loss.backward()                   # even if not finite: every rank keeps in step with DDP
         finite &= math.isfinite(m["loss"])
         if critic is not None:
             t = clock(dist)
-            with ddp_sync(critic.model, last), autocast(dist):
+            with ddp.ddp_sync(critic.model, last), ddp.autocast(dist):
                 values = values_of(critic.model, batch)                           # (B, L)
                 vloss, vm = dgpo.value_loss(
-                    values, padded([r["old_values"] for r in chunk], values.shape, dist.device),
-                    padded([r["returns"] for r in chunk], values.shape, dist.device), batch.mask,
+                    values, models.padded([r["old_values"] for r in chunk], values.shape, dist.device),
+                    models.padded([r["returns"] for r in chunk], values.shape, dist.device), batch.mask,
                     clip=cfg.value_clip, agg=cfg.agg, normaliser=normaliser)
                 vloss.backward()
             critic_finite &= math.isfinite(vm["vf_loss"])
@@ -531,16 +534,16 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
         sums["n_tokens"] = sums.get("n_tokens", 0.0) + n
         sums["n_teacher_tokens"] = sums.get("n_teacher_tokens", 0.0) + nt
         sums["loss"] = sums.get("loss", 0.0) + m["loss"]
-    grad_norm = optimizer_step(model, optimizer, scheduler, cfg.grad_clip, counters, dist, finite)
+    grad_norm = loop.optimizer_step(model, optimizer, scheduler, cfg.grad_clip, counters, dist, finite)
     out = {}
     if critic is not None:
         t = clock(dist)
-        out["critic_grad_norm"] = optimizer_step(critic.model, critic.optimizer, critic.scheduler, cfg.grad_clip,
-                                                 counters.setdefault("critic", {}), dist, critic_finite)
+        out["critic_grad_norm"] = loop.optimizer_step(critic.model, critic.optimizer, critic.scheduler, cfg.grad_clip,
+                                                      counters.setdefault("critic", {}), dist, critic_finite)
         extra["critic_s"] += clock(dist) - t
     keys = ["clip_frac", "entropy", "approx_kl", "teacher_kl", "n_tokens", "n_teacher_tokens", "loss",
             "vf_loss", "vf_clip_frac", "value_mean"]
-    totals = dict(zip(keys, all_reduce_sum(dist, [sums.get(k, 0.0) for k in keys])))
+    totals = dict(zip(keys, ddp.all_reduce_sum(dist, [sums.get(k, 0.0) for k in keys])))
     n, nt = max(totals["n_tokens"], 1), max(totals["n_teacher_tokens"], 1)
     out.update({"loss": totals["loss"] / dist.world_size, "clip_frac": totals["clip_frac"] / n,
                 "entropy": totals["entropy"] / n, "approx_kl": totals["approx_kl"] / n,
@@ -555,7 +558,7 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
 TERMS = ("surrogate", "teacher", "entropy")
 
 
-def term_grad_norms(model, teacher, chunks: list[list[dict]], cfg: RLConfig, dist: Dist, vocab_size: int,
+def term_grad_norms(model, teacher, chunks: list[list[dict]], cfg: RLConfig, dist: ddp.Dist, vocab_size: int,
                     settings: dict) -> dict:
     """grad_norm_<term>: the norm of the gradient of each loss term on its own over this mini-batch
     (all ranks: the gradient DDP would average), at the weights the update starts from, before
@@ -572,14 +575,14 @@ def term_grad_norms(model, teacher, chunks: list[list[dict]], cfg: RLConfig, dis
     sums = {name: [torch.zeros_like(p) for p in params] for name in TERMS}
     penalty = cfg.teacher_as == "reward" and cfg.teacher_mode != "none"
     for chunk in chunks:
-        batch = make_batch(chunk, dist.device)
-        with autocast(dist):
+        batch = models.make_batch(chunk, dist.device)
+        with ddp.autocast(dist):
             inputs = policy_inputs(view, teacher, chunk, batch, cfg, dist, vocab_size)
             terms, _ = dgpo.dgpo_terms(**inputs, **settings)
             if penalty and any("token_advantage" in r for r in chunk):
                 without = [r.get("advantage_without_penalty", r["advantage"]) for r in chunk]
                 base = (torch.tensor(without, device=dist.device) if not torch.is_tensor(without[0])
-                        else padded(without, batch.targets.shape, dist.device))            # (B,) or (B, L)
+                        else models.padded(without, batch.targets.shape, dist.device))            # (B,) or (B, L)
                 surrogate, _ = dgpo.policy_loss(inputs["logp"], inputs["old_logp"], base, batch.mask, cfg.clip_low,
                                                 cfg.clip_high, cfg.agg, settings["normaliser"])
                 terms["teacher"] = terms["surrogate"] - surrogate
@@ -606,12 +609,12 @@ def term_grad_norms(model, teacher, chunks: list[list[dict]], cfg: RLConfig, dis
 
 
 @torch.no_grad()
-def validation_em(model, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, batch_size: int,
-                  dist: Dist) -> float:
+def validation_em(model, tokenizer, questions: list[dict], retriever, rcfg: rollout.RolloutConfig, batch_size: int,
+                  dist: ddp.Dist) -> float:
     """Greedy EM on held-out questions, each rank its shard, summed over ranks."""
     shard = questions[dist.rank::dist.world_size]
-    records = generate_records(model, tokenizer, shard, retriever, rcfg, dist, batch_size)
-    correct, total = all_reduce_sum(dist, [sum(r["em"] for r in records), len(records)])
+    records = arc_eval.generate_records(model, tokenizer, shard, retriever, rcfg, dist, batch_size)
+    correct, total = ddp.all_reduce_sum(dist, [sum(r["em"] for r in records), len(records)])
     return correct / max(total, 1)
 
 
@@ -619,8 +622,8 @@ PROBE_SEED = 1 << 40      # the probe's sampling seed (+ rank): apart from every
 
 
 @torch.no_grad()
-def probe_reward(model, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, samples: int,
-                 batch_size: int, dist: Dist) -> tuple[float, float]:
+def probe_reward(model, tokenizer, questions: list[dict], retriever, rcfg: rollout.RolloutConfig, samples: int,
+                 batch_size: int, dist: ddp.Dist) -> tuple[float, float]:
     """The learning probe: EM of `samples` rollouts of each question, sampled at the rollout
     temperature with a generator seeded the same way at every call — whatever the run's --seed — so
     two checkpoints, of one run or of two runs, are compared on the same random draws (paired; the
@@ -631,17 +634,17 @@ def probe_reward(model, tokenizer, questions: list[dict], retriever, rcfg: Rollo
     shard = questions[dist.rank::dist.world_size]
     expanded = [q for q in shard for _ in range(samples)]
     generator = torch.Generator(device=dist.device).manual_seed(PROBE_SEED + dist.rank)
-    records = generate_records(model, tokenizer, expanded, retriever, rcfg, dist, batch_size, generator)
+    records = arc_eval.generate_records(model, tokenizer, expanded, retriever, rcfg, dist, batch_size, generator)
     per_question = [sum(r["em"] for r in records[i:i + samples]) / samples for i in range(0, len(records), samples)]
-    total, total_sq, n = all_reduce_sum(dist, [sum(per_question), sum(p * p for p in per_question),
-                                               len(per_question)])
+    total, total_sq, n = ddp.all_reduce_sum(dist, [sum(per_question), sum(p * p for p in per_question),
+                                                   len(per_question)])
     mean = total / max(n, 1)
     var = (total_sq - n * mean * mean) / (n - 1) if n > 1 else 0.0
     return mean, math.sqrt(max(var, 0.0) / max(n, 1))
 
 
-def draw_rollouts(model, tokenizer, questions: list[dict], retriever, rcfg: RolloutConfig, cfg: RLConfig,
-                  dist: Dist, generator, cursor: int) -> tuple[list[dict], int, int]:
+def draw_rollouts(model, tokenizer, questions: list[dict], retriever, rcfg: rollout.RolloutConfig, cfg: RLConfig,
+                  dist: ddp.Dist, generator, cursor: int) -> tuple[list[dict], int, int]:
     """The step's rollouts: the next prompts_per_step questions of the data order from `cursor` (each
     rank its contiguous share), G rollouts each; with cfg.drop_constant_groups, further rounds of
     prompts_per_step questions until the step holds prompts_per_step mixed groups or cfg.max_draws
@@ -652,17 +655,18 @@ def draw_rollouts(model, tokenizer, questions: list[dict], retriever, rcfg: Roll
     per_rank = cfg.prompts_per_step // dist.world_size
     records, draws, mixed = [], 0, 0
     while True:
-        idx = data_window(cfg.seed, len(questions), cursor, cfg.prompts_per_step)
+        idx = loop.data_window(cfg.seed, len(questions), cursor, cfg.prompts_per_step)
         mine = range(dist.rank * per_rank, (dist.rank + 1) * per_rank)
         expanded = [{**questions[idx[j]], "group": cursor + j} for j in mine for _ in range(cfg.group_size)]
-        drawn = generate_records(model, tokenizer, expanded, retriever, rcfg, dist, cfg.rollout_batch_size, generator)
+        drawn = arc_eval.generate_records(model, tokenizer, expanded, retriever, rcfg, dist, cfg.rollout_batch_size,
+                                          generator)
         for r, q in zip(drawn, expanded):
             r["group"] = q["group"]
         records += drawn
         cursor, draws = cursor + cfg.prompts_per_step, draws + 1
         if not cfg.drop_constant_groups:
             return records, draws, cursor
-        mixed += all_reduce_sum(dist, [sum(m for _, m, _ in local_outcomes(drawn))])[0]
+        mixed += ddp.all_reduce_sum(dist, [sum(m for _, m, _ in local_outcomes(drawn))])[0]
         if mixed >= cfg.prompts_per_step or draws >= cfg.max_draws:
             return records, draws, cursor
 
@@ -670,20 +674,20 @@ def draw_rollouts(model, tokenizer, questions: list[dict], retriever, rcfg: Roll
 CRITIC_DIR = "critic"     # inside a PPO checkpoint: an ordinary HF directory (a one-label token classifier)
 
 
-def load_critic(path: str, dist: Dist, grad_checkpointing: bool, arg: str, fresh: bool):
+def load_critic(path: str, dist: ddp.Dist, grad_checkpointing: bool, arg: str, fresh: bool):
     """PPO's critic: an ordinary HF token-classification model with one label (no dropout before the
     head), fp32. fresh=True: the student's weights under a new value head, initialised to zero, so
     every rank and every run starts from the same critic, V = 0 (GAE then begins as the plain
     return-to-go); fresh=False: a critic saved by an earlier PPO run."""
     from transformers import AutoConfig, AutoModelForTokenClassification
     from transformers.utils import logging
-    config = pretrained(AutoConfig, path, arg, num_labels=1)
+    config = models.pretrained(AutoConfig, path, arg, num_labels=1)
     config.classifier_dropout = 0.0            # the head sees exactly the hidden states the policy sees
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()              # "newly initialized: score.weight" is expected, not a fault
     try:
-        critic = pretrained(AutoModelForTokenClassification, path, arg, config=config,
-                            dtype=torch.float32).to(dist.device)
+        critic = models.pretrained(AutoModelForTokenClassification, path, arg, config=config,
+                                   dtype=torch.float32).to(dist.device)
     finally:
         logging.set_verbosity(verbosity)
     if fresh:
@@ -692,19 +696,19 @@ def load_critic(path: str, dist: Dist, grad_checkpointing: bool, arg: str, fresh
                 p.zero_()
     critic.train()          # from_pretrained returns eval mode, where gradient checkpointing does nothing
     if grad_checkpointing:
-        enable_checkpointing(critic)
+        models.enable_checkpointing(critic)
     return critic
 
 
 def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], retriever, cfg: RLConfig,
-             dist: Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
+             dist: ddp.Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
              grad_checkpointing: bool = False, stop_after: int | None = None, override_config: bool = False,
              overwrite: bool = False, report_to: str = "none", save_dtype: str = "float32",
              info: dict | None = None, inputs: dict | None = None) -> dict:
     """RL from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`,
     by validation EM, the start model included, when cfg.eval_every). `stop_after` ends this run after
     that many steps with a resumable checkpoint (the schedule still spans cfg.steps). report_to,
-    save_dtype, info, inputs, and SIGINT / SIGTERM: as in train.train_supervised. `retriever` may
+    save_dtype, info, inputs, and SIGINT / SIGTERM: as in sft.train_supervised. `retriever` may
     be a function of no argument that builds it: it is called after every cheaper check (settings,
     --out, models, prompts), since building a BM25 index of a large corpus takes minutes."""
     check_rl_config(cfg, dist)
@@ -714,29 +718,31 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
     if override_config and not resume:
         raise ValueError("--override-config only makes sense with --resume")
-    recover_resume(resume, dist)               # before the weights, the critic or the state are read
+    checkpoint.recover_resume(resume, dist)               # before the weights, the critic or the state are read
     # what this run reads (resumed, the weights come from the checkpoint, not from --student)
     paths = {"--student": None if resume else student_dir, "--teacher": teacher_dir, "--resume": resume,
              **{arg: fp["path"] for arg, fp in (inputs or {}).items()}}
     if dist.master:
-        check_output(out_dir, resume, overwrite, inputs=paths)
+        checkpoint.check_output(out_dir, resume, overwrite, inputs=paths)
     arg = "--resume" if resume else "--student"
-    tokenizer = load_tokenizer(resume or student_dir, arg)
+    tokenizer = models.load_tokenizer(resume or student_dir, arg)
     teacher = None
     if cfg.teacher_mode != "none":
-        check_same_tokenizer(tokenizer, load_tokenizer(teacher_dir, "--teacher"), student_dir, teacher_dir)
-    model = load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing, arg=arg)
-    budget = length_budget(cfg.max_total_tokens, model)
-    check_prompts(tokenizer, questions, budget, "training question")
-    check_prompts(tokenizer, validation or [], budget, "validation question")
+        models.check_same_tokenizer(tokenizer, models.load_tokenizer(teacher_dir, "--teacher"), student_dir,
+                                    teacher_dir)
+    model = models.load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing,
+                              arg=arg)
+    budget = rollout.length_budget(cfg.max_total_tokens, model)
+    rollout.check_prompts(tokenizer, questions, budget, "training question")
+    rollout.check_prompts(tokenizer, validation or [], budget, "validation question")
     if cfg.teacher_mode != "none":
-        teacher = load_model(teacher_dir, dist, trainable=False, arg="--teacher")
-    vocab_size = vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
-    ddp_model = wrap(model, dist)
-    teacher = HeadAtPositions(teacher).check() if teacher is not None else None
+        teacher = models.load_model(teacher_dir, dist, trainable=False, arg="--teacher")
+    vocab_size = models.vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
+    ddp_model = models.wrap(model, dist)
+    teacher = models.HeadAtPositions(teacher).check() if teacher is not None else None
     updates = cfg.steps * cfg.mini_batches                      # optimizer steps in the whole run
-    optimizer, scheduler = make_optimizer(model, cfg.lr, cfg.weight_decay, updates,
-                                          int(cfg.warmup_ratio * updates), min_lr_ratio=None)
+    optimizer, scheduler = loop.make_optimizer(model, cfg.lr, cfg.weight_decay, updates,
+                                               int(cfg.warmup_ratio * updates), min_lr_ratio=None)
     critic, critic_hf = None, None
     if cfg.algo == "ppo":
         critic_path = os.path.join(resume, CRITIC_DIR) if resume else student_dir
@@ -744,23 +750,24 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
             raise FileNotFoundError(f"--resume {resume}: no {CRITIC_DIR}/ in it, so it is not a PPO checkpoint")
         critic_hf = load_critic(critic_path, dist, grad_checkpointing, "--resume" if resume else "--student",
                                 fresh=not resume)
-        critic = Critic(wrap(critic_hf, dist), *make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
-                                                               int(cfg.critic_warmup_ratio * updates), None))
+        critic = Critic(models.wrap(critic_hf, dist),
+                        *loop.make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
+                                             int(cfg.critic_warmup_ratio * updates), None))
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
-    state = load_trainer_state(resume, dist, "rl", asdict(cfg), override_config, inputs) if resume else None
+    state = checkpoint.load_trainer_state(resume, dist, "rl", asdict(cfg), override_config, inputs) if resume else None
     if not hasattr(retriever, "search"):       # built last: every check above is cheaper
         retriever = retriever()
     if dist.master:                            # every input is loaded: only now may --overwrite delete anything
-        prepare_output(out_dir, resume, overwrite)
+        checkpoint.prepare_output(out_dir, resume, overwrite)
     if dist.enabled:
         torch_dist.barrier()
-    reporter = Reporter(out_dir, report_to, "rl", asdict(cfg), dist)
+    reporter = loop.Reporter(out_dir, report_to, "rl", asdict(cfg), dist)
     start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
     if resume:
-        start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
+        loop.start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
         if critic is not None:
-            restore_optimizer(critic.optimizer, critic.scheduler, state["critic_optimizer"], state["critic_scheduler"],
-                              cfg.critic_lr, "critic_lr" in state["changed"])
+            loop.restore_optimizer(critic.optimizer, critic.scheduler, state["critic_optimizer"],
+                                   state["critic_scheduler"], cfg.critic_lr, "critic_lr" in state["changed"])
         generator.set_state(state["generators"][dist.rank])
         start_step, counters, best = state["step"], state["counters"], state["best"]
     # the data position: every step reads the next prompts_per_step questions of the data order, or
@@ -768,9 +775,9 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     cursor = state.get("cursor", start_step * cfg.prompts_per_step) if resume else 0
     rcfg = rollout_config(cfg, max_total_tokens=budget)
 
-    def checkpoint(path: str, step: int) -> None:
+    def save(path: str, step: int) -> None:
         run_dir = path == out_dir           # best/ holds the actor only (for evaluation)
-        generators = all_gather_objects(dist, [generator.get_state()])
+        generators = ddp.all_gather_objects(dist, [generator.get_state()])
         state = {"stage": "rl", "step": step, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "counters": counters, "best": best,
                  "generators": generators, "config": asdict(cfg), "inputs": inputs, "cursor": cursor}
@@ -778,12 +785,14 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         if critic is not None and run_dir:
             state.update(critic_optimizer=critic.optimizer.state_dict(), critic_scheduler=critic.scheduler.state_dict())
             extra[CRITIC_DIR] = critic_hf
-        save_checkpoint(path, ddp_model, tokenizer, dist, state, carry=None if run_dir else (),
-                        extra=extra, save_dtype=save_dtype, info={**(info or {}), "best": best})
+        checkpoint.save_checkpoint(path, models.hf_model(ddp_model), tokenizer, dist, state,
+                                   carry=None if run_dir else (), extra=extra, save_dtype=save_dtype,
+                                   info={**(info or {}), "best": best})
 
     # RL-pool questions evaluated greedily beside validation (cfg.pool_eval_limit): the first of the data
     # order, which RL trains on in its first steps, so pool_em − val_em shows what it memorised
-    pool = [questions[i] for i in data_window(cfg.seed, len(questions), 0, min(cfg.pool_eval_limit, len(questions)))]
+    pool = [questions[i]
+            for i in loop.data_window(cfg.seed, len(questions), 0, min(cfg.pool_eval_limit, len(questions)))]
 
     # a seeded sample stratified by data_source: a file sorted by source is not cut to its first source
     val = data.sample_questions(validation, cfg.eval_limit) if (validation and cfg.eval_limit) else validation
@@ -806,7 +815,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         row["eval_s"] = time.time() - t
         if row["val_em"] > best["em"]:
             best = {"em": row["val_em"], "step": step}
-            checkpoint(os.path.join(out_dir, "best"), step)
+            save(os.path.join(out_dir, "best"), step)
 
     if validation and cfg.eval_every and start_step == 0:   # step 0: the start model competes for best/
         row = {"step": 0}
@@ -816,7 +825,7 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
     bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
                total=cfg.steps, dynamic_ncols=True)
-    with StopSignals() as stop:
+    with loop.StopSignals() as stop:
         for step in bar:
             t0 = time.time()
             model.eval()
@@ -826,11 +835,11 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
             model.train()
             row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, counters, critic)
             # every rollout drawn; one --drop-constant-groups left out has no penalty: its reward is its EM
-            sums = all_reduce_sum(dist, [len(records), sum(r.get("reward", r["em"]) for r in records),
-                                         sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
-                                         sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
-                                         sum(sum(r["loss_mask"]) for r in records),
-                                         sum(r["truncated"] for r in records)])
+            sums = ddp.all_reduce_sum(dist, [len(records), sum(r.get("reward", r["em"]) for r in records),
+                                             sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
+                                             sum(len(r["input_ids"]) - r["prompt_length"] for r in records),
+                                             sum(sum(r["loss_mask"]) for r in records),
+                                             sum(r["truncated"] for r in records)])
             n, elapsed = sums[0], time.time() - t0
             row = {"step": step + 1, "reward": sums[1] / n, "em": sums[2] / n, "wrong_frac": 1 - sums[2] / n,
                    "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
@@ -844,16 +853,16 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
                 bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
                                 **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
             reporter.log(row, dist)
-            stop_if_diverged(counters, out_dir)
+            loop.stop_if_diverged(counters, out_dir)
             if step + 1 < end_step and stop.requested(dist):
                 bar.close()
-                checkpoint(out_dir, step + 1)
+                save(out_dir, step + 1)
                 reporter.close()
-                raise interrupted(stop.signum, "rl", step + 1, cfg.steps, out_dir, info, dist)
+                raise loop.interrupted(stop.signum, "rl", step + 1, cfg.steps, out_dir, info, dist)
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
-                checkpoint(out_dir, step + 1)
+                save(out_dir, step + 1)
     bar.close()
-    checkpoint(out_dir, end_step)
+    save(out_dir, end_step)
     reporter.close()
     validated = {"best_val_em": best["em"], "best_step": best["step"]} if best["em"] >= 0 else {}
     return {**validated, **counters}

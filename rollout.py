@@ -8,7 +8,7 @@ from the KV cache. Every model-written token is kept exactly as sampled, and the
 at the moment a token is appended (1 = sampled, 0 = prompt, observation, nudge) — never re-derived
 from text or from `pad_id`.
 
-What it does not do: compute rewards or log-probs for training (train.py and dgpo.py do), or
+What it does not do: compute rewards or log-probs for training (rl.py and dgpo.py do), or
 decode → cut → re-tokenise model output (the public code's fault, docs/method.md §8).
 
 How the cache works: every row keeps its own key/value tensors (only real tokens, no padding) between
@@ -144,6 +144,23 @@ def completes_answer(turn_text: str) -> bool:
 def default_length_budget(model) -> int | None:
     """The longest sequence the model was trained for (config.max_position_embeddings), or None."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def length_budget(max_total_tokens: int | None, model) -> int | None:
+    """The cap on prompt + response of every rollout: --max-total-tokens, by default the model's
+    max_position_embeddings (a longer sequence leaves the positions the model was trained on)."""
+    return max_total_tokens if max_total_tokens is not None else default_length_budget(model)
+
+
+def check_prompts(tokenizer, questions: list[dict], budget: int | None, what: str) -> None:
+    """Refuses, before any rollout, a question whose prompt leaves no room under the length budget."""
+    found = first_overlong_prompt(tokenizer, [q["question"] for q in questions], budget)
+    if found is not None:
+        i, n = found
+        q = questions[i]
+        raise ValueError(f"{what} id={q.get('id')!r} ({q['question'][:60]!r}…): its prompt is {n} tokens, "
+                         f"leaving no room under the length budget of {budget} tokens (--max-total-tokens, "
+                         "default: the model's max_position_embeddings); shorten or drop it")
 
 
 def first_overlong_prompt(tokenizer, questions: list[str], max_total_tokens: int | None):
@@ -302,7 +319,7 @@ def _generate_turn(model, tokenizer, rows: list[_Row], config: RolloutConfig, st
         logits = model(input_ids=chunk, attention_mask=attention, position_ids=positions,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]  # (R, V)
         # an embedding matrix padded past the tokenizer (Qwen2.5: 151,936 rows, 151,665 tokens) must
-        # not emit ids no tokenizer can decode; train.py scores the same sliced vocabulary
+        # not emit ids no tokenizer can decode; rl.py scores the same sliced vocabulary
         sampled = _sample(logits[:, :vocabulary].float(), config, generator)   # (R,)
         tokens = sampled.tolist()
         pieces = tokenizer.convert_ids_to_tokens(tokens)                 # vocabulary strings, (R,)
@@ -505,3 +522,4 @@ def _left_pad_pending(rows: list[_Row], device) -> tuple[torch.Tensor, torch.Ten
         mask[b, width - len(p):] = True
         positions[b, width - len(p):] = torch.arange(r.n_cached, r.n_cached + len(p), device=device)
     return ids, mask, positions
+

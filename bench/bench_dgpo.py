@@ -37,7 +37,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import ddp  # noqa: E402
 import dgpo  # noqa: E402
+import loop  # noqa: E402
+import models  # noqa: E402
+import rl  # noqa: E402
 
 
 def status_gb(field: str) -> float:
@@ -53,6 +57,22 @@ def peak_growth_gb(run) -> float:
         f.write("5")
     run()
     return status_gb("VmHWM") - base
+
+
+def synthetic_records(B: int, T: int, loss_frac: float, vocab: int, seed: int = 0) -> list[dict]:
+    """B trajectories of T + 1 tokens: a prompt, then three sampled turns separated by observations,
+    the sampled tokens a `loss_frac` share of all positions."""
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for _ in range(B):
+        ids = torch.randint(0, vocab, (T + 1,), generator=g).tolist()
+        mask = [0] * (T + 1)
+        per_turn = max(1, int(loss_frac * T / 3))
+        for k in range(3):                                  # turns start at 20%, 50% and 80% of the row
+            start = int((0.2 + 0.3 * k) * T)
+            mask[start:start + per_turn] = [1] * per_turn
+        records.append({"input_ids": ids, "loss_mask": mask})
+    return records
 
 
 def make_inputs(B, T, V, dtype, seed=0):
@@ -150,12 +170,9 @@ def bench_updates(repeats: int, n_records: int = 16, length: int = 368, loss_fra
     on demo-size models (the demo student's shape, a 2,048-token vocabulary)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import rl
-    import train
-    from bench_head import synthetic_records
     shape = dict(vocab_size=2048, hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, tie_word_embeddings=True)
-    dist = train.Dist()
+    dist = ddp.Dist()
     root = tempfile.mkdtemp(prefix="bench_updates_")
     for name, seed in (("student", 1), ("teacher", 2)):
         torch.manual_seed(seed)
@@ -163,16 +180,16 @@ def bench_updates(repeats: int, n_records: int = 16, length: int = 368, loss_fra
     records = synthetic_records(n_records, length, loss_frac, 2048)
     for i, r in enumerate(records):
         r.update(em=float(i % 4 == 0), group=i // 2)
-    teacher = train.HeadAtPositions(train.load_model(os.path.join(root, "teacher"), dist, trainable=False)).check()
+    teacher = models.HeadAtPositions(models.load_model(os.path.join(root, "teacher"), dist, trainable=False)).check()
 
     def run(cfg):
-        model = train.load_model(os.path.join(root, "student"), dist, trainable=True)
-        optimizer, scheduler = train.make_optimizer(model, 1e-5, 0.0, 100, 0, None)
+        model = models.load_model(os.path.join(root, "student"), dist, trainable=True)
+        optimizer, scheduler = loop.make_optimizer(model, 1e-5, 0.0, 100, 0, None)
         critic = None
         if cfg.algo == "ppo":
             hf = rl.load_critic(os.path.join(root, "student"), dist, False, "--student", fresh=True)
-            critic = rl.Critic(train.wrap(hf, dist), *train.make_optimizer(hf, 1e-5, 0.0, 100, 0, None))
-        view = train.wrap(model, dist)
+            critic = rl.Critic(models.wrap(hf, dist), *loop.make_optimizer(hf, 1e-5, 0.0, 100, 0, None))
+        view = models.wrap(model, dist)
         times = []
         for _ in range(repeats + 1):                       # the first is a warm-up
             t0 = time.perf_counter()

@@ -7,7 +7,7 @@ of all positions (17.5% in the demo's trajectories), in a few runs like real tur
 
     full    the model's own forward: (B, T, V) logits for the student and the teacher, losses on a
             (B, T) mask — what train.py did before HeadAtPositions
-    heads   train.logits_of: the decoder on every position, the head on the loss positions only,
+    heads   models.logits_of: the decoder on every position, the head on the loss positions only,
             (B, L, V) logits, L = the longest row's loss positions
 
 Both compute exactly the same losses and gradients (tests/test_train.py checks it to 1e-6). For each
@@ -26,9 +26,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import bench_dgpo  # noqa: E402
 import dgpo  # noqa: E402
-import train  # noqa: E402
-from bench_dgpo import peak_growth_gb  # noqa: E402
+import models  # noqa: E402
 
 
 def qwen_head_model(layers: int, seed: int):
@@ -38,22 +38,6 @@ def qwen_head_model(layers: int, seed: int):
                          max_position_embeddings=32768)
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(config)
-
-
-def synthetic_records(B: int, T: int, loss_frac: float, vocab: int, seed: int = 0) -> list[dict]:
-    """B trajectories of T + 1 tokens: a prompt, then three sampled turns separated by observations,
-    the sampled tokens a `loss_frac` share of all positions."""
-    g = torch.Generator().manual_seed(seed)
-    records = []
-    for _ in range(B):
-        ids = torch.randint(0, vocab, (T + 1,), generator=g).tolist()
-        mask = [0] * (T + 1)
-        per_turn = max(1, int(loss_frac * T / 3))
-        for k in range(3):                                  # turns start at 20%, 50% and 80% of the row
-            start = int((0.2 + 0.3 * k) * T)
-            mask[start:start + per_turn] = [1] * per_turn
-        records.append({"input_ids": ids, "loss_mask": mask})
-    return records
 
 
 def full_batch(records):
@@ -68,8 +52,8 @@ def full_batch(records):
 def steps(student, teacher, records):
     """name -> function running one micro-batch's loss forward + backward."""
     inputs, targets, mask = full_batch(records)
-    batch = train.make_batch(records, "cpu")
-    view, teacher_view = train.HeadAtPositions(student), train.HeadAtPositions(teacher)
+    batch = models.make_batch(records, "cpu")
+    view, teacher_view = models.HeadAtPositions(student), models.HeadAtPositions(teacher)
     em = torch.zeros(len(records))                                  # all wrong: the teacher term acts
     adv = torch.zeros(len(records))
 
@@ -93,8 +77,8 @@ def steps(student, teacher, records):
 
     full_s = lambda: student(input_ids=inputs, use_cache=False).logits           # noqa: E731  (B, T, V)
     full_t = lambda: teacher(input_ids=inputs, use_cache=False).logits           # noqa: E731
-    head_s = lambda: train.logits_of(view, batch)                                 # noqa: E731  (B, L, V)
-    head_t = lambda: train.logits_of(teacher_view, batch)                         # noqa: E731
+    head_s = lambda: models.logits_of(view, batch)                                 # noqa: E731  (B, L, V)
+    head_t = lambda: models.logits_of(teacher_view, batch)                         # noqa: E731
     return {("kd", "full"): kd(full_s, full_t, targets, mask), ("kd", "heads"): kd(head_s, head_t, batch.targets,
                                                                                    batch.mask),
             ("dgpo", "full"): rl(full_s, full_t, targets, mask), ("dgpo", "heads"): rl(head_s, head_t, batch.targets,
@@ -113,7 +97,7 @@ def main():
     torch.set_num_threads(args.threads)
     student, teacher = qwen_head_model(args.layers, 1).train(), qwen_head_model(args.layers, 2).eval()
     teacher.requires_grad_(False)
-    records = synthetic_records(args.batch, args.seq, args.loss_frac, 151_936)
+    records = bench_dgpo.synthetic_records(args.batch, args.seq, args.loss_frac, 151_936)
     n_loss = sum(sum(r["loss_mask"][1:]) for r in records)
     print(f"torch {torch.__version__}, {args.threads} thread(s); Qwen2.5-0.5B head shape, {args.layers} layers; "
           f"B·T = {args.batch}×{args.seq}, loss positions {n_loss} ({n_loss / (args.batch * args.seq):.1%}); "
@@ -132,7 +116,7 @@ def main():
     peaks = {}
     for k, fn in fns.items():
         student.zero_grad(set_to_none=True)
-        peaks[k] = peak_growth_gb(fn)
+        peaks[k] = bench_dgpo.peak_growth_gb(fn)
     print(f"{'loss':<6} {'path':<6} {'median s':>9} {'peak +GiB':>10}   heads vs full")
     for loss in ("kd", "dgpo"):
         for path in ("full", "heads"):

@@ -51,7 +51,7 @@ from transformers import DynamicCache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
-import train  # noqa: E402
+import models  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
 from rollout import (INVALID_ACTION, RolloutConfig, _sample, encode_text, last_query, observation_ids,  # noqa: E402
                      prompt_ids, rollout)
@@ -164,8 +164,8 @@ def warm_up(model, tokenizer, world, retriever, steps: int, batch_size: int = 8,
     rng = random.Random(seed)
     model.train()
     for step in range(steps):
-        batch = train.make_batch([asdict(t) for t in rng.sample(trajs, batch_size)], "cpu")
-        logits = train.logits_of(model, batch)                                           # (B, T, V)
+        batch = models.make_batch([asdict(t) for t in rng.sample(trajs, batch_size)], "cpu")
+        logits = models.logits_of(model, batch)                                           # (B, T, V)
         loss = torch.nn.functional.cross_entropy(logits[batch.mask], batch.targets[batch.mask])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

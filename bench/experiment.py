@@ -44,14 +44,19 @@ import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import arc_eval  # noqa: E402
 import data  # noqa: E402
+import ddp  # noqa: E402
 import demo  # noqa: E402
+import models  # noqa: E402
+import plot  # noqa: E402
 import rl  # noqa: E402
+import sft  # noqa: E402
 import train  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
 from rollout import RolloutConfig  # noqa: E402
 
-SupervisedConfig = train.SupervisedConfig
+SupervisedConfig = sft.SupervisedConfig
 DEMO = train.PRESETS["default"]
 
 
@@ -165,7 +170,7 @@ def main(argv=None):
     design = PRESETS[args.preset]()
     os.makedirs(args.out, exist_ok=True)
     units = Units(args.out)
-    dist = train.Dist()
+    dist = ddp.Dist()
 
     world = demo.make_world(seed=0)
     tokenizer = demo.train_tokenizer(world, os.path.join(args.out, "tokenizer"))
@@ -185,28 +190,28 @@ def main(argv=None):
     def make_teacher(out):
         records = demo.oracle_records(world.train, retriever, tokenizer, dataclasses.replace(greedy, max_new_tokens=500))
         demo.make_tiny_model(tokenizer, design.teacher_size, seed=1, out_dir=out + "-init")
-        model = train.load_model(out + "-init", dist, trainable=True)
-        train.train_supervised(model, tokenizer, records, design.teacher, dist, out, desc="teacher")
+        model = models.load_model(out + "-init", dist, trainable=True)
+        sft.train_supervised(model, tokenizer, records, design.teacher, dist, out, desc="teacher")
         shutil.rmtree(out + "-init")
         return {"oracle_trajectories": len(records)}
     units("teacher", make_teacher)
 
-    teacher_model = train.load_model(path("teacher"), dist, trainable=False)
+    teacher_model = models.load_model(path("teacher"), dist, trainable=False)
 
     def make_tgo(out):
-        return train.run_tgo(teacher_model, tokenizer, kd_pool, retriever, greedy, dist, os.path.join(out, "tgo.jsonl"),
-                             batch_size=design.eval_batch_size, keep_wrong=args.preset == "small")
+        return sft.run_tgo(teacher_model, tokenizer, kd_pool, retriever, greedy, dist, os.path.join(out, "tgo.jsonl"),
+                           batch_size=design.eval_batch_size, keep_wrong=args.preset == "small")
     tgo_stats = units("tgo", make_tgo)
     tgo = data.load_trajectories(path("tgo", "tgo.jsonl"), vocab_size=len(tokenizer))
 
     def evaluate(model_dir):
         def run(out):
-            report = train.evaluate_dir(model_dir, test, retriever, greedy, dist, out, batch_size=design.eval_batch_size)
+            report = arc_eval.evaluate_dir(model_dir, test, retriever, greedy, dist, out, batch_size=design.eval_batch_size)
             return {"report": report}
         return run
 
     def val_em(model_dir):
-        model = train.load_model(model_dir, dist, trainable=False)
+        model = models.load_model(model_dir, dist, trainable=False)
         return rl.validation_em(model, tokenizer, validation, retriever, greedy, design.eval_batch_size, dist)
 
     reports = {"Teacher": {0: units("eval-teacher", evaluate(path("teacher")))["report"]}}
@@ -217,22 +222,22 @@ def main(argv=None):
         def make_base(out, seed=seed):
             shutil.rmtree(out + "-init", ignore_errors=True)
             demo.make_tiny_model(tokenizer, design.student_size, seed=100 + seed, out_dir=out + "-init")
-            model = train.load_model(out + "-init", dist, trainable=True)
+            model = models.load_model(out + "-init", dist, trainable=True)
             cfg = dataclasses.replace(design.pretrain, seed=seed)
-            train.train_supervised(model, tokenizer, demo.corpus_records(world, tokenizer), cfg, dist, out, desc="pretrain")
+            sft.train_supervised(model, tokenizer, demo.corpus_records(world, tokenizer), cfg, dist, out, desc="pretrain")
             shutil.rmtree(out + "-init")
             return {}
         units(f"{s}/base", make_base)
 
         def make_kd(out, seed=seed):
             cfg = dataclasses.replace(design.kd, seed=seed)
-            model = train.load_model(path(s, "base"), dist, trainable=True)
-            train.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd",
-                                   stop_after=design.kd_early_step)
+            model = models.load_model(path(s, "base"), dist, trainable=True)
+            sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd",
+                                 stop_after=design.kd_early_step)
             shutil.rmtree(out + "-early", ignore_errors=True)   # left by an interrupted earlier run
             shutil.copytree(out, out + "-early")           # the weak start, a complete checkpoint
-            model = train.load_model(out, dist, trainable=True)
-            train.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd", resume=out)
+            model = models.load_model(out, dist, trainable=True)
+            sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd", resume=out)
             return {}
         units(f"{s}/kd", make_kd)
         starts = {"base": path(s, "base"), "kd": path(s, "kd"), "kd_early": path(s, "kd-early")}
@@ -246,8 +251,8 @@ def main(argv=None):
             def make_kdc(out, lr=lr, seed=seed):
                 cfg = dataclasses.replace(design.kd, seed=1000 + seed, lr=lr, warmup_steps=0,
                                           steps=max(1, sequences // design.kd.batch_size))
-                model = train.load_model(path(s, "kd"), dist, trainable=True)
-                train.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd")
+                model = models.load_model(path(s, "kd"), dist, trainable=True)
+                sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd")
                 return {"val_em": val_em(out)}
             res = units(f"{s}/kd-continued-lr{lr:g}", make_kdc)
             candidates[f"lr{lr:g}"] = (res["val_em"], path(s, f"kd-continued-lr{lr:g}"), lr)
@@ -394,9 +399,8 @@ def render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors)
 
 def draw_curves(chosen, design, png):
     """Training reward, validation EM and teacher KL of the RL arms' selected runs: mean over seeds, min–max band."""
-    from plot import plot_metrics
     groups = {arm: [chosen[(arm, s)]["metrics"] for s in design.seeds] for arm in ARMS}
-    plot_metrics(groups, png, keys=["reward", "val_em", "teacher_kl"])
+    plot.plot_metrics(groups, png, keys=["reward", "val_em", "teacher_kl"])
 
 
 BEGIN, END = "<!-- experiment:begin -->", "<!-- experiment:end -->"

@@ -2,25 +2,26 @@
 
 Nothing in this project has run on a GPU yet: NCCL, CUDA devices, bf16 autocast in training, the
 rollout's speed and the README's per-GPU memory figures are arithmetic until this script runs. Every
-part goes through the project's own code (train.py's set-up, loader, batches, KD loss and optimizer
-step, rl.py's update with its critic, rollout.py through train.generate_records); only the random
+part goes through the project's own code (ddp.py's set-up, models.py's loader and batches, sft.py's KD
+loss, loop.py's optimizer step, rl.py's update with its critic, rollout.py through
+arc_eval.generate_records); only the random
 weights, the synthetic trajectories and the baselines are made here. Nothing is downloaded.
 
 Parts (each reports pass/fail checks, seconds, peak memory; a failure in one is reported with its
 traceback and the others still run):
-  distributed   train.setup(): NCCL and cuda:LOCAL_RANK on a GPU (gloo on CPU); one all-reduce checked;
+  distributed   ddp.setup(): NCCL and cuda:LOCAL_RANK on a GPU (gloo on CPU); one all-reduce checked;
                 a DDP-wrapped HeadAtPositions whose gradients equal the unwrapped model's
   models        a Qwen2.5-0.5B-shaped student (hidden 896, 24 layers, 14 heads / 2 KV heads, vocabulary
                 151,936, tied embeddings) and a Qwen2.5-3B-shaped teacher, random weights from a config;
-                the student is saved and re-read through train.load_model / rl.load_critic like a checkpoint
+                the student is saved and re-read through models.load_model / rl.load_critic like a checkpoint
   kd, grpo, ppo one optimizer step each under bf16 autocast (plus a warm-up step before it) on synthetic
                 trajectories of ~4,000 tokens with ~20% loss positions, DDP-wrapped as on N GPUs:
-                KD (train.supervised_loss), DGPO = GRPO with the selective teacher KL (rl.rl_update), PPO
+                KD (sft.supervised_loss), DGPO = GRPO with the selective teacher KL (rl.rl_update), PPO
                 with its critic and the paper's teacher penalty (rl.rl_update); `_ckpt` = the same with
                 gradient checkpointing. Checks: loss finite, no step skipped, every parameter changed
-  head          one KD loss step with logits at the loss positions only (train.HeadAtPositions) vs
+  head          one KD loss step with logits at the loss positions only (models.HeadAtPositions) vs
                 full (B, T, V) logits at V = 151,936: time, peak memory, the same loss
-  rollout_bN    train.generate_records (rollout() under autocast, as RL calls it) at batch N with up to
+  rollout_bN    arc_eval.generate_records (rollout() under autocast, as RL calls it) at batch N with up to
                 500 new tokens a turn, against model.generate on the same prompts and a plain ragged
                 decode loop (each row decodes as many tokens as it sampled in the rollout, then leaves);
                 tokens per second as ratios, prefill and decode timed apart
@@ -75,9 +76,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import arc_eval  # noqa: E402
+import checkpoint  # noqa: E402
+import ddp  # noqa: E402
+import demo  # noqa: E402
 import dgpo  # noqa: E402
+import loop  # noqa: E402
+import models  # noqa: E402
+import retriever as retriever_lib  # noqa: E402
 import rl  # noqa: E402
-import train  # noqa: E402
+import rollout  # noqa: E402
+import sft  # noqa: E402
 from rollout import prompt_ids  # noqa: E402
 
 GB = 1e9                      # decimal GB, as the README's figures on paper
@@ -269,12 +278,12 @@ def free_port() -> int:
 
 
 def start_distributed():
-    """train.setup() as torchrun would call it: without torchrun this process becomes rank 0 of 1
+    """ddp.setup() as torchrun would call it: without torchrun this process becomes rank 0 of 1
     (the variables torchrun would set), so the same NCCL/gloo initialisation runs either way."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
-    return train.setup()
+    return ddp.setup()
 
 
 class Context:
@@ -282,7 +291,7 @@ class Context:
         self.shapes, self.work_dir = shapes, work_dir
         self._built: dict[str, object] = {}
         self._errors: dict[str, BaseException] = {}
-        self._dist: train.Dist | None = None
+        self._dist: ddp.Dist | None = None
         self.dist_error: Exception | None = None
 
     def _once(self, name: str, build):
@@ -298,8 +307,8 @@ class Context:
         return self._built[name]
 
     @property
-    def dist(self) -> train.Dist:
-        """train.setup()'s Dist; if the set-up fails, the distributed part reports it and the other
+    def dist(self) -> ddp.Dist:
+        """ddp.setup()'s Dist; if the set-up fails, the distributed part reports it and the other
         parts still run on the device setup() would have picked, without DDP."""
         if self._dist is None:
             try:
@@ -307,8 +316,8 @@ class Context:
             except Exception as error:
                 self.dist_error = error
                 local = int(os.environ.get("LOCAL_RANK", 0))
-                self._dist = train.Dist(device=torch.device("cuda", local) if torch.cuda.is_available()
-                                        else torch.device("cpu"))
+                self._dist = ddp.Dist(device=torch.device("cuda", local) if torch.cuda.is_available()
+                                      else torch.device("cpu"))
         return self._dist
 
     @property
@@ -317,7 +326,7 @@ class Context:
 
     @property
     def student_dir(self) -> str:
-        """A directory holding the random student (bf16 on disk; train.load_model reads it as fp32,
+        """A directory holding the random student (bf16 on disk; models.load_model reads it as fp32,
         as it reads a real checkpoint for training)."""
         def build():
             model = random_model(self.shapes.student, self.device, torch.bfloat16, seed=0)
@@ -328,17 +337,17 @@ class Context:
         return self._once("student", build)
 
     @property
-    def teacher_view(self) -> train.HeadAtPositions:
-        """The frozen teacher, as train.load_model keeps one (bf16 on a GPU, fp32 on a CPU), behind
+    def teacher_view(self) -> models.HeadAtPositions:
+        """The frozen teacher, as models.load_model keeps one (bf16 on a GPU, fp32 on a CPU), behind
         its checked head-at-positions view. Built in memory: 6 GB of random weights are not worth a
         round trip through the disk."""
         def build():
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
             teacher = random_model(self.shapes.teacher, self.device, dtype, seed=1).eval().requires_grad_(False)
-            bad = train.first_non_finite(teacher)
+            bad = checkpoint.first_non_finite(teacher)
             if bad is not None:
                 raise ValueError(f"teacher weight {bad} is not finite")
-            return train.HeadAtPositions(teacher).check()
+            return models.HeadAtPositions(teacher).check()
         return self._once("teacher", build)
 
     def drop_teacher(self) -> None:
@@ -353,26 +362,23 @@ class Context:
 
     @property
     def world(self):
-        import demo
         return self._once("demo world", lambda: demo.make_world(seed=0))
 
     @property
     def tokenizer(self):
-        import demo
         return self._once("demo tokenizer", lambda: demo.train_tokenizer(self.world))
 
     @property
     def retriever(self):
-        from retriever import BM25Retriever
-        return self._once("retriever", lambda: BM25Retriever(self.world.corpus))
+        return self._once("retriever", lambda: retriever_lib.BM25Retriever(self.world.corpus))
 
 
-def ddp_view(model, dist: train.Dist):
-    """The view a trainer computes its losses through, DDP-wrapped as on N GPUs. train.wrap wraps only
+def ddp_view(model, dist: ddp.Dist):
+    """The view a trainer computes its losses through, DDP-wrapped as on N GPUs. models.wrap wraps only
     when world_size > 1; here the one rank is wrapped anyway, so the no_sync accumulation and the
     bucketed all-reduce of a multi-GPU run are exercised (and their memory counted). Unwrapped only if
     the distributed set-up failed (that part reports why)."""
-    view = train.HeadAtPositions(model).check()
+    view = models.HeadAtPositions(model).check()
     if not torch_dist.is_initialized():
         return view
     return DDP(view, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
@@ -436,12 +442,12 @@ def check_distributed(ctx: Context, share: float) -> dict:
     model = random_model(TINY.student, dist.device, torch.float32, seed=2).train()
     plain = copy.deepcopy(model)
     records = synthetic_records(2, 64, 0.2, TINY.tokens, seed=3)
-    n = train.loss_token_count(records)
+    n = models.loss_token_count(records)
     with PeakMemory(dist.device) as mem:
-        (loss, _), seconds = timed(lambda: train.supervised_loss(ddp_view(model, dist), None, records, n,
-                                                                 TINY.tokens, 1.0, dist), dist.device)
+        (loss, _), seconds = timed(lambda: sft.supervised_loss(ddp_view(model, dist), None, records, n,
+                                                               TINY.tokens, 1.0, dist), dist.device)
         loss.backward()
-    plain_loss, _ = train.supervised_loss(train.HeadAtPositions(plain), None, records, n, TINY.tokens, 1.0, dist)
+    plain_loss, _ = sft.supervised_loss(models.HeadAtPositions(plain), None, records, n, TINY.tokens, 1.0, dist)
     plain_loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     plain_grads = torch.cat([p.grad.flatten() for p in plain.parameters()])
@@ -467,7 +473,7 @@ def check_models(ctx: Context, share: float) -> dict:
         (_, view), seconds = timed(lambda: (ctx.student_dir, ctx.teacher_view), ctx.device)
     student, teacher = ctx.student_params, n_params(view.lm)
     saved = sorted(os.listdir(ctx.student_dir))
-    checks = {"teacher weights finite": train.first_non_finite(view.lm) is None,
+    checks = {"teacher weights finite": checkpoint.first_non_finite(view.lm) is None,
               "student saved as an HF directory": "config.json" in saved and any(f.endswith(".safetensors")
                                                                                  for f in saved)}
     if ctx.shapes.expected_params:
@@ -478,7 +484,7 @@ def check_models(ctx: Context, share: float) -> dict:
     return {"seconds": seconds, "peak_gb": mem.peak_gb, "growth_gb": mem.growth_gb,
             "details": {"student_params": student, "teacher_params": teacher, "teacher_dtype": dtype},
             "checks": checks,
-            "summary": f"student {millions(student)} parameters (saved, read back by train.load_model), "
+            "summary": f"student {millions(student)} parameters (saved, read back by models.load_model), "
                        f"teacher {millions(teacher)} in {dtype}",
             "paper": f"student 494M, teacher 3.09B; teacher frozen in bf16 {gb(2 * teacher)} GB"}
 
@@ -487,20 +493,20 @@ def check_models(ctx: Context, share: float) -> dict:
 # Parts: one optimizer step of KD, DGPO (GRPO) and PPO
 
 
-def kd_step(actor, teacher, optimizer, scheduler, records: list[dict], shapes: Shapes, dist: train.Dist) -> dict:
-    """train.train_supervised's step: micro-batches of train.supervised_loss (CE + λ·KL(π_T‖π_θ), the
-    global-token normaliser), gradients accumulated under DDP's no_sync, train.optimizer_step."""
-    normaliser = train.global_token_count(dist, records) / dist.world_size
-    chunks = train.micro_batches(records, shapes.micro_batch)
+def kd_step(actor, teacher, optimizer, scheduler, records: list[dict], shapes: Shapes, dist: ddp.Dist) -> dict:
+    """sft.train_supervised's step: micro-batches of sft.supervised_loss (CE + λ·KL(π_T‖π_θ), the
+    global-token normaliser), gradients accumulated under DDP's no_sync, loop.optimizer_step."""
+    normaliser = models.global_token_count(dist, records) / dist.world_size
+    chunks = models.micro_batches(records, shapes.micro_batch)
     total, finite = 0.0, True
     for i, chunk in enumerate(chunks):
-        with train.ddp_sync(actor, last=i == len(chunks) - 1):
-            loss, _ = train.supervised_loss(actor, teacher, chunk, normaliser, shapes.tokens, 1.0, dist)
+        with ddp.ddp_sync(actor, last=i == len(chunks) - 1):
+            loss, _ = sft.supervised_loss(actor, teacher, chunk, normaliser, shapes.tokens, 1.0, dist)
             loss.backward()
         total += loss.item()
         finite &= math.isfinite(loss.item())
     counters: dict = {}
-    norm = train.optimizer_step(actor, optimizer, scheduler, 1.0, counters, dist, finite)
+    norm = loop.optimizer_step(actor, optimizer, scheduler, 1.0, counters, dist, finite)
     return {"loss": total, "grad_norm": norm, "skipped_steps": counters.get("skipped_steps", 0)}
 
 
@@ -526,11 +532,11 @@ def paper_step(algo: str, student: int, teacher: int, tokens: int) -> tuple[floa
 def check_training(ctx: Context, share: float, algo: str, checkpointing: bool) -> dict:
     shapes, dist = ctx.shapes, ctx.dist
     teacher = ctx.teacher_view
-    model = train.load_model(ctx.student_dir, dist, trainable=True, grad_checkpointing=checkpointing,
-                             arg="--student")
+    model = models.load_model(ctx.student_dir, dist, trainable=True, grad_checkpointing=checkpointing,
+                              arg="--student")
     model.train()
     actor = ddp_view(model, dist)
-    optimizer, scheduler = train.make_optimizer(model, LR, 0.0, 2, 0, None)
+    optimizer, scheduler = loop.make_optimizer(model, LR, 0.0, 2, 0, None)
     nets = {"actor": model}
     if algo == "kd":
         records = synthetic_records(shapes.batch, shapes.seq_len, shapes.loss_frac, shapes.tokens, seed=10)
@@ -543,7 +549,7 @@ def check_training(ctx: Context, share: float, algo: str, checkpointing: bool) -
         critic = None
         if algo == "ppo":
             critic_hf = rl.load_critic(ctx.student_dir, dist, checkpointing, "--student", fresh=True)
-            critic = rl.Critic(ddp_view(critic_hf, dist), *train.make_optimizer(critic_hf, LR, 0.0, 2, 0, None))
+            critic = rl.Critic(ddp_view(critic_hf, dist), *loop.make_optimizer(critic_hf, LR, 0.0, 2, 0, None))
             nets.update({"critic": critic_hf, "critic head": critic_hf.score})
 
         def step():
@@ -612,22 +618,22 @@ def check_head(ctx: Context, share: float) -> dict:
     gradient checkpointing on so the logits, not the activations, decide the difference."""
     shapes, dist = ctx.shapes, ctx.dist
     teacher = ctx.teacher_view
-    model = train.load_model(ctx.student_dir, dist, trainable=True, grad_checkpointing=True, arg="--student")
+    model = models.load_model(ctx.student_dir, dist, trainable=True, grad_checkpointing=True, arg="--student")
     model.train()
     records = synthetic_records(shapes.micro_batch, shapes.seq_len, shapes.loss_frac, shapes.tokens, seed=30,
                                 ragged=False)
-    n = train.loss_token_count(records)
+    n = models.loss_token_count(records)
     inputs, targets, mask = full_batch(records, dist.device)
 
     def heads():
         model.zero_grad(set_to_none=True)
-        loss, _ = train.supervised_loss(train.HeadAtPositions(model), teacher, records, n, shapes.tokens, 1.0, dist)
+        loss, _ = sft.supervised_loss(models.HeadAtPositions(model), teacher, records, n, shapes.tokens, 1.0, dist)
         loss.backward()
         return loss.item()
 
     def full():
         model.zero_grad(set_to_none=True)
-        with train.autocast(dist):
+        with ddp.autocast(dist):
             logits = model(input_ids=inputs, use_cache=False).logits                                # (B, T, V)
             with torch.no_grad():
                 teacher_logits = teacher.lm(input_ids=inputs, use_cache=False).logits              # (B, T, V)
@@ -730,18 +736,18 @@ def check_rollout(ctx: Context, share: float, batch: int) -> dict:
     shapes, dist = ctx.shapes, ctx.dist
     ctx.drop_teacher()                                 # rollouts come last and need no teacher
     tokenizer, retriever, world = ctx.tokenizer, ctx.retriever, ctx.world
-    # the RL actor as train_rl holds it: fp32 weights, rollouts under train.autocast (bf16 on a GPU)
-    model = train.load_model(ctx.student_dir, dist, trainable=True, arg="--student").eval()
+    # the RL actor as train_rl holds it: fp32 weights, rollouts under ddp.autocast (bf16 on a GPU)
+    model = models.load_model(ctx.student_dir, dist, trainable=True, arg="--student").eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     questions = (world.train * (batch // len(world.train) + 1))[:batch]
     prompts = [prompt_ids(tokenizer, q["question"]) for q in questions]
-    length_budget = train.length_budget(None, model)
+    length_budget = rollout.length_budget(None, model)
     generator = torch.Generator(device=dist.device).manual_seed(0)
 
     def run_rollout(cfg: rl.RLConfig):
         rcfg = rl.rollout_config(cfg, max_total_tokens=length_budget)
-        return train.generate_records(model, tokenizer, questions, retriever, rcfg, dist, batch, generator)
+        return arc_eval.generate_records(model, tokenizer, questions, retriever, rcfg, dist, batch, generator)
 
     # calibrate on a few tokens of one turn (which also warms the kernels up), then shorten the turns if
     # the three methods, each at most (max_turns + 1) × max_new_tokens decoding steps, would not fit
@@ -760,7 +766,7 @@ def check_rollout(ctx: Context, share: float, batch: int) -> dict:
     sampled = [sum(r["loss_mask"]) for r in records]                    # tokens the model wrote, per row
     per_row = max(1, round(sum(sampled) / batch))                      # generate: the same total, evenly
     pad = tokenizer.pad_token_id
-    with train.autocast(dist):
+    with ddp.autocast(dist):
         generate = timed_forwards(lambda: generate_decode(model, prompts, per_row, pad, dist.device), model,
                                   dist.device)
         ragged = timed_forwards(lambda: ragged_decode(model, prompts, [max(1, n) for n in sampled], pad,

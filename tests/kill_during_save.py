@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
+import ddp  # noqa: E402
 import demo  # noqa: E402
 import rl  # noqa: E402
 import train  # noqa: E402
@@ -69,7 +70,7 @@ def main(student, teacher, out, point, n, resume=None):
         arm(point, int(n))
     world = demo.make_world(seed=0)
     rl.train_rl(student, teacher, world.train[:6], BM25Retriever(world.corpus), rl.RLConfig(**CONFIG),
-                   train.Dist(), out, resume=resume)
+                ddp.Dist(), out, resume=resume)
 
 
 if __name__ == "__main__":

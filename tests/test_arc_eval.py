@@ -1,5 +1,6 @@
-"""arc_metric's generating half: evidence selection, the evidence-given probe (with a scripted model
-that reads its whole context), `evaluate` with a tiny random model, and the `main` entry point."""
+"""arc_eval.py: evidence selection, the evidence-given probe (with a scripted model that reads its whole
+context), `evaluate` with a tiny random model, the `main` entry point, and the paired comparison of
+evaluations."""
 import json
 import re
 import subprocess
@@ -10,12 +11,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import arc_eval
 import arc_metric
 import data
 import demo
+import models
 import retriever as retriever_lib
-from arc_metric import (PROBE_PRIMERS, contains_answer_tokens, evidence_given_probe, needed_passages,
-                        place_passages, score_record)
+import rollout as rollout_lib
+import stats
+from arc_eval import PROBE_PRIMERS, evidence_given_probe, needed_passages, place_passages
+from arc_metric import contains_answer_tokens, score_record
 from rollout import OBS_CLOSE, OBS_OPEN, RolloutConfig, encode_text, format_passages, observation_ids, prompt_text
 
 
@@ -205,15 +210,15 @@ def test_probe_context_is_the_real_topk_in_the_rollouts_format_with_the_needed_p
 
 
 def test_probe_reuses_the_models_own_first_search_turn_token_for_token(world, tokenizer, retriever,
-                                                                        founder_questions):
+                                                                       founder_questions):
     rows = founder_questions[:3]
-    records, _ = arc_metric.evaluate(Reader(tokenizer), tokenizer, rows, retriever, CONFIG, probe=False,
-                                     progress=False)
+    records, _ = arc_eval.evaluate(Reader(tokenizer), tokenizer, rows, retriever, CONFIG, probe=False,
+                                   progress=False)
     model = Reader(tokenizer)
     results = evidence_given_probe(model, tokenizer, rows, retriever, CONFIG, records=records)
     probes = [c for c in model.turn_contexts if c.endswith("<answer>")]
     for record, result, context in zip(records, results, probes):
-        own = arc_metric._first_sampled_run(record)
+        own = arc_eval._first_sampled_run(record)
         assert tokenizer.decode(own) == record["turns"][0]
         assert result["search_turn"] == "own" and result["own_turn"] == 1.0
         assert result["query"] == record["queries"][0]
@@ -244,7 +249,7 @@ def test_a_model_that_copies_the_passage_scores_one_on_both(tokenizer, retriever
 
 
 def test_a_model_that_thinks_after_the_answer_primer_scores_zero_without_think(tokenizer, retriever,
-                                                                                founder_questions):
+                                                                               founder_questions):
     results = evidence_given_probe(Reader(tokenizer, think_first=True), tokenizer, founder_questions, retriever,
                                    CONFIG)
     for result in results:
@@ -289,8 +294,8 @@ def test_a_two_hop_question_searches_again_and_each_search_gets_its_hops_passage
         assert len(blocks) == 1 and f"(Title: {title}) {body}" in blocks[0]
     # the same reader with the real rollout and the blind retriever cannot answer: the probe's
     # placement is what it reads
-    records, _ = arc_metric.evaluate(Reader(tokenizer), tokenizer, two_hop_questions, blind, CONFIG, probe=False,
-                                     progress=False)
+    records, _ = arc_eval.evaluate(Reader(tokenizer), tokenizer, two_hop_questions, blind, CONFIG, probe=False,
+                                   progress=False)
     assert all(r["scores"]["em"] == 0.0 for r in records)
 
 
@@ -303,15 +308,15 @@ def test_a_model_that_does_not_read_the_passage_scores_zero(tokenizer, retriever
 def test_probe_results_feed_the_report(tmp_path, tokenizer, retriever, founder_questions):
     rows = founder_questions[:3] + [{"id": "none", "question": "Who founded Nowhere Works?",
                                      "golden_answers": ["Zzyqx Qwv"], "data_source": "made_up"}]
-    records, report = arc_metric.evaluate(Reader(tokenizer, copy=False), tokenizer, rows, retriever, CONFIG,
-                                          batch_size=2, progress=False)
+    records, report = arc_eval.evaluate(Reader(tokenizer, copy=False), tokenizer, rows, retriever, CONFIG,
+                                        batch_size=2, progress=False)
     assert [r["probe"] is None for r in records] == [False, False, False, True]
     assert report["demo_1hop"]["probe_em_no_think"] == 0.0 and report["demo_1hop"]["probe_coverage"] == 1.0
     assert report["made_up"]["probe_coverage"] == 0.0 and "probe_em_think" not in report["made_up"]
     assert report["all"]["probe_coverage"] == 0.75
     assert report["all"]["probe_own_turn"] == 0.0         # it never searched: plain-question turns
-    records, report = arc_metric.evaluate(Reader(tokenizer), tokenizer, rows[:3], retriever, CONFIG,
-                                          batch_size=2, progress=False)
+    records, report = arc_eval.evaluate(Reader(tokenizer), tokenizer, rows[:3], retriever, CONFIG,
+                                        batch_size=2, progress=False)
     assert report["all"]["em"] == 1.0 and report["all"]["probe_em_think"] == 1.0
     assert report["all"]["probe_own_turn"] == 1.0
 
@@ -339,7 +344,7 @@ def test_the_rollouts_invalid_action_nudge_is_not_scored_as_an_answer(world, tok
     rows = [{**world.test[0], "golden_answers": ["and"]}]                  # the word the nudge would give
     config = RolloutConfig(max_turns=1, max_new_tokens=3)
     model = Rambler(tokenizer)
-    records, report = arc_metric.evaluate(model, tokenizer, rows, retriever, config, probe=False, progress=False)
+    records, report = arc_eval.evaluate(model, tokenizer, rows, retriever, config, probe=False, progress=False)
     record = records[0]
     assert record["num_invalid"] == 1 and "My previous action is invalid" in record["response_text"]
     assert arc_metric.extract_answer(record["response_text"]) == "and"     # what parsing response_text gives
@@ -354,8 +359,8 @@ def test_evaluate_with_a_tiny_random_model_writes_every_trajectory(tmp_path, wor
     rows = [rows[0], rows[3], rows[1], rows[4], rows[2]]                # interleaved sources
     out = tmp_path / "eval" / "trajectories.jsonl"
     config = RolloutConfig(max_turns=1, max_new_tokens=6, max_obs_tokens=64, temperature=5.0)  # evaluate is greedy
-    records, report = arc_metric.evaluate(tiny_model, tokenizer, rows, retriever, config, batch_size=2,
-                                          out_path=str(out), progress=False)
+    records, report = arc_eval.evaluate(tiny_model, tokenizer, rows, retriever, config, batch_size=2,
+                                        out_path=str(out), progress=False)
     assert [r["id"] for r in records] == [r["id"] for r in rows]
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert written == json.loads(json.dumps(records))
@@ -378,8 +383,8 @@ def test_evaluate_with_a_tiny_random_model_writes_every_trajectory(tmp_path, wor
         alone = arc_metric.arc_report([r for r in records if r["data_source"] == source],
                                       probe=[r["probe"] for r in records if r["data_source"] == source])
         assert report[source] == alone[source]
-    again, _ = arc_metric.evaluate(tiny_model, tokenizer, rows, retriever, config, batch_size=5, probe=False,
-                                   progress=False)
+    again, _ = arc_eval.evaluate(tiny_model, tokenizer, rows, retriever, config, batch_size=5, probe=False,
+                                 progress=False)
     assert [r["input_ids"] for r in again] == [r["input_ids"] for r in records]   # greedy: batch-independent
     assert "probe" not in again[0]
 
@@ -387,11 +392,11 @@ def test_evaluate_with_a_tiny_random_model_writes_every_trajectory(tmp_path, wor
 def test_evaluate_checks_question_rows_before_generating(tokenizer, retriever):
     model = Reader(tokenizer)
     with pytest.raises(ValueError, match=r"questions\[1\] \(id='b'\): golden_answers is empty"):
-        arc_metric.evaluate(model, tokenizer, [{"id": "a", "question": "Q?", "golden_answers": ["x"]},
-                                               {"id": "b", "question": "Q?", "golden_answers": []}], retriever)
+        arc_eval.evaluate(model, tokenizer, [{"id": "a", "question": "Q?", "golden_answers": ["x"]},
+                                             {"id": "b", "question": "Q?", "golden_answers": []}], retriever)
     with pytest.raises(ValueError, match="'all' is reserved"):
-        arc_metric.evaluate(model, tokenizer, [{"question": "Q?", "golden_answers": ["x"], "data_source": "all"}],
-                            retriever)
+        arc_eval.evaluate(model, tokenizer, [{"question": "Q?", "golden_answers": ["x"], "data_source": "all"}],
+                          retriever)
     assert model.turn_contexts == []                                    # nothing was generated
 
 
@@ -405,9 +410,9 @@ def demo_files(tmp_path_factory, world, tokenizer):
 
 def test_main_evaluates_a_saved_model_directory(demo_files, capsys):
     root, paths = demo_files
-    summary = arc_metric.main(["--model", str(root / "model"), "--data", paths["test"], "--corpus", paths["corpus"],
-                               "--out", str(root / "out"), "--limit", "4", "--max-turns", "1",
-                               "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"])
+    summary = arc_eval.main(["--model", str(root / "model"), "--data", paths["test"], "--corpus", paths["corpus"],
+                             "--out", str(root / "out"), "--limit", "4", "--max-turns", "1",
+                             "--max-new-tokens", "6", "--batch-size", "3", "--no-progress"])
     printed = capsys.readouterr().out
     assert "| source | n | em |" in printed and "| all | 4 |" in printed
     saved = json.loads((root / "out" / "report.json").read_text())
@@ -425,10 +430,10 @@ def test_main_limit_is_a_sample_of_every_source_of_a_file_sorted_by_source(demo_
     questions = data.load_questions(paths["test"])
     by_source = sorted(questions, key=lambda q: q["data_source"])       # demo_1hop (152) then demo_2hop (88)
     data.write_jsonl(str(tmp_path / "sorted.jsonl"), by_source)
-    summary = arc_metric.main(["--model", str(root / "model"), "--data", str(tmp_path / "sorted.jsonl"),
-                               "--corpus", paths["corpus"], "--out", str(tmp_path / "out"), "--limit", "4",
-                               "--limit-seed", "7", "--max-turns", "0", "--max-new-tokens", "2", "--no-probe",
-                               "--no-progress"])
+    summary = arc_eval.main(["--model", str(root / "model"), "--data", str(tmp_path / "sorted.jsonl"),
+                             "--corpus", paths["corpus"], "--out", str(tmp_path / "out"), "--limit", "4",
+                             "--limit-seed", "7", "--max-turns", "0", "--max-new-tokens", "2", "--no-probe",
+                             "--no-progress"])
     # shares 4·152/240 = 2.53 and 1.47: floors 2 + 1, the row left over to the larger remainder
     assert {s: row["n"] for s, row in summary["report"].items()} == {"demo_1hop": 3, "demo_2hop": 1, "all": 4}
     assert summary["limit"] == 4 and summary["limit_seed"] == 7
@@ -443,9 +448,9 @@ def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retri
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        summary = arc_metric.main(["--model", str(root / "model"), "--data", paths["test"], "--retriever-url", url,
-                                   "--out", str(root / "out_http"), "--limit", "2", "--max-turns", "0",
-                                   "--max-new-tokens", "4", "--no-progress"])
+        summary = arc_eval.main(["--model", str(root / "model"), "--data", paths["test"], "--retriever-url", url,
+                                 "--out", str(root / "out_http"), "--limit", "2", "--max-turns", "0",
+                                 "--max-new-tokens", "4", "--no-progress"])
     finally:
         server.shutdown()
         server.server_close()
@@ -457,19 +462,20 @@ def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retri
                                       record["golden_answers"])
 
 
+@pytest.mark.slow
 def test_scoring_imports_without_torch_and_the_script_has_a_cli():
     check = "import sys, arc_metric; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True)
     shown = subprocess.run([sys.executable, "arc_metric.py", "--help"], check=True, capture_output=True, text=True)
     assert "--retriever-url" in shown.stdout and "--probe-evidence" in shown.stdout
     with pytest.raises(SystemExit):
-        arc_metric.main(["--model", "m", "--data", "d", "--out", "o"])   # a corpus or a server is required
+        arc_eval.main(["--model", "m", "--data", "d", "--out", "o"])   # a corpus or a server is required
 
 
 def test_a_topk_too_small_for_the_probe_is_refused_before_any_rollout(tokenizer, retriever, two_hop_questions):
     model = Reader(tokenizer)
     with pytest.raises(ValueError, match="some question needs 2, but topk=1"):
-        arc_metric.evaluate(model, tokenizer, two_hop_questions, retriever, RolloutConfig(topk=1), progress=False)
+        arc_eval.evaluate(model, tokenizer, two_hop_questions, retriever, RolloutConfig(topk=1), progress=False)
     assert model.turn_contexts == []                                    # nothing was generated
 
 
@@ -481,13 +487,12 @@ def test_evaluate_appends_finished_batches_and_a_rerun_continues_from_them(tmp_p
     """Rollouts and then the probe's batches go to the progress file as they finish; two crashes (one
     among the rollouts, one inside the probe) and two reruns end with the records and report of one
     uninterrupted evaluation, and no batch is generated twice."""
-    import rollout as rollout_lib
     rows = [q for q in world.test if q["question"].startswith("Who founded")][:3] + \
            [q for q in world.test if q["question"].startswith("Where was the founder of")][:2]
     config = RolloutConfig(max_turns=2, max_new_tokens=40, max_obs_tokens=200, topk=3)
     model = Reader(tokenizer)
-    expected, expected_report = arc_metric.evaluate(model, tokenizer, rows, retriever, config, batch_size=2,
-                                                    progress=False)
+    expected, expected_report = arc_eval.evaluate(model, tokenizer, rows, retriever, config, batch_size=2,
+                                                  progress=False)
     real, calls = rollout_lib.rollout, []
 
     def crashing(*args, **kwargs):
@@ -499,17 +504,17 @@ def test_evaluate_appends_finished_batches_and_a_rerun_continues_from_them(tmp_p
     progress = str(tmp_path / "progress.jsonl")
     for _ in range(2):
         with pytest.raises(RuntimeError, match="went away"):
-            arc_metric.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
-                                progress_path=progress, made_with={"model": "reader"})
+            arc_eval.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
+                              progress_path=progress, made_with={"model": "reader"})
     with pytest.raises(ValueError, match=r"progress.jsonl: an unfinished evaluation made with other settings or "
                                          r"inputs \(they differ in config\)"):
-        arc_metric.evaluate(model, tokenizer, rows, retriever, RolloutConfig(max_turns=1), batch_size=2,
-                            progress=False, progress_path=progress, made_with={"model": "reader"})
+        arc_eval.evaluate(model, tokenizer, rows, retriever, RolloutConfig(max_turns=1), batch_size=2,
+                          progress=False, progress_path=progress, made_with={"model": "reader"})
     with pytest.raises(ValueError, match=r"\(they differ in model\)"):
-        arc_metric.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
-                            progress_path=progress, made_with={"model": "another"})
-    records, report = arc_metric.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
-                                          progress_path=progress, made_with={"model": "reader"})
+        arc_eval.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
+                          progress_path=progress, made_with={"model": "another"})
+    records, report = arc_eval.evaluate(model, tokenizer, rows, retriever, config, batch_size=2, progress=False,
+                                        progress_path=progress, made_with={"model": "reader"})
     # 1st run: rollout batch 1, crash; 2nd: rollout batches 2 and 3, probe w/o think batch 1, crash;
     # 3rd: the rest only, i.e. probe w/o think batches 2 and 3 (rows 2-3, 4), then the 3 of w/ think
     assert calls[:6] == [2, 2, 2, 1, 2, 2] and calls[6:] == [2, 1, 2, 2, 1]
@@ -518,18 +523,35 @@ def test_evaluate_appends_finished_batches_and_a_rerun_continues_from_them(tmp_p
 
 def test_main_finds_missing_supporting_passages_before_loading_the_model_and_refuses_a_file_as_out(
         demo_files, tmp_path, monkeypatch):
-    import train
     root, paths = demo_files
     rows = data.load_questions(paths["test"])[:3]
     rows[1]["supporting_ids"], rows[2]["supporting_ids"] = ["nope-1"], ["nope-2", rows[2]["supporting_ids"][0]]
     data.write_jsonl(str(tmp_path / "q.jsonl"), rows)
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match=r"id='demo-0-1': supporting passage 'nope-1' is not in the retriever's "
                                          r"corpus; .*id='demo-0-2': supporting passage 'nope-2'"):
-        arc_metric.main(["--model", str(root / "model"), "--data", str(tmp_path / "q.jsonl"), "--corpus",
-                         paths["corpus"], "--out", str(tmp_path / "out"), "--no-progress"])
+        arc_eval.main(["--model", str(root / "model"), "--data", str(tmp_path / "q.jsonl"), "--corpus",
+                       paths["corpus"], "--out", str(tmp_path / "out"), "--no-progress"])
     assert not (tmp_path / "out").exists()
     (tmp_path / "taken").write_text("x")
     with pytest.raises(SystemExit):
-        arc_metric.main(["--model", str(root / "model"), "--data", paths["test"], "--corpus", paths["corpus"],
-                         "--out", str(tmp_path / "taken")])
+        arc_eval.main(["--model", str(root / "model"), "--data", paths["test"], "--corpus", paths["corpus"],
+                       "--out", str(tmp_path / "taken")])
+
+
+def test_the_paired_table_gives_the_difference_its_interval_the_discordant_questions_and_mcnemar():
+    keys = [("demo", f"q{i}") for i in range(12)]
+    kd = dict(zip(keys, [1, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 1]))
+    dgpo = dict(zip(keys, [1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1]))     # right on 4 more, wrong on none more
+    worse = dict(zip(keys, [0, 1, 0, 0, 0, 0, 1, 1, 0, 1, 0, 1]))    # wrong on 1 more
+    table = arc_eval.paired_table({"KD only": kd, "DGPO": dgpo, "Other": worse})
+    rows = table.splitlines()
+    assert rows[0].startswith("| method − KD only | questions | EM difference [95% CI] |")
+    order = sorted(keys)                                             # the table pairs the questions in key order
+    expected = stats.format_difference(stats.paired_difference([kd[k] for k in order], [dgpo[k] for k in order]))
+    assert expected.startswith("+0.333 [")
+    # McNemar by hand: 4 discordant questions, all one way: p = 2 · (1/2)^4 = 0.125
+    assert rows[2] == f"| DGPO | 12 | {expected} | 0 | 4 | 0.125 |"
+    assert rows[3].startswith("| Other | 12 | -0.083 [") and rows[3].endswith("| 1 | 0 | 1 |")
+    with pytest.raises(ValueError, match="DGPO and KD only were evaluated on different questions"):
+        arc_eval.paired_table({"KD only": kd, "DGPO": dict(list(dgpo.items())[:11])})

@@ -1,6 +1,7 @@
 """arc_metric: answer normalisation and scoring, answer extraction, per-trajectory ARC metrics on
 hand-written records with hand-computed values, per-source aggregation and the Markdown tables."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -572,3 +573,23 @@ def test_search_r1s_rule_pays_the_prompts_example_and_reads_the_nudge_where_ours
                            num_invalid=0, n_tokens=20)
     assert search_r1_extract_and_em(CHAT_PROMPT + answered["response_text"], ["Paris"]) == ("Paris", 1)
     assert score_record(answered)["em"] == 1
+
+
+
+@dataclasses.dataclass
+class _Trajectory:                 # the fields of rollout.Trajectory this needs, without importing torch
+    question: str
+    response_text: str
+    turns: list
+
+
+def test_scored_records_carry_the_question_the_trajectory_and_em_on_the_models_own_turns():
+    right = _Trajectory("q1", "<answer> Paris </answer>", ["<answer> Paris </answer>"])
+    nudged = _Trajectory("q2", "put the answer between <answer> and </answer>", ["no answer"])
+    questions = [{"id": "a", "question": "q1", "golden_answers": ["Paris"], "data_source": "nq", "extra": 1},
+                 {"id": "b", "question": "q2", "golden_answers": ["and"], "data_source": "nq", "extra": 2}]
+    full = arc_metric.scored_records(questions, [right, nudged])
+    assert [r["em"] for r in full] == [1.0, 0.0]                      # the nudge's text is not the model's answer
+    assert full[0]["extra"] == 1 and full[0]["turns"] == right.turns and list(full[0])[-1] == "em"
+    picked = arc_metric.scored_records(questions, [right, nudged], keys=("id", "question"))
+    assert list(picked[0])[:2] == ["id", "question"] and "extra" not in picked[0] and "data_source" not in picked[0]

@@ -1,11 +1,15 @@
 """checkpoint.py: every state a killed save can leave is recovered into one complete checkpoint, the
-newest complete one; settings differences and metric truncation by hand."""
+newest complete one; settings differences and metric truncation by hand; a trainer's checkpoint
+reloads with AutoModelForCausalLM, can be saved as bf16, and a full disk keeps the previous one."""
 import json
 import os
 
 import pytest
+import torch
 
 import checkpoint
+import ddp
+import models
 
 
 def write_version(version: str):
@@ -121,7 +125,7 @@ def test_recover_also_repairs_an_interrupted_save_of_a_carried_best_checkpoint(r
     os.rename(best, os.path.join(run, ".best.old"))
     checkpoint.recover(run)
     assert read(best) == "best2" and sorted(os.listdir(run)) == sorted([checkpoint.COMPLETE, "weights",
-                                                                         "metrics.jsonl", "best"])
+                                                                        "metrics.jsonl", "best"])
     checkpoint.save(run, write_version("v3"))
     assert read(best) == "best2" and read(run) == "v3"
 
@@ -214,3 +218,50 @@ def test_fingerprint_follows_the_content_not_the_location(tmp_path):
     (model / "config.json").write_text("{}")
     (model / ".hidden").write_text("not part of it")
     assert list(checkpoint.fingerprint(str(model))["files"]) == ["config.json"]
+
+
+def test_checkpoint_reloads_with_automodel_and_gives_the_same_logits(tokenizer, model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))          # not the initial weights
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), model, tokenizer, dist, {"step": 7})
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ckpt")).eval()
+    ids = torch.tensor([tokenizer("<think> a test </think>")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "ckpt")).get_vocab() == tokenizer.get_vocab()
+    assert torch.load(tmp_path / "ckpt" / "trainer_state.pt", weights_only=False)["step"] == 7
+
+
+def test_save_dtype_bfloat16_writes_bf16_weights_and_says_so(tokenizer, model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=True)
+    checkpoint.save_checkpoint(str(tmp_path / "bf16"), model, tokenizer, ddp.Dist(), {"step": 1, "config": {}},
+                               save_dtype="bfloat16")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype="auto")
+    assert loaded.dtype == torch.bfloat16 and model.dtype == torch.float32       # the trained copy is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.to(torch.bfloat16)), k
+    assert json.loads((tmp_path / "bf16" / "train_config.json").read_text())["save_dtype"] == "bfloat16"
+
+
+def test_a_full_disk_during_a_save_names_the_checkpoint_and_keeps_the_previous_one(model_dirs, tokenizer, tmp_path):
+    import resource
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    out = str(tmp_path / "ckpt")
+    checkpoint.save_checkpoint(out, model, tokenizer, dist, {"step": 1, "config": {}})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))   # files may not grow past 200 kB: "disk full"
+    try:
+        with pytest.raises(OSError, match=r"cannot write checkpoint .*ckpt \((model files|trainer_state.pt)\): .*"
+                                          "the previous checkpoint there, if any, is unchanged"):
+            checkpoint.save_checkpoint(out, model, tokenizer, dist, {"step": 2, "config": {}, "big": torch.zeros(10**6)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]                  # the half-written copy is gone
+    checkpoint.verify(out)

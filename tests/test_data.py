@@ -15,6 +15,7 @@ import warnings
 import pytest
 
 import data
+import demo
 import retriever
 from data import load_questions, load_trajectories, read_jsonl, write_jsonl
 
@@ -248,7 +249,6 @@ def test_prompt_only_trajectory_with_all_zero_mask_loads(tmp_path):
 
 def test_oracle_trajectory_records_round_trip_through_write_and_load(tmp_path, world, tokenizer, retriever):
     """What later stages write (a rollout.Trajectory as a dict, plus the gold answers) loads back equal."""
-    import demo
     questions = world.test[:6]
     trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)
     records = [{**dataclasses.asdict(t), "id": q["id"], "golden_answers": q["golden_answers"],
@@ -639,6 +639,7 @@ def test_missing_pyarrow_is_an_error_naming_the_package_and_the_file(tmp_path, m
     assert load_questions(jsonl) == [GOOD_QUESTION]                   # JSONL does not need it
 
 
+@pytest.mark.slow
 def test_importing_data_and_reading_jsonl_does_not_import_pyarrow(tmp_path):
     jsonl = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION)])
     code = ("import sys, data; data.load_questions(sys.argv[1]); "
@@ -715,7 +716,6 @@ def test_fingerprint_of_an_object_without_get_vocab_is_a_type_error():
 
 
 def test_tokenizers_of_the_same_size_with_different_vocabularies_differ(world, tokenizer):
-    import demo
     other = demo.train_tokenizer(demo.make_world(seed=1))
     assert len(other) == len(tokenizer) and other.get_vocab() != tokenizer.get_vocab()
     assert data.vocab_fingerprint(other) != data.vocab_fingerprint(tokenizer)
@@ -759,7 +759,6 @@ def swapped_ids(tokenizer, tmp_path, first: int, second: int):
 
 
 def write_trajectories(path, tokenizer, retriever, questions, fingerprint) -> list[dict]:
-    import demo
     trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)
     records = [{**dataclasses.asdict(t), **q, data.TOKENIZER_KEY: fingerprint} for q, t in zip(questions, trajs)]
     write_jsonl(path, records)
@@ -767,7 +766,7 @@ def write_trajectories(path, tokenizer, retriever, questions, fingerprint) -> li
 
 
 def test_tokenizers_that_differ_only_in_eos_are_compatible_and_share_trajectories(world, tokenizer, retriever,
-                                                                                   tmp_path):
+                                                                                  tmp_path):
     """Issue 25, item 2: a teacher whose eos is <|endoftext|> and a student whose eos is <|im_end|>."""
     teacher = other_eos(tokenizer)
     assert data.tokenizer_differences(tokenizer, teacher) == []
@@ -830,7 +829,6 @@ def test_an_old_file_with_legacy_fingerprints_loads_when_the_tokenizer_that_made
 def test_trajectories_of_another_tokenizer_of_the_same_size_are_refused_naming_both(
         world, tokenizer, retriever, tmp_path):
     """Issue 16, item 6: the vocab-size check passes, the fingerprint does not."""
-    import demo
     other = demo.train_tokenizer(demo.make_world(seed=1))
     questions = world.test[:3]
     trajs = demo.oracle_rollout([q["question"] for q in questions], retriever, tokenizer)

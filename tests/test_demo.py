@@ -45,6 +45,7 @@ def oracle_runs(world, tokenizer, retriever):
 
 # ----------------------------------------------------------------------------- the world
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_files_across_processes(world, tmp_path):
     """Built again in a fresh interpreter with another hash seed: set/dict order must not leak in."""
     here, there = tmp_path / "here", tmp_path / "there"
@@ -128,7 +129,7 @@ def test_every_split_has_single_hop_and_two_hop_questions_labelled_consistently(
             assert q["data_source"] == ("demo_2hop" if two_hop else "demo_1hop")
             assert len(q["supporting_ids"]) == (2 if two_hop else 1)
     assert {q["kind"] for q in world.test} == {"founder", "headquarters", "birthplace", "city_country",
-                                                "founder_birthplace", "headquarters_country"}
+                                               "founder_birthplace", "headquarters_country"}
 
 
 def test_no_question_gives_its_answer_away(world):
@@ -538,7 +539,7 @@ def logits_after_first_layers(model, ids, n_layers):
 
 @pytest.mark.parametrize("make_model", [random_llama, random_qwen2], ids=["llama", "qwen2"])
 def test_first_layers_student_computes_the_parents_first_layers_then_its_norm_and_head(tokenizer, make_model,
-                                                                                      tmp_path):
+                                                                                       tmp_path):
     parent = make_model(tokenizer)
     parent_dir, student_dir = str(tmp_path / "parent"), str(tmp_path / "student")
     parent.save_pretrained(parent_dir)

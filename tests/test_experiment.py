@@ -10,7 +10,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import demo  # noqa: E402
 import experiment  # noqa: E402
+
+pytestmark = pytest.mark.slow      # whole experiment runs in subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,6 @@ def test_every_rl_arm_samples_the_same_number_of_rollouts_per_step():
 
 
 def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():
-    import demo
     world = demo.make_world(seed=0)
     design = experiment.Design()
     kd = {q["id"] for q in world.train[:design.kd_pool]}

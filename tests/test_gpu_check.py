@@ -75,6 +75,7 @@ def test_head_at_positions_gives_the_full_logits_loss_and_every_decode_is_timed_
         assert d["vs_generate"] == pytest.approx(d["rollout"]["tokens_per_s"] / d["generate"]["tokens_per_s"])
 
 
+@pytest.mark.slow
 def test_a_part_that_raises_is_reported_with_its_traceback_and_the_next_part_still_runs(tmp_path):
     done, _, parts, table = run_check(tmp_path, "--parts", "distributed,kd", "--fail-part", "distributed")
     assert done.returncode == 1

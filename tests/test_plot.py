@@ -49,6 +49,7 @@ def shifted_copy(src: str, dst, delta: float) -> str:
     return str(dst)
 
 
+@pytest.mark.slow
 def test_png_of_the_small_preset_rl_run_has_a_panel_per_quantity(small_run, tmp_path):
     out = tmp_path / "curves.png"
     drawn = plot.main(["--out", str(out), small_run["dgpo"]])
@@ -60,6 +61,7 @@ def test_png_of_the_small_preset_rl_run_has_a_panel_per_quantity(small_run, tmp_
     assert os.listdir(tmp_path) == ["curves.png"]                            # no temporary file left
 
 
+@pytest.mark.slow
 def test_each_panel_draws_the_files_values_against_the_step(small_run):
     rows = [json.loads(line) for line in open(small_run["dgpo"])]
     fig, keys = plot.figure({"dgpo": [small_run["dgpo"]]})
@@ -70,6 +72,7 @@ def test_each_panel_draws_the_files_values_against_the_step(small_run):
     plt.close(fig)
 
 
+@pytest.mark.slow
 def test_supervised_metrics_plot_with_chosen_keys(small_run, tmp_path):
     out = tmp_path / "kd.png"
     assert plot.main(["--out", str(out), "--keys", "loss,ce,kl", small_run["kd"], small_run["teacher"]]) == \
@@ -77,6 +80,7 @@ def test_supervised_metrics_plot_with_chosen_keys(small_run, tmp_path):
     assert read_png_size(out) == (3 * 450, 320)
 
 
+@pytest.mark.slow
 def test_a_group_of_two_files_is_their_mean_with_a_min_max_band(small_run, tmp_path):
     other = shifted_copy(small_run["dgpo"], tmp_path / "seed1.jsonl", delta=0.5)
     out = tmp_path / "grouped.png"
@@ -165,6 +169,7 @@ def test_malformed_rows_are_named_by_file_and_line(tmp_path, text, message):
         plot.plot_metrics({"x": [path]}, str(tmp_path / "out.png"))
 
 
+@pytest.mark.slow
 def test_a_requested_key_in_no_file_is_named_and_the_old_png_is_kept(small_run, tmp_path):
     out = tmp_path / "curves.png"
     out.write_bytes(b"an older figure")
@@ -173,6 +178,7 @@ def test_a_requested_key_in_no_file_is_named_and_the_old_png_is_kept(small_run, 
     assert out.read_bytes() == b"an older figure"
 
 
+@pytest.mark.slow
 def test_default_keys_absent_asks_for_keys(small_run, tmp_path):
     with pytest.raises(ValueError, match=r"none of the default keys .* choose some with --keys .*\bce\b"):
         plot.plot_metrics({"kd": [small_run["kd"]]}, str(tmp_path / "out.png"))
@@ -186,17 +192,20 @@ def test_bad_group_spec_is_a_usage_error(spec, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_file_twice_in_one_group_is_an_error(small_run, tmp_path):
     with pytest.raises(ValueError, match=r"group 'A' lists .*dgpo/metrics.jsonl more than once"):
         plot.main(["--out", str(tmp_path / "o.png"), f"A={small_run['dgpo']},{small_run['dgpo']}"])
 
 
+@pytest.mark.slow
 def test_the_same_label_twice_is_a_usage_error(small_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main(["--out", str(tmp_path / "o.png"), f"A={small_run['dgpo']}", f"A={small_run['kd']}"])
     assert "the label 'A' is given twice" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_matplotlib_is_named(small_run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` now fails
     with pytest.raises(ModuleNotFoundError, match="plot.py needs matplotlib.*pip install matplotlib==3.11.2"):
@@ -204,6 +213,7 @@ def test_missing_matplotlib_is_named(small_run, tmp_path, monkeypatch):
     assert not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.slow
 def test_many_groups_share_one_legend_under_the_panels(small_run, tmp_path):
     groups = {f"arm {k}": [small_run["dgpo"]] for k in range(plot.SHARED_LEGEND + 1)}
     fig, keys = plot.figure(groups)

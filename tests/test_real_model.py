@@ -31,7 +31,6 @@ import demo
 from data import load_questions, load_trajectories, write_jsonl
 from retriever import BM25Retriever
 from rollout import INVALID_ACTION, RolloutConfig, encode_text, prompt_ids, rollout
-from test_rollout import segments   # the response as maximal runs of equal loss mask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -50,7 +49,8 @@ def why_skip() -> str | None:
 
 
 SKIP_REASON = why_skip()
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
+pytestmark = [pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON)),
+              pytest.mark.slow]      # the command line in subprocesses, on a real model
 
 
 def run(*argv, timeout=600) -> str:
@@ -166,7 +166,7 @@ def test_every_sampled_token_is_smollm2s_greedy_choice_under_one_forward(smollm2
     assert checked >= 100
 
 
-def test_masked_tokens_decode_exactly_to_the_primer_observations_and_nudges(smollm2_loaded, smollm2_rollouts):
+def test_masked_tokens_decode_exactly_to_the_primer_observations_and_nudges(smollm2_loaded, smollm2_rollouts, segments):
     _, tokenizer = smollm2_loaded
     trajs, retriever, config = smollm2_rollouts
     assert sum(t.num_searches for t in trajs) >= 2, [t.turns for t in trajs]    # real searches, not vacuous

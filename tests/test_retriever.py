@@ -596,7 +596,7 @@ def test_client_gives_up_when_the_retry_budget_runs_out_naming_the_url_and_budge
     attempts = count_attempts(client)
     began = time.monotonic()
     with pytest.raises(RuntimeError, match=re.escape(url) + r": no answer after \d+ attempts in [\d.]+ s "
-                                            r"\(retry budget: retry_seconds=0\.6\); last error: ConnectionRefusedError"):
+                       r"\(retry budget: retry_seconds=0\.6\); last error: ConnectionRefusedError"):
         client.search(["Lima"])
     assert 0.6 <= time.monotonic() - began < 3
     assert len(attempts) >= 6                              # bounded by time, not by a count of 3
@@ -751,6 +751,7 @@ def run_cli(*args, timeout=60):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("port,message", [
     (70000, r"error: argument --port: 70000 is not in \[0, 65535\] \(see retriever\.py serve --help\)"),
     (-1, r"error: argument --port: -1 is not in \[0, 65535\] \(see retriever\.py serve --help\)"),
@@ -768,6 +769,7 @@ def test_serve_on_a_bad_or_busy_port_is_one_line_and_exit_2(tmp_path, port, mess
     assert re.fullmatch(message + r"\n", done.stderr), done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["serve", "--corpus", "C", "--max-topk", "0"], r"error: argument --max-topk: 0 is not in \[1, inf\] \(see .*"),
     (["serve", "--corpus", "C", "--max-request-bytes", "0"], r"error: argument --max-request-bytes: 0 is not in \[1, inf\] \(see .*"),
@@ -790,6 +792,7 @@ def test_command_line_user_errors_are_one_line_and_exit_2(tmp_path, args, messag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_serve_command_line_serves_a_jsonl_corpus(tmp_path):
     corpus = write_lines(tmp_path / "c.jsonl", [json.dumps(r) for r in SMALL])
     process = subprocess.Popen([sys.executable, str(REPO / "retriever.py"), "serve", "--corpus", corpus, "--port", "0"],
@@ -841,7 +844,7 @@ def test_index_round_trip_scores_are_bit_identical_to_building_from_the_corpus(t
     assert loaded._dense_words.tolist() == built._dense_words.tolist() and len(built._dense_words) >= 1
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(  # the spilled chunks are gone
         ["meta.json", "vocab.txt", "ids.bin", "contents.bin"] + [f"{name}.npy" for name in
-        ("start", "doc", "tf", "idf", "norm", "dense_words", "dense", "id_offsets", "contents_offsets", "id_order")])
+                                                                 ("start", "doc", "tf", "idf", "norm", "dense_words", "dense", "id_offsets", "contents_offsets", "id_order")])
 
 
 def test_chunked_build_equals_a_single_chunk_build(monkeypatch):
@@ -865,6 +868,7 @@ def test_index_refuses_an_existing_out_and_a_bad_corpus_leaves_nothing(tmp_path)
         R.write_index(corpus, str(out))
 
 
+@pytest.mark.slow
 def test_a_build_killed_before_it_finishes_leaves_no_index_and_an_unloadable_temp_dir(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", SMALL)
     # SIGKILL the build while it writes meta.json: everything else is on disk by then
@@ -1029,6 +1033,7 @@ def test_loading_a_missing_directory_names_it(tmp_path):
         BM25Retriever.load(str(tmp_path / "nope"))
 
 
+@pytest.mark.slow
 def test_index_command_then_serve_index_answers_like_the_corpus(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", SMALL)
     built = subprocess.run([sys.executable, str(REPO / "retriever.py"), "index", "--corpus", corpus,
@@ -1051,6 +1056,7 @@ def test_index_command_then_serve_index_answers_like_the_corpus(tmp_path):
         process.stderr.close()
 
 
+@pytest.mark.slow
 def test_serve_refuses_a_bit_rotten_index_in_one_line_unless_told_not_to_verify(index_dir, tmp_path):
     path = damaged_copy(index_dir, tmp_path, flip_bytes("contents.bin"))
     done = run_cli("serve", "--index", path, "--port", "0")

@@ -19,6 +19,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.cache_utils import Cache
 
 import demo
+import retriever as retriever_module
 import rollout as rollout_module
 from rollout import (INVALID_ACTION, OBS_CLOSE, OBS_OPEN, PROMPT_TEMPLATE, RolloutConfig, _sample, encode_text,
                      format_passages, format_question, observation_ids, prompt_ids, rollout)
@@ -140,17 +141,6 @@ def say(tokenizer, *pieces) -> list:
         else:
             out += [tokenizer.eos_token_id] if piece == "eos" else encode_text(tokenizer, piece)
     return out
-
-
-def segments(traj) -> list[tuple[int, list[int]]]:
-    """The response as maximal runs of equal loss mask: [(mask, ids), ...]."""
-    runs = []
-    for token, m in zip(traj.input_ids[traj.prompt_length:], traj.loss_mask[traj.prompt_length:]):
-        if runs and runs[-1][0] == m:
-            runs[-1][1].append(token)
-        else:
-            runs.append((m, [token]))
-    return runs
 
 
 def expected_observation(hits: list[dict]) -> str:
@@ -345,7 +335,7 @@ def test_embedding_rows_past_the_tokenizer_are_never_sampled(world, tokenizer):
 # -----------------------------------------------------------------------------
 # Masks: the loss mask is 1 exactly on sampled tokens; forced tokens are exactly what was inserted
 
-def test_masked_tokens_decode_to_inserted_observations_and_nudges(world, tokenizer):
+def test_masked_tokens_decode_to_inserted_observations_and_nudges(world, tokenizer, segments):
     q0, q1 = (q["question"] for q in world.test[:2])
     turns = {q0: ["<think> a </think>\n<search> first query </search>\n", "no open tag </search>",
                   "<search> second </search>", "<answer> done </answer>"],
@@ -371,7 +361,7 @@ def test_masked_tokens_decode_to_inserted_observations_and_nudges(world, tokeniz
     assert trajs[0].hits == [hits("first query"), hits("second")]
 
 
-def test_search_fn_gets_each_querys_question_index_and_its_hits_are_inserted(world, tokenizer):
+def test_search_fn_gets_each_querys_question_index_and_its_hits_are_inserted(world, tokenizer, segments):
     """search_fn replaces retriever.search: it learns whose query each one is (the probe relies on
     this to place each question's own evidence), once per turn, and what it returns is observed."""
     questions = [q["question"] for q in world.test[:3]]
@@ -395,13 +385,12 @@ def test_search_fn_gets_each_querys_question_index_and_its_hits_are_inserted(wor
 
 def test_rollout_formats_passages_exactly_as_the_retriever_does(world, retriever):
     """rollout.py keeps its own 3-line copy of the formatter (to need nothing from retriever.py)."""
-    import retriever as retriever_module
     for hits in retriever.search([q["question"] for q in world.test[:20]] + ["zzz unknown"], topk=3) + [[]]:
         assert rollout_module.format_passages(hits) == retriever_module.format_passages(hits)
 
 
 @pytest.mark.parametrize("max_obs_tokens", [8, 30, 500])
-def test_observation_ends_with_closing_tag_even_when_truncated(world, tokenizer, max_obs_tokens):
+def test_observation_ends_with_closing_tag_even_when_truncated(world, tokenizer, max_obs_tokens, segments):
     question = world.test[0]["question"]
     scripts = {question: [say(tokenizer, "<search> a rather long query </search>"),
                           say(tokenizer, "<answer> z </answer>")]}
@@ -485,7 +474,7 @@ def test_a_text_of_long_tokens_is_tokenised_from_a_longer_prefix(tokenizer):
 # -----------------------------------------------------------------------------
 # The turn logic
 
-def test_turn_budget_ends_a_turn_and_the_nudge_follows(world, tokenizer):
+def test_turn_budget_ends_a_turn_and_the_nudge_follows(world, tokenizer, segments):
     question = world.test[0]["question"]
     nudge = len(encode_text(tokenizer, INVALID_ACTION))
     traj = rollout(ScriptedLM(tokenizer, {question: []}), tokenizer, [question], NoRetriever(),
@@ -506,7 +495,7 @@ def test_final_turn_does_not_execute_a_search(world, tokenizer):
     assert traj.loss_mask[-1] == 1 and (traj.num_invalid, traj.answered, traj.truncated) == (0, False, False)
 
 
-def test_invalid_actions_get_the_nudge_and_a_lone_answer_close_ends_the_row(world, tokenizer):
+def test_invalid_actions_get_the_nudge_and_a_lone_answer_close_ends_the_row(world, tokenizer, segments):
     q0, q1 = (q["question"] for q in world.test[:2])
     scripts = {q0: [say(tokenizer, "thinking </search>"), say(tokenizer, "<search> never closed", 30),
                     say(tokenizer, "<answer> fine </answer>")],
@@ -568,7 +557,7 @@ def test_prompt_reaching_max_total_tokens_is_an_error(world, tokenizer):
                 greedy(max_total_tokens=cap))
 
 
-def test_empty_query_is_sent_to_the_retriever(world, tokenizer, retriever):
+def test_empty_query_is_sent_to_the_retriever(world, tokenizer, retriever, segments):
     """`<search> </search>` is a search for "" (as in Search-R1); BM25 finds nothing for it, and the
     observation is the empty <information></information> block."""
     question = world.test[0]["question"]
@@ -594,7 +583,7 @@ def _one_char_tokens(tokenizer, text: str) -> list[int]:
     ("<search>q</search>not reached", "</search>"),
     (None, "</search>"),                                                                  # one token per character
 ])
-def test_tag_split_across_pieces_stops_at_the_completing_token(world, tokenizer, text, tag):
+def test_tag_split_across_pieces_stops_at_the_completing_token(world, tokenizer, text, tag, segments):
     """The turn ends at the first token whose text completes the tag — even when that token also
     carries what follows (">\\n") — and that token is kept exactly as sampled, not re-tokenised."""
     question = world.test[0]["question"]

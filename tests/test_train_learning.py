@@ -9,10 +9,15 @@ import json
 import pytest
 import torch
 
+import arc_eval
+import ddp
 import demo
+import models
 import rl
-import train
+import sft
 from rollout import RolloutConfig
+
+pytestmark = pytest.mark.slow      # real training runs, minutes each
 
 GREEDY = RolloutConfig(max_turns=2, max_new_tokens=40, greedy=True)
 
@@ -26,15 +31,15 @@ def _sft(tokenizer, records, steps, out_dir, seed=1):
     """A test-size model trained with cross-entropy on `records` (the demo teacher's recipe)."""
     torch.manual_seed(0)
     model = demo.make_tiny_model(tokenizer, "test", seed=seed)
-    cfg = train.SupervisedConfig(steps=steps, batch_size=len(records), micro_batch_size=len(records),
-                                 lr=1e-2, warmup_steps=10)
-    train.train_supervised(model, tokenizer, records, cfg, train.Dist(), str(out_dir), desc="sft")
+    cfg = sft.SupervisedConfig(steps=steps, batch_size=len(records), micro_batch_size=len(records),
+                               lr=1e-2, warmup_steps=10)
+    sft.train_supervised(model, tokenizer, records, cfg, ddp.Dist(), str(out_dir), desc="sft")
     return str(out_dir)
 
 
 def _greedy_em(model_dir, tokenizer, questions, retriever):
-    model = train.load_model(model_dir, train.Dist(), trainable=False)
-    records = train.generate_records(model, tokenizer, questions, retriever, GREEDY, train.Dist(), 16)
+    model = models.load_model(model_dir, ddp.Dist(), trainable=False)
+    records = arc_eval.generate_records(model, tokenizer, questions, retriever, GREEDY, ddp.Dist(), 16)
     return sum(r["em"] for r in records) / len(records)
 
 
@@ -43,16 +48,16 @@ def test_kd_lowers_the_kd_loss_on_heldout_teacher_trajectories(world, tokenizer,
     questions = world.train[:48]
     records = _oracle_records(world, tokenizer, retriever, questions)
     teacher_dir = _sft(tokenizer, records[:16], 40, tmp_path / "teacher")
-    teacher = train.load_model(teacher_dir, train.Dist(), trainable=False)
+    teacher = models.load_model(teacher_dir, ddp.Dist(), trainable=False)
     fit, heldout = records[:40], records[40:]          # no held-out question is trained on
     assert not {r["question"] for r in fit} & {r["question"] for r in heldout}
     student = demo.make_tiny_model(tokenizer, "test", seed=5)
-    cfg = train.SupervisedConfig(steps=40, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=5,
-                                 eval_every=10, lam=1.0)
-    vocab = train.vocab_size_of(tokenizer, student, teacher)
-    before = train.heldout_loss(student, teacher, heldout, cfg, vocab, train.Dist())
-    train.train_supervised(student, tokenizer, fit, cfg, train.Dist(), str(tmp_path / "kd"), teacher=teacher,
-                           heldout=heldout, desc="kd")
+    cfg = sft.SupervisedConfig(steps=40, batch_size=8, micro_batch_size=4, lr=1e-2, warmup_steps=5,
+                               eval_every=10, lam=1.0)
+    vocab = models.vocab_size_of(tokenizer, student, teacher)
+    before = sft.heldout_loss(student, teacher, heldout, cfg, vocab, ddp.Dist())
+    sft.train_supervised(student, tokenizer, fit, cfg, ddp.Dist(), str(tmp_path / "kd"), teacher=teacher,
+                         heldout=heldout, desc="kd")
     rows = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
     curve = [r["heldout_loss"] for r in rows if "heldout_loss" in r]
     assert len(curve) == 4 and all(torch.isfinite(torch.tensor(curve)))
@@ -89,7 +94,7 @@ def _first_last(rows, key, n=5):
 
 @pytest.mark.numerics
 def test_from_an_all_wrong_start_grpo_gets_no_signal_while_dgpos_teacher_term_raises_em(all_wrong_start, tokenizer,
-                                                                                       retriever):
+                                                                                        retriever):
     """The paper's mechanism, on 8 questions, over three seeds. Plain GRPO's groups are (almost)
     all wrong, so their advantage is exactly 0 and most steps have no gradient at all; DGPO's teacher
     term on those same wrong rollouts gives a gradient on every step, its KL to the teacher falls,
@@ -110,7 +115,7 @@ def test_from_an_all_wrong_start_grpo_gets_no_signal_while_dgpos_teacher_term_ra
         for mode in ("selective", "none"):
             out = start["root"] / f"{mode}{seed}"
             rl.train_rl(start["student"], start["teacher"], questions, retriever,
-                        rl.RLConfig(**config, seed=seed, teacher_mode=mode), train.Dist(), str(out))
+                        rl.RLConfig(**config, seed=seed, teacher_mode=mode), ddp.Dist(), str(out))
             runs[mode, seed] = [json.loads(line) for line in open(out / "metrics.jsonl")]
             after[mode, seed] = _greedy_em(str(out), tokenizer, questions, retriever)
     summary = {seed: dict(grpo_no_grad=sum(r["grad_norm"] == 0.0 for r in runs["none", seed]),

@@ -1,0 +1,96 @@
+"""loop.py: a non-finite loss skips the step and counts it; a zero-gradient step moves nothing while
+the schedule advances; the data order is a permutation per epoch that depends only on seed and
+position; --report-to wandb without the package names it."""
+
+import pytest
+import torch
+
+import data
+import ddp
+import loop
+import models
+import rl
+
+
+
+def test_nonfinite_loss_skips_the_step_counts_it_and_warns(tokenizer, model_dirs, fixed_rollouts, rl_config):
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))       # every logit becomes NaN
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = rl_config(teacher_mode="none")
+    optimizer, scheduler = loop.make_optimizer(model, cfg.lr, 0.0, 1, 0, None)
+    records = data.load_trajectories(fixed_rollouts)
+    counters = {}
+    with pytest.warns(UserWarning, match="step skipped"):
+        rl.rl_update(model, None, optimizer, scheduler, records, cfg, dist, len(tokenizer), counters)
+    assert counters["skipped_steps"] == 1
+    after = model.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]) or torch.isnan(before[k]).all(), k
+
+
+def _state_tensors(state):
+    """Every tensor of a (nested) optimizer state dict, by path, cloned."""
+    out = {}
+    for pid, slots in state["state"].items():
+        for name, value in slots.items():
+            out[f"{pid}.{name}"] = value.clone() if torch.is_tensor(value) else value
+    return out
+
+
+def test_a_zero_gradient_step_moves_nothing_counts_it_and_the_schedule_still_advances(tokenizer, model_dirs,
+                                                                                      fixed_rollouts, rl_config):
+    """After a real step AdamW holds momentum; a step whose gradient is exactly zero (every group
+    constant, no teacher term) must then leave every weight and the optimizer's state (moments and
+    step count) as they are — AdamW would otherwise move the weights by ~0.64 × lr — count itself,
+    and still advance the learning-rate schedule."""
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    cfg = rl_config(teacher_mode="none", lr=1e-2)
+    optimizer, scheduler = loop.make_optimizer(model, cfg.lr, 0.1, 10, 4, None)   # warm-up: lr changes per step
+    records = data.load_trajectories(fixed_rollouts)       # mixed groups: a real gradient
+    counters = {}
+    view = models.wrap(model, dist)
+    rl.rl_update(view, None, optimizer, scheduler, records, cfg, dist, len(tokenizer), counters)
+    assert "zero_grad_steps" not in counters and optimizer.state_dict()["state"], "the first step is a real one"
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state, lr = _state_tensors(optimizer.state_dict()), scheduler.get_last_lr()[0]
+    constant = [{**r, "em": 1.0} for r in records]           # every group all right: advantage exactly 0
+    row = rl.rl_update(view, None, optimizer, scheduler, constant, cfg, dist, len(tokenizer), counters)
+    assert row["grad_norm"] == 0.0 and counters["zero_grad_steps"] == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    after = _state_tensors(optimizer.state_dict())
+    assert after.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(after[k], v) if torch.is_tensor(v) else after[k] == v, k
+    assert (lr, scheduler.get_last_lr()[0]) == pytest.approx((0.5e-2, 0.75e-2))   # the warm-up moved on: 2/4 -> 3/4
+    # the same empty step without the skip: AdamW replays its momentum and the weights move
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert any(not torch.equal(v, params[k]) for k, v in model.state_dict().items())
+
+
+def test_data_window_is_a_permutation_per_epoch_and_depends_only_on_seed_and_position():
+    n = 7
+    stream = loop.data_window(5, n, 0, 3 * n)
+    for epoch in range(3):
+        assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert stream[4:10] == loop.data_window(5, n, 4, 6)
+    assert stream != loop.data_window(6, n, 0, 3 * n)
+
+
+def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ImportError, match="--report-to wandb needs the optional package 'wandb'"):
+        loop.Reporter(str(tmp_path), "wandb", "rl", {}, ddp.Dist())
