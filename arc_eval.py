@@ -72,10 +72,19 @@ def evaluate_dir(model_dir: str, questions: list[dict], retriever, rcfg: rollout
                              batch_size=batch_size, progress=dist.master,
                              out_path=os.path.join(out_dir, "trajectories.jsonl") if out_dir else None)
     if out_dir and dist.master:
-        with open(os.path.join(out_dir, "report.json"), "w") as f:   # the layout main writes
-            json.dump({"model": model_dir, "questions": len(questions), "config": asdict(rcfg),
-                       "report": report}, f, indent=1)
+        write_report(out_dir, {"model": model_dir, "questions": len(questions), "config": asdict(rcfg),
+                               "report": report})
     return report
+
+
+def write_report(out_dir: str, summary: dict) -> str:
+    """DIR/report.json, the one place an evaluation's summary is written: {"model", "questions",
+    "config", …, "report"}, replaced atomically (a crash leaves the old file or the new, never half)."""
+    path = os.path.join(out_dir, "report.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 # -----------------------------------------------------------------------------
@@ -425,12 +434,7 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     if probe:                                    # the probe's own checks, before any rollout
         needed = needed_passages(questions, retriever, evidence, progress=progress)
         check_probe_topk(needed, config.topk)
-    overlong = rollout.first_overlong_prompt(tokenizer, [row["question"] for row in questions], config.max_total_tokens)
-    if overlong is not None:
-        i, n = overlong
-        raise ValueError(f"questions[{i}] (id={questions[i].get('id')!r}): its prompt is {n} tokens, leaving no "
-                         f"room under the length budget of {config.max_total_tokens} (--max-total-tokens, default: "
-                         "the model's max_position_embeddings)")
+    rollout.check_prompts(tokenizer, questions, config.max_total_tokens, "question")
     saved = _Progress(progress_path, {"config": asdict(config), "probe": probe, "evidence": evidence,
                                       "questions": _questions_hash(questions), **(made_with or {})})
     records = [saved.records.get(i) for i in range(len(questions))]
@@ -587,8 +591,7 @@ def main(argv=None) -> dict:
                "config": asdict(config), "probe": not args.no_probe,
                "probe_evidence": args.probe_evidence, "device": str(device), "seconds": round(seconds, 1),
                "report": report}
-    with open(os.path.join(args.out, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    report_path = write_report(args.out, summary)
     os.remove(progress_path)
-    print(f"\nwrote {trajectories_path} and {os.path.join(args.out, 'report.json')} in {seconds:.1f}s")
+    print(f"\nwrote {trajectories_path} and {report_path} in {seconds:.1f}s")
     return summary

@@ -2,6 +2,7 @@
 context), `evaluate` with a tiny random model, the `main` entry point, and the paired comparison of
 evaluations."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -555,3 +556,23 @@ def test_the_paired_table_gives_the_difference_its_interval_the_discordant_quest
     assert rows[3].startswith("| Other | 12 | -0.083 [") and rows[3].endswith("| 1 | 0 | 1 |")
     with pytest.raises(ValueError, match="DGPO and KD only were evaluated on different questions"):
         arc_eval.paired_table({"KD only": kd, "DGPO": dict(list(dgpo.items())[:11])})
+
+
+def test_report_is_replaced_atomically_so_a_crash_mid_write_keeps_the_old_one(tmp_path, monkeypatch):
+    """write_report is the one writer of report.json (evaluate_dir and `eval` both call it): a crash
+    while the new summary is written leaves the previous file whole, and a finished write leaves no
+    temporary file behind."""
+    first = arc_eval.write_report(str(tmp_path), {"model": "a", "report": {"em": 0.5}})
+    assert json.loads(open(first).read()) == {"model": "a", "report": {"em": 0.5}}
+
+    def torn_dump(obj, f, **kwargs):
+        f.write('{"model": "b", "rep')
+        raise OSError("disk full")
+    monkeypatch.setattr(arc_eval.json, "dump", torn_dump)
+    with pytest.raises(OSError, match="disk full"):
+        arc_eval.write_report(str(tmp_path), {"model": "b", "report": {"em": 0.7}})
+    monkeypatch.undo()
+    assert json.loads(open(first).read()) == {"model": "a", "report": {"em": 0.5}}
+    arc_eval.write_report(str(tmp_path), {"model": "c", "report": {}})
+    assert json.loads(open(first).read())["model"] == "c"
+    assert sorted(os.listdir(tmp_path)) == ["report.json"]             # the torn temporary file is gone too
