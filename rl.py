@@ -114,14 +114,20 @@ def rollout_config(cfg: RLConfig, greedy: bool = False,
 
 
 def check_rl_config(cfg: RLConfig, dist: ddp.Dist) -> None:
-    """Settings that are legal alone but not together, or not for this algorithm."""
-    cli.check_config(cfg)
+    """Settings that are legal alone but not together, or not for this algorithm or world size."""
+    check_rl_settings(cfg)
     if cfg.prompts_per_step % dist.world_size:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} is not divisible by world size "
                          f"{dist.world_size}: every rank must hold whole groups")
     if (cfg.prompts_per_step // dist.world_size) % cfg.mini_batches and not cfg.drop_constant_groups:
         raise ValueError(f"each rank's {cfg.prompts_per_step // dist.world_size} groups cannot form "
                          f"{cfg.mini_batches} equal mini-batches (--mini-batches)")
+
+
+def check_rl_settings(cfg: RLConfig) -> None:
+    """The checks that need no world size: each setting's range (cli.RANGES) and the combinations
+    this algorithm cannot train with. The CLI runs them at parse time, the trainer again."""
+    cli.check_config(cfg)
     if cfg.algo == "grpo" and cfg.group_size < 2:
         raise ValueError(f"--group-size {cfg.group_size}: GRPO normalises rewards within a group of "
                          "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2 "

@@ -328,15 +328,12 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.stage is None:               # `python train.py`: the whole demo
         args = parser.parse_args(["demo"] + list(argv))
-    if args.stage == "rl":               # settings that are legal alone but not for GRPO, said at parse time
+    if args.stage == "rl":               # settings legal alone but not together: said at parse time
         p = sub.choices["rl"]
-        if args.algo == "grpo" and args.group_size < 2:
-            p.error(f"--group-size {args.group_size}: GRPO normalises each reward within its group of "
-                    "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2 "
-                    "(or --algo ppo, whose critic needs no group)")
-        if not args.temperature > 0:
-            p.error(f"--temperature {args.temperature}: RL samples its rollouts (and scores them) at this "
-                    "temperature; it must be > 0 (greedy rollouts make every group identical)")
+        try:
+            rl.check_rl_settings(cli.config_from_args(args, rl.RLConfig))
+        except ValueError as error:
+            p.error(str(error))
         if args.eval_every and not args.val:
             p.error("--eval-every needs --val FILE (the validation questions)")
     if args.stage in ("teacher", "kd") and args.eval_every and not args.heldout:

@@ -237,6 +237,9 @@ def test_tgo_refuses_an_existing_output_before_rolling_out(tmp_path, model_dirs,
     (["--top-p", "0"], "--top-p: must be in (0, 1]"),
     (["--eval-every", "5"], "--eval-every needs --val"),
     (["--override-config"], "--override-config only makes sense with --resume"),
+    # the combinations rl.check_rl_settings refuses, said before any model loads
+    (["--algo", "ppo", "--group-size", "1", "--drop-constant-groups"], "--drop-constant-groups is for --algo grpo"),
+    (["--probe-samples", "2"], "--probe-samples and --pool-eval-limit act at every evaluation"),
 ])
 def test_nonsense_rl_values_are_refused_at_parse_time_with_the_reason(args, message, capsys):
     with pytest.raises(SystemExit):
