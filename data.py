@@ -383,8 +383,6 @@ def vocab_fingerprint(tokenizer) -> str:
     return VOCAB_PREFIX + _sha16({"size": _vocab_size(tokenizer, table), "vocab": table})
 
 
-tokenizer_fingerprint = vocab_fingerprint    # the name trajectory writers (sft.py, demo.py) call
-
 
 def legacy_fingerprint(tokenizer) -> str:
     """The fingerprint trajectory files recorded before vocab_fingerprint, kept only to read them:

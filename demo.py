@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import arc_metric
 import cli
-from data import TOKENIZER_KEY, tokenizer_fingerprint, write_jsonl
+from data import TOKENIZER_KEY, vocab_fingerprint, write_jsonl
 from retriever import BM25Retriever
 from rollout import (INVALID_ACTION, PROMPT_TEMPLATE, RolloutConfig, Trajectory, completes_answer, encode_text,
                      format_question, last_query, observation_ids, prompt_ids)
@@ -603,7 +603,7 @@ def oracle_records(questions: list[dict], retriever, tokenizer, config: RolloutC
     keeping only those it answered correctly (scored like every rollout, on its own turns); each
     records the tokenizer its ids come from, like every trajectories file."""
     trajs = oracle_rollout([q["question"] for q in questions], retriever, tokenizer, config)
-    made_with = tokenizer_fingerprint(tokenizer)
+    made_with = vocab_fingerprint(tokenizer)
     records = [{**r, TOKENIZER_KEY: made_with} for r in arc_metric.scored_records(questions, trajs)]
     return [r for r in records if r["em"] == 1.0]
 

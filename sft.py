@@ -208,7 +208,7 @@ def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: rollout.
     `retriever` may be a function that builds it, called after the checks, as in rl.train_rl."""
     rcfg = dataclasses.replace(rcfg, max_total_tokens=rollout.length_budget(rcfg.max_total_tokens, teacher))
     rollout.check_prompts(tokenizer, questions, rcfg.max_total_tokens, "question")
-    fingerprint = data.tokenizer_fingerprint(tokenizer)       # kd refuses these ids with another tokenizer
+    fingerprint = data.vocab_fingerprint(tokenizer)       # kd refuses these ids with another tokenizer
     made_with = json.loads(json.dumps(
         {"config": asdict(rcfg), "samples": samples, "seed": seed, "keep_wrong": keep_wrong, "tokenizer": fingerprint,
          "inputs": {arg: {k: v for k, v in fp.items() if k != "path"} for arg, fp in (inputs or {}).items()}},

@@ -161,7 +161,7 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     dirs = {name: os.path.join(out, name) for name in ("init", "teacher", "base", "kd", "dgpo")}
 
     # 1. the demo teacher learns the protocol from the oracle's correct trajectories (all training questions)
-    fingerprint = data.tokenizer_fingerprint(tokenizer)
+    fingerprint = data.vocab_fingerprint(tokenizer)
     oracle_records = demo.oracle_records(world.train, retriever, tokenizer,
                                          dataclasses.replace(rcfg, max_new_tokens=500))
     data.write_jsonl(os.path.join(out, "oracle.jsonl"), oracle_records)

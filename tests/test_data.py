@@ -681,7 +681,6 @@ def test_vocab_fingerprint_is_sha256_of_the_documented_canonical_json():
     expected = "vocab-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
     assert expected == "vocab-bda7074dda5d4013"
     assert data.vocab_fingerprint(VocabOnly({"b": 1, "a": 0}, eos_token_id=1)) == expected
-    assert data.tokenizer_fingerprint is data.vocab_fingerprint          # the name the trajectory writers call
 
 
 def test_legacy_fingerprint_is_the_one_older_files_recorded():

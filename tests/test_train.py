@@ -340,13 +340,13 @@ def test_kd_refuses_trajectories_made_with_another_tokenizer_of_the_same_size(to
     student, teacher = str(tmp_path / "student"), str(tmp_path / "teacher")
     demo.make_tiny_model(other_tok, "test", seed=1, out_dir=student)
     demo.make_tiny_model(other_tok, "test", seed=2, out_dir=teacher)
-    rows = [{**r, data.TOKENIZER_KEY: data.tokenizer_fingerprint(tokenizer)} for r in data.load_trajectories(fixed_rollouts)]
+    rows = [{**r, data.TOKENIZER_KEY: data.vocab_fingerprint(tokenizer)} for r in data.load_trajectories(fixed_rollouts)]
     made = str(tmp_path / "tgo.jsonl")
     data.write_jsonl(made, rows)
     args = train.parse_args(["kd", "--student", student, "--teacher", teacher, "--data", made,
                              "--out", str(tmp_path / "kd"), "--steps", "1"])
-    with pytest.raises(ValueError, match=(rf"tgo.jsonl:1: made with tokenizer {data.tokenizer_fingerprint(tokenizer)}"
-                                          rf", but the tokenizer given is {data.tokenizer_fingerprint(other_tok)}")):
+    with pytest.raises(ValueError, match=(rf"tgo.jsonl:1: made with tokenizer {data.vocab_fingerprint(tokenizer)}"
+                                          rf", but the tokenizer given is {data.vocab_fingerprint(other_tok)}")):
         train.run_stage(args, ddp.Dist())
     assert not os.path.exists(tmp_path / "kd" / "trainer_state.pt")
 
