@@ -59,19 +59,12 @@ def _update(model_dirs, tokenizer, records, **settings):
     return row, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _rl_config(**kw):
-    base = dict(steps=4, prompts_per_step=2, group_size=2, micro_batch_size=4, rollout_batch_size=8,
-                lr=1e-2, warmup_ratio=0.5, beta=0.5, temperature=1.0, max_turns=1, max_new_tokens=6, seed=3)
-    return rl.RLConfig(**{**base, **kw})
+# this module's RL runs: conftest's rl_config with larger batches (the tests were measured with them)
+BATCHES = dict(micro_batch_size=4, rollout_batch_size=8)
 
 
 def _rows(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-def _weights(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
 # -----------------------------------------------------------------------------
@@ -179,17 +172,20 @@ def test_the_probe_draws_the_same_samples_at_every_call_and_its_error_is_over_qu
 
 
 def test_evaluations_log_the_probe_and_the_pool_em_without_changing_training(world, retriever, model_dirs, tmp_path,
-                                                                             tokenizer):
+                                                                             tokenizer, rl_config, saved_weights):
     questions, validation = world.train[:6], world.validation[:3]
     on, off, other_seed = (str(tmp_path / n) for n in ("on", "off", "seed"))
     measure = dict(eval_every=2, probe_samples=2, pool_eval_limit=4)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, _rl_config(**measure),
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
+                rl_config(**BATCHES, **measure),
                 ddp.Dist(), on, validation=validation)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, _rl_config(eval_every=2),
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
+                rl_config(**BATCHES, eval_every=2),
                 ddp.Dist(), off, validation=validation)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, _rl_config(seed=4, **measure),
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
+                rl_config(**BATCHES, seed=4, **measure),
                 ddp.Dist(), other_seed, validation=validation)
-    a, b = _weights(on), _weights(off)
+    a, b = saved_weights(on), saved_weights(off)
     assert all(torch.equal(a[k], b[k]) for k in a), "the probe and the pool EM must not change what is trained"
     rows = [r for r in _rows(on) if "val_em" in r]
     assert [r["step"] for r in rows] == [0, 2, 4]
@@ -201,19 +197,19 @@ def test_evaluations_log_the_probe_and_the_pool_em_without_changing_training(wor
     # pool_em is greedy EM on the first pool_eval_limit questions of the data order, by the model of that step
     pool = [questions[i] for i in loop.data_window(3, len(questions), 0, 4)]
     model = models.load_model(on, ddp.Dist(), trainable=False)
-    greedy = rl.rollout_config(_rl_config(), greedy=True, max_total_tokens=model.config.max_position_embeddings)
+    greedy = rl.rollout_config(rl_config(**BATCHES), greedy=True, max_total_tokens=model.config.max_position_embeddings)
     assert rows[-1]["pool_em"] == rl.validation_em(model, tokenizer, pool, retriever, greedy, 8, ddp.Dist())
 
 
-def test_probe_and_pool_options_need_evaluations_and_drop_needs_grpo(capsys):
+def test_probe_and_pool_options_need_evaluations_and_drop_needs_grpo(capsys, rl_config):
     with pytest.raises(ValueError, match="need --eval-every"):
-        rl.check_rl_config(_rl_config(probe_samples=4), ddp.Dist())
+        rl.check_rl_config(rl_config(**BATCHES, probe_samples=4), ddp.Dist())
     with pytest.raises(ValueError, match="need --eval-every"):
-        rl.check_rl_config(_rl_config(pool_eval_limit=4), ddp.Dist())
+        rl.check_rl_config(rl_config(**BATCHES, pool_eval_limit=4), ddp.Dist())
     with pytest.raises(ValueError, match="is for --algo grpo"):
-        rl.check_rl_config(_rl_config(algo="ppo", drop_constant_groups=True), ddp.Dist())
+        rl.check_rl_config(rl_config(**BATCHES, algo="ppo", drop_constant_groups=True), ddp.Dist())
     with pytest.raises(ValueError, match="must be >= 1"):
-        rl.check_rl_config(_rl_config(max_draws=0), ddp.Dist())
+        rl.check_rl_config(rl_config(**BATCHES, max_draws=0), ddp.Dist())
     args = train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", "--drop-constant-groups",
                              "--max-draws", "3", "--term-grad-norms", "--probe-samples", "4", "--pool-eval-limit", "100",
                              "--eval-every", "5", "--val", "v"])
@@ -289,10 +285,11 @@ def test_the_refill_draws_further_questions_until_enough_groups_are_mixed(monkey
 
 
 @pytest.mark.numerics
-def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(world, retriever, model_dirs, tmp_path):
+def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(world, retriever, model_dirs, tmp_path,
+                                                                              rl_config, saved_weights):
     """From an untrained student every rollout is wrong: each step draws max_draws rounds, the wrong
     rollouts carry the teacher term, and a resume continues from the saved data position."""
-    cfg = _rl_config(drop_constant_groups=True, max_draws=2)
+    cfg = rl_config(**BATCHES, drop_constant_groups=True, max_draws=2)
     questions = world.train[:12]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), straight)
@@ -302,7 +299,7 @@ def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(wo
     assert state["cursor"] == 2 * 2 * 2                  # 2 steps × 2 rounds × 2 prompts
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
                 resume=split)
-    a, b, start = _weights(straight), _weights(split), _weights(model_dirs["student"])
+    a, b, start = saved_weights(straight), saved_weights(split), saved_weights(model_dirs["student"])
     assert any(not torch.equal(a[k], start[k]) for k in a), "the teacher term must move the student"
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
     rows = _rows(split)
@@ -313,8 +310,8 @@ def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(wo
     assert torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)["cursor"] == 16
     # plain GRPO from there: nothing is kept, no step has a gradient, each is counted
     grpo = str(tmp_path / "grpo")
-    rl.train_rl(model_dirs["student"], None, questions, retriever, _rl_config(drop_constant_groups=True, max_draws=2,
-                                                                              steps=2, teacher_mode="none"),
+    rl.train_rl(model_dirs["student"], None, questions, retriever,
+                rl_config(**BATCHES, drop_constant_groups=True, max_draws=2, steps=2, teacher_mode="none"),
                 ddp.Dist(), grpo)
     assert [(r["kept_rollouts"], r["zero_grad_steps"]) for r in _rows(grpo)] == [(0, 1), (0, 2)]
 
