@@ -6,6 +6,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import arc_eval  # noqa: E402
@@ -103,3 +104,19 @@ def saved_weights():
     def load(path):
         return AutoModelForCausalLM.from_pretrained(path).state_dict()
     return load
+
+
+@pytest.fixture
+def straight_and_resumed(tmp_path):
+    """A trainer run twice in this process, at one thread count (so bit for bit is a fair demand of
+    resume): straight through, and stopped after `stop_after` steps then resumed from its own
+    checkpoint. straight_and_resumed(train, stop_after) → (straight_dir, split_dir, the trainer state
+    saved at the stop); train(out, **kw) runs the trainer into `out`, passing on stop_after / resume."""
+    def run(train, stop_after: int):
+        straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+        train(straight)
+        train(split, stop_after=stop_after)
+        state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
+        train(split, resume=split)
+        return straight, split, state
+    return run

@@ -286,19 +286,16 @@ def test_the_refill_draws_further_questions_until_enough_groups_are_mixed(monkey
 
 @pytest.mark.numerics
 def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(world, retriever, model_dirs, tmp_path,
-                                                                              rl_config, saved_weights):
+                                                                              rl_config, saved_weights,
+                                                                              straight_and_resumed):
     """From an untrained student every rollout is wrong: each step draws max_draws rounds, the wrong
     rollouts carry the teacher term, and a resume continues from the saved data position."""
     cfg = rl_config(**BATCHES, drop_constant_groups=True, max_draws=2)
     questions = world.train[:12]
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), straight)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
-                stop_after=2)
-    state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
+    straight, split, state = straight_and_resumed(
+        lambda out, **kw: rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg,
+                                      ddp.Dist(), out, **kw), stop_after=2)
     assert state["cursor"] == 2 * 2 * 2                  # 2 steps × 2 rounds × 2 prompts
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
-                resume=split)
     a, b, start = saved_weights(straight), saved_weights(split), saved_weights(model_dirs["student"])
     assert any(not torch.equal(a[k], start[k]) for k in a), "the teacher term must move the student"
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
@@ -378,19 +375,14 @@ def test_ddp_two_ranks_make_the_same_update_as_one_process(model_dirs, fixed_rol
 
 
 @pytest.mark.numerics
-def test_resume_is_exact_four_steps_equal_two_plus_two(world, retriever, model_dirs, tmp_path, rl_config,
-                                                       saved_weights):
+def test_resume_is_exact_four_steps_equal_two_plus_two(world, retriever, model_dirs, rl_config, saved_weights,
+                                                       straight_and_resumed):
     cfg = rl_config()
     questions = world.train[:6]
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), straight)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
-                stop_after=2)
-    state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
+    straight, split, state = straight_and_resumed(
+        lambda out, **kw: rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg,
+                                      ddp.Dist(), out, **kw), stop_after=2)
     assert state["step"] == 2
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
-                resume=split)
     a, b = saved_weights(straight), saved_weights(split)
     initial = saved_weights(model_dirs["student"])
     assert any(not torch.equal(a[k], initial[k]) for k in a), "training did not move the parameters"
@@ -501,18 +493,14 @@ def test_rl_refuses_a_zero_temperature(world, retriever, model_dirs, tmp_path, r
 
 @pytest.mark.numerics
 def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever, model_dirs, tmp_path, rl_config,
-                                                               saved_weights):
+                                                               saved_weights, straight_and_resumed):
     from transformers import AutoModelForTokenClassification
     cfg = rl_config(algo="ppo", group_size=1, prompts_per_step=3, teacher_as="reward", critic_lr=1e-2,
                     mini_batches=1)
-    # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
     questions = world.train[:6]
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), straight)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
-                stop_after=2)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), split,
-                resume=split)
+    straight, split, _ = straight_and_resumed(
+        lambda out, **kw: rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg,
+                                      ddp.Dist(), out, **kw), stop_after=2)
     for sub, load in (("", saved_weights), ("critic",
                                             lambda p: AutoModelForTokenClassification.from_pretrained(p).state_dict())):
         a, b = load(os.path.join(straight, sub)), load(os.path.join(split, sub))

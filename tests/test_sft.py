@@ -17,18 +17,16 @@ from rollout import RolloutConfig
 
 
 @pytest.mark.numerics
-def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, tmp_path, saved_weights):
+def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, saved_weights, straight_and_resumed):
     records = data.load_trajectories(fixed_rollouts)
     cfg = sft.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1)
-    # both runs in this process, at the same thread count: bit for bit is a fair demand of resume
     dist = ddp.Dist()
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    model = models.load_model(model_dirs["student"], dist, trainable=True)
-    sft.train_supervised(model, tokenizer, records, cfg, dist, straight)
-    model = models.load_model(model_dirs["student"], dist, trainable=True)
-    sft.train_supervised(model, tokenizer, records, cfg, dist, split, stop_after=2)
-    model = models.load_model(split, dist, trainable=True)
-    sft.train_supervised(model, tokenizer, records, cfg, dist, split, resume=split)
+
+    def train(out, **kw):                      # a resume loads the model from its own checkpoint
+        model = models.load_model(kw.get("resume") or model_dirs["student"], dist, trainable=True)
+        sft.train_supervised(model, tokenizer, records, cfg, dist, out, **kw)
+    straight, split, state = straight_and_resumed(train, stop_after=2)
+    assert state["step"] == 2
     a, b = saved_weights(straight), saved_weights(split)
     for k in a:
         assert torch.equal(a[k], b[k]), f"resumed run differs on {k}"
