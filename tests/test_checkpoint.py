@@ -86,12 +86,13 @@ def test_recover_turns_every_interrupted_state_into_one_complete_checkpoint(run,
     assert read(run) == version
 
 
-def test_a_failed_write_keeps_the_previous_checkpoint(run, tmp_path):
+def test_a_failed_write_keeps_the_previous_checkpoint_and_gives_its_space_back_at_once(run, tmp_path):
     def broken(tmp):
         write_version("v2")(tmp)
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(run, broken)
+    assert listing(tmp_path) == ["run"] and read(run) == "v1"     # no .run.saving left to fill the disk
     checkpoint.recover(run)
     assert read(run) == "v1" and listing(tmp_path) == ["run"]
 
@@ -176,15 +177,6 @@ def test_save_keeps_the_entries_the_old_checkpoint_did_not_write(run, tmp_path):
     _interrupted(run, "old")                                     # a crash in the middle of the next swap
     checkpoint.recover(run)
     assert read(run) == "v2" and read(run, "notes.txt") == "precious"
-
-
-def test_a_failed_write_gives_its_space_back_at_once(run, tmp_path):
-    def broken(tmp):
-        write_version("v2")(tmp)
-        raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
-        checkpoint.save(run, broken)
-    assert listing(tmp_path) == ["run"] and read(run) == "v1"     # no .run.saving left to fill the disk
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_any_other_bad_line_is_an_error(tmp_path):
