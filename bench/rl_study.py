@@ -49,14 +49,20 @@ COMMON = dict(steps=100, prompts_per_step=8, group_size=8, temperature=1.0, lr=3
               micro_batch_size=16, rollout_batch_size=64, max_new_tokens=64, eval_every=25, save_every=25,
               probe_samples=1, pool_eval_limit=200)
 GRPO = dict(teacher_mode="none")
-STUDY = {                       # arm: settings over COMMON, all at the tuning seed 0
+STUDY = {                       # arm: settings over COMMON, all at the tuning seed 0, run in this order
     "grpo": GRPO,
     "dgpo-b0.1": dict(beta=0.1),
     "dgpo-b1": dict(beta=1.0),
     "dgpo-b0.01": dict(beta=0.01),
-    "grpo-T0.7-G4": dict(GRPO, temperature=0.7, group_size=4),
-    "grpo-lr1e-4": dict(GRPO, lr=1e-4),
     "grpo-drop": dict(GRPO, drop_constant_groups=True),
+    "grpo-G16-p4": dict(GRPO, group_size=16, prompts_per_step=4),     # the same 64 rollouts a step
+    "grpo-G4-p16": dict(GRPO, group_size=4, prompts_per_step=16),     # 1,600 draws: the pool seen ~1.6 times
+    "grpo-T0.7": dict(GRPO, temperature=0.7),
+    "grpo-lr1e-3": dict(GRPO, lr=1e-3),
+    "grpo-T0.7-G4": dict(GRPO, temperature=0.7, group_size=4),        # the old demo's starved setting
+    "grpo-lr1e-4": dict(GRPO, lr=1e-4),
+    "ppo": dict(GRPO, algo="ppo"),                                    # critic lr 1e-5 with warm-up (the paper's)
+    "ppo-critic3e-4": dict(GRPO, algo="ppo", critic_lr=3e-4),         # the critic at the actor's lr
 }
 TUNING_SEED, ANSWER_SEEDS = 0, (1, 2, 3)
 
