@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import zlib
 from dataclasses import dataclass, field
 
 import arc_metric
@@ -284,8 +285,19 @@ def _read(hits: list[dict], entity: str, relation: str) -> str | None:
     return None
 
 
-def _oracle_turns(question: str):
-    """A generator that yields the oracle's turn texts and receives the hits of each search."""
+def answers_without_thought(question: str, fraction: float) -> bool:
+    """Whether the oracle answers `question` right after its last observation, with no thought first: a
+    fixed choice per question text (a hash, not a random draw), so the same question always gets the
+    same trajectory and `fraction` of questions, in expectation, get the direct answer."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"no_think_fraction={fraction}: must be in [0, 1]")
+    return zlib.crc32(format_question(question).encode()) < fraction * 2**32
+
+
+def _oracle_turns(question: str, think_before_answer: bool = True):
+    """A generator that yields the oracle's turn texts and receives the hits of each search. With
+    think_before_answer False, the answer turn after a successful read is `<answer> … </answer>` alone
+    (the failure turn still says what the results lacked)."""
     plan = next(((m.group(1), steps) for regex, steps in _QUESTION_PLANS
                  if (m := regex.match(format_question(question)))), None)
     if plan is None:
@@ -304,7 +316,8 @@ def _oracle_turns(question: str):
             return
         known = f"{_fact_sentence(relation, entity, fact)} "
         entity = fact
-    yield f"<think> {known.strip()} </think>\n<answer> {entity} </answer>"
+    thought = f"<think> {known.strip()} </think>\n" if think_before_answer else ""
+    yield f"{thought}<answer> {entity} </answer>"
 
 
 def _fact_sentence(relation: str, entity: str, fact: str) -> str:
@@ -315,15 +328,17 @@ def _fact_sentence(relation: str, entity: str, fact: str) -> str:
 
 
 def oracle_rollout(questions: list[str], retriever, tokenizer,
-                   config: RolloutConfig | None = None) -> list[Trajectory]:
+                   config: RolloutConfig | None = None, no_think_fraction: float = 0.0) -> list[Trajectory]:
     """Plays the oracle on question *texts* (it is never given gold answers) with the real retriever.
+    In `no_think_fraction` of the questions (answers_without_thought) it answers straight after its
+    last observation without a thought, as real agents sometimes do; everywhere else it thinks first.
 
     Token ids are built exactly as `rollout.rollout` builds them — prompt ids, each turn's text
     tokenised on its own (loss 1), observations tokenised on their own (loss 0) — so a model trained
     on these trajectories meets the same token boundaries when it generates.
     """
     config = config or RolloutConfig()
-    games = [_oracle_turns(q) for q in questions]
+    games = [_oracle_turns(q, not answers_without_thought(q, no_think_fraction)) for q in questions]
     trajs = []
     for q in questions:
         ids = prompt_ids(tokenizer, q)
@@ -598,11 +613,12 @@ def first_layers(model_dir: str, n_layers: int, out_dir: str) -> str:
 # Files for the stage subcommands: the world, and the oracle's trajectories in a given tokenizer
 
 
-def oracle_records(questions: list[dict], retriever, tokenizer, config: RolloutConfig | None = None) -> list[dict]:
+def oracle_records(questions: list[dict], retriever, tokenizer, config: RolloutConfig | None = None,
+                   no_think_fraction: float = 0.0) -> list[dict]:
     """The oracle's trajectories on question rows, as trajectory records (`train.py teacher --data`),
     keeping only those it answered correctly (scored like every rollout, on its own turns); each
     records the tokenizer its ids come from, like every trajectories file."""
-    trajs = oracle_rollout([q["question"] for q in questions], retriever, tokenizer, config)
+    trajs = oracle_rollout([q["question"] for q in questions], retriever, tokenizer, config, no_think_fraction)
     made_with = vocab_fingerprint(tokenizer)
     records = [{**r, TOKENIZER_KEY: made_with} for r in arc_metric.scored_records(questions, trajs)]
     return [r for r in records if r["em"] == 1.0]

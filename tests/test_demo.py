@@ -385,6 +385,32 @@ def test_oracle_respects_the_turn_budget(world, tokenizer, retriever):
         assert t.turns[-1].endswith("</search>")
 
 
+def test_oracle_answers_without_a_thought_in_the_stated_fraction_and_still_right(world, tokenizer, retriever):
+    """no_think_fraction f: about f of the questions (a fixed hash choice, the same on every call) end with
+    `<answer> … </answer>` straight after the last observation; the others, and f = 0, think first;
+    every answer is still right, and the token layout is the one rollout.rollout builds."""
+    questions = world.test
+    texts = [q["question"] for q in questions]
+    config = RolloutConfig()
+    runs = {}
+    for fraction in (0.0, 0.25, 1.0):
+        trajs = runs[fraction] = demo.oracle_rollout(texts, retriever, tokenizer, config, no_think_fraction=fraction)
+        direct = [t.turns[-1].startswith("<answer>") for t in trajs]
+        chosen = [demo.answers_without_thought(q, fraction) for q in texts]
+        assert direct == chosen
+        assert all(t.num_searches >= 1 and t.turns[-1].count("<think>") == (0 if d else 1)
+                   for t, d in zip(trajs, direct))
+        assert sum(answer_em(t.response_text, q["golden_answers"]) for q, t in zip(questions, trajs)) == len(questions)
+        for t in trajs:
+            assert (t.input_ids, t.loss_mask) == expected_layout(tokenizer, t, config)
+        share = sum(direct) / len(direct)
+        assert {0.0: share == 0.0, 0.25: 0.18 < share < 0.32, 1.0: share == 1.0}[fraction], (fraction, share)
+    again = demo.oracle_rollout(texts[:40], retriever, tokenizer, config, no_think_fraction=0.25)
+    assert [t.turns for t in again] == [t.turns for t in runs[0.25][:40]]     # per question, not per call
+    with pytest.raises(ValueError, match="no_think_fraction"):
+        demo.oracle_rollout(texts[:1], retriever, tokenizer, config, no_think_fraction=1.5)
+
+
 def expected_layout(tokenizer, t, config):
     """input_ids and loss_mask as rollout.rollout would build them for these turns and hits."""
     ids = prompt_ids(tokenizer, t.question)
