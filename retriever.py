@@ -823,24 +823,25 @@ class HTTPRetriever:
         self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
 
     def search(self, queries: list[str], topk: int | None = None) -> list[list[dict]]:
-        """Same contract as BM25Retriever.search; blank queries get [] without asking the server."""
+        """Same contract as BM25Retriever.search, except that every query is sent, blank ones too:
+        Search-R1's rollout posts each `<search>`'s stripped text whatever it is
+        (search_r1/llm_agent/generation.py, lines 370 and 450–458), and its e5 server answers a blank
+        query with passages like any other, so a model searching "" reads what it would read there.
+        (The local BM25Retriever returns [] for a blank query: no word of it can match.)"""
         topk = self.topk if topk is None else topk
         _check_search_args(queries, topk)
-        results = [[] for _ in queries]
-        asked = [i for i, q in enumerate(queries) if q.strip()]
-        if not asked:
-            return results
-        reply = self._post({"queries": [queries[i] for i in asked], "topk": topk, "return_scores": True})
+        if not queries:
+            return []
+        reply = self._post({"queries": list(queries), "topk": topk, "return_scores": True})
         per_query = reply.get("result") if isinstance(reply, dict) else None
-        if not isinstance(per_query, list) or len(per_query) != len(asked):
+        if not isinstance(per_query, list) or len(per_query) != len(queries):
             raise RuntimeError(f"retrieval server {self.url}: expected {{\"result\": [...]}} with "
-                               f"{len(asked)} hit lists, got {str(reply)[:300]}")
-        for j, (i, items) in enumerate(zip(asked, per_query)):
+                               f"{len(queries)} hit lists, got {str(reply)[:300]}")
+        for j, items in enumerate(per_query):
             if not isinstance(items, list):
                 raise RuntimeError(f"retrieval server {self.url}: \"result\"[{j}] must be a list of hits, "
                                    f"got {str(items)[:300]}")
-            results[i] = [self._hit(item) for item in items]
-        return results
+        return [[self._hit(item) for item in items] for items in per_query]
 
     def _hit(self, item) -> dict:
         """{"document": {...}, "score": s} -> {"id", "contents", "score"}. A bare document (a server

@@ -657,6 +657,39 @@ def fixed_reply_server(body: bytes, status: int = 200):
     return server
 
 
+def test_client_sends_blank_queries_as_search_r1_does_and_keeps_their_hits():
+    """Search-R1 posts every `<search>`'s text, blank included, and an e5 server answers "" with
+    passages: the client sends the queries as given, in order, and returns each one's hits."""
+    payloads = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            payloads.append(payload)
+            result = [[{"document": {"id": f"d{i}", "contents": f"T\n{q!r}"}, "score": 1.0}]
+                      for i, q in enumerate(payload["queries"])]
+            body = json.dumps({"result": result}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    serve_in_thread(server)
+    try:
+        client = HTTPRetriever(f"http://127.0.0.1:{server.server_address[1]}")
+        hits = client.search(["Lima", "", "  ", "Paris"], topk=1)
+        assert payloads == [{"queries": ["Lima", "", "  ", "Paris"], "topk": 1, "return_scores": True}]
+        assert [h[0]["contents"] for h in hits] == ["T\n'Lima'", "T\n''", "T\n'  '", "T\n'Paris'"]
+        assert client.search([]) == [] and len(payloads) == 1         # nothing to ask: no request
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.parametrize("body,message", [
     (b'{"result": [null]}', r'"result"\[0\] must be a list of hits, got None'),
     (b'{"result": [7]}', r'"result"\[0\] must be a list of hits, got 7'),
