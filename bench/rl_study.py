@@ -172,12 +172,24 @@ def summary_row(name: str, result: dict, kd: dict[str, float]) -> str:
     mixed = np.mean([x.get("mixed_groups", float("nan")) for x in steps])
     no_grad = sum(1 for x in steps if x.get("grad_norm", 1.0) == 0.0)
     return (f"| {name} | {best.mean():.3f} (step {best_step}) | {last.mean():.3f} | "
-            f"{stats.format_difference(diff)} | {span(val)} | {span(pool)} | {span(probe)} | {mixed:.2f} | {no_grad} |")
+            f"{stats.format_difference(diff)} | {span(val)} | {span(pool)} | {span(probe)} | {mixed:.2f} | {no_grad} | "
+            f"{quarters(steps, 'entropy')} | {quarters(steps, 'teacher_kl')} |")
+
+
+def quarters(steps: list[dict], key: str) -> str:
+    """The mean of a per-step metric over the first and the last quarter of the run: "0.240 → 0.262"
+    ("-" when the run did not compute it: fewer than 4 steps, or a teacher KL of 0 in an arm without a teacher)."""
+    values = [x[key] for x in steps if key in x]
+    if len(values) < 4 or not any(values):
+        return "-"
+    q = len(values) // 4
+    return f"{np.mean(values[:q]):.3f} → {np.mean(values[-q:]):.3f}"
 
 
 HEADER = ("| arm | test EM, best val | test EM, last | best − KD [95% CI] | val EM start → end | "
-          "RL-pool EM start → end | probe reward start → end | mixed groups | no-grad steps |\n"
-          "|---|---:|---:|---|---|---|---|---:|---:|")
+          "RL-pool EM start → end | probe reward start → end | mixed groups | no-grad steps | "
+          "entropy, first → last quarter | teacher KL, first → last quarter |\n"
+          "|---|---:|---:|---|---|---|---|---:|---:|---|---|")
 
 
 def paired_row(label: str, a: np.ndarray, b: np.ndarray) -> str:
