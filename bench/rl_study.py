@@ -255,21 +255,24 @@ def main(argv=None) -> None:
              f"{COMMON['steps'] * COMMON['prompts_per_step']} drawn per arm.", "", HEADER]
     lines += [summary_row(name, results[name], kd) for name in arms]
     if args.part == "answer":
-        lines += ["", f"β = {beta}, chosen on the tuning seed {TUNING_SEED}: {BETA_RULE}.",
-                  "", "| comparison (best-validation checkpoints) | questions | EM difference [95% CI] | "
-                  "only first right | only second right |", "|---|---:|---|---:|---:|"]
+        lines += ["", f"β = {beta}, chosen on the tuning seed {TUNING_SEED}: {BETA_RULE}."]
         keys = sorted(kd)
         k = np.array([kd[q] for q in keys])                                       # (N,)
-        em = {arm: np.array([[results[f"{arm}-s{s}"]["best"][q] for q in keys] for s in ANSWER_SEEDS])
-              for arm in ("grpo", "dgpo")}                                        # (seeds, N)
-        for i, seed in enumerate(ANSWER_SEEDS):
-            g, d = em["grpo"][i], em["dgpo"][i]
-            lines += [paired_row(f"seed {seed}: DGPO − KD", k, d), paired_row(f"seed {seed}: DGPO − (KD → GRPO)", g, d),
-                      paired_row(f"seed {seed}: (KD → GRPO) − KD", k, g)]
-        ks = np.tile(k, (len(ANSWER_SEEDS), 1))
-        lines += [paired_row("3 seeds: DGPO − KD", ks, em["dgpo"]),
-                  paired_row("3 seeds: DGPO − (KD → GRPO)", em["grpo"], em["dgpo"]),
-                  paired_row("3 seeds: (KD → GRPO) − KD", ks, em["grpo"])]
+        ks = np.tile(k, (len(ANSWER_SEEDS), 1))                                   # (seeds, N)
+        for which, label in (("best", "best-validation checkpoints"), ("last", "last checkpoints (step "
+                                                                                 f"{COMMON['steps']})")):
+            em = {arm: np.array([[results[f"{arm}-s{s}"][which][q] for q in keys] for s in ANSWER_SEEDS])
+                  for arm in ("grpo", "dgpo")}                                    # (seeds, N)
+            lines += ["", f"| comparison ({label}) | questions | EM difference [95% CI] | "
+                      "only first right | only second right |", "|---|---:|---|---:|---:|"]
+            for i, seed in enumerate(ANSWER_SEEDS):
+                g, d = em["grpo"][i], em["dgpo"][i]
+                lines += [paired_row(f"seed {seed}: DGPO − KD", k, d),
+                          paired_row(f"seed {seed}: DGPO − (KD → GRPO)", g, d),
+                          paired_row(f"seed {seed}: (KD → GRPO) − KD", k, g)]
+            lines += [paired_row("3 seeds: DGPO − KD", ks, em["dgpo"]),
+                      paired_row("3 seeds: DGPO − (KD → GRPO)", em["grpo"], em["dgpo"]),
+                      paired_row("3 seeds: (KD → GRPO) − KD", ks, em["grpo"])]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, f"{args.part}.md"), "w") as f:
         f.write(text)
