@@ -20,7 +20,6 @@ generate text (rollout.py), or train.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -505,8 +504,6 @@ def main(argv=None) -> dict:
     prints the report as Markdown and writes DIR/report.json and DIR/trajectories.jsonl. Finished
     batches go to DIR/progress.jsonl as they complete; a rerun of the same command continues from
     them (see evaluate), and the file is deleted once the results are written."""
-
-
     parser = cli.ArgumentParser(prog="arc_metric.py", description="Evaluate a Hugging Face model directory as "
                                 "a search agent: greedy rollouts, EM/F1/sub-EM and ARC per data source.")
     parser.add_argument("--model", required=True, help="HF model directory (AutoModelForCausalLM)")
@@ -517,29 +514,17 @@ def main(argv=None) -> dict:
     source.add_argument("--index", help="a BM25 index directory built by `python retriever.py index`")
     source.add_argument("--retriever-url", help="a Search-R1 retrieval server, e.g. http://127.0.0.1:8000")
     cli.add_retriever_client_args(parser)
-    def at_least(low):
-        def parse(text):
-            value = int(text)
-            if value < low:
-                raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
-            return value
-        parse.__name__ = "int"
-        return parse
-
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--limit", type=at_least(1),
+    parser.add_argument("--limit", type=cli.bounded(int, ge=1),
                         help="evaluate N questions: a seeded sample stratified by data_source, each source keeping "
                              "its share of the file, in file order (data.sample_questions; not the first N rows: "
                              "Search-R1's test.parquet is sorted by source)")
     parser.add_argument("--limit-seed", type=int, default=0, help="the seed of --limit's sample")
-    parser.add_argument("--max-turns", type=at_least(0), default=4)
-    parser.add_argument("--max-new-tokens", type=at_least(1), default=500)
-    parser.add_argument("--max-obs-tokens", type=at_least(0), default=500)
-    parser.add_argument("--max-total-tokens", type=at_least(1),
-                        help="cap on prompt + response (default: the model's max_position_embeddings)")
-    parser.add_argument("--topk", type=at_least(1), default=3)
-    parser.add_argument("--batch-size", type=at_least(1), default=64)
+    cli.add_config_args(parser, rollout.RolloutConfig,
+                        only=("max_turns", "max_new_tokens", "max_obs_tokens", "max_total_tokens", "topk"))
+    parser.add_argument("--batch-size", type=cli.bounded(int, ge=1), default=64,
+                        help="sequences per rollout() call (default: 64)")
     parser.add_argument("--no-probe", action="store_true", help="skip the evidence-given probe")
     parser.add_argument("--probe-evidence", choices=["auto", "search"], default="auto",
                         help="auto: the questions' supporting_ids when present; search: always by search")
@@ -552,9 +537,6 @@ def main(argv=None) -> dict:
     if done and not args.overwrite:
         parser.error(f"--out {args.out} already holds {', '.join(done)}; pass --overwrite to replace them")
     checkpoint.check_writable(args.out)
-
-
-
     started = time.perf_counter()
     questions = data.load_questions(args.data)
     if args.limit is not None:

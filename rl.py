@@ -24,7 +24,7 @@ low-variance learning probe, the sampled reward on the validation questions (--p
 
 What it does not do: define the losses (dgpo.py), generate (rollout.py), or own the shared machinery:
 DDP set-up (ddp.py), models and batches (models.py), checkpoints (checkpoint.py), the optimizer,
-metrics and stopping (loop.py), settings' ranges and the CLI (cli.py, train.py).
+metrics and stopping (loop.py), the rules for settings (settings.py) and the CLI (cli.py, train.py).
 
 Distributed: each rank rolls out its own share of whole groups; every loss is divided by the
 GLOBAL token count and PPO's whitening uses global moments, so N ranks make the same actor and
@@ -52,57 +52,82 @@ import data
 import dgpo
 import arc_eval
 import checkpoint
-import cli
 import ddp
 import loop
 import models
 import rollout
+import settings
 
 
 @dataclass
 class RLConfig:
-    """Defaults are the paper's values where it gives one (docs/method.md §4)."""
-    steps: int = 1000              # RL steps: one round of rollouts and one update each
-    algo: str = "grpo"             # grpo (group advantages) | ppo (GAE with a critic, the paper's)
-    prompts_per_step: int = 512    # questions per step over all ranks (the paper: 512)
-    group_size: int = 5            # rollouts per question (GRPO needs >= 2; the paper's PPO uses 1)
-    micro_batch_size: int = 8      # sequences per forward/backward on one rank
-    mini_batches: int = 1          # optimizer steps per RL step, each on a share of whole groups
-    rollout_batch_size: int = 256  # sequences per rollout() call on one rank
-    lr: float = 1e-6               # actor learning rate (the paper: 1e-6)
-    warmup_ratio: float = 0.285    # of `steps` (the paper: 28.5%); then constant
-    weight_decay: float = 0.0      # AdamW weight decay
-    grad_clip: float = 1.0         # max global gradient norm
-    beta: float = 0.001            # teacher-KL weight β
-    teacher_mode: str = "selective"  # selective (DGPO) | uniform (KL on all rollouts) | none (no teacher)
-    teacher_as: str = "loss"       # loss (this project's default) | reward (the paper's k1 penalty)
-    kl: str = "full"               # full (exact KL over the vocabulary) | k2 | k3 (sampled)
-    clip_low: float = 0.2          # ratio clip below: 1 − clip_low
-    clip_high: float = 0.2         # ratio clip above: 1 + clip_high
-    agg: str = "token-mean"        # how token losses are averaged (dgpo.aggregate)
-    entropy_coef: float = 0.0      # entropy bonus c_H (the paper's PPO run: 0.001)
-    critic_lr: float = 1e-5        # PPO's critic (the paper: 1e-5)
-    critic_warmup_ratio: float = 0.015   # of the critic's steps (Search-R1's PPO script)
-    value_clip: float = 0.5        # ε_v of the clipped value loss (veRL's default)
-    gamma: float = 1.0             # GAE discount (the paper: 1)
-    gae_lambda: float = 1.0        # GAE λ (the paper: 1)
-    whiten_advantages: bool = True  # PPO: advantages whitened over the step's tokens (veRL's default)
-    temperature: float = 1.0       # rollout sampling temperature; every RL log-prob uses it too
-    top_p: float = 1.0             # nucleus sampling in the rollouts
-    max_turns: int = 4             # searches a rollout may make; then one final turn with no search
-    max_new_tokens: int = 500      # sampled tokens per turn
-    max_obs_tokens: int = 500      # passage tokens per observation
-    max_total_tokens: int | None = None  # cap on prompt + response; None = the model's max_position_embeddings
-    topk: int = 3                  # passages per search
-    seed: int = 0                  # data order and rollout sampling
-    eval_every: int = 0            # validation EM every N steps (and at step 0); the best is kept in best/
-    eval_limit: int = 0            # validation questions: a seeded sample stratified by data_source (0 = all)
-    save_every: int = 0            # a resumable checkpoint every N steps (0 = only at the end)
-    drop_constant_groups: bool = False  # GRPO: the policy gradient over mixed groups only (rewards not all equal), the step refilled from further questions until it has prompts_per_step of them (DAPO's dynamic sampling); constant groups still carry the teacher term
-    max_draws: int = 4             # with --drop-constant-groups: at most this many rounds of prompts_per_step questions per step
-    term_grad_norms: bool = False  # log the gradient norm of each loss term on its own (surrogate, teacher, entropy) every step: a forward and a backward per term more, 1.4x the update's time on the demo student (README)
-    probe_samples: int = 0         # at every evaluation: sampled reward on the validation questions x this many samples at the rollout temperature, the same seed every time (0 = off)
-    pool_eval_limit: int = 0       # at every evaluation: greedy EM on this many RL-pool questions, the first of the data order (0 = off)
+    """Defaults are the paper's values where it gives one (docs/method.md §4). Each setting's help and
+    legal values are declared on its field (settings.py); the rollout settings are rollout.RolloutConfig's.
+    Why some bounds exist: AdamW moves every weight by about lr per step and shrinks it by
+    lr·weight_decay, so above 1 either destroys the model within steps (lr 1e30: NaN logits two steps
+    later, in sampling); grad_clip 0 would clip every update to nothing; a negative beta pushes the
+    student away from the teacher."""
+    steps: int = settings.setting(1000, "RL steps: one round of rollouts and one update each", ge=1)
+    algo: str = settings.setting("grpo", "grpo (group advantages) | ppo (GAE with a critic, the paper's)",
+                                 choices=("grpo", "ppo"))
+    prompts_per_step: int = settings.setting(512, "questions per step over all ranks (the paper: 512)", ge=1)
+    group_size: int = settings.setting(5, "rollouts per question (GRPO needs >= 2; the paper's PPO uses 1)", ge=1)
+    micro_batch_size: int = settings.setting(8, "sequences per forward/backward on one rank", ge=1)
+    mini_batches: int = settings.setting(1, "optimizer steps per RL step, each on a share of whole groups", ge=1)
+    rollout_batch_size: int = settings.setting(256, "sequences per rollout() call on one rank", ge=1)
+    lr: float = settings.setting(1e-6, "actor learning rate (the paper: 1e-6)", ge=0, le=1)
+    warmup_ratio: float = settings.setting(0.285, "of `steps` (the paper: 28.5%); then constant", ge=0, le=1)
+    weight_decay: float = settings.setting(0.0, "AdamW weight decay", ge=0, le=1)
+    grad_clip: float = settings.setting(1.0, "max global gradient norm", gt=0)
+    beta: float = settings.setting(0.001, "teacher-KL weight β", ge=0)
+    teacher_mode: str = settings.setting("selective", "selective (DGPO) | uniform (KL on all rollouts) | none (no "
+                                         "teacher)", choices=("selective", "uniform", "none"))
+    teacher_as: str = settings.setting("loss", "loss (this project's default) | reward (the paper's k1 penalty)",
+                                       choices=("loss", "reward"))
+    kl: str = settings.setting("full", "full (exact KL over the vocabulary) | k2 | k3 (sampled)",
+                               choices=("full", "k2", "k3"))
+    clip_low: float = settings.setting(0.2, "ratio clip below: 1 − clip_low", ge=0, lt=1)
+    clip_high: float = settings.setting(0.2, "ratio clip above: 1 + clip_high", ge=0)
+    agg: str = settings.setting("token-mean", "how token losses are averaged (dgpo.aggregate)",
+                                choices=dgpo.AGG_MODES)
+    entropy_coef: float = settings.setting(0.0, "entropy bonus c_H (the paper's PPO run: 0.001)", ge=0)
+    critic_lr: float = settings.setting(1e-5, "PPO's critic (the paper: 1e-5)", ge=0, le=1)
+    critic_warmup_ratio: float = settings.setting(0.015, "of the critic's steps (Search-R1's PPO script)", ge=0, le=1)
+    value_clip: float = settings.setting(0.5, "ε_v of the clipped value loss (veRL's default)", gt=0)
+    gamma: float = settings.setting(1.0, "GAE discount (the paper: 1)", ge=0, le=1)
+    gae_lambda: float = settings.setting(1.0, "GAE λ (the paper: 1)", ge=0, le=1)
+    whiten_advantages: bool = settings.setting(True, "PPO: advantages whitened over the step's tokens (veRL's "
+                                               "default)")
+    temperature: float = settings.same_as(rollout.RolloutConfig, "temperature", help="rollout sampling temperature; "
+                                          "every RL log-prob uses it too (RL refuses 0: greedy rollouts make every "
+                                          "group identical)")
+    top_p: float = settings.same_as(rollout.RolloutConfig, "top_p")
+    max_turns: int = settings.same_as(rollout.RolloutConfig, "max_turns")
+    max_new_tokens: int = settings.same_as(rollout.RolloutConfig, "max_new_tokens")
+    max_obs_tokens: int = settings.same_as(rollout.RolloutConfig, "max_obs_tokens")
+    max_total_tokens: int | None = settings.same_as(rollout.RolloutConfig, "max_total_tokens")
+    topk: int = settings.same_as(rollout.RolloutConfig, "topk")
+    seed: int = settings.setting(0, "data order and rollout sampling", ge=0)
+    eval_every: int = settings.setting(0, "validation EM every N steps (and at step 0); the best is kept in best/",
+                                       ge=0)
+    eval_limit: int = settings.setting(0, "validation questions: a seeded sample stratified by data_source (0 = all)",
+                                       ge=0)
+    save_every: int = settings.setting(0, "a resumable checkpoint every N steps (0 = only at the end)", ge=0)
+    drop_constant_groups: bool = settings.setting(
+        False, "GRPO: the policy gradient over mixed groups only (rewards not all equal), the step refilled from "
+        "further questions until it has prompts_per_step of them (DAPO's dynamic sampling); constant groups still "
+        "carry the teacher term")
+    max_draws: int = settings.setting(4, "with --drop-constant-groups: at most this many rounds of prompts_per_step "
+                                      "questions per step", ge=1)
+    term_grad_norms: bool = settings.setting(
+        False, "log the gradient norm of each loss term on its own (surrogate, teacher, entropy) every step: a "
+        "forward and a backward per term more, 1.4x the update's time on the demo student (README)")
+    probe_samples: int = settings.setting(
+        0, "at every evaluation: sampled reward on the validation questions x this many samples at the rollout "
+        "temperature, the same seed every time (0 = off)", ge=0)
+    pool_eval_limit: int = settings.setting(
+        0, "at every evaluation: greedy EM on this many RL-pool questions, the first of the data order (0 = off)",
+        ge=0)
 
 
 def rollout_config(cfg: RLConfig, greedy: bool = False,
@@ -125,9 +150,10 @@ def check_rl_config(cfg: RLConfig, dist: ddp.Dist) -> None:
 
 
 def check_rl_settings(cfg: RLConfig) -> None:
-    """The checks that need no world size: each setting's range (cli.RANGES) and the combinations
-    this algorithm cannot train with. The CLI runs them at parse time, the trainer again."""
-    cli.check_config(cfg)
+    """The checks that need no world size: each setting's legal values (declared on its field,
+    settings.check) and the combinations this algorithm cannot train with. The CLI runs them at parse
+    time, the trainer again."""
+    settings.check(cfg)
     if cfg.algo == "grpo" and cfg.group_size < 2:
         raise ValueError(f"--group-size {cfg.group_size}: GRPO normalises rewards within a group of "
                          "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2 "

@@ -32,30 +32,32 @@ from tqdm import tqdm
 
 import arc_eval
 import checkpoint
-import cli
 import data
 import dgpo
 import ddp
 import loop
 import models
 import rollout
+import settings
 
 
 @dataclass
 class SupervisedConfig:
-    """Teacher SFT (no teacher: CE only) and the KD cold start (CE + λ·forward KL to the teacher)."""
-    steps: int = 1000              # optimizer steps
-    batch_size: int = 8            # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 8      # sequences per forward/backward on one rank
-    lr: float = 1e-5               # peak learning rate
-    min_lr_ratio: float = 0.1      # cosine decay to lr·min_lr_ratio
-    warmup_steps: int = 20         # linear warm-up steps
-    weight_decay: float = 0.0      # AdamW weight decay
-    grad_clip: float = 1.0         # max global gradient norm
-    lam: float = 1.0               # λ of the KD term (docs/method.md §4)
-    seed: int = 0                  # data order and any sampling
-    eval_every: int = 0            # held-out KD loss every N steps (0 = only at the end)
-    save_every: int = 0            # a resumable checkpoint every N steps (0 = only at the end)
+    """Teacher SFT (no teacher: CE only) and the KD cold start (CE + λ·forward KL to the teacher). Each
+    setting's help and legal values are declared on its field (settings.py); lr and weight_decay stop at
+    1 because AdamW above that destroys the model within steps."""
+    steps: int = settings.setting(1000, "optimizer steps", ge=1)
+    batch_size: int = settings.setting(8, "sequences per optimizer step, over all ranks", ge=1)
+    micro_batch_size: int = settings.setting(8, "sequences per forward/backward on one rank", ge=1)
+    lr: float = settings.setting(1e-5, "peak learning rate", ge=0, le=1)
+    min_lr_ratio: float = settings.setting(0.1, "cosine decay to lr·min_lr_ratio", ge=0, le=1)
+    warmup_steps: int = settings.setting(20, "linear warm-up steps", ge=0)
+    weight_decay: float = settings.setting(0.0, "AdamW weight decay", ge=0, le=1)
+    grad_clip: float = settings.setting(1.0, "max global gradient norm", gt=0)
+    lam: float = settings.setting(1.0, "λ of the KD term (docs/method.md §4)", ge=0)
+    seed: int = settings.setting(0, "data order and any sampling", ge=0)
+    eval_every: int = settings.setting(0, "held-out KD loss every N steps (0 = only at the end)", ge=0)
+    save_every: int = settings.setting(0, "a resumable checkpoint every N steps (0 = only at the end)", ge=0)
 
 
 def supervised_loss(model, teacher, records: list[dict], normaliser: float, vocab_size: int,
@@ -89,7 +91,7 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
     ({argument: checkpoint.fingerprint}) is recorded in the trainer state, and a resume with other
     inputs is refused unless `override_config`. SIGINT / SIGTERM: the step finishes, a resumable
     checkpoint is saved and Interrupted is raised."""
-    cli.check_config(cfg)
+    settings.check(cfg)
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size}")
     if cfg.eval_every and not heldout:

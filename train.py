@@ -12,11 +12,12 @@ chaining all of them on the built-in world:
   demo     world → teacher → tgo → kd → rl → eval, then the paper-style results table
 
 What it does not do: train or evaluate itself. The layers below it, lowest first: ddp.py (DDP set-up,
-precision), cli.py (settings' ranges, flags, one-line errors), checkpoint.py (atomic checkpoints,
-resume, run directories), models.py (loading, batches, HeadAtPositions), loop.py (what both trainers
-share: optimizer, stopping, metrics), arc_eval.py (scored rollouts, evaluation), then the stages
-sft.py (teacher SFT, kd, tgo) and rl.py; the losses are dgpo.py's, generation rollout.py's, the metric
-arc_metric.py's, the search engine retriever.py's.
+precision), settings.py (each setting's legal values and help, on its config field), cli.py (flags,
+one-line errors), checkpoint.py (atomic checkpoints, resume, run directories), models.py (loading,
+batches, HeadAtPositions), loop.py (what both trainers share: optimizer, stopping, metrics),
+arc_eval.py (scored rollouts, evaluation), then the stages sft.py (teacher SFT, kd, tgo) and rl.py;
+the losses are dgpo.py's, generation rollout.py's, the metric arc_metric.py's, the search engine
+retriever.py's.
 
 Distributed. `torchrun --nproc_per_node=N train.py rl ...` runs plain DDP: NCCL + bf16 autocast on
 GPUs, gloo + fp32 on CPU (decided in `ddp.setup()` and `ddp.autocast()` only). Each rank rolls out its
@@ -55,6 +56,7 @@ import models
 import retriever as retriever_lib
 import rl
 import rollout
+import settings
 import sft
 
 
@@ -259,7 +261,7 @@ def add_run_args(parser) -> None:
     parser.add_argument("--override-config", action="store_true",
                         help="with --resume: apply settings that differ from the checkpoint's (recorded)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
-    parser.add_argument("--stop-after", type=cli.ranged("steps", int), help="end this run after N steps, resumable")
+    parser.add_argument("--stop-after", type=cli.bounded(int, ge=1), help="end this run after N steps, resumable")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--report-to", choices=loop.REPORT_TO, default="none",
                         help="also send the metrics to TensorBoard or W&B (metrics.jsonl is always written)")
@@ -308,8 +310,9 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="questions JSONL")
     p.add_argument("--out", required=True, help="output trajectories JSONL")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--samples", type=cli.ranged("steps", int), default=1, help="rollouts per question (greedy if 1)")
-    p.add_argument("--batch-size", type=cli.ranged("batch_size", int), default=64)
+    p.add_argument("--samples", type=cli.bounded(int, ge=1), default=1, help="rollouts per question (greedy if 1)")
+    p.add_argument("--batch-size", type=cli.bounded(int, ge=1), default=64,
+                   help="sequences per rollout() call on one rank")
     add_retriever_args(p)
     cli.add_config_args(p, rollout.RolloutConfig)
 
@@ -380,7 +383,7 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         run_demo(args.preset, args.out, dist)
     elif args.stage in ("teacher", "kd"):
         cfg = cli.config_from_args(args, sft.SupervisedConfig)
-        cli.check_config(cfg)
+        settings.check(cfg)
         start = args.model if args.stage == "teacher" else args.student
         # what this run reads (resumed, the weights come from the checkpoint, not from --model/--student)
         paths = {"--model" if args.stage == "teacher" else "--student": None if args.resume else start,

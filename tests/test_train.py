@@ -23,6 +23,7 @@ import loop
 import models
 import retriever as retriever_lib
 import rl
+import settings
 import sft
 import stats
 import train
@@ -254,17 +255,15 @@ def test_help_shows_every_numeric_range():
 
 
 @pytest.mark.slow
-def test_every_config_option_is_explained_in_help_by_its_field_comment():
+def test_every_config_option_is_explained_in_help_by_its_fields_help():
     for stage, config_cls in [("rl", rl.RLConfig), ("kd", sft.SupervisedConfig), ("tgo", RolloutConfig)]:
-        comments = cli.field_comments(config_cls)
-        fields = [f.name for f in dataclasses.fields(config_cls)]
-        assert set(comments) <= set(fields)
-        if stage != "tgo":
-            assert set(comments) == set(fields), set(fields) - set(comments)   # every option explained
+        helps = {f.name: f.metadata.get("help") for f in dataclasses.fields(config_cls)}
+        assert all(helps.values()), [name for name, text in helps.items() if not text]   # every option explained
         shown = " ".join(_cli(stage, "--help").stdout.split())              # argparse wraps lines
-        for name, text in comments.items():
+        for name, text in helps.items():
             assert " ".join(text.split()) in shown, (stage, name)
-    assert cli.field_comments(rl.RLConfig)["critic_lr"] == "PPO's critic (the paper: 1e-5)"
+    assert {f.name: f for f in dataclasses.fields(rl.RLConfig)}["critic_lr"].metadata["help"] == \
+        "PPO's critic (the paper: 1e-5)"
 
 
 def test_long_questions_are_refused_before_any_rollout(world, retriever, model_dirs, tmp_path, tokenizer, rl_config):
@@ -399,9 +398,9 @@ def test_every_checkpoint_carries_its_settings_as_json_and_tensorboard_gets_the_
 
 
 def test_kd_lambda_and_gae_lambda_have_their_own_ranges():
-    cli.check_config(sft.SupervisedConfig(lam=2.0))               # KD's λ: any weight >= 0
+    settings.check(sft.SupervisedConfig(lam=2.0))               # KD's λ: any weight >= 0
     with pytest.raises(ValueError, match="gae_lambda=2.0: must be in \\[0, 1\\]"):
-        cli.check_config(rl.RLConfig(gae_lambda=2.0))
+        settings.check(rl.RLConfig(gae_lambda=2.0))
 
 
 def test_stages_read_a_bm25_index_built_once(world, retriever, tmp_path):
@@ -637,7 +636,7 @@ def test_learning_rates_that_destroy_the_model_are_refused_and_an_update_that_br
         with pytest.raises(SystemExit):
             train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", flag, value])
     with pytest.raises(ValueError, match=r"RLConfig.lr=inf: must be finite"):
-        cli.check_config(rl.RLConfig(lr=float("inf")))
+        settings.check(rl.RLConfig(lr=float("inf")))
     # the guard after an update: a step that leaves a weight non-finite stops the run, naming it
     model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=True)
     records = data.load_trajectories(fixed_rollouts)[:2]
