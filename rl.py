@@ -42,11 +42,10 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-from tqdm import tqdm
 
 import data
 import dgpo
@@ -733,36 +732,28 @@ def load_critic(path: str, dist: ddp.Dist, grad_checkpointing: bool, arg: str, f
 
 
 def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], retriever, cfg: RLConfig,
-             dist: ddp.Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
-             grad_checkpointing: bool = False, stop_after: int | None = None, override_config: bool = False,
-             overwrite: bool = False, report_to: str = "none", save_dtype: str = "float32",
-             info: dict | None = None, inputs: dict | None = None) -> dict:
-    """RL from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`,
-    by validation EM, the start model included, when cfg.eval_every). `stop_after` ends this run after
-    that many steps with a resumable checkpoint (the schedule still spans cfg.steps). report_to,
-    save_dtype, info, inputs, and SIGINT / SIGTERM: as in sft.train_supervised. `retriever` may
-    be a function of no argument that builds it: it is called after every cheaper check (settings,
-    --out, models, prompts), since building a BM25 index of a large corpus takes minutes."""
+             dist: ddp.Dist, run: loop.Run, validation: list[dict] | None = None,
+             grad_checkpointing: bool = False) -> dict:
+    """RL from `student_dir` (or from run.resume); saves to run.out_dir (and run.out_dir/best, by
+    validation EM, the start model included, when cfg.eval_every). run.stop_after ends this run after
+    that many steps with a resumable checkpoint (the schedule still spans cfg.steps); the rest of `run`,
+    and SIGINT / SIGTERM, as in sft.train_supervised. `retriever` may be a function of no argument that
+    builds it: it is called after every cheaper check (settings, --out, models, prompts, the resumed
+    state), since building a BM25 index of a large corpus takes minutes."""
     check_rl_config(cfg, dist)
     if cfg.eval_every and not validation:
         raise ValueError("--eval-every needs validation questions (--val FILE)")
     if teacher_dir is None and cfg.teacher_mode != "none":
         raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
-    if override_config and not resume:
-        raise ValueError("--override-config only makes sense with --resume")
-    checkpoint.recover_resume(resume, dist)               # before the weights, the critic or the state are read
-    # what this run reads (resumed, the weights come from the checkpoint, not from --student)
-    paths = {"--student": None if resume else student_dir, "--teacher": teacher_dir, "--resume": resume,
-             **{arg: fp["path"] for arg, fp in (inputs or {}).items()}}
-    if dist.master:
-        checkpoint.check_output(out_dir, resume, overwrite, inputs=paths)
-    arg = "--resume" if resume else "--student"
-    tokenizer = models.load_tokenizer(resume or student_dir, arg)
+    # before the weights, the critic or the state are read; resumed, the weights come from the checkpoint
+    loop.check_run(run, {"--student": None if run.resume else student_dir, "--teacher": teacher_dir}, dist)
+    arg = "--resume" if run.resume else "--student"
+    tokenizer = models.load_tokenizer(run.resume or student_dir, arg)
     teacher = None
     if cfg.teacher_mode != "none":
         models.check_same_tokenizer(tokenizer, models.load_tokenizer(teacher_dir, "--teacher"), student_dir,
                                     teacher_dir)
-    model = models.load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing,
+    model = models.load_model(run.resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing,
                               arg=arg)
     budget = rollout.length_budget(cfg.max_total_tokens, model)
     rollout.check_prompts(tokenizer, questions, budget, "training question")
@@ -777,49 +768,42 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
                                                int(cfg.warmup_ratio * updates), min_lr_ratio=None)
     critic, critic_hf = None, None
     if cfg.algo == "ppo":
-        critic_path = os.path.join(resume, CRITIC_DIR) if resume else student_dir
-        if resume and not os.path.isdir(critic_path):
-            raise FileNotFoundError(f"--resume {resume}: no {CRITIC_DIR}/ in it, so it is not a PPO checkpoint")
-        critic_hf = load_critic(critic_path, dist, grad_checkpointing, "--resume" if resume else "--student",
-                                fresh=not resume)
+        critic_path = os.path.join(run.resume, CRITIC_DIR) if run.resume else student_dir
+        if run.resume and not os.path.isdir(critic_path):
+            raise FileNotFoundError(f"--resume {run.resume}: no {CRITIC_DIR}/ in it, so it is not a PPO checkpoint")
+        critic_hf = load_critic(critic_path, dist, grad_checkpointing, arg, fresh=not run.resume)
         critic = Critic(models.wrap(critic_hf, dist),
                         *loop.make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
                                              int(cfg.critic_warmup_ratio * updates), None))
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
-    state = checkpoint.load_trainer_state(resume, dist, "rl", asdict(cfg), override_config, inputs) if resume else None
+    state = loop.resumed_state(run, "rl", cfg, dist)
     if not hasattr(retriever, "search"):       # built last: every check above is cheaper
         retriever = retriever()
-    if dist.master:                            # every input is loaded: only now may --overwrite delete anything
-        checkpoint.prepare_output(out_dir, resume, overwrite)
-    if dist.enabled:
-        torch_dist.barrier()
-    reporter = loop.Reporter(out_dir, report_to, "rl", asdict(cfg), dist)
-    start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
-    if resume:
-        loop.start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
+    stage = loop.open_stage("rl", cfg, run, state, optimizer, scheduler, dist)
+    best = {"em": -1.0, "step": 0}
+    if state is not None:
         if critic is not None:
             loop.restore_optimizer(critic.optimizer, critic.scheduler, state["critic_optimizer"],
                                    state["critic_scheduler"], cfg.critic_lr, "critic_lr" in state["changed"])
         generator.set_state(state["generators"][dist.rank])
-        start_step, counters, best = state["step"], state["counters"], state["best"]
+        best = state["best"]
     # the data position: every step reads the next prompts_per_step questions of the data order, or
     # several such rounds with --drop-constant-groups, so it is saved (older states: step × prompts)
-    cursor = state.get("cursor", start_step * cfg.prompts_per_step) if resume else 0
+    cursor = state.get("cursor", stage.start_step * cfg.prompts_per_step) if state is not None else 0
     rcfg = rollout_config(cfg, max_total_tokens=budget)
 
-    def save(path: str, step: int) -> None:
-        run_dir = path == out_dir           # best/ holds the actor only (for evaluation)
+    def save(step: int, path: str | None = None) -> None:
+        """A resumable checkpoint in run.out_dir; with `path` (best/), the actor alone, for evaluation."""
         generators = ddp.all_gather_objects(dist, [generator.get_state()])
-        state = {"stage": "rl", "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "counters": counters, "best": best,
-                 "generators": generators, "config": asdict(cfg), "inputs": inputs, "cursor": cursor}
+        state = {**stage.trainer_state(step, optimizer, scheduler), "best": best, "generators": generators,
+                 "cursor": cursor}
         extra = {}
-        if critic is not None and run_dir:
+        if critic is not None and path is None:
             state.update(critic_optimizer=critic.optimizer.state_dict(), critic_scheduler=critic.scheduler.state_dict())
             extra[CRITIC_DIR] = critic_hf
-        checkpoint.save_checkpoint(path, models.hf_model(ddp_model), tokenizer, dist, state,
-                                   carry=None if run_dir else (), extra=extra, save_dtype=save_dtype,
-                                   info={**(info or {}), "best": best})
+        checkpoint.save_checkpoint(path or run.out_dir, models.hf_model(ddp_model), tokenizer, dist, state,
+                                   carry=None if path is None else (), extra=extra, save_dtype=run.save_dtype,
+                                   info={**(run.info or {}), "best": best})
 
     # RL-pool questions evaluated greedily beside validation (cfg.pool_eval_limit): the first of the data
     # order, which RL trains on in its first steps, so pool_em − val_em shows what it memorised
@@ -847,25 +831,23 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         row["eval_s"] = time.time() - t
         if row["val_em"] > best["em"]:
             best = {"em": row["val_em"], "step": step}
-            save(os.path.join(out_dir, "best"), step)
+            save(step, os.path.join(run.out_dir, "best"))
 
-    if validation and cfg.eval_every and start_step == 0:   # step 0: the start model competes for best/
+    if validation and cfg.eval_every and stage.start_step == 0:   # step 0: the start model competes for best/
         row = {"step": 0}
         validate(0, row)
-        reporter.log(row, dist)
+        stage.log(row)
 
-    end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
-    bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
-               total=cfg.steps, dynamic_ncols=True)
-    with loop.StopSignals() as stop:
-        for step in bar:
+    with stage as steps:
+        for step in steps:
             t0 = time.time()
             model.eval()
             records, draws, cursor = draw_rollouts(ddp_model, tokenizer, questions, retriever, rcfg, cfg, dist,
                                                    generator, cursor)
             t_rollout = time.time() - t0
             model.train()
-            row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, counters, critic)
+            row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, stage.counters,
+                            critic)
             # every rollout drawn; one --drop-constant-groups left out has no penalty: its reward is its EM
             sums = ddp.all_reduce_sum(dist, [len(records), sum(r.get("reward", r["em"]) for r in records),
                                              sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
@@ -877,24 +859,12 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
                    "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
                    **({"draws": draws} if cfg.drop_constant_groups else {}),
                    "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
-                   "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0),
-                   "zero_grad_steps": counters.get("zero_grad_steps", 0)}
+                   "lr": scheduler.get_last_lr()[0], "skipped_steps": stage.counters.get("skipped_steps", 0),
+                   "zero_grad_steps": stage.counters.get("zero_grad_steps", 0)}
             if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 validate(step + 1, row)
-            if dist.master:
-                bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
-                                **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
-            reporter.log(row, dist)
-            loop.stop_if_diverged(counters, out_dir)
-            if step + 1 < end_step and stop.requested(dist):
-                bar.close()
-                save(out_dir, step + 1)
-                reporter.close()
-                raise loop.interrupted(stop.signum, "rl", step + 1, cfg.steps, out_dir, info, dist)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
-                save(out_dir, step + 1)
-    bar.close()
-    save(out_dir, end_step)
-    reporter.close()
+            stage.after_step(step, row, save, em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
+                           **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
+    stage.finish(save)
     validated = {"best_val_em": best["em"], "best_step": best["step"]} if best["em"] >= 0 else {}
-    return {**validated, **counters}
+    return {**validated, **stage.counters}

@@ -14,10 +14,10 @@ chaining all of them on the built-in world:
 What it does not do: train or evaluate itself. The layers below it, lowest first: ddp.py (DDP set-up,
 precision), settings.py (each setting's legal values and help, on its config field), cli.py (flags,
 one-line errors), checkpoint.py (atomic checkpoints, resume, run directories), models.py (loading,
-batches, HeadAtPositions), loop.py (what both trainers share: optimizer, stopping, metrics),
-arc_eval.py (scored rollouts, evaluation), then the stages sft.py (teacher SFT, kd, tgo) and rl.py;
-the losses are dgpo.py's, generation rollout.py's, the metric arc_metric.py's, the search engine
-retriever.py's.
+batches, HeadAtPositions), loop.py (what both trainers share: the stage skeleton, optimizer, stopping,
+metrics), arc_eval.py (scored rollouts, evaluation), then the stages sft.py (teacher SFT, kd, tgo) and
+rl.py; the losses are dgpo.py's, generation rollout.py's, the metric arc_metric.py's, the search
+engine retriever.py's.
 
 Distributed. `torchrun --nproc_per_node=N train.py rl ...` runs plain DDP: NCCL + bf16 autocast on
 GPUs, gloo + fp32 on CPU (decided in `ddp.setup()` and `ddp.autocast()` only). Each rank rolls out its
@@ -171,15 +171,16 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     seconds["world+tokenizer+oracle"], t = time.time() - t, time.time()
     demo.make_tiny_model(tokenizer, preset.teacher_size, seed=1, out_dir=os.path.join(dirs["init"], "teacher"))
     teacher = models.load_model(os.path.join(dirs["init"], "teacher"), dist, trainable=True)
-    sft.train_supervised(teacher, tokenizer, oracle_records, preset.teacher, dist, dirs["teacher"], desc="teacher")
+    sft.train_supervised(teacher, tokenizer, oracle_records, preset.teacher, dist, loop.Run(dirs["teacher"]),
+                         desc="teacher")
     teacher.eval().requires_grad_(False)
     seconds["teacher"], t = time.time() - t, time.time()
 
     # 2. the base student: the student architecture, language-model-pretrained on the corpus text only
     demo.make_tiny_model(tokenizer, preset.student_size, seed=2, out_dir=os.path.join(dirs["init"], "student"))
     student = models.load_model(os.path.join(dirs["init"], "student"), dist, trainable=True)
-    sft.train_supervised(student, tokenizer, demo.corpus_records(world, tokenizer), preset.pretrain, dist, dirs["base"],
-                         desc="pretrain")
+    sft.train_supervised(student, tokenizer, demo.corpus_records(world, tokenizer), preset.pretrain, dist,
+                         loop.Run(dirs["base"]), desc="pretrain")
     seconds["base student"], t = time.time() - t, time.time()
 
     # 3. tgo: the teacher's correct trajectories on the KD pool
@@ -193,14 +194,14 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
 
     # 4. kd: cold start of the base student on the teacher's trajectories
     heldout, train_part = tgo[:max(1, len(tgo) // 20)], tgo[max(1, len(tgo) // 20):]
-    sft.train_supervised(student, tokenizer, train_part, preset.kd, dist, dirs["kd"], teacher=teacher,
+    sft.train_supervised(student, tokenizer, train_part, preset.kd, dist, loop.Run(dirs["kd"]), teacher=teacher,
                          heldout=heldout, desc="kd")
     del student
     seconds["kd"], t = time.time() - t, time.time()
 
     # 5. rl: DGPO from the KD student on the RL pool; the best validation checkpoint (step 0 = KD) is kept
     summary = rl.train_rl(dirs["kd"], dirs["teacher"], rl_pool, retriever, rl.RLConfig(**preset.rl), dist,
-                          dirs["dgpo"], validation=validation)
+                          loop.Run(dirs["dgpo"]), validation=validation)
     seconds["rl"], t = time.time() - t, time.time()
 
     # 6. evaluation on the test split
@@ -341,9 +342,20 @@ def parse_args(argv):
             p.error("--eval-every needs --val FILE (the validation questions)")
     if args.stage in ("teacher", "kd") and args.eval_every and not args.heldout:
         sub.choices[args.stage].error("--eval-every needs --heldout FILE (the held-out trajectories it scores)")
-    if args.stage in ("teacher", "kd", "rl") and args.override_config and not args.resume:
-        sub.choices[args.stage].error("--override-config only makes sense with --resume")
+    if args.stage in ("teacher", "kd", "rl"):
+        try:
+            run_from_args(args)
+        except ValueError as error:
+            sub.choices[args.stage].error(str(error))
     return args
+
+
+def run_from_args(args, info: dict | None = None, inputs: dict | None = None) -> loop.Run:
+    """The run options of a training stage (add_run_args), with what train_config.json and the trainer
+    state record: `info` (run_info) and `inputs` ({argument: checkpoint.fingerprint})."""
+    return loop.Run(args.out, resume=args.resume, stop_after=args.stop_after, override_config=args.override_config,
+                    overwrite=args.overwrite, report_to=args.report_to, save_dtype=args.save_dtype, info=info,
+                    inputs=inputs)
 
 
 def main(argv=None) -> None:
@@ -387,11 +399,8 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         start = args.model if args.stage == "teacher" else args.student
         # what this run reads (resumed, the weights come from the checkpoint, not from --model/--student)
         paths = {"--model" if args.stage == "teacher" else "--student": None if args.resume else start,
-                 "--teacher": getattr(args, "teacher", None), "--data": args.data, "--heldout": args.heldout,
-                 "--resume": args.resume}
-        checkpoint.recover_resume(args.resume, dist)                      # before anything reads it
-        if dist.master:                                        # before any model is loaded
-            checkpoint.check_output(args.out, args.resume, args.overwrite, inputs=paths)
+                 "--teacher": getattr(args, "teacher", None), "--data": args.data, "--heldout": args.heldout}
+        loop.check_run(run_from_args(args), paths, dist)       # before any data or model is loaded
         arg = "--resume" if args.resume else ("--model" if args.stage == "teacher" else "--student")
         init = args.resume or start
         tokenizer = models.load_tokenizer(init, arg)
@@ -413,10 +422,8 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         inputs = checkpoint.input_fingerprints({"--data": args.data, "--heldout": args.heldout,
                                                 "--teacher": getattr(args, "teacher", None)},
                                                rows={"--data": len(records), "--heldout": len(heldout or [])})
-        sft.train_supervised(model, tokenizer, records, cfg, dist, args.out, teacher=teacher, heldout=heldout,
-                             resume=args.resume, desc=args.stage, stop_after=args.stop_after,
-                             override_config=args.override_config, overwrite=args.overwrite, report_to=args.report_to,
-                             save_dtype=args.save_dtype, info=info, inputs=inputs)
+        sft.train_supervised(model, tokenizer, records, cfg, dist, run_from_args(args, info, inputs), teacher=teacher,
+                             heldout=heldout, desc=args.stage)
     elif args.stage == "tgo":
         rcfg = cli.config_from_args(args, rollout.RolloutConfig)
         rcfg.greedy = rcfg.greedy or args.samples == 1
@@ -438,22 +445,17 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         rl.check_rl_config(cfg, dist)
         # what this run reads (resumed, the weights come from the checkpoint, not from --student)
         paths = {"--student": None if args.resume else args.student, "--teacher": args.teacher, "--data": args.data,
-                 "--val": args.val, "--corpus": args.corpus, "--index": args.index, "--resume": args.resume}
-        checkpoint.recover_resume(args.resume, dist)
-        if dist.master:
-            checkpoint.check_output(args.out, args.resume, args.overwrite, inputs=paths)
+                 "--val": args.val, "--corpus": args.corpus, "--index": args.index}
+        loop.check_run(run_from_args(args), paths, dist)       # before any data or model is loaded
         questions = data.load_questions(args.data)
         validation = data.load_questions(args.val) if args.val else None
         inputs = checkpoint.input_fingerprints({"--data": args.data, "--val": args.val, "--teacher": args.teacher,
                                                 "--corpus": args.corpus, "--index": args.index,
                                                 "--retriever-url": args.retriever_url},
                                                rows={"--data": len(questions), "--val": len(validation or [])})
-        summary = rl.train_rl(args.student, args.teacher, questions,
-                              retriever_from_args(args, cfg.topk),
-                              cfg, dist, args.out, validation=validation, resume=args.resume,
-                              grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after,
-                              override_config=args.override_config, overwrite=args.overwrite,
-                              report_to=args.report_to, save_dtype=args.save_dtype, info=info, inputs=inputs)
+        summary = rl.train_rl(args.student, args.teacher, questions, retriever_from_args(args, cfg.topk), cfg, dist,
+                              run_from_args(args, info, inputs), validation=validation,
+                              grad_checkpointing=args.grad_checkpointing)
         ddp.print0(dist, json.dumps(summary))
 
 

@@ -48,6 +48,7 @@ import arc_eval  # noqa: E402
 import data  # noqa: E402
 import ddp  # noqa: E402
 import demo  # noqa: E402
+import loop  # noqa: E402
 import models  # noqa: E402
 import plot  # noqa: E402
 import rl  # noqa: E402
@@ -191,7 +192,7 @@ def main(argv=None):
         records = demo.oracle_records(world.train, retriever, tokenizer, dataclasses.replace(greedy, max_new_tokens=500))
         demo.make_tiny_model(tokenizer, design.teacher_size, seed=1, out_dir=out + "-init")
         model = models.load_model(out + "-init", dist, trainable=True)
-        sft.train_supervised(model, tokenizer, records, design.teacher, dist, out, desc="teacher")
+        sft.train_supervised(model, tokenizer, records, design.teacher, dist, loop.Run(out), desc="teacher")
         shutil.rmtree(out + "-init")
         return {"oracle_trajectories": len(records)}
     units("teacher", make_teacher)
@@ -224,7 +225,8 @@ def main(argv=None):
             demo.make_tiny_model(tokenizer, design.student_size, seed=100 + seed, out_dir=out + "-init")
             model = models.load_model(out + "-init", dist, trainable=True)
             cfg = dataclasses.replace(design.pretrain, seed=seed)
-            sft.train_supervised(model, tokenizer, demo.corpus_records(world, tokenizer), cfg, dist, out, desc="pretrain")
+            sft.train_supervised(model, tokenizer, demo.corpus_records(world, tokenizer), cfg, dist,
+                                 loop.Run(out), desc="pretrain")
             shutil.rmtree(out + "-init")
             return {}
         units(f"{s}/base", make_base)
@@ -232,12 +234,13 @@ def main(argv=None):
         def make_kd(out, seed=seed):
             cfg = dataclasses.replace(design.kd, seed=seed)
             model = models.load_model(path(s, "base"), dist, trainable=True)
-            sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd",
-                                 stop_after=design.kd_early_step)
+            sft.train_supervised(model, tokenizer, tgo, cfg, dist,
+                                 loop.Run(out, stop_after=design.kd_early_step), teacher=teacher_model, desc="kd")
             shutil.rmtree(out + "-early", ignore_errors=True)   # left by an interrupted earlier run
             shutil.copytree(out, out + "-early")           # the weak start, a complete checkpoint
             model = models.load_model(out, dist, trainable=True)
-            sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd", resume=out)
+            sft.train_supervised(model, tokenizer, tgo, cfg, dist,
+                                 loop.Run(out, resume=out), teacher=teacher_model, desc="kd")
             return {}
         units(f"{s}/kd", make_kd)
         starts = {"base": path(s, "base"), "kd": path(s, "kd"), "kd_early": path(s, "kd-early")}
@@ -252,7 +255,7 @@ def main(argv=None):
                 cfg = dataclasses.replace(design.kd, seed=1000 + seed, lr=lr, warmup_steps=0,
                                           steps=max(1, sequences // design.kd.batch_size))
                 model = models.load_model(path(s, "kd"), dist, trainable=True)
-                sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd")
+                sft.train_supervised(model, tokenizer, tgo, cfg, dist, loop.Run(out), teacher=teacher_model, desc="kd")
                 return {"val_em": val_em(out)}
             res = units(f"{s}/kd-continued-lr{lr:g}", make_kdc)
             candidates[f"lr{lr:g}"] = (res["val_em"], path(s, f"kd-continued-lr{lr:g}"), lr)
@@ -268,7 +271,7 @@ def main(argv=None):
 
                 def make_rl(out, arm=arm, lr=lr, seed=seed, start=start):
                     cfg = rl_settings(design, arm, lr, seed)
-                    summary = rl.train_rl(starts[start], path("teacher"), rl_pool, retriever, cfg, dist, out,
+                    summary = rl.train_rl(starts[start], path("teacher"), rl_pool, retriever, cfg, dist, loop.Run(out),
                                           validation=validation)
                     return {"summary": summary, "config": dataclasses.asdict(cfg)}
                 runs[lr] = units(name, make_rl)
