@@ -6,7 +6,8 @@ binary EM on the model's own turns (the records RL, tgo and the oracle's data ar
 (arc_metric.score_record), runs the evidence-given probe (Source Referencing: the gold passages
 placed in the first search's results, does the model then answer?) and returns the ARC report;
 `evaluate_dir` does that for a model directory and writes its report.json; `paired_differences`
-compares evaluations of several methods on the same questions (bootstrap interval, McNemar); `main` is
+compares evaluations of several methods on the same questions (bootstrap interval, McNemar), and
+`comparison_tables` shows them side by side (the demo's results tables); `main` is
 `python arc_eval.py` / `python train.py eval`, resumable from its progress file.
 
 What it does not do: define the metrics or render the tables (arc_metric.py, standard library only),
@@ -378,6 +379,27 @@ def paired_table(per_question: dict[str, dict], reference: str = "KD only") -> s
         rows.append(f"| {name} | {d['n']} | {stats.format_difference(d)} | {d['only_reference']} | "
                     f"{d['only_method']} | {d['mcnemar_p']:.3g} |")
     return "\n".join(rows)
+
+
+def comparison_tables(reports: dict[str, dict], per_question: dict[str, dict] | None = None,
+                      split: str = "the test split") -> str:
+    """Several models evaluated on the same test questions: methods × (EM per data source, Avg),
+    evidence-given EM w/ think per source, and the ARC columns on all questions; with `per_question`
+    ({method: per_question_em(...)}, "KD only" among them) the paired comparison of every other method
+    with the KD model (paired_table)."""
+    em = arc_metric.render_comparison(reports, metric="em", title=f"EM on {split}")
+    probe = arc_metric.render_comparison(reports, metric="probe_em_think",
+                                         title=f"Evidence-given EM, w/ think, on {split}")
+    columns = ["em", "f1", "hit_substr", "searches", "probe_em_no_think", "probe_em_think", "probe_own_turn",
+               "has_answer"]
+    rows = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, report in reports.items():
+        rows.append(f"| {name} | " + " | ".join(f"{report['all'].get(c, float('nan')):.3f}" for c in columns) + " |")
+    table = em + "\n\n" + probe + "\n\nARC (all test questions)\n" + "\n".join(rows)
+    if per_question:
+        table += ("\n\nPaired on the same test questions (95% CI: bootstrap over questions)\n"
+                  + paired_table(per_question))
+    return table
 
 
 # -----------------------------------------------------------------------------
