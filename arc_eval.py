@@ -6,7 +6,8 @@ binary EM on the model's own turns (the records RL, tgo and the oracle's data ar
 (arc_metric.score_record), runs the evidence-given probe (Source Referencing: the gold passages
 placed in the first search's results, does the model then answer?) and returns the ARC report;
 `evaluate_dir` does that for a model directory and writes its report.json; `paired_differences`
-compares evaluations of several methods on the same questions (bootstrap interval, McNemar); `main` is
+compares evaluations of several methods on the same questions (bootstrap interval, McNemar), and
+`comparison_tables` shows them side by side (the demo's results tables); `main` is
 `python arc_eval.py` / `python train.py eval`, resumable from its progress file.
 
 What it does not do: define the metrics or render the tables (arc_metric.py, standard library only),
@@ -20,7 +21,6 @@ generate text (rollout.py), or train.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -381,6 +381,27 @@ def paired_table(per_question: dict[str, dict], reference: str = "KD only") -> s
     return "\n".join(rows)
 
 
+def comparison_tables(reports: dict[str, dict], per_question: dict[str, dict] | None = None,
+                      split: str = "the test split") -> str:
+    """Several models evaluated on the same test questions: methods × (EM per data source, Avg),
+    evidence-given EM w/ think per source, and the ARC columns on all questions; with `per_question`
+    ({method: per_question_em(...)}, "KD only" among them) the paired comparison of every other method
+    with the KD model (paired_table)."""
+    em = arc_metric.render_comparison(reports, metric="em", title=f"EM on {split}")
+    probe = arc_metric.render_comparison(reports, metric="probe_em_think",
+                                         title=f"Evidence-given EM, w/ think, on {split}")
+    columns = ["em", "f1", "hit_substr", "searches", "probe_em_no_think", "probe_em_think", "probe_own_turn",
+               "has_answer"]
+    rows = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, report in reports.items():
+        rows.append(f"| {name} | " + " | ".join(f"{report['all'].get(c, float('nan')):.3f}" for c in columns) + " |")
+    table = em + "\n\n" + probe + "\n\nARC (all test questions)\n" + "\n".join(rows)
+    if per_question:
+        table += ("\n\nPaired on the same test questions (95% CI: bootstrap over questions)\n"
+                  + paired_table(per_question))
+    return table
+
+
 # -----------------------------------------------------------------------------
 # Evaluation entry point: greedy rollouts over a question set -> trajectories JSONL + ARC report
 
@@ -505,8 +526,6 @@ def main(argv=None) -> dict:
     prints the report as Markdown and writes DIR/report.json and DIR/trajectories.jsonl. Finished
     batches go to DIR/progress.jsonl as they complete; a rerun of the same command continues from
     them (see evaluate), and the file is deleted once the results are written."""
-
-
     parser = cli.ArgumentParser(prog="arc_metric.py", description="Evaluate a Hugging Face model directory as "
                                 "a search agent: greedy rollouts, EM/F1/sub-EM and ARC per data source.")
     parser.add_argument("--model", required=True, help="HF model directory (AutoModelForCausalLM)")
@@ -517,29 +536,17 @@ def main(argv=None) -> dict:
     source.add_argument("--index", help="a BM25 index directory built by `python retriever.py index`")
     source.add_argument("--retriever-url", help="a Search-R1 retrieval server, e.g. http://127.0.0.1:8000")
     cli.add_retriever_client_args(parser)
-    def at_least(low):
-        def parse(text):
-            value = int(text)
-            if value < low:
-                raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
-            return value
-        parse.__name__ = "int"
-        return parse
-
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    parser.add_argument("--limit", type=at_least(1),
+    parser.add_argument("--limit", type=cli.bounded(int, ge=1),
                         help="evaluate N questions: a seeded sample stratified by data_source, each source keeping "
                              "its share of the file, in file order (data.sample_questions; not the first N rows: "
                              "Search-R1's test.parquet is sorted by source)")
     parser.add_argument("--limit-seed", type=int, default=0, help="the seed of --limit's sample")
-    parser.add_argument("--max-turns", type=at_least(0), default=4)
-    parser.add_argument("--max-new-tokens", type=at_least(1), default=500)
-    parser.add_argument("--max-obs-tokens", type=at_least(0), default=500)
-    parser.add_argument("--max-total-tokens", type=at_least(1),
-                        help="cap on prompt + response (default: the model's max_position_embeddings)")
-    parser.add_argument("--topk", type=at_least(1), default=3)
-    parser.add_argument("--batch-size", type=at_least(1), default=64)
+    cli.add_config_args(parser, rollout.RolloutConfig,
+                        only=("max_turns", "max_new_tokens", "max_obs_tokens", "max_total_tokens", "topk"))
+    parser.add_argument("--batch-size", type=cli.bounded(int, ge=1), default=64,
+                        help="sequences per rollout() call (default: 64)")
     parser.add_argument("--no-probe", action="store_true", help="skip the evidence-given probe")
     parser.add_argument("--probe-evidence", choices=["auto", "search"], default="auto",
                         help="auto: the questions' supporting_ids when present; search: always by search")
@@ -552,9 +559,6 @@ def main(argv=None) -> dict:
     if done and not args.overwrite:
         parser.error(f"--out {args.out} already holds {', '.join(done)}; pass --overwrite to replace them")
     checkpoint.check_writable(args.out)
-
-
-
     started = time.perf_counter()
     questions = data.load_questions(args.data)
     if args.limit is not None:

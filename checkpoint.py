@@ -25,10 +25,11 @@ What it does
   an exact resume, refusing another stage, other settings (except FREE_SETTINGS) or other inputs;
   `recover_resume` runs before anything reads a --resume directory.
 - Run directories: `check_output` (before any work, changing nothing) and `prepare_output` (after
-  every input is loaded) decide what an --out may be and what --overwrite may delete (RUN_MARKER).
+  every input is loaded) decide what an --out may be and what --overwrite may delete (RUN_MARKER);
+  `own_directory` is the rule for a directory a command regenerates whole (the demo's).
 
 What it does not do: load models (models.py), restore an optimizer or a metrics file (loop.start_from),
-or decide when to save (the trainers, sft.py and rl.py).
+or decide when to save (loop.Stage, for the trainers in sft.py and rl.py).
 
 The swap, step by step (`target` = T, `.T.saving` = S, `.T.old` = O):
     1. write(S); S/CHECKPOINT_COMPLETE            a kill here: S is incomplete -> recover deletes it
@@ -627,3 +628,25 @@ def prepare_output(out: str, resume: str | None, overwrite: bool) -> None:
             shutil.copyfile(source, os.path.join(out, "metrics.jsonl"))
         if os.path.isdir(os.path.join(resume, "best")):
             shutil.copytree(os.path.join(resume, "best"), os.path.join(out, "best"))
+
+
+def own_directory(out: str, marker: str, entries, owner: str) -> None:
+    """A directory a command regenerates whole (the demo's): what an earlier run of it wrote there
+    (`entries`) is deleted, so the command works when run twice, and anything else is kept; a non-empty
+    directory without its `marker` file is refused (`owner` names the command in the messages)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory; {owner} writes a directory of runs")
+    if os.path.isdir(out) and os.listdir(out):
+        if not os.path.isfile(os.path.join(out, marker)):
+            raise ValueError(f"--out {out}: exists, is not empty and was not written by {owner}; "
+                             f"choose another --out ({owner} replaces its own directory)")
+        for name in entries:
+            path = os.path.join(out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+    check_writable(out)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, marker), "w") as f:
+        f.write(f"written by {owner}; its next run here replaces what it wrote\n")

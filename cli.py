@@ -1,97 +1,30 @@
-"""Settings and the command line every entry point shares: each setting's legal range, flags made
-from config dataclasses, and errors a person can act on printed as one line.
+"""The command line every entry point shares: --options made from config dataclasses, and errors a
+person can act on printed as one line.
 
-What it does: RANGES / CHOICES hold the legal values of every numeric and enumerated setting of the
-config dataclasses (sft.SupervisedConfig, rl.RLConfig, rollout.RolloutConfig); `check_config`
-applies them to a config (for callers of the Python API) and `add_config_args` turns a config's
-fields into --options that check them at parse time, with the field's `# comment` as the help.
-`run_cli` runs an entry point so that a user error (bad argument, missing file, a run that stopped
-on purpose: `Stopped`) prints one line and exits 2, an interrupted run exits 128 + the signal.
+What it does: `add_config_args` turns a config's fields into --options, each with the help, range and
+default its field declares (settings.setting) in --help, its range and choices enforced at parse time;
+`bounded` is the same parse-time check for an option that is no config field. `run_cli` runs an entry
+point so that a user error (bad argument, missing file, a run that stopped on purpose: `Stopped`) prints
+one line and exits 2, an interrupted run exits 128 + the signal.
 
-What it does not do: define the configs (each lives beside the code it configures) or the stages'
-own options (train.py's parse_args, arc_eval.main).
+What it does not do: declare any setting's legal values (each config field does, settings.py), define
+the configs (each lives beside the code it configures) or the stages' own options (train.py's
+parse_args, arc_eval.main).
 
     import cli
     parser = cli.ArgumentParser(prog="train.py")
     cli.add_config_args(parser, rl.RLConfig)       # --lr, --beta, ... each with its range in --help
-    cli.check_config(rl.RLConfig(lr=2.0))          # ValueError: RLConfig.lr=2.0: must be in [0, 1]
+    parser.add_argument("--samples", type=cli.bounded(int, ge=1), default=1)
     cli.run_cli(main)                              # in `if __name__ == "__main__":`
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
-import math
 import os
-import re
 import sys
 
-import dgpo
-
-
-# the legal values of the enumerated options (rl.RLConfig's): the CLI offers them as choices, the
-# trainers check them
-CHOICES = {"algo": ("grpo", "ppo"), "teacher_mode": ("selective", "uniform", "none"),
-           "teacher_as": ("loss", "reward"), "kl": ("full", "k2", "k3"), "agg": dgpo.AGG_MODES}
-
-
-# The legal range of every numeric setting, (low, high, low is allowed, high is allowed), None = no
-# bound; every value must also be finite. The CLI checks them at parse time (they show in --help);
-# the trainers check them again for callers of the Python API. Why some bounds exist: grad_clip 0
-# would clip every update to nothing; a negative beta pushes the student away from the teacher;
-# AdamW moves every weight by about lr per step and shrinks it by lr·weight_decay, so above 1 either
-# destroys the model within steps (lr 1e30: NaN logits two steps later, in sampling). (RL also needs
-# temperature > 0: rl.py.)
-RANGES = {
-    "steps": (1, None, True, None), "batch_size": (1, None, True, None),
-    "micro_batch_size": (1, None, True, None), "lr": (0, 1, True, True),
-    "min_lr_ratio": (0, 1, True, True), "warmup_steps": (0, None, True, None),
-    "weight_decay": (0, 1, True, True), "grad_clip": (0, None, False, None), "lam": (0, None, True, None),
-    "seed": (0, None, True, None), "eval_every": (0, None, True, None), "save_every": (0, None, True, None),
-    "prompts_per_step": (1, None, True, None), "group_size": (1, None, True, None),
-    "mini_batches": (1, None, True, None), "rollout_batch_size": (1, None, True, None),
-    "warmup_ratio": (0, 1, True, True), "beta": (0, None, True, None), "clip_low": (0, 1, True, False),
-    "clip_high": (0, None, True, None), "entropy_coef": (0, None, True, None),
-    "temperature": (0, None, True, None), "top_p": (0, 1, False, True), "max_turns": (0, None, True, None),
-    "max_new_tokens": (1, None, True, None), "max_obs_tokens": (0, None, True, None),
-    "max_total_tokens": (1, None, True, None), "topk": (1, None, True, None), "eval_limit": (0, None, True, None),
-    "critic_lr": (0, 1, True, True), "critic_warmup_ratio": (0, 1, True, True), "value_clip": (0, None, False, None),
-    "gamma": (0, 1, True, True), "gae_lambda": (0, 1, True, True), "max_draws": (1, None, True, None),
-    "probe_samples": (0, None, True, None), "pool_eval_limit": (0, None, True, None),
-    "retriever_retry_seconds": (0, None, True, None), "retriever_timeout": (0, None, False, None),
-}
-
-
-def range_text(name: str) -> str:
-    low, high, low_ok, high_ok = RANGES[name]
-    if high is None:
-        return f"{'>=' if low_ok else '>'} {low}"
-    return f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
-
-
-def in_range(name: str, value) -> bool:
-    """Inside RANGES[name], and finite: no setting means anything at inf or NaN (`--lr inf` would
-    only crash steps later, in sampling)."""
-    low, high, low_ok, high_ok = RANGES[name]
-    if value is None:
-        return name == "max_total_tokens"
-    if not math.isfinite(value):
-        return False
-    above = value >= low if low_ok else value > low
-    below = high is None or (value <= high if high_ok else value < high)
-    return above and below
-
-
-def check_config(cfg) -> None:
-    """Every numeric setting of a config inside its RANGES, every enumerated one among CHOICES."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name in RANGES and not in_range(f.name, value):
-            finite = "finite and " if value is not None and not math.isfinite(value) else ""
-            raise ValueError(f"{type(cfg).__name__}.{f.name}={value!r}: must be {finite}{range_text(f.name)}")
-        if f.name in CHOICES and value not in CHOICES[f.name]:
-            raise ValueError(f"{type(cfg).__name__}.{f.name}={value!r}: must be one of {CHOICES[f.name]}")
+import settings
 
 
 class Stopped(RuntimeError):
@@ -140,43 +73,43 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def field_comments(config_cls) -> dict:
-    """The `# comment` after each field of a config dataclass, by field name: the one place a
-    setting is explained, in the source and in --help alike."""
-    comments = {}
-    for line in inspect.getsource(config_cls).splitlines():
-        match = re.match(r"\s+(\w+): [^=]+=[^#]*#\s*(.+)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2).strip()
-    return comments
-
-
-def add_config_args(parser: argparse.ArgumentParser, config_cls) -> None:
-    comments = field_comments(config_cls)
+def add_config_args(parser: argparse.ArgumentParser, config_cls, only: tuple[str, ...] | None = None) -> None:
+    """An --option for every field of a config dataclass (`only`: for these fields), with the field's
+    help, range and default in --help; a value outside its legal ones is refused at parse time."""
     for f in dataclasses.fields(config_cls):
+        if only is not None and f.name not in only:
+            continue
         flag, default = f"--{f.name.replace('_', '-')}", f.default
-        what = (comments[f.name] + " ").replace("%", "%%") if f.name in comments else ""
+        what = (f.metadata["help"] + " ").replace("%", "%%") if f.metadata.get("help") else ""
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default, help=f"{what}(default: {default})")
             continue
         # a None default (e.g. `seed: int | None = None`) takes its type from the annotation
         kind = type(default) if default is not None else (int if "int" in str(f.type) else float)
-        legal = f"{range_text(f.name)}, " if f.name in RANGES else ""
-        parser.add_argument(flag, dest=f.name, type=ranged(f.name, kind) if f.name in RANGES else kind,
-                            default=default, choices=CHOICES.get(f.name), help=f"{what}({legal}default: {default})")
+        legal = settings.range_text(f.metadata)
+        parser.add_argument(flag, dest=f.name, type=checked(kind, f.metadata) if legal else kind, default=default,
+                            choices=f.metadata.get("choices"), help=f"{what}({legal + ', ' if legal else ''}"
+                                                                    f"default: {default})")
 
 
-def ranged(name: str, kind):
-    """An argparse type that parses `kind` and refuses values outside RANGES[name] at parse time."""
+def checked(kind, legal):
+    """An argparse type that parses `kind` and refuses a value `legal` (a field's metadata, or the
+    bounds of `bounded`) does not allow, saying why (settings.problem)."""
     def parse(text: str):
         value = kind(text)
-        if not in_range(name, value):
-            finite = "" if math.isfinite(value) else "finite and "
-            raise argparse.ArgumentTypeError(f"must be {finite}{range_text(name)}, got {text}")
+        wrong = settings.problem(legal, value)
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{wrong}, got {text}")
         return value
     parse.__name__ = kind.__name__          # argparse names the type in its messages
     return parse
+
+
+def bounded(kind, **bounds):
+    """The argparse type of an option that is no config field: `kind` within `bounds` (ge, gt, le, lt,
+    as settings.setting takes them), checked at parse time: `type=cli.bounded(int, ge=1)`."""
+    return checked(kind, bounds)
 
 
 def config_from_args(args, config_cls):
@@ -185,12 +118,14 @@ def config_from_args(args, config_cls):
 
 def add_retriever_client_args(parser) -> None:
     """How patient the client of a retrieval server is (used only with --retriever-url)."""
-    parser.add_argument("--retriever-retry-seconds", type=ranged("retriever_retry_seconds", float), default=300.0,
-                        metavar="S", help="keep retrying a failing retrieval server for up to S seconds, with backoff "
-                        "and a line per retry, so a run rides out a server restart (>= 0; 0: one attempt; default: 300)")
-    parser.add_argument("--retriever-timeout", type=ranged("retriever_timeout", float), default=30.0, metavar="S",
+    retry, timeout = dict(ge=0), dict(gt=0)
+    parser.add_argument("--retriever-retry-seconds", type=bounded(float, **retry), default=300.0, metavar="S",
+                        help="keep retrying a failing retrieval server for up to S seconds, with backoff and a line "
+                             "per retry, so a run rides out a server restart "
+                             f"({settings.range_text(retry)}; 0: one attempt; default: 300)")
+    parser.add_argument("--retriever-timeout", type=bounded(float, **timeout), default=30.0, metavar="S",
                         help="seconds one retrieval request may take; a CPU-FAISS server answering a large batch "
-                             "needs more (> 0, default: 30)")
+                             f"needs more ({settings.range_text(timeout)}, default: 30)")
 
 
 # what a person can act on: bad arguments, files, models, a missing optional package, a run that

@@ -1,21 +1,32 @@
-"""What both trainers share: the optimizer and its step, stopping, the data order, metrics, resuming.
+"""What both trainers share: the stage skeleton, the optimizer and its step, stopping, the data order,
+metrics, resuming.
 
-What it does: AdamW with warm-up and cosine decay (`make_optimizer`) and the step that clips and
-skips a non-finite or all-zero gradient on every rank alike (`optimizer_step`); a run that diverged
-or was interrupted stops with a message saying how to continue (`stop_if_diverged`, `StopSignals`,
+What it does: the skeleton every training run has around its own loop — the options a run is given
+(`Run`: where it writes, what it resumes, when it stops), the checks before anything loads
+(`check_run`), the resumed state (`resumed_state`), and the run itself (`open_stage` → `Stage`: the
+output prepared, metrics, the step range, the progress bar, Ctrl-C / SIGTERM, the save cadence and the
+last save). AdamW with warm-up and cosine decay (`make_optimizer`) and the step that clips and skips a
+non-finite or all-zero gradient on every rank alike (`optimizer_step`); a run that diverged or was
+interrupted stops with a message saying how to continue (`stop_if_diverged`, `StopSignals`,
 `interrupted`); the data order as a pure function of (seed, position) so resume is exact
 (`data_window`); where the metric rows go (`Reporter`: metrics.jsonl, TensorBoard or W&B); and how a
 resumed run picks up its optimizer, schedule and metrics (`start_from`).
 
-What it does not do: compute a loss (dgpo.py, sft.py, rl.py), read or write checkpoints
+What it does not do: run a step or compute a loss (sft.py, rl.py, dgpo.py), read or write checkpoints
 (checkpoint.py) or build batches (models.py).
 
     import loop
+    run = loop.Run("runs/kd", resume="runs/kd")
+    loop.check_run(run, {}, dist)                         # before any model or data is loaded
     optimizer, scheduler = loop.make_optimizer(model, lr=1e-5, weight_decay=0.0, total_steps=100,
                                                warmup_steps=10, min_lr_ratio=0.1)
-    counters = {}
-    norm = loop.optimizer_step(ddp_model, optimizer, scheduler, 1.0, counters, dist)
-    loop.stop_if_diverged(counters, out_dir)
+    stage = loop.open_stage("kd", cfg, run, loop.resumed_state(run, "kd", cfg, dist), optimizer, scheduler, dist)
+    with stage as steps:
+        for step in steps:
+            ...                                           # the trainer's own step: loss, backward, then
+            norm = loop.optimizer_step(ddp_model, optimizer, scheduler, 1.0, stage.counters, dist)
+            stage.after_step(step, {"step": step + 1, "grad_norm": norm}, save)
+    stage.finish(save)
 """
 from __future__ import annotations
 
@@ -29,14 +40,145 @@ import signal
 import sys
 import threading
 import warnings
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
 
 import checkpoint
 import cli
 import ddp
 import models
+
+
+# -----------------------------------------------------------------------------
+# The stage skeleton: what every training run does before, around and after its own loop
+
+
+@dataclass
+class Run:
+    """Where a training stage writes and how it starts and stops: the options every trainer takes alike
+    (`train.py teacher / kd / rl` fill them from the command line)."""
+    out_dir: str                     # the run's directory: the checkpoint, metrics.jsonl, best/
+    resume: str | None = None        # a checkpoint of this stage to continue from
+    stop_after: int | None = None    # end this run after N steps, resumable (the schedule still spans cfg.steps)
+    override_config: bool = False    # with resume: continue with settings or inputs that differ (recorded)
+    overwrite: bool = False          # replace the run directory already at out_dir (only what a run wrote)
+    report_to: str = "none"          # also send the metrics to TensorBoard or W&B (REPORT_TO)
+    save_dtype: str = "float32"      # dtype of the saved model files (checkpoint.SAVE_DTYPES)
+    info: dict | None = None         # train_config.json's record beside the settings: input paths, the command line
+    inputs: dict | None = None       # {argument: checkpoint.fingerprint}: recorded, and a resume with others refused
+
+    def __post_init__(self):
+        if self.override_config and not self.resume:
+            raise ValueError("--override-config only makes sense with --resume")
+
+
+def check_run(run: Run, reads: dict, dist: ddp.Dist) -> None:
+    """Before anything is loaded: a save that a crash interrupted in --resume is finished or rolled
+    back (checkpoint.recover_resume), and an --out this run may not write is refused, changing nothing
+    (checkpoint.check_output). `reads`: {argument: path} of what the run reads beside run.inputs."""
+    checkpoint.recover_resume(run.resume, dist)
+    if dist.master:
+        paths = {**reads, **{arg: fp["path"] for arg, fp in (run.inputs or {}).items()}, "--resume": run.resume}
+        checkpoint.check_output(run.out_dir, run.resume, run.overwrite, inputs=paths)
+
+
+def resumed_state(run: Run, stage: str, cfg, dist: ddp.Dist) -> dict | None:
+    """The trainer state --resume continues, None for a fresh run; refused when it is another stage's,
+    or its settings or inputs differ and not run.override_config (checkpoint.load_trainer_state)."""
+    if run.resume is None:
+        return None
+    return checkpoint.load_trainer_state(run.resume, dist, stage, asdict(cfg), run.override_config, run.inputs)
+
+
+def open_stage(name: str, cfg, run: Run, state: dict | None, optimizer, scheduler, dist: ddp.Dist) -> Stage:
+    """After every input is loaded (only now may --overwrite delete anything): run.out_dir prepared,
+    the metrics opened, and a resumed run's optimizer, schedule, counters and metrics picked up
+    (start_from). The stage spans cfg.steps; this run ends run.stop_after steps after its start."""
+    if dist.master:
+        checkpoint.prepare_output(run.out_dir, run.resume, run.overwrite)
+    if dist.enabled:
+        torch_dist.barrier()
+    reporter = Reporter(run.out_dir, run.report_to, name, asdict(cfg), dist)
+    start_step, counters = 0, {}
+    if state is not None:
+        start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
+        start_step, counters = state["step"], state["counters"]
+    end_step = min(cfg.steps, start_step + run.stop_after) if run.stop_after else cfg.steps
+    return Stage(name, run, asdict(cfg), cfg.steps, cfg.save_every, start_step, end_step, counters, reporter, dist)
+
+
+@dataclass
+class Stage:
+    """A training run from the moment its inputs are loaded to its last checkpoint. The trainer keeps
+    its own loop and hands the end of every step to the stage:
+
+        with stage as steps:                # a progress bar over this run's steps; Ctrl-C / SIGTERM
+            for step in steps:              #   only ask the loop to stop after the step
+                ...                         # the trainer's step, its metrics in `row`
+                stage.after_step(step, row, save)
+        stage.finish(save)                  # the last checkpoint, the metrics closed
+
+    `save(step)` is the trainer's: a checkpoint of its model with trainer_state(...) and whatever
+    else it needs to continue exactly."""
+    name: str
+    run: Run
+    config: dict                     # the settings, as every checkpoint records them
+    steps: int                       # the schedule's length: cfg.steps
+    save_every: int                  # a checkpoint every N steps (0: only at the end)
+    start_step: int                  # 0, or the resumed checkpoint's step
+    end_step: int                    # where this run stops: `steps`, or sooner with run.stop_after
+    counters: dict                   # skipped and zero-gradient steps (optimizer_step): in every checkpoint
+    reporter: Reporter
+    dist: ddp.Dist
+    bar: tqdm | None = None
+    stop: StopSignals | None = None
+
+    def __enter__(self) -> tqdm:
+        self.bar = tqdm(range(self.start_step, self.end_step), desc=self.name, disable=not self.dist.master,
+                        initial=self.start_step, total=self.steps, dynamic_ncols=True)
+        self.stop = StopSignals().__enter__()
+        return self.bar
+
+    def __exit__(self, *exc) -> None:
+        self.stop.__exit__(*exc)
+        self.bar.close()
+
+    def log(self, row: dict) -> None:
+        self.reporter.log(row, self.dist)
+
+    def after_step(self, step: int, row: dict, save, **shown) -> None:
+        """After step `step` (counted from 0): `shown` on the progress bar and `row` in the metrics; a run
+        whose last steps all failed stops (stop_if_diverged); after Ctrl-C / SIGTERM the step is saved and
+        Interrupted raised, naming the command that continues; every save_every steps, a checkpoint."""
+        done = step + 1
+        if self.dist.master and shown:
+            self.bar.set_postfix(**shown)
+        self.log(row)
+        stop_if_diverged(self.counters, self.run.out_dir)
+        if done < self.end_step and self.stop.requested(self.dist):
+            self.bar.close()
+            save(done)
+            self.reporter.close()
+            raise interrupted(self.stop.signum, self.name, done, self.steps, self.run.out_dir, self.run.info,
+                              self.dist)
+        if self.save_every and done % self.save_every == 0 and done < self.end_step:
+            save(done)
+
+    def finish(self, save) -> None:
+        """The run's last checkpoint (resumable: the stage may go on with --resume), the metrics closed."""
+        save(self.end_step)
+        self.reporter.close()
+
+    def trainer_state(self, step: int, optimizer, scheduler) -> dict:
+        """What every stage's checkpoint records beside the weights (checkpoint.save_checkpoint adds the
+        RNG states): enough to continue exactly and to refuse a resume with other settings or inputs."""
+        return {"stage": self.name, "step": step, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "counters": self.counters, "config": self.config,
+                "inputs": self.run.inputs}
 
 
 # -----------------------------------------------------------------------------

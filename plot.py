@@ -231,7 +231,7 @@ def main(argv=None) -> list[str]:
 def run_cli(argv=None) -> None:
     """main(), with an error a person can act on (a bad file or row, a missing package) printed as one
     line and exit status 2; `--debug` shows the traceback instead. (cli.run_cli does the same for
-    the training stages; this file does not import cli.py and, through dgpo.py, torch.)"""
+    the training stages.)"""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         main([a for a in argv if a != "--debug"])

@@ -24,7 +24,7 @@ low-variance learning probe, the sampled reward on the validation questions (--p
 
 What it does not do: define the losses (dgpo.py), generate (rollout.py), or own the shared machinery:
 DDP set-up (ddp.py), models and batches (models.py), checkpoints (checkpoint.py), the optimizer,
-metrics and stopping (loop.py), settings' ranges and the CLI (cli.py, train.py).
+metrics and stopping (loop.py), the rules for settings (settings.py) and the CLI (cli.py, train.py).
 
 Distributed: each rank rolls out its own share of whole groups; every loss is divided by the
 GLOBAL token count and PPO's whitening uses global moments, so N ranks make the same actor and
@@ -42,67 +42,91 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
-from tqdm import tqdm
 
 import data
 import dgpo
 import arc_eval
 import checkpoint
-import cli
 import ddp
 import loop
 import models
 import rollout
+import settings
 
 
 @dataclass
 class RLConfig:
-    """Defaults are the paper's values where it gives one (docs/method.md §4)."""
-    steps: int = 1000              # RL steps: one round of rollouts and one update each
-    algo: str = "grpo"             # grpo (group advantages) | ppo (GAE with a critic, the paper's)
-    prompts_per_step: int = 512    # questions per step over all ranks (the paper: 512)
-    group_size: int = 5            # rollouts per question (GRPO needs >= 2; the paper's PPO uses 1)
-    micro_batch_size: int = 8      # sequences per forward/backward on one rank
-    mini_batches: int = 1          # optimizer steps per RL step, each on a share of whole groups
-    rollout_batch_size: int = 256  # sequences per rollout() call on one rank
-    lr: float = 1e-6               # actor learning rate (the paper: 1e-6)
-    warmup_ratio: float = 0.285    # of `steps` (the paper: 28.5%); then constant
-    weight_decay: float = 0.0      # AdamW weight decay
-    grad_clip: float = 1.0         # max global gradient norm
-    beta: float = 0.001            # teacher-KL weight β
-    teacher_mode: str = "selective"  # selective (DGPO) | uniform (KL on all rollouts) | none (no teacher)
-    teacher_as: str = "loss"       # loss (this project's default) | reward (the paper's k1 penalty)
-    kl: str = "full"               # full (exact KL over the vocabulary) | k2 | k3 (sampled)
-    clip_low: float = 0.2          # ratio clip below: 1 − clip_low
-    clip_high: float = 0.2         # ratio clip above: 1 + clip_high
-    agg: str = "token-mean"        # how token losses are averaged (dgpo.aggregate)
-    entropy_coef: float = 0.0      # entropy bonus c_H (the paper's PPO run: 0.001)
-    critic_lr: float = 1e-5        # PPO's critic (the paper: 1e-5)
-    critic_warmup_ratio: float = 0.015   # of the critic's steps (Search-R1's PPO script)
-    value_clip: float = 0.5        # ε_v of the clipped value loss (veRL's default)
-    gamma: float = 1.0             # GAE discount (the paper: 1)
-    gae_lambda: float = 1.0        # GAE λ (the paper: 1)
-    whiten_advantages: bool = True  # PPO: advantages whitened over the step's tokens (veRL's default)
-    temperature: float = 1.0       # rollout sampling temperature; every RL log-prob uses it too
-    top_p: float = 1.0             # nucleus sampling in the rollouts
-    max_turns: int = 4             # searches a rollout may make; then one final turn with no search
-    max_new_tokens: int = 500      # sampled tokens per turn
-    max_obs_tokens: int = 500      # passage tokens per observation
-    max_total_tokens: int | None = None  # cap on prompt + response; None = the model's max_position_embeddings
-    topk: int = 3                  # passages per search
-    seed: int = 0                  # data order and rollout sampling
-    eval_every: int = 0            # validation EM every N steps (and at step 0); the best is kept in best/
-    eval_limit: int = 0            # validation questions: a seeded sample stratified by data_source (0 = all)
-    save_every: int = 0            # a resumable checkpoint every N steps (0 = only at the end)
-    drop_constant_groups: bool = False  # GRPO: the policy gradient over mixed groups only (rewards not all equal), the step refilled from further questions until it has prompts_per_step of them (DAPO's dynamic sampling); constant groups still carry the teacher term
-    max_draws: int = 4             # with --drop-constant-groups: at most this many rounds of prompts_per_step questions per step
-    term_grad_norms: bool = False  # log the gradient norm of each loss term on its own (surrogate, teacher, entropy) every step: a forward and a backward per term more, 1.4x the update's time on the demo student (README)
-    probe_samples: int = 0         # at every evaluation: sampled reward on the validation questions x this many samples at the rollout temperature, the same seed every time (0 = off)
-    pool_eval_limit: int = 0       # at every evaluation: greedy EM on this many RL-pool questions, the first of the data order (0 = off)
+    """Defaults are the paper's values where it gives one (docs/method.md §4). Each setting's help and
+    legal values are declared on its field (settings.py); the rollout settings are rollout.RolloutConfig's.
+    Why some bounds exist: AdamW moves every weight by about lr per step and shrinks it by
+    lr·weight_decay, so above 1 either destroys the model within steps (lr 1e30: NaN logits two steps
+    later, in sampling); grad_clip 0 would clip every update to nothing; a negative beta pushes the
+    student away from the teacher."""
+    steps: int = settings.setting(1000, "RL steps: one round of rollouts and one update each", ge=1)
+    algo: str = settings.setting("grpo", "grpo (group advantages) | ppo (GAE with a critic, the paper's)",
+                                 choices=("grpo", "ppo"))
+    prompts_per_step: int = settings.setting(512, "questions per step over all ranks (the paper: 512)", ge=1)
+    group_size: int = settings.setting(5, "rollouts per question (GRPO needs >= 2; the paper's PPO uses 1)", ge=1)
+    micro_batch_size: int = settings.setting(8, "sequences per forward/backward on one rank", ge=1)
+    mini_batches: int = settings.setting(1, "optimizer steps per RL step, each on a share of whole groups", ge=1)
+    rollout_batch_size: int = settings.setting(256, "sequences per rollout() call on one rank", ge=1)
+    lr: float = settings.setting(1e-6, "actor learning rate (the paper: 1e-6)", ge=0, le=1)
+    warmup_ratio: float = settings.setting(0.285, "of `steps` (the paper: 28.5%); then constant", ge=0, le=1)
+    weight_decay: float = settings.setting(0.0, "AdamW weight decay", ge=0, le=1)
+    grad_clip: float = settings.setting(1.0, "max global gradient norm", gt=0)
+    beta: float = settings.setting(0.001, "teacher-KL weight β", ge=0)
+    teacher_mode: str = settings.setting("selective", "selective (DGPO) | uniform (KL on all rollouts) | none (no "
+                                         "teacher)", choices=("selective", "uniform", "none"))
+    teacher_as: str = settings.setting("loss", "loss (this project's default) | reward (the paper's k1 penalty)",
+                                       choices=("loss", "reward"))
+    kl: str = settings.setting("full", "full (exact KL over the vocabulary) | k2 | k3 (sampled)",
+                               choices=("full", "k2", "k3"))
+    clip_low: float = settings.setting(0.2, "ratio clip below: 1 − clip_low", ge=0, lt=1)
+    clip_high: float = settings.setting(0.2, "ratio clip above: 1 + clip_high", ge=0)
+    agg: str = settings.setting("token-mean", "how token losses are averaged (dgpo.aggregate)",
+                                choices=dgpo.AGG_MODES)
+    entropy_coef: float = settings.setting(0.0, "entropy bonus c_H (the paper's PPO run: 0.001)", ge=0)
+    critic_lr: float = settings.setting(1e-5, "PPO's critic (the paper: 1e-5)", ge=0, le=1)
+    critic_warmup_ratio: float = settings.setting(0.015, "of the critic's steps (Search-R1's PPO script)", ge=0, le=1)
+    value_clip: float = settings.setting(0.5, "ε_v of the clipped value loss (veRL's default)", gt=0)
+    gamma: float = settings.setting(1.0, "GAE discount (the paper: 1)", ge=0, le=1)
+    gae_lambda: float = settings.setting(1.0, "GAE λ (the paper: 1)", ge=0, le=1)
+    whiten_advantages: bool = settings.setting(True, "PPO: advantages whitened over the step's tokens (veRL's "
+                                               "default)")
+    temperature: float = settings.same_as(rollout.RolloutConfig, "temperature", help="rollout sampling temperature; "
+                                          "every RL log-prob uses it too (RL refuses 0: greedy rollouts make every "
+                                          "group identical)")
+    top_p: float = settings.same_as(rollout.RolloutConfig, "top_p")
+    max_turns: int = settings.same_as(rollout.RolloutConfig, "max_turns")
+    max_new_tokens: int = settings.same_as(rollout.RolloutConfig, "max_new_tokens")
+    max_obs_tokens: int = settings.same_as(rollout.RolloutConfig, "max_obs_tokens")
+    max_total_tokens: int | None = settings.same_as(rollout.RolloutConfig, "max_total_tokens")
+    topk: int = settings.same_as(rollout.RolloutConfig, "topk")
+    seed: int = settings.setting(0, "data order and rollout sampling", ge=0)
+    eval_every: int = settings.setting(0, "validation EM every N steps (and at step 0); the best is kept in best/",
+                                       ge=0)
+    eval_limit: int = settings.setting(0, "validation questions: a seeded sample stratified by data_source (0 = all)",
+                                       ge=0)
+    save_every: int = settings.setting(0, "a resumable checkpoint every N steps (0 = only at the end)", ge=0)
+    drop_constant_groups: bool = settings.setting(
+        False, "GRPO: the policy gradient over mixed groups only (rewards not all equal), the step refilled from "
+        "further questions until it has prompts_per_step of them (DAPO's dynamic sampling); constant groups still "
+        "carry the teacher term")
+    max_draws: int = settings.setting(4, "with --drop-constant-groups: at most this many rounds of prompts_per_step "
+                                      "questions per step", ge=1)
+    term_grad_norms: bool = settings.setting(
+        False, "log the gradient norm of each loss term on its own (surrogate, teacher, entropy) every step: a "
+        "forward and a backward per term more, 1.4x the update's time on the demo student (README)")
+    probe_samples: int = settings.setting(
+        0, "at every evaluation: sampled reward on the validation questions x this many samples at the rollout "
+        "temperature, the same seed every time (0 = off)", ge=0)
+    pool_eval_limit: int = settings.setting(
+        0, "at every evaluation: greedy EM on this many RL-pool questions, the first of the data order (0 = off)",
+        ge=0)
 
 
 def rollout_config(cfg: RLConfig, greedy: bool = False,
@@ -125,9 +149,10 @@ def check_rl_config(cfg: RLConfig, dist: ddp.Dist) -> None:
 
 
 def check_rl_settings(cfg: RLConfig) -> None:
-    """The checks that need no world size: each setting's range (cli.RANGES) and the combinations
-    this algorithm cannot train with. The CLI runs them at parse time, the trainer again."""
-    cli.check_config(cfg)
+    """The checks that need no world size: each setting's legal values (declared on its field,
+    settings.check) and the combinations this algorithm cannot train with. The CLI runs them at parse
+    time, the trainer again."""
+    settings.check(cfg)
     if cfg.algo == "grpo" and cfg.group_size < 2:
         raise ValueError(f"--group-size {cfg.group_size}: GRPO normalises rewards within a group of "
                          "rollouts of one question, so a group of 1 has advantage 0 by construction; use >= 2 "
@@ -707,36 +732,28 @@ def load_critic(path: str, dist: ddp.Dist, grad_checkpointing: bool, arg: str, f
 
 
 def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], retriever, cfg: RLConfig,
-             dist: ddp.Dist, out_dir: str, validation: list[dict] | None = None, resume: str | None = None,
-             grad_checkpointing: bool = False, stop_after: int | None = None, override_config: bool = False,
-             overwrite: bool = False, report_to: str = "none", save_dtype: str = "float32",
-             info: dict | None = None, inputs: dict | None = None) -> dict:
-    """RL from `student_dir` (resumed from `resume` if given); saves to `out_dir` (and `out_dir/best`,
-    by validation EM, the start model included, when cfg.eval_every). `stop_after` ends this run after
-    that many steps with a resumable checkpoint (the schedule still spans cfg.steps). report_to,
-    save_dtype, info, inputs, and SIGINT / SIGTERM: as in sft.train_supervised. `retriever` may
-    be a function of no argument that builds it: it is called after every cheaper check (settings,
-    --out, models, prompts), since building a BM25 index of a large corpus takes minutes."""
+             dist: ddp.Dist, run: loop.Run, validation: list[dict] | None = None,
+             grad_checkpointing: bool = False) -> dict:
+    """RL from `student_dir` (or from run.resume); saves to run.out_dir (and run.out_dir/best, by
+    validation EM, the start model included, when cfg.eval_every). run.stop_after ends this run after
+    that many steps with a resumable checkpoint (the schedule still spans cfg.steps); the rest of `run`,
+    and SIGINT / SIGTERM, as in sft.train_supervised. `retriever` may be a function of no argument that
+    builds it: it is called after every cheaper check (settings, --out, models, prompts, the resumed
+    state), since building a BM25 index of a large corpus takes minutes."""
     check_rl_config(cfg, dist)
     if cfg.eval_every and not validation:
         raise ValueError("--eval-every needs validation questions (--val FILE)")
     if teacher_dir is None and cfg.teacher_mode != "none":
         raise ValueError(f"teacher_mode={cfg.teacher_mode!r} needs --teacher (or use --teacher-mode none)")
-    if override_config and not resume:
-        raise ValueError("--override-config only makes sense with --resume")
-    checkpoint.recover_resume(resume, dist)               # before the weights, the critic or the state are read
-    # what this run reads (resumed, the weights come from the checkpoint, not from --student)
-    paths = {"--student": None if resume else student_dir, "--teacher": teacher_dir, "--resume": resume,
-             **{arg: fp["path"] for arg, fp in (inputs or {}).items()}}
-    if dist.master:
-        checkpoint.check_output(out_dir, resume, overwrite, inputs=paths)
-    arg = "--resume" if resume else "--student"
-    tokenizer = models.load_tokenizer(resume or student_dir, arg)
+    # before the weights, the critic or the state are read; resumed, the weights come from the checkpoint
+    loop.check_run(run, {"--student": None if run.resume else student_dir, "--teacher": teacher_dir}, dist)
+    arg = "--resume" if run.resume else "--student"
+    tokenizer = models.load_tokenizer(run.resume or student_dir, arg)
     teacher = None
     if cfg.teacher_mode != "none":
         models.check_same_tokenizer(tokenizer, models.load_tokenizer(teacher_dir, "--teacher"), student_dir,
                                     teacher_dir)
-    model = models.load_model(resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing,
+    model = models.load_model(run.resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing,
                               arg=arg)
     budget = rollout.length_budget(cfg.max_total_tokens, model)
     rollout.check_prompts(tokenizer, questions, budget, "training question")
@@ -751,49 +768,42 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
                                                int(cfg.warmup_ratio * updates), min_lr_ratio=None)
     critic, critic_hf = None, None
     if cfg.algo == "ppo":
-        critic_path = os.path.join(resume, CRITIC_DIR) if resume else student_dir
-        if resume and not os.path.isdir(critic_path):
-            raise FileNotFoundError(f"--resume {resume}: no {CRITIC_DIR}/ in it, so it is not a PPO checkpoint")
-        critic_hf = load_critic(critic_path, dist, grad_checkpointing, "--resume" if resume else "--student",
-                                fresh=not resume)
+        critic_path = os.path.join(run.resume, CRITIC_DIR) if run.resume else student_dir
+        if run.resume and not os.path.isdir(critic_path):
+            raise FileNotFoundError(f"--resume {run.resume}: no {CRITIC_DIR}/ in it, so it is not a PPO checkpoint")
+        critic_hf = load_critic(critic_path, dist, grad_checkpointing, arg, fresh=not run.resume)
         critic = Critic(models.wrap(critic_hf, dist),
                         *loop.make_optimizer(critic_hf, cfg.critic_lr, cfg.weight_decay, updates,
                                              int(cfg.critic_warmup_ratio * updates), None))
     generator = torch.Generator(device=dist.device).manual_seed(cfg.seed * 1000 + dist.rank)
-    state = checkpoint.load_trainer_state(resume, dist, "rl", asdict(cfg), override_config, inputs) if resume else None
+    state = loop.resumed_state(run, "rl", cfg, dist)
     if not hasattr(retriever, "search"):       # built last: every check above is cheaper
         retriever = retriever()
-    if dist.master:                            # every input is loaded: only now may --overwrite delete anything
-        checkpoint.prepare_output(out_dir, resume, overwrite)
-    if dist.enabled:
-        torch_dist.barrier()
-    reporter = loop.Reporter(out_dir, report_to, "rl", asdict(cfg), dist)
-    start_step, counters, best = 0, {}, {"em": -1.0, "step": 0}
-    if resume:
-        loop.start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
+    stage = loop.open_stage("rl", cfg, run, state, optimizer, scheduler, dist)
+    best = {"em": -1.0, "step": 0}
+    if state is not None:
         if critic is not None:
             loop.restore_optimizer(critic.optimizer, critic.scheduler, state["critic_optimizer"],
                                    state["critic_scheduler"], cfg.critic_lr, "critic_lr" in state["changed"])
         generator.set_state(state["generators"][dist.rank])
-        start_step, counters, best = state["step"], state["counters"], state["best"]
+        best = state["best"]
     # the data position: every step reads the next prompts_per_step questions of the data order, or
     # several such rounds with --drop-constant-groups, so it is saved (older states: step × prompts)
-    cursor = state.get("cursor", start_step * cfg.prompts_per_step) if resume else 0
+    cursor = state.get("cursor", stage.start_step * cfg.prompts_per_step) if state is not None else 0
     rcfg = rollout_config(cfg, max_total_tokens=budget)
 
-    def save(path: str, step: int) -> None:
-        run_dir = path == out_dir           # best/ holds the actor only (for evaluation)
+    def save(step: int, path: str | None = None) -> None:
+        """A resumable checkpoint in run.out_dir; with `path` (best/), the actor alone, for evaluation."""
         generators = ddp.all_gather_objects(dist, [generator.get_state()])
-        state = {"stage": "rl", "step": step, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "counters": counters, "best": best,
-                 "generators": generators, "config": asdict(cfg), "inputs": inputs, "cursor": cursor}
+        state = {**stage.trainer_state(step, optimizer, scheduler), "best": best, "generators": generators,
+                 "cursor": cursor}
         extra = {}
-        if critic is not None and run_dir:
+        if critic is not None and path is None:
             state.update(critic_optimizer=critic.optimizer.state_dict(), critic_scheduler=critic.scheduler.state_dict())
             extra[CRITIC_DIR] = critic_hf
-        checkpoint.save_checkpoint(path, models.hf_model(ddp_model), tokenizer, dist, state,
-                                   carry=None if run_dir else (), extra=extra, save_dtype=save_dtype,
-                                   info={**(info or {}), "best": best})
+        checkpoint.save_checkpoint(path or run.out_dir, models.hf_model(ddp_model), tokenizer, dist, state,
+                                   carry=None if path is None else (), extra=extra, save_dtype=run.save_dtype,
+                                   info={**(run.info or {}), "best": best})
 
     # RL-pool questions evaluated greedily beside validation (cfg.pool_eval_limit): the first of the data
     # order, which RL trains on in its first steps, so pool_em − val_em shows what it memorised
@@ -821,25 +831,23 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
         row["eval_s"] = time.time() - t
         if row["val_em"] > best["em"]:
             best = {"em": row["val_em"], "step": step}
-            save(os.path.join(out_dir, "best"), step)
+            save(step, os.path.join(run.out_dir, "best"))
 
-    if validation and cfg.eval_every and start_step == 0:   # step 0: the start model competes for best/
+    if validation and cfg.eval_every and stage.start_step == 0:   # step 0: the start model competes for best/
         row = {"step": 0}
         validate(0, row)
-        reporter.log(row, dist)
+        stage.log(row)
 
-    end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
-    bar = tqdm(range(start_step, end_step), desc="rl", disable=not dist.master, initial=start_step,
-               total=cfg.steps, dynamic_ncols=True)
-    with loop.StopSignals() as stop:
-        for step in bar:
+    with stage as steps:
+        for step in steps:
             t0 = time.time()
             model.eval()
             records, draws, cursor = draw_rollouts(ddp_model, tokenizer, questions, retriever, rcfg, cfg, dist,
                                                    generator, cursor)
             t_rollout = time.time() - t0
             model.train()
-            row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, counters, critic)
+            row = rl_update(ddp_model, teacher, optimizer, scheduler, records, cfg, dist, vocab_size, stage.counters,
+                            critic)
             # every rollout drawn; one --drop-constant-groups left out has no penalty: its reward is its EM
             sums = ddp.all_reduce_sum(dist, [len(records), sum(r.get("reward", r["em"]) for r in records),
                                              sum(r["em"] for r in records), sum(r["num_searches"] for r in records),
@@ -851,24 +859,12 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
                    "searches": sums[3] / n, "response_len": sums[4] / n, "truncated_frac": sums[6] / n, **row,
                    **({"draws": draws} if cfg.drop_constant_groups else {}),
                    "sampled_tokens_per_s": sums[5] / t_rollout, "rollout_s": t_rollout, "step_s": elapsed,
-                   "lr": scheduler.get_last_lr()[0], "skipped_steps": counters.get("skipped_steps", 0),
-                   "zero_grad_steps": counters.get("zero_grad_steps", 0)}
+                   "lr": scheduler.get_last_lr()[0], "skipped_steps": stage.counters.get("skipped_steps", 0),
+                   "zero_grad_steps": stage.counters.get("zero_grad_steps", 0)}
             if validation and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 validate(step + 1, row)
-            if dist.master:
-                bar.set_postfix(em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
-                                **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
-            reporter.log(row, dist)
-            loop.stop_if_diverged(counters, out_dir)
-            if step + 1 < end_step and stop.requested(dist):
-                bar.close()
-                save(out_dir, step + 1)
-                reporter.close()
-                raise loop.interrupted(stop.signum, "rl", step + 1, cfg.steps, out_dir, info, dist)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
-                save(out_dir, step + 1)
-    bar.close()
-    save(out_dir, end_step)
-    reporter.close()
+            stage.after_step(step, row, save, em=f"{row['em']:.3f}", kl=f"{row['teacher_kl']:.3f}",
+                           **({"val": f"{row['val_em']:.3f}"} if "val_em" in row else {}))
+    stage.finish(save)
     validated = {"best_val_em": best["em"], "best_step": best["step"]} if best["em"] >= 0 else {}
-    return {**validated, **counters}
+    return {**validated, **stage.counters}

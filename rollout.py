@@ -35,6 +35,8 @@ from functools import partial
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+import settings
+
 # -----------------------------------------------------------------------------
 # The protocol text (Search-R1's, kept byte for byte, typo included: checkpoints were trained on it)
 
@@ -184,25 +186,26 @@ def first_overlong_prompt(tokenizer, questions: list[str], max_total_tokens: int
 
 @dataclass
 class RolloutConfig:
-    max_turns: int = 4               # generate→act rounds; then one final generation with no search
-    max_new_tokens: int = 500        # sampled tokens per turn
-    max_obs_tokens: int = 500        # passage tokens per observation (the closing tag is added after)
-    topk: int = 3                    # passages per search
-    temperature: float = 1.0
-    top_p: float = 1.0
-    greedy: bool = False
-    seed: int | None = None          # used when no torch.Generator is passed to rollout()
-    max_total_tokens: int | None = None  # hard cap on prompt + response; None = only the turn budget
+    """How rollouts are generated. Each setting's help and legal values are declared on its field
+    (settings.py), checked when a config is made, and made into --options by cli.py."""
+    max_turns: int = settings.setting(4, "searches a rollout may make (generate→act rounds); then one final turn "
+                                      "with no search", ge=0)
+    max_new_tokens: int = settings.setting(500, "sampled tokens per turn", ge=1)
+    max_obs_tokens: int = settings.setting(500, "passage tokens per observation (the closing tag is added after)",
+                                           ge=0)
+    topk: int = settings.setting(3, "passages per search", ge=1)
+    temperature: float = settings.setting(1.0, "sampling temperature", ge=0)
+    top_p: float = settings.setting(1.0, "nucleus sampling: sample from the smallest set of tokens holding this "
+                                    "much probability", gt=0, le=1)
+    greedy: bool = settings.setting(False, "take the most likely token instead of sampling")
+    seed: int | None = settings.setting(None, "seeds the sampling when no torch.Generator is passed to rollout()",
+                                        ge=0)
+    max_total_tokens: int | None = settings.setting(
+        None, "cap on prompt + response; None: the model's max_position_embeddings in every stage (rollout() itself "
+        "then caps only each turn)", ge=1)
 
     def __post_init__(self):
-        for name, low in [("max_turns", 0), ("max_new_tokens", 1), ("max_obs_tokens", 0), ("topk", 1)]:
-            if getattr(self, name) < low:
-                raise ValueError(f"RolloutConfig.{name}={getattr(self, name)}: must be >= {low}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"RolloutConfig: temperature={self.temperature} must be >= 0 and "
-                             f"top_p={self.top_p} in (0, 1]")
-        if self.max_total_tokens is not None and self.max_total_tokens < 1:
-            raise ValueError(f"RolloutConfig.max_total_tokens={self.max_total_tokens}: must be >= 1 or None")
+        settings.check(self)
 
 
 @dataclass

@@ -7,14 +7,15 @@ one process would; with resumable checkpoints, a held-out loss and Ctrl-C / SIGT
 `run_tgo` rolls the teacher out over training questions and keeps the correct trajectories
 (docs/method.md §1): the data KD trains on; a rerun continues where a crash stopped it.
 
-What it does not do: define the losses (dgpo.py), the forward (models.py), the optimizer step or the
-metrics (loop.py), checkpoints (checkpoint.py), or RL (rl.py).
+What it does not do: define the losses (dgpo.py), the forward (models.py), the optimizer step, the
+metrics or the run around the loop (set-up, resume, save cadence: loop.py), checkpoints (checkpoint.py),
+or RL (rl.py).
 
-    import ddp, models, sft
+    import ddp, loop, models, sft
     dist = ddp.setup()
     student = models.load_model("runs/base", dist, trainable=True)
     teacher = models.load_model("runs/teacher", dist, trainable=False)
-    sft.train_supervised(student, tokenizer, records, sft.SupervisedConfig(steps=100), dist, "runs/kd",
+    sft.train_supervised(student, tokenizer, records, sft.SupervisedConfig(steps=100), dist, loop.Run("runs/kd"),
                          teacher=teacher, desc="kd")
 """
 from __future__ import annotations
@@ -32,30 +33,32 @@ from tqdm import tqdm
 
 import arc_eval
 import checkpoint
-import cli
 import data
 import dgpo
 import ddp
 import loop
 import models
 import rollout
+import settings
 
 
 @dataclass
 class SupervisedConfig:
-    """Teacher SFT (no teacher: CE only) and the KD cold start (CE + λ·forward KL to the teacher)."""
-    steps: int = 1000              # optimizer steps
-    batch_size: int = 8            # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 8      # sequences per forward/backward on one rank
-    lr: float = 1e-5               # peak learning rate
-    min_lr_ratio: float = 0.1      # cosine decay to lr·min_lr_ratio
-    warmup_steps: int = 20         # linear warm-up steps
-    weight_decay: float = 0.0      # AdamW weight decay
-    grad_clip: float = 1.0         # max global gradient norm
-    lam: float = 1.0               # λ of the KD term (docs/method.md §4)
-    seed: int = 0                  # data order and any sampling
-    eval_every: int = 0            # held-out KD loss every N steps (0 = only at the end)
-    save_every: int = 0            # a resumable checkpoint every N steps (0 = only at the end)
+    """Teacher SFT (no teacher: CE only) and the KD cold start (CE + λ·forward KL to the teacher). Each
+    setting's help and legal values are declared on its field (settings.py); lr and weight_decay stop at
+    1 because AdamW above that destroys the model within steps."""
+    steps: int = settings.setting(1000, "optimizer steps", ge=1)
+    batch_size: int = settings.setting(8, "sequences per optimizer step, over all ranks", ge=1)
+    micro_batch_size: int = settings.setting(8, "sequences per forward/backward on one rank", ge=1)
+    lr: float = settings.setting(1e-5, "peak learning rate", ge=0, le=1)
+    min_lr_ratio: float = settings.setting(0.1, "cosine decay to lr·min_lr_ratio", ge=0, le=1)
+    warmup_steps: int = settings.setting(20, "linear warm-up steps", ge=0)
+    weight_decay: float = settings.setting(0.0, "AdamW weight decay", ge=0, le=1)
+    grad_clip: float = settings.setting(1.0, "max global gradient norm", gt=0)
+    lam: float = settings.setting(1.0, "λ of the KD term (docs/method.md §4)", ge=0)
+    seed: int = settings.setting(0, "data order and any sampling", ge=0)
+    eval_every: int = settings.setting(0, "held-out KD loss every N steps (0 = only at the end)", ge=0)
+    save_every: int = settings.setting(0, "a resumable checkpoint every N steps (0 = only at the end)", ge=0)
 
 
 def supervised_loss(model, teacher, records: list[dict], normaliser: float, vocab_size: int,
@@ -77,61 +80,41 @@ def supervised_loss(model, teacher, records: list[dict], normaliser: float, voca
                             normaliser=normaliser, vocab_size=vocab_size)
 
 
-def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfig, dist: ddp.Dist,
-                     out_dir: str, teacher=None, heldout: list[dict] | None = None, resume: str | None = None,
-                     desc: str = "sft", stop_after: int | None = None, override_config: bool = False,
-                     overwrite: bool = False, report_to: str = "none", save_dtype: str = "float32",
-                     info: dict | None = None, inputs: dict | None = None) -> dict:
-    """Trains `model` on trajectory records (loss on loss_mask tokens) and saves it to `out_dir`.
-    `resume`: a checkpoint of this stage to continue from (the model must already hold its weights);
-    `stop_after` ends this run early with the schedule still spanning cfg.steps; `info` (input paths,
-    the command line) is written into train_config.json beside the settings; `inputs`
-    ({argument: checkpoint.fingerprint}) is recorded in the trainer state, and a resume with other
-    inputs is refused unless `override_config`. SIGINT / SIGTERM: the step finishes, a resumable
-    checkpoint is saved and Interrupted is raised."""
-    cli.check_config(cfg)
+def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfig, dist: ddp.Dist, run: loop.Run,
+                     teacher=None, heldout: list[dict] | None = None, desc: str = "sft") -> dict:
+    """Trains `model` on trajectory records (loss on loss_mask tokens) and saves it to run.out_dir;
+    `desc` names the stage (teacher, pretrain, kd: a checkpoint resumes only as its own stage). With
+    run.resume the model must already hold that checkpoint's weights; run.stop_after ends this run early
+    with the schedule still spanning cfg.steps; run.info goes into train_config.json beside the
+    settings; run.inputs ({argument: checkpoint.fingerprint}) is recorded in the trainer state, and a
+    resume with other inputs is refused unless run.override_config. SIGINT / SIGTERM: the step
+    finishes, a resumable checkpoint is saved and Interrupted is raised (loop.Stage)."""
+    settings.check(cfg)
     if cfg.batch_size % dist.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world size {dist.world_size}")
     if cfg.eval_every and not heldout:
         raise ValueError(f"--eval-every {cfg.eval_every}: needs held-out trajectories (--heldout FILE)")
-    if override_config and not resume:
-        raise ValueError("--override-config only makes sense with --resume")
     for what, rows in (("the training trajectories", records), ("the held-out trajectories", heldout or None)):
         if rows is not None and models.loss_token_count(rows) == 0:
             raise ValueError(f"{what}: no row has a loss token (every loss_mask is 0 after the prompt), so there "
                              "is nothing to train on or to score")
-    checkpoint.recover_resume(resume, dist)    # the caller loaded `model` from resume: run_stage recovers before that
-    paths = {**{arg: fp["path"] for arg, fp in (inputs or {}).items()}, "--resume": resume}
-    if dist.master:
-        checkpoint.check_output(out_dir, resume, overwrite, inputs=paths)
+    loop.check_run(run, {}, dist)        # the caller loaded `model` from run.resume: run_stage recovers before that
     vocab_size = models.vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))
     ddp_model = models.wrap(model, dist)
     teacher = models.HeadAtPositions(teacher).check() if teacher is not None else None
     optimizer, scheduler = loop.make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.steps, cfg.warmup_steps,
                                                cfg.min_lr_ratio)
-    state = checkpoint.load_trainer_state(resume, dist, desc, asdict(cfg), override_config, inputs) if resume else None
-    if dist.master:                 # every input is loaded: only now may --overwrite delete anything
-        checkpoint.prepare_output(out_dir, resume, overwrite)
-    if dist.enabled:
-        torch_dist.barrier()
-    reporter = loop.Reporter(out_dir, report_to, desc, asdict(cfg), dist)
-    start_step, counters = 0, {}
-    if resume:
-        loop.start_from(state, optimizer, scheduler, cfg.lr, reporter, dist)
-        start_step, counters = state["step"], state["counters"]
+    stage = loop.open_stage(desc, cfg, run, loop.resumed_state(run, desc, cfg, dist), optimizer, scheduler, dist)
 
     def save(step: int) -> None:
-        checkpoint.save_checkpoint(out_dir, models.hf_model(ddp_model), tokenizer, dist, {
-            "stage": desc, "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "counters": counters, "config": asdict(cfg), "inputs": inputs}, save_dtype=save_dtype, info=info)
+        checkpoint.save_checkpoint(run.out_dir, models.hf_model(ddp_model), tokenizer, dist,
+                                   stage.trainer_state(step, optimizer, scheduler), save_dtype=run.save_dtype,
+                                   info=run.info)
 
     per_rank = cfg.batch_size // dist.world_size
     model.train()
-    end_step = min(cfg.steps, start_step + stop_after) if stop_after else cfg.steps
-    bar = tqdm(range(start_step, end_step), desc=desc, disable=not dist.master, initial=start_step,
-               total=cfg.steps, dynamic_ncols=True)
-    with loop.StopSignals() as stop:
-        for step in bar:
+    with stage as steps:
+        for step in steps:
             t0 = time.time()
             # the global batch of this step: a window of a per-epoch permutation; each rank its slice
             idx = loop.data_window(cfg.seed, len(records), step * cfg.batch_size, cfg.batch_size)
@@ -148,30 +131,19 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
                 for k in ("ce", "kl"):
                     sums[k] += m[k] * m["n_tokens"]
                 sums["n_tokens"] += m["n_tokens"]
-            norm = loop.optimizer_step(ddp_model, optimizer, scheduler, cfg.grad_clip, counters, dist, finite)
+            norm = loop.optimizer_step(ddp_model, optimizer, scheduler, cfg.grad_clip, stage.counters, dist, finite)
             loss_sum, ce_sum, kl_sum, n_tok = ddp.all_reduce_sum(dist, [sums["loss"], sums["ce"], sums["kl"],
                                                                         sums["n_tokens"]])
             row = {"step": step + 1, "loss": loss_sum / dist.world_size, "ce": ce_sum / max(n_tok, 1),
                    "kl": kl_sum / max(n_tok, 1), "grad_norm": norm, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": n_tok / (time.time() - t0), "skipped_steps": counters.get("skipped_steps", 0),
-                   "zero_grad_steps": counters.get("zero_grad_steps", 0)}
+                   "tokens_per_s": n_tok / (time.time() - t0),
+                   "skipped_steps": stage.counters.get("skipped_steps", 0),
+                   "zero_grad_steps": stage.counters.get("zero_grad_steps", 0)}
             if heldout and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
                 row["heldout_loss"] = heldout_loss(model, teacher, heldout, cfg, vocab_size, dist)
-            if dist.master:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
-            reporter.log(row, dist)
-            loop.stop_if_diverged(counters, out_dir)
-            if step + 1 < end_step and stop.requested(dist):
-                bar.close()
-                save(step + 1)
-                reporter.close()
-                raise loop.interrupted(stop.signum, desc, step + 1, cfg.steps, out_dir, info, dist)
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end_step:
-                save(step + 1)
-    bar.close()
-    save(end_step)
-    reporter.close()
-    return counters
+            stage.after_step(step, row, save, loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}")
+    stage.finish(save)
+    return stage.counters
 
 
 @torch.no_grad()

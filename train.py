@@ -12,11 +12,12 @@ chaining all of them on the built-in world:
   demo     world → teacher → tgo → kd → rl → eval, then the paper-style results table
 
 What it does not do: train or evaluate itself. The layers below it, lowest first: ddp.py (DDP set-up,
-precision), cli.py (settings' ranges, flags, one-line errors), checkpoint.py (atomic checkpoints,
-resume, run directories), models.py (loading, batches, HeadAtPositions), loop.py (what both trainers
-share: optimizer, stopping, metrics), arc_eval.py (scored rollouts, evaluation), then the stages
-sft.py (teacher SFT, kd, tgo) and rl.py; the losses are dgpo.py's, generation rollout.py's, the metric
-arc_metric.py's, the search engine retriever.py's.
+precision), settings.py (each setting's legal values and help, on its config field), cli.py (flags,
+one-line errors), checkpoint.py (atomic checkpoints, resume, run directories), models.py (loading,
+batches, HeadAtPositions), loop.py (what both trainers share: the stage skeleton, optimizer, stopping,
+metrics), arc_eval.py (scored rollouts, evaluation), then the stages sft.py (teacher SFT, kd, tgo) and
+rl.py; the losses are dgpo.py's, generation rollout.py's, the metric arc_metric.py's, the search
+engine retriever.py's.
 
 Distributed. `torchrun --nproc_per_node=N train.py rl ...` runs plain DDP: NCCL + bf16 autocast on
 GPUs, gloo + fp32 on CPU (decided in `ddp.setup()` and `ddp.autocast()` only). Each rank rolls out its
@@ -35,7 +36,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +44,6 @@ import torch
 import torch.distributed as torch_dist
 
 import arc_eval
-import arc_metric
 import checkpoint
 import cli
 import data
@@ -55,6 +54,7 @@ import models
 import retriever as retriever_lib
 import rl
 import rollout
+import settings
 import sft
 
 
@@ -108,33 +108,83 @@ PRESETS = {
 
 
 DEMO_MARKER = ".dgpo-demo"   # a directory holding this file was made by run_demo, which may replace it
-
-
 # what run_demo writes in its directory: a rerun deletes these, and nothing else
 DEMO_ENTRIES = ("data", "tokenizer", "init", "teacher", "base", "kd", "dgpo", "eval", "oracle.jsonl", "tgo.jsonl",
                 "tgo.jsonl.config.json", "tgo.jsonl.progress-rank0.jsonl", "results.json", DEMO_MARKER)
 
 
-def own_demo_dir(out: str) -> None:
-    """The demo regenerates its directory: what an earlier demo run wrote there (DEMO_ENTRIES) is
-    deleted, so the README's first command works when run twice, and anything else is kept; a
-    non-empty directory the demo did not make is refused."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out}: exists and is not a directory; the demo writes a directory of runs")
-    if os.path.isdir(out) and os.listdir(out):
-        if not os.path.isfile(os.path.join(out, DEMO_MARKER)):
-            raise ValueError(f"--out {out}: exists, is not empty and was not written by the demo; "
-                             "choose another --out (the demo replaces its own directory)")
-        for name in DEMO_ENTRIES:
-            path = os.path.join(out, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            elif os.path.lexists(path):
-                os.remove(path)
-    checkpoint.check_writable(out)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, DEMO_MARKER), "w") as f:
-        f.write("written by `python train.py demo`; the next demo run here replaces what it wrote\n")
+@dataclass
+class DemoWorld:
+    """The demo world in the chain's disjoint roles, with its tokenizer, its search engine and the greedy
+    rollout settings of every evaluation: what each step of the chain (below) takes."""
+    world: demo.World
+    tokenizer: object
+    retriever: retriever_lib.BM25Retriever
+    kd_pool: list[dict]          # the first kd_pool training questions: the teacher is rolled out on them
+    rl_pool: list[dict]          # the next rl_pool: the only ones RL trains on
+    validation: list[dict]       # selects the RL checkpoint
+    test: list[dict]             # reports
+    greedy: rollout.RolloutConfig
+
+
+def demo_world(preset: DemoPreset, out: str) -> DemoWorld:
+    """The world of `preset`, its tokenizer (trained, saved in out/tokenizer) and BM25 over its corpus."""
+    world = demo.make_world(seed=preset.world_seed, n_test=preset.n_test, n_validation=preset.n_validation,
+                            scale=preset.world_scale)
+    return DemoWorld(world, demo.train_tokenizer(world, os.path.join(out, "tokenizer")),
+                     retriever_lib.BM25Retriever(world.corpus), world.train[:preset.kd_pool],
+                     world.train[preset.kd_pool:preset.kd_pool + preset.rl_pool],
+                     world.validation[:preset.val_limit] if preset.val_limit else world.validation,
+                     world.test[:preset.eval_limit] if preset.eval_limit else world.test,
+                     rollout.RolloutConfig(max_new_tokens=preset.max_new_tokens, greedy=True))
+
+
+def oracle_trajectories(w: DemoWorld) -> list[dict]:
+    """The scripted oracle's correct trajectories on every training question: the demo teacher's data."""
+    return demo.oracle_records(w.world.train, w.retriever, w.tokenizer,
+                               dataclasses.replace(w.greedy, max_new_tokens=500))
+
+
+def train_tiny(w: DemoWorld, size: str, seed: int, records: list[dict], cfg: sft.SupervisedConfig, dist: ddp.Dist,
+               out_dir: str, init_dir: str, desc: str):
+    """A tiny model of `size` initialised from `seed` (saved in init_dir), trained on `records` into
+    out_dir: the demo teacher (on the oracle's trajectories) and the base student (on the corpus text)."""
+    demo.make_tiny_model(w.tokenizer, size, seed=seed, out_dir=init_dir)
+    model = models.load_model(init_dir, dist, trainable=True)
+    sft.train_supervised(model, w.tokenizer, records, cfg, dist, loop.Run(out_dir), desc=desc)
+    return model
+
+
+def teacher_trajectories(w: DemoWorld, teacher, preset: DemoPreset, dist: ddp.Dist, path: str) -> list[dict]:
+    """tgo: the teacher rolled out greedily on the KD pool, its correct trajectories written to `path`
+    and read back (checked against the tokenizer) for KD."""
+    stats = sft.run_tgo(teacher, w.tokenizer, w.kd_pool, w.retriever, w.greedy, dist, path,
+                        batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
+    if not stats["kept"]:       # said here: the loader rejects an empty file less clearly
+        raise RuntimeError("the teacher got no training question right: nothing to distil")
+    return data.load_trajectories(path, vocab_size=len(w.tokenizer),
+                                  tokenizer_fingerprint=data.vocab_fingerprint(w.tokenizer))
+
+
+def cold_start(w: DemoWorld, student, teacher, trajectories: list[dict], cfg: sft.SupervisedConfig, dist: ddp.Dist,
+               run: loop.Run, heldout: bool = True) -> None:
+    """kd: `student` distilled on the teacher's trajectories; with `heldout`, the first one in twenty is
+    held out for the held-out KD loss."""
+    n = max(1, len(trajectories) // 20) if heldout else 0
+    sft.train_supervised(student, w.tokenizer, trajectories[n:], cfg, dist, run, teacher=teacher,
+                         heldout=trajectories[:n] or None, desc="kd")
+
+
+def rl_on_pool(w: DemoWorld, start_dir: str, teacher_dir: str, cfg: rl.RLConfig, dist: ddp.Dist,
+               run: loop.Run) -> dict:
+    """rl: from the model in start_dir on the RL pool, the best validation checkpoint (step 0 included) kept."""
+    return rl.train_rl(start_dir, teacher_dir, w.rl_pool, w.retriever, cfg, dist, run, validation=w.validation)
+
+
+def evaluate_on_test(w: DemoWorld, model_dir: str, preset: DemoPreset, dist: ddp.Dist, out_dir: str) -> dict:
+    """eval: the model in model_dir rolled out greedily on the test questions; its ARC report."""
+    return arc_eval.evaluate_dir(model_dir, w.test, w.retriever, w.greedy, dist, out_dir,
+                                 batch_size=preset.eval_batch_size)
 
 
 def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
@@ -143,71 +193,47 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     if dist.enabled:
         raise ValueError("the demo chain runs in one process; use the stage subcommands with torchrun")
     preset = PRESETS[preset_name]()
-    own_demo_dir(out)
+    checkpoint.own_directory(out, DEMO_MARKER, DEMO_ENTRIES, "the demo")
     t_start = t = time.time()
     seconds = {}                          # wall time per stage, reported with the results
-    world = demo.make_world(seed=preset.world_seed, n_test=preset.n_test, n_validation=preset.n_validation,
-                            scale=preset.world_scale)
-    paths = demo.write_world(world, os.path.join(out, "data"))
-    tokenizer = demo.train_tokenizer(world, os.path.join(out, "tokenizer"))
-    retriever = retriever_lib.BM25Retriever(world.corpus)
-    rcfg = rollout.RolloutConfig(max_new_tokens=preset.max_new_tokens, greedy=True)
-    kd_pool = world.train[:preset.kd_pool]
-    rl_pool = world.train[preset.kd_pool:preset.kd_pool + preset.rl_pool]
-    validation = world.validation[:preset.val_limit] if preset.val_limit else world.validation
-    test = world.test[:preset.eval_limit] if preset.eval_limit else world.test
-    ddp.print0(dist, f"demo world: {len(world.corpus)} passages; questions: KD pool {len(kd_pool)}, RL pool "
-               f"{len(rl_pool)} (disjoint), validation {len(validation)}, test {len(test)} -> {paths['corpus']}")
+    w = demo_world(preset, out)
+    paths = demo.write_world(w.world, os.path.join(out, "data"))
+    ddp.print0(dist, f"demo world: {len(w.world.corpus)} passages; questions: KD pool {len(w.kd_pool)}, RL pool "
+               f"{len(w.rl_pool)} (disjoint), validation {len(w.validation)}, test {len(w.test)} -> {paths['corpus']}")
     dirs = {name: os.path.join(out, name) for name in ("init", "teacher", "base", "kd", "dgpo")}
 
     # 1. the demo teacher learns the protocol from the oracle's correct trajectories (all training questions)
-    fingerprint = data.vocab_fingerprint(tokenizer)
-    oracle_records = demo.oracle_records(world.train, retriever, tokenizer,
-                                         dataclasses.replace(rcfg, max_new_tokens=500))
-    data.write_jsonl(os.path.join(out, "oracle.jsonl"), oracle_records)
-    ddp.print0(dist, f"oracle: {len(oracle_records)}/{len(world.train)} correct training trajectories")
+    oracle = oracle_trajectories(w)
+    data.write_jsonl(os.path.join(out, "oracle.jsonl"), oracle)
+    ddp.print0(dist, f"oracle: {len(oracle)}/{len(w.world.train)} correct training trajectories")
     seconds["world+tokenizer+oracle"], t = time.time() - t, time.time()
-    demo.make_tiny_model(tokenizer, preset.teacher_size, seed=1, out_dir=os.path.join(dirs["init"], "teacher"))
-    teacher = models.load_model(os.path.join(dirs["init"], "teacher"), dist, trainable=True)
-    sft.train_supervised(teacher, tokenizer, oracle_records, preset.teacher, dist, dirs["teacher"], desc="teacher")
+    teacher = train_tiny(w, preset.teacher_size, 1, oracle, preset.teacher, dist, dirs["teacher"],
+                         os.path.join(dirs["init"], "teacher"), desc="teacher")
     teacher.eval().requires_grad_(False)
     seconds["teacher"], t = time.time() - t, time.time()
 
     # 2. the base student: the student architecture, language-model-pretrained on the corpus text only
-    demo.make_tiny_model(tokenizer, preset.student_size, seed=2, out_dir=os.path.join(dirs["init"], "student"))
-    student = models.load_model(os.path.join(dirs["init"], "student"), dist, trainable=True)
-    sft.train_supervised(student, tokenizer, demo.corpus_records(world, tokenizer), preset.pretrain, dist, dirs["base"],
-                         desc="pretrain")
+    student = train_tiny(w, preset.student_size, 2, demo.corpus_records(w.world, w.tokenizer), preset.pretrain, dist,
+                         dirs["base"], os.path.join(dirs["init"], "student"), desc="pretrain")
     seconds["base student"], t = time.time() - t, time.time()
 
     # 3. tgo: the teacher's correct trajectories on the KD pool
-    tgo_path = os.path.join(out, "tgo.jsonl")
-    stats = sft.run_tgo(teacher, tokenizer, kd_pool, retriever, rcfg, dist, tgo_path, samples=1,
-                        batch_size=preset.eval_batch_size, keep_wrong=preset.tgo_keep_wrong)
-    if not stats["kept"]:       # checked before loading: the loader rejects an empty file less clearly
-        raise RuntimeError("the teacher got no training question right: nothing to distil")
-    tgo = data.load_trajectories(tgo_path, vocab_size=len(tokenizer), tokenizer_fingerprint=fingerprint)
+    tgo = teacher_trajectories(w, teacher, preset, dist, os.path.join(out, "tgo.jsonl"))
     seconds["tgo"], t = time.time() - t, time.time()
 
     # 4. kd: cold start of the base student on the teacher's trajectories
-    heldout, train_part = tgo[:max(1, len(tgo) // 20)], tgo[max(1, len(tgo) // 20):]
-    sft.train_supervised(student, tokenizer, train_part, preset.kd, dist, dirs["kd"], teacher=teacher,
-                         heldout=heldout, desc="kd")
+    cold_start(w, student, teacher, tgo, preset.kd, dist, loop.Run(dirs["kd"]))
     del student
     seconds["kd"], t = time.time() - t, time.time()
 
     # 5. rl: DGPO from the KD student on the RL pool; the best validation checkpoint (step 0 = KD) is kept
-    summary = rl.train_rl(dirs["kd"], dirs["teacher"], rl_pool, retriever, rl.RLConfig(**preset.rl), dist,
-                          dirs["dgpo"], validation=validation)
+    summary = rl_on_pool(w, dirs["kd"], dirs["teacher"], rl.RLConfig(**preset.rl), dist, loop.Run(dirs["dgpo"]))
     seconds["rl"], t = time.time() - t, time.time()
 
     # 6. evaluation on the test split
-    reports = {}
-    for name, model_dir in [("Student (base)", dirs["base"]), ("Teacher", dirs["teacher"]),
-                            ("KD only", dirs["kd"]), ("DGPO", best_or_last(dirs["dgpo"]))]:
-        reports[name] = arc_eval.evaluate_dir(model_dir, test, retriever, rcfg, dist,
-                                              os.path.join(out, "eval", name.split()[0].lower()),
-                                              batch_size=preset.eval_batch_size)
+    reports = {name: evaluate_on_test(w, model_dir, preset, dist, os.path.join(out, "eval", name.split()[0].lower()))
+               for name, model_dir in [("Student (base)", dirs["base"]), ("Teacher", dirs["teacher"]),
+                                       ("KD only", dirs["kd"]), ("DGPO", best_or_last(dirs["dgpo"]))]}
     seconds["eval"], seconds["total"] = time.time() - t, time.time() - t_start
     seconds = {k: round(v, 1) for k, v in seconds.items()}
     per_question = {name: arc_eval.per_question_em(os.path.join(out, "eval", name.split()[0].lower(),
@@ -216,7 +242,7 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"preset": preset_name, "reports": reports, "paired_vs_kd": arc_eval.paired_differences(per_question),
                    "rl": summary, "seconds": seconds}, f, indent=1)
-    ddp.print0(dist, "\n" + results_table(reports, per_question))
+    ddp.print0(dist, "\n" + arc_eval.comparison_tables(reports, per_question, split="the demo test split"))
     ddp.print0(dist, f"\nDGPO = the RL checkpoint with the best validation EM (step {summary['best_step']} of "
                f"{preset.rl['steps']}; step 0 is the KD model itself). Seconds per stage: {seconds}. "
                f"Everything is in {out}/.")
@@ -227,25 +253,6 @@ def best_or_last(run_dir: str) -> str:
     """The checkpoint a run reports: best/ (by validation EM) when it validated, else its last one."""
     best = os.path.join(run_dir, "best")
     return best if os.path.isdir(best) else run_dir
-
-
-def results_table(reports: dict[str, dict], per_question: dict[str, dict] | None = None) -> str:
-    """Methods × (EM per data source, Avg), evidence-given EM w/ think per source, and the ARC columns
-    on all test questions; with `per_question` ({method: per_question_em(...)}, "KD only" among them)
-    the paired comparison of every other method with the KD model (arc_eval.paired_table)."""
-    em = arc_metric.render_comparison(reports, metric="em", title="EM on the demo test split")
-    probe = arc_metric.render_comparison(reports, metric="probe_em_think",
-                                         title="Evidence-given EM, w/ think, on the demo test split")
-    columns = ["em", "f1", "hit_substr", "searches", "probe_em_no_think", "probe_em_think", "probe_own_turn",
-               "has_answer"]
-    rows = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, report in reports.items():
-        rows.append(f"| {name} | " + " | ".join(f"{report['all'].get(c, float('nan')):.3f}" for c in columns) + " |")
-    table = em + "\n\n" + probe + "\n\nARC (all test questions)\n" + "\n".join(rows)
-    if per_question:
-        table += ("\n\nPaired on the same test questions (95% CI: bootstrap over questions)\n"
-                  + arc_eval.paired_table(per_question))
-    return table
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +266,7 @@ def add_run_args(parser) -> None:
     parser.add_argument("--override-config", action="store_true",
                         help="with --resume: apply settings that differ from the checkpoint's (recorded)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out run directory")
-    parser.add_argument("--stop-after", type=cli.ranged("steps", int), help="end this run after N steps, resumable")
+    parser.add_argument("--stop-after", type=cli.bounded(int, ge=1), help="end this run after N steps, resumable")
     parser.add_argument("--grad-checkpointing", action="store_true")
     parser.add_argument("--report-to", choices=loop.REPORT_TO, default="none",
                         help="also send the metrics to TensorBoard or W&B (metrics.jsonl is always written)")
@@ -308,8 +315,9 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="questions JSONL")
     p.add_argument("--out", required=True, help="output trajectories JSONL")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--samples", type=cli.ranged("steps", int), default=1, help="rollouts per question (greedy if 1)")
-    p.add_argument("--batch-size", type=cli.ranged("batch_size", int), default=64)
+    p.add_argument("--samples", type=cli.bounded(int, ge=1), default=1, help="rollouts per question (greedy if 1)")
+    p.add_argument("--batch-size", type=cli.bounded(int, ge=1), default=64,
+                   help="sequences per rollout() call on one rank")
     add_retriever_args(p)
     cli.add_config_args(p, rollout.RolloutConfig)
 
@@ -328,19 +336,27 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.stage is None:               # `python train.py`: the whole demo
         args = parser.parse_args(["demo"] + list(argv))
-    if args.stage == "rl":               # settings legal alone but not together: said at parse time
-        p = sub.choices["rl"]
+    if args.stage in ("teacher", "kd", "rl"):   # settings legal alone but not together: said at parse time
+        p = sub.choices[args.stage]
         try:
-            rl.check_rl_settings(cli.config_from_args(args, rl.RLConfig))
+            if args.stage == "rl":
+                rl.check_rl_settings(cli.config_from_args(args, rl.RLConfig))
+            run_from_args(args)
         except ValueError as error:
             p.error(str(error))
-        if args.eval_every and not args.val:
-            p.error("--eval-every needs --val FILE (the validation questions)")
-    if args.stage in ("teacher", "kd") and args.eval_every and not args.heldout:
-        sub.choices[args.stage].error("--eval-every needs --heldout FILE (the held-out trajectories it scores)")
-    if args.stage in ("teacher", "kd", "rl") and args.override_config and not args.resume:
-        sub.choices[args.stage].error("--override-config only makes sense with --resume")
+        flag, what = ("--val", "the validation questions") if args.stage == "rl" else \
+            ("--heldout", "the held-out trajectories it scores")
+        if args.eval_every and not getattr(args, flag[2:]):
+            p.error(f"--eval-every needs {flag} FILE ({what})")
     return args
+
+
+def run_from_args(args, info: dict | None = None, inputs: dict | None = None) -> loop.Run:
+    """The run options of a training stage (add_run_args), with what train_config.json and the trainer
+    state record: `info` (run_info) and `inputs` ({argument: checkpoint.fingerprint})."""
+    return loop.Run(args.out, resume=args.resume, stop_after=args.stop_after, override_config=args.override_config,
+                    overwrite=args.overwrite, report_to=args.report_to, save_dtype=args.save_dtype, info=info,
+                    inputs=inputs)
 
 
 def main(argv=None) -> None:
@@ -380,16 +396,12 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         run_demo(args.preset, args.out, dist)
     elif args.stage in ("teacher", "kd"):
         cfg = cli.config_from_args(args, sft.SupervisedConfig)
-        cli.check_config(cfg)
-        start = args.model if args.stage == "teacher" else args.student
-        # what this run reads (resumed, the weights come from the checkpoint, not from --model/--student)
-        paths = {"--model" if args.stage == "teacher" else "--student": None if args.resume else start,
-                 "--teacher": getattr(args, "teacher", None), "--data": args.data, "--heldout": args.heldout,
-                 "--resume": args.resume}
-        checkpoint.recover_resume(args.resume, dist)                      # before anything reads it
-        if dist.master:                                        # before any model is loaded
-            checkpoint.check_output(args.out, args.resume, args.overwrite, inputs=paths)
-        arg = "--resume" if args.resume else ("--model" if args.stage == "teacher" else "--student")
+        settings.check(cfg)
+        start, model_arg = (args.model, "--model") if args.stage == "teacher" else (args.student, "--student")
+        reads = {"--data": args.data, "--heldout": args.heldout, "--teacher": getattr(args, "teacher", None)}
+        # before any data or model is loaded; resumed, the weights come from the checkpoint, not from `start`
+        loop.check_run(run_from_args(args), {model_arg: None if args.resume else start, **reads}, dist)
+        arg = "--resume" if args.resume else model_arg
         init = args.resume or start
         tokenizer = models.load_tokenizer(init, arg)
         teacher_tok = models.load_tokenizer(args.teacher, "--teacher") if args.stage == "kd" else None
@@ -401,56 +413,42 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         heldout = data.load_trajectories(args.heldout, **made_with) if args.heldout else None
         for flag, rows in (("--data", records), ("--heldout", heldout)):
             if rows is not None and models.loss_token_count(rows) == 0:
-                raise ValueError(f"{flag} {paths[flag]}: no row has a loss token (every loss_mask is 0 after the "
+                raise ValueError(f"{flag} {reads[flag]}: no row has a loss token (every loss_mask is 0 after the "
                                  "prompt): nothing to train on")
         teacher = None
         if args.stage == "kd":
             teacher = models.load_model(args.teacher, dist, trainable=False, arg="--teacher")
         model = models.load_model(init, dist, trainable=True, grad_checkpointing=args.grad_checkpointing, arg=arg)
-        inputs = checkpoint.input_fingerprints({"--data": args.data, "--heldout": args.heldout,
-                                                "--teacher": getattr(args, "teacher", None)},
-                                               rows={"--data": len(records), "--heldout": len(heldout or [])})
-        sft.train_supervised(model, tokenizer, records, cfg, dist, args.out, teacher=teacher, heldout=heldout,
-                             resume=args.resume, desc=args.stage, stop_after=args.stop_after,
-                             override_config=args.override_config, overwrite=args.overwrite, report_to=args.report_to,
-                             save_dtype=args.save_dtype, info=info, inputs=inputs)
+        inputs = checkpoint.input_fingerprints(reads, rows={"--data": len(records), "--heldout": len(heldout or [])})
+        sft.train_supervised(model, tokenizer, records, cfg, dist, run_from_args(args, info, inputs), teacher=teacher,
+                             heldout=heldout, desc=args.stage)
     elif args.stage == "tgo":
         rcfg = cli.config_from_args(args, rollout.RolloutConfig)
         rcfg.greedy = rcfg.greedy or args.samples == 1
-        paths = {"--teacher": args.teacher, "--data": args.data, "--corpus": args.corpus, "--index": args.index}
+        reads = {"--data": args.data, "--teacher": args.teacher, "--corpus": args.corpus, "--index": args.index,
+                 "--retriever-url": args.retriever_url}
         if dist.master:
-            checkpoint.check_output(args.out, None, args.overwrite, kind="file", inputs=paths)
+            checkpoint.check_output(args.out, None, args.overwrite, kind="file", inputs=reads)
         questions = data.load_questions(args.data)
         tokenizer = models.load_tokenizer(args.teacher, "--teacher")
         teacher = models.load_model(args.teacher, dist, trainable=False, arg="--teacher")
-        inputs = checkpoint.input_fingerprints({"--data": args.data, "--teacher": args.teacher, "--corpus": args.corpus,
-                                                "--index": args.index, "--retriever-url": args.retriever_url},
-                                               rows={"--data": len(questions)})
-        sft.run_tgo(teacher, tokenizer, questions,
-                    retriever_from_args(args, rcfg.topk), rcfg, dist,
-                    args.out, samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=info,
-                    inputs=inputs, overwrite=args.overwrite)
+        inputs = checkpoint.input_fingerprints(reads, rows={"--data": len(questions)})
+        sft.run_tgo(teacher, tokenizer, questions, retriever_from_args(args, rcfg.topk), rcfg, dist, args.out,
+                    samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=info, inputs=inputs,
+                    overwrite=args.overwrite)
     elif args.stage == "rl":
         cfg = cli.config_from_args(args, rl.RLConfig)
         rl.check_rl_config(cfg, dist)
-        # what this run reads (resumed, the weights come from the checkpoint, not from --student)
-        paths = {"--student": None if args.resume else args.student, "--teacher": args.teacher, "--data": args.data,
-                 "--val": args.val, "--corpus": args.corpus, "--index": args.index, "--resume": args.resume}
-        checkpoint.recover_resume(args.resume, dist)
-        if dist.master:
-            checkpoint.check_output(args.out, args.resume, args.overwrite, inputs=paths)
+        reads = {"--data": args.data, "--val": args.val, "--teacher": args.teacher, "--corpus": args.corpus,
+                 "--index": args.index, "--retriever-url": args.retriever_url}
+        # before any data or model is loaded; resumed, the weights come from the checkpoint, not from --student
+        loop.check_run(run_from_args(args), {"--student": None if args.resume else args.student, **reads}, dist)
         questions = data.load_questions(args.data)
         validation = data.load_questions(args.val) if args.val else None
-        inputs = checkpoint.input_fingerprints({"--data": args.data, "--val": args.val, "--teacher": args.teacher,
-                                                "--corpus": args.corpus, "--index": args.index,
-                                                "--retriever-url": args.retriever_url},
-                                               rows={"--data": len(questions), "--val": len(validation or [])})
-        summary = rl.train_rl(args.student, args.teacher, questions,
-                              retriever_from_args(args, cfg.topk),
-                              cfg, dist, args.out, validation=validation, resume=args.resume,
-                              grad_checkpointing=args.grad_checkpointing, stop_after=args.stop_after,
-                              override_config=args.override_config, overwrite=args.overwrite,
-                              report_to=args.report_to, save_dtype=args.save_dtype, info=info, inputs=inputs)
+        inputs = checkpoint.input_fingerprints(reads, rows={"--data": len(questions), "--val": len(validation or [])})
+        summary = rl.train_rl(args.student, args.teacher, questions, retriever_from_args(args, cfg.topk), cfg, dist,
+                              run_from_args(args, info, inputs), validation=validation,
+                              grad_checkpointing=args.grad_checkpointing)
         ddp.print0(dist, json.dumps(summary))
 
 

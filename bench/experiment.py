@@ -4,9 +4,13 @@ What it does: builds the demo world, one teacher and its trajectories, then for 
 student (the student architecture language-model-pretrained on the corpus text, never shown the
 protocol), its KD cold start, and every arm below with the same budget and the same small
 learning-rate grid, each selected on validation (step 0 included) and evaluated on the test split
-with the ARC metrics. It writes the Markdown table (mean ± std over seeds, paired differences) and a
-PNG of the RL arms' curves, and prints its wall time. Every arm × seed lives in its own directory
-with a result.json written last: a second run reuses what is finished and redoes what is not.
+with the ARC metrics. Every stage is a step of the demo chain (train.py: demo_world, train_tiny,
+teacher_trajectories, cold_start, rl_on_pool, evaluate_on_test) with the demo's recipes
+(train.PRESETS["default"]); the experiment's own choices are the seeds, the learning-rate grid and KD on
+every trajectory (no held-out share). It writes the Markdown table (mean ± std over seeds, paired
+differences) and a PNG of the RL arms' curves, and prints its wall time. Every arm × seed lives in
+its own directory with a result.json written last: a second run reuses what is finished and redoes
+what is not.
 
 Data roles (disjoint; sizes in the printed design): the teacher's trajectories for KD come from the
 KD pool of training questions; every RL arm trains on the RL pool, which KD never saw; validation
@@ -44,60 +48,47 @@ import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import arc_eval  # noqa: E402
 import data  # noqa: E402
 import ddp  # noqa: E402
 import demo  # noqa: E402
+import loop  # noqa: E402
 import models  # noqa: E402
 import plot  # noqa: E402
 import rl  # noqa: E402
 import sft  # noqa: E402
 import train  # noqa: E402
-from retriever import BM25Retriever  # noqa: E402
-from rollout import RolloutConfig  # noqa: E402
 
 SupervisedConfig = sft.SupervisedConfig
-DEMO = train.PRESETS["default"]
 
 
 @dataclass
 class Design:
-    """Everything that defines the experiment; the presets below are its two sizes."""
+    """Everything that defines the experiment; the presets below are its two sizes. `chain` is what it
+    shares with the demo chain (train.DemoPreset: the world and its disjoint question pools, the model
+    sizes, the teacher, base-student and KD recipes, the RL settings); the rest is the experiment's own."""
+    chain: train.DemoPreset = field(default_factory=train.PRESETS["default"])
     seeds: tuple = (0, 1, 2)
-    kd_pool: int = 800               # training questions whose teacher trajectories KD learns from
-    rl_pool: int = 500               # the other training questions: the only ones RL trains on
-    val_limit: int = 0               # validation questions used for selection (0 = all 120)
-    test_limit: int = 0              # test questions reported (0 = all 240)
-    teacher_size: str = "teacher"
-    student_size: str = "student"
-    max_new_tokens: int = 64         # per turn (the oracle writes at most ~40)
-    # the teacher, base-student and KD recipes and the RL settings are the default demo's (train.py)
-    teacher: SupervisedConfig = field(default_factory=lambda: DEMO().teacher)
-    pretrain: SupervisedConfig = field(default_factory=lambda: DEMO().pretrain)
-    kd: SupervisedConfig = field(default_factory=lambda: DEMO().kd)
     kd_early_step: int = 300         # the weak start: this KD step's checkpoint
-    rl: dict = field(default_factory=lambda: {k: v for k, v in DEMO().rl.items() if k not in ("lr", "beta")})
     beta_loss: float = 1.0           # β of the KL-as-a-loss arms (exact KL over the vocabulary)
     beta_reward: float = 0.01        # β of the paper's k1 reward penalty (set by arithmetic, not tuned: README)
-    lrs: tuple = (3e-4, 1e-3)        # the grid every RL arm and KD-continued gets
-    eval_batch_size: int = 64
+    lrs: tuple = (3e-4, 1e-3)        # the grid every RL arm and KD-continued gets (it replaces the chain's lr)
 
 
 PRESETS = {
     "full": Design,
     "small": lambda: Design(
-        seeds=(0, 1), kd_pool=10, rl_pool=8, val_limit=4, test_limit=6, teacher_size="test", student_size="test",
-        max_new_tokens=8,
-        teacher=SupervisedConfig(steps=3, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
-        pretrain=SupervisedConfig(steps=2, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
-        kd=SupervisedConfig(steps=3, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
-        kd_early_step=1,
-        rl=dict(steps=1, prompts_per_step=2, group_size=2, micro_batch_size=8, rollout_batch_size=8,
-                warmup_ratio=0.0, temperature=1.0, max_new_tokens=8, max_turns=1, eval_every=1),
-        eval_batch_size=8),
+        chain=train.DemoPreset(
+            teacher=SupervisedConfig(steps=3, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
+            pretrain=SupervisedConfig(steps=2, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
+            kd=SupervisedConfig(steps=3, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
+            rl=dict(steps=1, prompts_per_step=2, group_size=2, micro_batch_size=8, rollout_batch_size=8,
+                    warmup_ratio=0.0, temperature=1.0, max_new_tokens=8, max_turns=1, eval_every=1),
+            teacher_size="test", student_size="test", kd_pool=10, rl_pool=8, tgo_keep_wrong=True, max_new_tokens=8,
+            eval_limit=6, val_limit=4, eval_batch_size=8),
+        seeds=(0, 1), kd_early_step=1),
 }
 
-# RL arms: (start model, settings on top of Design.rl). "beta" is filled in from the Design.
+# RL arms: (start model, settings on top of the chain's RL settings). "beta" is filled in from the Design.
 ARMS = {
     "GRPO from base": ("base", dict(algo="grpo", teacher_mode="none")),
     "PPO from base": ("base", dict(algo="ppo", teacher_mode="none")),
@@ -117,10 +108,11 @@ COLUMNS = [("EM", "all", "em"), ("EM 1-hop", "demo_1hop", "em"), ("EM 2-hop", "d
 def rl_settings(design: Design, arm: str, lr: float, seed: int) -> rl.RLConfig:
     """One arm's RLConfig: the shared settings, the arm's own, this grid point and seed. PPO runs one
     rollout per prompt on prompts × G prompts, so every arm samples the same number of rollouts."""
-    settings = {**design.rl, **ARMS[arm][1], "lr": lr, "seed": seed}
+    shared = design.chain.rl
+    settings = {**shared, **ARMS[arm][1], "lr": lr, "seed": seed}
     settings["beta"] = design.beta_reward if settings.get("teacher_as") == "reward" else design.beta_loss
     if settings["algo"] == "ppo":
-        settings["prompts_per_step"] = design.rl["prompts_per_step"] * design.rl["group_size"]
+        settings["prompts_per_step"] = shared["prompts_per_step"] * shared["group_size"]
         settings["group_size"] = 1
         settings["critic_warmup_ratio"] = 0.0
         settings["critic_lr"] = lr * 10               # the paper's critic/actor ratio (1e-5 / 1e-6)
@@ -172,26 +164,19 @@ def main(argv=None):
     units = Units(args.out)
     dist = ddp.Dist()
 
-    world = demo.make_world(seed=0)
-    tokenizer = demo.train_tokenizer(world, os.path.join(args.out, "tokenizer"))
-    retriever = BM25Retriever(world.corpus)
-    kd_pool = world.train[:design.kd_pool]
-    rl_pool = world.train[design.kd_pool:design.kd_pool + design.rl_pool]
-    assert not {q["id"] for q in kd_pool} & {q["id"] for q in rl_pool}
-    validation = world.validation[:design.val_limit] if design.val_limit else world.validation
-    test = world.test[:design.test_limit] if design.test_limit else world.test
-    greedy = RolloutConfig(max_new_tokens=design.max_new_tokens, greedy=True)
-    sizes = {"corpus": len(world.corpus), "kd_pool": len(kd_pool), "rl_pool": len(rl_pool),
-             "validation": len(validation), "test": len(test), "seeds": list(design.seeds), "lrs": list(design.lrs)}
+    chain = design.chain                               # the demo chain's steps (train.py) do every stage
+    w = train.demo_world(chain, args.out)
+    assert not {q["id"] for q in w.kd_pool} & {q["id"] for q in w.rl_pool}
+    sizes = {"corpus": len(w.world.corpus), "kd_pool": len(w.kd_pool), "rl_pool": len(w.rl_pool),
+             "validation": len(w.validation), "test": len(w.test), "seeds": list(design.seeds),
+             "lrs": list(design.lrs)}
     print(f"design: {json.dumps(sizes)}", flush=True)
     path = lambda *parts: os.path.join(args.out, *parts)          # noqa: E731
 
     # the teacher: the demo's recipe, on the oracle's correct trajectories of every training question
     def make_teacher(out):
-        records = demo.oracle_records(world.train, retriever, tokenizer, dataclasses.replace(greedy, max_new_tokens=500))
-        demo.make_tiny_model(tokenizer, design.teacher_size, seed=1, out_dir=out + "-init")
-        model = models.load_model(out + "-init", dist, trainable=True)
-        sft.train_supervised(model, tokenizer, records, design.teacher, dist, out, desc="teacher")
+        records = train.oracle_trajectories(w)
+        train.train_tiny(w, chain.teacher_size, 1, records, chain.teacher, dist, out, out + "-init", desc="teacher")
         shutil.rmtree(out + "-init")
         return {"oracle_trajectories": len(records)}
     units("teacher", make_teacher)
@@ -199,20 +184,17 @@ def main(argv=None):
     teacher_model = models.load_model(path("teacher"), dist, trainable=False)
 
     def make_tgo(out):
-        return sft.run_tgo(teacher_model, tokenizer, kd_pool, retriever, greedy, dist, os.path.join(out, "tgo.jsonl"),
-                           batch_size=design.eval_batch_size, keep_wrong=args.preset == "small")
+        return {"kept": len(train.teacher_trajectories(w, teacher_model, chain, dist, os.path.join(out, "tgo.jsonl")))}
     tgo_stats = units("tgo", make_tgo)
-    tgo = data.load_trajectories(path("tgo", "tgo.jsonl"), vocab_size=len(tokenizer))
+    tgo = data.load_trajectories(path("tgo", "tgo.jsonl"), vocab_size=len(w.tokenizer),
+                                 tokenizer_fingerprint=data.vocab_fingerprint(w.tokenizer))
 
     def evaluate(model_dir):
-        def run(out):
-            report = arc_eval.evaluate_dir(model_dir, test, retriever, greedy, dist, out, batch_size=design.eval_batch_size)
-            return {"report": report}
-        return run
+        return lambda out: {"report": train.evaluate_on_test(w, model_dir, chain, dist, out)}
 
     def val_em(model_dir):
         model = models.load_model(model_dir, dist, trainable=False)
-        return rl.validation_em(model, tokenizer, validation, retriever, greedy, design.eval_batch_size, dist)
+        return rl.validation_em(model, w.tokenizer, w.validation, w.retriever, w.greedy, chain.eval_batch_size, dist)
 
     reports = {"Teacher": {0: units("eval-teacher", evaluate(path("teacher")))["report"]}}
     chosen = {}                                        # (method, seed) -> the selected lr / step / val EM
@@ -221,23 +203,21 @@ def main(argv=None):
 
         def make_base(out, seed=seed):
             shutil.rmtree(out + "-init", ignore_errors=True)
-            demo.make_tiny_model(tokenizer, design.student_size, seed=100 + seed, out_dir=out + "-init")
-            model = models.load_model(out + "-init", dist, trainable=True)
-            cfg = dataclasses.replace(design.pretrain, seed=seed)
-            sft.train_supervised(model, tokenizer, demo.corpus_records(world, tokenizer), cfg, dist, out, desc="pretrain")
+            train.train_tiny(w, chain.student_size, 100 + seed, demo.corpus_records(w.world, w.tokenizer),
+                             dataclasses.replace(chain.pretrain, seed=seed), dist, out, out + "-init", desc="pretrain")
             shutil.rmtree(out + "-init")
             return {}
         units(f"{s}/base", make_base)
 
-        def make_kd(out, seed=seed):
-            cfg = dataclasses.replace(design.kd, seed=seed)
+        def make_kd(out, seed=seed):          # KD on every trajectory: no held-out share
+            cfg = dataclasses.replace(chain.kd, seed=seed)
             model = models.load_model(path(s, "base"), dist, trainable=True)
-            sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd",
-                                 stop_after=design.kd_early_step)
+            train.cold_start(w, model, teacher_model, tgo, cfg, dist, loop.Run(out, stop_after=design.kd_early_step),
+                             heldout=False)
             shutil.rmtree(out + "-early", ignore_errors=True)   # left by an interrupted earlier run
             shutil.copytree(out, out + "-early")           # the weak start, a complete checkpoint
             model = models.load_model(out, dist, trainable=True)
-            sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd", resume=out)
+            train.cold_start(w, model, teacher_model, tgo, cfg, dist, loop.Run(out, resume=out), heldout=False)
             return {}
         units(f"{s}/kd", make_kd)
         starts = {"base": path(s, "base"), "kd": path(s, "kd"), "kd_early": path(s, "kd-early")}
@@ -245,14 +225,14 @@ def main(argv=None):
                      for name, d in starts.items()}
 
         # KD continued: as many sequences as an RL arm trains on, per grid point; KD itself competes
-        sequences = design.rl["steps"] * design.rl["prompts_per_step"] * design.rl["group_size"]
+        sequences = chain.rl["steps"] * chain.rl["prompts_per_step"] * chain.rl["group_size"]
         candidates = {"kd": (start_val["kd"], path(s, "kd"), None)}
         for lr in design.lrs:
             def make_kdc(out, lr=lr, seed=seed):
-                cfg = dataclasses.replace(design.kd, seed=1000 + seed, lr=lr, warmup_steps=0,
-                                          steps=max(1, sequences // design.kd.batch_size))
+                cfg = dataclasses.replace(chain.kd, seed=1000 + seed, lr=lr, warmup_steps=0,
+                                          steps=max(1, sequences // chain.kd.batch_size))
                 model = models.load_model(path(s, "kd"), dist, trainable=True)
-                sft.train_supervised(model, tokenizer, tgo, cfg, dist, out, teacher=teacher_model, desc="kd")
+                train.cold_start(w, model, teacher_model, tgo, cfg, dist, loop.Run(out), heldout=False)
                 return {"val_em": val_em(out)}
             res = units(f"{s}/kd-continued-lr{lr:g}", make_kdc)
             candidates[f"lr{lr:g}"] = (res["val_em"], path(s, f"kd-continued-lr{lr:g}"), lr)
@@ -268,8 +248,7 @@ def main(argv=None):
 
                 def make_rl(out, arm=arm, lr=lr, seed=seed, start=start):
                     cfg = rl_settings(design, arm, lr, seed)
-                    summary = rl.train_rl(starts[start], path("teacher"), rl_pool, retriever, cfg, dist, out,
-                                          validation=validation)
+                    summary = train.rl_on_pool(w, starts[start], path("teacher"), cfg, dist, loop.Run(out))
                     return {"summary": summary, "config": dataclasses.asdict(cfg)}
                 runs[lr] = units(name, make_rl)
             lr = max(design.lrs, key=lambda x: runs[x]["summary"]["best_val_em"])   # ties: the lower lr
@@ -342,14 +321,15 @@ def training_signal(metrics_path: str, last: int = 5) -> dict:
 
 def render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors) -> str:
     order = ["Student (base)", "Teacher", "KD", "KD continued", "weak KD (start)"] + list(ARMS)
+    shared = design.chain.rl
     lines = [f"<!-- written by bench/experiment.py --preset {args.preset}; do not edit by hand -->", "",
              f"**The experiment in miniature** — demo world, {len(design.seeds)} seeds "
              f"({', '.join(map(str, design.seeds))}), mean ± std over seeds (the teacher is one model). "
              f"KD pool {sizes['kd_pool']} questions ({tgo_stats['kept']} correct teacher trajectories), RL pool "
              f"{sizes['rl_pool']} questions KD never saw, validation {sizes['validation']}, test {sizes['test']}. "
-             f"Every RL arm: {design.rl['steps']} steps × {design.rl['prompts_per_step'] * design.rl['group_size']} "
+             f"Every RL arm: {shared['steps']} steps × {shared['prompts_per_step'] * shared['group_size']} "
              f"rollouts, learning rate from {{{', '.join(f'{lr:g}' for lr in design.lrs)}}} and checkpoint "
-             f"(every {design.rl['eval_every']} steps, step 0 included) chosen by validation EM.", "",
+             f"(every {shared['eval_every']} steps, step 0 included) chosen by validation EM.", "",
              "| method | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for method in order:
         if method in reports:

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import ddp  # noqa: E402
 import demo  # noqa: E402
+import loop  # noqa: E402
 import rl  # noqa: E402
 import train  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
@@ -70,7 +71,7 @@ def main(student, teacher, out, point, n, resume=None):
         arm(point, int(n))
     world = demo.make_world(seed=0)
     rl.train_rl(student, teacher, world.train[:6], BM25Retriever(world.corpus), rl.RLConfig(**CONFIG),
-                ddp.Dist(), out, resume=resume)
+                ddp.Dist(), loop.Run(out, resume=resume))
 
 
 if __name__ == "__main__":

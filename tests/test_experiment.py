@@ -1,6 +1,6 @@
 """bench/experiment.py's small preset runs the whole experiment pipeline (every arm, two seeds, the
 grid, selection, evaluation, table, curves) in seconds, reuses finished units, and writes the table
-into a README between its markers."""
+into a README between its markers; its design is the demo chain's (train.py) and runs through its steps."""
 import os
 import re
 import subprocess
@@ -12,6 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import demo  # noqa: E402
 import experiment  # noqa: E402
+import rl  # noqa: E402
+import train  # noqa: E402
 
 pytestmark = pytest.mark.slow      # whole experiment runs in subprocesses
 
@@ -69,11 +71,17 @@ def test_every_rl_arm_samples_the_same_number_of_rollouts_per_step():
     assert budgets == {(30, 32)}
 
 
+def test_the_experiment_runs_the_demo_chain_and_its_dgpo_arm_at_the_demos_lr_is_the_demos_rl_stage():
+    design, default = experiment.Design(), train.PRESETS["default"]()
+    assert design.chain == default
+    assert experiment.rl_settings(design, "DGPO (GRPO, selective KL)", default.rl["lr"], 0) == rl.RLConfig(**default.rl)
+
+
 def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():
     world = demo.make_world(seed=0)
     design = experiment.Design()
-    kd = {q["id"] for q in world.train[:design.kd_pool]}
-    rl = {q["id"] for q in world.train[design.kd_pool:design.kd_pool + design.rl_pool]}
+    kd = {q["id"] for q in world.train[:design.chain.kd_pool]}
+    rl = {q["id"] for q in world.train[design.chain.kd_pool:design.chain.kd_pool + design.chain.rl_pool]}
     val, test = {q["id"] for q in world.validation}, {q["id"] for q in world.test}
     assert len(kd) == 800 and len(rl) == 500
     assert not (kd & rl or kd & val or kd & test or rl & val or rl & test or val & test)

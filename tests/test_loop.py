@@ -1,16 +1,22 @@
 """loop.py: a non-finite loss skips the step and counts it; a zero-gradient step moves nothing while
 the schedule advances; the data order is a permutation per epoch that depends only on seed and
-position; --report-to wandb without the package names it."""
+position; --report-to wandb without the package names it; a stage saves at its cadence and its end,
+logs every step, and stops where --stop-after says. (Resuming through the stage skeleton is proved
+bit for bit by the trainers' resume tests: test_sft.py, test_rl.py, test_checkpoint.py.)"""
+import json
+import os
+import signal
 
 import pytest
 import torch
 
+import cli
 import data
 import ddp
 import loop
 import models
 import rl
-
+import sft
 
 
 def test_nonfinite_loss_skips_the_step_counts_it_and_warns(tokenizer, model_dirs, fixed_rollouts, rl_config):
@@ -94,3 +100,39 @@ def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ImportError, match="--report-to wandb needs the optional package 'wandb'"):
         loop.Reporter(str(tmp_path), "wandb", "rl", {}, ddp.Dist())
+
+
+def _run_stage(run: loop.Run, steps: int, save_every: int, signal_at: int | None = None) -> list[int]:
+    """A stage with no model: every step only logs its row; returns the steps `save` was asked for."""
+    cfg = sft.SupervisedConfig(steps=steps, save_every=save_every)
+    stage = loop.open_stage("sft", cfg, run, None, None, None, ddp.Dist())
+    saved = []
+    with stage as bar:
+        for step in bar:
+            if step == signal_at:
+                stage.stop.signum = signal.SIGTERM          # as the handler would on a SIGTERM
+            stage.after_step(step, {"step": step + 1}, saved.append)
+    stage.finish(saved.append)
+    return saved
+
+
+def test_a_stage_saves_every_save_every_steps_and_once_at_its_end_and_logs_every_step(tmp_path):
+    out = str(tmp_path / "run")
+    assert _run_stage(loop.Run(out), steps=5, save_every=2) == [2, 4, 5]
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4, 5]
+    assert _run_stage(loop.Run(str(tmp_path / "short"), stop_after=3), steps=5, save_every=2) == [2, 3]
+    assert _run_stage(loop.Run(str(tmp_path / "end"), stop_after=9), steps=4, save_every=0) == [4]
+
+
+def test_a_signal_saves_after_the_step_and_names_the_command_that_continues(tmp_path):
+    out = str(tmp_path / "run")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(cli.Interrupted, match=r"SIGTERM: sft stopped after step 2 of 5 .*--resume " + out):
+        _run_stage(loop.Run(out, info={"argv": ["train.py", "kd", "--out", out]}), steps=5, save_every=0,
+                   signal_at=1)
+    assert signal.getsignal(signal.SIGTERM) is before                 # the handler is given back
+
+
+def test_override_config_without_resume_is_refused_when_the_run_is_described():
+    with pytest.raises(ValueError, match="--override-config only makes sense with --resume"):
+        loop.Run("out", override_config=True)

@@ -178,13 +178,13 @@ def test_evaluations_log_the_probe_and_the_pool_em_without_changing_training(wor
     measure = dict(eval_every=2, probe_samples=2, pool_eval_limit=4)
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
                 rl_config(**BATCHES, **measure),
-                ddp.Dist(), on, validation=validation)
+                ddp.Dist(), loop.Run(on), validation=validation)
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
                 rl_config(**BATCHES, eval_every=2),
-                ddp.Dist(), off, validation=validation)
+                ddp.Dist(), loop.Run(off), validation=validation)
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
                 rl_config(**BATCHES, seed=4, **measure),
-                ddp.Dist(), other_seed, validation=validation)
+                ddp.Dist(), loop.Run(other_seed), validation=validation)
     a, b = saved_weights(on), saved_weights(off)
     assert all(torch.equal(a[k], b[k]) for k in a), "the probe and the pool EM must not change what is trained"
     rows = [r for r in _rows(on) if "val_em" in r]
@@ -294,7 +294,7 @@ def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(wo
     questions = world.train[:12]
     straight, split, state = straight_and_resumed(
         lambda out, **kw: rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg,
-                                      ddp.Dist(), out, **kw), stop_after=2)
+                                      ddp.Dist(), loop.Run(out, **kw)), stop_after=2)
     assert state["cursor"] == 2 * 2 * 2                  # 2 steps × 2 rounds × 2 prompts
     a, b, start = saved_weights(straight), saved_weights(split), saved_weights(model_dirs["student"])
     assert any(not torch.equal(a[k], start[k]) for k in a), "the teacher term must move the student"
@@ -309,7 +309,7 @@ def test_dropping_refills_logs_the_draws_saves_the_cursor_and_resumes_exactly(wo
     grpo = str(tmp_path / "grpo")
     rl.train_rl(model_dirs["student"], None, questions, retriever,
                 rl_config(**BATCHES, drop_constant_groups=True, max_draws=2, steps=2, teacher_mode="none"),
-                ddp.Dist(), grpo)
+                ddp.Dist(), loop.Run(grpo))
     assert [(r["kept_rollouts"], r["zero_grad_steps"]) for r in _rows(grpo)] == [(0, 1), (0, 2)]
 
 
@@ -381,7 +381,7 @@ def test_resume_is_exact_four_steps_equal_two_plus_two(world, retriever, model_d
     questions = world.train[:6]
     straight, split, state = straight_and_resumed(
         lambda out, **kw: rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg,
-                                      ddp.Dist(), out, **kw), stop_after=2)
+                                      ddp.Dist(), loop.Run(out, **kw)), stop_after=2)
     assert state["step"] == 2
     a, b = saved_weights(straight), saved_weights(split)
     initial = saved_weights(model_dirs["student"])
@@ -399,7 +399,7 @@ def test_rl_steps_with_no_gradient_leave_the_student_as_it_was_and_the_metrics_c
     has a gradient; the run logs each as a zero-gradient step and saves the start weights."""
     out = str(tmp_path / "grpo")
     cfg = rl_config(steps=2, teacher_mode="none")
-    rl.train_rl(model_dirs["student"], None, world.train[:4], retriever, cfg, ddp.Dist(), out)
+    rl.train_rl(model_dirs["student"], None, world.train[:4], retriever, cfg, ddp.Dist(), loop.Run(out))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["em"] for r in rows] == [0.0, 0.0]
     assert [r["zero_grad_steps"] for r in rows] == [1, 2] and all(r["grad_norm"] == 0.0 for r in rows)
@@ -432,7 +432,7 @@ def test_rl_length_budget_truncates_flags_and_keeps_running(world, tokenizer, re
     real = arc_eval.generate_records
     monkeypatch.setattr(arc_eval, "generate_records", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
     out = tmp_path / "rl"
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), str(out))
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, ddp.Dist(), loop.Run(str(out)))
     assert len(seen) == 8 and all(len(r["input_ids"]) <= cap and r["truncated"] for r in seen)
     assert any(len(r["input_ids"]) == cap for r in seen)          # the cap, not something else, ended them
     [row] = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -475,7 +475,7 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
     cfg = rl_config(steps=2, lr=0.0, eval_every=1, eval_limit=3)
     out = str(tmp_path / "rl")
     summary = rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg,
-                          ddp.Dist(), out, validation=world.validation)
+                          ddp.Dist(), loop.Run(out), validation=world.validation)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[0].keys() == {"step", "val_em", "eval_s"}
     assert rows[0]["val_em"] == rows[1]["val_em"] == rows[2]["val_em"]
@@ -488,7 +488,7 @@ def test_validation_scores_the_start_model_and_it_can_be_the_best_checkpoint(wor
 def test_rl_refuses_a_zero_temperature(world, retriever, model_dirs, tmp_path, rl_config):
     with pytest.raises(ValueError, match="--temperature 0.0: .*must be > 0"):
         rl.train_rl(model_dirs["student"], None, world.train[:2], retriever,
-                    rl_config(temperature=0.0, teacher_mode="none"), ddp.Dist(), str(tmp_path / "x"))
+                    rl_config(temperature=0.0, teacher_mode="none"), ddp.Dist(), loop.Run(str(tmp_path / "x")))
 
 
 @pytest.mark.numerics
@@ -500,7 +500,7 @@ def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever,
     questions = world.train[:6]
     straight, split, _ = straight_and_resumed(
         lambda out, **kw: rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg,
-                                      ddp.Dist(), out, **kw), stop_after=2)
+                                      ddp.Dist(), loop.Run(out, **kw)), stop_after=2)
     for sub, load in (("", saved_weights), ("critic",
                                             lambda p: AutoModelForTokenClassification.from_pretrained(p).state_dict())):
         a, b = load(os.path.join(straight, sub)), load(os.path.join(split, sub))
@@ -515,17 +515,17 @@ def test_ppo_resume_is_exact_with_the_critic_and_its_optimizer(world, retriever,
     # an overridden critic lr really reaches the critic's optimizer
     longer = {**cfg.__dict__, "steps": 5, "critic_lr": 0.5}
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, rl.RLConfig(**longer),
-                ddp.Dist(), split, resume=split, override_config=True)
+                ddp.Dist(), loop.Run(split, resume=split, override_config=True))
     state = torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)
     assert state["critic_optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5)
     assert rl.load_critic(os.path.join(split, "critic"), ddp.Dist(), True, "--resume", fresh=False).training
     with pytest.raises(FileNotFoundError, match="no critic/ in it"):
         grpo_dir = str(tmp_path / "grpo")
         rl.train_rl(model_dirs["student"], None, questions, retriever, rl_config(steps=1, teacher_mode="none"),
-                    ddp.Dist(), grpo_dir)
+                    ddp.Dist(), loop.Run(grpo_dir))
         rl.train_rl(model_dirs["student"], None, questions, retriever,
-                    rl_config(steps=2, teacher_mode="none", algo="ppo"), ddp.Dist(), grpo_dir, resume=grpo_dir,
-                    override_config=True)
+                    rl_config(steps=2, teacher_mode="none", algo="ppo"), ddp.Dist(),
+                    loop.Run(grpo_dir, resume=grpo_dir, override_config=True))
 
 
 @pytest.mark.numerics
@@ -537,7 +537,8 @@ def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retrie
     cfg = rl_config(algo="ppo", group_size=1, steps=4, prompts_per_step=4, micro_batch_size=4, rollout_batch_size=4,
                     teacher_as="reward", beta=0.5, lr=1e-4, critic_lr=3e-3, warmup_ratio=0.0, entropy_coef=0.001)
     out = str(tmp_path / "ppo")
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:16], retriever, cfg, ddp.Dist(), out)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:16], retriever, cfg, ddp.Dist(),
+                loop.Run(out))
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert len(rows) == 4 and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
     assert all("vf_loss" in r and "value_mean" in r for r in rows)

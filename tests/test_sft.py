@@ -10,6 +10,7 @@ import arc_eval
 import cli
 import data
 import ddp
+import loop
 import models
 import sft
 from rollout import RolloutConfig
@@ -24,7 +25,7 @@ def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, saved
 
     def train(out, **kw):                      # a resume loads the model from its own checkpoint
         model = models.load_model(kw.get("resume") or model_dirs["student"], dist, trainable=True)
-        sft.train_supervised(model, tokenizer, records, cfg, dist, out, **kw)
+        sft.train_supervised(model, tokenizer, records, cfg, dist, loop.Run(out, **kw))
     straight, split, state = straight_and_resumed(train, stop_after=2)
     assert state["step"] == 2
     a, b = saved_weights(straight), saved_weights(split)
@@ -41,7 +42,7 @@ def test_ctrl_c_in_a_supervised_stage_saves_after_the_step_and_the_resume_is_exa
     dist = ddp.Dist()
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     sft.train_supervised(models.load_model(model_dirs["student"], dist, trainable=True), tokenizer, records, cfg,
-                         dist, straight)
+                         dist, loop.Run(straight))
     real_loss, calls = sft.supervised_loss, []
 
     def loss_then_ctrl_c(*args, **kwargs):               # Ctrl-C arrives in the middle of step 2's forward
@@ -55,12 +56,12 @@ def test_ctrl_c_in_a_supervised_stage_saves_after_the_step_and_the_resume_is_exa
     with pytest.raises(cli.Interrupted, match=r"SIGINT: sft stopped after step 2 of 4 .* continue with: .*"
                        r"train.py kd --data t.jsonl --out .*split --resume .*split$") as stop:
         sft.train_supervised(models.load_model(model_dirs["student"], dist, trainable=True), tokenizer, records,
-                             cfg, dist, split, info=info)
+                             cfg, dist, loop.Run(split, info=info))
     assert stop.value.signum == signal.SIGINT and signal.getsignal(signal.SIGINT) is before   # handler restored
     assert torch.load(os.path.join(split, "trainer_state.pt"), weights_only=False)["step"] == 2
     monkeypatch.setattr(sft, "supervised_loss", real_loss)
-    sft.train_supervised(models.load_model(split, dist, trainable=True), tokenizer, records, cfg, dist, split,
-                         resume=split)
+    sft.train_supervised(models.load_model(split, dist, trainable=True), tokenizer, records, cfg, dist,
+                         loop.Run(split, resume=split))
     a, b = saved_weights(straight), saved_weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a), "the interrupted and resumed run differs"
 

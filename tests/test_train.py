@@ -23,6 +23,7 @@ import loop
 import models
 import retriever as retriever_lib
 import rl
+import settings
 import sft
 import stats
 import train
@@ -60,7 +61,7 @@ def test_bad_input_stops_early_with_a_clear_message(world, retriever, model_dirs
         models.load_model(str(tmp_path / "missing"), ddp.Dist(), trainable=False)
     with pytest.raises(ValueError, match="not divisible by world size"):
         rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:4], retriever,
-                    rl_config(prompts_per_step=3), ddp.Dist(world_size=2), str(tmp_path / "x"))
+                    rl_config(prompts_per_step=3), ddp.Dist(world_size=2), loop.Run(str(tmp_path / "x")))
     with pytest.raises(ValueError, match="exactly one of"):
         retriever_lib.make_retriever(None, None)
     with pytest.raises(ValueError, match="exactly one of"):
@@ -154,16 +155,17 @@ def test_resume_refuses_another_stage_and_changed_settings_unless_overridden(wor
     questions, dist = world.train[:6], ddp.Dist()
     run = str(tmp_path / "rl")
     cfg = rl_config(lr=1e-4, group_size=2)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, run, stop_after=2)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist,
+                loop.Run(run, stop_after=2))
     changed = rl_config(lr=5e-2, group_size=4, beta=0.5)
     with pytest.raises(ValueError, match=r"group_size: 2 -> 4; lr: 0.0001 -> 0.05.*--override-config"):
-        rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist, run,
-                    resume=run)
+        rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist,
+                    loop.Run(run, resume=run))
     # the free settings may change: how often to evaluate or save, how big a forward pass is
     rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever,
-                rl_config(lr=1e-4, micro_batch_size=1, save_every=1), dist, run, resume=run, stop_after=1)
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist, run,
-                resume=run, override_config=True)
+                rl_config(lr=1e-4, micro_batch_size=1, save_every=1), dist, loop.Run(run, resume=run, stop_after=1))
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, changed, dist,
+                loop.Run(run, resume=run, override_config=True))
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     override = next(r for r in rows if "config_override" in r)
     assert override["step"] == 3 and override["config_override"]["lr"] == [1e-4, 5e-2]
@@ -175,13 +177,14 @@ def test_resume_refuses_another_stage_and_changed_settings_unless_overridden(wor
     model = models.load_model(run, dist, trainable=True)
     sup = sft.SupervisedConfig(steps=6, batch_size=4, micro_batch_size=2)
     with pytest.raises(ValueError, match="a checkpoint of stage 'rl'; this is stage 'kd'"):
-        sft.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, run,
-                             resume=run, desc="kd")
+        sft.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist,
+                             loop.Run(run, resume=run), desc="kd")
     kd = str(tmp_path / "kd")
-    sft.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist, kd, desc="kd",
-                         stop_after=1)
+    sft.train_supervised(model, tokenizer, data.load_trajectories(fixed_rollouts), sup, dist,
+                         loop.Run(kd, stop_after=1), desc="kd")
     with pytest.raises(ValueError, match="a checkpoint of stage 'kd'; this is stage 'rl'"):
-        rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist, kd, resume=kd)
+        rl.train_rl(model_dirs["student"], model_dirs["teacher"], questions, retriever, cfg, dist,
+                    loop.Run(kd, resume=kd))
 
 
 def test_an_existing_output_is_refused_before_any_work_unless_resumed_or_overwritten(world, retriever,
@@ -189,19 +192,19 @@ def test_an_existing_output_is_refused_before_any_work_unless_resumed_or_overwri
     questions, dist = world.train[:6], ddp.Dist()
     run = str(tmp_path / "rl")
     rl.train_rl(model_dirs["student"], None, questions, retriever, rl_config(steps=1, teacher_mode="none"),
-                dist, run)
+                dist, loop.Run(run))
     with pytest.raises(ValueError, match=r"--out .*rl: exists and is not empty; pass --resume .* or --overwrite"):
         rl.train_rl(model_dirs["student"], None, questions, retriever, rl_config(steps=1, teacher_mode="none"),
-                    dist, run)
+                    dist, loop.Run(run))
     rl.train_rl(model_dirs["student"], None, questions, retriever, rl_config(steps=1, teacher_mode="none"),
-                dist, run, overwrite=True)
+                dist, loop.Run(run, overwrite=True))
     assert [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl"))] == [1]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("precious")
     with pytest.raises(ValueError, match="not a directory this trainer wrote"):
         rl.train_rl(model_dirs["student"], None, questions, retriever, rl_config(steps=1, teacher_mode="none"),
-                    dist, str(foreign), overwrite=True)
+                    dist, loop.Run(str(foreign), overwrite=True))
     assert (foreign / "notes.txt").read_text() == "precious"
 
 
@@ -254,17 +257,15 @@ def test_help_shows_every_numeric_range():
 
 
 @pytest.mark.slow
-def test_every_config_option_is_explained_in_help_by_its_field_comment():
+def test_every_config_option_is_explained_in_help_by_its_fields_help():
     for stage, config_cls in [("rl", rl.RLConfig), ("kd", sft.SupervisedConfig), ("tgo", RolloutConfig)]:
-        comments = cli.field_comments(config_cls)
-        fields = [f.name for f in dataclasses.fields(config_cls)]
-        assert set(comments) <= set(fields)
-        if stage != "tgo":
-            assert set(comments) == set(fields), set(fields) - set(comments)   # every option explained
+        helps = {f.name: f.metadata.get("help") for f in dataclasses.fields(config_cls)}
+        assert all(helps.values()), [name for name, text in helps.items() if not text]   # every option explained
         shown = " ".join(_cli(stage, "--help").stdout.split())              # argparse wraps lines
-        for name, text in comments.items():
+        for name, text in helps.items():
             assert " ".join(text.split()) in shown, (stage, name)
-    assert cli.field_comments(rl.RLConfig)["critic_lr"] == "PPO's critic (the paper: 1e-5)"
+    assert {f.name: f for f in dataclasses.fields(rl.RLConfig)}["critic_lr"].metadata["help"] == \
+        "PPO's critic (the paper: 1e-5)"
 
 
 def test_long_questions_are_refused_before_any_rollout(world, retriever, model_dirs, tmp_path, tokenizer, rl_config):
@@ -273,7 +274,7 @@ def test_long_questions_are_refused_before_any_rollout(world, retriever, model_d
     assert model.config.max_position_embeddings == 2048
     with pytest.raises(ValueError, match=r"training question id='huge'.*prompt is \d+ tokens.*budget of 2048"):
         rl.train_rl(model_dirs["student"], None, [world.train[1], huge], retriever,
-                    rl_config(teacher_mode="none"), ddp.Dist(), str(tmp_path / "rl"))
+                    rl_config(teacher_mode="none"), ddp.Dist(), loop.Run(str(tmp_path / "rl")))
     with pytest.raises(ValueError, match=r"question id='huge' .*its prompt is \d+ tokens.*budget of 2048"):
         arc_eval.evaluate(model, tokenizer, [huge], retriever, progress=False)
     longer = {**huge, "question": "Who founded " + "Velmor " * 800 + "Works?"}   # ~2,500 tokens > 2048
@@ -316,7 +317,7 @@ def test_a_model_with_a_nan_weight_is_refused_and_a_diverging_run_stops_without_
     records = data.load_trajectories(fixed_rollouts)
     cfg = sft.SupervisedConfig(steps=50, batch_size=2, micro_batch_size=2)
     with pytest.raises(RuntimeError, match="10 consecutive steps had a non-finite loss"):
-        sft.train_supervised(model, tokenizer, records, cfg, ddp.Dist(), out)
+        sft.train_supervised(model, tokenizer, records, cfg, ddp.Dist(), loop.Run(out))
     assert not os.path.exists(os.path.join(out, "trainer_state.pt"))
     with pytest.raises(RuntimeError, match="not saving .*: weight .* holds NaN"):
         checkpoint.save_checkpoint(out, model, tokenizer, ddp.Dist(), {"step": 1})
@@ -399,9 +400,9 @@ def test_every_checkpoint_carries_its_settings_as_json_and_tensorboard_gets_the_
 
 
 def test_kd_lambda_and_gae_lambda_have_their_own_ranges():
-    cli.check_config(sft.SupervisedConfig(lam=2.0))               # KD's λ: any weight >= 0
+    settings.check(sft.SupervisedConfig(lam=2.0))               # KD's λ: any weight >= 0
     with pytest.raises(ValueError, match="gae_lambda=2.0: must be in \\[0, 1\\]"):
-        cli.check_config(rl.RLConfig(gae_lambda=2.0))
+        settings.check(rl.RLConfig(gae_lambda=2.0))
 
 
 def test_stages_read_a_bm25_index_built_once(world, retriever, tmp_path):
@@ -483,7 +484,7 @@ def test_overwrite_never_deletes_an_input_it_refuses_an_output_that_is_or_holds_
         assert _listing(x) == before
     run = tmp_path / "run"                                  # a run with best/: resuming best/ into the run
     rl.train_rl(model_dirs["student"], None, world.train[:6], retriever,
-                rl_config(steps=1, teacher_mode="none", eval_every=1, eval_limit=2), ddp.Dist(), str(run),
+                rl_config(steps=1, teacher_mode="none", eval_every=1, eval_limit=2), ddp.Dist(), loop.Run(str(run)),
                 validation=world.validation)
     before = _listing(run)
     with pytest.raises(ValueError, match=r"--out .*run: contains the input --resume .*run/best"):
@@ -506,12 +507,13 @@ def test_overwrite_replaces_only_a_run_directory_and_only_what_the_run_wrote(mod
     (foreign / "metrics.jsonl").write_text('{"step": 1}\n')
     (foreign / "notes.txt").write_text("precious")
     with pytest.raises(ValueError, match="not a directory this trainer wrote.*choose another --out"):
-        rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(foreign), overwrite=True)
+        rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist,
+                    loop.Run(str(foreign), overwrite=True))
     assert _listing(foreign) == [("metrics.jsonl", 12), ("notes.txt", 8)]
     run = tmp_path / "run"
-    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run))
+    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, loop.Run(str(run)))
     (run / "notes.txt").write_text("mine too")          # the user's own file in a run directory
-    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run), overwrite=True)
+    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, loop.Run(str(run), overwrite=True))
     assert (run / "notes.txt").read_text() == "mine too"
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
     # the hint names the command that works: a run without a checkpoint cannot be resumed
@@ -523,25 +525,25 @@ def test_overwrite_replaces_only_a_run_directory_and_only_what_the_run_wrote(mod
         checkpoint.check_output(str(stopped), None, False)
     assert "--resume" not in str(error.value)
     with pytest.raises(FileNotFoundError, match=r"--resume .*stopped: no checkpoint to resume from in it"):
-        rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(stopped),
-                    resume=str(stopped))
+        rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist,
+                    loop.Run(str(stopped), resume=str(stopped)))
 
 
 def test_a_corrupted_checkpoint_is_refused_on_resume_naming_the_file(model_dirs, world, retriever, tmp_path,
                                                                      tokenizer, rl_config):
     cfg, dist = rl_config(steps=2), ddp.Dist()
     run = tmp_path / "run"
-    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist, str(run),
-                stop_after=1)
+    rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist,
+                loop.Run(str(run), stop_after=1))
     shutil.copytree(run, tmp_path / "run2")
     _flip(run / "trainer_state.pt")                      # torch.load would read it without a word
     with pytest.raises(ValueError, match=r"run/trainer_state.pt: corrupted, its checksum differs"):
-        rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist, str(run),
-                    resume=str(run))
+        rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist,
+                    loop.Run(str(run), resume=str(run)))
     _flip(tmp_path / "run2" / "model.safetensors")
     with pytest.raises(ValueError, match=r"run2/model.safetensors: corrupted"):
         rl.train_rl(model_dirs["student"], model_dirs["teacher"], world.train[:6], retriever, cfg, dist,
-                    str(tmp_path / "run2"), resume=str(tmp_path / "run2"))
+                    loop.Run(str(tmp_path / "run2"), resume=str(tmp_path / "run2")))
     # a model directory without checksums (save_pretrained by anyone) with damaged weights: named too
     plain = tmp_path / "plain"
     shutil.copytree(model_dirs["student"], plain)
@@ -554,12 +556,12 @@ def test_a_corrupted_checkpoint_is_refused_on_resume_naming_the_file(model_dirs,
 def test_resume_drops_a_torn_last_metrics_line_and_says_so(model_dirs, world, retriever, tmp_path, rl_config):
     cfg, dist = rl_config(steps=2, teacher_mode="none"), ddp.Dist()
     run = tmp_path / "run"
-    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run), stop_after=1)
+    rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, loop.Run(str(run), stop_after=1))
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 2, "reward": 0.')               # a full disk in the middle of an append
     with pytest.warns(UserWarning, match="torn last line"):
-        summary = rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist, str(run),
-                              resume=str(run))
+        summary = rl.train_rl(model_dirs["student"], None, world.train[:6], retriever, cfg, dist,
+                              loop.Run(str(run), resume=str(run)))
     assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
     assert "best_val_em" not in summary                  # no validation: no best to report (was -1.0)
 
@@ -637,7 +639,7 @@ def test_learning_rates_that_destroy_the_model_are_refused_and_an_update_that_br
         with pytest.raises(SystemExit):
             train.parse_args(["rl", "--student", "s", "--data", "d", "--out", "o", flag, value])
     with pytest.raises(ValueError, match=r"RLConfig.lr=inf: must be finite"):
-        cli.check_config(rl.RLConfig(lr=float("inf")))
+        settings.check(rl.RLConfig(lr=float("inf")))
     # the guard after an update: a step that leaves a weight non-finite stops the run, naming it
     model = models.load_model(model_dirs["student"], ddp.Dist(), trainable=True)
     records = data.load_trajectories(fixed_rollouts)[:2]

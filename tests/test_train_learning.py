@@ -12,6 +12,7 @@ import torch
 import arc_eval
 import ddp
 import demo
+import loop
 import models
 import rl
 import sft
@@ -33,7 +34,7 @@ def _sft(tokenizer, records, steps, out_dir, seed=1):
     model = demo.make_tiny_model(tokenizer, "test", seed=seed)
     cfg = sft.SupervisedConfig(steps=steps, batch_size=len(records), micro_batch_size=len(records),
                                lr=1e-2, warmup_steps=10)
-    sft.train_supervised(model, tokenizer, records, cfg, ddp.Dist(), str(out_dir), desc="sft")
+    sft.train_supervised(model, tokenizer, records, cfg, ddp.Dist(), loop.Run(str(out_dir)), desc="sft")
     return str(out_dir)
 
 
@@ -56,7 +57,7 @@ def test_kd_lowers_the_kd_loss_on_heldout_teacher_trajectories(world, tokenizer,
                                eval_every=10, lam=1.0)
     vocab = models.vocab_size_of(tokenizer, student, teacher)
     before = sft.heldout_loss(student, teacher, heldout, cfg, vocab, ddp.Dist())
-    sft.train_supervised(student, tokenizer, fit, cfg, ddp.Dist(), str(tmp_path / "kd"), teacher=teacher,
+    sft.train_supervised(student, tokenizer, fit, cfg, ddp.Dist(), loop.Run(str(tmp_path / "kd")), teacher=teacher,
                          heldout=heldout, desc="kd")
     rows = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
     curve = [r["heldout_loss"] for r in rows if "heldout_loss" in r]
@@ -115,7 +116,7 @@ def test_from_an_all_wrong_start_grpo_gets_no_signal_while_dgpos_teacher_term_ra
         for mode in ("selective", "none"):
             out = start["root"] / f"{mode}{seed}"
             rl.train_rl(start["student"], start["teacher"], questions, retriever,
-                        rl.RLConfig(**config, seed=seed, teacher_mode=mode), ddp.Dist(), str(out))
+                        rl.RLConfig(**config, seed=seed, teacher_mode=mode), ddp.Dist(), loop.Run(str(out)))
             runs[mode, seed] = [json.loads(line) for line in open(out / "metrics.jsonl")]
             after[mode, seed] = _greedy_em(str(out), tokenizer, questions, retriever)
     summary = {seed: dict(grpo_no_grad=sum(r["grad_norm"] == 0.0 for r in runs["none", seed]),
