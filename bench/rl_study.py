@@ -9,6 +9,8 @@ steps). Each finished arm is evaluated on the test split twice — its best-vali
 EM difference with its 95% bootstrap interval (stats.paired_difference) and the exact McNemar p.
 
   --part study    the levers on the tuning seed (seed 0), which the answer does not use
+  --part capacity the capacity question: a student of the teacher's size, pretrained and distilled as
+                  the demo makes its student, then KD → GRPO and DGPO β 0.1 from it at the tuning seed
   --part answer   KD → GRPO and DGPO (β chosen on the study: the DGPO arm with the best validation
                   EM at seed 0) on seeds 1, 2, 3, and the paired differences per seed and pooled
                   (each question's EM averaged over the seeds, resampled by question)
@@ -30,6 +32,7 @@ import argparse
 import filecmp
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,7 +41,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import data  # noqa: E402
+import ddp  # noqa: E402
+import demo  # noqa: E402
+import loop  # noqa: E402
+import models  # noqa: E402
+import retriever as retriever_lib  # noqa: E402
+import rollout  # noqa: E402
 import stats  # noqa: E402
+import train  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,6 +76,8 @@ STUDY = {                       # arm: settings over COMMON, all at the tuning s
     "ppo-critic3e-4": dict(GRPO, algo="ppo", critic_lr=3e-4),         # the critic at the actor's lr
 }
 TUNING_SEED, ANSWER_SEEDS = 0, (1, 2, 3)
+# the capacity question: the same two arms from a KD student of the teacher's size (tuning seed)
+CAPACITY = {"cap-grpo": GRPO, "cap-dgpo-b0.1": dict(beta=0.1)}
 
 
 def flags(settings: dict) -> list[str]:
@@ -99,14 +112,15 @@ def run(cmd: list[str], log: str) -> None:
         raise RuntimeError(f"{cmd[1:3]} failed (exit {done.returncode}); see {log}")
 
 
-def train_arm(arm_dir: str, settings: dict, seed: int, demo_dir: str, pool: str) -> None:
-    """The RL run, resumed from its last checkpoint if one exists; nothing to do if it finished."""
+def train_arm(arm_dir: str, settings: dict, seed: int, demo_dir: str, pool: str, student: str | None = None) -> None:
+    """The RL run from `student` (default: the demo's KD student), resumed from its last checkpoint if one
+    exists; nothing to do if it finished."""
     run_dir = os.path.join(arm_dir, "run")
     if os.path.isfile(os.path.join(arm_dir, "trained")):
         return
     os.makedirs(arm_dir, exist_ok=True)
     data = os.path.join(demo_dir, "data")
-    cmd = [sys.executable, "train.py", "rl", "--student", os.path.join(demo_dir, "kd"),
+    cmd = [sys.executable, "train.py", "rl", "--student", student or os.path.join(demo_dir, "kd"),
            "--teacher", os.path.join(demo_dir, "teacher"), "--data", pool,
            "--val", os.path.join(data, "validation.jsonl"), "--corpus", os.path.join(data, "corpus.jsonl"),
            "--out", run_dir, "--seed", str(seed)] + flags({**COMMON, **settings})
@@ -142,10 +156,10 @@ def arm_result(arm_dir: str, demo_dir: str) -> dict:
     return {"best": best, "last": last, "metrics": metrics}
 
 
-def do_arm(name: str, settings: dict, seed: int, args) -> dict:
+def do_arm(name: str, settings: dict, seed: int, args, student: str | None = None) -> dict:
     arm_dir = os.path.join(args.out, name)
     t0 = time.time()
-    train_arm(arm_dir, settings, seed, args.demo, args.pool)
+    train_arm(arm_dir, settings, seed, args.demo, args.pool, student)
     result = arm_result(arm_dir, args.demo)
     print(f"{name}: done ({time.time() - t0:.0f} s this call)", flush=True)
     return result
@@ -219,13 +233,43 @@ def chosen_beta(out: str) -> float:
     return max(scored)[2]
 
 
+def capacity_student(demo_dir: str, out: str, preset_name: str = "default") -> str:
+    """The capacity question's start: a student of the teacher's size (demo size "teacher"), made the way
+    the demo makes its student — language-model pretraining on the corpus text (the preset's `pretrain`),
+    then KD on the demo's own tgo.jsonl with the demo's teacher (the preset's `kd`) — through the demo
+    chain's steps (train.train_tiny, train.cold_start). Made once; returns its directory."""
+    root = os.path.join(out, "capacity")
+    kd_dir = os.path.join(root, "kd")
+    if os.path.isfile(os.path.join(root, "made")):
+        return kd_dir
+    if os.path.isdir(root):                  # an interrupted earlier call: its half-made models are redone
+        shutil.rmtree(root)
+    preset, dist = train.PRESETS[preset_name](), ddp.Dist()
+    tokenizer = models.load_tokenizer(os.path.join(demo_dir, "tokenizer"))
+    corpus = retriever_lib.load_corpus(os.path.join(demo_dir, "data", "corpus.jsonl"))
+    # the chain's steps read the tokenizer (and, for the pretraining records, the corpus) from a DemoWorld;
+    # no question or search is involved here, so those fields stay empty
+    w = train.DemoWorld(demo.World(seed=preset.world_seed, corpus=corpus, train=[], validation=[], test=[], facts={}),
+                        tokenizer, None, [], [], [], [], rollout.RolloutConfig(greedy=True))
+    student = train.train_tiny(w, preset.teacher_size, 2, demo.corpus_records(w.world, tokenizer), preset.pretrain,
+                               dist, os.path.join(root, "base"), os.path.join(root, "init"), desc="pretrain")
+    teacher = models.load_model(os.path.join(demo_dir, "teacher"), dist, trainable=False)
+    tgo = data.load_trajectories(os.path.join(demo_dir, "tgo.jsonl"), vocab_size=len(tokenizer),
+                                 tokenizer_fingerprint=data.vocab_fingerprint(tokenizer))
+    train.cold_start(w, student, teacher, tgo, preset.kd, dist, loop.Run(kd_dir, overwrite=True))
+    open(os.path.join(root, "made"), "w").close()
+    return kd_dir
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", required=True, help="a `python train.py demo` output directory")
     p.add_argument("--out", required=True)
-    p.add_argument("--part", choices=("study", "answer"), required=True)
+    p.add_argument("--part", choices=("study", "answer", "capacity"), required=True)
     p.add_argument("--arms", nargs="*", help="--part study: only these arms (default: all)")
     p.add_argument("--kd-pool", type=int, default=800, help="the demo preset's kd_pool (default: 800)")
+    p.add_argument("--preset", choices=sorted(train.PRESETS), default="default",
+                   help="--part capacity: the demo preset whose pretrain and kd recipes make the student")
     p.add_argument("--jobs", type=int, default=2, help="arms run at once, one thread each")
     p.add_argument("--steps", type=int, default=COMMON["steps"], help="RL steps per arm (fewer: a check of the "
                    "pipeline, not the study)")
@@ -238,8 +282,12 @@ def main(argv=None) -> None:
     teacher = evaluate(os.path.join(args.demo, "teacher"), args.demo, os.path.join(args.out, "teacher-eval"),
                        os.path.join(args.out, "teacher-eval.log"))
 
+    student = None
     if args.part == "study":
         arms = {name: (STUDY[name], TUNING_SEED) for name in (args.arms or STUDY)}
+    elif args.part == "capacity":
+        student = capacity_student(args.demo, args.out, args.preset)
+        arms = {name: (settings, TUNING_SEED) for name, settings in CAPACITY.items()}
     else:
         beta = chosen_beta(args.out)
         arms = {}
@@ -247,13 +295,26 @@ def main(argv=None) -> None:
             arms[f"grpo-s{seed}"] = (GRPO, seed)
             arms[f"dgpo-s{seed}"] = (dict(beta=beta), seed)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {name: pool.submit(do_arm, name, settings, seed, args) for name, (settings, seed) in arms.items()}
+        futures = {name: pool.submit(do_arm, name, settings, seed, args, student)
+                   for name, (settings, seed) in arms.items()}
         results = {name: f.result() for name, f in futures.items()}
 
     lines = [f"On the {len(kd)} test questions: teacher EM {np.mean(list(teacher.values())):.3f}, KD student "
              f"{np.mean(list(kd.values())):.3f}. RL pool: {sum(1 for _ in open(args.pool))} questions, "
-             f"{COMMON['steps'] * COMMON['prompts_per_step']} drawn per arm.", "", HEADER]
-    lines += [summary_row(name, results[name], kd) for name in arms]
+             f"{COMMON['steps'] * COMMON['prompts_per_step']} drawn per arm.", ""]
+    start, header = kd, HEADER
+    if args.part == "capacity":       # the arms against their own start, and that start against the demo's KD
+        start = evaluate(student, args.demo, os.path.join(args.out, "capacity", "kd-eval"),
+                         os.path.join(args.out, "capacity", "kd-eval.log"))
+        keys = sorted(kd)
+        lines += [f"KD student of the teacher's size: test EM {np.mean(list(start.values())):.3f}.", "",
+                  "| comparison | questions | EM difference [95% CI] | only first right | only second right |",
+                  "|---|---:|---|---:|---:|",
+                  paired_row("KD (teacher's size) − KD", np.array([kd[q] for q in keys]),
+                             np.array([start[q] for q in keys])), ""]
+        header = HEADER.replace("best − KD", "best − its start (the KD student of the teacher's size)")
+    lines += [header]
+    lines += [summary_row(name, results[name], start) for name in arms]
     if args.part == "answer":
         lines += ["", f"β = {beta}, chosen on the tuning seed {TUNING_SEED}: {BETA_RULE}."]
         keys = sorted(kd)
