@@ -57,7 +57,7 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: r
     for chunk in tqdm(chunks, desc=desc, disable=desc is None or not dist.master, leave=False):
         with ddp.autocast(dist):
             trajs = rollout.rollout(raw, tokenizer, [q["question"] for q in chunk], retriever, rcfg,
-                                    generator=generator)
+                                    generator=generator, chats=rollout.row_chats(chunk, rcfg.prompt_from))
         records += arc_metric.scored_records(chunk, trajs, keys=("id", "question", "golden_answers", "data_source"))
     return records
 
@@ -282,8 +282,9 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
     # rest of the normal turn budget
     budgets = {"no_think": replace(config, max_turns=0),
                "think": replace(config, max_turns=max(config.max_turns - 1, 0))}
-    prompt_length = {i: len(rollout.prompt_ids(tokenizer, questions[i]["question"])) for i in probed} \
-        if config.max_total_tokens is not None else {}
+    chats = rollout.row_chats(questions, config.prompt_from)
+    prompt_length = {i: len(rollout.prompt_ids(tokenizer, questions[i]["question"], None if chats is None else chats[i]))
+                     for i in probed} if config.max_total_tokens is not None else {}
     for i in probed:
         results[i] = {"search_turn": turns[i][2], "own_turn": float(turns[i][2] == "own"), "query": turns[i][1],
                       "evidence_ids": [p.get("id") for p in needed[i]], "evidence_truncated": False}
@@ -318,7 +319,8 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
                 return placed
 
             trajectories = rollout.rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever,
-                                           budgets[name], prefix_ids=[context[i] for i in batch], search_fn=search_fn)
+                                           budgets[name], prefix_ids=[context[i] for i in batch], search_fn=search_fn,
+                                           chats=None if chats is None else [chats[i] for i in batch])
             generated = {}
             for i, trajectory in zip(batch, trajectories):
                 golds = questions[i]["golden_answers"]
@@ -455,14 +457,15 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     if probe:                                    # the probe's own checks, before any rollout
         needed = needed_passages(questions, retriever, evidence, progress=progress)
         check_probe_topk(needed, config.topk)
-    rollout.check_prompts(tokenizer, questions, config.max_total_tokens, "question")
+    rollout.check_prompts(tokenizer, questions, config.max_total_tokens, "question", config.prompt_from)
     saved = _Progress(progress_path, {"config": asdict(config), "probe": probe, "evidence": evidence,
                                       "questions": _questions_hash(questions), **(made_with or {})})
     records = [saved.records.get(i) for i in range(len(questions))]
     todo = [i for i, record in enumerate(records) if record is None]
     for start in tqdm(range(0, len(todo), batch_size), desc="rollouts", unit="batch", disable=not progress):
         batch = todo[start:start + batch_size]
-        trajectories = rollout.rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever, config)
+        trajectories = rollout.rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever, config,
+                                       chats=rollout.row_chats([questions[i] for i in batch], config.prompt_from))
         for i, trajectory in zip(batch, trajectories):
             record = {**questions[i], **asdict(trajectory)}
             # the prompt as the official DGPO code decodes it (special tokens kept), for its proxies
@@ -544,7 +547,7 @@ def main(argv=None) -> dict:
                              "Search-R1's test.parquet is sorted by source)")
     parser.add_argument("--limit-seed", type=int, default=0, help="the seed of --limit's sample")
     cli.add_config_args(parser, rollout.RolloutConfig,
-                        only=("max_turns", "max_new_tokens", "max_obs_tokens", "max_total_tokens", "topk"))
+                        only=("max_turns", "max_new_tokens", "max_obs_tokens", "max_total_tokens", "topk", "prompt_from"))
     parser.add_argument("--batch-size", type=cli.bounded(int, ge=1), default=64,
                         help="sequences per rollout() call (default: 64)")
     parser.add_argument("--no-probe", action="store_true", help="skip the evidence-given probe")
@@ -580,7 +583,7 @@ def main(argv=None) -> dict:
     model = models.load_model(args.model, ddp.Dist(device=device), trainable=False)
     config = rollout.RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                    max_obs_tokens=args.max_obs_tokens, topk=args.topk, greedy=True,
-                                   max_total_tokens=args.max_total_tokens)
+                                   max_total_tokens=args.max_total_tokens, prompt_from=args.prompt_from)
     os.makedirs(args.out, exist_ok=True)
     if args.overwrite and os.path.exists(progress_path):   # only now: every input has loaded
         os.remove(progress_path)

@@ -296,7 +296,8 @@ def load_questions(path: str) -> list[dict]:
         where, difference = first_differing
         warnings.warn(f"{where}: the prompt in the file is not the one rollout.py builds from 'question' "
                       f"(docs/method.md §2): {difference}; {prompts_differ} of {len(questions)} rows differ. The "
-                      "rollout builds its own prompt; the file's is kept in each row's 'prompt'", stacklevel=2)
+                      "rollout builds its own prompt; the file's is kept in each row's 'prompt', and --prompt-from data "
+                      "rolls out from it instead", stacklevel=2)
     return questions
 
 

@@ -106,6 +106,7 @@ class RLConfig:
     max_obs_tokens: int = settings.same_as(rollout.RolloutConfig, "max_obs_tokens")
     max_total_tokens: int | None = settings.same_as(rollout.RolloutConfig, "max_total_tokens")
     topk: int = settings.same_as(rollout.RolloutConfig, "topk")
+    prompt_from: str = settings.same_as(rollout.RolloutConfig, "prompt_from")
     seed: int = settings.setting(0, "data order and rollout sampling", ge=0)
     eval_every: int = settings.setting(0, "validation EM every N steps (and at step 0); the best is kept in best/",
                                        ge=0)
@@ -134,7 +135,7 @@ def rollout_config(cfg: RLConfig, greedy: bool = False,
     return rollout.RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                                  max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
                                  top_p=cfg.top_p, greedy=greedy,
-                                 max_total_tokens=max_total_tokens or cfg.max_total_tokens)
+                                 max_total_tokens=max_total_tokens or cfg.max_total_tokens, prompt_from=cfg.prompt_from)
 
 
 def check_rl_config(cfg: RLConfig, dist: ddp.Dist) -> None:
@@ -756,8 +757,8 @@ def train_rl(student_dir: str, teacher_dir: str | None, questions: list[dict], r
     model = models.load_model(run.resume or student_dir, dist, trainable=True, grad_checkpointing=grad_checkpointing,
                               arg=arg)
     budget = rollout.length_budget(cfg.max_total_tokens, model)
-    rollout.check_prompts(tokenizer, questions, budget, "training question")
-    rollout.check_prompts(tokenizer, validation or [], budget, "validation question")
+    rollout.check_prompts(tokenizer, questions, budget, "training question", cfg.prompt_from)
+    rollout.check_prompts(tokenizer, validation or [], budget, "validation question", cfg.prompt_from)
     if cfg.teacher_mode != "none":
         teacher = models.load_model(teacher_dir, dist, trainable=False, arg="--teacher")
     vocab_size = models.vocab_size_of(tokenizer, model, *([teacher] if teacher is not None else []))

@@ -71,17 +71,38 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def prompt_text(tokenizer, question: str) -> str:
-    """The prompt: the template as the single user message of the chat template, if there is one."""
-    content = PROMPT_TEMPLATE.format(question=format_question(question))
+def prompt_text(tokenizer, question: str, chat: list[dict] | None = None) -> str:
+    """The prompt: the template as the single user message of the chat template, if there is one. With
+    `chat` (a row's own prompt, [{"role", "content"}, …], RolloutConfig.prompt_from "data"), that chat
+    instead, rendered as Search-R1's rl_dataset.py renders its `prompt` column (lines 126–131)."""
+    if chat is None:
+        chat = [{"role": "user", "content": PROMPT_TEMPLATE.format(question=format_question(question))}]
     if getattr(tokenizer, "chat_template", None):
-        content = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                                add_generation_prompt=True, tokenize=False)
-    return content
+        return tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    if len(chat) != 1:
+        raise ValueError(f"a prompt chat of {len(chat)} messages needs a tokenizer with a chat template")
+    return chat[0]["content"]
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
-    return encode_text(tokenizer, prompt_text(tokenizer, question))
+def prompt_ids(tokenizer, question: str, chat: list[dict] | None = None) -> list[int]:
+    return encode_text(tokenizer, prompt_text(tokenizer, question, chat))
+
+
+PROMPT_FROM = ("question", "data")
+
+
+def row_chats(rows: list[dict], prompt_from: str) -> list[list[dict]] | None:
+    """The prompt chats rollout() is given for question rows: None when prompts are built from the
+    question ("question"), each row's own `prompt` ("data"; a row without one is an error naming it)."""
+    if prompt_from not in PROMPT_FROM:
+        raise ValueError(f"prompt_from={prompt_from!r}: must be one of {PROMPT_FROM}")
+    if prompt_from == "question":
+        return None
+    missing = next((row for row in rows if not row.get("prompt")), None)
+    if missing is not None:
+        raise ValueError(f"question id={missing.get('id')!r} has no 'prompt' (a chat of messages) to use with "
+                         "--prompt-from data; its file needs a prompt column, or use --prompt-from question")
+    return [row["prompt"] for row in rows]
 
 
 def format_passages(hits: list[dict]) -> str:
@@ -154,9 +175,12 @@ def length_budget(max_total_tokens: int | None, model) -> int | None:
     return max_total_tokens if max_total_tokens is not None else default_length_budget(model)
 
 
-def check_prompts(tokenizer, questions: list[dict], budget: int | None, what: str) -> None:
-    """Refuses, before any rollout, a question whose prompt leaves no room under the length budget."""
-    found = first_overlong_prompt(tokenizer, [q["question"] for q in questions], budget)
+def check_prompts(tokenizer, questions: list[dict], budget: int | None, what: str,
+                  prompt_from: str = "question") -> None:
+    """Refuses, before any rollout, a question whose prompt leaves no room under the length budget (and,
+    with prompt_from "data", a row without a prompt of its own)."""
+    chats = row_chats(questions, prompt_from)
+    found = first_overlong_prompt(tokenizer, [q["question"] for q in questions], budget, chats)
     if found is not None:
         i, n = found
         q = questions[i]
@@ -165,7 +189,8 @@ def check_prompts(tokenizer, questions: list[dict], budget: int | None, what: st
                          "default: the model's max_position_embeddings); shorten or drop it")
 
 
-def first_overlong_prompt(tokenizer, questions: list[str], max_total_tokens: int | None):
+def first_overlong_prompt(tokenizer, questions: list[str], max_total_tokens: int | None,
+                          chats: list[list[dict]] | None = None):
     """(index, prompt length) of the first question whose prompt leaves no room for a generated
     token under max_total_tokens, or None. A prompt has at most as many tokens as UTF-8 bytes, so
     only prompts that come near the budget are tokenised."""
@@ -173,9 +198,12 @@ def first_overlong_prompt(tokenizer, questions: list[str], max_total_tokens: int
         return None
     overhead = len(prompt_text(tokenizer, "").encode("utf-8"))      # everything but the question
     for i, question in enumerate(questions):
-        if overhead + len(question.strip().encode("utf-8")) < max_total_tokens:
+        chat = chats[i] if chats is not None else None
+        text_bytes = (len(prompt_text(tokenizer, question, chat).encode("utf-8")) if chat is not None
+                      else overhead + len(question.strip().encode("utf-8")))
+        if text_bytes < max_total_tokens:
             continue
-        n = len(prompt_ids(tokenizer, question))
+        n = len(prompt_ids(tokenizer, question, chat))
         if n >= max_total_tokens:
             return i, n
     return None
@@ -203,6 +231,10 @@ class RolloutConfig:
     max_total_tokens: int | None = settings.setting(
         None, "cap on prompt + response; None: the model's max_position_embeddings in every stage (rollout() itself "
         "then caps only each turn)", ge=1)
+    prompt_from: str = settings.setting(
+        "question", "where a question row's prompt comes from: 'question' builds Search-R1's prompt from its "
+        "question (docs/method.md §2); 'data' uses the row's own prompt chat (a Parquet 'prompt' column), "
+        "rendered with the chat template", choices=PROMPT_FROM)
 
     def __post_init__(self):
         settings.check(self)
@@ -251,7 +283,8 @@ class _Row:
 @torch.no_grad()
 def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutConfig,
             generator: torch.Generator | None = None,
-            prefix_ids: list[list[int]] | None = None, search_fn=None) -> list[Trajectory]:
+            prefix_ids: list[list[int]] | None = None, search_fn=None,
+            chats: list[list[dict]] | None = None) -> list[Trajectory]:
     """Runs the protocol for every question; returns one Trajectory each, in order.
 
     `retriever` is anything with `.search(queries: list[str], topk: int) -> list[list[hit dict]]`.
@@ -260,16 +293,20 @@ def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutCo
     `search_fn` (optional) replaces `retriever.search` when the answer to a query depends on whose
     query it is (the probe places each question's evidence in its own results):
     search_fn(question_indices, queries) -> one hit list per query, called once per turn.
+    `chats` (optional, one per question): each question's own prompt chat, used instead of the prompt
+    built from the question (row_chats: RolloutConfig.prompt_from "data").
     """
     if prefix_ids is not None and len(prefix_ids) != len(questions):
         raise ValueError(f"prefix_ids has {len(prefix_ids)} rows for {len(questions)} questions")
+    if chats is not None and len(chats) != len(questions):
+        raise ValueError(f"chats has {len(chats)} rows for {len(questions)} questions")
     device = next(model.parameters()).device
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     stop_ids = _stop_token_ids(model, tokenizer)
     rows = []
     for i, question in enumerate(questions):
-        ids = prompt_ids(tokenizer, question)
+        ids = prompt_ids(tokenizer, question, chats[i] if chats is not None else None)
         row = _Row(i, Trajectory(question=question, input_ids=[], loss_mask=[], prompt_length=len(ids)), [], [])
         row.append(ids, sampled=False)
         if prefix_ids is not None:

@@ -179,7 +179,7 @@ def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: rollout.
     (A rerun of sampled rollouts draws fresh samples for the rest: not bit-identical to one run.)
     `retriever` may be a function that builds it, called after the checks, as in rl.train_rl."""
     rcfg = dataclasses.replace(rcfg, max_total_tokens=rollout.length_budget(rcfg.max_total_tokens, teacher))
-    rollout.check_prompts(tokenizer, questions, rcfg.max_total_tokens, "question")
+    rollout.check_prompts(tokenizer, questions, rcfg.max_total_tokens, "question", rcfg.prompt_from)
     fingerprint = data.vocab_fingerprint(tokenizer)       # kd refuses these ids with another tokenizer
     made_with = json.loads(json.dumps(
         {"config": asdict(rcfg), "samples": samples, "seed": seed, "keep_wrong": keep_wrong, "tokenizer": fingerprint,

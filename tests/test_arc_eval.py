@@ -15,6 +15,7 @@ import torch
 import arc_eval
 import arc_metric
 import data
+import ddp
 import demo
 import models
 import retriever as retriever_lib
@@ -576,3 +577,18 @@ def test_report_is_replaced_atomically_so_a_crash_mid_write_keeps_the_old_one(tm
     arc_eval.write_report(str(tmp_path), {"model": "c", "report": {}})
     assert json.loads(open(first).read())["model"] == "c"
     assert sorted(os.listdir(tmp_path)) == ["report.json"]             # the torn temporary file is gone too
+
+
+def test_generate_records_with_prompt_from_data_rolls_out_each_rows_own_prompt(world, tokenizer, tiny_model, retriever):
+    """The stages' rollouts (RL, tgo, evaluation) start from the file's prompt with --prompt-from data."""
+    rows = [{**q, "prompt": [{"role": "user", "content": f"Custom {k}: {q['question']}"}]}
+            for k, q in enumerate(world.test[:3])]
+    config = RolloutConfig(max_new_tokens=3, max_turns=0, greedy=True, prompt_from="data")
+    records = arc_eval.generate_records(tiny_model, tokenizer, rows, retriever, config, ddp.Dist(), batch_size=2)
+    for row, record in zip(rows, records):
+        expected = rollout_lib.prompt_ids(tokenizer, row["question"], row["prompt"])
+        assert record["input_ids"][:record["prompt_length"]] == expected
+        assert record["question"] == row["question"]
+    built = arc_eval.generate_records(tiny_model, tokenizer, rows, retriever, RolloutConfig(
+        max_new_tokens=3, max_turns=0, greedy=True), ddp.Dist(), batch_size=2)
+    assert built[0]["input_ids"][:built[0]["prompt_length"]] == rollout_lib.prompt_ids(tokenizer, rows[0]["question"])

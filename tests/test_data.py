@@ -523,7 +523,8 @@ def test_a_customised_prompt_is_kept_and_one_warning_names_the_first_differing_r
     assert [str(w.message) for w in caught] == [
         f"{path}: row 1: the prompt in the file is not the one rollout.py builds from 'question' (docs/method.md §2): "
         f"they first differ at character 0: the file has {mine[:40]!r}, the project builds {built[:40]!r}; "
-        "2 of 3 rows differ. The rollout builds its own prompt; the file's is kept in each row's 'prompt'"]
+        "2 of 3 rows differ. The rollout builds its own prompt; the file's is kept in each row's 'prompt', and "
+        "--prompt-from data rolls out from it instead"]
     assert [q["prompt"][0]["content"] for q in loaded] == [r["prompt"][0]["content"] for r in rows]
 
 

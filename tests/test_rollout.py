@@ -661,6 +661,46 @@ def test_without_chat_template_the_prompt_is_the_raw_template(world, tokenizer):
     assert traj.answered and traj.response_text == "<answer> a </answer>"
 
 
+def test_a_rows_own_prompt_chat_replaces_the_built_prompt(world, tokenizer):
+    """--prompt-from data: the rollout starts from the row's chat rendered by the chat template (as
+    Search-R1's rl_dataset.py renders its prompt column); the question is still the question."""
+    question = world.test[0]["question"]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Find it: " + question}]
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    lm = ScriptedLM(tokenizer, {})
+    lm.scripts = {tuple(encode_text(tokenizer, rendered)): [say(tokenizer, "<answer> a </answer>")]}
+    traj = rollout(lm, tokenizer, [question], NoRetriever(), greedy(), chats=[chat])[0]
+    assert traj.input_ids[:traj.prompt_length] == encode_text(tokenizer, rendered)
+    assert traj.question == question and traj.answered and traj.response_text == "<answer> a </answer>"
+    with pytest.raises(ValueError, match="chats has 2 rows for 1 questions"):
+        rollout(lm, tokenizer, [question], NoRetriever(), greedy(), chats=[chat, chat])
+
+
+def test_row_chats_reads_each_rows_prompt_and_names_a_row_without_one(world):
+    rows = [{"id": "a", "question": "Q?", "prompt": [{"role": "user", "content": "x"}]}, {"id": "b", "question": "R?"}]
+    assert rollout_module.row_chats(rows, "question") is None
+    assert rollout_module.row_chats(rows[:1], "data") == [rows[0]["prompt"]]
+    with pytest.raises(ValueError, match="question id='b' has no 'prompt'.*--prompt-from question"):
+        rollout_module.row_chats(rows, "data")
+    with pytest.raises(ValueError, match="prompt_from='file'"):
+        rollout_module.row_chats(rows, "file")
+    with pytest.raises(ValueError, match="RolloutConfig.prompt_from='file': must be one of"):
+        RolloutConfig(prompt_from="file")
+
+
+def test_the_length_check_measures_the_prompt_the_rollout_will_use(world, tokenizer):
+    row = {**world.test[0], "prompt": [{"role": "user", "content": "word " * 400}]}
+    budget = len(prompt_ids(tokenizer, row["question"])) + 5
+    rollout_module.check_prompts(tokenizer, [row], budget, "question")              # the built prompt fits
+    with pytest.raises(ValueError, match=r"question id=.*its prompt is \d+ tokens"):
+        rollout_module.check_prompts(tokenizer, [row], budget, "question", "data")   # the row's own does not
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(ValueError, match="a prompt chat of 2 messages needs a tokenizer with a chat template"):
+        prompt_ids(plain, "Q?", [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}])
+
+
 def test_rollout_runs_in_eval_mode_and_restores_the_training_flag(world, tokenizer):
     question = world.test[0]["question"]
     model = ScriptedLM(tokenizer, {question: [say(tokenizer, "<answer> a </answer>")]}).train()
