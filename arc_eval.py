@@ -54,10 +54,17 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: r
     raw = models.hf_model(model)
     records = []
     chunks = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
+    # a retriever every rank calls together (ddp.OneCallerRetriever): every rank makes as many rollout()
+    # calls as the rank with the most chunks, the extra ones empty, each searching in lockstep
+    lockstep = getattr(retriever, "collective", False)
+    if lockstep:
+        most = int(max(ddp.all_gather_objects(dist, [len(chunks)])))
+        chunks += [[] for _ in range(most - len(chunks))]
     for chunk in tqdm(chunks, desc=desc, disable=desc is None or not dist.master, leave=False):
         with ddp.autocast(dist):
             trajs = rollout.rollout(raw, tokenizer, [q["question"] for q in chunk], retriever, rcfg,
-                                    generator=generator, chats=rollout.row_chats(chunk, rcfg.prompt_from))
+                                    generator=generator, chats=rollout.row_chats(chunk, rcfg.prompt_from),
+                                    lockstep=lockstep)
         records += arc_metric.scored_records(chunk, trajs, keys=("id", "question", "golden_answers", "data_source"))
     return records
 

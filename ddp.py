@@ -3,7 +3,8 @@
 What it does: reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE into a `Dist` (NCCL on GPU, gloo on
 CPU), picks the precision (bf16 autocast on GPU, fp32 on CPU), prints on rank 0, and offers the two
 collectives the trainers need (a sum of numbers, a gather of Python objects) and DDP's gradient-
-accumulation switch. Without torchrun every helper is the one-process identity.
+accumulation switch, and `OneCallerRetriever` (all ranks' searches of a turn sent by rank 0 as one
+request). Without torchrun every helper is the one-process identity.
 
 What it does not do: load models, wrap them in DDP (models.wrap), or know anything about training.
 
@@ -84,6 +85,40 @@ def all_gather_objects(dist: Dist, items: list) -> list:
     gathered = [None] * dist.world_size
     torch_dist.all_gather_object(gathered, items)
     return [x for part in gathered for x in part]
+
+
+class OneCallerRetriever:
+    """A retriever every rank calls together, of which only rank 0 talks to the search engine: each call
+    gathers every rank's queries, rank 0 sends them as one request and scatters the hit lists back —
+    Search-R1's pattern (one process drives all rollouts, so its e5 server, often a GPU FAISS index that
+    is unsafe to search from several threads, never sees two requests at once). Because the call is a
+    collective, every rank must make the same calls: rollout(..., lockstep=True) calls search on every
+    turn that may search, with no queries when none of its rows search, and arc_eval.generate_records
+    gives every rank the same number of rollout() calls. A failure on rank 0 is raised on every rank."""
+    collective = True
+
+    def __init__(self, retriever, dist: Dist):
+        self.retriever, self.dist = retriever, dist
+
+    def search(self, queries: list[str], topk: int) -> list[list[dict]]:
+        if not self.dist.enabled:
+            return self.retriever.search(queries, topk=topk)
+        asked = [None] * self.dist.world_size
+        torch_dist.all_gather_object(asked, list(queries))                 # every rank's queries, in rank order
+        reply: list = [None]
+        if self.dist.master:
+            flat = [q for part in asked for q in part]
+            try:
+                hits = self.retriever.search(flat, topk=topk) if flat else []
+                bounds = [sum(len(part) for part in asked[:r]) for r in range(self.dist.world_size + 1)]
+                reply = [("hits", [hits[bounds[r]:bounds[r + 1]] for r in range(self.dist.world_size)])]
+            except Exception as e:        # sent to every rank, so none waits forever for hits
+                reply = [("error", f"{type(e).__name__}: {e}")]
+        torch_dist.broadcast_object_list(reply, src=0)
+        kind, value = reply[0]
+        if kind == "error":
+            raise RuntimeError(f"retrieval on rank 0 (the one caller) failed: {value}")
+        return value[self.dist.rank]
 
 
 def ddp_sync(model, last: bool):

@@ -284,7 +284,7 @@ class _Row:
 def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutConfig,
             generator: torch.Generator | None = None,
             prefix_ids: list[list[int]] | None = None, search_fn=None,
-            chats: list[list[dict]] | None = None) -> list[Trajectory]:
+            chats: list[list[dict]] | None = None, lockstep: bool = False) -> list[Trajectory]:
     """Runs the protocol for every question; returns one Trajectory each, in order.
 
     `retriever` is anything with `.search(queries: list[str], topk: int) -> list[list[hit dict]]`.
@@ -295,6 +295,9 @@ def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutCo
     search_fn(question_indices, queries) -> one hit list per query, called once per turn.
     `chats` (optional, one per question): each question's own prompt chat, used instead of the prompt
     built from the question (row_chats: RolloutConfig.prompt_from "data").
+    `lockstep`: the search is called on every turn that may search (all but the final one), with no
+    queries when none of the rows search, even after every row has finished — so a search that is a
+    collective across ranks (ddp.OneCallerRetriever) is entered equally often on every rank.
     """
     if prefix_ids is not None and len(prefix_ids) != len(questions):
         raise ValueError(f"prefix_ids has {len(prefix_ids)} rows for {len(questions)} questions")
@@ -325,10 +328,11 @@ def rollout(model, tokenizer, questions: list[str], retriever, config: RolloutCo
         for turn in range(config.max_turns + 1):
             final_turn = turn == config.max_turns
             playing = [r for r in rows if not r.done]
-            if not playing:
+            if not playing and not lockstep:
                 break
-            _generate_turn(model, tokenizer, playing, config, stop_ids, generator, device)
-            _act(tokenizer, playing, search_fn, config, final_turn)
+            if playing:
+                _generate_turn(model, tokenizer, playing, config, stop_ids, generator, device)
+            _act(tokenizer, playing, search_fn, config, final_turn, lockstep)
     finally:
         model.train(was_training)
     return [_finish(tokenizer, r) for r in rows]
@@ -408,8 +412,10 @@ def _turn_end(tokenizer, row: _Row, token: int, piece: str | None, config: Rollo
     return ""
 
 
-def _act(tokenizer, rows: list[_Row], search_fn, config: RolloutConfig, final_turn: bool) -> None:
-    """After a turn: run every row's search in one batched call, then append observations or nudges."""
+def _act(tokenizer, rows: list[_Row], search_fn, config: RolloutConfig, final_turn: bool,
+         lockstep: bool = False) -> None:
+    """After a turn: run every row's search in one batched call, then append observations or nudges
+    (with `lockstep`, the call is made on every turn but the final one, even with no queries)."""
     searching, queries = [], []
     for r in rows:
         traj = r.traj
@@ -429,7 +435,7 @@ def _act(tokenizer, rows: list[_Row], search_fn, config: RolloutConfig, final_tu
         else:                                                   # neither a complete search nor answer
             traj.num_invalid += 1
             _force(r, encode_text(tokenizer, INVALID_ACTION), config)
-    if not searching:
+    if not searching and not (lockstep and not final_turn):
         return
     results = search_fn([r.index for r in searching], queries)
     if len(results) != len(queries):

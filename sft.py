@@ -205,7 +205,9 @@ def run_tgo(teacher, tokenizer, questions: list[dict], retriever, rcfg: rollout.
     generator = torch.Generator(device=dist.device).manual_seed(seed + dist.rank)
     bar = tqdm(total=samples * len(questions), initial=len(done), desc="tgo", disable=not dist.master,
                dynamic_ncols=True)
-    for start in range(0, len(mine), batch_size):
+    # every rank runs as many chunks as rank 0 (whose share is the largest), an empty one at the end if
+    # need be: a retriever the ranks call together (ddp.OneCallerRetriever) needs the same calls on each
+    for start in range(0, len(todo[0::dist.world_size]), batch_size):
         chunk = mine[start:start + batch_size]
         records = arc_eval.generate_records(teacher, tokenizer, [questions[i] for _, i in chunk], retriever, rcfg,
                                             dist, batch_size, generator)

@@ -278,15 +278,22 @@ def add_retriever_args(parser) -> None:
     parser.add_argument("--corpus", help="JSONL corpus {id, contents} (.jsonl or .jsonl.gz) for in-process BM25")
     parser.add_argument("--index", help="a BM25 index directory built by `python retriever.py index`")
     parser.add_argument("--retriever-url", help="a Search-R1 retrieval server, e.g. http://127.0.0.1:8000/retrieve")
+    parser.add_argument("--retrieval-caller", choices=("one", "each"), default="one",
+                        help="with --retriever-url under torchrun: 'one' (default) gathers every rank's searches of a "
+                             "turn and sends them from rank 0 as one request, as Search-R1 does (its e5 server may "
+                             "not survive concurrent requests); 'each': every rank sends its own")
     cli.add_retriever_client_args(parser)
 
 
-def retriever_from_args(args, topk: int):
+def retriever_from_args(args, topk: int, dist: ddp.Dist):
     """A function that builds the retriever the arguments name: called by a stage only after its
     cheaper checks, since a corpus may take minutes to index and a server minutes to answer."""
-    return lambda: retriever_lib.make_retriever(args.corpus, args.retriever_url, topk, index=args.index,
-                                                retry_seconds=args.retriever_retry_seconds,
-                                                timeout=args.retriever_timeout)
+    def build():
+        found = retriever_lib.make_retriever(args.corpus, args.retriever_url, topk, index=args.index,
+                                             retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
+        one_caller = args.retriever_url and dist.enabled and args.retrieval_caller == "one"
+        return ddp.OneCallerRetriever(found, dist) if one_caller else found
+    return build
 
 
 def parse_args(argv):
@@ -433,7 +440,7 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         tokenizer = models.load_tokenizer(args.teacher, "--teacher")
         teacher = models.load_model(args.teacher, dist, trainable=False, arg="--teacher")
         inputs = checkpoint.input_fingerprints(reads, rows={"--data": len(questions)})
-        sft.run_tgo(teacher, tokenizer, questions, retriever_from_args(args, rcfg.topk), rcfg, dist, args.out,
+        sft.run_tgo(teacher, tokenizer, questions, retriever_from_args(args, rcfg.topk, dist), rcfg, dist, args.out,
                     samples=args.samples, batch_size=args.batch_size, seed=rcfg.seed or 0, info=info, inputs=inputs,
                     overwrite=args.overwrite)
     elif args.stage == "rl":
@@ -446,7 +453,7 @@ def run_stage(args, dist: ddp.Dist, argv: list[str] | None = None) -> None:
         questions = data.load_questions(args.data)
         validation = data.load_questions(args.val) if args.val else None
         inputs = checkpoint.input_fingerprints(reads, rows={"--data": len(questions), "--val": len(validation or [])})
-        summary = rl.train_rl(args.student, args.teacher, questions, retriever_from_args(args, cfg.topk), cfg, dist,
+        summary = rl.train_rl(args.student, args.teacher, questions, retriever_from_args(args, cfg.topk, dist), cfg, dist,
                               run_from_args(args, info, inputs), validation=validation,
                               grad_checkpointing=args.grad_checkpointing)
         ddp.print0(dist, json.dumps(summary))

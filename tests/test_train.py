@@ -722,8 +722,13 @@ def test_retrieval_client_options_reach_the_client_and_are_range_checked(monkeyp
     for stage in (["rl", "--student", "s", "--teacher", "t", "--out", "o"], ["tgo", "--teacher", "t", "--out", "o"]):
         args = train.parse_args([*stage, "--data", "q.jsonl", "--retriever-url", "http://127.0.0.1:9/retrieve",
                                  "--retriever-retry-seconds", "7", "--retriever-timeout", "2.5"])
-        train.retriever_from_args(args, 3)()
-    assert [(k["retry_seconds"], k["timeout"]) for k in seen] == [(7.0, 2.5), (7.0, 2.5)]
+        train.retriever_from_args(args, 3, ddp.Dist())()
+        # under torchrun a server gets one caller (rank 0) by default; --retrieval-caller each opts out
+        two_ranks = ddp.Dist(rank=1, world_size=2)
+        assert isinstance(train.retriever_from_args(args, 3, two_ranks)(), ddp.OneCallerRetriever)
+        args.retrieval_caller = "each"
+        assert not isinstance(train.retriever_from_args(args, 3, two_ranks)(), ddp.OneCallerRetriever)
+    assert [(k["retry_seconds"], k["timeout"]) for k in seen] == [(7.0, 2.5)] * 6
     defaults = train.parse_args(["tgo", "--teacher", "t", "--out", "o", "--data", "q.jsonl"])
     assert (defaults.retriever_retry_seconds, defaults.retriever_timeout) == (300.0, 30.0)
     shown = subprocess.run([sys.executable, "arc_metric.py", "--help"], cwd=ROOT, capture_output=True, text=True)
