@@ -43,9 +43,16 @@ def main(tokenizer_dir, questions_path, url, out, caller):
     questions = data.load_questions(questions_path)
     shard = questions[dist.rank::dist.world_size]
     config = rollout.RolloutConfig(max_turns=4, max_new_tokens=32, greedy=True)
-    records = arc_eval.generate_records(torch.nn.Linear(1, 1), tokenizer, shard, retriever, config, dist, batch_size=2)
-    with open(os.path.join(out, f"rank{dist.rank}.json"), "w") as f:
-        json.dump([{"question": r["question"], "queries": r["queries"], "hits": r["hits"]} for r in records], f)
+    try:
+        records = arc_eval.generate_records(torch.nn.Linear(1, 1), tokenizer, shard, retriever, config, dist,
+                                            batch_size=2)
+        with open(os.path.join(out, f"rank{dist.rank}.json"), "w") as f:
+            json.dump([{"question": r["question"], "queries": r["queries"], "hits": r["hits"]} for r in records], f)
+    finally:
+        # a rank that leaves a gloo group without closing it can abort ("terminate called without an
+        # active exception") while the other rank is still in its last collective
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
