@@ -639,11 +639,11 @@ def test_client_refuses_bad_retry_settings_naming_them(keyword, value):
         HTTPRetriever("http://127.0.0.1:8000", **{keyword: value})
 
 
-def fixed_reply_server(body: bytes, status: int = 200):
-    """A loopback server that answers every POST with `body`: a server of some other kind."""
+def scripted_server(reply):
+    """A loopback server that answers every POST with reply(request body) -> (status, body)."""
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
+            status, body = reply(self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -657,28 +657,24 @@ def fixed_reply_server(body: bytes, status: int = 200):
     return server
 
 
+def fixed_reply_server(body: bytes, status: int = 200):
+    """A loopback server that answers every POST with `body`: a server of some other kind."""
+    return scripted_server(lambda request: (status, body))
+
+
 def test_client_sends_blank_queries_as_search_r1_does_and_keeps_their_hits():
     """Search-R1 posts every `<search>`'s text, blank included, and an e5 server answers "" with
     passages: the client sends the queries as given, in order, and returns each one's hits."""
     payloads = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            payloads.append(payload)
-            result = [[{"document": {"id": f"d{i}", "contents": f"T\n{q!r}"}, "score": 1.0}]
-                      for i, q in enumerate(payload["queries"])]
-            body = json.dumps({"result": result}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def reply(request: bytes):
+        payload = json.loads(request)
+        payloads.append(payload)
+        result = [[{"document": {"id": f"d{i}", "contents": f"T\n{q!r}"}, "score": 1.0}]
+                  for i, q in enumerate(payload["queries"])]
+        return 200, json.dumps({"result": result}).encode()
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    serve_in_thread(server)
+    server = scripted_server(reply)
     try:
         client = HTTPRetriever(f"http://127.0.0.1:{server.server_address[1]}")
         hits = client.search(["Lima", "", "  ", "Paris"], topk=1)
