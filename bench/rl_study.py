@@ -11,6 +11,7 @@ EM difference with its 95% bootstrap interval (stats.paired_difference) and the 
   --part study    the levers on the tuning seed (seed 0), which the answer does not use
   --part capacity the capacity question: a student of the teacher's size, pretrained and distilled as
                   the demo makes its student, then KD → GRPO and DGPO β 0.1 from it at the tuning seed
+  --part long     KD → GRPO and DGPO β 0.1 for 200 steps at the tuning seed: does validation EM level off?
   --part answer   KD → GRPO and DGPO (β chosen on the study: the DGPO arm with the best validation
                   EM at seed 0) on seeds 1, 2, 3, and the paired differences per seed and pooled
                   (each question's EM averaged over the seeds, resampled by question)
@@ -78,6 +79,10 @@ STUDY = {                       # arm: settings over COMMON, all at the tuning s
 TUNING_SEED, ANSWER_SEEDS = 0, (1, 2, 3)
 # the capacity question: the same two arms from a KD student of the teacher's size (tuning seed)
 CAPACITY = {"cap-grpo": GRPO, "cap-dgpo-b0.1": dict(beta=0.1)}
+# the budget question: the same two arms (β as chosen) for twice the steps, 1,600 draws from the 1,020-question
+# pool (each question seen about 1.6 times), to see whether validation EM levels off or keeps rising
+LONG_STEPS = 200
+LONG = {"grpo-long": dict(GRPO, steps=LONG_STEPS), "dgpo-b0.1-long": dict(beta=0.1, steps=LONG_STEPS)}
 
 
 def flags(settings: dict) -> list[str]:
@@ -265,7 +270,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", required=True, help="a `python train.py demo` output directory")
     p.add_argument("--out", required=True)
-    p.add_argument("--part", choices=("study", "answer", "capacity"), required=True)
+    p.add_argument("--part", choices=("study", "answer", "capacity", "long"), required=True)
     p.add_argument("--arms", nargs="*", help="--part study: only these arms (default: all)")
     p.add_argument("--kd-pool", type=int, default=800, help="the demo preset's kd_pool (default: 800)")
     p.add_argument("--preset", choices=sorted(train.PRESETS), default="default",
@@ -285,6 +290,8 @@ def main(argv=None) -> None:
     student = None
     if args.part == "study":
         arms = {name: (STUDY[name], TUNING_SEED) for name in (args.arms or STUDY)}
+    elif args.part == "long":
+        arms = {name: (settings, TUNING_SEED) for name, settings in LONG.items()}
     elif args.part == "capacity":
         student = capacity_student(args.demo, args.out, args.preset)
         arms = {name: (settings, TUNING_SEED) for name, settings in CAPACITY.items()}
@@ -301,7 +308,7 @@ def main(argv=None) -> None:
 
     lines = [f"On the {len(kd)} test questions: teacher EM {np.mean(list(teacher.values())):.3f}, KD student "
              f"{np.mean(list(kd.values())):.3f}. RL pool: {sum(1 for _ in open(args.pool))} questions, "
-             f"{COMMON['steps'] * COMMON['prompts_per_step']} drawn per arm.", ""]
+             f"{(LONG_STEPS if args.part == 'long' else COMMON['steps']) * COMMON['prompts_per_step']} drawn per arm.", ""]
     start, header = kd, HEADER
     if args.part == "capacity":       # the arms against their own start, and that start against the demo's KD
         start = evaluate(student, args.demo, os.path.join(args.out, "capacity", "kd-eval"),
