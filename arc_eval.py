@@ -554,7 +554,8 @@ def main(argv=None) -> dict:
                              "Search-R1's test.parquet is sorted by source)")
     parser.add_argument("--limit-seed", type=int, default=0, help="the seed of --limit's sample")
     cli.add_config_args(parser, rollout.RolloutConfig,
-                        only=("max_turns", "max_new_tokens", "max_obs_tokens", "max_total_tokens", "topk", "prompt_from"))
+                        only=("max_turns", "max_new_tokens", "max_obs_tokens", "max_total_tokens", "topk", "prompt_from",
+                              "eos_ends"))
     parser.add_argument("--batch-size", type=cli.bounded(int, ge=1), default=64,
                         help="sequences per rollout() call (default: 64)")
     parser.add_argument("--no-probe", action="store_true", help="skip the evidence-given probe")
@@ -590,7 +591,8 @@ def main(argv=None) -> dict:
     model = models.load_model(args.model, ddp.Dist(device=device), trainable=False)
     config = rollout.RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                                    max_obs_tokens=args.max_obs_tokens, topk=args.topk, greedy=True,
-                                   max_total_tokens=args.max_total_tokens, prompt_from=args.prompt_from)
+                                   max_total_tokens=args.max_total_tokens, prompt_from=args.prompt_from,
+                                   eos_ends=args.eos_ends)
     os.makedirs(args.out, exist_ok=True)
     if args.overwrite and os.path.exists(progress_path):   # only now: every input has loaded
         os.remove(progress_path)

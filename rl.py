@@ -107,6 +107,7 @@ class RLConfig:
     max_total_tokens: int | None = settings.same_as(rollout.RolloutConfig, "max_total_tokens")
     topk: int = settings.same_as(rollout.RolloutConfig, "topk")
     prompt_from: str = settings.same_as(rollout.RolloutConfig, "prompt_from")
+    eos_ends: bool = settings.same_as(rollout.RolloutConfig, "eos_ends")
     seed: int = settings.setting(0, "data order and rollout sampling", ge=0)
     eval_every: int = settings.setting(0, "validation EM every N steps (and at step 0); the best is kept in best/",
                                        ge=0)
@@ -135,7 +136,8 @@ def rollout_config(cfg: RLConfig, greedy: bool = False,
     return rollout.RolloutConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens,
                                  max_obs_tokens=cfg.max_obs_tokens, topk=cfg.topk, temperature=cfg.temperature,
                                  top_p=cfg.top_p, greedy=greedy,
-                                 max_total_tokens=max_total_tokens or cfg.max_total_tokens, prompt_from=cfg.prompt_from)
+                                 max_total_tokens=max_total_tokens or cfg.max_total_tokens, prompt_from=cfg.prompt_from,
+                                 eos_ends=cfg.eos_ends)
 
 
 def check_rl_config(cfg: RLConfig, dist: ddp.Dist) -> None:

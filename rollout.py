@@ -4,7 +4,9 @@ What it does: `rollout(model, tokenizer, questions, retriever, config)` plays th
 (docs/method.md §2) for a batch of questions at once. Each row generates until its text completes
 `</search>` or `</answer>`, emits eos, or runs out of its per-turn budget; all rows' queries then go to
 the retriever in one call, the observations are appended as *forced* tokens, and generation goes on
-from the KV cache. Every model-written token is kept exactly as sampled, and the loss mask is recorded
+from the KV cache. A turn with neither a complete search nor a complete answer (the budget ran out, an
+eos, an orphan closing tag) gets Search-R1's invalid-action text and the rollout goes on; the eos is
+dropped, as Search-R1's decode drops it (RolloutConfig.eos_ends keeps the older rule: eos ends the rollout). Every model-written token is kept exactly as sampled, and the loss mask is recorded
 at the moment a token is appended (1 = sampled, 0 = prompt, observation, nudge) — never re-derived
 from text or from `pad_id`.
 
@@ -235,6 +237,10 @@ class RolloutConfig:
         "question", "where a question row's prompt comes from: 'question' builds Search-R1's prompt from its "
         "question (docs/method.md §2); 'data' uses the row's own prompt chat (a Parquet 'prompt' column), "
         "rendered with the chat template", choices=PROMPT_FROM)
+    eos_ends: bool = settings.setting(
+        False, "an eos, or an </answer> that closes no <answer>, ends the rollout there (the eos kept in the ids as a "
+        "sampled token, loss 1); default: as Search-R1, such a turn is an invalid action — the eos is dropped "
+        "(it never enters the ids or the loss), the invalid-action text is appended and the rollout goes on")
 
     def __post_init__(self):
         settings.check(self)
@@ -422,17 +428,22 @@ def _act(tokenizer, rows: list[_Row], search_fn, config: RolloutConfig, final_tu
         text = tokenizer.decode(r.turn_ids, skip_special_tokens=True)
         traj.turns.append(text)
         traj.num_turns += 1
+        if r.turn_end == "eos" and not config.eos_ends:        # Search-R1 decodes the turn without special
+            r.ids.pop()                                         # tokens: the eos (sampled, not yet cached)
+            r.mask.pop()                                        # never reaches the ids it trains on
         out_of_room = config.max_total_tokens is not None and len(r.ids) >= config.max_total_tokens
         traj.truncated |= r.turn_end == "budget"
         query = last_query(text) if r.turn_end == "search" else None
         if r.turn_end == "answer":
             traj.answered = completes_answer(text)
-        if r.turn_end in ("answer", "eos") or final_turn or out_of_room:
+        # the rollout ends on a complete answer; by default an eos or an orphan </answer> is an invalid action
+        ends = traj.answered or (config.eos_ends and r.turn_end in ("answer", "eos"))
+        if ends or final_turn or out_of_room:
             r.done = True
         elif query is not None:
             searching.append(r)
             queries.append(query)
-        else:                                                   # neither a complete search nor answer
+        else:                                  # neither a complete search nor answer (budget, eos, orphan tag)
             traj.num_invalid += 1
             _force(r, encode_text(tokenizer, INVALID_ACTION), config)
     if not searching and not (lockstep and not final_turn):

@@ -174,7 +174,7 @@ def searching_run(world, tokenizer):
     turns = [[(3, "<search> alpha </search>\n"), (4, "<search> beta gamma </search>\n"),
               (2, "<answer> delta </answer>")],
              [(7, "<search> one </search>\n"), (1, "<answer> x </answer>\n")],
-             [(40,), ("<search> kappa </search>",), (4, "eos")],   # 40 FREE tokens > the budget of 16
+             [(40,), ("<search> kappa </search>",), (4, "eos"), ("<answer> z </answer>",)],  # 40 FREE > budget 16
              [("<answer> now </answer>",)]]
     scripts = {q: [say(tokenizer, *turn) for turn in row] for q, row in zip(questions, turns)}
     model = ScriptedLM(tokenizer, scripts, inner=random_qwen2(tokenizer))
@@ -186,10 +186,10 @@ def test_searching_run_is_ragged(searching_run, tokenizer):
     """The fixture's rows really do what the tests below rely on."""
     _, _, _, trajs = searching_run
     assert [t.num_searches for t in trajs] == [2, 1, 1, 0]
-    assert [t.num_invalid for t in trajs] == [0, 0, 1, 0]
-    assert [t.answered for t in trajs] == [True, True, False, True]
-    assert [len(t.turns) for t in trajs] == [3, 2, 3, 1]
-    assert trajs[2].input_ids[-1] == tokenizer.eos_token_id and trajs[2].truncated     # budget in turn 0
+    assert [t.num_invalid for t in trajs] == [0, 0, 2, 0]         # row 2: the budget (turn 0), the eos (turn 2)
+    assert [t.answered for t in trajs] == [True, True, True, True]
+    assert [len(t.turns) for t in trajs] == [3, 2, 4, 1]
+    assert tokenizer.eos_token_id not in trajs[2].input_ids[trajs[2].prompt_length:] and trajs[2].truncated     # budget in turn 0
     assert len({len(t.input_ids) for t in trajs}) == 4
 
 
@@ -495,28 +495,59 @@ def test_final_turn_does_not_execute_a_search(world, tokenizer):
     assert traj.loss_mask[-1] == 1 and (traj.num_invalid, traj.answered, traj.truncated) == (0, False, False)
 
 
-def test_invalid_actions_get_the_nudge_and_a_lone_answer_close_ends_the_row(world, tokenizer, segments):
+def test_invalid_actions_get_the_nudge_and_a_lone_answer_close_is_one_of_them(world, tokenizer, segments):
+    """Search-R1 (the default): a turn without a complete <search>/<answer> pair — an orphan </search>,
+    an unclosed <search> running out of budget, an </answer> that closes no <answer> — is an invalid action:
+    the nudge (loss 0) follows and the rollout goes on."""
     q0, q1 = (q["question"] for q in world.test[:2])
     scripts = {q0: [say(tokenizer, "thinking </search>"), say(tokenizer, "<search> never closed", 30),
                     say(tokenizer, "<answer> fine </answer>")],
-               q1: [say(tokenizer, "just x </answer>", 30)]}
+               q1: [say(tokenizer, "just x </answer>"), say(tokenizer, "<answer> x </answer>")]}
     trajs = rollout(ScriptedLM(tokenizer, scripts), tokenizer, [q0, q1], NoRetriever(), greedy())
     assert [tokenizer.decode(ids) for m, ids in segments(trajs[0]) if m == 0] == [INVALID_ACTION] * 2
     assert trajs[0].turns[0] == "thinking </search>" and trajs[0].turns[2] == "<answer> fine </answer>"
     assert (trajs[0].num_invalid, trajs[0].answered, trajs[0].truncated) == (2, True, True)
-    assert trajs[1].turns == ["just x </answer>"] and not trajs[1].answered and trajs[1].num_invalid == 0
+    assert [(m, tokenizer.decode(ids)) for m, ids in segments(trajs[1])] == [
+        (1, "just x </answer>"), (0, INVALID_ACTION), (1, "<answer> x </answer>")]
+    assert trajs[1].answered and trajs[1].num_invalid == 1 and trajs[1].num_turns == 2
 
 
-def test_eos_ends_the_row_and_is_kept_as_sampled(world, tokenizer):
-    """The eos the model sampled stays, with loss 1; other rows go on. Nothing depends on pad_id, so
-    a tokenizer whose pad is its eos gives the same ids and masks."""
+def test_eos_ends_option_a_lone_answer_close_ends_the_row(world, tokenizer):
+    """RolloutConfig.eos_ends (the older rule): an orphan </answer> ends the rollout, unanswered, no nudge."""
+    q1 = world.test[1]["question"]
+    scripts = {q1: [say(tokenizer, "just x </answer>", 30), say(tokenizer, "<answer> x </answer>")]}
+    traj = rollout(ScriptedLM(tokenizer, scripts), tokenizer, [q1], NoRetriever(), greedy(eos_ends=True))[0]
+    assert traj.turns == ["just x </answer>"] and not traj.answered and traj.num_invalid == 0
+    assert traj.input_ids[traj.prompt_length:] == scripts[q1][0][:len(encode_text(tokenizer, "just x </answer>"))]
+
+
+def test_eos_is_dropped_and_nudged_as_an_invalid_action(world, tokenizer, segments):
+    """Search-R1 (the default): an eos ends the turn, never enters the ids (so never the loss), and the
+    turn is an invalid action — the nudge follows and the rollout goes on from the tokens before the eos;
+    on the final turn the rollout simply ends, still without the eos."""
+    q0, q1 = (q["question"] for q in world.test[:2])
+    scripts = {q0: [say(tokenizer, "<think> a", "eos"), say(tokenizer, "<answer> b </answer>")],
+               q1: [say(tokenizer, "eos")] * 4}
+    t0, t1 = rollout(ScriptedLM(tokenizer, scripts), tokenizer, [q0, q1], NoRetriever(), greedy())
+    assert [(m, tokenizer.decode(ids)) for m, ids in segments(t0)] == [
+        (1, "<think> a"), (0, INVALID_ACTION), (1, "<answer> b </answer>")]
+    assert (t0.num_turns, t0.num_invalid, t0.answered, t0.truncated) == (2, 1, True, False)
+    nudge = encode_text(tokenizer, INVALID_ACTION)
+    assert t1.input_ids[t1.prompt_length:] == nudge * 3 and t1.loss_mask[t1.prompt_length:] == [0] * len(nudge) * 3
+    assert (t1.num_turns, t1.num_invalid, t1.answered) == (4, 3, False)      # max_turns 3: the 4th is final
+    assert tokenizer.eos_token_id not in t0.input_ids[t0.prompt_length:] + t1.input_ids[t1.prompt_length:]
+
+
+def test_eos_ends_option_ends_the_row_and_keeps_the_eos_as_sampled(world, tokenizer):
+    """RolloutConfig.eos_ends: the eos the model sampled stays, with loss 1; other rows go on. Nothing
+    depends on pad_id, so a tokenizer whose pad is its eos gives the same ids and masks."""
     pad_is_eos = copy.deepcopy(tokenizer)
     pad_is_eos.pad_token = pad_is_eos.eos_token
     assert pad_is_eos.pad_token_id == tokenizer.eos_token_id != tokenizer.pad_token_id
     q0, q1 = (q["question"] for q in world.test[:2])
     scripts = {q0: [say(tokenizer, "<think> a", "eos")],
                q1: [say(tokenizer, 3, "<search> b </search>"), say(tokenizer, "<answer> c </answer>", "eos")]}
-    runs = [rollout(ScriptedLM(tok, scripts), tok, [q0, q1], ScriptedRetriever(), greedy())
+    runs = [rollout(ScriptedLM(tok, scripts), tok, [q0, q1], ScriptedRetriever(), greedy(eos_ends=True))
             for tok in (tokenizer, pad_is_eos)]
     t0, t1 = runs[0]
     assert t0.input_ids[t0.prompt_length:] == scripts[q0][0] and t0.loss_mask[-1] == 1
