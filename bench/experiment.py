@@ -5,8 +5,8 @@ student (the student architecture language-model-pretrained on the corpus text, 
 protocol), its KD cold start, and every arm below with the same budget and the same small
 learning-rate grid, each selected on validation (step 0 included) and evaluated on the test split
 with the ARC metrics. Every stage is a step of the demo chain (train.py: demo_world, train_tiny,
-teacher_trajectories, cold_start, rl_on_pool, evaluate_on_test) with the demo's recipes
-(train.PRESETS["default"]); the experiment's own choices are the seeds, the learning-rate grid and KD on
+teacher_trajectories, cold_start, rl_on_pool, evaluate_on_test) with the recipes of the scale-1
+demo (train.PRESETS["scale1"], the default demo before it moved to the larger world); the experiment's own choices are the seeds, the learning-rate grid and KD on
 every trajectory (no held-out share). It writes the Markdown table (mean ± std over seeds, paired
 differences) and a PNG of the RL arms' curves, and prints its wall time. Every arm × seed lives in
 its own directory with a result.json written last: a second run reuses what is finished and redoes
@@ -66,7 +66,7 @@ class Design:
     """Everything that defines the experiment; the presets below are its two sizes. `chain` is what it
     shares with the demo chain (train.DemoPreset: the world and its disjoint question pools, the model
     sizes, the teacher, base-student and KD recipes, the RL settings); the rest is the experiment's own."""
-    chain: train.DemoPreset = field(default_factory=train.PRESETS["default"])
+    chain: train.DemoPreset = field(default_factory=train.PRESETS["scale1"])
     seeds: tuple = (0, 1, 2)
     kd_early_step: int = 300         # the weak start: this KD step's checkpoint
     beta_loss: float = 1.0           # β of the KL-as-a-loss arms (exact KL over the vocabulary)

@@ -71,10 +71,10 @@ def test_every_rl_arm_samples_the_same_number_of_rollouts_per_step():
     assert budgets == {(30, 32)}
 
 
-def test_the_experiment_runs_the_demo_chain_and_its_dgpo_arm_at_the_demos_lr_is_the_demos_rl_stage():
-    design, default = experiment.Design(), train.PRESETS["default"]()
-    assert design.chain == default
-    assert experiment.rl_settings(design, "DGPO (GRPO, selective KL)", default.rl["lr"], 0) == rl.RLConfig(**default.rl)
+def test_the_experiment_runs_the_scale1_demo_chain_and_its_dgpo_arm_at_its_lr_is_that_chains_rl_stage():
+    design, chain = experiment.Design(), train.PRESETS["scale1"]()
+    assert design.chain == chain
+    assert experiment.rl_settings(design, "DGPO (GRPO, selective KL)", chain.rl["lr"], 0) == rl.RLConfig(**chain.rl)
 
 
 def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():

@@ -735,3 +735,21 @@ def test_retrieval_client_options_reach_the_client_and_are_range_checked(monkeyp
     assert "--retriever-retry-seconds" in shown.stdout and "--retriever-timeout" in shown.stdout   # eval's parser
     bad = _cli("rl", "--student", "s", "--out", "o", "--data", "q.jsonl", "--retriever-timeout", "0")
     assert bad.returncode == 2 and "--retriever-timeout: must be > 0" in bad.stderr, bad.stderr
+
+
+def test_default_demo_has_the_large_heldout_splits_and_an_rl_pool_it_never_repeats():
+    """The default demo's world holds ≥ 1,000 test and ≥ 500 validation questions (test EM's standard
+    error ≤ 0.016) besides its KD and RL pools, disjoint, and its RL stage draws no question twice."""
+    preset = train.PRESETS["default"]()
+    world = demo.make_world(seed=preset.world_seed, n_test=preset.n_test, n_validation=preset.n_validation,
+                            scale=preset.world_scale)
+    assert len(world.test) >= 1000 and len(world.validation) >= 500
+    assert 0.5 / len(world.test) ** 0.5 <= 0.016
+    kd, rl_pool = world.train[:preset.kd_pool], world.train[preset.kd_pool:preset.kd_pool + preset.rl_pool]
+    assert (len(kd), len(rl_pool)) == (preset.kd_pool, preset.rl_pool)
+    ids = [{q["id"] for q in split} for split in (kd, rl_pool, world.validation, world.test)]
+    assert sum(map(len, ids)) == len(set().union(*ids))                   # disjoint by question
+    questions = [{q["question"] for q in split} for split in (kd, rl_pool, world.validation, world.test)]
+    assert sum(map(len, questions)) == len(set().union(*questions))       # and by question text
+    assert preset.rl["steps"] * preset.rl["prompts_per_step"] <= len(rl_pool)
+    rl.RLConfig(**preset.rl)                                              # legal settings
