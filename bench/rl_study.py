@@ -59,7 +59,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # enough that most steps carry a policy gradient (README "Signal in every step").
 COMMON = dict(steps=100, prompts_per_step=8, group_size=8, temperature=1.0, lr=3e-4, warmup_ratio=0.1,
               micro_batch_size=16, rollout_batch_size=64, max_new_tokens=64, eval_every=25, save_every=25,
-              probe_samples=1, pool_eval_limit=200)
+              probe_samples=1, pool_eval_limit=200, eos_ends=True)
+# eos_ends: the study ran while an eos still ended a rollout (now Search-R1's invalid action is the
+# default); every part keeps that rule, in training and in evaluate(), so that its arms compare
 GRPO = dict(teacher_mode="none")
 STUDY = {                       # arm: settings over COMMON, all at the tuning seed 0, run in this order
     "grpo": GRPO,
@@ -143,7 +145,8 @@ def evaluate(model: str, demo_dir: str, out: str, log: str) -> dict[str, float]:
         data = os.path.join(demo_dir, "data")
         run([sys.executable, "train.py", "eval", "--model", model, "--data", os.path.join(data, "test.jsonl"),
              "--corpus", os.path.join(data, "corpus.jsonl"), "--out", out, "--no-probe", "--batch-size", "64",
-             "--max-new-tokens", str(COMMON["max_new_tokens"]), "--no-progress"], log)
+             "--max-new-tokens", str(COMMON["max_new_tokens"]), "--no-progress"]
+            + (["--eos-ends"] if COMMON["eos_ends"] else []), log)
     with open(path) as f:
         rows = [json.loads(line) for line in f]
     return {r["id"]: r["scores"]["em"] for r in rows}
