@@ -291,14 +291,18 @@ def whiten(records: list[dict], key: str, dist: ddp.Dist) -> None:
 
 def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, dist: ddp.Dist) -> float:
     """1 − Var(R − V) / Var(R) over the masked tokens of every rank: 1 when the critic predicts every
-    return, 0 when it does no better than the mean return, below 0 when it is worse. NaN if Var(R) = 0."""
+    return, 0 when it does no better than the mean return, below 0 when it is worse. NaN when the returns
+    are constant: their spread is below float32 rounding of their size (a step whose rollouts all got
+    the same reward gives returns that differ only by the rounding of advantage + value, and dividing
+    by that spread would report −10¹³)."""
     r, res = returns[mask].double(), (returns - values)[mask].double()           # (n,) each
     s = ddp.all_reduce_sum(dist, [r.sum().item(), (r * r).sum().item(), res.sum().item(), (res * res).sum().item(),
                                   float(r.numel())])
     count = max(s[4], 1.0)
     var_r = s[1] / count - (s[0] / count) ** 2
     var_res = s[3] / count - (s[2] / count) ** 2
-    return 1.0 - var_res / var_r if var_r > 0 else float("nan")
+    constant = var_r <= (1e-6 * max(1.0, abs(s[0] / count))) ** 2                # std below float32 rounding
+    return float("nan") if constant else 1.0 - var_res / var_r
 
 
 def split_groups(records: list[dict], parts: int) -> list[list[dict]]:

@@ -129,6 +129,15 @@ def test_explained_variance_by_hand():
     assert rl.explained_variance(returns, values, mask, dist) == pytest.approx(expected.item())
     assert math.isnan(rl.explained_variance(torch.ones(1, 2), torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool),
                                             dist))
+    # constant returns of any size are NaN; the one-pass sums leave a variance of ±1e-17 there (0.1 × 1,000
+    # tokens gave +1.7e-18 and an explained variance of −10¹³ before the rule), which must not be divided by
+    for value in (0.1, 0.3, 0.7, 1 / 3):
+        for n in (3, 1000):
+            assert math.isnan(rl.explained_variance(torch.full((1, n), value), torch.rand(1, n),
+                                                    torch.ones(1, n, dtype=torch.bool), dist)), (value, n)
+    # a small spread that is real is measured
+    assert rl.explained_variance(torch.tensor([[0.0, 1e-3]]), torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool),
+                                 dist) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_a_ppo_step_logs_the_critics_instruments_and_time(model_dirs, tokenizer, rollouts):
