@@ -11,7 +11,8 @@ EM difference with its 95% bootstrap interval (stats.paired_difference) and the 
   --part study    the levers on the tuning seed (seed 0), which the answer does not use
   --part capacity the capacity question: a student of the teacher's size, pretrained and distilled as
                   the demo makes its student, then KD → GRPO and DGPO β 0.1 from it at the tuning seed
-  --part long     KD → GRPO and DGPO β 0.1 for 200 steps at the tuning seed: does validation EM level off?
+  --part long     KD → GRPO and DGPO β 0.1 for 200 steps, DGPO for 400, at the tuning seed: where does
+                  validation EM level off?
   --part answer   KD → GRPO and DGPO (β chosen on the study: the DGPO arm with the best validation
                   EM at seed 0) on seeds 1, 2, 3, and the paired differences per seed and pooled
                   (each question's EM averaged over the seeds, resampled by question)
@@ -84,10 +85,11 @@ CAPACITY = {"cap-grpo": GRPO, "cap-dgpo-b0.1": dict(beta=0.1)}
 # the budget question: the same two arms (β as chosen) for twice the steps, 1,600 draws from the 1,020-question
 # pool (each question seen about 1.6 times), to see whether validation EM levels off or keeps rising; the
 # probe with 4 samples per validation question (measured standard error 0.017 against 0.019 with one: the
-# samples of one question are correlated)
-LONG_STEPS = 200
-LONG = {"grpo-long": dict(GRPO, steps=LONG_STEPS, probe_samples=4),
-        "dgpo-b0.1-long": dict(beta=0.1, steps=LONG_STEPS, probe_samples=4)}
+# samples of one question are correlated). DGPO, still rising at 200, once more at 400 steps (3,200 draws:
+# each pool question about 3 times; its warm-up, 10% of the run, is 40 steps)
+LONG = {"grpo-long": dict(GRPO, steps=200, probe_samples=4),
+        "dgpo-b0.1-long": dict(beta=0.1, steps=200, probe_samples=4),
+        "dgpo-b0.1-400": dict(beta=0.1, steps=400, probe_samples=4)}
 
 
 def flags(settings: dict) -> list[str]:
@@ -146,8 +148,7 @@ def evaluate(model: str, demo_dir: str, out: str, log: str) -> dict[str, float]:
         data = os.path.join(demo_dir, "data")
         run([sys.executable, "train.py", "eval", "--model", model, "--data", os.path.join(data, "test.jsonl"),
              "--corpus", os.path.join(data, "corpus.jsonl"), "--out", out, "--no-probe", "--batch-size", "64",
-             "--max-new-tokens", str(COMMON["max_new_tokens"]), "--no-progress"]
-            + (["--eos-ends"] if COMMON["eos_ends"] else []), log)
+             "--no-progress"] + flags({k: COMMON[k] for k in ("max_new_tokens", "eos_ends")}), log)
     with open(path) as f:
         rows = [json.loads(line) for line in f]
     return {r["id"]: r["scores"]["em"] for r in rows}
@@ -180,11 +181,20 @@ def curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:
     return [(m["step"], m[key]) for m in metrics if key in m]
 
 
-def summary_row(name: str, result: dict, kd: dict[str, float]) -> str:
-    """One arm: test EM (best-val / last), the paired difference of best-val against KD, and the curves'
-    start → end of validation EM, RL-pool EM and the probe reward, plus the signal it trained on."""
+def questions_drawn(steps: list[dict], settings: dict) -> int:
+    """The RL-pool questions an arm drew: prompts_per_step a step, or what --drop-constant-groups'
+    refills drew (its `drawn_groups`, logged each step)."""
+    per_step = {**COMMON, **settings}["prompts_per_step"]
+    return sum(x.get("drawn_groups", per_step) for x in steps)
+
+
+def summary_row(name: str, result: dict, kd: dict[str, float], settings: dict, pool_size: int) -> str:
+    """One arm: test EM (best-val / last), the paired difference of best-val against KD, the questions it
+    drew from the pool of `pool_size`, and the curves' start → end of validation EM, RL-pool EM and the
+    probe reward, plus the signal it trained on."""
     m = result["metrics"]
     steps = [x for x in m if "reward" in x]
+    drawn = questions_drawn(steps, settings)
     keys = sorted(kd)
     a = np.array([kd[k] for k in keys])
     best, last = (np.array([result[which][k] for k in keys]) for which in ("best", "last"))
@@ -197,7 +207,7 @@ def summary_row(name: str, result: dict, kd: dict[str, float]) -> str:
     mixed = np.mean([x.get("mixed_groups", float("nan")) for x in steps])
     no_grad = sum(1 for x in steps if x.get("grad_norm", 1.0) == 0.0)
     return (f"| {name} | {best.mean():.3f} (step {best_step}) | {last.mean():.3f} | "
-            f"{stats.format_difference(diff)} | {span(val)} | {span(pool)} | {span(probe)} | {mixed:.2f} | {no_grad} | "
+            f"{stats.format_difference(diff)} | {drawn:,} ({drawn / pool_size:.1f}) | {span(val)} | {span(pool)} | {span(probe)} | {mixed:.2f} | {no_grad} | "
             f"{quarters(steps, 'entropy')} | {quarters(steps, 'teacher_kl')} |")
 
 
@@ -211,10 +221,10 @@ def quarters(steps: list[dict], key: str) -> str:
     return f"{np.mean(values[:q]):.3f} → {np.mean(values[-q:]):.3f}"
 
 
-HEADER = ("| arm | test EM, best val | test EM, last | best − KD [95% CI] | val EM start → end | "
-          "RL-pool EM start → end | probe reward start → end | mixed groups | no-grad steps | "
+HEADER = ("| arm | test EM, best val | test EM, last | best − KD [95% CI] | questions drawn (× pool) | "
+          "val EM start → end | RL-pool EM start → end | probe reward start → end | mixed groups | no-grad steps | "
           "entropy, first → last quarter | teacher KL, first → last quarter |\n"
-          "|---|---:|---:|---|---|---|---|---:|---:|---|---|")
+          "|---|---:|---:|---|---:|---|---|---|---:|---:|---|---|")
 
 
 def paired_row(label: str, a: np.ndarray, b: np.ndarray) -> str:
@@ -312,9 +322,10 @@ def main(argv=None) -> None:
                    for name, (settings, seed) in arms.items()}
         results = {name: f.result() for name, f in futures.items()}
 
+    with open(args.pool) as f:
+        pool_size = sum(1 for _ in f)
     lines = [f"On the {len(kd)} test questions: teacher EM {np.mean(list(teacher.values())):.3f}, KD student "
-             f"{np.mean(list(kd.values())):.3f}. RL pool: {sum(1 for _ in open(args.pool))} questions, "
-             f"{(LONG_STEPS if args.part == 'long' else COMMON['steps']) * COMMON['prompts_per_step']} drawn per arm.", ""]
+             f"{np.mean(list(kd.values())):.3f}. RL pool: {pool_size} questions.", ""]
     start, header = kd, HEADER
     if args.part == "capacity":       # the arms against their own start, and that start against the demo's KD
         start = evaluate(student, args.demo, os.path.join(args.out, "capacity", "kd-eval"),
@@ -327,7 +338,7 @@ def main(argv=None) -> None:
                              np.array([start[q] for q in keys])), ""]
         header = HEADER.replace("best − KD", "best − its start (the KD student of the teacher's size)")
     lines += [header]
-    lines += [summary_row(name, results[name], start) for name in arms]
+    lines += [summary_row(name, results[name], start, arms[name][0], pool_size) for name in arms]
     if args.part == "answer":
         lines += ["", f"β = {beta}, chosen on the tuning seed {TUNING_SEED}: {BETA_RULE}."]
         keys = sorted(kd)
