@@ -6,7 +6,8 @@ What it does: `rollout(model, tokenizer, questions, retriever, config)` plays th
 the retriever in one call, the observations are appended as *forced* tokens, and generation goes on
 from the KV cache. A turn with neither a complete search nor a complete answer (the budget ran out, an
 eos, an orphan closing tag) gets Search-R1's invalid-action text and the rollout goes on; the eos is
-dropped, as Search-R1's decode drops it (RolloutConfig.eos_ends keeps the older rule: eos ends the rollout). Every model-written token is kept exactly as sampled, and the loss mask is recorded
+dropped, as Search-R1's decode drops it (RolloutConfig.eos_ends keeps the older rule: eos ends the
+rollout). Every model-written token is kept exactly as sampled, and the loss mask is recorded
 at the moment a token is appended (1 = sampled, 0 = prompt, observation, nudge) — never re-derived
 from text or from `pad_id`.
 
@@ -531,7 +532,8 @@ class _TurnLayer(DynamicLayer):
         kept = indices.tolist()
         first = next((i for i, b in enumerate(kept) if b != i), len(kept))   # rows before it stay where they are
         moved = indices[first:]
-        self.key_room[first:len(kept), :, :self.length] = self.key_room[moved, :, :self.length]  # the right side is a copy
+        # the right side is a copy (advanced indexing), so the overlapping move is safe
+        self.key_room[first:len(kept), :, :self.length] = self.key_room[moved, :, :self.length]
         self.value_room[first:len(kept), :, :self.length] = self.value_room[moved, :, :self.length]
         self.key_room, self.value_room = self.key_room[:len(kept)], self.value_room[:len(kept)]
         self.keys, self.values = self.key_room[..., :self.length, :], self.value_room[..., :self.length, :]

@@ -141,15 +141,20 @@ class DemoWorld:
     greedy: rollout.RolloutConfig
 
 
+def question_pools(world: demo.World, preset: DemoPreset) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """The chain's question roles in `world`: (KD pool, RL pool, validation, test). The two pools are
+    consecutive slices of the training questions, so all four are disjoint as the world's splits are."""
+    return (world.train[:preset.kd_pool], world.train[preset.kd_pool:preset.kd_pool + preset.rl_pool],
+            world.validation[:preset.val_limit] if preset.val_limit else world.validation,
+            world.test[:preset.eval_limit] if preset.eval_limit else world.test)
+
+
 def demo_world(preset: DemoPreset, out: str) -> DemoWorld:
     """The world of `preset`, its tokenizer (trained, saved in out/tokenizer) and BM25 over its corpus."""
     world = demo.make_world(seed=preset.world_seed, n_test=preset.n_test, n_validation=preset.n_validation,
                             scale=preset.world_scale)
     return DemoWorld(world, demo.train_tokenizer(world, os.path.join(out, "tokenizer")),
-                     retriever_lib.BM25Retriever(world.corpus), world.train[:preset.kd_pool],
-                     world.train[preset.kd_pool:preset.kd_pool + preset.rl_pool],
-                     world.validation[:preset.val_limit] if preset.val_limit else world.validation,
-                     world.test[:preset.eval_limit] if preset.eval_limit else world.test,
+                     retriever_lib.BM25Retriever(world.corpus), *question_pools(world, preset),
                      rollout.RolloutConfig(max_new_tokens=preset.max_new_tokens, greedy=True))
 
 

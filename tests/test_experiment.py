@@ -80,8 +80,6 @@ def test_the_experiment_runs_the_scale1_demo_chain_and_its_dgpo_arm_at_its_lr_is
 def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():
     world = demo.make_world(seed=0)
     design = experiment.Design()
-    kd = {q["id"] for q in world.train[:design.chain.kd_pool]}
-    rl = {q["id"] for q in world.train[design.chain.kd_pool:design.chain.kd_pool + design.chain.rl_pool]}
-    val, test = {q["id"] for q in world.validation}, {q["id"] for q in world.test}
+    kd, rl, val, test = ({q["id"] for q in split} for split in train.question_pools(world, design.chain))
     assert len(kd) == 800 and len(rl) == 500
     assert not (kd & rl or kd & val or kd & test or rl & val or rl & test or val & test)

@@ -189,7 +189,8 @@ def test_searching_run_is_ragged(searching_run, tokenizer):
     assert [t.num_invalid for t in trajs] == [0, 0, 2, 0]         # row 2: the budget (turn 0), the eos (turn 2)
     assert [t.answered for t in trajs] == [True, True, True, True]
     assert [len(t.turns) for t in trajs] == [3, 2, 4, 1]
-    assert tokenizer.eos_token_id not in trajs[2].input_ids[trajs[2].prompt_length:] and trajs[2].truncated     # budget in turn 0
+    # row 2 ran out of its budget in turn 0
+    assert tokenizer.eos_token_id not in trajs[2].input_ids[trajs[2].prompt_length:] and trajs[2].truncated
     assert len({len(t.input_ids) for t in trajs}) == 4
 
 

@@ -745,11 +745,11 @@ def test_default_demo_has_the_large_heldout_splits_and_an_rl_pool_it_never_repea
                             scale=preset.world_scale)
     assert len(world.test) >= 1000 and len(world.validation) >= 500
     assert 0.5 / len(world.test) ** 0.5 <= 0.016
-    kd, rl_pool = world.train[:preset.kd_pool], world.train[preset.kd_pool:preset.kd_pool + preset.rl_pool]
-    assert (len(kd), len(rl_pool)) == (preset.kd_pool, preset.rl_pool)
-    ids = [{q["id"] for q in split} for split in (kd, rl_pool, world.validation, world.test)]
+    kd, rl_pool, validation, test = train.question_pools(world, preset)
+    assert (len(kd), len(rl_pool), len(validation), len(test)) == (preset.kd_pool, preset.rl_pool, 500, 1000)
+    ids = [{q["id"] for q in split} for split in (kd, rl_pool, validation, test)]
     assert sum(map(len, ids)) == len(set().union(*ids))                   # disjoint by question
-    questions = [{q["question"] for q in split} for split in (kd, rl_pool, world.validation, world.test)]
+    questions = [{q["question"] for q in split} for split in (kd, rl_pool, validation, test)]
     assert sum(map(len, questions)) == len(set().union(*questions))       # and by question text
     assert preset.rl["steps"] * preset.rl["prompts_per_step"] <= len(rl_pool)
     rl.RLConfig(**preset.rl)                                              # legal settings
