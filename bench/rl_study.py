@@ -9,6 +9,8 @@ steps). Each finished arm is evaluated on the test split twice — its best-vali
 EM difference with its 95% bootstrap interval (stats.paired_difference) and the exact McNemar p.
 
   --part study    the levers on the tuning seed (seed 0), which the answer does not use
+  --part forms    β of the two other teacher forms (KL on all rollouts; PPO's reward penalty) on the same
+                  seed and budget, for the experiment (bench/experiment.py)
   --part capacity the capacity question: a student of the teacher's size, pretrained and distilled as
                   the demo makes its student, then KD → GRPO and DGPO β 0.1 from it at the tuning seed
   --part long     KD → GRPO and DGPO β 0.1 for 200 steps, DGPO for 400, at the tuning seed: where does
@@ -78,6 +80,17 @@ STUDY = {                       # arm: settings over COMMON, all at the tuning s
     "grpo-lr1e-4": dict(GRPO, lr=1e-4),
     "ppo": dict(GRPO, algo="ppo"),                                    # critic lr 1e-5 with warm-up (the paper's)
     "ppo-critic3e-4": dict(GRPO, algo="ppo", critic_lr=3e-4),         # the critic at the actor's lr
+}
+# β of the two other teacher forms the experiment compares, chosen by the same rule (BETA_RULE) on the
+# same seed and budget: KL(π_θ‖π_T) as a loss on every rollout, and the paper's k1 penalty in the reward
+# of wrong rollouts under PPO (the paper's β 0.001 and a decade either side)
+FORMS = {
+    "dgpo-all-b0.01": dict(teacher_mode="uniform", beta=0.01),
+    "dgpo-all-b0.1": dict(teacher_mode="uniform", beta=0.1),
+    "dgpo-all-b1": dict(teacher_mode="uniform", beta=1.0),
+    "ppo-pen-b0.001": dict(algo="ppo", teacher_as="reward", beta=0.001),
+    "ppo-pen-b0.01": dict(algo="ppo", teacher_as="reward", beta=0.01),
+    "ppo-pen-b0.1": dict(algo="ppo", teacher_as="reward", beta=0.1),
 }
 TUNING_SEED, ANSWER_SEEDS = 0, (1, 2, 3)
 # the capacity question: the same two arms from a KD student of the teacher's size (tuning seed)
@@ -235,15 +248,16 @@ def paired_row(label: str, a: np.ndarray, b: np.ndarray) -> str:
     return f"| {label} | {d['n']} | {stats.format_difference(d)} | {counts} |"
 
 
-BETA_RULE = ("of the study's DGPO arms (GRPO-based, selective KL as a loss), the β whose best-validation "
-             "checkpoint has the highest validation EM at the tuning seed; on a tie, the smaller β")
+BETA_RULE = ("of the study's arms of one teacher form (selective KL as a loss: dgpo-b*; KL on all rollouts: "
+             "dgpo-all-b*; PPO's reward penalty: ppo-pen-b*), the β whose best-validation checkpoint has the "
+             "highest validation EM at the tuning seed; on a tie, the smaller β")
 
 
-def chosen_beta(out: str) -> float:
-    """The answer's β, by BETA_RULE."""
+def chosen_beta(out: str, form: str = "dgpo-b") -> float:
+    """The β of one teacher form (the prefix of its arms' names), by BETA_RULE."""
     scored = []
-    for name, settings in STUDY.items():
-        if not name.startswith("dgpo-b"):
+    for name, settings in {**STUDY, **FORMS}.items():
+        if not name.startswith(form) or not name[len(form):].replace(".", "").isdigit():
             continue
         path = os.path.join(out, name, "run", "metrics.jsonl")
         if not os.path.isfile(path):
@@ -286,7 +300,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--demo", required=True, help="a `python train.py demo` output directory")
     p.add_argument("--out", required=True)
-    p.add_argument("--part", choices=("study", "answer", "capacity", "long"), required=True)
+    p.add_argument("--part", choices=("study", "forms", "answer", "capacity", "long"), required=True)
     p.add_argument("--arms", nargs="*", help="--part study: only these arms (default: all)")
     p.add_argument("--kd-pool", type=int, default=800, help="the demo preset's kd_pool (default: 800)")
     p.add_argument("--preset", choices=sorted(train.PRESETS), default="default",
@@ -306,6 +320,8 @@ def main(argv=None) -> None:
     student = None
     if args.part == "study":
         arms = {name: (STUDY[name], TUNING_SEED) for name in (args.arms or STUDY)}
+    elif args.part == "forms":
+        arms = {name: (settings, TUNING_SEED) for name, settings in FORMS.items()}
     elif args.part == "long":
         arms = {name: (settings, TUNING_SEED) for name, settings in LONG.items()}
     elif args.part == "capacity":
@@ -339,6 +355,9 @@ def main(argv=None) -> None:
         header = HEADER.replace("best − KD", "best − its start (the KD student of the teacher's size)")
     lines += [header]
     lines += [summary_row(name, results[name], start, arms[name][0], pool_size) for name in arms]
+    if args.part == "forms":
+        lines += ["", "β chosen (" + BETA_RULE + "): " + ", ".join(
+            f"{form}* {chosen_beta(args.out, form)}" for form in ("dgpo-b", "dgpo-all-b", "ppo-pen-b")) + "."]
     if args.part == "answer":
         lines += ["", f"β = {beta}, chosen on the tuning seed {TUNING_SEED}: {BETA_RULE}."]
         keys = sorted(kd)
