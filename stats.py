@@ -16,6 +16,7 @@ What it does
   differ between the two models (normal approximation to McNemar's test):
       MDD = (z_{1−alpha/2} + z_{power}) · sqrt(discordant / n)
   e.g. 1,000 questions with 20% discordant: 0.040 at alpha 0.05 and power 0.8.
+  `detectable_from_pairs(a, b)` is the same from a design's observed scores, one seed or several.
 
 What it does not do: multiple-comparison corrections, unpaired comparisons, or anything that is
 not a per-question score (numpy and the standard library only; copy the file to reuse it).
@@ -94,6 +95,19 @@ def detectable_difference(n: int, discordant: float, alpha: float = 0.05, power:
         raise ValueError(f"need n > 0 and a discordant fraction in [0, 1]; got {n}, {discordant}")
     z = NormalDist().inv_cdf
     return (z(1 - alpha / 2) + z(power)) * math.sqrt(discordant / n)
+
+
+def detectable_from_pairs(a, b, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest detectable difference of a design, from the per-question scores it produced: a, b
+    of shape (N,) or (S, N) as in paired_difference. With d_i = the seeds' mean of b − a on question
+    i, the difference's standard error is sd(d)/√N, so MDD = (z_{1−alpha/2} + z_{power}) · sd(d)/√N.
+    For one seed and a difference of 0, sd(d)² is the discordant fraction: detectable_difference."""
+    a, b = _as_runs(a), _as_runs(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same shape; got {a.shape} and {b.shape}")
+    d = (b - a).mean(axis=0)                                      # (N,)
+    z = NormalDist().inv_cdf
+    return (z(1 - alpha / 2) + z(power)) * float(d.std()) / math.sqrt(d.size)
 
 
 def format_difference(d: dict) -> str:

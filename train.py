@@ -81,6 +81,7 @@ class DemoPreset:
     kd_pool: int = 800             # training questions the teacher is rolled out on for KD
     rl_pool: int = 500             # the other training questions: the only ones RL trains on
     tgo_keep_wrong: bool = False   # True only in the plumbing preset, whose teacher cannot be right yet
+    oracle_no_think: float = 0.0   # share of the oracle's trajectories that answer straight after an observation
     max_new_tokens: int = 64
     eval_limit: int = 0            # test questions evaluated (0 = the whole test split)
     val_limit: int = 0             # validation questions (0 = all)
@@ -158,10 +159,11 @@ def demo_world(preset: DemoPreset, out: str) -> DemoWorld:
                      rollout.RolloutConfig(max_new_tokens=preset.max_new_tokens, greedy=True))
 
 
-def oracle_trajectories(w: DemoWorld) -> list[dict]:
-    """The scripted oracle's correct trajectories on every training question: the demo teacher's data."""
+def oracle_trajectories(w: DemoWorld, no_think_fraction: float = 0.0) -> list[dict]:
+    """The scripted oracle's correct trajectories on every training question: the demo teacher's data;
+    in `no_think_fraction` of them it answers straight after an observation, without a thought."""
     return demo.oracle_records(w.world.train, w.retriever, w.tokenizer,
-                               dataclasses.replace(w.greedy, max_new_tokens=500))
+                               dataclasses.replace(w.greedy, max_new_tokens=500), no_think_fraction)
 
 
 def train_tiny(w: DemoWorld, size: str, seed: int, records: list[dict], cfg: sft.SupervisedConfig, dist: ddp.Dist,
@@ -222,7 +224,7 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     dirs = {name: os.path.join(out, name) for name in ("init", "teacher", "base", "kd", "dgpo")}
 
     # 1. the demo teacher learns the protocol from the oracle's correct trajectories (all training questions)
-    oracle = oracle_trajectories(w)
+    oracle = oracle_trajectories(w, preset.oracle_no_think)
     data.write_jsonl(os.path.join(out, "oracle.jsonl"), oracle)
     ddp.print0(dist, f"oracle: {len(oracle)}/{len(w.world.train)} correct training trajectories")
     seconds["world+tokenizer+oracle"], t = time.time() - t, time.time()

@@ -1,22 +1,31 @@
-"""The paper's experiment in miniature: every method on the demo world, three seeds, one command.
+"""The paper's experiment in miniature: every method on the demo world, three reporting seeds, with power.
 
-What it does: builds the demo world, one teacher and its trajectories, then for each seed a base
-student (the student architecture language-model-pretrained on the corpus text, never shown the
-protocol), its KD cold start, and every arm below with the same budget and the same small
-learning-rate grid, each selected on validation (step 0 included) and evaluated on the test split
-with the ARC metrics. Every stage is a step of the demo chain (train.py: demo_world, train_tiny,
-teacher_trajectories, cold_start, rl_on_pool, evaluate_on_test) with the recipes of the scale-1
-demo (train.PRESETS["scale1"], the default demo before it moved to the larger world); the experiment's own choices are the seeds, the learning-rate grid and KD on
-every trajectory (no held-out share). It writes the Markdown table (mean ± std over seeds, paired
-differences) and a PNG of the RL arms' curves, and prints its wall time. Every arm × seed lives in
-its own directory with a result.json written last: a second run reuses what is finished and redoes
-what is not.
+What it does: builds the demo world of the default preset (1,000 test and 500 validation questions,
+a KD pool of 800 and an RL pool of 1,020 that RL never repeats), one teacher and its trajectories,
+then for each reporting seed a base student (the student architecture language-model-pretrained on
+the corpus text, never shown the protocol), its KD cold start, and every arm below with the same RL
+budget and the settings docs/rl_settings.md chose on its tuning seed (seed 0, which reports nothing
+here), each checkpoint selected on validation (step 0 included) and evaluated on the test split with
+the ARC metrics. Every stage is a step of the demo chain (train.py: demo_world, train_tiny,
+teacher_trajectories, cold_start, rl_on_pool, evaluate_on_test); the experiment's own choices are the
+seeds, the oracle's share of answers without a thought (so the evidence-given probe without thinking
+measures reading, not format), the β of each teacher form (chosen by the study's rule) and KD on
+every trajectory (no held-out share). It writes the Markdown table (mean ± std over seeds; every
+difference paired over the same test questions with its 95% interval, per seed and pooled; the
+smallest difference the design detects), a PNG of the RL arms' curves with their instruments, and
+prints its wall time.
+
+Units: every arm × seed lives in its own directory with a result.json written last, which records
+what the unit was made from; a second run reuses a finished unit only if that record matches (else it
+stops, naming the directory), resumes the long units (teacher, RL) from their last checkpoint and
+redoes the others. Units lock their directory, so two invocations on different seeds share the
+machine's two cores (`--seeds 1` and `--seeds 2 3`, one thread each) and a third renders the table.
 
 Data roles (disjoint; sizes in the printed design): the teacher's trajectories for KD come from the
 KD pool of training questions; every RL arm trains on the RL pool, which KD never saw; validation
-selects (learning rate, checkpoint); test reports.
+selects the checkpoint; test reports.
 
-Arms (RL: the same steps and rollouts per step; GRPO = prompts × G, PPO = prompts·G prompts × 1):
+Arms (RL: the same steps and 64 rollouts a step — 8 questions × 8, GRPO and PPO alike):
   Student (base)   the pretrained student, prompted
   Teacher          the demo teacher (one, shared by every seed)
   KD               cold start from the base student on the KD pool's teacher trajectories
@@ -24,21 +33,26 @@ Arms (RL: the same steps and rollouts per step; GRPO = prompts × G, PPO = promp
                    separates RL's gain from more training); KD itself competes on validation
   GRPO / PPO from base          RL without a teacher from the base student
   KD → GRPO / KD → PPO          RL without a teacher from KD
+  KD → GRPO, drop constant groups   the policy gradient over mixed groups only, refilled (DAPO)
   DGPO (GRPO, selective KL)     the project's default: KL(π_θ‖π_T) as a loss on wrong rollouts
+  DGPO (GRPO, selective KL), drop constant groups
   DGPO (GRPO, KL on all)        the same KL on every rollout (the paper's ablation)
   DGPO (PPO, reward penalty)    the paper's form: per-token k1 penalty in the reward of wrong rollouts
   weak KD → DGPO / → GRPO       from an early KD checkpoint, where all-wrong groups are common
 
-What it does not do: tune anything beyond the stated grid, or run on GPUs (it is sized for this
-2-core CPU; --preset small is the same pipeline on a handful of questions, for CI).
+What it does not do: tune anything (the settings study did, on its own seed), or run on GPUs (it is
+sized for this 2-core CPU; --preset small is the same pipeline on a handful of questions, for CI).
 
-    python bench/experiment.py --out runs/experiment --readme README.md     # the full table, ≤ 2 hours
-    python bench/experiment.py --preset small --out /tmp/exp-small           # seconds
+    OMP_NUM_THREADS=1 python bench/experiment.py --out runs/experiment --seeds 1 &      # one core
+    OMP_NUM_THREADS=1 python bench/experiment.py --out runs/experiment --seeds 2 3 &    # the other
+    python bench/experiment.py --out runs/experiment --readme README.md         # renders (all reused)
+    python bench/experiment.py --preset small --out /tmp/exp-small              # seconds
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
@@ -47,7 +61,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import arc_eval  # noqa: E402
 import data  # noqa: E402
 import ddp  # noqa: E402
 import demo  # noqa: E402
@@ -56,22 +73,38 @@ import models  # noqa: E402
 import plot  # noqa: E402
 import rl  # noqa: E402
 import sft  # noqa: E402
+import stats  # noqa: E402
 import train  # noqa: E402
 
 SupervisedConfig = sft.SupervisedConfig
+
+
+def experiment_chain() -> train.DemoPreset:
+    """The default demo's chain with one change: the oracle answers a quarter of its questions straight
+    after the observation that holds the answer, without a thought. The protocol asks for a thought
+    after every observation, and with none of these trajectories no model ever answers without one, so
+    the probe's w/o-think column scored 0 for every trained model and measured format, not reading. A
+    quarter keeps thinking first the dominant behaviour (three in four trajectories, as the prompt
+    asks) while the KD pool still holds ~200 direct answers to learn the form from."""
+    return dataclasses.replace(train.PRESETS["default"](), oracle_no_think=0.25)
 
 
 @dataclass
 class Design:
     """Everything that defines the experiment; the presets below are its two sizes. `chain` is what it
     shares with the demo chain (train.DemoPreset: the world and its disjoint question pools, the model
-    sizes, the teacher, base-student and KD recipes, the RL settings); the rest is the experiment's own."""
-    chain: train.DemoPreset = field(default_factory=train.PRESETS["scale1"])
-    seeds: tuple = (0, 1, 2)
+    sizes, the teacher, base-student and KD recipes, the RL settings); the rest is the experiment's own.
+    The RL settings and every β come from docs/rl_settings.md, chosen on its tuning seed 0."""
+    chain: train.DemoPreset = field(default_factory=experiment_chain)
+    seeds: tuple = (1, 2, 3)         # the reporting seeds: never the settings study's tuning seed 0
     kd_early_step: int = 300         # the weak start: this KD step's checkpoint
-    beta_loss: float = 1.0           # β of the KL-as-a-loss arms (exact KL over the vocabulary)
-    beta_reward: float = 0.01        # β of the paper's k1 reward penalty (set by arithmetic, not tuned: README)
-    lrs: tuple = (3e-4, 1e-3)        # the grid every RL arm and KD-continued gets (it replaces the chain's lr)
+    rl_steps: int = 100              # every RL arm's steps (8 questions × 8 rollouts each)
+    lr: float = 3e-4                 # every RL arm's and KD continued's learning rate (the study's choice)
+    # β of each teacher form, chosen by the study's rule (bench/rl_study.py BETA_RULE) on the tuning seed;
+    # None: not chosen yet (the arms that need it refuse to run)
+    beta_selective: float | None = 0.1       # KL as a loss on wrong rollouts (docs/rl_settings.md §4)
+    beta_all: float | None = None            # KL as a loss on every rollout (bench/rl_study.py --part forms)
+    beta_reward: float | None = None         # PPO's k1 reward penalty (bench/rl_study.py --part forms)
 
 
 PRESETS = {
@@ -82,40 +115,63 @@ PRESETS = {
             pretrain=SupervisedConfig(steps=2, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
             kd=SupervisedConfig(steps=3, batch_size=4, micro_batch_size=4, lr=3e-3, warmup_steps=1),
             rl=dict(steps=1, prompts_per_step=2, group_size=2, micro_batch_size=8, rollout_batch_size=8,
-                    warmup_ratio=0.0, temperature=1.0, max_new_tokens=8, max_turns=1, eval_every=1),
+                    warmup_ratio=0.0, temperature=1.0, max_new_tokens=8, max_turns=1, eval_every=1,
+                    probe_samples=1, pool_eval_limit=2),
             teacher_size="test", student_size="test", kd_pool=10, rl_pool=8, tgo_keep_wrong=True, max_new_tokens=8,
-            eval_limit=6, val_limit=4, eval_batch_size=8),
-        seeds=(0, 1), kd_early_step=1),
+            eval_limit=6, val_limit=4, eval_batch_size=8, oracle_no_think=0.25),
+        seeds=(1, 2), kd_early_step=1, rl_steps=2, beta_all=0.1, beta_reward=0.01),
 }
 
-# RL arms: (start model, settings on top of the chain's RL settings). "beta" is filled in from the Design.
+# RL arms: (start model, settings on top of the chain's RL settings). "beta" comes from the Design, by form.
+GRPO, DROP = dict(algo="grpo", teacher_mode="none"), dict(drop_constant_groups=True)
+SELECTIVE = dict(algo="grpo", teacher_mode="selective", teacher_as="loss")
 ARMS = {
-    "GRPO from base": ("base", dict(algo="grpo", teacher_mode="none")),
+    "GRPO from base": ("base", GRPO),
     "PPO from base": ("base", dict(algo="ppo", teacher_mode="none")),
-    "KD → GRPO": ("kd", dict(algo="grpo", teacher_mode="none")),
+    "KD → GRPO": ("kd", GRPO),
+    "KD → GRPO, drop constant groups": ("kd", {**GRPO, **DROP}),
     "KD → PPO": ("kd", dict(algo="ppo", teacher_mode="none")),
-    "DGPO (GRPO, selective KL)": ("kd", dict(algo="grpo", teacher_mode="selective", teacher_as="loss")),
+    "DGPO (GRPO, selective KL)": ("kd", SELECTIVE),
+    "DGPO (GRPO, selective KL), drop constant groups": ("kd", {**SELECTIVE, **DROP}),
     "DGPO (GRPO, KL on all)": ("kd", dict(algo="grpo", teacher_mode="uniform", teacher_as="loss")),
     "DGPO (PPO, reward penalty)": ("kd", dict(algo="ppo", teacher_mode="selective", teacher_as="reward")),
-    "weak KD → DGPO": ("kd_early", dict(algo="grpo", teacher_mode="selective", teacher_as="loss")),
-    "weak KD → GRPO": ("kd_early", dict(algo="grpo", teacher_mode="none")),
+    "weak KD → DGPO": ("kd_early", SELECTIVE),
+    "weak KD → GRPO": ("kd_early", GRPO),
 }
 COLUMNS = [("EM", "all", "em"), ("EM 1-hop", "demo_1hop", "em"), ("EM 2-hop", "demo_2hop", "em"),
            ("hit ratio", "all", "hit_substr"), ("searches", "all", "searches"),
            ("probe w/o think", "all", "probe_em_no_think"), ("probe w/ think", "all", "probe_em_think")]
+# the paired comparisons of the table: (method, reference)
+COMPARISONS = [("DGPO (GRPO, selective KL)", "KD"), ("DGPO (GRPO, selective KL)", "KD → GRPO"),
+               ("KD → GRPO", "KD"), ("DGPO (GRPO, selective KL)", "KD continued"),
+               ("DGPO (GRPO, selective KL), drop constant groups", "KD → GRPO, drop constant groups"),
+               ("DGPO (GRPO, KL on all)", "DGPO (GRPO, selective KL)"), ("DGPO (PPO, reward penalty)", "KD → PPO"),
+               ("weak KD → DGPO", "weak KD → GRPO")]
 
 
-def rl_settings(design: Design, arm: str, lr: float, seed: int) -> rl.RLConfig:
-    """One arm's RLConfig: the shared settings, the arm's own, this grid point and seed. PPO runs one
-    rollout per prompt on prompts × G prompts, so every arm samples the same number of rollouts."""
-    shared = design.chain.rl
-    settings = {**shared, **ARMS[arm][1], "lr": lr, "seed": seed}
-    settings["beta"] = design.beta_reward if settings.get("teacher_as") == "reward" else design.beta_loss
-    if settings["algo"] == "ppo":
-        settings["prompts_per_step"] = shared["prompts_per_step"] * shared["group_size"]
-        settings["group_size"] = 1
-        settings["critic_warmup_ratio"] = 0.0
-        settings["critic_lr"] = lr * 10               # the paper's critic/actor ratio (1e-5 / 1e-6)
+def teacher_beta(design: Design, settings: dict) -> float | None:
+    """The Design's β for the arm's teacher form (None for an arm without a teacher)."""
+    if settings["teacher_mode"] == "none":
+        return None
+    if settings.get("teacher_as") == "reward":
+        return design.beta_reward
+    return design.beta_all if settings["teacher_mode"] == "uniform" else design.beta_selective
+
+
+def rl_settings(design: Design, arm: str, seed: int) -> rl.RLConfig:
+    """One arm's RLConfig: the chain's RL settings (the study's), the arm's own, the Design's budget, lr and
+    β, this seed, and a checkpoint every 25 steps (a unit resumes from it). PPO keeps the groups of 8
+    (its critic ignores them) so that every arm samples the same 64 rollouts a step on the same 8
+    questions; its critic learning rate and warm-up are RLConfig's (the paper's 1e-5, warmed up)."""
+    settings = {**design.chain.rl, **ARMS[arm][1], "steps": design.rl_steps, "lr": design.lr, "seed": seed,
+                "save_every": 25}
+    beta = teacher_beta(design, settings)
+    if settings["teacher_mode"] != "none":
+        if beta is None:
+            field_name = "beta_reward" if settings.get("teacher_as") == "reward" else "beta_all"
+            raise ValueError(f"arm {arm!r}: Design.{field_name} is not chosen yet; run bench/rl_study.py "
+                             "--part forms and set it to the β that study's rule chose")
+        settings["beta"] = beta
     return rl.RLConfig(**settings)
 
 
@@ -123,26 +179,45 @@ def rl_settings(design: Design, arm: str, lr: float, seed: int) -> rl.RLConfig:
 # Units of work: each in its own directory, finished when its result.json exists
 
 
+def as_record(spec) -> object:
+    """A unit's spec as JSON would hold it (tuples → lists), so a stored one compares equal."""
+    return json.loads(json.dumps(spec, default=str))
+
+
 class Units:
-    """Runs each unit once: a directory with result.json is reused, anything else there is redone."""
+    """Runs each unit once. A unit's directory with result.json is reused if the spec stored there (what
+    the unit was made from) is this run's, and refused otherwise; an unfinished one is resumed by a
+    resumable unit (its compute continues from its own checkpoint) and redone from scratch by any
+    other. A lock file per unit keeps two invocations from making the same unit at once."""
 
     def __init__(self, root: str):
         self.root, self.seconds, self.reused, self.reused_seconds = root, {}, 0, 0.0
 
-    def __call__(self, name: str, compute) -> dict:
+    def __call__(self, name: str, compute, spec, resumable: bool = False) -> dict:
         path = os.path.join(self.root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)             # blocks while another invocation makes this unit
+            return self._run(name, path, compute, as_record(spec), resumable)
+
+    def _run(self, name: str, path: str, compute, spec, resumable: bool) -> dict:
         done = os.path.join(path, "result.json")
         if os.path.isfile(done):
-            self.reused += 1
             with open(done) as f:
                 result = json.load(f)
+            if result.get("spec") != spec:
+                raise ValueError(f"{path}: this unit was made from other settings than this run's "
+                                 f"(stored {json.dumps(result.get('spec'))[:300]}, now {json.dumps(spec)[:300]}); "
+                                 "use another --out, or delete the directory to remake it")
+            self.reused += 1
             self.reused_seconds += result.get("seconds", 0.0)
             return result
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not resumable:
             shutil.rmtree(path)                      # an unfinished unit: start it again
         t0 = time.time()
         result = compute(path)
         result["seconds"] = round(time.time() - t0, 1)
+        result["spec"] = spec
         self.seconds[name] = result["seconds"]
         os.makedirs(path, exist_ok=True)
         with open(done + ".tmp", "w") as f:
@@ -151,41 +226,63 @@ class Units:
         return result
 
 
+def resume_point(out: str) -> str | None:
+    """out itself when it holds a resumable checkpoint of an interrupted run, else None."""
+    return out if os.path.isfile(os.path.join(out, "trainer_state.pt")) else None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
     ap.add_argument("--out", default="runs/experiment")
+    ap.add_argument("--seeds", type=int, nargs="+", help="make only these of the design's seeds (the shared "
+                    "units too), and render nothing; without it: every seed, then the table")
     ap.add_argument("--readme", help="replace the block between the experiment markers of this file")
     ap.add_argument("--png", help="where the curves go (default: OUT/curves.png)")
     args = ap.parse_args(argv)
     started = time.time()
     design = PRESETS[args.preset]()
+    if args.seeds and not set(args.seeds) <= set(design.seeds):
+        ap.error(f"--seeds {args.seeds}: the design's seeds are {list(design.seeds)}")
     os.makedirs(args.out, exist_ok=True)
     units = Units(args.out)
     dist = ddp.Dist()
 
     chain = design.chain                               # the demo chain's steps (train.py) do every stage
     w = train.demo_world(chain, args.out)
-    assert not {q["id"] for q in w.kd_pool} & {q["id"] for q in w.rl_pool}
     sizes = {"corpus": len(w.world.corpus), "kd_pool": len(w.kd_pool), "rl_pool": len(w.rl_pool),
-             "validation": len(w.validation), "test": len(w.test), "seeds": list(design.seeds),
-             "lrs": list(design.lrs)}
+             "validation": len(w.validation), "test": len(w.test), "seeds": list(design.seeds)}
     print(f"design: {json.dumps(sizes)}", flush=True)
     path = lambda *parts: os.path.join(args.out, *parts)          # noqa: E731
+    world_spec = {k: getattr(chain, k) for k in ("world_seed", "world_scale", "n_test", "n_validation", "kd_pool",
+                                                 "rl_pool", "val_limit", "eval_limit", "max_new_tokens")}
+    greedy_spec = dataclasses.asdict(w.greedy)
 
-    # the teacher: the demo's recipe, on the oracle's correct trajectories of every training question
+    # the teacher: the demo's recipe, on the oracle's correct trajectories of every training question;
+    # resumable (a checkpoint every 500 steps): at one thread it is the longest unit
+    teacher_cfg = dataclasses.replace(chain.teacher, save_every=500)
+
     def make_teacher(out):
-        records = train.oracle_trajectories(w)
-        train.train_tiny(w, chain.teacher_size, 1, records, chain.teacher, dist, out, out + "-init", desc="teacher")
-        shutil.rmtree(out + "-init")
-        return {"oracle_trajectories": len(records)}
-    units("teacher", make_teacher)
-
+        records = train.oracle_trajectories(w, chain.oracle_no_think)
+        if resume_point(out):
+            model = models.load_model(out, dist, trainable=True)
+            sft.train_supervised(model, w.tokenizer, records, teacher_cfg, dist, loop.Run(out, resume=out),
+                                 desc="teacher")
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            train.train_tiny(w, chain.teacher_size, 1, records, teacher_cfg, dist, out, out + "-init", desc="teacher")
+        shutil.rmtree(out + "-init", ignore_errors=True)
+        return {"oracle_trajectories": len(records),
+                "no_think": sum(1 for q in w.world.train if demo.answers_without_thought(q["question"],
+                                                                                     chain.oracle_no_think))}
+    teacher_spec = {"world": world_spec, "size": chain.teacher_size, "oracle_no_think": chain.oracle_no_think,
+                    "recipe": dataclasses.asdict(teacher_cfg)}
+    teacher_stats = units("teacher", make_teacher, teacher_spec, resumable=True)
     teacher_model = models.load_model(path("teacher"), dist, trainable=False)
 
     def make_tgo(out):
         return {"kept": len(train.teacher_trajectories(w, teacher_model, chain, dist, os.path.join(out, "tgo.jsonl")))}
-    tgo_stats = units("tgo", make_tgo)
+    tgo_stats = units("tgo", make_tgo, {"teacher": teacher_spec, "greedy": greedy_spec})
     tgo = data.load_trajectories(path("tgo", "tgo.jsonl"), vocab_size=len(w.tokenizer),
                                  tokenizer_fingerprint=data.vocab_fingerprint(w.tokenizer))
 
@@ -196,74 +293,89 @@ def main(argv=None):
         model = models.load_model(model_dir, dist, trainable=False)
         return rl.validation_em(model, w.tokenizer, w.validation, w.retriever, w.greedy, chain.eval_batch_size, dist)
 
-    reports = {"Teacher": {0: units("eval-teacher", evaluate(path("teacher")))["report"]}}
-    chosen = {}                                        # (method, seed) -> the selected lr / step / val EM
-    for seed in design.seeds:
+    eval_spec = {"world": world_spec, "greedy": greedy_spec}
+    reports = {"Teacher": {0: units("eval-teacher", evaluate(path("teacher")), {**eval_spec, "model": teacher_spec})
+                           ["report"]}}
+    chosen = {}                                        # (method, seed) -> the selected step / val EM / metrics
+    for seed in args.seeds or design.seeds:
         s = f"seed{seed}"
+        base_cfg = dataclasses.replace(chain.pretrain, seed=seed)
+        base_spec = {"world": world_spec, "size": chain.student_size, "init_seed": 100 + seed,
+                     "recipe": dataclasses.asdict(base_cfg)}
 
-        def make_base(out, seed=seed):
+        def make_base(out, seed=seed, base_cfg=base_cfg):
             shutil.rmtree(out + "-init", ignore_errors=True)
             train.train_tiny(w, chain.student_size, 100 + seed, demo.corpus_records(w.world, w.tokenizer),
-                             dataclasses.replace(chain.pretrain, seed=seed), dist, out, out + "-init", desc="pretrain")
+                             base_cfg, dist, out, out + "-init", desc="pretrain")
             shutil.rmtree(out + "-init")
             return {}
-        units(f"{s}/base", make_base)
+        units(f"{s}/base", make_base, base_spec)
 
-        def make_kd(out, seed=seed):          # KD on every trajectory: no held-out share
-            cfg = dataclasses.replace(chain.kd, seed=seed)
+        kd_cfg = dataclasses.replace(chain.kd, seed=seed)
+        kd_spec = {"base": base_spec, "teacher": teacher_spec, "tgo": tgo_stats["kept"], "early": design.kd_early_step,
+                   "recipe": dataclasses.asdict(kd_cfg)}
+
+        def make_kd(out, s=s, kd_cfg=kd_cfg):          # KD on every trajectory: no held-out share
             model = models.load_model(path(s, "base"), dist, trainable=True)
-            train.cold_start(w, model, teacher_model, tgo, cfg, dist, loop.Run(out, stop_after=design.kd_early_step),
-                             heldout=False)
+            train.cold_start(w, model, teacher_model, tgo, kd_cfg, dist,
+                             loop.Run(out, stop_after=design.kd_early_step), heldout=False)
             shutil.rmtree(out + "-early", ignore_errors=True)   # left by an interrupted earlier run
             shutil.copytree(out, out + "-early")           # the weak start, a complete checkpoint
             model = models.load_model(out, dist, trainable=True)
-            train.cold_start(w, model, teacher_model, tgo, cfg, dist, loop.Run(out, resume=out), heldout=False)
+            train.cold_start(w, model, teacher_model, tgo, kd_cfg, dist, loop.Run(out, resume=out), heldout=False)
             return {}
-        units(f"{s}/kd", make_kd)
+        units(f"{s}/kd", make_kd, kd_spec)
         starts = {"base": path(s, "base"), "kd": path(s, "kd"), "kd_early": path(s, "kd-early")}
-        start_val = {name: units(f"{s}/val-{name}", lambda out, d=d: {"val_em": val_em(d)})["val_em"]
+        start_specs = {"base": base_spec, "kd": kd_spec, "kd_early": {**kd_spec, "stop_after": design.kd_early_step}}
+        start_val = {name: units(f"{s}/val-{name}", lambda out, d=d: {"val_em": val_em(d)},
+                                 {**eval_spec, "model": start_specs[name]})["val_em"]
                      for name, d in starts.items()}
 
-        # KD continued: as many sequences as an RL arm trains on, per grid point; KD itself competes
-        sequences = chain.rl["steps"] * chain.rl["prompts_per_step"] * chain.rl["group_size"]
-        candidates = {"kd": (start_val["kd"], path(s, "kd"), None)}
-        for lr in design.lrs:
-            def make_kdc(out, lr=lr, seed=seed):
-                cfg = dataclasses.replace(chain.kd, seed=1000 + seed, lr=lr, warmup_steps=0,
-                                          steps=max(1, sequences // chain.kd.batch_size))
-                model = models.load_model(path(s, "kd"), dist, trainable=True)
-                train.cold_start(w, model, teacher_model, tgo, cfg, dist, loop.Run(out), heldout=False)
-                return {"val_em": val_em(out)}
-            res = units(f"{s}/kd-continued-lr{lr:g}", make_kdc)
-            candidates[f"lr{lr:g}"] = (res["val_em"], path(s, f"kd-continued-lr{lr:g}"), lr)
-        best = max(candidates.values(), key=lambda c: c[0])    # ties: the first (KD itself, then the lower lr)
-        chosen[("KD continued", seed)] = {"lr": best[2], "val_em": best[0]}
+        # KD continued: as many sequences as an RL arm trains on; KD itself competes on validation
+        sequences = design.rl_steps * chain.rl["prompts_per_step"] * chain.rl["group_size"]
+        kdc_cfg = dataclasses.replace(chain.kd, seed=1000 + seed, lr=design.lr, warmup_steps=0,
+                                      steps=max(1, sequences // chain.kd.batch_size))
+
+        def make_kdc(out, s=s, kdc_cfg=kdc_cfg):
+            model = models.load_model(path(s, "kd"), dist, trainable=True)
+            train.cold_start(w, model, teacher_model, tgo, kdc_cfg, dist, loop.Run(out), heldout=False)
+            return {"val_em": val_em(out)}
+        kdc = units(f"{s}/kd-continued", make_kdc, {"kd": kd_spec, "recipe": dataclasses.asdict(kdc_cfg)})
+        kd_wins = start_val["kd"] >= kdc["val_em"]           # ties: KD itself
+        chosen[("KD continued", seed)] = {"val_em": max(start_val["kd"], kdc["val_em"]),
+                                          "step": 0 if kd_wins else kdc_cfg.steps}
         selected = {"Student (base)": path(s, "base"), "KD": path(s, "kd"), "weak KD (start)": path(s, "kd-early"),
-                    "KD continued": best[1]}
+                    "KD continued": path(s, "kd") if kd_wins else path(s, "kd-continued")}
+        selected_specs = {"Student (base)": base_spec, "KD": kd_spec, "weak KD (start)": start_specs["kd_early"],
+                          "KD continued": {"kd": kd_spec, "recipe": dataclasses.asdict(kdc_cfg), "kd_wins": kd_wins}}
 
         for arm, (start, _) in ARMS.items():
-            runs = {}
-            for lr in design.lrs:
-                name = f"{s}/{arm_dir(arm)}-lr{lr:g}"
+            cfg = rl_settings(design, arm, seed)
+            name = f"{s}/{arm_dir(arm)}"
 
-                def make_rl(out, arm=arm, lr=lr, seed=seed, start=start):
-                    cfg = rl_settings(design, arm, lr, seed)
-                    summary = train.rl_on_pool(w, starts[start], path("teacher"), cfg, dist, loop.Run(out))
-                    return {"summary": summary, "config": dataclasses.asdict(cfg)}
-                runs[lr] = units(name, make_rl)
-            lr = max(design.lrs, key=lambda x: runs[x]["summary"]["best_val_em"])   # ties: the lower lr
-            summary = runs[lr]["summary"]
-            chosen[(arm, seed)] = {"lr": lr, "val_em": summary["best_val_em"], "step": summary["best_step"],
-                                   "metrics": path(s, f"{arm_dir(arm)}-lr{lr:g}", "metrics.jsonl")}
-            selected[arm] = path(s, f"{arm_dir(arm)}-lr{lr:g}", "best")
+            def make_rl(out, cfg=cfg, start=start):
+                return {"summary": train.rl_on_pool(w, starts[start], path("teacher"), cfg, dist,
+                                                    loop.Run(out, resume=resume_point(out)))}
+            rl_spec = {"start": start_specs[start], "teacher": teacher_spec, "config": dataclasses.asdict(cfg)}
+            summary = units(name, make_rl, rl_spec, resumable=True)["summary"]
+            chosen[(arm, seed)] = {"val_em": summary["best_val_em"], "step": summary["best_step"],
+                                   "metrics": path(name, "metrics.jsonl")}
+            selected[arm] = path(name, "best")
+            selected_specs[arm] = {**rl_spec, "checkpoint": "best"}
         for method, model_dir in selected.items():
-            reports.setdefault(method, {})[seed] = units(f"{s}/eval-{arm_dir(method)}", evaluate(model_dir))["report"]
+            reports.setdefault(method, {})[seed] = units(f"{s}/eval-{arm_dir(method)}", evaluate(model_dir),
+                                                         {**eval_spec, "model": selected_specs[method]})["report"]
+    if args.seeds:
+        print(f"made seeds {args.seeds} in {(time.time() - started) / 60:.1f} min ({units.reused} units reused, "
+              f"{len(units.seconds)} run now); run without --seeds to render the table")
+        return reports
 
     wall = time.time() - started
-    errors = {method: {seed: error_kinds(path(f"seed{seed}", f"eval-{arm_dir(method)}", "trajectories.jsonl"))
-                       for seed in by_seed} for method, by_seed in reports.items() if method != "Teacher"}
-    errors["Teacher"] = {0: error_kinds(path("eval-teacher", "trajectories.jsonl"))}
-    markdown = render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors)
+    trajectories = {method: {seed: path(f"seed{seed}", f"eval-{arm_dir(method)}", "trajectories.jsonl")
+                             for seed in by_seed} for method, by_seed in reports.items() if method != "Teacher"}
+    trajectories["Teacher"] = {0: path("eval-teacher", "trajectories.jsonl")}
+    errors = {method: {seed: error_kinds(p) for seed, p in by_seed.items()} for method, by_seed in trajectories.items()}
+    markdown = render(design, sizes, teacher_stats, tgo_stats, reports, chosen, trajectories, units, wall, args, errors)
     with open(path("results.md"), "w") as f:
         f.write(markdown + "\n")
     png = args.png or path("curves.png")
@@ -307,41 +419,75 @@ def error_kinds(trajectories_path: str) -> dict:
             "read": sum(1 for s in scores if not s["em"] and s["hit_substr"]) / n}
 
 
-def training_signal(metrics_path: str, last: int = 5) -> dict:
+def training_signal(metrics_path: str, prompts_per_step: int, last: int = 5) -> dict:
     """What an RL run learned from, read from its metrics.jsonl: the mean training reward and wrong
-    fraction per rollout, the fraction of steps whose update had a non-zero gradient, and the
-    teacher KL averaged over the first and the last `last` steps (0 for arms without a teacher)."""
-    steps = [row for _, row in data.read_jsonl(metrics_path) if "reward" in row]
+    fraction per rollout, the fraction of mixed groups, the fraction of steps whose update had a
+    non-zero gradient, the questions drawn (a --drop-constant-groups run refills its steps), the probe
+    reward at the first and the last evaluation, and the teacher KL averaged over the first and the last
+    `last` steps (0 for arms without a teacher)."""
+    rows = [row for _, row in data.read_jsonl(metrics_path)]
+    steps = [row for row in rows if "reward" in row]
+    probe = [row["probe_reward"] for row in rows if "probe_reward" in row]
     kl = [row.get("teacher_kl", 0.0) for row in steps]
-    return {"reward": sum(r["reward"] for r in steps) / len(steps),
-            "wrong": sum(r["wrong_frac"] for r in steps) / len(steps),
+    mean = lambda key: sum(r.get(key, 0.0) for r in steps) / len(steps)         # noqa: E731
+    return {"reward": mean("reward"), "wrong": mean("wrong_frac"), "mixed": mean("mixed_groups"),
             "moved": sum(1 for r in steps if r.get("grad_norm", 0.0) > 0) / len(steps),
+            "drawn": sum(r.get("drawn_groups", prompts_per_step) for r in steps),
+            "probe_first": probe[0] if probe else float("nan"), "probe_last": probe[-1] if probe else float("nan"),
             "kl_first": sum(kl[:last]) / len(kl[:last]), "kl_last": sum(kl[-last:]) / len(kl[-last:])}
 
 
-def render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors) -> str:
+def paired_scores(trajectories: dict, method: str, reference: str, seeds) -> tuple[np.ndarray, np.ndarray]:
+    """Test EM per question of `reference` and `method`, shape (len(seeds), N), the same questions in the
+    same order in every row (refused otherwise: a paired difference needs them)."""
+    rows = []
+    for name in (reference, method):
+        per_seed = [arc_eval.per_question_em(trajectories[name][s]) for s in seeds]
+        rows.append(per_seed)
+    keys = sorted(rows[0][0])
+    for name, per_seed in zip((reference, method), rows):
+        for s, scores in zip(seeds, per_seed):
+            if sorted(scores) != keys:
+                raise ValueError(f"{name}, seed {s}: evaluated on other test questions than {reference}, seed "
+                                 f"{seeds[0]}: a paired difference needs the same ones")
+    return tuple(np.array([[scores[k] for k in keys] for scores in per_seed]) for per_seed in rows)
+
+
+def render(design, sizes, teacher_stats, tgo_stats, reports, chosen, trajectories, units, wall, args, errors) -> str:
     order = ["Student (base)", "Teacher", "KD", "KD continued", "weak KD (start)"] + list(ARMS)
-    shared = design.chain.rl
+    seeds, shared = list(design.seeds), design.chain.rl
+    rollouts = shared["prompts_per_step"] * shared["group_size"]
     lines = [f"<!-- written by bench/experiment.py --preset {args.preset}; do not edit by hand -->", "",
-             f"**The experiment in miniature** — demo world, {len(design.seeds)} seeds "
-             f"({', '.join(map(str, design.seeds))}), mean ± std over seeds (the teacher is one model). "
-             f"KD pool {sizes['kd_pool']} questions ({tgo_stats['kept']} correct teacher trajectories), RL pool "
-             f"{sizes['rl_pool']} questions KD never saw, validation {sizes['validation']}, test {sizes['test']}. "
-             f"Every RL arm: {shared['steps']} steps × {shared['prompts_per_step'] * shared['group_size']} "
-             f"rollouts, learning rate from {{{', '.join(f'{lr:g}' for lr in design.lrs)}}} and checkpoint "
-             f"(every {shared['eval_every']} steps, step 0 included) chosen by validation EM.", "",
+             f"**The experiment in miniature** — demo world of {sizes['corpus']:,} passages, reporting seeds "
+             f"{', '.join(map(str, seeds))} (the settings were chosen on seed 0, docs/rl_settings.md), mean ± std "
+             f"over seeds (the teacher is one model). The teacher learnt from the oracle's trajectories of every "
+             f"training question, {teacher_stats['no_think']} of {teacher_stats['oracle_trajectories']} of them "
+             f"answering straight after the observation, without a thought. KD pool {sizes['kd_pool']} questions "
+             f"({tgo_stats['kept']} correct teacher trajectories), RL pool {sizes['rl_pool']} questions KD never "
+             f"saw, validation {sizes['validation']}, test {sizes['test']}. Every RL arm: {design.rl_steps} steps × "
+             f"{rollouts} rollouts ({shared['prompts_per_step']} questions × {shared['group_size']}, PPO too) at "
+             f"temperature {shared['temperature']}, lr {design.lr:g}; β {design.beta_selective} (selective KL), "
+             f"{design.beta_all} (KL on all), {design.beta_reward} (PPO's reward penalty); the checkpoint (every "
+             f"{shared['eval_every']} steps, step 0 included) chosen by validation EM.", "",
              "| method | " + " | ".join(c[0] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for method in order:
         if method in reports:
             lines.append(f"| {method} | " + " | ".join(cell(reports[method], src, m) for _, src, m in COLUMNS) + " |")
-    lines += ["", "Paired differences in test EM, per seed (the same base student, data order and sampling):", "",
-              "| difference | " + " | ".join(f"seed {s}" for s in design.seeds) + " | mean ± std |",
-              "|---|" + "---:|" * (len(design.seeds) + 1)]
-    for a, b in [("DGPO (GRPO, selective KL)", "KD"), ("DGPO (GRPO, selective KL)", "KD → GRPO"),
-                 ("DGPO (GRPO, selective KL)", "KD continued"), ("weak KD → DGPO", "weak KD → GRPO"),
-                 ("DGPO (PPO, reward penalty)", "KD → PPO")]:
-        diffs = [reports[a][s]["all"]["em"] - reports[b][s]["all"]["em"] for s in design.seeds]
-        lines.append(f"| {a} − {b} | " + " | ".join(f"{d:+.3f}" for d in diffs) + f" | {mean_std(diffs)} |")
+
+    lines += ["", "Paired differences in test EM over the same questions, with 95% bootstrap intervals over "
+              "questions: per seed (the same base student, data order and sampling) and pooled over the seeds "
+              "(each question's difference averaged over them). The last column is the smallest difference "
+              "the pooled design detects (two-sided, level 0.05, power 0.8, from that comparison's own "
+              "per-question differences):", "",
+              "| difference | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled | detectable |",
+              "|---|" + "---|" * (len(seeds) + 1) + "---:|"]
+    for method, reference in COMPARISONS:
+        a, b = paired_scores(trajectories, method, reference, seeds)                 # (S, N) each
+        per_seed = [stats.format_difference(stats.paired_difference(a[i], b[i])) for i in range(len(seeds))]
+        pooled = stats.format_difference(stats.paired_difference(a, b))
+        lines.append(f"| {method} − {reference} | " + " | ".join(per_seed) +
+                     f" | {pooled} | {stats.detectable_from_pairs(a, b):.3f} |")
+
     lines += ["", "Where the wrong answers come from (fractions of the test questions, mean over seeds): the gold "
               "answer never appeared in anything the model's own searches retrieved (a retrieval miss), or it did "
               "and the answer was still wrong (a reading error):", "",
@@ -350,37 +496,39 @@ def render(design, sizes, tgo_stats, reports, chosen, units, wall, args, errors)
         if method in errors:
             cells = [mean_std([e[k] for e in errors[method].values()]) for k in ("right", "miss", "read")]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "What the RL arms learned from (their selected runs, every training step; mean over seeds): the "
-              "training reward and the fraction of wrong rollouts, the fraction of steps with a non-zero "
-              "gradient, and the teacher KL over the first and the last five steps:", "",
-              "| method | reward | wrong rollouts | steps with a gradient | teacher KL, first 5 → last 5 |",
-              "|---|---:|---:|---:|---:|"]
+    lines += ["", "What the RL arms learned from (every training step; mean over seeds): the training reward, the "
+              "fraction of wrong rollouts and of mixed groups, the fraction of steps with a non-zero gradient, "
+              "the questions drawn from the RL pool, the sampled probe reward on validation at the first and "
+              "the last evaluation, and the teacher KL over the first and the last five steps:", "",
+              "| method | reward | wrong rollouts | mixed groups | steps with a gradient | questions drawn | "
+              "probe reward, first → last | teacher KL, first 5 → last 5 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in ARMS:
-        sig = [training_signal(chosen[(arm, s)]["metrics"]) for s in design.seeds]
-        cells = [mean_std([x[k] for x in sig]) for k in ("reward", "wrong", "moved")]
+        sig = [training_signal(chosen[(arm, s)]["metrics"], shared["prompts_per_step"]) for s in seeds]
+        cells = [mean_std([x[k] for x in sig]) for k in ("reward", "wrong", "mixed", "moved")]
+        drawn = f"{statistics.mean(x['drawn'] for x in sig):,.0f}"
+        probe = f"{mean_std([x['probe_first'] for x in sig])} → {mean_std([x['probe_last'] for x in sig])}"
         kl = f"{mean_std([x['kl_first'] for x in sig])} → {mean_std([x['kl_last'] for x in sig])}"
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {kl} |")
-    lines += ["", "Selected on validation (learning rate, step; validation EM), per seed:", "",
-              "| method | " + " | ".join(f"seed {s}" for s in design.seeds) + " |", "|---|" + "---|" * len(design.seeds)]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {drawn} | {probe} | {kl} |")
+    lines += ["", "Selected on validation (step; validation EM), per seed:", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for method in ["KD continued"] + list(ARMS):
-        cells = []
-        for s in design.seeds:
-            c = chosen[(method, s)]
-            lr = "KD itself" if c["lr"] is None else f"lr {c['lr']:g}"
-            cells.append(f"{lr}" + (f", step {c['step']}" if "step" in c else "") + f"; {c['val_em']:.3f}")
+        cells = [f"step {chosen[(method, s)]['step']}; {chosen[(method, s)]['val_em']:.3f}" for s in seeds]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     total = sum(units.seconds.values())
+    longest = max(units.seconds.values(), default=0.0)
     lines += ["", f"Time on this machine: the whole table from scratch takes "
                   f"{(total + units.reused_seconds) / 60:.1f} min (every unit's time when it ran, summed); "
                   f"this invocation took {wall / 60:.1f} min ({units.reused} finished units reused, "
-                  f"{len(units.seconds)} run now, {total / 60:.1f} min of them)."]
+                  f"{len(units.seconds)} run now, {total / 60:.1f} min of them"
+                  + (f", the longest {longest / 60:.1f} min" if units.seconds else "") + ")."]
     return "\n".join(lines)
 
 
 def draw_curves(chosen, design, png):
-    """Training reward, validation EM and teacher KL of the RL arms' selected runs: mean over seeds, min–max band."""
+    """The RL arms' selected runs: training reward, validation EM, the probe reward, the mixed-group
+    fraction and the teacher KL; mean over seeds, min–max band."""
     groups = {arm: [chosen[(arm, s)]["metrics"] for s in design.seeds] for arm in ARMS}
-    plot.plot_metrics(groups, png, keys=["reward", "val_em", "teacher_kl"])
+    plot.plot_metrics(groups, png, keys=["reward", "val_em", "probe_reward", "mixed_groups", "teacher_kl"])
 
 
 BEGIN, END = "<!-- experiment:begin -->", "<!-- experiment:end -->"

@@ -1,6 +1,8 @@
-"""bench/experiment.py's small preset runs the whole experiment pipeline (every arm, two seeds, the
-grid, selection, evaluation, table, curves) in seconds, reuses finished units, and writes the table
-into a README between its markers; its design is the demo chain's (train.py) and runs through its steps."""
+"""bench/experiment.py's small preset runs the whole experiment pipeline (every arm, two seeds made in
+two invocations, selection, evaluation, paired table, curves) in seconds, reuses finished units only
+when they were made from the same settings, and writes the table into a README between its markers;
+its design is the default demo chain's (train.py) and runs through its steps."""
+import dataclasses
 import os
 import re
 import subprocess
@@ -25,61 +27,108 @@ def small_run(tmp_path_factory):
     readme = out / "README.md"
     readme.write_text(f"# x\n\nbefore\n{experiment.BEGIN}\nold table\n{experiment.END}\nafter\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "bench/experiment.py", "--preset", "small", "--out", str(out / "run"), "--readme", str(readme)]
-    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    return out, first.stdout, second.stdout
+    cmd = [sys.executable, "bench/experiment.py", "--preset", "small", "--out", str(out / "run")]
+    runs = []
+    for extra in (["--seeds", "1"], ["--readme", str(readme)], ["--readme", str(readme)]):
+        done = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(done.stdout)
+    return out, runs
 
 
 def test_small_preset_writes_a_row_for_every_method_and_the_paired_differences(small_run):
-    out, stdout, _ = small_run
+    out, runs = small_run
     table = (out / "run" / "results.md").read_text()
     for method in ["Student (base)", "Teacher", "KD", "KD continued", *experiment.ARMS]:
         assert f"| {method} |" in table, method
-    assert "| DGPO (GRPO, selective KL) − KD |" in table and "seed 0" in table and "seed 1" in table
-    assert "the whole table from scratch takes" in stdout
-    assert "| method | reward | wrong rollouts | steps with a gradient | teacher KL, first 5 → last 5 |" in table
+    assert "| seed 1 | seed 2 | pooled | detectable |" in table
+    for method, reference in experiment.COMPARISONS:                 # per seed and pooled, each with its interval
+        row = next(line for line in table.splitlines() if line.startswith(f"| {method} − {reference} |"))
+        assert len(re.findall(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", row)) == 3, row
+    assert "the whole table from scratch takes" in runs[1]
+    assert "| method | reward | wrong rollouts | mixed groups |" in table
     for arm in experiment.ARMS:
         assert table.count(f"| {arm} |") >= 4, arm        # results, errors, training signal, selection
     png = (out / "run" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_a_second_run_reuses_every_finished_unit_and_reports_the_same_from_scratch_time(small_run):
-    _, first, second = small_run
-    assert " 0 run now)" in second and "units reused" in second
+def test_a_seed_made_apart_is_reused_and_a_second_render_reuses_every_unit(small_run):
+    _, (seed_only, first, second) = small_run
+    assert "made seeds [1]" in seed_only and "run without --seeds to render" in seed_only
+    assert "units reused" in first and " 0 run now)" not in first         # seed 2 was made by the render
+    assert " 0 run now)" in second
     from_scratch = [re.search(r"from scratch takes ([0-9.]+) min", out).group(1) for out in (first, second)]
     assert from_scratch[0] == from_scratch[1]
 
 
 def test_the_readme_block_is_replaced_and_the_rest_kept(small_run):
-    out, _, _ = small_run
+    out, _ = small_run
     text = (out / "README.md").read_text()
     assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{experiment.END}\nafter\n")
     assert "old table" not in text and "| KD continued |" in text
 
 
-def test_every_rl_arm_samples_the_same_number_of_rollouts_per_step():
-    design = experiment.Design()
-    budgets = set()
-    for arm in experiment.ARMS:
-        cfg = experiment.rl_settings(design, arm, 1e-3, 0)
-        budgets.add((cfg.steps, cfg.prompts_per_step * cfg.group_size))
-        assert (cfg.algo == "ppo") == (cfg.group_size == 1)
-    assert budgets == {(30, 32)}
+def chosen_design():
+    return dataclasses.replace(experiment.Design(), beta_all=0.1, beta_reward=0.01)
 
 
-def test_the_experiment_runs_the_scale1_demo_chain_and_its_dgpo_arm_at_its_lr_is_that_chains_rl_stage():
-    design, chain = experiment.Design(), train.PRESETS["scale1"]()
-    assert design.chain == chain
-    assert experiment.rl_settings(design, "DGPO (GRPO, selective KL)", chain.rl["lr"], 0) == rl.RLConfig(**chain.rl)
+def test_every_rl_arm_samples_the_same_rollouts_per_step_on_the_same_questions_at_the_same_lr():
+    design = chosen_design()
+    configs = {arm: experiment.rl_settings(design, arm, 1) for arm in experiment.ARMS}
+    assert {(c.steps, c.prompts_per_step, c.group_size, c.lr, c.temperature) for c in configs.values()} == \
+        {(design.rl_steps, 8, 8, 3e-4, 1.0)}
+    assert {c.beta for c in configs.values() if c.teacher_mode != "none"} == {0.1, 0.01}
+    assert configs["DGPO (PPO, reward penalty)"].beta == 0.01 and configs["DGPO (GRPO, KL on all)"].beta == 0.1
+    assert [arm for arm, c in configs.items() if c.drop_constant_groups] == [
+        "KD → GRPO, drop constant groups", "DGPO (GRPO, selective KL), drop constant groups"]
+
+
+def test_an_arm_whose_beta_is_not_chosen_yet_refuses_to_run_and_says_how_to_choose_it():
+    with pytest.raises(ValueError, match="beta_reward is not chosen yet.*--part forms"):
+        experiment.rl_settings(experiment.Design(), "DGPO (PPO, reward penalty)", 1)
+
+
+def test_the_experiment_runs_the_default_demo_chain_with_a_quarter_of_direct_answers_and_its_rl_settings():
+    design, chain = experiment.Design(), train.PRESETS["default"]()
+    assert design.chain == dataclasses.replace(chain, oracle_no_think=0.25)
+    assert 0 not in design.seeds and len(design.seeds) == 3             # seed 0 chose the settings
+    expected = rl.RLConfig(**{**chain.rl, "seed": 2, "save_every": 25})
+    assert experiment.rl_settings(design, "DGPO (GRPO, selective KL)", 2) == expected
+
+
+def test_a_finished_unit_is_reused_only_if_it_was_made_from_the_same_settings(tmp_path):
+    units, calls = experiment.Units(str(tmp_path)), []
+
+    def make(out):
+        calls.append(out)
+        return {"value": len(calls)}
+    assert units("a", make, {"lr": 3e-4, "seeds": (1, 2)})["value"] == 1
+    assert units("a", make, {"lr": 3e-4, "seeds": [1, 2]})["value"] == 1 and len(calls) == 1   # reused
+    with pytest.raises(ValueError, match=f"{tmp_path}/a: this unit was made from other settings"):
+        units("a", make, {"lr": 1e-3, "seeds": [1, 2]})
+
+
+def test_an_unfinished_unit_is_redone_unless_it_resumes_itself(tmp_path):
+    units = experiment.Units(str(tmp_path))
+    for name in ("plain", "resumable"):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "checkpoint").write_text("half")
+    seen = {}
+
+    def make(out):
+        seen[os.path.basename(out)] = os.path.exists(os.path.join(out, "checkpoint"))
+        return {}
+    units("plain", make, {})
+    units("resumable", make, {}, resumable=True)
+    assert seen == {"plain": False, "resumable": True}
 
 
 def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():
-    world = demo.make_world(seed=0)
     design = experiment.Design()
+    chain = design.chain
+    world = demo.make_world(seed=chain.world_seed, n_test=chain.n_test, n_validation=chain.n_validation,
+                            scale=chain.world_scale)
     kd, rl, val, test = ({q["id"] for q in split} for split in train.question_pools(world, design.chain))
-    assert len(kd) == 800 and len(rl) == 500
+    assert (len(kd), len(rl), len(val), len(test)) == (800, 1020, 500, 1000)
     assert not (kd & rl or kd & val or kd & test or rl & val or rl & test or val & test)

@@ -77,3 +77,22 @@ def test_bad_input_is_refused_with_the_reason():
 
 def test_format_difference_prints_sign_and_interval():
     assert stats.format_difference({"diff": 0.031, "low": -0.0124, "high": 0.05}) == "+0.031 [-0.012, +0.050]"
+
+
+def test_detectable_from_pairs_is_the_discordant_formula_for_one_seed_and_shrinks_when_seeds_agree_less():
+    a = np.array([1, 0] * 50 + [1] * 300 + [0] * 600)                         # 1,000 questions
+    b = np.array([0, 1] * 50 + [1] * 300 + [0] * 600)                         # 10% discordant, difference 0
+    assert stats.detectable_from_pairs(a, b) == pytest.approx(stats.detectable_difference(1000, 0.1), rel=1e-12)
+    # by hand: (1.95996 + 0.84162) · sqrt(0.1 / 1000)
+    assert stats.detectable_from_pairs(a, b) == pytest.approx(2.80159 * (0.1 / 1000) ** 0.5, rel=1e-5)
+    # three seeds whose disagreements fall on different questions: each question's mean difference is
+    # ±1/3 on 300 questions, so sd² = 300/1000 · 1/9 and the MDD is sqrt(3) times smaller than one seed's
+    rows_a, rows_b = [], []
+    for s in range(3):
+        x, y = np.zeros(1000), np.zeros(1000)
+        x[s * 100:s * 100 + 50], y[s * 100 + 50:s * 100 + 100] = 1, 1
+        rows_a.append(x), rows_b.append(y)
+    pooled = stats.detectable_from_pairs(np.array(rows_a), np.array(rows_b))
+    assert pooled == pytest.approx(stats.detectable_difference(1000, 0.1) / 3 ** 0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        stats.detectable_from_pairs(a, b[:10])

@@ -22,6 +22,7 @@ import demo
 import loop
 import models
 import retriever as retriever_lib
+import rollout
 import rl
 import settings
 import sft
@@ -753,3 +754,17 @@ def test_default_demo_has_the_large_heldout_splits_and_an_rl_pool_it_never_repea
     assert sum(map(len, questions)) == len(set().union(*questions))       # and by question text
     assert preset.rl["steps"] * preset.rl["prompts_per_step"] <= len(rl_pool)
     rl.RLConfig(**preset.rl)                                              # legal settings
+
+
+def test_the_oracle_no_think_share_reaches_the_teachers_trajectories(world, tokenizer, retriever):
+    """DemoPreset.oracle_no_think → oracle_trajectories: exactly the questions answers_without_thought
+    picks end with a bare answer after their last observation; every other one thinks first."""
+    w = train.DemoWorld(dataclasses.replace(world, train=world.train[:60]), tokenizer, retriever, [], [], [], [],
+                        rollout.RolloutConfig(greedy=True))
+    records = train.oracle_trajectories(w, 0.5)
+    direct = [demo.answers_without_thought(r["question"], 0.5) for r in records]
+    assert 0 < sum(direct) < len(records)
+    for r, bare in zip(records, direct):
+        after = tokenizer.decode(r["input_ids"][r["prompt_length"]:]).rsplit("</information>", 1)[-1]
+        assert ("<think>" not in after) == bare and "<answer>" in after, after
+    assert train.oracle_trajectories(w) == train.oracle_trajectories(w, 0.0)
