@@ -93,7 +93,8 @@ def test_the_experiment_runs_the_default_demo_chain_with_a_quarter_of_direct_ans
     design, chain = experiment.Design(), train.PRESETS["default"]()
     assert design.chain == dataclasses.replace(chain, oracle_no_think=0.25)
     assert 0 not in design.seeds and len(design.seeds) == 3             # seed 0 chose the settings
-    expected = rl.RLConfig(**{**chain.rl, "seed": 2, "save_every": 25})
+    assert design.rl_steps == 200                                       # docs/rl_settings.md §5
+    expected = rl.RLConfig(**{**chain.rl, "steps": 200, "seed": 2, "save_every": 25})
     assert experiment.rl_settings(design, "DGPO (GRPO, selective KL)", 2) == expected
 
 
