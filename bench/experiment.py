@@ -357,8 +357,9 @@ def main(argv=None):
             name = f"{s}/{arm_dir(arm)}"
 
             def make_rl(out, cfg=cfg, start=start):
+                resume = resume_point(out)       # none: a fresh run, over whatever a crash left before its first save
                 return {"summary": train.rl_on_pool(w, starts[start], path("teacher"), cfg, dist,
-                                                    loop.Run(out, resume=resume_point(out)))}
+                                                    loop.Run(out, resume=resume, overwrite=resume is None))}
             rl_spec = {"start": start_specs[start], "teacher": teacher_spec, "config": dataclasses.asdict(cfg)}
             summary = units(name, make_rl, rl_spec, resumable=True)["summary"]
             chosen[(arm, seed)] = {"val_em": summary["best_val_em"], "step": summary["best_step"],
@@ -504,7 +505,8 @@ def render(design, sizes, teacher_stats, tgo_stats, reports, chosen, trajectorie
               "the questions drawn from the RL pool, the sampled probe reward on validation at the first and "
               "the last evaluation, and the teacher KL over the first and the last five steps:", "",
               "| method | reward | wrong rollouts | mixed groups | steps with a gradient | questions drawn | "
-              "probe reward, first → last | teacher KL, first 5 → last 5 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "probe reward, first → last | teacher KL, first 5 → last 5 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in ARMS:
         sig = [training_signal(chosen[(arm, s)]["metrics"], shared["prompts_per_step"]) for s in seeds]
         cells = [mean_std([x[k] for x in sig]) for k in ("reward", "wrong", "mixed", "moved")]
