@@ -25,7 +25,8 @@ Data roles (disjoint; sizes in the printed design): the teacher's trajectories f
 KD pool of training questions; every RL arm trains on the RL pool, which KD never saw; validation
 selects the checkpoint; test reports.
 
-Arms (RL: the same steps and 64 rollouts a step — 8 questions × 8, GRPO and PPO alike):
+Arms (RL: the same steps and 64 rollouts a step — 8 questions × 8, GRPO and PPO alike; an arm with
+no gradient in any of its first Design.no_gradient_window steps stops there, and the table says so):
   Student (base)   the pretrained student, prompted
   Teacher          the demo teacher (one, shared by every seed)
   KD               cold start from the base student on the KD pool's teacher trajectories
@@ -102,6 +103,10 @@ class Design:
     # tuning seed (docs/rl_settings.md §5: 100 → 200 steps +0.016 test EM, 200 → 400 +0.005); 1,600 draws
     # from the 1,020-question pool, each question seen about 1.6 times
     rl_steps: int = 200
+    # an RL arm with no gradient in any of its first this many steps stops there and the table says so: its
+    # model is still its start (a zero-gradient step moves nothing, loop.optimizer_step), and a start whose
+    # rollouts all failed this long (the prompted base student) would spend its whole budget on nothing
+    no_gradient_window: int = 25
     lr: float = 3e-4                 # every RL arm's and KD continued's learning rate (the study's choice)
     # β of each teacher form, chosen by the study's rule (bench/rl_study.py BETA_RULE) on the tuning seed;
     # None: not chosen yet (the arms that need it refuse to run)
@@ -122,7 +127,7 @@ PRESETS = {
                     probe_samples=1, pool_eval_limit=2),
             teacher_size="test", student_size="test", kd_pool=10, rl_pool=8, tgo_keep_wrong=True, max_new_tokens=8,
             eval_limit=6, val_limit=4, eval_batch_size=8, oracle_no_think=0.25),
-        seeds=(1, 2), kd_early_step=1, rl_steps=2, beta_all=0.1, beta_reward=0.01),
+        seeds=(1, 2), kd_early_step=1, rl_steps=2, no_gradient_window=1, beta_all=0.1, beta_reward=0.01),
 }
 
 # RL arms: (start model, settings on top of the chain's RL settings). "beta" comes from the Design, by form.
@@ -357,13 +362,19 @@ def main(argv=None):
             name = f"{s}/{arm_dir(arm)}"
 
             def make_rl(out, cfg=cfg, start=start):
-                resume = resume_point(out)       # none: a fresh run, over whatever a crash left before its first save
-                return {"summary": train.rl_on_pool(w, starts[start], path("teacher"), cfg, dist,
-                                                    loop.Run(out, resume=resume, overwrite=resume is None))}
+                run_rl = lambda run: train.rl_on_pool(w, starts[start], path("teacher"), cfg, dist, run)  # noqa: E731
+                if resume_point(out) is None:    # a fresh run (over whatever a crash left before its first save)
+                    window = min(design.no_gradient_window, cfg.steps)
+                    first = run_rl(loop.Run(out, overwrite=True, stop_after=window))
+                    if first.get("zero_grad_steps", 0) >= window or window == cfg.steps:
+                        stopped = {"stopped_after": window} if window < cfg.steps else {}
+                        return {"summary": first, **stopped}
+                return {"summary": run_rl(loop.Run(out, resume=out))}     # resumes are exact (tests/test_rl.py)
             rl_spec = {"start": start_specs[start], "teacher": teacher_spec, "config": dataclasses.asdict(cfg)}
-            summary = units(name, make_rl, rl_spec, resumable=True)["summary"]
+            made = units(name, make_rl, {**rl_spec, "no_gradient_window": design.no_gradient_window}, resumable=True)
+            summary = made["summary"]
             chosen[(arm, seed)] = {"val_em": summary["best_val_em"], "step": summary["best_step"],
-                                   "metrics": path(name, "metrics.jsonl")}
+                                   "metrics": path(name, "metrics.jsonl"), "stopped_after": made.get("stopped_after")}
             selected[arm] = path(name, "best")
             selected_specs[arm] = {**rl_spec, "checkpoint": "best"}
         for method, model_dir in selected.items():
@@ -514,6 +525,14 @@ def render(design, sizes, teacher_stats, tgo_stats, reports, chosen, trajectorie
         probe = f"{mean_std([x['probe_first'] for x in sig])} → {mean_std([x['probe_last'] for x in sig])}"
         kl = f"{mean_std([x['kl_first'] for x in sig])} → {mean_std([x['kl_last'] for x in sig])}"
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {drawn} | {probe} | {kl} |")
+    stopped = {arm: [s for s in seeds if chosen[(arm, s)]["stopped_after"]] for arm in ARMS}
+    stopped = {arm: seeds_of for arm, seeds_of in stopped.items() if seeds_of}
+    if stopped:
+        window = design.no_gradient_window
+        lines += ["", f"Stopped early, with no gradient in any of their first {window} step{'s' * (window > 1)} "
+                  "(their model is still their start): " + "; ".join(
+                      f"{arm} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})" for arm, v in stopped.items())
+                  + "."]
     lines += ["", "Selected on validation (step; validation EM), per seed:", "",
               "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
     for method in ["KD continued"] + list(ARMS):

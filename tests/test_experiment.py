@@ -47,6 +47,9 @@ def test_small_preset_writes_a_row_for_every_method_and_the_paired_differences(s
         assert len(re.findall(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", row)) == 3, row
     assert "the whole table from scratch takes" in runs[1]
     assert "| method | reward | wrong rollouts | mixed groups |" in table
+    # the prompted base student never answers, so its GRPO has no gradient and stops after the window
+    assert "Stopped early, with no gradient in any of their first 1 step (their model is still" in table
+    assert "GRPO from base (seeds 1, 2)" in table
     for arm in experiment.ARMS:
         assert table.count(f"| {arm} |") >= 4, arm        # results, errors, training signal, selection
     png = (out / "run" / "curves.png").read_bytes()
