@@ -222,15 +222,25 @@ class Units:
             return result
         if os.path.isdir(path) and not resumable:
             shutil.rmtree(path)                      # an unfinished unit: start it again
+        spent = path + ".seconds"                    # what interrupted calls of a resumable unit spent
+        earlier = float(open(spent).read()) if resumable and os.path.isfile(spent) else 0.0
         t0 = time.time()
-        result = compute(path)
-        result["seconds"] = round(time.time() - t0, 1)
+        try:
+            result = compute(path)
+        except BaseException:                        # Ctrl-C, SIGTERM (the trainers save first), a crash
+            if resumable:
+                with open(spent, "w") as f:
+                    f.write(str(earlier + time.time() - t0))
+            raise
+        result["seconds"] = round(earlier + time.time() - t0, 1)
         result["spec"] = spec
         self.seconds[name] = result["seconds"]
         os.makedirs(path, exist_ok=True)
         with open(done + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(done + ".tmp", done)
+        if os.path.isfile(spent):
+            os.remove(spent)
         return result
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -126,6 +127,18 @@ def test_an_unfinished_unit_is_redone_unless_it_resumes_itself(tmp_path):
     units("plain", make, {})
     units("resumable", make, {}, resumable=True)
     assert seen == {"plain": False, "resumable": True}
+
+
+def test_a_resumed_unit_counts_the_time_its_interrupted_calls_spent(tmp_path):
+    units = experiment.Units(str(tmp_path))
+
+    def interrupted(out):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        units("long", interrupted, {}, resumable=True)
+    result = units("long", lambda out: {}, {}, resumable=True)
+    assert result["seconds"] >= 0.2 and not os.path.exists(tmp_path / "long.seconds")
 
 
 def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():
