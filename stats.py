@@ -100,14 +100,17 @@ def detectable_difference(n: int, discordant: float, alpha: float = 0.05, power:
 def detectable_from_pairs(a, b, alpha: float = 0.05, power: float = 0.8) -> float:
     """The smallest detectable difference of a design, from the per-question scores it produced: a, b
     of shape (N,) or (S, N) as in paired_difference. With d_i = the seeds' mean of b − a on question
-    i, the difference's standard error is sd(d)/√N, so MDD = (z_{1−alpha/2} + z_{power}) · sd(d)/√N.
-    For one seed and a difference of 0, sd(d)² is the discordant fraction: detectable_difference."""
+    i, the difference's standard error under "no difference" is sqrt(mean(d²)/N), so
+    MDD = (z_{1−alpha/2} + z_{power}) · sqrt(mean(d²)/N) — for one seed, mean(d²) is the discordant
+    fraction: detectable_difference. It describes the design, so it does not shrink as the observed
+    difference grows; it is 0 when the two never differ (then nothing can be said). The seeds' runs
+    are taken as given: their training noise enters only through the averaged d_i."""
     a, b = _as_runs(a), _as_runs(b)
     if a.shape != b.shape:
         raise ValueError(f"paired scores need the same shape; got {a.shape} and {b.shape}")
     d = (b - a).mean(axis=0)                                      # (N,)
     z = NormalDist().inv_cdf
-    return (z(1 - alpha / 2) + z(power)) * float(d.std()) / math.sqrt(d.size)
+    return (z(1 - alpha / 2) + z(power)) * math.sqrt(float((d ** 2).mean()) / d.size)
 
 
 def format_difference(d: dict) -> str:

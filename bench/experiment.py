@@ -86,7 +86,7 @@ def experiment_chain() -> train.DemoPreset:
     after every observation, and with none of these trajectories no model ever answers without one, so
     the probe's w/o-think column scored 0 for every trained model and measured format, not reading. A
     quarter keeps thinking first the dominant behaviour (three in four trajectories, as the prompt
-    asks) while the KD pool still holds ~200 direct answers to learn the form from."""
+    asks); measured, the teacher's own KD-pool trajectories then hold 68 direct answers of 776."""
     return dataclasses.replace(train.PRESETS["default"](), oracle_no_think=0.25)
 
 
@@ -99,8 +99,8 @@ class Design:
     chain: train.DemoPreset = field(default_factory=experiment_chain)
     seeds: tuple = (1, 2, 3)         # the reporting seeds: never the settings study's tuning seed 0
     kd_early_step: int = 300         # the weak start: this KD step's checkpoint
-    # every RL arm's steps (8 questions × 8 rollouts each): where DGPO's held-out gain levelled off on the
-    # tuning seed (docs/rl_settings.md §5: 100 → 200 steps +0.016 test EM, 200 → 400 +0.005); 1,600 draws
+    # every RL arm's steps (8 questions × 8 rollouts each): past it DGPO's held-out gain was not measurable on
+    # the tuning seed (docs/rl_settings.md §5: 100 → 200 steps +0.016 test EM, 200 → 400 +0.005); 1,600 draws
     # from the 1,020-question pool, each question seen about 1.6 times
     rl_steps: int = 200
     # an RL arm with no gradient in any of its first this many steps stops there and the table says so: its
@@ -222,6 +222,18 @@ class Units:
             return result
         if os.path.isdir(path) and not resumable:
             shutil.rmtree(path)                      # an unfinished unit: start it again
+        started = path + ".spec.json"                # what an unfinished resumable unit was started from
+        if resumable and os.path.isdir(path) and os.path.isfile(started):
+            with open(started) as f:
+                if json.load(f) != spec:
+                    raise ValueError(f"{path}: this unfinished unit was started from other settings than this "
+                                     "run's; it cannot resume with these — use another --out, or delete it")
+        elif resumable and os.path.isdir(path):
+            raise ValueError(f"{path}: an unfinished unit with no record of what it was started from; delete it")
+        if resumable:
+            with open(started + ".tmp", "w") as f:
+                json.dump(spec, f)
+            os.replace(started + ".tmp", started)
         spent = path + ".seconds"                    # what interrupted calls of a resumable unit spent
         earlier = float(open(spent).read()) if resumable and os.path.isfile(spent) else 0.0
         t0 = time.time()
@@ -239,8 +251,9 @@ class Units:
         with open(done + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
         os.replace(done + ".tmp", done)
-        if os.path.isfile(spent):
-            os.remove(spent)
+        for leftover in (spent, started):
+            if os.path.isfile(leftover):
+                os.remove(leftover)
         return result
 
 
@@ -300,7 +313,9 @@ def main(argv=None):
 
     def make_tgo(out):
         return {"kept": len(train.teacher_trajectories(w, teacher_model, chain, dist, os.path.join(out, "tgo.jsonl")))}
-    tgo_stats = units("tgo", make_tgo, {"teacher": teacher_spec, "greedy": greedy_spec})
+    tgo_spec = {"teacher": teacher_spec, "greedy": greedy_spec, "keep_wrong": chain.tgo_keep_wrong,
+                "batch_size": chain.eval_batch_size}
+    tgo_stats = units("tgo", make_tgo, tgo_spec)
     tgo = data.load_trajectories(path("tgo", "tgo.jsonl"), vocab_size=len(w.tokenizer),
                                  tokenizer_fingerprint=data.vocab_fingerprint(w.tokenizer))
 
@@ -314,6 +329,8 @@ def main(argv=None):
     eval_spec = {"world": world_spec, "greedy": greedy_spec}
     reports = {"Teacher": {0: units("eval-teacher", evaluate(path("teacher")), {**eval_spec, "model": teacher_spec})
                            ["report"]}}
+    configs = {(arm, seed): rl_settings(design, arm, seed)      # every arm's settings before any unit runs:
+               for seed in args.seeds or design.seeds for arm in ARMS}   # a β not chosen stops here, not hours in
     chosen = {}                                        # (method, seed) -> the selected step / val EM / metrics
     for seed in args.seeds or design.seeds:
         s = f"seed{seed}"
@@ -368,7 +385,7 @@ def main(argv=None):
                           "KD continued": {"kd": kd_spec, "recipe": dataclasses.asdict(kdc_cfg), "kd_wins": kd_wins}}
 
         for arm, (start, _) in ARMS.items():
-            cfg = rl_settings(design, arm, seed)
+            cfg = configs[(arm, seed)]
             name = f"{s}/{arm_dir(arm)}"
 
             def make_rl(out, cfg=cfg, start=start):
@@ -502,8 +519,8 @@ def render(design, sizes, teacher_stats, tgo_stats, reports, chosen, trajectorie
     lines += ["", "Paired differences in test EM over the same questions, with 95% bootstrap intervals over "
               "questions: per seed (the same base student, data order and sampling) and pooled over the seeds "
               "(each question's difference averaged over them). The last column is the smallest difference "
-              "the pooled design detects (two-sided, level 0.05, power 0.8, from that comparison's own "
-              "per-question differences):", "",
+              "the pooled design detects (two-sided, level 0.05, power 0.8, stats.detectable_from_pairs: from that "
+              "comparison's per-question differences under no difference, the seeds' runs taken as given):", "",
               "| difference | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled | detectable |",
               "|---|" + "---|" * (len(seeds) + 1) + "---:|"]
     for method, reference in COMPARISONS:

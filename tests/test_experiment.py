@@ -119,6 +119,7 @@ def test_an_unfinished_unit_is_redone_unless_it_resumes_itself(tmp_path):
     for name in ("plain", "resumable"):
         os.makedirs(tmp_path / name)
         (tmp_path / name / "checkpoint").write_text("half")
+    (tmp_path / "resumable.spec.json").write_text("{}")          # what the interrupted call started from
     seen = {}
 
     def make(out):
@@ -135,10 +136,26 @@ def test_a_resumed_unit_counts_the_time_its_interrupted_calls_spent(tmp_path):
     def interrupted(out):
         time.sleep(0.2)
         raise KeyboardInterrupt
+    def interrupted_after_making(out):
+        os.makedirs(out, exist_ok=True)
+        interrupted(out)
     with pytest.raises(KeyboardInterrupt):
-        units("long", interrupted, {}, resumable=True)
+        units("long", interrupted_after_making, {}, resumable=True)
     result = units("long", lambda out: {}, {}, resumable=True)
     assert result["seconds"] >= 0.2 and not os.path.exists(tmp_path / "long.seconds")
+
+
+def test_an_unfinished_resumable_unit_refuses_to_resume_from_other_settings(tmp_path):
+    units = experiment.Units(str(tmp_path))
+
+    def interrupted(out):
+        os.makedirs(out, exist_ok=True)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        units("rl", interrupted, {"oracle_no_think": 0.0}, resumable=True)
+    with pytest.raises(ValueError, match="unfinished unit was started from other settings"):
+        units("rl", lambda out: {}, {"oracle_no_think": 0.25}, resumable=True)
+    assert units("rl", lambda out: {"ok": 1}, {"oracle_no_think": 0.0}, resumable=True)["ok"] == 1
 
 
 def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():

@@ -94,5 +94,10 @@ def test_detectable_from_pairs_is_the_discordant_formula_for_one_seed_and_shrink
         rows_a.append(x), rows_b.append(y)
     pooled = stats.detectable_from_pairs(np.array(rows_a), np.array(rows_b))
     assert pooled == pytest.approx(stats.detectable_difference(1000, 0.1) / 3 ** 0.5, rel=1e-12)
+    # a real difference does not shrink it: 10% discordant all one way is still the 10% design
+    one_way = np.where(np.arange(1000) < 100, 1.0, 0.0)
+    assert stats.detectable_from_pairs(np.zeros(1000), one_way) == pytest.approx(
+        stats.detectable_difference(1000, 0.1), rel=1e-12)
+    assert stats.detectable_from_pairs(a, a) == 0.0                            # never differ
     with pytest.raises(ValueError, match="same shape"):
         stats.detectable_from_pairs(a, b[:10])
