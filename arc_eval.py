@@ -358,6 +358,20 @@ def per_question_em(trajectories_path: str) -> dict[tuple[str, str], float]:
     return {data.question_key(row): float(row["scores"]["em"]) for _, row in data.read_jsonl(trajectories_path)}
 
 
+def seed_paired_arrays(reference: list[dict], method: list[dict], names: tuple[str, str] = ("reference", "method")
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Two methods' per-question scores over the same seeds ([per_question_em(...)] one dict a seed) as
+    arrays of shape (seeds, N), every row's questions in one order: what stats.paired_difference pools
+    over seeds. Every run must have scored the same questions (an error naming the run otherwise)."""
+    keys = sorted(reference[0])
+    for name, runs in zip(names, (reference, method)):
+        for i, scores in enumerate(runs):
+            if sorted(scores) != keys:
+                raise ValueError(f"{name}, run {i}: evaluated on other questions than {names[0]}'s first run "
+                                 f"({len(scores)} and {len(keys)}): a paired difference needs the same ones")
+    return tuple(np.array([[scores[k] for k in keys] for scores in runs]) for runs in (reference, method))
+
+
 def paired_differences(per_question: dict[str, dict], reference: str = "KD only") -> dict[str, dict]:
     """Every other method against `reference` on the same questions: {method: {diff, low, high, n,
     seeds} (the EM difference method − reference with its 95% bootstrap interval over questions,

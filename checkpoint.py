@@ -513,6 +513,17 @@ def input_fingerprints(paths: dict, rows: dict | None = None) -> dict:
     return out
 
 
+def resumable_step(run_dir: str) -> int | None:
+    """The step of the checkpoint a run directory can resume from, or None when it holds none (never
+    saved, or no such directory). A save a crash interrupted is finished or rolled back first (recover),
+    so the step read is the one a --resume would continue from. For one process (rank 0's view)."""
+    recover(run_dir, carry=RUN_ENTRIES)
+    if not os.path.isfile(os.path.join(run_dir, STATE_FILE)):
+        return None
+    with open(os.path.join(run_dir, CONFIG_FILE)) as f:
+        return int(json.load(f)["step"])
+
+
 def recover_resume(resume: str | None, dist: ddp.Dist) -> None:
     """Before anything reads a --resume directory: finish or roll back a save that a crash
     interrupted (recover), on rank 0, so that weights, state and metrics all come from

@@ -372,6 +372,12 @@ def informative_records(records: list[dict], outcomes: list[tuple[int, bool, boo
     return kept, part_of, counts
 
 
+def questions_drawn(step_rows: list[dict], prompts_per_step: int) -> int:
+    """The pool questions a run drew, from its metrics rows of training steps: prompts_per_step a step,
+    or what --drop-constant-groups' refills drew (its logged drawn_groups)."""
+    return sum(row.get("drawn_groups", prompts_per_step) for row in step_rows)
+
+
 def filler_record(record: dict) -> dict:
     """A copy of a record with no loss token: a micro-batch of it has loss and gradient exactly 0,
     for a rank that has fewer micro-batches than another (every rank runs the same number of

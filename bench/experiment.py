@@ -66,6 +66,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import arc_eval  # noqa: E402
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import ddp  # noqa: E402
 import demo  # noqa: E402
@@ -235,7 +236,8 @@ class Units:
                 json.dump(spec, f)
             os.replace(started + ".tmp", started)
         spent = path + ".seconds"                    # what interrupted calls of a resumable unit spent
-        earlier = float(open(spent).read()) if resumable and os.path.isfile(spent) else 0.0
+        # an interrupted call's time counts only while its unfinished unit is there to be resumed
+        earlier = float(open(spent).read()) if resumable and os.path.isdir(path) and os.path.isfile(spent) else 0.0
         t0 = time.time()
         try:
             result = compute(path)
@@ -255,11 +257,6 @@ class Units:
             if os.path.isfile(leftover):
                 os.remove(leftover)
         return result
-
-
-def resume_point(out: str) -> str | None:
-    """out itself when it holds a resumable checkpoint of an interrupted run, else None."""
-    return out if os.path.isfile(os.path.join(out, "trainer_state.pt")) else None
 
 
 def main(argv=None):
@@ -295,7 +292,7 @@ def main(argv=None):
 
     def make_teacher(out):
         records = train.oracle_trajectories(w, chain.oracle_no_think)
-        if resume_point(out):
+        if checkpoint.resumable_step(out) is not None:
             model = models.load_model(out, dist, trainable=True)
             sft.train_supervised(model, w.tokenizer, records, teacher_cfg, dist, loop.Run(out, resume=out),
                                  desc="teacher")
@@ -304,8 +301,7 @@ def main(argv=None):
             train.train_tiny(w, chain.teacher_size, 1, records, teacher_cfg, dist, out, out + "-init", desc="teacher")
         shutil.rmtree(out + "-init", ignore_errors=True)
         return {"oracle_trajectories": len(records),
-                "no_think": sum(1 for q in w.world.train if demo.answers_without_thought(q["question"],
-                                                                                     chain.oracle_no_think))}
+                "no_think": sum(1 for r in records if demo.answers_without_thought(r["question"], chain.oracle_no_think))}
     teacher_spec = {"world": world_spec, "size": chain.teacher_size, "oracle_no_think": chain.oracle_no_think,
                     "recipe": dataclasses.asdict(teacher_cfg)}
     teacher_stats = units("teacher", make_teacher, teacher_spec, resumable=True)
@@ -390,10 +386,11 @@ def main(argv=None):
 
             def make_rl(out, cfg=cfg, start=start):
                 run_rl = lambda run: train.rl_on_pool(w, starts[start], path("teacher"), cfg, dist, run)  # noqa: E731
-                if resume_point(out) is None:    # a fresh run (over whatever a crash left before its first save)
-                    window = min(design.no_gradient_window, cfg.steps)
-                    first = run_rl(loop.Run(out, overwrite=True, stop_after=window))
-                    if first.get("zero_grad_steps", 0) >= window or window == cfg.steps:
+                window, done = min(design.no_gradient_window, cfg.steps), checkpoint.resumable_step(out)
+                if done is None or done < window:     # the first window, fresh or resumed inside it
+                    first = run_rl(loop.Run(out, overwrite=True, stop_after=window) if done is None
+                                   else loop.Run(out, resume=out, stop_after=window - done))
+                    if no_gradient_steps(os.path.join(out, "metrics.jsonl"), window) >= window or window == cfg.steps:
                         stopped = {"stopped_after": window} if window < cfg.steps else {}
                         return {"summary": first, **stopped}
                 return {"summary": run_rl(loop.Run(out, resume=out))}     # resumes are exact (tests/test_rl.py)
@@ -417,7 +414,9 @@ def main(argv=None):
                              for seed in by_seed} for method, by_seed in reports.items() if method != "Teacher"}
     trajectories["Teacher"] = {0: path("eval-teacher", "trajectories.jsonl")}
     errors = {method: {seed: error_kinds(p) for seed, p in by_seed.items()} for method, by_seed in trajectories.items()}
-    markdown = render(design, sizes, teacher_stats, tgo_stats, reports, chosen, trajectories, units, wall, args, errors)
+    per_question = {method: {seed: arc_eval.per_question_em(p) for seed, p in by_seed.items()}
+                    for method, by_seed in trajectories.items()}          # each file read once
+    markdown = render(design, sizes, teacher_stats, tgo_stats, reports, chosen, per_question, units, wall, args, errors)
     with open(path("results.md"), "w") as f:
         f.write(markdown + "\n")
     png = args.png or path("curves.png")
@@ -461,6 +460,14 @@ def error_kinds(trajectories_path: str) -> dict:
             "read": sum(1 for s in scores if not s["em"] and s["hit_substr"]) / n}
 
 
+def no_gradient_steps(metrics_path: str, up_to: int) -> int:
+    """Training steps 1..up_to of a run whose update had no gradient (grad_norm 0: every rollout's
+    advantage and teacher term were 0), from its metrics.jsonl (which a resume truncates to its checkpoint,
+    so a resumed run counts each step once)."""
+    return sum(1 for _, row in data.read_jsonl(metrics_path)
+               if "reward" in row and row["step"] <= up_to and row.get("grad_norm", 1.0) == 0.0)
+
+
 def training_signal(metrics_path: str, prompts_per_step: int, last: int = 5) -> dict:
     """What an RL run learned from, read from its metrics.jsonl: the mean training reward and wrong
     fraction per rollout, the fraction of mixed groups, the fraction of steps whose update had a
@@ -474,28 +481,20 @@ def training_signal(metrics_path: str, prompts_per_step: int, last: int = 5) -> 
     mean = lambda key: sum(r.get(key, 0.0) for r in steps) / len(steps)         # noqa: E731
     return {"reward": mean("reward"), "wrong": mean("wrong_frac"), "mixed": mean("mixed_groups"),
             "moved": sum(1 for r in steps if r.get("grad_norm", 0.0) > 0) / len(steps),
-            "drawn": sum(r.get("drawn_groups", prompts_per_step) for r in steps),
+            "drawn": rl.questions_drawn(steps, prompts_per_step),
             "probe_first": probe[0] if probe else float("nan"), "probe_last": probe[-1] if probe else float("nan"),
             "kl_first": sum(kl[:last]) / len(kl[:last]), "kl_last": sum(kl[-last:]) / len(kl[-last:])}
 
 
-def paired_scores(trajectories: dict, method: str, reference: str, seeds) -> tuple[np.ndarray, np.ndarray]:
-    """Test EM per question of `reference` and `method`, shape (len(seeds), N), the same questions in the
-    same order in every row (refused otherwise: a paired difference needs them)."""
-    rows = []
-    for name in (reference, method):
-        per_seed = [arc_eval.per_question_em(trajectories[name][s]) for s in seeds]
-        rows.append(per_seed)
-    keys = sorted(rows[0][0])
-    for name, per_seed in zip((reference, method), rows):
-        for s, scores in zip(seeds, per_seed):
-            if sorted(scores) != keys:
-                raise ValueError(f"{name}, seed {s}: evaluated on other test questions than {reference}, seed "
-                                 f"{seeds[0]}: a paired difference needs the same ones")
-    return tuple(np.array([[scores[k] for k in keys] for scores in per_seed]) for per_seed in rows)
+def paired_scores(per_question: dict, method: str, reference: str, seeds) -> tuple[np.ndarray, np.ndarray]:
+    """Test EM per question of `reference` and `method`, shape (len(seeds), N) each, the same questions in
+    the same order in every row (arc_eval.seed_paired_arrays; refused otherwise). per_question:
+    {method: {seed: arc_eval.per_question_em(...)}}."""
+    return arc_eval.seed_paired_arrays([per_question[reference][s] for s in seeds],
+                                       [per_question[method][s] for s in seeds], names=(reference, method))
 
 
-def render(design, sizes, teacher_stats, tgo_stats, reports, chosen, trajectories, units, wall, args, errors) -> str:
+def render(design, sizes, teacher_stats, tgo_stats, reports, chosen, per_question, units, wall, args, errors) -> str:
     order = ["Student (base)", "Teacher", "KD", "KD continued", "weak KD (start)"] + list(ARMS)
     seeds, shared = list(design.seeds), design.chain.rl
     rollouts = shared["prompts_per_step"] * shared["group_size"]
@@ -524,7 +523,7 @@ def render(design, sizes, teacher_stats, tgo_stats, reports, chosen, trajectorie
               "| difference | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled | detectable |",
               "|---|" + "---|" * (len(seeds) + 1) + "---:|"]
     for method, reference in COMPARISONS:
-        a, b = paired_scores(trajectories, method, reference, seeds)                 # (S, N) each
+        a, b = paired_scores(per_question, method, reference, seeds)                 # (S, N) each
         per_seed = [stats.format_difference(stats.paired_difference(a[i], b[i])) for i in range(len(seeds))]
         pooled = stats.format_difference(stats.paired_difference(a, b))
         lines.append(f"| {method} − {reference} | " + " | ".join(per_seed) +

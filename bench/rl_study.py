@@ -45,12 +45,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import ddp  # noqa: E402
 import demo  # noqa: E402
 import loop  # noqa: E402
 import models  # noqa: E402
 import retriever as retriever_lib  # noqa: E402
+import rl  # noqa: E402
 import rollout  # noqa: E402
 import stats  # noqa: E402
 import train  # noqa: E402
@@ -149,7 +151,7 @@ def train_arm(arm_dir: str, settings: dict, seed: int, demo_dir: str, pool: str,
            "--teacher", os.path.join(demo_dir, "teacher"), "--data", pool,
            "--val", os.path.join(data, "validation.jsonl"), "--corpus", os.path.join(data, "corpus.jsonl"),
            "--out", run_dir, "--seed", str(seed)] + flags({**COMMON, **settings})
-    has_state = os.path.isfile(os.path.join(run_dir, "trainer_state.pt"))
+    has_state = checkpoint.resumable_step(run_dir) is not None
     run(cmd + (["--resume", run_dir] if has_state else ["--overwrite"]), os.path.join(arm_dir, "log.txt"))
     open(os.path.join(arm_dir, "trained"), "w").close()
 
@@ -194,20 +196,13 @@ def curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:
     return [(m["step"], m[key]) for m in metrics if key in m]
 
 
-def questions_drawn(steps: list[dict], settings: dict) -> int:
-    """The RL-pool questions an arm drew: prompts_per_step a step, or what --drop-constant-groups'
-    refills drew (its `drawn_groups`, logged each step)."""
-    per_step = {**COMMON, **settings}["prompts_per_step"]
-    return sum(x.get("drawn_groups", per_step) for x in steps)
-
-
 def summary_row(name: str, result: dict, kd: dict[str, float], settings: dict, pool_size: int) -> str:
     """One arm: test EM (best-val / last), the paired difference of best-val against KD, the questions it
     drew from the pool of `pool_size`, and the curves' start → end of validation EM, RL-pool EM and the
     probe reward, plus the signal it trained on."""
     m = result["metrics"]
     steps = [x for x in m if "reward" in x]
-    drawn = questions_drawn(steps, settings)
+    drawn = rl.questions_drawn(steps, {**COMMON, **settings}["prompts_per_step"])
     keys = sorted(kd)
     a = np.array([kd[k] for k in keys])
     best, last = (np.array([result[which][k] for k in keys]) for which in ("best", "last"))
@@ -255,13 +250,13 @@ BETA_RULE = ("of the study's arms of one teacher form (selective KL as a loss: d
 
 def chosen_beta(out: str, form: str = "dgpo-b") -> float:
     """The β of one teacher form (the prefix of its arms' names), by BETA_RULE."""
-    scored = []
+    scored, part = [], "forms" if any(name.startswith(form) for name in FORMS) else "study"
     for name, settings in {**STUDY, **FORMS}.items():
         if not name.startswith(form) or not name[len(form):].replace(".", "").isdigit():
             continue
         path = os.path.join(out, name, "run", "metrics.jsonl")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: run --part study first (the answer's β is chosen on it)")
+            raise FileNotFoundError(f"{path}: run --part {part} first (this form's β is chosen on it)")
         with open(path) as f:
             val = [json.loads(line).get("val_em") for line in f]
         scored.append((max(v for v in val if v is not None), -settings["beta"], settings["beta"]))

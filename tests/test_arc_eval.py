@@ -592,3 +592,12 @@ def test_generate_records_with_prompt_from_data_rolls_out_each_rows_own_prompt(w
     built = arc_eval.generate_records(tiny_model, tokenizer, rows, retriever, RolloutConfig(
         max_new_tokens=3, max_turns=0, greedy=True), ddp.Dist(), batch_size=2)
     assert built[0]["input_ids"][:built[0]["prompt_length"]] == rollout_lib.prompt_ids(tokenizer, rows[0]["question"])
+
+
+def test_seed_paired_arrays_line_up_each_seeds_questions_and_refuse_other_questions():
+    reference = [{"q2": 1.0, "q1": 0.0}, {"q1": 1.0, "q2": 1.0}]
+    method = [{"q1": 1.0, "q2": 0.0}, {"q2": 0.0, "q1": 0.0}]
+    a, b = arc_eval.seed_paired_arrays(reference, method)
+    assert a.tolist() == [[0.0, 1.0], [1.0, 1.0]] and b.tolist() == [[1.0, 0.0], [0.0, 0.0]]   # (seeds, N), q1 first
+    with pytest.raises(ValueError, match="KD → GRPO, run 1: evaluated on other questions than KD"):
+        arc_eval.seed_paired_arrays(reference, [method[0], {"q1": 1.0, "q3": 0.0}], names=("KD", "KD → GRPO"))

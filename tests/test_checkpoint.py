@@ -257,3 +257,27 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_keeps_the_previous_o
     assert torch.load(os.path.join(out, "trainer_state.pt"), weights_only=False)["step"] == 1
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]                  # the half-written copy is gone
     checkpoint.verify(out)
+
+
+def write_state(step: int):
+    """A checkpoint writer of a resumable run: a trainer state and the readable config with its step."""
+    def write(tmp):
+        open(os.path.join(tmp, checkpoint.STATE_FILE), "w").close()
+        with open(os.path.join(tmp, checkpoint.CONFIG_FILE), "w") as f:
+            json.dump({"step": step}, f)
+    return write
+
+
+def test_resumable_step_is_the_step_a_resume_continues_from_even_after_an_interrupted_save(tmp_path):
+    target = str(tmp_path / "run")
+    assert checkpoint.resumable_step(target) is None                       # no directory
+    checkpoint.save(target, write_version("weights only"))
+    assert checkpoint.resumable_step(target) is None                       # a checkpoint with no trainer state
+    checkpoint.save(target, write_state(25))
+    assert checkpoint.resumable_step(target) == 25
+    saving, old = str(tmp_path / ".run.saving"), str(tmp_path / ".run.old")
+    os.makedirs(saving)                                                    # save(step 40) killed between renames
+    write_state(40)(saving)
+    open(os.path.join(saving, checkpoint.COMPLETE), "w").close()
+    os.rename(target, old)
+    assert checkpoint.resumable_step(target) == 40 and listing(tmp_path) == ["run"]

@@ -3,6 +3,7 @@ two invocations, selection, evaluation, paired table, curves) in seconds, reuses
 when they were made from the same settings, and writes the table into a README between its markers;
 its design is the default demo chain's (train.py) and runs through its steps."""
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -166,3 +167,18 @@ def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():
     kd, rl, val, test = ({q["id"] for q in split} for split in train.question_pools(world, design.chain))
     assert (len(kd), len(rl), len(val), len(test)) == (800, 1020, 500, 1000)
     assert not (kd & rl or kd & val or kd & test or rl & val or rl & test or val & test)
+
+
+def test_a_seconds_record_without_its_unfinished_unit_is_not_counted(tmp_path):
+    (tmp_path / "long.seconds").write_text("1000.0")           # left by a unit whose directory was deleted
+    result = experiment.Units(str(tmp_path))("long", lambda out: {}, {}, resumable=True)
+    assert result["seconds"] < 1000 and not os.path.exists(tmp_path / "long.seconds")
+
+
+def test_no_gradient_steps_counts_the_window_from_the_metrics(tmp_path):
+    rows = [{"step": 1, "reward": 0.0, "grad_norm": 0.0}, {"step": 1, "val_em": 0.1},
+            {"step": 2, "reward": 0.5, "grad_norm": 0.3}, {"step": 3, "reward": 0.0, "grad_norm": 0.0},
+            {"step": 4, "reward": 0.0, "grad_norm": 0.0}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert experiment.no_gradient_steps(str(path), 3) == 2 and experiment.no_gradient_steps(str(path), 4) == 3

@@ -566,3 +566,8 @@ def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retrie
                            [dict(r) for r in records], fixed_cfg, dist, vocab, {}, critic)["vf_loss"] for _ in range(12)]
     print(f"critic value loss, last / first of 12 updates: {losses[-1] / losses[0]:.3f}")
     assert losses[-1] < 0.5 * losses[0], [round(x, 5) for x in losses]    # measured 0.38x at 1 and 2 threads
+
+
+def test_questions_drawn_counts_prompts_per_step_or_the_refills_a_step_logged():
+    steps = [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2, "drawn_groups": 13}]
+    assert rl.questions_drawn(steps, 8) == 8 + 13 and rl.questions_drawn([], 8) == 0
