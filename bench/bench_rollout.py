@@ -13,10 +13,15 @@ stay greedy), BM25 on the demo corpus:
              same number of new tokens as rollout kept per row on average (min = max new tokens).
   raw loop   a stricter limit, for reference: a bare forward + argmax loop over a DynamicCache.
   ragged raw loop  the same loop, but each row decodes exactly as many tokens as it sampled in the
-             rollout and then leaves the batch: the decode limit of the rollout's own workload. When a
+             rollout and then leaves the batch: the decode limit of the rollout's written tokens. When a
              few rows write long turns (a model that rambles to the budget) they are a long sequential
              chain in any decoder, and "decode" above, which spreads the same total evenly, flatters
-             the limit; this one does not.
+             the limit; this one does not. It skips the observations, which the rollout must read.
+  ragged replay  the decode limit of the rollout's whole workload: the same rows' recorded tokens fed
+             turn by turn as rollout() feeds them (each turn one forward over the pending prompt or
+             observation, then one per written token, rows leaving when their turn is done, the same
+             per-row key/value carry), the sampler run on every step; no stop checks, text, retrieval
+             or tokenising. Greedy, every step's argmax is checked against the recorded token.
 "Tokens kept" = model-written tokens that end up in the trajectories (for the decodes: all new tokens);
 the figure compared is tokens kept per second of wall time, retrieval included where there is any.
 Each round runs every method once, in turn; the tables give medians over --repeats rounds, so load
@@ -154,6 +159,93 @@ def ragged_decode(model, tokenizer, questions, new_tokens: list[int], config: Ro
     return sum(new_tokens)
 
 
+def turn_segments(traj) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    """A trajectory's tokens as the rollout fed them: the forced start (prompt and any prefix), then per
+    turn (the tokens the model wrote, the forced tokens after them: an observation, a nudge, or none).
+    Read off the loss mask (1 = written). A turn whose only written token was a dropped eos leaves no
+    written tokens and joins its forced tokens to the previous turn's (one forward fewer than the
+    rollout ran)."""
+    ids, mask = traj.input_ids, traj.loss_mask
+    first = next((i for i, m in enumerate(mask) if m), len(ids))
+    turns, i = [], first
+    while i < len(ids):
+        j = i
+        while j < len(ids) and mask[j]:
+            j += 1
+        k = j
+        while k < len(ids) and not mask[k]:
+            k += 1
+        turns.append((ids[i:j], ids[j:k]))
+        i = k
+    return ids[:first], turns
+
+
+@torch.no_grad()
+def ragged_replay(model, tokenizer, trajectories, config: RolloutConfig | None = None,
+                  differed_out: list | None = None) -> int:
+    """The decode limit of the rollout's whole workload, observations included: the rows' recorded
+    tokens fed turn by turn as rollout() feeds them — one forward per turn over each playing row's
+    pending tokens (its prompt, or its last written token and the observation or nudge after it), then
+    one forward per written token, a row leaving the batch when its turn's tokens are done — with the
+    rollout's own per-row key/value carry between turns, and the sampler run on every step's logits (its
+    cost counted, its draw discarded: the recorded token is fed). No stop-tag checks, no text, no
+    retrieval, no tokenising: what is left of rollout() is the work any decoder of these rows must do.
+    Greedy, it checks itself: the argmax of every step must be the recorded token (the count that was not
+    goes to `differed_out`), i.e. the replay computed what the rollout computed."""
+    from types import SimpleNamespace
+    from rollout import _left_pad_pending, _row_kv, _stack_kv
+    sampling = config is not None and not config.greedy and config.temperature > 0
+    generator = torch.Generator().manual_seed(config.seed or 0) if sampling else None
+    rows = []
+    for traj in trajectories:
+        start, turns = turn_segments(traj)
+        rows.append(SimpleNamespace(ids=list(start), n_cached=0, kv=None, turns=turns))
+    fed, differed = 0, 0
+    for turn in range(max(len(r.turns) for r in rows)):
+        playing = [r for r in rows if turn < len(r.turns) and r.turns[turn][0]]
+        if not playing:
+            continue
+        chunk, chunk_mask, positions = _left_pad_pending(playing, "cpu")                # (R, Lp)
+        room = chunk.shape[1] + max(len(r.turns[turn][0]) for r in playing)
+        cache, cache_mask = _stack_kv(playing, "cpu", room)                               # (R, Lc)
+        attention = torch.cat([cache_mask, chunk_mask], dim=1)
+        running, step = list(playing), 0
+        while running:
+            logits = model(input_ids=chunk, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]                # (R, V)
+            if sampling:
+                _sample(logits[:, :len(tokenizer)].float(), config, generator)
+                predicted = None
+            else:
+                predicted = logits[:, :len(tokenizer)].argmax(dim=-1).tolist()
+            tokens, keep = [], []
+            for b, r in enumerate(running):
+                written = r.turns[turn][0]
+                tokens.append(written[step])
+                if predicted is not None and predicted[b] != written[step]:
+                    differed += 1
+                if step + 1 == len(written):                  # its turn is done: the last token stays pending
+                    r.kv, r.n_cached = _row_kv(cache, b, attention[b]), len(r.ids) + len(written) - 1
+                    r.ids += written + r.turns[turn][1]
+                else:
+                    keep.append(b)
+            fed += len(tokens)
+            step += 1
+            if len(keep) < len(running):
+                index = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(index)
+                attention, positions = attention[index], positions[index]
+                tokens, running = [tokens[b] for b in keep], [running[b] for b in keep]
+            if not running:
+                break
+            chunk = torch.tensor(tokens).unsqueeze(1)                                      # (R, 1)
+            attention = torch.cat([attention, torch.ones_like(chunk, dtype=torch.bool)], dim=1)
+            positions = positions[:, -1:] + 1
+    if differed_out is not None:
+        differed_out.append(differed)
+    return fed
+
+
 # -----------------------------------------------------------------------------
 # A model that writes tags: a few hundred steps of cross-entropy on the oracle's trajectories
 
@@ -265,7 +357,8 @@ def bench_case(name, model, tokenizer, questions, retriever, config, repeats: in
             "search-r1": lambda: search_r1_loop(model, tokenizer, questions, retriever, config),
             "decode": lambda: generate_decode(model, tokenizer, questions, per_row),
             "raw loop": lambda: raw_decode(model, tokenizer, questions, per_row, config),
-            "ragged raw loop": lambda: ragged_decode(model, tokenizer, questions, per_traj, config)}
+            "ragged raw loop": lambda: ragged_decode(model, tokenizer, questions, per_traj, config),
+            "ragged replay": lambda: ragged_replay(model, tokenizer, trajs, config)}
     runs = {k: v for k, v in runs.items() if k == "rollout" or k in methods}
     seconds, tokens, baseline = {k: [] for k in runs}, {}, None
     for _ in range(repeats):
@@ -302,7 +395,15 @@ def bench_case(name, model, tokenizer, questions, retriever, config, repeats: in
     for _ in range(repeats):
         split.measure(lambda: ragged_decode(model, tokenizer, questions, per_traj, config))
     print(split.row("ragged raw loop", repeats))
+    split.seconds, split.forwards = {k: 0.0 for k in split.seconds}, {k: 0 for k in split.forwards}
+    for _ in range(repeats):
+        split.measure(lambda: ragged_replay(model, tokenizer, trajs, config))
+    print(split.row("ragged replay", repeats))
     split.close()
+    if config.greedy or config.temperature == 0:
+        differed = []
+        ragged_replay(model, tokenizer, trajs, config, differed)
+        print(f"\nthe replay's argmax differed from the rollout's token at {differed[0]} of {kept} steps")
 
 
 def main():
@@ -314,7 +415,8 @@ def main():
     parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
-    parser.add_argument("--methods", nargs="+", default=["search-r1", "decode", "raw loop", "ragged raw loop"],
+    parser.add_argument("--methods", nargs="+", default=["search-r1", "decode", "raw loop", "ragged raw loop",
+                                                         "ragged replay"],
                         help="baselines to run besides the rollout (search-r1 is the slow one)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sampled with --seed")
     parser.add_argument("--seed", type=int, default=0)
