@@ -426,7 +426,7 @@ def train_tokenizer(world: World, out_dir: str | None = None, vocab_size: int = 
 # Tiny models: ordinary Qwen2ForCausalLM directories, built from a config (no download)
 
 MODEL_SIZES = {   # hidden, layers, heads, kv heads, mlp. The 128/3 teacher learns the protocol and the name
-    # copying from the oracle's trajectories (test EM 0.83 after 1,500 steps of the default demo, README
+    # copying from the oracle's trajectories (test EM 0.62 after 3,000 steps of the default demo, docs/demo.md
     # "What `python train.py` prints"); the student is about half its size, as the paper's 0.5B student
     # is a sixth of its 3B teacher.
     "teacher": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -122,7 +122,7 @@ class RLConfig:
                                       "questions per step", ge=1)
     term_grad_norms: bool = settings.setting(
         False, "log the gradient norm of each loss term on its own (surrogate, teacher, entropy) every step: a "
-        "forward and a backward per term more, 1.4x the update's time on the demo student (README)")
+        "forward and a backward per term more, 1.4x the update's time on the demo student (docs/usage.md)")
     probe_samples: int = settings.setting(
         0, "at every evaluation: sampled reward on the validation questions x this many samples at the rollout "
         "temperature, the same seed every time (0 = off)", ge=0)
@@ -612,7 +612,7 @@ def term_grad_norms(model, teacher, chunks: list[list[dict]], cfg: RLConfig, dis
     advantages A), entropy (−c_H·H). A term that is not in the loss is 0. The gradients are taken
     with torch.autograd.grad on the model without DDP (one forward per micro-batch, one backward
     per term, the sum over ranks by all-reduce), so the update itself is unchanged. Cost, measured
-    (README, "GRPO or PPO"): 1.44× the update's own time with two terms on the demo student, 1.74×
+    (docs/usage.md, "GRPO or PPO"): 1.44× the update's own time with two terms on the demo student, 1.74×
     with three; memory: one gradient-sized buffer per term."""
     view = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     params = [p for p in view.parameters() if p.requires_grad]

@@ -101,8 +101,8 @@ PRESETS = {
                 lr=3e-4, warmup_ratio=0.1, beta=0.1, temperature=1.0, max_new_tokens=64, eval_every=25,
                 probe_samples=1, pool_eval_limit=200),
         world_scale=2, n_test=1000, n_validation=500, rl_pool=1020),
-    # the scale-1 world and the first RL settings (T 0.7, G 4, β 1, 30 steps): the chain the README's
-    # experiment ran on (bench/experiment.py)
+    # the scale-1 world and the first RL settings (T 0.7, G 4, β 1, 30 steps): the chain the previous
+    # experiment's table (docs/experiment.md, bench/experiment.py) ran on
     "scale1": lambda: DemoPreset(
         teacher=sft.SupervisedConfig(steps=1500, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=50),
         pretrain=sft.SupervisedConfig(steps=400, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=20),

@@ -1,7 +1,7 @@
 """One command that verifies and measures the GPU path, in at most ten minutes on one GPU.
 
 Nothing in this project has run on a GPU yet: NCCL, CUDA devices, bf16 autocast in training, the
-rollout's speed and the README's per-GPU memory figures are arithmetic until this script runs. Every
+rollout's speed and docs/gpu.md's per-GPU memory figures are arithmetic until this script runs. Every
 part goes through the project's own code (ddp.py's set-up, models.py's loader and batches, sft.py's KD
 loss, loop.py's optimizer step, rl.py's update with its critic, rollout.py through
 arc_eval.generate_records); only the random
@@ -25,7 +25,7 @@ traceback and the others still run):
                 500 new tokens a turn, against model.generate on the same prompts and a plain ragged
                 decode loop (each row decodes as many tokens as it sampled in the rollout, then leaves);
                 tokens per second as ratios, prefill and decode timed apart
-Each part is printed beside the README's figures on paper (from the parameter counts) where it has one.
+Each part is printed beside docs/gpu.md's figures on paper (from the parameter counts) where it has one.
 
 Time: a budget (--budget-s, default 540 s, so that start-up included the run stays within 10 min) is
 shared among the parts by weight; a part that finishes early leaves its time to the later ones. The
@@ -89,12 +89,12 @@ import rollout  # noqa: E402
 import sft  # noqa: E402
 from rollout import prompt_ids  # noqa: E402
 
-GB = 1e9                      # decimal GB, as the README's figures on paper
-PAPER_TFLOPS = 100e12         # the README's "~30 s at 100 TFLOP/s"
+GB = 1e9                      # decimal GB, as docs/gpu.md's figures on paper
+PAPER_TFLOPS = 100e12         # docs/gpu.md's "~30 s at 100 TFLOP/s"
 LR = 1e-5                     # every weight moves by more than its fp32 rounding step, so "changed" means something
-# the README's totals per GPU for the real shapes (micro-batch 4 × 4,096 with gradient checkpointing)
-README_TOTALS = {"ppo_ckpt": "; README: ~30–35 GB in all, the rollout's KV cache included",
-                 "grpo_ckpt": "; README: PPO's less the critic's 7.9 GB"}
+# docs/gpu.md's totals per GPU for the real shapes (micro-batch 4 × 4,096 with gradient checkpointing)
+PAPER_TOTALS = {"ppo_ckpt": "; docs/gpu.md: ~30–35 GB in all, the rollout's KV cache included",
+                 "grpo_ckpt": "; docs/gpu.md: PPO's less the critic's 7.9 GB"}
 
 
 # -----------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def _proc_status_gb(key: str) -> float | None:
 
 
 class PeakMemory:
-    """Peak memory while the block runs: the CUDA allocator's peak on a GPU (what the README's
+    """Peak memory while the block runs: the CUDA allocator's peak on a GPU (what docs/gpu.md's
     figures count); on a CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs where
     that is allowed). `peak_gb` is absolute, `growth_gb` above the start of the block."""
 
@@ -522,7 +522,7 @@ def rl_config(algo: str, shapes: Shapes) -> rl.RLConfig:
 
 
 def paper_step(algo: str, student: int, teacher: int, tokens: int) -> tuple[float, float]:
-    """The README's arithmetic: the models' bytes (16 a trained parameter: fp32 weights, gradient, two
+    """docs/gpu.md's arithmetic: the models' bytes (16 a trained parameter: fp32 weights, gradient, two
     Adam moments; the critic as much again; 2 a teacher parameter) and the step's FLOPs (6 a token per
     trained parameter, 2 per teacher parameter)."""
     trained = student * (2 if algo == "ppo" else 1)
@@ -568,7 +568,7 @@ def check_training(ctx: Context, share: float, algo: str, checkpointing: bool) -
     loss_share = sum(sum(r["loss_mask"][1:]) for r in records) / tokens
     losses = {k: v for k, v in out.items() if k in ("loss", "vf_loss")}
     models_bytes, flops = paper_step(algo, n_params(model), n_params(teacher.lm), tokens)
-    # the student's bf16 logits at the loss positions of one micro-batch (the README's "≈ 1.1 GB")
+    # the student's bf16 logits at the loss positions of one micro-batch (docs/gpu.md's "≈ 1.1 GB")
     longest = max(sum(r["loss_mask"][1:]) for r in records)
     logits_bytes = shapes.micro_batch * longest * shapes.student["vocab_size"] * 2
     checks = {"loss finite": all(math.isfinite(v) for v in [*losses.values(), *(warmup[k] for k in losses)]),
@@ -594,10 +594,10 @@ def check_training(ctx: Context, share: float, algo: str, checkpointing: bool) -
             "checks": checks,
             "summary": f"{len(records)} × ~{tokens // len(records):,} tokens, {loss_share:.0%} loss positions, "
                        f"micro-batch {shapes.micro_batch}; {tokens / seconds:,.0f} tokens/s, "
-                       f"{flops / seconds / 1e12:.3g} TFLOP/s by the README's count (warm-up step "
+                       f"{flops / seconds / 1e12:.3g} TFLOP/s by docs/gpu.md's count (warm-up step "
                        f"{warmup_s:.1f} s){note}",
             "paper": f"models {gb(models_bytes)} GB + logits {gb(logits_bytes)} GB + activations"
-                     f"{README_TOTALS.get(name, '') if shapes is FULL else ''}; {flops / PAPER_TFLOPS:.2g} s at "
+                     f"{PAPER_TOTALS.get(name, '') if shapes is FULL else ''}; {flops / PAPER_TFLOPS:.2g} s at "
                      "100 TFLOP/s"}
 
 
@@ -778,7 +778,7 @@ def check_rollout(ctx: Context, share: float, batch: int) -> dict:
         m["tokens_per_s"] = m["tokens"] / m["seconds"]
     vs_generate = ours["tokens_per_s"] / generate["tokens_per_s"]
     vs_ragged = ours["tokens_per_s"] / ragged["tokens_per_s"]
-    # the README's KV-cache arithmetic: layers × (K, V) × KV heads × head dim × bytes, for the longest row
+    # docs/gpu.md's KV-cache arithmetic: layers × (K, V) × KV heads × head dim × bytes, for the longest row
     s = shapes.student
     kv_bytes = s["num_hidden_layers"] * 2 * s["num_key_value_heads"] * (s["hidden_size"] // s["num_attention_heads"]) \
         * (2 if dist.device.type == "cuda" else 4)
@@ -886,7 +886,7 @@ def markdown_table(results: list[dict], meta: dict) -> str:
              f"torch {meta['torch']}, transformers {meta['transformers']}, CUDA {meta['cuda']}, "
              f"commit {meta['commit']}; {meta['total_s']:.0f} s in all (budget {meta['budget_s']:.0f} s). "
              "GB = 10⁹ bytes; peak = the allocator's peak during the measured work (process RSS on a CPU), "
-             "+growth above its start. 'On paper' = the README's arithmetic for these shapes.",
+             "+growth above its start. 'On paper' = docs/gpu.md's arithmetic for these shapes.",
              "",
              "| part | status | seconds | peak GB (+growth) | loss | parameters changed | measured | on paper |",
              "|---|---|---:|---:|---:|---|---|---|"]

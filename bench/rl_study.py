@@ -61,7 +61,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every arm: 100 steps × 8 questions = 800 distinct RL-pool questions (the scale-2 demo's pool has
 # 1,020), so no question is seen twice; G = 8 at T = 1.0 gives the KD student mixed groups often
-# enough that most steps carry a policy gradient (README "Signal in every step").
+# enough that most steps carry a policy gradient (docs/usage.md, "Signal in every step").
 COMMON = dict(steps=100, prompts_per_step=8, group_size=8, temperature=1.0, lr=3e-4, warmup_ratio=0.1,
               micro_batch_size=16, rollout_batch_size=64, max_new_tokens=64, eval_every=25, save_every=25,
               probe_samples=1, pool_eval_limit=200, eos_ends=True)

@@ -1,5 +1,7 @@
 """The documentation's links hold: every relative link in README.md and docs/*.md points at a file of
-the repository, and every #anchor at a heading of the file it names (GitHub's rule for heading ids)."""
+the repository, and every #anchor at a heading of the file it names (GitHub's rule for heading ids).
+And its shape holds: the README stays at most 200 lines, every docs page opens with a paragraph saying
+what it answers, and the experiment's marked blocks are where bench/experiment.py writes them."""
 import os
 import re
 import sys
@@ -99,3 +101,71 @@ def test_the_checker_finds_a_broken_file_link_and_a_broken_anchor(tmp_path, monk
     message = str(failure.value)
     assert "docs/missing.md: no file" in message and "#nowhere: no heading" in message
     assert "two-words" not in message and "a-b" not in message and "code.md" not in message
+
+
+def read(path: str) -> str:
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_the_readme_is_read_in_five_minutes():
+    """The README stays an overview; the detail lives in docs/ (issue 28)."""
+    lines = read("README.md").splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; move detail into docs/ (at most 200)"
+
+
+def opening_paragraph(text: str) -> list[str]:
+    """The lines of the first block after a markdown file's `# Title`, if that block is a paragraph of
+    prose (not a heading, list, table, code block, quote, image or HTML comment); else []."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return []
+    rest = lines[1:]
+    while rest and not rest[0].strip():
+        rest = rest[1:]
+    block = []
+    for line in rest:
+        if not line.strip():
+            break
+        block.append(line)
+    if not block or re.match(r"\s{4}|#|\||```|~~~|>|<|!\[|[-*+]\s|\d+[.)]\s", block[0]):
+        return []
+    return block
+
+
+@pytest.mark.parametrize("path", [p for p in markdown_files() if p != "README.md"])
+def test_every_docs_page_opens_with_a_paragraph_saying_what_it_answers(path):
+    paragraph = opening_paragraph(read(path))
+    assert len(" ".join(paragraph).split()) >= 8, \
+        f"{path}: after its '# Title', a page opens with a paragraph (8 words or more) saying what it answers"
+
+
+def test_opening_paragraph_rejects_a_page_without_a_title_or_one_that_opens_with_a_heading_or_table():
+    assert opening_paragraph("# T\n\nThis page answers a question.\nSecond line.\n\n## A\n") == [
+        "This page answers a question.", "Second line."]
+    assert opening_paragraph("# T\n\n## A heading first\n\ntext\n") == []
+    assert opening_paragraph("# T\n\n| a | b |\n|---|---|\n") == []
+    assert opening_paragraph("# T\n\n- a list\n") == []
+    assert opening_paragraph("No title\n\ntext\n") == []
+
+
+def block_between(text: str, begin: str, end: str) -> list[str]:
+    assert text.count(begin) == 1 and text.count(end) == 1, f"expected one {begin} and one {end}"
+    start, stop = text.index(begin), text.index(end)
+    assert start < stop, f"{begin} must come before {end}"
+    return text[start + len(begin):stop].strip("\n").splitlines()
+
+
+def test_the_experiments_blocks_are_where_bench_experiment_writes_them():
+    """bench/experiment.py writes the whole table into docs/experiment.md and its main table (with its
+    caption) into the README's headline block; both sets of markers must stay."""
+    headline = block_between(read("README.md"), "<!-- experiment-headline:begin -->", "<!-- experiment-headline:end -->")
+    assert headline[0] == "<!-- written by bench/experiment.py; do not edit by hand -->"
+    full = block_between(read("docs/experiment.md"), "<!-- experiment:begin -->", "<!-- experiment:end -->")
+    assert "<!-- experiment:begin -->" not in read("README.md")     # the whole table lives in docs/ only
+
+    def first_table(lines: list[str]) -> list[str]:
+        start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        return lines[start:end]
+    assert first_table(headline) == first_table(full), "the README's headline table is not the experiment's main table"
