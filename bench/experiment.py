@@ -46,7 +46,8 @@ sized for this 2-core CPU; --preset small is the same pipeline on a handful of q
 
     OMP_NUM_THREADS=1 python bench/experiment.py --out runs/experiment --seeds 1 &      # one core
     OMP_NUM_THREADS=1 python bench/experiment.py --out runs/experiment --seeds 2 3 &    # the other
-    python bench/experiment.py --out runs/experiment --readme README.md         # renders (all reused)
+    python bench/experiment.py --out runs/experiment --doc docs/experiment.md --readme README.md \
+        --png docs/experiment_curves.png                                        # renders (all reused)
     python bench/experiment.py --preset small --out /tmp/exp-small              # seconds
 """
 from __future__ import annotations
@@ -265,7 +266,10 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/experiment")
     ap.add_argument("--seeds", type=int, nargs="+", help="make only these of the design's seeds (the shared "
                     "units too), and render nothing; without it: every seed, then the table")
-    ap.add_argument("--readme", help="replace the block between the experiment markers of this file")
+    ap.add_argument("--doc", help="replace the block between the experiment markers of this file (the whole "
+                    "table: docs/experiment.md)")
+    ap.add_argument("--readme", help="replace the block between the experiment-headline markers of this file "
+                    "(the main table and its caption: README.md)")
     ap.add_argument("--png", help="where the curves go (default: OUT/curves.png)")
     args = ap.parse_args(argv)
     started = time.time()
@@ -424,8 +428,10 @@ def main(argv=None):
     print(markdown)
     print(f"\nwrote {path('results.md')} and {png}; wall time {wall / 60:.1f} min "
           f"({units.reused} units reused, {len(units.seconds)} run now)")
+    if args.doc:
+        replace_block(args.doc, markdown, BEGIN, END)
     if args.readme:
-        replace_block(args.readme, markdown)
+        replace_block(args.readme, headline(markdown), HEADLINE_BEGIN, HEADLINE_END)
     return reports
 
 
@@ -582,19 +588,30 @@ def draw_curves(chosen, design, png):
 
 
 BEGIN, END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- experiment-headline:begin -->", "<!-- experiment-headline:end -->"
 
 
-def replace_block(readme: str, markdown: str) -> None:
-    """Puts the table between the markers of `readme` (which must hold both), atomically."""
-    with open(readme, encoding="utf-8") as f:
+def headline(markdown: str) -> str:
+    """The README's part of the table: the caption paragraph and the main table (render's first table)."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("**The experiment in miniature**"))
+    first_row = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    end = next((i for i in range(first_row, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join(["<!-- written by bench/experiment.py; do not edit by hand -->", ""] + lines[start:end])
+
+
+def replace_block(path: str, markdown: str, begin: str, end: str) -> None:
+    """Puts `markdown` between the markers `begin` and `end` of the file at `path` (which must hold each
+    once), atomically."""
+    with open(path, encoding="utf-8") as f:
         text = f.read()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme}: no {BEGIN} … {END} block to replace")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(readme + ".tmp", "w", encoding="utf-8") as f:
-        f.write(head + BEGIN + "\n" + markdown + "\n" + END + tail)
-    os.replace(readme + ".tmp", readme)
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"{path}: needs one {begin} and one {end} to write between")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(head + begin + "\n" + markdown + "\n" + end + tail)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ pytestmark = pytest.mark.slow      # whole experiment runs in subprocesses
 def small_run(tmp_path_factory):
     pytest.importorskip("matplotlib", reason="the curves need the optional package matplotlib")
     out = tmp_path_factory.mktemp("experiment")
-    readme = out / "README.md"
-    readme.write_text(f"# x\n\nbefore\n{experiment.BEGIN}\nold table\n{experiment.END}\nafter\n")
+    readme, doc = out / "README.md", out / "experiment.md"
+    readme.write_text(f"# x\n\nbefore\n{experiment.HEADLINE_BEGIN}\nold headline\n{experiment.HEADLINE_END}\nafter\n")
+    doc.write_text(f"# y\n\nbefore\n{experiment.BEGIN}\nold table\n{experiment.END}\nafter\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "bench/experiment.py", "--preset", "small", "--out", str(out / "run")]
     runs = []
-    for extra in (["--seeds", "1"], ["--readme", str(readme)], ["--readme", str(readme)]):
+    render = ["--readme", str(readme), "--doc", str(doc)]
+    for extra in (["--seeds", "1"], render, render):
         done = subprocess.run(cmd + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append(done.stdout)
@@ -67,11 +69,15 @@ def test_a_seed_made_apart_is_reused_and_a_second_render_reuses_every_unit(small
     assert from_scratch[0] == from_scratch[1]
 
 
-def test_the_readme_block_is_replaced_and_the_rest_kept(small_run):
+def test_the_doc_gets_the_whole_table_and_the_readme_its_main_table_the_rest_kept(small_run):
     out, _ = small_run
-    text = (out / "README.md").read_text()
-    assert text.startswith("# x\n\nbefore\n") and text.endswith(f"{experiment.END}\nafter\n")
-    assert "old table" not in text and "| KD continued |" in text
+    doc, readme = (out / "experiment.md").read_text(), (out / "README.md").read_text()
+    assert doc.startswith("# y\n\nbefore\n") and doc.endswith(f"{experiment.END}\nafter\n")
+    assert readme.startswith("# x\n\nbefore\n") and readme.endswith(f"{experiment.HEADLINE_END}\nafter\n")
+    assert "old table" not in doc and "old headline" not in readme
+    assert "| KD continued |" in readme and "Paired differences" in doc and "Paired differences" not in readme
+    main_table = [line for line in readme.splitlines() if line.startswith("|")]
+    assert main_table and "\n".join(main_table) in doc        # the headline is the doc's main table, verbatim
 
 
 def chosen_design():
