@@ -49,6 +49,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
@@ -58,8 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
 import models  # noqa: E402
 from retriever import BM25Retriever  # noqa: E402
-from rollout import (INVALID_ACTION, RolloutConfig, _sample, encode_text, last_query, observation_ids,  # noqa: E402
-                     prompt_ids, rollout)
+from rollout import (INVALID_ACTION, RolloutConfig, _left_pad_pending, _row_kv, _sample, _stack_kv,  # noqa: E402
+                     encode_text, last_query, observation_ids, prompt_ids, rollout)
 
 
 # -----------------------------------------------------------------------------
@@ -192,8 +193,6 @@ def ragged_replay(model, tokenizer, trajectories, config: RolloutConfig | None =
     retrieval, no tokenising: what is left of rollout() is the work any decoder of these rows must do.
     Greedy, it checks itself: the argmax of every step must be the recorded token (the count that was not
     goes to `differed_out`), i.e. the replay computed what the rollout computed."""
-    from types import SimpleNamespace
-    from rollout import _left_pad_pending, _row_kv, _stack_kv
     sampling = config is not None and not config.greedy and config.temperature > 0
     generator = torch.Generator().manual_seed(config.seed or 0) if sampling else None
     rows = []
