@@ -169,9 +169,14 @@ class Stage:
             save(done)
 
     def finish(self, save) -> None:
-        """The run's last checkpoint (resumable: the stage may go on with --resume), the metrics closed."""
+        """The run's last checkpoint (resumable: the stage may go on with --resume), the metrics closed. A
+        run cut short by run.stop_after that got Ctrl-C / SIGTERM during its last step raises Interrupted
+        after that save, as after any earlier step: whoever would run its next segment must not go on."""
         save(self.end_step)
         self.reporter.close()
+        if self.end_step < self.steps and self.stop is not None and self.stop.requested(self.dist):
+            raise interrupted(self.stop.signum, self.name, self.end_step, self.steps, self.run.out_dir,
+                              self.run.info, self.dist)
 
     def trainer_state(self, step: int, optimizer, scheduler) -> dict:
         """What every stage's checkpoint records beside the weights (checkpoint.save_checkpoint adds the

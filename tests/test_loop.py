@@ -133,6 +133,17 @@ def test_a_signal_saves_after_the_step_and_names_the_command_that_continues(tmp_
     assert signal.getsignal(signal.SIGTERM) is before                 # the handler is given back
 
 
+def test_a_signal_in_the_last_step_of_a_run_cut_short_saves_and_still_stops(tmp_path):
+    """With stop_after the last step of the run is not the stage's: a signal there must not be dropped
+    (the caller would run the next segment)."""
+    out = str(tmp_path / "run")
+    with pytest.raises(cli.Interrupted, match=r"SIGTERM: sft stopped after step 3 of 5 .*--resume " + out):
+        _run_stage(loop.Run(out, stop_after=3, info={"argv": ["train.py", "kd", "--out", out]}), steps=5,
+                   save_every=0, signal_at=2)
+    finished = str(tmp_path / "whole")                                # a whole run has no next segment
+    assert _run_stage(loop.Run(finished), steps=3, save_every=0, signal_at=2) == [3]
+
+
 def test_override_config_without_resume_is_refused_when_the_run_is_described():
     with pytest.raises(ValueError, match="--override-config only makes sense with --resume"):
         loop.Run("out", override_config=True)
