@@ -358,18 +358,25 @@ def per_question_em(trajectories_path: str) -> dict[tuple[str, str], float]:
     return {data.question_key(row): float(row["scores"]["em"]) for _, row in data.read_jsonl(trajectories_path)}
 
 
-def seed_paired_arrays(reference: list[dict], method: list[dict], names: tuple[str, str] = ("reference", "method")
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def seed_paired_arrays(reference: list[dict], method: list[dict], names: tuple[str, str] = ("reference", "method"),
+                       runs: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Two methods' per-question scores over the same seeds ([per_question_em(...)] one dict a seed) as
     arrays of shape (seeds, N), every row's questions in one order: what stats.paired_difference pools
-    over seeds. Every run must have scored the same questions (an error naming the run otherwise)."""
+    over seeds. Every run must have scored the same questions: otherwise an error naming the method, the
+    run (`runs`: a label per seed, e.g. "seed 1"; default "run 0", "run 1", …) and a question in one only."""
+    if not reference or len(reference) != len(method):
+        raise ValueError(f"{names[0]} has {len(reference)} runs and {names[1]} {len(method)}: a paired "
+                         "difference over seeds needs the same seeds, at least one")
+    runs = list(runs) if runs is not None else [f"run {i}" for i in range(len(reference))]
     keys = sorted(reference[0])
-    for name, runs in zip(names, (reference, method)):
-        for i, scores in enumerate(runs):
+    for name, scored in zip(names, (reference, method)):
+        for run, scores in zip(runs, scored):
             if sorted(scores) != keys:
-                raise ValueError(f"{name}, run {i}: evaluated on other questions than {names[0]}'s first run "
-                                 f"({len(scores)} and {len(keys)}): a paired difference needs the same ones")
-    return tuple(np.array([[scores[k] for k in keys] for scores in runs]) for runs in (reference, method))
+                odd = sorted(set(scores) ^ set(keys))[0]
+                raise ValueError(f"{name}, {run}: evaluated on other questions than {names[0]}, {runs[0]} "
+                                 f"({len(scores)} and {len(keys)}; {odd!r} is in one only): a paired difference "
+                                 "needs the same ones")
+    return tuple(np.array([[scores[k] for k in keys] for scores in scored]) for scored in (reference, method))
 
 
 def paired_differences(per_question: dict[str, dict], reference: str = "KD only") -> dict[str, dict]:

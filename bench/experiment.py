@@ -237,8 +237,10 @@ class Units:
                 json.dump(spec, f)
             os.replace(started + ".tmp", started)
         spent = path + ".seconds"                    # what interrupted calls of a resumable unit spent
-        # an interrupted call's time counts only while its unfinished unit is there to be resumed
-        earlier = float(open(spent).read()) if resumable and os.path.isdir(path) and os.path.isfile(spent) else 0.0
+        # an interrupted call's time counts only while its unit holds a checkpoint to resume from (one
+        # interrupted before its first save is redone from scratch, and that time is not part of it)
+        resumes = resumable and checkpoint.resumable_step(path) is not None
+        earlier = float(open(spent).read()) if resumes and os.path.isfile(spent) else 0.0
         t0 = time.time()
         try:
             result = compute(path)
@@ -272,6 +274,9 @@ def main(argv=None):
                     "(the main table and its caption: README.md)")
     ap.add_argument("--png", help="where the curves go (default: OUT/curves.png)")
     args = ap.parse_args(argv)
+    for target, (begin, end) in ((args.doc, (BEGIN, END)), (args.readme, (HEADLINE_BEGIN, HEADLINE_END))):
+        if target:                     # before hours of units, not after them
+            check_block(target, begin, end)
     started = time.time()
     design = PRESETS[args.preset]()
     if args.seeds and not set(args.seeds) <= set(design.seeds):
@@ -391,12 +396,15 @@ def main(argv=None):
             def make_rl(out, cfg=cfg, start=start):
                 run_rl = lambda run: train.rl_on_pool(w, starts[start], path("teacher"), cfg, dist, run)  # noqa: E731
                 window, done = min(design.no_gradient_window, cfg.steps), checkpoint.resumable_step(out)
+                first = None
                 if done is None or done < window:     # the first window, fresh or resumed inside it
                     first = run_rl(loop.Run(out, overwrite=True, stop_after=window) if done is None
                                    else loop.Run(out, resume=out, stop_after=window - done))
-                    if no_gradient_steps(os.path.join(out, "metrics.jsonl"), window) >= window or window == cfg.steps:
-                        stopped = {"stopped_after": window} if window < cfg.steps else {}
-                        return {"summary": first, **stopped}
+                    if window == cfg.steps:
+                        return {"summary": first}
+                # checked also when a resume finds the window already run (its decision was not recorded)
+                if window < cfg.steps and no_gradient_steps(os.path.join(out, "metrics.jsonl"), window) >= window:
+                    return {"summary": first or saved_best(out), "stopped_after": window}
                 return {"summary": run_rl(loop.Run(out, resume=out))}     # resumes are exact (tests/test_rl.py)
             rl_spec = {"start": start_specs[start], "teacher": teacher_spec, "config": dataclasses.asdict(cfg)}
             made = units(name, make_rl, {**rl_spec, "no_gradient_window": design.no_gradient_window}, resumable=True)
@@ -419,7 +427,7 @@ def main(argv=None):
     trajectories["Teacher"] = {0: path("eval-teacher", "trajectories.jsonl")}
     errors = {method: {seed: error_kinds(p) for seed, p in by_seed.items()} for method, by_seed in trajectories.items()}
     per_question = {method: {seed: arc_eval.per_question_em(p) for seed, p in by_seed.items()}
-                    for method, by_seed in trajectories.items()}          # each file read once
+                    for method, by_seed in trajectories.items()}          # once per file, not per comparison
     markdown = render(design, sizes, teacher_stats, tgo_stats, reports, chosen, per_question, units, wall, args, errors)
     with open(path("results.md"), "w") as f:
         f.write(markdown + "\n")
@@ -466,6 +474,14 @@ def error_kinds(trajectories_path: str) -> dict:
             "read": sum(1 for s in scores if not s["em"] and s["hit_substr"]) / n}
 
 
+def saved_best(run_dir: str) -> dict:
+    """An RL run's best validation so far as its summary gives it ({best_val_em, best_step}), read from
+    its checkpoint's train_config.json (rl.train_rl records it there with every save)."""
+    with open(os.path.join(run_dir, checkpoint.CONFIG_FILE)) as f:
+        best = json.load(f)["best"]
+    return {"best_val_em": best["em"], "best_step": best["step"]}
+
+
 def no_gradient_steps(metrics_path: str, up_to: int) -> int:
     """Training steps 1..up_to of a run whose update had no gradient (grad_norm 0: every rollout's
     advantage and teacher term were 0), from its metrics.jsonl (which a resume truncates to its checkpoint,
@@ -497,7 +513,8 @@ def paired_scores(per_question: dict, method: str, reference: str, seeds) -> tup
     the same order in every row (arc_eval.seed_paired_arrays; refused otherwise). per_question:
     {method: {seed: arc_eval.per_question_em(...)}}."""
     return arc_eval.seed_paired_arrays([per_question[reference][s] for s in seeds],
-                                       [per_question[method][s] for s in seeds], names=(reference, method))
+                                       [per_question[method][s] for s in seeds], names=(reference, method),
+                                       runs=[f"seed {s}" for s in seeds])
 
 
 def render(design, sizes, teacher_stats, tgo_stats, reports, chosen, per_question, units, wall, args, errors) -> str:
@@ -592,21 +609,28 @@ HEADLINE_BEGIN, HEADLINE_END = "<!-- experiment-headline:begin -->", "<!-- exper
 
 
 def headline(markdown: str) -> str:
-    """The README's part of the table: the caption paragraph and the main table (render's first table)."""
+    """The README's part of the table: render's first line (the script and preset that wrote it), the
+    caption paragraph and the main table (render's first table)."""
     lines = markdown.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("**The experiment in miniature**"))
     first_row = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
     end = next((i for i in range(first_row, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return "\n".join(["<!-- written by bench/experiment.py; do not edit by hand -->", ""] + lines[start:end])
+    return "\n".join([lines[0], ""] + lines[start:end])       # lines[0]: which script and preset wrote it
+
+
+def check_block(path: str, begin: str, end: str) -> str:
+    """The file's text, if it holds `begin` once and `end` once after it (else an error naming the file)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{path}: needs one {begin} and, after it, one {end} to write between")
+    return text
 
 
 def replace_block(path: str, markdown: str, begin: str, end: str) -> None:
-    """Puts `markdown` between the markers `begin` and `end` of the file at `path` (which must hold each
-    once), atomically."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.count(begin) != 1 or text.count(end) != 1:
-        raise ValueError(f"{path}: needs one {begin} and one {end} to write between")
+    """Puts `markdown` between the markers `begin` and `end` of the file at `path` (check_block),
+    atomically."""
+    text = check_block(path, begin, end)
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     with open(path + ".tmp", "w", encoding="utf-8") as f:

@@ -599,5 +599,9 @@ def test_seed_paired_arrays_line_up_each_seeds_questions_and_refuse_other_questi
     method = [{"q1": 1.0, "q2": 0.0}, {"q2": 0.0, "q1": 0.0}]
     a, b = arc_eval.seed_paired_arrays(reference, method)
     assert a.tolist() == [[0.0, 1.0], [1.0, 1.0]] and b.tolist() == [[1.0, 0.0], [0.0, 0.0]]   # (seeds, N), q1 first
-    with pytest.raises(ValueError, match="KD → GRPO, run 1: evaluated on other questions than KD"):
-        arc_eval.seed_paired_arrays(reference, [method[0], {"q1": 1.0, "q3": 0.0}], names=("KD", "KD → GRPO"))
+    with pytest.raises(ValueError, match=r"KD → GRPO, run 2: evaluated on other questions than KD, run 1 "
+                                         r"\(2 and 2; 'q2' is in one only\)"):
+        arc_eval.seed_paired_arrays(reference, [method[0], {"q1": 1.0, "q3": 0.0}], names=("KD", "KD → GRPO"),
+                                    runs=["run 1", "run 2"])
+    with pytest.raises(ValueError, match="KD has 2 runs and KD → GRPO 1"):
+        arc_eval.seed_paired_arrays(reference, method[:1], names=("KD", "KD → GRPO"))

@@ -14,6 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+import checkpoint  # noqa: E402
 import demo  # noqa: E402
 import experiment  # noqa: E402
 import rl  # noqa: E402
@@ -143,8 +144,12 @@ def test_a_resumed_unit_counts_the_time_its_interrupted_calls_spent(tmp_path):
     def interrupted(out):
         time.sleep(0.2)
         raise KeyboardInterrupt
-    def interrupted_after_making(out):
-        os.makedirs(out, exist_ok=True)
+    def interrupted_after_making(out):                     # after its first checkpoint
+        def write(tmp):
+            open(os.path.join(tmp, checkpoint.STATE_FILE), "w").close()
+            with open(os.path.join(tmp, checkpoint.CONFIG_FILE), "w") as f:
+                json.dump({"step": 1}, f)
+        checkpoint.save(out, write)
         interrupted(out)
     with pytest.raises(KeyboardInterrupt):
         units("long", interrupted_after_making, {}, resumable=True)
@@ -175,10 +180,19 @@ def test_kd_and_rl_pools_and_validation_and_test_are_disjoint():
     assert not (kd & rl or kd & val or kd & test or rl & val or rl & test or val & test)
 
 
-def test_a_seconds_record_without_its_unfinished_unit_is_not_counted(tmp_path):
-    (tmp_path / "long.seconds").write_text("1000.0")           # left by a unit whose directory was deleted
-    result = experiment.Units(str(tmp_path))("long", lambda out: {}, {}, resumable=True)
-    assert result["seconds"] < 1000 and not os.path.exists(tmp_path / "long.seconds")
+def test_time_is_counted_only_for_an_unfinished_unit_that_resumes_from_a_checkpoint(tmp_path):
+    (tmp_path / "gone.seconds").write_text("1000.0")           # left by a unit whose directory was deleted
+    result = experiment.Units(str(tmp_path))("gone", lambda out: {}, {}, resumable=True)
+    assert result["seconds"] < 1000 and not os.path.exists(tmp_path / "gone.seconds")
+    units = experiment.Units(str(tmp_path))
+
+    def interrupted_before_its_first_save(out):               # redone from scratch: its time is not the unit's
+        os.makedirs(out, exist_ok=True)
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        units("early", interrupted_before_its_first_save, {}, resumable=True)
+    assert units("early", lambda out: {}, {}, resumable=True)["seconds"] < 0.2
 
 
 def test_no_gradient_steps_counts_the_window_from_the_metrics(tmp_path):
