@@ -20,8 +20,9 @@ stay greedy), BM25 on the demo corpus:
   ragged replay  the decode limit of the rollout's whole workload: the same rows' recorded tokens fed
              turn by turn as rollout() feeds them (each turn one forward over the pending prompt or
              observation, then one per written token, rows leaving when their turn is done, the same
-             per-row key/value carry), the sampler run on every step; no stop checks, text, retrieval
-             or tokenising. Greedy, every step's argmax is checked against the recorded token.
+             per-row key/value carry), the sampler run on every step; no stop detection (it knows
+             each turn's length), text, retrieval or tokenising, and no forward for a dropped eos: a
+             lower bound. Greedy, every step's argmax is checked against the recorded token.
 "Tokens kept" = model-written tokens that end up in the trajectories (for the decodes: all new tokens);
 the figure compared is tokens kept per second of wall time, retrieval included where there is any.
 Each round runs every method once, in turn; the tables give medians over --repeats rounds, so load
@@ -163,9 +164,9 @@ def ragged_decode(model, tokenizer, questions, new_tokens: list[int], config: Ro
 def turn_segments(traj) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
     """A trajectory's tokens as the rollout fed them: the forced start (prompt and any prefix), then per
     turn (the tokens the model wrote, the forced tokens after them: an observation, a nudge, or none).
-    Read off the loss mask (1 = written). A turn whose only written token was a dropped eos leaves no
-    written tokens and joins its forced tokens to the previous turn's (one forward fewer than the
-    rollout ran)."""
+    Read off the loss mask (1 = written). A turn that ended in a dropped eos keeps its written tokens
+    but not the eos (and a turn that wrote only the eos joins its forced tokens to the previous turn's):
+    the replay then runs one forward fewer for it than the rollout, which spent one sampling the eos."""
     ids, mask = traj.input_ids, traj.loss_mask
     first = next((i for i, m in enumerate(mask) if m), len(ids))
     turns, i = [], first
@@ -189,8 +190,9 @@ def ragged_replay(model, tokenizer, trajectories, config: RolloutConfig | None =
     pending tokens (its prompt, or its last written token and the observation or nudge after it), then
     one forward per written token, a row leaving the batch when its turn's tokens are done — with the
     rollout's own per-row key/value carry between turns, and the sampler run on every step's logits (its
-    cost counted, its draw discarded: the recorded token is fed). No stop-tag checks, no text, no
-    retrieval, no tokenising: what is left of rollout() is the work any decoder of these rows must do.
+    cost counted, its draw discarded: the recorded token is fed). No text, retrieval or tokenising, and
+    no stop detection (it knows each turn's length, which any real decoder must find out), and one
+    forward fewer per eos-ended turn (turn_segments): a lower bound for decoding these rows.
     Greedy, it checks itself: the argmax of every step must be the recorded token (the count that was not
     goes to `differed_out`), i.e. the replay computed what the rollout computed."""
     sampling = config is not None and not config.greedy and config.temperature > 0

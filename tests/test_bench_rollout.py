@@ -31,3 +31,17 @@ def test_ragged_replay_feeds_the_rollouts_tokens_and_reproduces_every_greedy_one
     assert model.fed == fed_by_rollout and differed == [0]
     start, segments = bench_rollout.turn_segments(trajs[0])
     assert len(start) == trajs[0].prompt_length and len(segments) == 3 and segments[-1][1] == []
+
+
+def test_ragged_replay_runs_the_rollouts_forwards_and_one_fewer_per_dropped_eos(world, tokenizer):
+    """One row alone (no batch to hide a difference): the same forwards as the rollout, except the one
+    the rollout spends sampling an eos that the trajectory drops."""
+    question = world.test[0]["question"]
+    for turns, fewer in (([(3, "<search> alpha </search>\n"), (2, "<answer> d </answer>")], 0),
+                         ([(3, "eos"), (2, "<answer> d </answer>")], 1)):
+        model = ScriptedLM(tokenizer, {question: [say(tokenizer, *turn) for turn in turns]},
+                           inner=random_qwen2(tokenizer))
+        trajs = rollout(model, tokenizer, [question], ScriptedRetriever(), greedy())
+        by_rollout = len(model.modes)
+        bench_rollout.ragged_replay(model, tokenizer, trajs, greedy())
+        assert len(model.modes) - by_rollout == by_rollout - fewer
