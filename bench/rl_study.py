@@ -351,8 +351,9 @@ def main(argv=None) -> None:
     lines += [header]
     lines += [summary_row(name, results[name], start, arms[name][0], pool_size) for name in arms]
     if args.part == "forms":
+        # the selective form's β was chosen in --part study (its arms may live in another --out)
         lines += ["", "β chosen (" + BETA_RULE + "): " + ", ".join(
-            f"{form}* {chosen_beta(args.out, form)}" for form in ("dgpo-b", "dgpo-all-b", "ppo-pen-b")) + "."]
+            f"{form}* {chosen_beta(args.out, form)}" for form in ("dgpo-all-b", "ppo-pen-b")) + "."]
     if args.part == "answer":
         lines += ["", f"β = {beta}, chosen on the tuning seed {TUNING_SEED}: {BETA_RULE}."]
         keys = sorted(kd)
