@@ -111,10 +111,10 @@ class Design:
     no_gradient_window: int = 25
     lr: float = 3e-4                 # every RL arm's and KD continued's learning rate (the study's choice)
     # β of each teacher form, chosen by the study's rule (bench/rl_study.py BETA_RULE) on the tuning seed;
-    # None: not chosen yet (the arms that need it refuse to run)
+    # None: not chosen (the arms that need it refuse to run)
     beta_selective: float | None = 0.1       # KL as a loss on wrong rollouts (docs/rl_settings.md §4)
-    beta_all: float | None = None            # KL as a loss on every rollout (bench/rl_study.py --part forms)
-    beta_reward: float | None = None         # PPO's k1 reward penalty (bench/rl_study.py --part forms)
+    beta_all: float | None = 0.1             # KL as a loss on every rollout (§7; β 1 within 0.002 of it)
+    beta_reward: float | None = 0.001        # PPO's k1 reward penalty (§7; the grid's smallest β)
 
 
 PRESETS = {

@@ -81,24 +81,20 @@ def test_the_doc_gets_the_whole_table_and_the_readme_its_main_table_the_rest_kep
     assert main_table and "\n".join(main_table) in doc        # the headline is the doc's main table, verbatim
 
 
-def chosen_design():
-    return dataclasses.replace(experiment.Design(), beta_all=0.1, beta_reward=0.01)
-
-
 def test_every_rl_arm_samples_the_same_rollouts_per_step_on_the_same_questions_at_the_same_lr():
-    design = chosen_design()
+    design = experiment.Design()
     configs = {arm: experiment.rl_settings(design, arm, 1) for arm in experiment.ARMS}
     assert {(c.steps, c.prompts_per_step, c.group_size, c.lr, c.temperature) for c in configs.values()} == \
         {(design.rl_steps, 8, 8, 3e-4, 1.0)}
-    assert {c.beta for c in configs.values() if c.teacher_mode != "none"} == {0.1, 0.01}
-    assert configs["DGPO (PPO, reward penalty)"].beta == 0.01 and configs["DGPO (GRPO, KL on all)"].beta == 0.1
+    assert {c.beta for c in configs.values() if c.teacher_mode != "none"} == {0.1, 0.001}    # docs/rl_settings §4, §7
+    assert configs["DGPO (PPO, reward penalty)"].beta == 0.001 and configs["DGPO (GRPO, KL on all)"].beta == 0.1
     assert [arm for arm, c in configs.items() if c.drop_constant_groups] == [
         "KD → GRPO, drop constant groups", "DGPO (GRPO, selective KL), drop constant groups"]
 
 
 def test_an_arm_whose_beta_is_not_chosen_yet_refuses_to_run_and_says_how_to_choose_it():
     with pytest.raises(ValueError, match="beta_reward is not chosen yet.*--part forms"):
-        experiment.rl_settings(experiment.Design(), "DGPO (PPO, reward penalty)", 1)
+        experiment.rl_settings(experiment.Design(beta_reward=None), "DGPO (PPO, reward penalty)", 1)
 
 
 def test_the_experiment_runs_the_default_demo_chain_with_a_quarter_of_direct_answers_and_its_rl_settings():
