@@ -120,12 +120,13 @@ def add_retriever_client_args(parser) -> None:
     """How patient the client of a retrieval server is (used only with --retriever-url)."""
     retry, timeout = dict(ge=0), dict(gt=0)
     parser.add_argument("--retriever-retry-seconds", type=bounded(float, **retry), default=300.0, metavar="S",
-                        help="keep retrying a failing retrieval server for up to S seconds, with backoff and a line "
-                             "per retry, so a run rides out a server restart "
+                        help="keep retrying a retrieval server that refuses or drops the connection or answers 5xx for "
+                             "up to S seconds, with backoff and a line per retry, so a run rides out a server restart "
                              f"({settings.range_text(retry)}; 0: one attempt; default: 300)")
-    parser.add_argument("--retriever-timeout", type=bounded(float, **timeout), default=30.0, metavar="S",
-                        help="seconds one retrieval request may take; a CPU-FAISS server answering a large batch "
-                             f"needs more ({settings.range_text(timeout)}, default: 30)")
+    parser.add_argument("--retriever-timeout", type=bounded(float, **timeout), default=None, metavar="S",
+                        help="seconds one retrieval request may take; one that takes longer stops the run with an "
+                             "error, never sent again beside the first (a CPU-FAISS server answering a large batch "
+                             f"needs minutes) ({settings.range_text(timeout)}; default: no timeout, as Search-R1)")
 
 
 # what a person can act on: bad arguments, files, models, a missing optional package, a run that

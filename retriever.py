@@ -17,7 +17,8 @@ What it does
 - `format_passages` renders hits as the protocol's observation text (docs/method.md, 'The protocol').
 - `HTTPRetriever` speaks the Search-R1 retrieval API (`POST /retrieve`), so the rollout can use an
   e5 + FAISS server someone already runs. It rides out a server restart: a failed request is
-  repeated with backoff for up to `retry_seconds` (default 5 minutes), one stderr line per retry;
+  repeated with backoff for up to `retry_seconds` (default 5 minutes), one stderr line per retry,
+  but only when the server cannot still be working on it: one caller never has two requests in flight;
   a malformed reply or a URL that is not http(s):// is an error naming the URL.
 - `serve` / `python retriever.py serve` exposes a `BM25Retriever` through the same API, so several
   training ranks or nodes share one index (a listen backlog of 1024 for their simultaneous
@@ -68,6 +69,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -786,19 +788,27 @@ class HTTPRetriever:
     Reply:    {"result": [[{"document": {"id", "contents", ...}, "score": s}, ...] per query]}
     Standard library only.
 
-    Faults. A request that fails in a way a server can recover from (connection refused or reset,
-    a timeout of `timeout` seconds, HTTP 5xx, 408 or 429) is repeated until it succeeds or
+    Faults. One caller never has two requests in flight: a request is only ever sent again when the
+    server cannot still be working on the first one -- the connection was refused or reset, or the
+    server answered HTTP 5xx (but 504), 408 or 429. Those are repeated until one succeeds or
     `retry_seconds` have passed since the first attempt, so a server restart is ridden out: waits of
     `backoff` seconds, doubling up to `max_backoff`, each announced by one line on stderr naming the
-    URL, the error and the budget left. Then RuntimeError naming the URL and the budget. (An attempt
-    in progress is not cut short: the worst case is retry_seconds + timeout.) `retries`, if given,
-    also caps the number of repeats. Anything else fails at once, naming the URL: a URL that is not
-    http(s):// (at construction), HTTP 4xx (a request the server will never accept; with its
-    message), or a reply that is not the API's JSON."""
+    URL, the error and the budget left. Then RuntimeError naming the URL and the budget. `retries`,
+    if given, also caps the number of repeats. `timeout` is None by default: a request waits for its
+    reply however long the server takes, as Search-R1's `requests.post` does (no timeout,
+    search_r1/llm_agent/generation.py, `_batch_search`). With a `timeout`, a request that gets no
+    reply in time (or HTTP 504) fails at once, naming the URL and the number of queries, and is not
+    sent again: the server may still be searching it, and a second request beside it is the
+    concurrent load that Search-R1's one driver never puts on its e5 FAISS server. (Waiting on
+    instead is what no timeout already does.) Anything else fails at once too, naming the URL: a URL
+    that is not http(s):// (at construction), HTTP 4xx (a request the server will never accept;
+    with its message), or a reply that is not the API's JSON. Calls from several threads take turns
+    (a lock), so one client never overlaps itself either."""
 
-    def __init__(self, url: str, topk: int = 3, timeout: float = 30.0, retry_seconds: float = 300.0,
+    def __init__(self, url: str, topk: int = 3, timeout: float | None = None, retry_seconds: float = 300.0,
                  backoff: float = 0.5, max_backoff: float = 10.0, retries: int | None = None):
-        for name, value, positive in (("timeout", timeout, True), ("retry_seconds", retry_seconds, False),
+        for name, value, positive in ((("timeout", timeout, True),) if timeout is not None else ()) + (
+                                      ("retry_seconds", retry_seconds, False),
                                       ("backoff", backoff, False), ("max_backoff", max_backoff, True)):
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not number or value < 0 or (positive and value == 0):
@@ -818,6 +828,7 @@ class HTTPRetriever:
         self.url = base if base.endswith("/retrieve") else base + "/retrieve"
         self.topk, self.timeout, self.retry_seconds, self.retries = topk, timeout, retry_seconds, retries
         self.backoff, self.max_backoff = backoff, max_backoff
+        self._one_at_a_time = threading.Lock()
         # A proxy from the environment (http_proxy) cannot reach this machine's loopback server.
         loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
         self._opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if loopback else []))
@@ -856,11 +867,15 @@ class HTTPRetriever:
     def _post(self, payload: dict) -> dict:
         """The decoded reply to one request, repeated as the class docstring says."""
         body = json.dumps(payload).encode("utf-8")
+        with self._one_at_a_time:
+            return self._post_alone(body, len(payload.get("queries", ())))
+
+    def _post_alone(self, body: bytes, n_queries: int) -> dict:
         started = time.monotonic()
         wait, attempts = self.backoff, 0
         while True:
             attempts += 1
-            reply, error = self._attempt(body)
+            reply, error = self._attempt(body, n_queries)
             if error is None:
                 return reply
             left = started + self.retry_seconds - time.monotonic()
@@ -875,36 +890,51 @@ class HTTPRetriever:
             time.sleep(pause)
             wait = min(2 * wait, self.max_backoff)
 
-    def _attempt(self, body: bytes) -> tuple[dict | None, str | None]:
-        """(decoded reply, None), or (None, why) for a failure worth repeating; raises for the rest."""
+    def _attempt(self, body: bytes, n_queries: int) -> tuple[dict | None, str | None]:
+        """(decoded reply, None), or (None, why) for a failure after which the server holds no work of
+        this request (worth repeating); raises for the rest, a timeout among them."""
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
+            # urllib's default (a socket without a timeout) when self.timeout is None
+            opened = self._opener.open(request, **({} if self.timeout is None else {"timeout": self.timeout}))
+            with opened as response:
                 text = response.read()
         except urllib.error.HTTPError as e:
+            if e.code == 504:                # a proxy gave up on the server, which may still be searching
+                self._timed_out(n_queries, "HTTP 504 (gateway timeout)")
             if e.code < 500 and e.code not in (408, 429):  # the server will never accept this request
                 raise RuntimeError(f"retrieval server {self.url} rejected the request: HTTP {e.code}: "
                                    f"{e.read()[:500].decode('utf-8', 'replace')}") from None
             return None, f"HTTP {e.code}"
         except (OSError, http.client.HTTPException) as e:  # URLError: refused, reset, timeout, ...
             cause = e.reason if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException) else e
+            if isinstance(cause, TimeoutError):  # socket.timeout is TimeoutError since Python 3.10
+                self._timed_out(n_queries, f"{type(cause).__name__}: {cause}")
             return None, f"{type(cause).__name__}: {cause}"
         try:
             return json.loads(text), None
         except ValueError:  # not JSON, or not UTF-8
             raise RuntimeError(f"retrieval server {self.url} replied with invalid JSON: {text[:300]!r}") from None
 
+    def _timed_out(self, n_queries: int, error: str):
+        raise RuntimeError(f"retrieval server {self.url}: no reply to a batch of {n_queries} "
+                           f"quer{'y' if n_queries == 1 else 'ies'} within the timeout of {self.timeout:g} s "
+                           f"({error}); not sent again, since the server may still be searching it and a second "
+                           f"request would run beside it: raise --retriever-timeout, or leave it unset to wait "
+                           f"as Search-R1 does") from None
+
 
 # ----------------------------------------------------------------------------------------------
 # Which retriever a run uses
 
 def make_retriever(corpus: str | None, url: str | None, topk: int = 3, index: str | None = None,
-                   retry_seconds: float = 300.0, timeout: float = 30.0):
+                   retry_seconds: float = 300.0, timeout: float | None = None):
     """BM25 over a JSONL corpus (built at start-up) or over an index built once (`retriever.py index`,
     memory-mapped), or a Search-R1 retrieval server (checked once, so a dead URL stops the run here
     with a clear message instead of deep inside the first rollout). A server that fails is retried,
     a line per retry, for up to `retry_seconds` — at start-up and on every later request alike, so
-    a run rides out a server restart; `timeout` bounds one request."""
+    a run rides out a server restart; `timeout` (None: wait however long) bounds one request, which
+    then fails, never re-sent (HTTPRetriever)."""
     if sum(bool(x) for x in (corpus, url, index)) != 1:
         raise ValueError("give exactly one of --corpus FILE.jsonl[.gz], --index DIR or --retriever-url URL")
     if url:

@@ -603,17 +603,123 @@ def test_client_gives_up_when_the_retry_budget_runs_out_naming_the_url_and_budge
     assert len(capsys.readouterr().err.splitlines()) == len(attempts) - 1
 
 
-def test_a_hung_server_gives_a_line_per_timeout_not_silent_minutes(capsys):
+class SlowRetriever:
+    """A server's retriever that takes `delay` seconds a search and counts the searches running at
+    once. With `fail_on_overlap`, a search that starts while another runs raises, so the server answers
+    500, as a FAISS index searched from two threads at once may fail."""
+
+    def __init__(self, delay: float, fail_on_overlap: bool = False):
+        self.delay, self.fail_on_overlap = delay, fail_on_overlap
+        self.inner, self.lock = BM25Retriever(SMALL), threading.Lock()
+        self.running = self.most = self.calls = 0
+
+    def search(self, queries, topk=3):
+        with self.lock:
+            self.running += 1
+            self.calls += 1
+            self.most = max(self.most, self.running)
+            overlap = self.running > 1
+        try:
+            if overlap and self.fail_on_overlap:
+                raise RuntimeError("two searches at once")
+            time.sleep(self.delay)
+            return self.inner.search(queries, topk)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def slow_server(retriever):
+    server = make_server(retriever, "127.0.0.1", 0)
+    serve_in_thread(server)
+    return server, f"http://127.0.0.1:{server.server_address[1]}/retrieve"
+
+
+def stop(server):
+    server.shutdown()
+    server.server_close()                                  # waits for handlers still sleeping: bounded by the delay
+
+
+def test_a_timed_out_request_fails_naming_server_and_batch_and_is_never_sent_again(capsys):
+    """The fault of the issue: re-sending a timed-out request while the server still works on the first
+    put two searches on the server at once. Now one attempt, one clear error, one search running."""
+    slow = SlowRetriever(delay=1.0)
+    server, url = slow_server(slow)
+    client = HTTPRetriever(url, timeout=0.2, retry_seconds=30, backoff=0.01)
+    attempts = count_attempts(client)
+    try:
+        with pytest.raises(RuntimeError, match=re.escape(url) + r": no reply to a batch of 2 queries within the "
+                           r"timeout of 0\.2 s .*not sent again.*--retriever-timeout"):
+            client.search(["Lima", "Quito"])
+        time.sleep(1.2)                                    # past the server's delay: any re-send would show now
+    finally:
+        stop(server)
+    assert len(attempts) == 1 and slow.calls == 1 and slow.most == 1
+    assert "retrying" not in capsys.readouterr().err       # (the server logs the client that went away)
+
+
+def test_a_hung_server_with_a_timeout_fails_at_once_not_after_the_retry_budget():
     with socket.socket() as hung:                          # accepts connections (the backlog), never answers
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)
         url = f"http://127.0.0.1:{hung.getsockname()[1]}/retrieve"
-        # a budget of 10 timeouts: a loaded machine still fits the two retries asserted below
-        client = HTTPRetriever(url, timeout=0.2, retry_seconds=2.0, backoff=0.05)
-        with pytest.raises(RuntimeError, match=re.escape(url) + ".*retry_seconds=2\\b.*last error: TimeoutError"):
+        client = HTTPRetriever(url, timeout=0.2, retry_seconds=60)
+        attempts = count_attempts(client)
+        began = time.monotonic()
+        with pytest.raises(RuntimeError, match=re.escape(url) + ".*batch of 1 query within.*TimeoutError"):
             client.search(["Lima"])
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) >= 2 and all(f"{url}: TimeoutError" in line for line in lines)
+    assert len(attempts) == 1 and time.monotonic() - began < 10
+
+
+def test_without_a_timeout_a_slow_server_is_waited_for_with_one_request_in_flight():
+    """The default, as Search-R1: no timeout. Three threads share one client (as nothing in the project
+    does, but nothing stops a user): the client's lock still lets one request run at a time."""
+    slow = SlowRetriever(delay=0.3, fail_on_overlap=True)
+    server, url = slow_server(slow)
+    client = HTTPRetriever(url, retry_seconds=0)           # an overlap's 500 would fail the search, not be retried
+    assert client.timeout is None
+    results, errors = [], []
+
+    def call(query):
+        try:
+            results.append(client.search([query]))
+        except Exception as e:                             # noqa: BLE001 - reported by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(q,)) for q in ("Lima", "Quito", "Peru")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+    finally:
+        stop(server)
+    assert errors == [] and len(results) == 3
+    assert slow.calls == 3 and slow.most == 1
+
+
+def test_the_overlap_detector_itself_fails_on_two_requests_at_once():
+    """The check above would pass vacuously if the slow server could not see an overlap: two clients
+    (two callers) at once do overlap, and the second search fails."""
+    slow = SlowRetriever(delay=0.5, fail_on_overlap=True)
+    server, url = slow_server(slow)
+    errors = []
+
+    def call():
+        try:
+            HTTPRetriever(url, retry_seconds=0).search(["Lima"])
+        except RuntimeError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+    finally:
+        stop(server)
+    assert slow.most == 2 and len(errors) == 1 and "HTTP 500" in str(errors[0])
 
 
 def test_a_retry_budget_of_zero_makes_one_attempt():
@@ -632,7 +738,8 @@ def test_a_url_without_http_scheme_or_host_is_refused_at_construction(url):
 
 
 @pytest.mark.parametrize("keyword,value", [("retry_seconds", -1), ("retry_seconds", float("inf")),
-                                           ("retry_seconds", float("nan")), ("timeout", 0), ("backoff", -0.5),
+                                           ("retry_seconds", float("nan")), ("timeout", 0),
+                                           ("timeout", float("inf")), ("backoff", -0.5),
                                            ("max_backoff", 0), ("retries", -1), ("retries", 1.5)])
 def test_client_refuses_bad_retry_settings_naming_them(keyword, value):
     with pytest.raises(ValueError, match=f"HTTPRetriever: {keyword} must be"):

@@ -731,7 +731,7 @@ def test_retrieval_client_options_reach_the_client_and_are_range_checked(monkeyp
         assert not isinstance(train.retriever_from_args(args, 3, two_ranks)(), ddp.OneCallerRetriever)
     assert [(k["retry_seconds"], k["timeout"]) for k in seen] == [(7.0, 2.5)] * 6
     defaults = train.parse_args(["tgo", "--teacher", "t", "--out", "o", "--data", "q.jsonl"])
-    assert (defaults.retriever_retry_seconds, defaults.retriever_timeout) == (300.0, 30.0)
+    assert (defaults.retriever_retry_seconds, defaults.retriever_timeout) == (300.0, None)
     shown = subprocess.run([sys.executable, "arc_metric.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "--retriever-retry-seconds" in shown.stdout and "--retriever-timeout" in shown.stdout   # eval's parser
     bad = _cli("rl", "--student", "s", "--out", "o", "--data", "q.jsonl", "--retriever-timeout", "0")
