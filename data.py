@@ -6,8 +6,11 @@ the line (or Parquet row) in every error, so a malformed row never becomes a sil
     (Search-R1's `nq_hotpotqa_train/train.parquet` / `test.parquet`; needs the optional pyarrow). Field names
     are FlashRAG / Search-R1's, so their files load as they are:
     {"question": str, "golden_answers": [str, ...], "id"?: str, "data_source"?: str, ...}.
-    `golden_answers` may be a single string (some FlashRAG files) or an array; it becomes a list of str,
-    at least one of which must survive answer normalisation (["the"] or [""] could never be matched).
+    `golden_answers` may be a single string (some FlashRAG files) or an array; it becomes a list of str.
+    A row without it takes veRL's `reward_model.ground_truth.target`, which is what Search-R1's reward
+    reads (verl/trainer/main_ppo.py, RewardManager.__call__; verl/utils/reward_score/qa_em.py,
+    compute_score_em). A row whose every gold normalises to nothing ("The The", "") is kept and scored
+    as Search-R1 scores it -- it can never match -- and one warning counts such rows and names the first.
     A missing `id` becomes "<file stem>-<line>" (Parquet: "<file stem>-<row>", rows counted from 0 as
     pyarrow and pandas count them), a missing `data_source` the file stem. Search-R1's `reward_model`,
     `extra_info` and `ability` are dropped. Its `prompt` (the chat [{"role": "user", "content": …}] that
@@ -172,10 +175,14 @@ def read_parquet_rows(path: str) -> list[tuple[int, dict]]:
     try:
         parquet = pyarrow.parquet.ParquetFile(path)
         names = parquet.schema_arrow.names
-        for needed in ("question", "golden_answers"):
-            if needed not in names:
-                raise ValueError(f"{path}: no {needed!r} column (columns: {', '.join(names)})")
-        columns = [name for name in names if name not in SEARCH_R1_DROPPED]
+        if "question" not in names:
+            raise ValueError(f"{path}: no 'question' column (columns: {', '.join(names)})")
+        if "golden_answers" not in names and "reward_model" not in names:
+            raise ValueError(f"{path}: no 'golden_answers' column, nor veRL's 'reward_model' (whose "
+                             f"ground_truth.target holds the answers) (columns: {', '.join(names)})")
+        # reward_model is read only when it is where the answers are
+        columns = [name for name in names if name not in SEARCH_R1_DROPPED or
+                   (name == "reward_model" and "golden_answers" not in names)]
         rows = [row for batch in parquet.iter_batches(columns=columns) for row in batch.to_pylist()]
     except (pyarrow.ArrowException, OSError) as e:
         raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
@@ -202,23 +209,34 @@ def check_question(row: dict, where: str, default_id: str, default_source: str) 
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: 'question' must be a non-empty string")
-    golds = _as_list(row.get("golden_answers"))
+    given = "golden_answers" in row
+    golds = _as_list(row["golden_answers"] if given else verl_target(row))
     if not isinstance(golds, list) or not golds or not all(isinstance(g, str) for g in golds):
-        raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings")
+        raise ValueError(f"{where}: 'golden_answers' must be a non-empty list of strings" + ("" if given else
+                         " (absent here; nor does veRL's reward_model.ground_truth.target hold one)"))
     qid = row.get("id", default_id)
     if isinstance(qid, bool) or not isinstance(qid, (str, int)) or qid == "":
         raise ValueError(f"{where}: 'id' must be a non-empty string or an integer, got {qid!r}")
     source = row.get("data_source", default_source)
     if not isinstance(source, str) or not source:
         raise ValueError(f"{where}: 'data_source' must be a non-empty string")
-    if not any(normalize_answer(g) for g in golds):     # "the", "", "!!!": no answer could ever match
-        raise ValueError(f"{where}: every golden answer ({golds!r}) is empty once normalised (articles, "
-                         "punctuation and spaces removed), so no answer could ever score; fix or drop this row")
     kept = {k: v for k, v in row.items() if k not in SEARCH_R1_DROPPED}
     if "prompt" in row:
         kept["prompt"] = prompt_messages(row["prompt"], where)
     return {**kept, "id": str(qid), "question": str(question), "golden_answers": [str(g) for g in golds],
             "data_source": str(source)}
+
+
+def verl_target(row: dict):
+    """The answers of a veRL row, reward_model["ground_truth"]["target"], or None where it has none."""
+    truth = row.get("reward_model")
+    truth = truth.get("ground_truth") if isinstance(truth, dict) else None
+    return truth.get("target") if isinstance(truth, dict) else None
+
+
+def never_matches(question: dict) -> bool:
+    """True when every gold normalises to nothing ("The The", "", "!!!"): no answer can ever match it."""
+    return not any(normalize_answer(g) for g in question["golden_answers"])
 
 
 def prompt_messages(value, where: str) -> list[dict]:
@@ -278,6 +296,7 @@ def load_questions(path: str) -> list[dict]:
     parquet = extension == ".parquet"
     unit = "row" if parquet else "line"
     questions, first_seen, prompts_differ, first_differing = [], {}, 0, None
+    unmatchable, first_unmatchable = 0, None
     for n, row in read_parquet_rows(path) if parquet else read_jsonl(path):
         where = f"{path}: row {n}" if parquet else f"{path}:{n}"
         question = check_question(row, where, default_id=f"{stem}-{n}", default_source=stem)
@@ -291,7 +310,15 @@ def load_questions(path: str) -> list[dict]:
             if difference is not None:
                 prompts_differ += 1
                 first_differing = first_differing or (where, difference)
+        if never_matches(question):      # kept: Search-R1 scores it (0), and dropping it would change the mean
+            unmatchable += 1
+            first_unmatchable = first_unmatchable or (where, question["golden_answers"])
         questions.append(question)
+    if first_unmatchable is not None:
+        where, golds = first_unmatchable
+        warnings.warn(f"{where}: every golden answer ({golds!r}) is empty once normalised (articles, punctuation "
+                      f"and spaces removed); {unmatchable} of {len(questions)} rows are so. They are kept and "
+                      "scored as Search-R1 scores them: no answer can match, so each scores 0", stacklevel=2)
     if first_differing is not None:
         where, difference = first_differing
         warnings.warn(f"{where}: the prompt in the file is not the one rollout.py builds from 'question' "

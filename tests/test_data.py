@@ -599,12 +599,14 @@ def test_bad_parquet_row_names_file_and_row(tmp_path, bad, message):
         load_questions(path)
 
 
-@pytest.mark.parametrize("missing", ["question", "golden_answers"])
-def test_parquet_without_a_required_column_names_the_file_and_its_columns(tmp_path, missing):
+@pytest.mark.parametrize("missing, message", [
+    (("question",), "no 'question' column (columns: id, "),
+    (("golden_answers", "reward_model"), "no 'golden_answers' column, nor veRL's 'reward_model'")])
+def test_parquet_without_a_required_column_names_the_file_and_its_columns(tmp_path, missing, message):
     pa = pytest.importorskip("pyarrow")
-    schema = pa.schema([f for f in search_r1_schema(pa) if f.name != missing])
+    schema = pa.schema([f for f in search_r1_schema(pa) if f.name not in missing])
     path = write_parquet(tmp_path / "test.parquet", SEARCH_R1_TEST, schema)
-    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: no {missing!r} column (columns: id, ")):
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: {message}")):
         load_questions(path)
 
 
@@ -884,14 +886,68 @@ def test_tokenizer_key_that_is_not_a_fingerprint_string_names_file_and_line(tmp_
 # ----------------------------------------------------------------------------- answers that can never score
 
 
-@pytest.mark.parametrize("golds", [["the"], [""], ["A"], ["!!!", " an "]])
-def test_a_question_whose_every_gold_answer_normalises_to_nothing_is_refused_naming_the_line(tmp_path, golds):
-    path = write_lines(tmp_path / "q.jsonl", [json.dumps(GOOD_QUESTION),
-                                              json.dumps({**GOOD_QUESTION, "id": "q2", "golden_answers": golds})])
-    with pytest.raises(ValueError, match=where(path, 2) + r" every golden answer .* is empty once normalised"):
-        load_questions(path)
+@pytest.mark.parametrize("golds", [["The The"], ["the"], [""], ["A"], ["!!!", " an "]])
+def test_a_question_whose_every_gold_normalises_to_nothing_is_kept_scored_and_named_in_one_warning(tmp_path, golds):
+    """Search-R1 scores such a row (it can never match); refusing it refused a whole released file."""
+    from arc_metric import exact_match
+    rows = [GOOD_QUESTION, {**GOOD_QUESTION, "id": "q2", "golden_answers": golds},
+            {**GOOD_QUESTION, "id": "q3", "golden_answers": ["the"]}]
+    path = write_lines(tmp_path / "q.jsonl", [json.dumps(r) for r in rows])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_questions(path)
+    assert [q["id"] for q in loaded] == [GOOD_QUESTION.get("id", "q-1"), "q2", "q3"]
+    assert loaded[1]["golden_answers"] == golds
+    assert len(caught) == 1                                  # one line for the file, not one per row
+    message = str(caught[0].message)
+    assert message.startswith(f"{path}:2: every golden answer ({golds!r}) is empty once normalised")
+    assert "2 of 3 rows" in message and "\n" not in message
+    for answer in (golds[0], "the", "", "The The"):           # no answer scores, the blank one included
+        assert exact_match(answer, loaded[1]["golden_answers"]) == 0.0
     write_lines(tmp_path / "ok.jsonl", [json.dumps({**GOOD_QUESTION, "golden_answers": golds + ["The Hague"]})])
-    assert load_questions(str(tmp_path / "ok.jsonl"))[0]["golden_answers"] == golds + ["The Hague"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # a row with one real answer is not named
+        assert load_questions(str(tmp_path / "ok.jsonl"))[0]["golden_answers"] == golds + ["The Hague"]
+
+
+def test_a_released_parquet_with_a_the_the_row_loads_every_row_with_one_warning(tmp_path):
+    rows = SEARCH_R1_TEST + [search_r1_row("test_2", "which band sang hey ya?", ["The The"], "nq", 2)]
+    path = write_parquet(tmp_path / "test.parquet", rows)
+    with pytest.warns(UserWarning, match="^" + re.escape(f"{path}: row 3: every golden answer (['The The'])") +
+                      ".* 1 of 4 rows"):
+        loaded = load_questions(path)
+    assert loaded == [question_fields(row) for row in rows]
+
+
+def verl_only(pa, rows):
+    """Rows and schema of a veRL-style Parquet: the answers only in reward_model.ground_truth.target."""
+    schema = pa.schema([f for f in search_r1_schema(pa) if f.name != "golden_answers"])
+    return [{k: v for k, v in row.items() if k != "golden_answers"} for row in rows], schema
+
+
+def test_a_parquet_without_golden_answers_reads_verls_reward_model_target(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    rows, schema = verl_only(pa, SEARCH_R1_TEST)
+    path = write_parquet(tmp_path / "test.parquet", rows, schema)
+    assert load_questions(path) == [question_fields(row) for row in SEARCH_R1_TEST]   # reward_model dropped after
+    # where both are given, golden_answers wins (the target is not even read)
+    changed = [{**row, "reward_model": {"ground_truth": {"target": ["other"]}, "style": "rule"}} for row in SEARCH_R1_TEST]
+    assert load_questions(write_parquet(tmp_path / "both.parquet", changed)) == \
+        [question_fields(row) for row in SEARCH_R1_TEST]
+    # a JSONL row is read the same way
+    line = {"question": "q?", "reward_model": {"ground_truth": {"target": ["Oslo"]}}}
+    path = write_lines(tmp_path / "verl.jsonl", [json.dumps(line)])
+    assert load_questions(path)[0]["golden_answers"] == ["Oslo"]
+
+
+def test_a_verl_row_without_a_target_names_both_places(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    rows, schema = verl_only(pa, SEARCH_R1_TEST)
+    rows[1]["reward_model"] = {"ground_truth": {"target": []}, "style": "rule"}
+    path = write_parquet(tmp_path / "test.parquet", rows, schema)
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: row 1: 'golden_answers' must be a non-empty list "
+                                                         "of strings (absent here; nor does veRL's reward_model")):
+        load_questions(path)
 
 
 # ----------------------------------------------------------------------------- progress files
