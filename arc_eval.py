@@ -53,13 +53,8 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: r
     fields + every Trajectory field + `em` (the binary reward, scored on the model's own turns)."""
     raw = models.hf_model(model)
     records = []
-    chunks = [questions[i:i + batch_size] for i in range(0, len(questions), batch_size)]
-    # a retriever every rank calls together (ddp.OneCallerRetriever): every rank makes as many rollout()
-    # calls as the rank with the most chunks, the extra ones empty, each searching in lockstep
+    chunks = in_lockstep([questions[i:i + batch_size] for i in range(0, len(questions), batch_size)], retriever, dist)
     lockstep = getattr(retriever, "collective", False)
-    if lockstep:
-        most = int(max(ddp.all_gather_objects(dist, [len(chunks)])))
-        chunks += [[] for _ in range(most - len(chunks))]
     for chunk in tqdm(chunks, desc=desc, disable=desc is None or not dist.master, leave=False):
         with ddp.autocast(dist):
             trajs = rollout.rollout(raw, tokenizer, [q["question"] for q in chunk], retriever, rcfg,
@@ -67,6 +62,16 @@ def generate_records(model, tokenizer, questions: list[dict], retriever, rcfg: r
                                     lockstep=lockstep)
         records += arc_metric.scored_records(chunk, trajs, keys=("id", "question", "golden_answers", "data_source"))
     return records
+
+
+def in_lockstep(batches: list[list], retriever, dist: ddp.Dist | None) -> list[list]:
+    """`batches` padded with empty ones to the most any rank has, when the retriever is one every rank
+    calls together (ddp.OneCallerRetriever): every rank then makes as many rollout() calls, each
+    searching in lockstep. Otherwise `batches` as they are."""
+    if not getattr(retriever, "collective", False):
+        return batches
+    most = int(max(ddp.all_gather_objects(dist or ddp.Dist(), [len(batches)])))
+    return batches + [[] for _ in range(most - len(batches))]
 
 
 def evaluate_dir(model_dir: str, questions: list[dict], retriever, rcfg: rollout.RolloutConfig, dist: ddp.Dist,
@@ -254,7 +259,7 @@ def _answer_without_think(text: str) -> str | None:
 def evidence_given_probe(model, tokenizer, questions: list, retriever, config=None, evidence: str = "auto",
                          batch_size: int = 64, progress: bool = False, records: list | None = None,
                          needed: list | None = None, done: dict | None = None,
-                         on_batch=None) -> list[dict | None]:
+                         on_batch=None, dist: ddp.Dist | None = None) -> list[dict | None]:
     """The evidence-given probe (module docstring) on question rows; one result per row, in order.
 
     records: the rows' evaluation trajectories (aligned with questions), whose first search turn is
@@ -268,6 +273,8 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
     done: {primer name: {row index: that primer's result fields}} computed by an earlier, interrupted
     call with the same arguments (those rows are not generated again); on_batch(name, {row index:
     fields}) is called after every generated batch (evaluate appends them to its progress file).
+    A retriever every rank calls together (ddp.OneCallerRetriever, under torchrun) is called as often
+    on every rank: each rank's batches padded to the most any rank has (in_lockstep; `dist`).
     """
 
 
@@ -280,8 +287,9 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
     results: list[dict | None] = [None] * len(questions)
     turns = {i: probe_search_turn(tokenizer, questions[i]["question"], records[i] if records else None)
              for i in probed}
+    lockstep = getattr(retriever, "collective", False)
     first_hits = dict(zip(probed, retriever.search([turns[i][1] for i in probed], topk=config.topk))) \
-        if probed else {}
+        if probed or lockstep else {}
     # the first observation: w/o think gets every needed passage at once (its one answer has no
     # second hop); w/ think gets the first hop's, and each further search k gets hop k's
     shown_first = {"no_think": lambda i: needed[i], "think": lambda i: needed[i][:1]}
@@ -311,9 +319,9 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
         for i in fits:
             results[i].update(finished.get(i, {}))
         todo = [i for i in fits if i not in finished]
-        for start in tqdm(range(0, len(todo), batch_size), desc=f"evidence-given probe ({name})", unit="batch",
-                          disable=not progress):
-            batch = todo[start:start + batch_size]
+        batches = in_lockstep([todo[start:start + batch_size] for start in range(0, len(todo), batch_size)],
+                              retriever, dist)
+        for batch in tqdm(batches, desc=f"evidence-given probe ({name})", unit="batch", disable=not progress):
             searches = {i: 1 for i in batch}               # the forced search turn was search 1
 
             def search_fn(indices, queries, batch=batch, searches=searches):
@@ -327,7 +335,8 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
 
             trajectories = rollout.rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever,
                                            budgets[name], prefix_ids=[context[i] for i in batch], search_fn=search_fn,
-                                           chats=None if chats is None else [chats[i] for i in batch])
+                                           chats=None if chats is None else [chats[i] for i in batch],
+                                           lockstep=lockstep)
             generated = {}
             for i, trajectory in zip(batch, trajectories):
                 golds = questions[i]["golden_answers"]
@@ -341,7 +350,7 @@ def evidence_given_probe(model, tokenizer, questions: list, retriever, config=No
                 fields[f"response_{name}"] = tokenizer.decode(written, skip_special_tokens=True)
                 results[i].update(fields)
                 generated[i] = fields
-            if on_batch is not None:
+            if on_batch is not None and batch:
                 on_batch(name, generated)
     for i in probed:        # a context that fills the length budget leaves the row unprobed
         if "em_no_think" not in results[i] or "em_think" not in results[i]:
@@ -457,7 +466,8 @@ def _check_questions(questions: list) -> None:
 
 def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: bool = True, batch_size: int = 64,
              out_path: str | None = None, progress: bool = True, evidence: str = "auto",
-             progress_path: str | None = None, made_with: dict | None = None):
+             progress_path: str | None = None, made_with: dict | None = None, needed: list | None = None,
+             dist: ddp.Dist | None = None):
     """Greedy rollouts over question rows, every trajectory scored, the probe, and the ARC report.
 
     questions: rows {"question", "golden_answers", "id", "data_source", …} as data.load_questions
@@ -472,6 +482,11 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     `made_with`: the caller's description of model, data and retriever). A call that finds the file
     continues after what it holds, and refuses it if it was made otherwise. The caller deletes it
     once the results are safely written.
+
+    needed: needed_passages(questions, ...) if already computed (main: on rank 0, for every rank's
+    share). dist: under torchrun with a retriever every rank calls together (ddp.OneCallerRetriever),
+    each rank evaluates its own share of the questions and pads its batches to the most any rank has,
+    so every rank searches equally often (in_lockstep).
     """
 
 
@@ -481,31 +496,35 @@ def evaluate(model, tokenizer, questions: list, retriever, config=None, probe: b
     config = replace(config or rollout.RolloutConfig(), greedy=True)
     if config.max_total_tokens is None:          # never generate past the positions the model knows
         config = replace(config, max_total_tokens=rollout.default_length_budget(model))
-    needed = None
     if probe:                                    # the probe's own checks, before any rollout
-        needed = needed_passages(questions, retriever, evidence, progress=progress)
+        if needed is None:
+            needed = needed_passages(questions, retriever, evidence, progress=progress)
+        if len(needed) != len(questions):
+            raise ValueError(f"needed has {len(needed)} rows for {len(questions)} questions")
         check_probe_topk(needed, config.topk)
     rollout.check_prompts(tokenizer, questions, config.max_total_tokens, "question", config.prompt_from)
     saved = _Progress(progress_path, {"config": asdict(config), "probe": probe, "evidence": evidence,
                                       "questions": _questions_hash(questions), **(made_with or {})})
     records = [saved.records.get(i) for i in range(len(questions))]
     todo = [i for i, record in enumerate(records) if record is None]
-    for start in tqdm(range(0, len(todo), batch_size), desc="rollouts", unit="batch", disable=not progress):
-        batch = todo[start:start + batch_size]
+    batches = in_lockstep([todo[start:start + batch_size] for start in range(0, len(todo), batch_size)], retriever, dist)
+    for batch in tqdm(batches, desc="rollouts", unit="batch", disable=not progress):
         trajectories = rollout.rollout(model, tokenizer, [questions[i]["question"] for i in batch], retriever, config,
-                                       chats=rollout.row_chats([questions[i] for i in batch], config.prompt_from))
+                                       chats=rollout.row_chats([questions[i] for i in batch], config.prompt_from),
+                                       lockstep=getattr(retriever, "collective", False))
         for i, trajectory in zip(batch, trajectories):
             record = {**questions[i], **asdict(trajectory)}
             # the prompt as the official DGPO code decodes it (special tokens kept), for its proxies
             record["prompt_text"] = tokenizer.decode(trajectory.input_ids[:trajectory.prompt_length])
             record["scores"] = arc_metric.score_record(record)
             records[i] = record
-        saved.add([{"rollout": i, "record": records[i]} for i in batch])
+        if batch:
+            saved.add([{"rollout": i, "record": records[i]} for i in batch])
     probe_results = None
     if probe:
         probe_results = evidence_given_probe(
             model, tokenizer, questions, retriever, config, evidence=evidence, batch_size=batch_size,
-            progress=progress, records=records, needed=needed, done=saved.probe,
+            progress=progress, records=records, needed=needed, done=saved.probe, dist=dist,
             on_batch=lambda name, fields: saved.add([{"probe": name,
                                                       "results": {str(i): f for i, f in fields.items()}}]))
         for record, result in zip(records, probe_results):
@@ -556,7 +575,16 @@ def main(argv=None) -> dict:
     """`python arc_metric.py --model DIR --data questions.jsonl --corpus corpus.jsonl --out DIR`:
     prints the report as Markdown and writes DIR/report.json and DIR/trajectories.jsonl. Finished
     batches go to DIR/progress.jsonl as they complete; a rerun of the same command continues from
-    them (see evaluate), and the file is deleted once the results are written."""
+    them (see evaluate), and the file is deleted once the results are written.
+
+    Under torchrun (`torchrun --nproc_per_node=N train.py eval …`) each rank evaluates a contiguous
+    share of the questions on its own device; rank 0 alone talks to the retriever (it builds it, finds
+    the probe's evidence for every question, and sends every rank's searches of a turn as one request:
+    ddp.OneCallerRetriever), gathers the records and writes the one report, the one trajectories.jsonl
+    in question order and prints the table. Each rank keeps its own progress file,
+    DIR/progress.rank{r}-of-{N}.jsonl, so a rerun on as many ranks continues. The records are one
+    process's when each rank's batches hold the rows one process's would (always at --batch-size 1);
+    otherwise they may differ as a change of --batch-size can make them differ (padding in a batch)."""
     parser = cli.ArgumentParser(prog="arc_metric.py", description="Evaluate a Hugging Face model directory as "
                                 "a search agent: greedy rollouts, EM/F1/sub-EM and ARC per data source.")
     parser.add_argument("--model", required=True, help="HF model directory (AutoModelForCausalLM)")
@@ -585,17 +613,36 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    dist = ddp.setup()                   # under torchrun: this rank's device, gloo or NCCL
+    try:
+        return _run(parser, args, dist)
+    finally:
+        # a rank that leaves a gloo group without closing it can abort while another is in its last collective
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(parser, args, dist: ddp.Dist) -> dict:
+    """main's work, on this rank (see main)."""
+    if dist.enabled and args.device:
+        parser.error(f"--device {args.device}: under torchrun each rank evaluates on its own device "
+                     f"({dist.device} here); leave --device out")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out}: is a file; eval writes a directory (report.json, trajectories.jsonl)")
     done = [name for name in ("report.json", "trajectories.jsonl") if os.path.exists(os.path.join(args.out, name))]
     if done and not args.overwrite:
         parser.error(f"--out {args.out} already holds {', '.join(done)}; pass --overwrite to replace them")
-    checkpoint.check_writable(args.out)
+    if dist.master:
+        checkpoint.check_writable(args.out)
     started = time.perf_counter()
     questions = data.load_questions(args.data)
     if args.limit is not None:
         questions = data.sample_questions(questions, args.limit, seed=args.limit_seed)
-    progress_path = os.path.join(args.out, "progress.jsonl")
+    if len(questions) < dist.world_size:
+        raise ValueError(f"--data {args.data}: {len(questions)} questions for {dist.world_size} ranks; run "
+                         f"at most {len(questions)} (or one process: python train.py eval …)")
+    progress_path = os.path.join(args.out, "progress.jsonl" if not dist.enabled else
+                                 f"progress.rank{dist.rank}-of-{dist.world_size}.jsonl")
     inputs = checkpoint.input_fingerprints({"--model": args.model, "--tokenizer": args.tokenizer, "--data": args.data,
                                             "--corpus": args.corpus, "--index": args.index,
                                             "--retriever-url": args.retriever_url},
@@ -603,11 +650,26 @@ def main(argv=None) -> dict:
     # a rerun continues only with the same inputs, wherever they lie now (the paths are not compared)
     made_with = {"inputs": {arg: {k: v for k, v in fp.items() if k != "path"} for arg, fp in inputs.items()},
                  "limit": args.limit, "limit_seed": args.limit_seed}
-    retriever = retriever_lib.make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index,
-                                             retry_seconds=args.retriever_retry_seconds, timeout=args.retriever_timeout)
-    if not args.no_probe:                # the questions' supporting passages exist: before a model is loaded
-        check_supporting_ids(questions, retriever, args.probe_evidence)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    found = []                           # rank 0's retriever (every rank's searches go through it)
+
+    def find_evidence():                 # rank 0 alone: the retriever, and the probe's passages for every row
+        found.append(retriever_lib.make_retriever(args.corpus, args.retriever_url, args.topk, index=args.index,
+                                                  retry_seconds=args.retriever_retry_seconds,
+                                                  timeout=args.retriever_timeout))
+        if args.no_probe:
+            return None
+        # the questions' supporting passages exist: before a model is loaded
+        check_supporting_ids(questions, found[0], args.probe_evidence)
+        needed = needed_passages(questions, found[0], args.probe_evidence, progress=not args.no_progress)
+        check_probe_topk(needed, args.topk)
+        return needed
+
+    needed = ddp.on_master(dist, find_evidence, user_errors=cli.USER_ERRORS)
+    retriever = ddp.OneCallerRetriever(found[0] if found else None, dist) if dist.enabled else found[0]
+    # this rank's share: contiguous, so each data set's rows stay together and the gather keeps file order
+    lo, hi = len(questions) * dist.rank // dist.world_size, len(questions) * (dist.rank + 1) // dist.world_size
+    share, needed_share = questions[lo:hi], None if needed is None else needed[lo:hi]
+    device = dist.device if dist.enabled else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = models.load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
     model = models.load_model(args.model, ddp.Dist(device=device), trainable=False)
     config = rollout.RolloutConfig(max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
@@ -618,17 +680,32 @@ def main(argv=None) -> dict:
     if args.overwrite and os.path.exists(progress_path):   # only now: every input has loaded
         os.remove(progress_path)
     trajectories_path = os.path.join(args.out, "trajectories.jsonl")
-    _, report = evaluate(model, tokenizer, questions, retriever, config, probe=not args.no_probe,
-                         batch_size=args.batch_size, out_path=trajectories_path, progress=not args.no_progress,
-                         evidence=args.probe_evidence, progress_path=progress_path, made_with=made_with)
-    seconds = time.perf_counter() - started
-    print(arc_metric.render_table(report, title=f"{args.model} on {args.data} ({len(questions)} questions, greedy)"))
-    summary = {"model": args.model, "data": args.data, "retriever": args.corpus or args.index or args.retriever_url,
-               "questions": len(questions), "limit": args.limit, "limit_seed": args.limit_seed,
-               "config": asdict(config), "probe": not args.no_probe,
-               "probe_evidence": args.probe_evidence, "device": str(device), "seconds": round(seconds, 1),
-               "report": report}
-    report_path = write_report(args.out, summary)
-    os.remove(progress_path)
-    print(f"\nwrote {trajectories_path} and {report_path} in {seconds:.1f}s")
+    records, report = evaluate(model, tokenizer, share, retriever, config, probe=not args.no_probe,
+                               batch_size=args.batch_size, out_path=None if dist.enabled else trajectories_path,
+                               progress=not args.no_progress and dist.master, evidence=args.probe_evidence,
+                               progress_path=progress_path, made_with=made_with, needed=needed_share, dist=dist)
+    records = ddp.gather_objects(dist, records)     # under torchrun: every rank's, in question order, on rank 0
+
+    def write():                         # rank 0 alone; every rank learns whether it worked
+        final = finish_gathered(records, trajectories_path, probe=not args.no_probe) if dist.enabled else report
+        seconds = time.perf_counter() - started
+        print(arc_metric.render_table(final, title=f"{args.model} on {args.data} ({len(questions)} questions, greedy)"))
+        summary = {"model": args.model, "data": args.data, "retriever": args.corpus or args.index or args.retriever_url,
+                   "questions": len(questions), "limit": args.limit, "limit_seed": args.limit_seed,
+                   "config": asdict(config), "probe": not args.no_probe,
+                   "probe_evidence": args.probe_evidence, "device": str(device), "ranks": dist.world_size,
+                   "seconds": round(seconds, 1), "report": final}
+        report_path = write_report(args.out, summary)
+        print(f"\nwrote {trajectories_path} and {report_path} in {seconds:.1f}s")
+        return summary
+
+    summary = ddp.on_master(dist, write, user_errors=cli.USER_ERRORS)
+    os.remove(progress_path)             # each rank its own, once the results are written
     return summary
+
+
+def finish_gathered(records: list[dict], trajectories_path: str, probe: bool) -> dict:
+    """Rank 0, under torchrun: every rank's records written as one file, and their report — the
+    report evaluate returns in one process (arc_report over the same records and probe results)."""
+    data.write_jsonl(trajectories_path, records)
+    return arc_metric.arc_report(records, probe=[r["probe"] for r in records] if probe else None)

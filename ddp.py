@@ -2,9 +2,9 @@
 
 What it does: reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE into a `Dist` (NCCL on GPU, gloo on
 CPU), picks the precision (bf16 autocast on GPU, fp32 on CPU), prints on rank 0, and offers the two
-collectives the trainers need (a sum of numbers, a gather of Python objects) and DDP's gradient-
-accumulation switch, and `OneCallerRetriever` (all ranks' searches of a turn sent by rank 0 as one
-request). Without torchrun every helper is the one-process identity.
+collectives the trainers need (a sum of numbers, a gather of Python objects, work done on rank 0
+and broadcast) and DDP's gradient-accumulation switch, and `OneCallerRetriever` (all ranks' searches
+of a turn sent by rank 0 as one request). Without torchrun every helper is the one-process identity.
 
 What it does not do: load models, wrap them in DDP (models.wrap), or know anything about training.
 
@@ -85,6 +85,38 @@ def all_gather_objects(dist: Dist, items: list) -> list:
     gathered = [None] * dist.world_size
     torch_dist.all_gather_object(gathered, items)
     return [x for part in gathered for x in part]
+
+
+def on_master(dist: Dist, work, user_errors: tuple = ()):
+    """work() run on rank 0 alone, its result broadcast to every rank: what needs one caller (a search
+    server) or one copy (an index) is done once. An exception there is raised on every rank, so none
+    waits forever: rank 0's own; on the others a ValueError (for the `user_errors` types: a one-line
+    error) or a RuntimeError, naming rank 0 and the reason."""
+    if not dist.enabled:
+        return work()
+    reply, error = [None], None
+    if dist.master:
+        try:
+            reply = [("ok", work())]
+        except Exception as e:               # noqa: BLE001 - raised again below, on every rank
+            error, reply = e, [("user" if isinstance(e, user_errors) else "bug", f"{type(e).__name__}: {e}")]
+    torch_dist.broadcast_object_list(reply, src=0)
+    kind, value = reply[0]
+    if error is not None:
+        raise error
+    if kind != "ok":
+        raise (ValueError if kind == "user" else RuntimeError)(f"rank 0 failed: {value}")
+    return value
+
+
+def gather_objects(dist: Dist, items: list) -> list | None:
+    """Concatenates every rank's list on rank 0, in rank order; None on the others (what rank 0 alone
+    writes is held once, not on every rank as all_gather_objects would)."""
+    if not dist.enabled:
+        return items
+    gathered = [None] * dist.world_size if dist.master else None
+    torch_dist.gather_object(items, gathered, dst=0)
+    return [x for part in gathered for x in part] if dist.master else None
 
 
 class OneCallerRetriever:

@@ -464,6 +464,63 @@ def test_main_with_a_retrieval_server_finds_evidence_by_search(demo_files, retri
                                       record["golden_answers"])
 
 
+class CountingRetriever:
+    """A BM25 retriever behind the test's server that records how many searches run at once."""
+
+    def __init__(self, inner):
+        self.inner, self.lock, self.running, self.most, self.calls = inner, threading.Lock(), 0, 0, 0
+
+    def search(self, queries, topk=3):
+        with self.lock:
+            self.running, self.calls = self.running + 1, self.calls + 1
+            self.most = max(self.most, self.running)
+        try:
+            return self.inner.search(queries, topk)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def eval_command(root, paths, url, out, ranks):
+    args = ["train.py", "eval", "--model", str(root / "model"), "--data", paths["test"], "--retriever-url", url,
+            "--out", str(out), "--limit", "7", "--max-turns", "1", "--max-new-tokens", "6", "--batch-size", "1",
+            "--no-progress"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
+        if ranks > 1 else [sys.executable]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(launch + args, cwd=root_dir, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_writes_the_report_of_one_process_with_one_search_in_flight(demo_files, retriever,
+                                                                                         tmp_path):
+    """`torchrun --nproc_per_node=2 train.py eval` (gloo): each rank a share of 7 questions (3 and 4, so
+    the ranks make unequal numbers of rollout calls, padded in lockstep), rank 0 the one caller of the
+    server, one trajectories.jsonl and report.json: those of one process, record for record."""
+    root, paths = demo_files
+    counting = CountingRetriever(retriever)
+    server = retriever_lib.make_server(counting, port=0)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        one = eval_command(root, paths, url, tmp_path / "one", ranks=1)
+        assert one.returncode == 0, one.stderr[-3000:]
+        two = eval_command(root, paths, url, tmp_path / "two", ranks=2)
+        assert two.returncode == 0, two.stderr[-3000:]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert counting.most == 1
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("one", "two")]
+    assert reports[0]["report"] == reports[1]["report"] and reports[1]["ranks"] == 2
+    assert reports[0]["report"]["all"]["n"] == 7 and reports[0]["report"]["all"]["probe_coverage"] > 0
+    lines = [(tmp_path / name / "trajectories.jsonl").read_text().splitlines() for name in ("one", "two")]
+    assert lines[0] == lines[1] and len(lines[0]) == 7
+    assert sorted(os.listdir(tmp_path / "two")) == ["report.json", "trajectories.jsonl"]   # no progress left
+    assert two.stdout.count("| all | 7 |") == 1                                          # rank 0 prints
+
+
 @pytest.mark.slow
 def test_scoring_imports_without_torch_and_the_script_has_a_cli():
     check = "import sys, arc_metric; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"

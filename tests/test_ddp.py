@@ -124,3 +124,10 @@ def test_one_caller_is_the_retriever_itself_in_one_process():
     one = ddp.OneCallerRetriever(Recorder(), ddp.Dist())
     assert one.search(["a", "b"], topk=2) == [[{"contents": "a"}], [{"contents": "b"}]] and calls == [(["a", "b"], 2)]
     assert one.collective
+
+
+def test_on_master_and_gather_objects_are_the_identity_in_one_process():
+    assert ddp.on_master(ddp.Dist(), lambda: [1, 2]) == [1, 2]
+    assert ddp.gather_objects(ddp.Dist(), ["a", "b"]) == ["a", "b"]
+    with pytest.raises(KeyError):                       # rank 0's own error, as it was raised
+        ddp.on_master(ddp.Dist(), lambda: {}["missing"])
