@@ -6,8 +6,14 @@ What it does
   EM in {0, 1}), with a percentile interval from a paired bootstrap that resamples *questions*.
   Scores of several seeds, shape (S, N) with the same N questions in every row, are pooled: each
   resample draws N question indices and averages the difference over every seed and those
-  questions, so the interval counts the spread between questions (the thing a larger test set
-  shrinks) and the seeds' own spread through their mean.
+  questions. The interval is conditional on the runs: it counts the spread between questions (what
+  a larger test set shrinks), not the spread between seeds — a shift that moves one whole seed
+  moves the estimate but does not widen the interval.
+- `seed_interval(a, b)`: the other interval for pooled seeds, conditional on the questions: a
+  Student-t interval over the S seeds' mean differences, mean ± t_{S−1} · sd / √S. It widens with
+  the spread between seeds (what more seeds shrink). A t-interval rather than a bootstrap over seeds:
+  with 3 seeds a bootstrap has 10 distinct resamples and can never reach past the seeds' range.
+  What a seed replicates (the RL run only, or the whole chain) is the caller's to say.
 - `mcnemar_exact(a, b)`: the exact two-sided McNemar test on binary scores — only the questions on
   which the two disagree carry information: n01 (a wrong, b right) and n10 (a right, b wrong); under
   "no difference" n01 ~ Binomial(n01 + n10, 1/2).
@@ -49,11 +55,10 @@ def paired_difference(a, b, confidence: float = 0.95, resamples: int = 10_000, s
     a, b: per-question scores, shape (N,) or (S, N) — the same questions, in the same order, for
     the same S seeds. Returns {"diff", "low", "high", "n", "seeds"}. Deterministic for a seed.
     """
-    a, b = _as_runs(a), _as_runs(b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores need the same shape; got {a.shape} and {b.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
+    a, b = _paired_runs(a, b)
+    _check_confidence(confidence)
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a whole number ≥ 1; got {resamples!r}")
     per_question = (b - a).mean(axis=0)                           # (N,) the seeds' mean per question
     n = per_question.size
     rng = np.random.default_rng(seed)
@@ -64,7 +69,66 @@ def paired_difference(a, b, confidence: float = 0.95, resamples: int = 10_000, s
     tail = (1 - confidence) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return {"diff": float(per_question.mean()), "low": float(low), "high": float(high), "n": n,
-            "seeds": a.shape[0]}
+            "seeds": a.shape[0], "differing": int(np.count_nonzero(per_question))}
+
+
+def t_quantile(confidence: float, df: int) -> float:
+    """The t with P(|T| ≤ t) = confidence for Student's t with `df` (a whole number ≥ 1) degrees of freedom:
+    the closed-form distribution of integer df (Abramowitz & Stegun 26.7.3–4), inverted by bisection."""
+    _check_confidence(confidence)
+    if isinstance(df, bool) or not isinstance(df, int) or df < 1:
+        raise ValueError(f"degrees of freedom must be a whole number ≥ 1; got {df!r}")
+
+    def central(t: float) -> float:                               # P(|T| ≤ t)
+        theta = math.atan(t / math.sqrt(df))
+        c, s_ = math.cos(theta), math.sin(theta)
+        if df % 2:                                                # odd: 2/π (θ + sin θ Σ …)
+            term, total = c, c if df > 1 else 0.0
+            for k in range(3, df, 2):
+                term *= (k - 1) / k * c * c
+                total += term
+            return 2 / math.pi * (theta + s_ * total)
+        term, total = 1.0, 1.0                                    # even: sin θ (1 + Σ …)
+        for k in range(2, df, 2):
+            term *= (k - 1) / k * c * c
+            total += term
+        return s_ * total
+    low, high = 0.0, 1.0
+    while central(high) < confidence:
+        high *= 2
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if central(mid) < confidence else (low, mid)
+    return (low + high) / 2
+
+
+def seed_interval(a, b, confidence: float = 0.95) -> dict | None:
+    """mean(b − a) with a Student-t interval over the seeds: each seed's mean difference over the same N
+    questions, mean ± t_{S−1} · sd / √S (sd with S − 1). a, b of shape (S, N); None for one seed (no spread
+    to measure). Returns {"diff", "low", "high", "seeds", "per_seed": [each seed's mean difference]}."""
+    a, b = _paired_runs(a, b)
+    _check_confidence(confidence)
+    per_seed = (b - a).mean(axis=1)                               # (S,)
+    s = per_seed.size
+    if s < 2:
+        return None
+    half = t_quantile(confidence, s - 1) * float(per_seed.std(ddof=1)) / math.sqrt(s)
+    mean = float(per_seed.mean())
+    return {"diff": mean, "low": mean - half, "high": mean + half, "seeds": s,
+            "per_seed": [float(x) for x in per_seed]}
+
+
+def _paired_runs(a, b) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _as_runs(a), _as_runs(b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need the same shape (the same seeds and questions); got {a.shape} and "
+                         f"{b.shape}")
+    return a, b
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence}")
 
 
 def discordant_counts(a, b) -> tuple[int, int]:
@@ -105,14 +169,18 @@ def detectable_from_pairs(a, b, alpha: float = 0.05, power: float = 0.8) -> floa
     fraction: detectable_difference. It describes the design, so it does not shrink as the observed
     difference grows; it is 0 when the two never differ (then nothing can be said). The seeds' runs
     are taken as given: their training noise enters only through the averaged d_i."""
-    a, b = _as_runs(a), _as_runs(b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores need the same shape; got {a.shape} and {b.shape}")
+    a, b = _paired_runs(a, b)
     d = (b - a).mean(axis=0)                                      # (N,)
     z = NormalDist().inv_cdf
     return (z(1 - alpha / 2) + z(power)) * math.sqrt(float((d ** 2).mean()) / d.size)
 
 
-def format_difference(d: dict) -> str:
-    """'+0.031 [+0.012, +0.050]' — a difference and its interval, as the tables print it."""
+def format_difference(d: dict | None) -> str:
+    """'+0.031 [+0.012, +0.050]' — a difference and its interval, as the tables print it; a bootstrap over
+    questions none of which differ says so ('+0.000 (no question differs)'), since its zero-width interval is
+    no certainty; '–' for no interval (seed_interval of one seed)."""
+    if d is None:
+        return "–"
+    if d.get("differing", 1) == 0:
+        return f"{d['diff']:+.3f} (no question differs)"
     return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"

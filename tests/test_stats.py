@@ -8,10 +8,11 @@ import pytest
 import stats
 
 
-def test_identical_models_differ_by_exactly_zero_with_a_zero_width_interval():
+def test_identical_models_differ_by_zero_and_the_table_says_no_question_differs_not_a_zero_width_interval():
     a = np.array([1, 0, 1, 1, 0, 0, 1, 0])
     d = stats.paired_difference(a, a)
-    assert d == {"diff": 0.0, "low": 0.0, "high": 0.0, "n": 8, "seeds": 1}
+    assert d == {"diff": 0.0, "low": 0.0, "high": 0.0, "n": 8, "seeds": 1, "differing": 0}
+    assert stats.format_difference(d) == "+0.000 (no question differs)"
     assert stats.mcnemar_exact(a, a) == 1.0
 
 
@@ -42,9 +43,27 @@ def test_seeds_are_pooled_by_averaging_each_questions_difference_over_them():
     d = stats.paired_difference(a, b)
     assert d["seeds"] == 3 and d["n"] == 4
     assert d["diff"] == pytest.approx((b - a).mean())
-    # a question's seed-mean difference is what gets resampled: with every question alike, no spread
+    # a question's seed-mean difference is what gets resampled: with every question alike, no spread —
+    # the question-level interval is conditional on the runs, blind to a whole seed moving …
     same = stats.paired_difference(np.zeros((3, 5)), np.tile([[1.0], [0.0], [0.0]], (1, 5)))
     assert same["low"] == same["high"] == pytest.approx(1 / 3)
+    # … which the seed-level interval sees: seed means 1, 0, 0 → 1/3 ± t_2 · sd / √3, sd = √(1/3)
+    seeds = stats.seed_interval(np.zeros((3, 5)), np.tile([[1.0], [0.0], [0.0]], (1, 5)))
+    half = 4.302653 * math.sqrt(1 / 3) / math.sqrt(3)
+    assert seeds["diff"] == pytest.approx(1 / 3) and seeds["per_seed"] == [1.0, 0.0, 0.0]
+    assert (seeds["low"], seeds["high"]) == pytest.approx((1 / 3 - half, 1 / 3 + half), abs=1e-6)
+
+
+def test_t_quantile_matches_the_tables_and_the_seed_interval_is_none_for_one_seed():
+    for df, t in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)):
+        assert stats.t_quantile(0.95, df) == pytest.approx(t, abs=1e-4)
+    assert stats.t_quantile(0.99, 2) == pytest.approx(9.9248, abs=1e-4)
+    assert stats.seed_interval([0, 1, 1], [1, 1, 1]) is None
+    assert stats.format_difference(None) == "–"
+    # seeds that agree exactly: a zero-width seed interval around their common mean difference
+    a, b = np.zeros((3, 4)), np.array([[1, 0, 0, 0]] * 3)
+    assert stats.seed_interval(a, b) == {"diff": 0.25, "low": 0.25, "high": 0.25, "seeds": 3,
+                                         "per_seed": [0.25, 0.25, 0.25]}
 
 
 def test_mcnemar_exact_is_the_two_sided_binomial_tail_of_the_disagreements():
@@ -73,6 +92,12 @@ def test_bad_input_is_refused_with_the_reason():
         stats.paired_difference([], [])
     with pytest.raises(ValueError, match="discordant"):
         stats.detectable_difference(10, 1.5)
+    with pytest.raises(ValueError, match="resamples"):
+        stats.paired_difference([0, 1], [1, 1], resamples=0)
+    with pytest.raises(ValueError, match="same seeds and questions"):
+        stats.seed_interval(np.zeros((3, 4)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        stats.t_quantile(0.95, 0)
 
 
 def test_format_difference_prints_sign_and_interval():
