@@ -51,6 +51,7 @@ import ddp
 import demo
 import loop
 import models
+import records
 import retriever as retriever_lib
 import rl
 import rollout
@@ -125,7 +126,8 @@ PRESETS = {
 DEMO_MARKER = ".dgpo-demo"   # a directory holding this file was made by run_demo, which may replace it
 # what run_demo writes in its directory: a rerun deletes these, and nothing else
 DEMO_ENTRIES = ("data", "tokenizer", "init", "teacher", "base", "kd", "dgpo", "eval", "oracle.jsonl", "tgo.jsonl",
-                "tgo.jsonl.config.json", "tgo.jsonl.progress-rank0.jsonl", "results.json", DEMO_MARKER)
+                "tgo.jsonl.config.json", "tgo.jsonl.progress-rank0.jsonl", "results.json", "provenance.json",
+                DEMO_MARKER)
 
 
 @dataclass
@@ -215,6 +217,9 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
         raise ValueError("the demo chain runs in one process; use the stage subcommands with torchrun")
     preset = PRESETS[preset_name]()
     checkpoint.own_directory(out, DEMO_MARKER, DEMO_ENTRIES, "the demo")
+    # what made this run, for its records (records.py demo; results/README.md)
+    records.write_json(os.path.join(out, "provenance.json"),
+                       records.provenance(f"python train.py demo --preset {preset_name} --out {out}"))
     t_start = t = time.time()
     seconds = {}                          # wall time per stage, reported with the results
     w = demo_world(preset, out)

@@ -52,6 +52,7 @@ import demo  # noqa: E402
 import loop  # noqa: E402
 import models  # noqa: E402
 import retriever as retriever_lib  # noqa: E402
+import records  # noqa: E402
 import rl  # noqa: E402
 import rollout  # noqa: E402
 import stats  # noqa: E402
@@ -152,6 +153,12 @@ def train_arm(arm_dir: str, settings: dict, seed: int, demo_dir: str, pool: str,
            "--val", os.path.join(data, "validation.jsonl"), "--corpus", os.path.join(data, "corpus.jsonl"),
            "--out", run_dir, "--seed", str(seed)] + flags({**COMMON, **settings})
     has_state = checkpoint.resumable_step(run_dir) is not None
+    made = os.path.join(arm_dir, "provenance.json")
+    if not has_state or not os.path.isfile(made):       # what the run is made from, recorded when it starts
+        records.write_json(made, records.provenance(" ".join(cmd[1:]), threads=1, inputs={
+            "student": os.path.join(student or os.path.join(demo_dir, "kd"), "model.safetensors"),
+            "teacher": os.path.join(demo_dir, "teacher", "model.safetensors"), "pool": pool,
+            "validation": os.path.join(data, "validation.jsonl")}))
     run(cmd + (["--resume", run_dir] if has_state else ["--overwrite"]), os.path.join(arm_dir, "log.txt"))
     open(os.path.join(arm_dir, "trained"), "w").close()
 
@@ -161,9 +168,11 @@ def evaluate(model: str, demo_dir: str, out: str, log: str) -> dict[str, float]:
     path = os.path.join(out, "trajectories.jsonl")
     if not os.path.isfile(os.path.join(out, "report.json")):
         data = os.path.join(demo_dir, "data")
+        t0 = time.time()
         run([sys.executable, "train.py", "eval", "--model", model, "--data", os.path.join(data, "test.jsonl"),
              "--corpus", os.path.join(data, "corpus.jsonl"), "--out", out, "--no-probe", "--batch-size", "64",
              "--no-progress"] + flags({k: COMMON[k] for k in ("max_new_tokens", "eos_ends")}), log)
+        records.write_json(os.path.join(out, "seconds.json"), {"eval": round(time.time() - t0, 1)})
     with open(path) as f:
         rows = [json.loads(line) for line in f]
     return {r["id"]: r["scores"]["em"] for r in rows}
@@ -190,6 +199,44 @@ def do_arm(name: str, settings: dict, seed: int, args, student: str | None = Non
     result = arm_result(arm_dir, args.demo)
     print(f"{name}: done ({time.time() - t0:.0f} s this call)", flush=True)
     return result
+
+
+def write_answer_records(args, arms: dict, beta: float, beta_given: bool) -> None:
+    """--part answer's records into --records (layout: results/README.md): run.json (the design, β and where
+    it came from, each arm's settings, provenance, chosen checkpoint and seconds), the KD student's and the
+    teacher's test rows, and per arm its metrics rows and the test rows of its best and last checkpoints."""
+    out = args.records
+    evaluations = {"kd": "kd-eval", "teacher": "teacher-eval"}
+    for name, folder in evaluations.items():
+        records.write_rows(os.path.join(out, f"{name}.jsonl.gz"),
+                           records.question_rows(os.path.join(args.out, folder, "trajectories.jsonl")))
+    arm_records = {}
+    for name, (settings, seed) in arms.items():
+        arm_dir, run_dir = os.path.join(args.out, name), os.path.join(args.out, name, "run")
+        summary, metrics = records.rl_run_record(run_dir)
+        records.write_rows(os.path.join(out, name, "metrics.jsonl.gz"), metrics)
+        last_is_best = not os.path.isdir(os.path.join(arm_dir, "eval-last"))
+        eval_seconds = 0.0
+        for which in ("best",) + (() if last_is_best else ("last",)):
+            folder = os.path.join(arm_dir, f"eval-{which}")
+            records.write_rows(os.path.join(out, name, f"{which}.jsonl.gz"),
+                               records.question_rows(os.path.join(folder, "trajectories.jsonl")))
+            eval_seconds += records.read_json(os.path.join(folder, "seconds.json"))["eval"]
+        arm_records[name] = {**summary, "seed": seed, "arm": settings, "last_is_best": last_is_best,
+                             "test_eval_seconds": round(eval_seconds, 1),
+                             "made": records.read_json(os.path.join(arm_dir, "provenance.json"))}
+    records.write_json(os.path.join(out, "run.json"), {
+        "kind": "rl_answer", "command": "python bench/rl_study.py " + " ".join(sys.argv[1:]),
+        "common": COMMON, "tuning_seed": TUNING_SEED, "seeds": list(ANSWER_SEEDS), "beta": beta,
+        "beta_rule": BETA_RULE, "beta_source": ("given with --beta: chosen by the rule in an earlier run of "
+                                                "--part study, whose records were not kept") if beta_given else
+        "chosen by the rule from the study's arms in " + args.out,
+        "kd_pool": args.kd_pool, "evaluations": {name: f"{name}.jsonl.gz" for name in evaluations},
+        "eval_seconds": {name: records.read_json(os.path.join(args.out, folder, "seconds.json"))["eval"]
+                         for name, folder in evaluations.items()},
+        "demo": {name: records.fingerprint(os.path.join(args.demo, name, "model.safetensors"))
+                 for name in ("teacher", "kd")},
+        "arms": arm_records})
 
 
 def curve(metrics: list[dict], key: str) -> list[tuple[int, float]]:
@@ -303,6 +350,10 @@ def main(argv=None) -> None:
     p.add_argument("--jobs", type=int, default=2, help="arms run at once, one thread each")
     p.add_argument("--steps", type=int, default=COMMON["steps"], help="RL steps per arm (fewer: a check of the "
                    "pipeline, not the study)")
+    p.add_argument("--records", help="--part answer: write its records (results/README.md) into this directory, "
+                   "e.g. results/rl_answer")
+    p.add_argument("--beta", type=float, help="--part answer: DGPO's β as already chosen by BETA_RULE (when the "
+                   "study's arms are not in --out); default: chosen from the study's arms in --out")
     args = p.parse_args(argv)
     COMMON["steps"] = args.steps
     os.makedirs(args.out, exist_ok=True)
@@ -323,7 +374,7 @@ def main(argv=None) -> None:
         student = capacity_student(args.demo, args.out, args.preset)
         arms = {name: (settings, TUNING_SEED) for name, settings in CAPACITY.items()}
     else:
-        beta = chosen_beta(args.out)
+        beta = args.beta if args.beta is not None else chosen_beta(args.out)
         arms = {}
         for seed in ANSWER_SEEDS:
             arms[f"grpo-s{seed}"] = (GRPO, seed)
@@ -354,6 +405,8 @@ def main(argv=None) -> None:
         # the selective form's β was chosen in --part study (its arms may live in another --out)
         lines += ["", "β chosen (" + BETA_RULE + "): " + ", ".join(
             f"{form}* {chosen_beta(args.out, form)}" for form in ("dgpo-all-b", "ppo-pen-b")) + "."]
+    if args.part == "answer" and args.records:
+        write_answer_records(args, arms, beta, args.beta is not None)
     if args.part == "answer":
         lines += ["", f"β = {beta}, chosen on the tuning seed {TUNING_SEED}: {BETA_RULE}."]
         keys = sorted(kd)
