@@ -28,7 +28,7 @@ penalties refer to the policy that generated the tokens.
 import torch
 from torch.autograd.function import once_differentiable
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum-norm")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "token-sum-norm", "micro-token-mean")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,11 +299,20 @@ def _bool_mask(fn, mask, shape):
 
 
 def aggregate(values, mask, agg="token-mean", normaliser=None):
-    """Reduce per-token values v (B, T) over the loss mask m (B, T) to a scalar (veRL's modes).
+    """Reduce per-token values v (B, T) over the loss mask m (B, T) to a scalar.
 
         token-mean:           Σ_{i,t} m v / Σ_{i,t} m                       (or / normaliser)
         seq-mean-token-mean:  Σ_i [Σ_t m v / Σ_t m] / #{i : Σ_t m > 0}      (or / normaliser)
         token-sum-norm:       Σ_{i,t} m v / normaliser                      (normaliser required)
+        micro-token-mean:     token-mean's formula on one micro-batch
+
+    The first three are the loss_agg_mode values of later veRL releases; the veRL that Search-R1 pins
+    has no such option and makes the fourth: each micro-batch's own token-mean
+    (verl/trainer/ppo/core_algos.py, compute_policy_loss: masked_mean), divided by the number of
+    micro-batches (verl/workers/actor/dp_actor.py:208 and 275-276) and averaged over ranks, so a step's
+    loss is the mean over micro-batches and ranks of their token-means. Here the caller makes it by
+    passing each micro-batch its own token count × the number of micro-batches as the normaliser
+    (rl.micro_batch_settings); it equals token-mean when every micro-batch has as many loss tokens.
 
     normaliser replaces the batch's own denominator. Under DDP + gradient accumulation pass the
     GLOBAL count (loss tokens for token-mean, non-empty sequences for seq-mean-token-mean, or a

@@ -87,7 +87,9 @@ class RLConfig:
                                choices=("full", "k2", "k3"))
     clip_low: float = settings.setting(0.2, "ratio clip below: 1 − clip_low", ge=0, lt=1)
     clip_high: float = settings.setting(0.2, "ratio clip above: 1 + clip_high", ge=0)
-    agg: str = settings.setting("token-mean", "how token losses are averaged (dgpo.aggregate)",
+    agg: str = settings.setting("token-mean", "how token losses are averaged (dgpo.aggregate): token-mean over "
+                                "the whole step, or micro-token-mean, Search-R1's veRL: each micro-batch's own "
+                                "token-mean, averaged over micro-batches and ranks",
                                 choices=dgpo.AGG_MODES)
     entropy_coef: float = settings.setting(0.0, "entropy bonus c_H (the paper's PPO run: 0.001)", ge=0)
     critic_lr: float = settings.setting(1e-5, "PPO's critic (the paper: 1e-5)", ge=0, le=1)
@@ -395,7 +397,7 @@ def rl_normaliser(cfg: RLConfig, dist: ddp.Dist, records: list[dict]) -> float:
     """The denominator of every loss term, counted over ALL ranks and divided by the world size
     (DDP averages gradients): token count for token-mean, non-empty sequences for
     seq-mean-token-mean, sequences × max_new_tokens for token-sum-norm (a constant per step)."""
-    if cfg.agg == "token-mean":
+    if cfg.agg in ("token-mean", "micro-token-mean"):   # the latter's own is per micro-batch: micro_batch_settings
         return models.global_token_count(dist, records) / dist.world_size
     if cfg.agg == "seq-mean-token-mean":
         local = sum(1 for r in records if any(r["loss_mask"][1:]))
@@ -525,6 +527,17 @@ def loss_settings(cfg: RLConfig, normaliser: float, pg_normaliser: float | None,
                 vocab_size=vocab_size, entropy_coef=cfg.entropy_coef, pg_normaliser=pg_normaliser)
 
 
+def micro_batch_settings(settings: dict, cfg: RLConfig, chunk: list[dict], n_chunks: int) -> dict:
+    """The loss settings of one micro-batch of a rank's n_chunks: with --agg micro-token-mean, Search-R1's
+    veRL, its own loss tokens × n_chunks is every term's normaliser (dgpo.aggregate); else `settings`."""
+    if cfg.agg != "micro-token-mean":
+        return settings
+    own = models.loss_token_count(chunk) * n_chunks
+    pg = None if settings["pg_normaliser"] is None else \
+        models.loss_token_count([r for r in chunk if r.get("pg", True)]) * n_chunks   # --drop-constant-groups
+    return {**settings, "normaliser": own, "pg_normaliser": pg}
+
+
 def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], cfg: RLConfig, dist: ddp.Dist,
                      vocab_size: int, counters: dict, critic: Critic | None = None, filler: dict | None = None,
                      pg_records: list[dict] | None = None) -> dict:
@@ -554,7 +567,8 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
         batch = models.make_batch(chunk, dist.device)
         last = i == len(chunks) - 1
         with ddp.ddp_sync(model, last), ddp.autocast(dist):
-            loss, m = dgpo.dgpo_loss(**policy_inputs(model, teacher, chunk, batch, cfg, dist, vocab_size), **settings)
+            own = micro_batch_settings(settings, cfg, chunk, len(chunks))
+            loss, m = dgpo.dgpo_loss(**policy_inputs(model, teacher, chunk, batch, cfg, dist, vocab_size), **own)
             loss.backward()                   # even if not finite: every rank keeps in step with DDP
         finite &= math.isfinite(m["loss"])
         if critic is not None:
@@ -564,7 +578,7 @@ def minibatch_update(model, teacher, optimizer, scheduler, records: list[dict], 
                 vloss, vm = dgpo.value_loss(
                     values, models.padded([r["old_values"] for r in chunk], values.shape, dist.device),
                     models.padded([r["returns"] for r in chunk], values.shape, dist.device), batch.mask,
-                    clip=cfg.value_clip, agg=cfg.agg, normaliser=normaliser)
+                    clip=cfg.value_clip, agg=cfg.agg, normaliser=own["normaliser"])
                 vloss.backward()
             critic_finite &= math.isfinite(vm["vf_loss"])
             for key in ("vf_clip_frac", "value_mean"):
@@ -620,15 +634,16 @@ def term_grad_norms(model, teacher, chunks: list[list[dict]], cfg: RLConfig, dis
     penalty = cfg.teacher_as == "reward" and cfg.teacher_mode != "none"
     for chunk in chunks:
         batch = models.make_batch(chunk, dist.device)
+        own = micro_batch_settings(settings, cfg, chunk, len(chunks))
         with ddp.autocast(dist):
             inputs = policy_inputs(view, teacher, chunk, batch, cfg, dist, vocab_size)
-            terms, _ = dgpo.dgpo_terms(**inputs, **settings)
+            terms, _ = dgpo.dgpo_terms(**inputs, **own)
             if penalty and any("token_advantage" in r for r in chunk):
                 without = [r.get("advantage_without_penalty", r["advantage"]) for r in chunk]
                 base = (torch.tensor(without, device=dist.device) if not torch.is_tensor(without[0])
                         else models.padded(without, batch.targets.shape, dist.device))            # (B,) or (B, L)
                 surrogate, _ = dgpo.policy_loss(inputs["logp"], inputs["old_logp"], base, batch.mask, cfg.clip_low,
-                                                cfg.clip_high, cfg.agg, settings["normaliser"])
+                                                cfg.clip_high, cfg.agg, own["normaliser"])
                 terms["teacher"] = terms["surrogate"] - surrogate
                 terms["surrogate"] = surrogate
         names = [name for name, term in terms.items() if term.requires_grad]

@@ -201,6 +201,9 @@ def test_aggregate_modes_by_hand():
     assert dgpo.aggregate(V_, M_).item() == pytest.approx((1 + 2 + 3) / 3)
     assert dgpo.aggregate(V_, M_, "seq-mean-token-mean").item() == pytest.approx((1.5 + 3) / 2)
     assert dgpo.aggregate(V_, M_, "token-sum-norm", normaliser=6).item() == pytest.approx(1.0)
+    # one micro-batch's own token-mean (rl.micro_batch_settings passes its count × the micro-batches)
+    assert dgpo.aggregate(V_, M_, "micro-token-mean").item() == pytest.approx((1 + 2 + 3) / 3)
+    assert dgpo.aggregate(V_, M_, "micro-token-mean", normaliser=3 * 2).item() == pytest.approx((1 + 2 + 3) / 6)
     assert dgpo.aggregate(V_, M_, normaliser=12).item() == pytest.approx(0.5)
     assert dgpo.aggregate(V_, M_, "seq-mean-token-mean", normaliser=3).item() == \
         pytest.approx(4.5 / 3)

@@ -571,3 +571,44 @@ def test_a_short_ppo_run_is_finite_and_the_critic_fits_the_returns(world, retrie
 def test_questions_drawn_counts_prompts_per_step_or_the_refills_a_step_logged():
     steps = [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.2, "drawn_groups": 13}]
     assert rl.questions_drawn(steps, 8) == 8 + 13 and rl.questions_drawn([], 8) == 0
+
+
+def _update_loss_and_weights(model_dirs, records, cfg, lr):
+    """One minibatch_update from the student as saved: (its logged loss, the weights after SGD at lr)."""
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=True)
+    vocab = model.config.vocab_size
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    metrics = rl.minibatch_update(model, None, optimizer, scheduler, records, cfg, dist, vocab, {})
+    return metrics["loss"], [p.detach().clone() for p in model.parameters()]
+
+
+def test_micro_token_mean_is_search_r1s_mean_of_micro_batch_token_means(model_dirs, fixed_rollouts):
+    """--agg micro-token-mean (Search-R1's veRL: each micro-batch's masked_mean / gradient_accumulation):
+    the step's loss is the mean of the micro-batches' own token-means, and with micro-batches of equal
+    loss-token counts it is the global token-mean, gradient and all."""
+    records = data.load_trajectories(fixed_rollouts)
+    dist = ddp.Dist()
+    model = models.load_model(model_dirs["student"], dist, trainable=False)
+    cfg = rl.RLConfig(micro_batch_size=4, teacher_mode="none", warmup_ratio=0.0, grad_clip=1e9)
+    for r, lp, a in zip(records, rl.sampled_logprobs(model, records, cfg, model.config.vocab_size, dist),
+                        [1.0, -0.5, 0.3, -1.0] * 4):
+        r["old_logp"], r["advantage"] = lp, a
+    step = records[:7]
+    first, second = models.micro_batches(step, 4)                   # micro-batches of 4 and 3 rollouts
+    counts = [models.loss_token_count(part) for part in (first, second)]
+    assert counts[0] != counts[1]                                   # unequal: the two means differ
+    micro, token = (rl.RLConfig(**{**cfg.__dict__, "agg": agg}) for agg in ("micro-token-mean", "token-mean"))
+    alone = [_update_loss_and_weights(model_dirs, part, token, 0.0)[0] for part in (first, second)]
+    assert _update_loss_and_weights(model_dirs, step, micro, 0.0)[0] == pytest.approx(sum(alone) / 2)
+    global_mean = (alone[0] * counts[0] + alone[1] * counts[1]) / sum(counts)
+    assert _update_loss_and_weights(model_dirs, step, token, 0.0)[0] == pytest.approx(global_mean)
+    assert abs(global_mean - sum(alone) / 2) > 1e-4
+    # equal counts (the same micro-batch twice): the same loss and the same step
+    assert len({models.loss_token_count(part) for part in models.micro_batches(first + first, 4)}) == 1
+    loss_m, weights_m = _update_loss_and_weights(model_dirs, first + first, micro, 1.0)
+    loss_t, weights_t = _update_loss_and_weights(model_dirs, first + first, token, 1.0)
+    assert loss_m == pytest.approx(loss_t)
+    for a, b in zip(weights_m, weights_t):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
