@@ -797,7 +797,7 @@ class HTTPRetriever:
     if given, also caps the number of repeats. `timeout` is None by default: a request waits for its
     reply however long the server takes, as Search-R1's `requests.post` does (no timeout,
     search_r1/llm_agent/generation.py, `_batch_search`). With a `timeout`, a request that gets no
-    reply in time (or HTTP 504) fails at once, naming the URL and the number of queries, and is not
+    reply in time (or HTTP 504) fails at once (TimeoutError), naming the URL and the number of queries, and is not
     sent again: the server may still be searching it, and a second request beside it is the
     concurrent load that Search-R1's one driver never puts on its e5 FAISS server. (Waiting on
     instead is what no timeout already does.) Anything else fails at once too, naming the URL: a URL
@@ -917,7 +917,8 @@ class HTTPRetriever:
             raise RuntimeError(f"retrieval server {self.url} replied with invalid JSON: {text[:300]!r}") from None
 
     def _timed_out(self, n_queries: int, error: str):
-        raise RuntimeError(f"retrieval server {self.url}: no reply to a batch of {n_queries} "
+        # TimeoutError is an OSError: the command line prints it as one line (cli.USER_ERRORS)
+        raise TimeoutError(f"retrieval server {self.url}: no reply to a batch of {n_queries} "
                            f"quer{'y' if n_queries == 1 else 'ies'} within the timeout of {self.timeout:g} s "
                            f"({error}); not sent again, since the server may still be searching it and a second "
                            f"request would run beside it: raise --retriever-timeout, or leave it unset to wait "

@@ -648,7 +648,7 @@ def test_a_timed_out_request_fails_naming_server_and_batch_and_is_never_sent_aga
     client = HTTPRetriever(url, timeout=0.2, retry_seconds=30, backoff=0.01)
     attempts = count_attempts(client)
     try:
-        with pytest.raises(RuntimeError, match=re.escape(url) + r": no reply to a batch of 2 queries within the "
+        with pytest.raises(TimeoutError, match=re.escape(url) + r": no reply to a batch of 2 queries within the "
                            r"timeout of 0\.2 s .*not sent again.*--retriever-timeout"):
             client.search(["Lima", "Quito"])
         time.sleep(1.2)                                    # past the server's delay: any re-send would show now
@@ -666,7 +666,7 @@ def test_a_hung_server_with_a_timeout_fails_at_once_not_after_the_retry_budget()
         client = HTTPRetriever(url, timeout=0.2, retry_seconds=60)
         attempts = count_attempts(client)
         began = time.monotonic()
-        with pytest.raises(RuntimeError, match=re.escape(url) + ".*batch of 1 query within.*TimeoutError"):
+        with pytest.raises(TimeoutError, match=re.escape(url) + ".*batch of 1 query within.*TimeoutError"):
             client.search(["Lima"])
     assert len(attempts) == 1 and time.monotonic() - began < 10
 
