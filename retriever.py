@@ -796,9 +796,9 @@ class HTTPRetriever:
     URL, the error and the budget left. Then RuntimeError naming the URL and the budget. `retries`,
     if given, also caps the number of repeats. `timeout` is None by default: a request waits for its
     reply however long the server takes, as Search-R1's `requests.post` does (no timeout,
-    search_r1/llm_agent/generation.py, `_batch_search`). With a `timeout`, a request that gets no
-    reply in time (or HTTP 504) fails at once (TimeoutError), naming the URL and the number of queries, and is not
-    sent again: the server may still be searching it, and a second request beside it is the
+    search_r1/llm_agent/generation.py:450-458, `_batch_search`). With a `timeout`, a request that gets
+    no reply in time (or HTTP 504) fails at once (TimeoutError), naming the URL and the number of
+    queries, and is not sent again: the server may still be searching it, and a second request beside it is the
     concurrent load that Search-R1's one driver never puts on its e5 FAISS server. (Waiting on
     instead is what no timeout already does.) Anything else fails at once too, naming the URL: a URL
     that is not http(s):// (at construction), HTTP 4xx (a request the server will never accept;
