@@ -282,12 +282,28 @@ HEADER = ("| arm | test EM, best val | test EM, last | best − KD [95% CI] | qu
           "|---|---:|---:|---|---:|---|---|---|---:|---:|---|---|")
 
 
+PAIRED_HEADER = ("| comparison X − Y | questions | EM difference, question-level 95% interval | seed-level 95% "
+                 "interval | only X right | only Y right |\n|---|---:|---|---|---:|---:|")
+
+
+def answer_arms(beta: float) -> dict[str, tuple[dict, int]]:
+    """--part answer's arms: KD → GRPO and DGPO (β as chosen) on each reporting seed, never the tuning seed."""
+    arms = {}
+    for seed in ANSWER_SEEDS:
+        arms[f"grpo-s{seed}"] = (GRPO, seed)
+        arms[f"dgpo-s{seed}"] = (dict(beta=beta), seed)
+    return arms
+
+
 def paired_row(label: str, a: np.ndarray, b: np.ndarray) -> str:
-    """b − a over the same questions; a, b of shape (N,) or (seeds, N) (then each question's difference
-    is averaged over the seeds and the questions are resampled)."""
+    """b − a over the same questions, a and b of shape (N,) or (seeds, N): the difference with its
+    question-level interval (for seeds: each question's difference averaged over them, questions resampled),
+    the seed-level t-interval over the seeds' means ("–" for one run), and for one run the discordant
+    counts, only b right / only a right (results/README.md's convention for b − a)."""
     d = stats.paired_difference(a, b)
-    counts = " | ".join(map(str, stats.discordant_counts(b, a))) if np.ndim(a) == 1 else "- | -"
-    return f"| {label} | {d['n']} | {stats.format_difference(d)} | {counts} |"
+    seeds = stats.seed_interval(a, b) if np.ndim(a) == 2 else None
+    counts = " | ".join(map(str, stats.discordant_counts(a, b))) if np.ndim(a) == 1 else "– | –"
+    return f"| {label} | {d['n']} | {stats.format_difference(d)} | {stats.format_difference(seeds)} | {counts} |"
 
 
 BETA_RULE = ("of the study's arms of one teacher form (selective KL as a loss: dgpo-b*; KL on all rollouts: "
@@ -375,10 +391,7 @@ def main(argv=None) -> None:
         arms = {name: (settings, TUNING_SEED) for name, settings in CAPACITY.items()}
     else:
         beta = args.beta if args.beta is not None else chosen_beta(args.out)
-        arms = {}
-        for seed in ANSWER_SEEDS:
-            arms[f"grpo-s{seed}"] = (GRPO, seed)
-            arms[f"dgpo-s{seed}"] = (dict(beta=beta), seed)
+        arms = answer_arms(beta)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {name: pool.submit(do_arm, name, settings, seed, args, student)
                    for name, (settings, seed) in arms.items()}
@@ -394,8 +407,7 @@ def main(argv=None) -> None:
                          os.path.join(args.out, "capacity", "kd-eval.log"))
         keys = sorted(kd)
         lines += [f"KD student of the teacher's size: test EM {np.mean(list(start.values())):.3f}.", "",
-                  "| comparison | questions | EM difference [95% CI] | only first right | only second right |",
-                  "|---|---:|---|---:|---:|",
+                  PAIRED_HEADER,
                   paired_row("KD (teacher's size) − KD", np.array([kd[q] for q in keys]),
                              np.array([start[q] for q in keys])), ""]
         header = HEADER.replace("best − KD", "best − its start (the KD student of the teacher's size)")
@@ -416,8 +428,7 @@ def main(argv=None) -> None:
                                                                                  f"{COMMON['steps']})")):
             em = {arm: np.array([[results[f"{arm}-s{s}"][which][q] for q in keys] for s in ANSWER_SEEDS])
                   for arm in ("grpo", "dgpo")}                                    # (seeds, N)
-            lines += ["", f"| comparison ({label}) | questions | EM difference [95% CI] | "
-                      "only first right | only second right |", "|---|---:|---|---:|---:|"]
+            lines += ["", PAIRED_HEADER.replace("comparison", f"comparison ({label})", 1)]
             for i, seed in enumerate(ANSWER_SEEDS):
                 g, d = em["grpo"][i], em["dgpo"][i]
                 lines += [paired_row(f"seed {seed}: DGPO − KD", k, d),
