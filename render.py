@@ -1,0 +1,495 @@
+"""The docs' numbers, rendered from the records in results/: every table and number-bearing sentence the
+README and docs/ state about a run this project made.
+
+What it does: reads the records (records.py; layout in results/README.md) — the default demo's
+(results/demo) and the RL study's seeded answer (results/rl_answer) — computes every comparison the
+pages report (paired differences with the question-level bootstrap interval and, pooled over seeds, the
+seed-level t-interval beside it; discordant counts; McNemar p; error kinds; the smallest detectable
+difference) and writes each block between its markers in the pages:
+
+    <!-- render:NAME begin -->            ...rendered text...            <!-- render:NAME end -->
+
+`python render.py` rewrites the pages; `python render.py --check` exits 1 naming each block that differs
+from its render (tests/test_render.py runs the check on the committed pages and records).
+
+One convention for discordant counts, everywhere: a comparison "X − Y" lists the questions only X got
+right, then those only Y got right ("gained / lost" for X).
+
+What it does not: run anything, or render numbers whose records were not kept (the pages label those).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+import arc_metric
+import records
+import stats
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PAGES = ("README.md", "docs/demo.md", "docs/rl_settings.md")
+CHECKED = PAGES + ("docs/experiment.md",)    # no measured number outside a rendered or labelled block
+MARKER = re.compile(r"<!-- render:([a-z0-9-]+) (begin|end) -->")
+REGION = re.compile(r"^\s*<!-- (render:[a-z0-9-]+|unrecorded) (begin|end) -->")
+# a measured figure: a number with 2-4 decimals (EM 0.281, +0.039, 30.25), not a version (2.13.0) or an arXiv id
+MEASURED = re.compile(r"(?<![\w.])[+−-]?\d+\.\d{2,4}(?![\d.])")
+UNRECORDED_LABEL = "Records not kept"
+DISCORDANT = "only X right / only Y right, for X − Y"
+
+
+# -----------------------------------------------------------------------------
+# Comparisons
+
+
+def paired(x: np.ndarray, y: np.ndarray) -> dict:
+    """X − Y over the same questions: x, y of shape (N,) or (S, N). The question-level bootstrap interval
+    (conditional on the runs), for S > 1 the seed-level t-interval (conditional on the questions), for one
+    run the discordant counts (only X right, only Y right) and McNemar's exact p."""
+    out = {"questions": stats.paired_difference(y, x), "seeds": None}
+    if np.ndim(x) == 2 and len(x) > 1:
+        out["seeds"] = stats.seed_interval(y, x)
+    else:
+        x1, y1 = np.ravel(x), np.ravel(y)
+        only_y, only_x = stats.discordant_counts(x1, y1)
+        out.update(only_x=only_x, only_y=only_y, p=stats.mcnemar_exact(x1, y1))
+    return out
+
+
+def p_value(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def share(values, key: str) -> float:
+    return float(np.mean([v[key] for v in values]))
+
+
+# -----------------------------------------------------------------------------
+# The default demo (results/demo)
+
+
+class Demo:
+    """The default demo's records: run.json, a row per test question of each model, the RL stage's rows."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.run = records.read_json(os.path.join(path, "run.json"))
+        self.rows = {name: records.read_rows(os.path.join(path, file))
+                     for name, file in self.run["evaluations"].items()}
+        self.metrics = records.read_rows(os.path.join(path, "rl_metrics.jsonl.gz"))
+        self.reports = {name: records.question_means(rows) for name, rows in self.rows.items()}
+
+    def em(self, name: str) -> float:
+        return self.reports[name]["all"]["em"]
+
+    def versus_kd(self, name: str) -> dict:
+        x, y = records.paired_scores(self.rows[name], self.rows["KD only"], (name, "KD only"))
+        return paired(x, y)
+
+
+def machine(made: dict) -> str:
+    """'AMD EPYC, 2 cores, torch 2.13.0+cpu, 1 thread, commit 314fe9f' — where a run was made."""
+    threads = f"{made['threads']} thread" + ("s" if made["threads"] != 1 else "")
+    return (f"{made['cpu']}, {made['cores']} cores, no GPU, torch {made['torch']}, fp32, {threads}; code at commit "
+            f"{made['commit'][:7]}")
+
+
+def demo_em_table(d: Demo) -> str:
+    return arc_metric.render_comparison(d.reports, metric="em", title="EM on the demo test split")
+
+
+def demo_readme(d: Demo) -> str:
+    """The README's demo section: where and how long, the EM table, the three-line reading."""
+    made, n = d.run["made"], d.reports["KD only"]["all"]["n"]
+    rl = versus = d.versus_kd("DGPO")
+    q = versus["questions"]
+    steps = d.run["rl"]["settings"]["steps"]
+    return "\n".join([
+        f"On this project's machine ({machine(made)}) `{made['command']}` took "
+        f"**{d.run['seconds']['total'] / 60:.1f} minutes** and printed:", "",
+        demo_em_table(d), "",
+        f"Reading it, with the same run's ARC and paired tables ([docs/demo.md](docs/demo.md#the-other-tables);"
+        f" over all {n:,} test questions, where the table's Avg is the unweighted mean of the "
+        f"{len(d.reports['KD only']) - 1} sources):", "",
+        f"- The base student, never shown the protocol, scores {d.em('Student (base)'):.3f}; the teacher gets "
+        f"{d.em('Teacher'):.3f} of the unseen test questions right.",
+        f"- The cold start (KD) takes the smaller student from {d.em('Student (base)'):.3f} to "
+        f"{d.em('KD only'):.3f}.",
+        f"- {steps} DGPO steps then {'add' if q['diff'] >= 0 else 'change test EM by'} "
+        f"**{stats.format_difference(q)}** test EM {'over' if q['diff'] >= 0 else 'against'} the KD student "
+        f"(paired 95% interval over questions; {rl['only_x']} questions gained, {rl['only_y']} lost; McNemar "
+        f"p = {p_value(rl['p'])}) — one run, at RL seed 0, the RL study's tuning seed (the seed its settings "
+        f"were chosen on), so not an independent confirmation of them.",
+    ])
+
+
+def demo_time(d: Demo) -> str:
+    s, made = d.run["seconds"], d.run["made"]
+    parts = ", ".join(f"{name} {s[name]:.0f} s" for name in s if name != "total")
+    return (f"Measured on this project's machine ({machine(made)}), `{made['command']}`: "
+            f"**{s['total'] / 60:.1f} minutes** ({parts}).")
+
+
+def demo_stages(d: Demo) -> str:
+    r, n = d.run, d.reports["KD only"]["all"]
+    sources = {k: v["n"] for k, v in d.reports["KD only"].items() if k != "all"}
+    return (f"The default run builds the demo world — {r['passages']:,} passages; the scripted oracle's correct "
+            f"trajectories on {r['oracle_trajectories']:,} training questions teach the teacher; {n['n']:,} test "
+            f"questions (" + ", ".join(f"{v:,} {k}" for k, v in sources.items()) + "; the standard error of a test EM "
+            f"is ≤ {math.sqrt(0.25 / n['n']):.3f}); tgo kept the teacher's {r['tgo']['kept']:,} correct of "
+            f"{r['tgo']['rollouts']:,} KD-pool rollouts.")
+
+
+def demo_tables(d: Demo) -> str:
+    """Evidence-given EM, the ARC columns and the paired table against KD (this page's convention)."""
+    probe = arc_metric.render_comparison(d.reports, metric="probe_em_think",
+                                         title="Evidence-given EM, w/ think, on the demo test split")
+    columns = ["em", "f1", "hit_substr", "searches", "probe_em_no_think", "probe_em_think", "probe_own_turn",
+               "has_answer"]
+    arc = ["ARC (all test questions)", "", "| method | " + " | ".join(columns) + " |",
+           "|---" + "|---:" * len(columns) + "|"]
+    arc += [f"| {name} | " + " | ".join(f"{rep['all'].get(c, float('nan')):.3f}" for c in columns) + " |"
+            for name, rep in d.reports.items()]
+    pair = ["Paired on the same test questions (95% interval: bootstrap over questions; " + DISCORDANT + ")", "",
+            "| X − KD only | questions | EM difference [95% CI] | only X right | only KD right | McNemar p |",
+            "|---|---:|---|---:|---:|---:|"]
+    for name in d.rows:
+        if name != "KD only":
+            c = d.versus_kd(name)
+            pair.append(f"| {name} | {c['questions']['n']} | {stats.format_difference(c['questions'])} | "
+                        f"{c['only_x']} | {c['only_y']} | {p_value(c['p'])} |")
+    chosen = d.run["rl"]["chosen"]
+    steps = d.run["rl"]["settings"]["steps"]
+    how = (f"How the reported checkpoints were selected: Teacher and KD only are the last checkpoints of their "
+           f"stages; DGPO is the RL checkpoint with {chosen['rule']} — here step {chosen['step']} of {steps} "
+           f"(validation EM {chosen['val_em']:.3f})" + (", i.e. the KD model itself" if chosen["step"] == 0 else "")
+           + ". Avg is the unweighted mean over the sources (the paper's Avg); the ARC table's `em` and the paired "
+           f"table are over all {d.reports['KD only']['all']['n']:,} questions.")
+    return "\n".join([probe, "", *arc, "", *pair, "", how])
+
+
+def quarters(values: list[float]) -> tuple[float, float]:
+    q = max(1, len(values) // 4)
+    return float(np.mean(values[:q])), float(np.mean(values[-q:]))
+
+
+def demo_rl(d: Demo) -> str:
+    """What the RL stage did, from its metrics rows."""
+    m = d.metrics
+    steps = [x for x in m if "reward" in x]
+    val = [(x["step"], x["val_em"]) for x in m if "val_em" in x]
+    pool = [(x["step"], x["pool_em"]) for x in m if "pool_em" in x]
+    probe = [(x["step"], x["probe_reward"], x.get("probe_reward_se")) for x in m if "probe_reward" in x]
+    mixed = [x["mixed_groups"] for x in steps]
+    no_mixed = sum(1 for v in mixed if v == 0)
+    no_grad = sum(1 for x in steps if x.get("grad_norm", 1.0) == 0.0)
+    rollouts = d.run["rl"]["settings"]["prompts_per_step"] * d.run["rl"]["settings"]["group_size"]
+    line = lambda key: "{:.2f} → {:.2f}".format(*quarters([x[key] for x in steps]))  # noqa: E731
+    text = [f"Validation EM " + ", ".join(f"{v:.3f} (step {s})" for s, v in val) +
+            f"; step {d.run['rl']['chosen']['step']} was kept (the highest; ties go to the earlier step)."]
+    if pool:
+        text.append("Greedy EM on the RL-pool questions it evaluates: " + " → ".join(f"{v:.3f}" for _, v in pool)
+                    + ".")
+    if probe:
+        se = [p[2] for p in probe if p[2] is not None]
+        text.append("The sampled probe reward on the validation questions: " + " → ".join(f"{p[1]:.3f}" for p in probe)
+                    + (f" (standard error ≈ {np.mean(se):.3f})." if se else "."))
+    text.append(f"The signal: on average {np.mean(mixed):.2f} of a step's groups had mixed rewards "
+                f"({line('mixed_groups')}, first → last quarter), {np.mean([x['nonzero_adv'] for x in steps]):.1f} "
+                f"of its {rollouts} rollouts a non-zero advantage; {no_mixed} of the {len(steps)} steps had no mixed "
+                f"group and {no_grad} had no gradient at all; the sampled training reward {line('reward')}, the "
+                f"teacher KL on the wrong rollouts {line('teacher_kl')} nats a token, the sampled tokens' entropy "
+                f"{line('entropy')} nats, searches per rollout {line('searches')} (first → last quarter).")
+    return " ".join(text)
+
+
+def demo_reading(d: Demo) -> str:
+    """The 'how to read it' bullets whose numbers come from the demo's records."""
+    t, k, dg = (d.reports[n]["all"] for n in ("Teacher", "KD only", "DGPO"))
+    c = d.versus_kd("DGPO")
+    return "\n".join([
+        f"- The base student scores {d.em('Student (base)'):.3f}: pretrained on the corpus text, it has never "
+        "seen the protocol.",
+        f"- The teacher answers {d.run['tgo']['kept']:,} of its {d.run['tgo']['rollouts']:,} KD-pool questions "
+        f"(which it trained on) but {t['em']:.3f} of the unseen test questions. Handed the evidence with its own "
+        f"search turn, it answers {t['probe_em_think']:.3f}; forced to answer at once (w/o think), "
+        f"{t['probe_em_no_think']:.3f}.",
+        f"- The cold start carries the student from {d.em('Student (base)'):.3f} to {k['em']:.3f}, against the "
+        f"teacher's {t['em']:.3f}.",
+        f"- The RL stage then changed test EM by **{stats.format_difference(c['questions'])}** against the KD "
+        f"student ({c['only_x']} questions gained, {c['only_y']} lost; McNemar p = {p_value(c['p'])}); the hit "
+        f"ratio (a gold answer in the passages the model's own searches retrieved) {k['hit_substr']:.3f} → "
+        f"{dg['hit_substr']:.3f}, evidence-given EM w/ think {k['probe_em_think']:.3f} → "
+        f"{dg['probe_em_think']:.3f}, searches {k['searches']:.2f} → {dg['searches']:.2f}. One run, at the RL "
+        "study's tuning seed (0).",
+    ])
+
+
+# -----------------------------------------------------------------------------
+# The seeded answer (results/rl_answer)
+
+
+class Answer:
+    """The RL study's answer: KD → GRPO and DGPO on the reporting seeds, from one KD student."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.run = records.read_json(os.path.join(path, "run.json"))
+        read = lambda file: records.read_rows(os.path.join(path, file))  # noqa: E731
+        self.kd, self.teacher = read("kd.jsonl.gz"), read("teacher.jsonl.gz")
+        self.arms = self.run["arms"]
+        self.rows = {}
+        for name, arm in self.arms.items():
+            best = read(f"{name}/best.jsonl.gz")
+            self.rows[name] = {"best": best, "last": best if arm["last_is_best"] else read(f"{name}/last.jsonl.gz"),
+                               "metrics": read(f"{name}/metrics.jsonl.gz")}
+        self.seeds = self.run["seeds"]
+
+    def em(self, rows: list[dict]) -> float:
+        return records.question_means(rows)["all"]["em"]
+
+    def scores(self, arm: str, which: str, key: str = "em") -> np.ndarray:
+        """(seeds, N) scores of arm ("grpo", "dgpo", or "kd") at a checkpoint, questions in one order."""
+        out = []
+        for s in self.seeds:
+            rows = self.kd if arm == "kd" else self.rows[f"{arm}-s{s}"][which]
+            out.append(records.paired_scores(rows, self.kd, (f"{arm}-s{s}", "kd"), key)[0])
+        return np.array(out)
+
+
+ARM_LABEL = {"grpo": "KD → GRPO", "dgpo": "DGPO"}
+COMPARISONS = (("dgpo", "kd"), ("dgpo", "grpo"), ("grpo", "kd"))
+
+
+def label(arm: str, beta: float) -> str:
+    return {"kd": "KD", "grpo": "(KD → GRPO)", "dgpo": f"DGPO β {beta:g}"}[arm]
+
+
+def answer_arms(a: Answer) -> str:
+    """A row per arm and seed: test EM at both checkpoints, the curves' start → end, the signal."""
+    beta = a.run["beta"]
+    head = ["| arm | test EM, best val (step) | test EM, last | val EM start → end | RL-pool EM start → end | "
+            "probe reward start → end | mixed groups | steps without a gradient | entropy, first → last quarter | "
+            "teacher KL, first → last quarter |", "|---|---:|---:|---|---|---|---:|---:|---|---|"]
+    for arm in ("grpo", "dgpo"):
+        for s in a.seeds:
+            name = f"{arm}-s{s}"
+            rec, m = a.arms[name], a.rows[name]["metrics"]
+            steps = [x for x in m if "reward" in x]
+
+            def span(key: str) -> str:
+                c = [x[key] for x in m if key in x]
+                return f"{c[0]:.3f} → {c[-1]:.3f}" if c else "–"
+
+            def q(key: str) -> str:
+                v = [x[key] for x in steps if key in x]
+                return "{:.3f} → {:.3f}".format(*quarters(v)) if len(v) >= 4 and any(v) else "–"
+            head.append(f"| {ARM_LABEL[arm] + (f' β {beta:g}' if arm == 'dgpo' else '')}, seed {s} | "
+                        f"{a.em(a.rows[name]['best']):.3f} ({rec['chosen']['step']}) | {a.em(a.rows[name]['last']):.3f} | "
+                        f"{span('val_em')} | {span('pool_em')} | {span('probe_reward')} | "
+                        f"{np.mean([x['mixed_groups'] for x in steps]):.2f} | "
+                        f"{sum(1 for x in steps if x.get('grad_norm', 1.0) == 0.0)} | {q('entropy')} | {q('teacher_kl')} |")
+    return "\n".join(head)
+
+
+def answer_paired(a: Answer) -> str:
+    """Per seed and pooled, at both checkpoints: X − Y with the question-level interval, and pooled the
+    seed-level interval beside it; per seed the discordant counts and McNemar p."""
+    beta, steps = a.run["beta"], a.run["common"]["steps"]
+    lines = [f"| comparison | checkpoints | EM difference, question-level 95% interval | seed-level 95% interval "
+             f"(t over seed means) | only X right / only Y right | McNemar p |", "|---|---|---|---|---:|---:|"]
+    for which, name in (("best", "best validation"), ("last", f"last (step {steps})")):
+        em = {arm: a.scores(arm, which) for arm in ("kd", "grpo", "dgpo")}
+        for x, y in COMPARISONS:
+            title = f"{label(x, beta)} − {label(y, beta)}"
+            for i, s in enumerate(a.seeds):
+                c = paired(em[x][i], em[y][i])
+                lines.append(f"| seed {s}: {title} | {name} | {stats.format_difference(c['questions'])} | – | "
+                             f"{c['only_x']} / {c['only_y']} | {p_value(c['p'])} |")
+            c = paired(em[x], em[y])
+            lines.append(f"| **{len(a.seeds)} seeds: {title}** | {name} | {stats.format_difference(c['questions'])} | "
+                         f"{stats.format_difference(c['seeds'])} | – | – |")
+    return "\n".join(lines)
+
+
+def answer_where(a: Answer) -> str:
+    """Where DGPO's gain is, at the last checkpoints: the hit ratio, the error kinds, the gained questions that
+    were KD's retrieval misses."""
+    beta = a.run["beta"]
+    kd = records.question_means(a.kd)["all"]
+    kd_error = {(r["source"], r["id"]): r["error"] for r in a.kd}
+    hit = {arm: a.scores(arm, "last", "hit_substr") for arm in ("kd", "grpo", "dgpo")}
+    per_seed, gained_misses = [], []
+    for s in a.seeds:
+        rows = a.rows[f"dgpo-s{s}"]["last"]
+        means = records.question_means(rows)["all"]
+        read = sum(1 for r in rows if r["error"] == "read") / len(rows)
+        gained = [r for r in rows if r["error"] == "right" and kd_error[(r["source"], r["id"])] != "right"]
+        lost = [r for r in rows if r["error"] != "right" and kd_error[(r["source"], r["id"])] == "right"]
+        misses = sum(1 for r in gained if kd_error[(r["source"], r["id"])] == "miss")
+        gained_misses.append((len(gained), misses, len(lost)))
+        per_seed.append((means, read))
+    kd_read = sum(1 for r in a.kd if r["error"] == "read") / len(a.kd)
+    fmt = lambda c: f"{stats.format_difference(c['questions'])} (seed-level {stats.format_difference(c['seeds'])})"  # noqa: E731
+    return " ".join([
+        f"At the last checkpoints, against the KD student on the same test questions: the hit ratio (a gold answer "
+        f"in the passages the model's own searches retrieved) {kd['hit_substr']:.3f} → "
+        + " / ".join(f"{m['hit_substr']:.3f}" for m, _ in per_seed) + f" for DGPO β {beta:g} on seeds "
+        + ", ".join(map(str, a.seeds)) + f" (pooled DGPO − KD {fmt(paired(hit['dgpo'], hit['kd']))}; "
+        f"KD → GRPO − KD {fmt(paired(hit['grpo'], hit['kd']))}).",
+        f"The reading error (hit but wrong answer): KD {kd_read:.3f}, DGPO "
+        + " / ".join(f"{r:.3f}" for _, r in per_seed) + ".",
+        "Of the " + " / ".join(str(g) for g, _, _ in gained_misses) + " questions DGPO answered right and KD wrong, "
+        + " / ".join(str(m) for _, m, _ in gained_misses) + " were questions on which KD's searches had not found "
+        "the answer (retrieval misses); its losses: " + " / ".join(str(x) for _, _, x in gained_misses)
+        + " questions.",
+        f"Searches per question: KD {kd['searches']:.2f}, DGPO "
+        + " / ".join(f"{m['searches']:.2f}" for m, _ in per_seed) + f"; invalid actions per turn: KD "
+        f"{kd['invalid_rate']:.3f}, DGPO " + " / ".join(f"{m['invalid_rate']:.3f}" for m, _ in per_seed) + ".",
+    ])
+
+
+def answer_power(a: Answer) -> str:
+    """The smallest difference the design detects (80% power, two-sided 5%), from its own per-question scores."""
+    em = {arm: a.scores(arm, "last") for arm in ("kd", "grpo", "dgpo")}
+    per_seed = [stats.detectable_from_pairs(em["kd"][i], em["dgpo"][i]) for i in range(len(a.seeds))]
+    pooled = stats.detectable_from_pairs(em["kd"], em["dgpo"])
+    n = em["kd"].shape[1]
+    return (f"**Smallest detectable difference** (DGPO − KD at the last checkpoints; two-sided 5% test, 80% power, "
+            f"from the design's own per-question differences, `stats.detectable_from_pairs`): on {n:,} paired test "
+            f"questions {min(per_seed):.3f}–{max(per_seed):.3f} per seed and {pooled:.3f} pooled over "
+            f"{len(a.seeds)} seeds. This is the question-level design: it takes the seeds' runs as given; the "
+            f"seed-level interval beside each pooled row is what the spread between seeds allows.")
+
+
+def answer_summary(a: Answer) -> str:
+    """The headline sentence (README and docs/rl_settings.md): DGPO − KD and GRPO, pooled, both intervals."""
+    beta, seeds = a.run["beta"], a.seeds
+    em = {w: {arm: a.scores(arm, w) for arm in ("kd", "grpo", "dgpo")} for w in ("best", "last")}
+    best, last = (paired(em[w]["dgpo"], em[w]["kd"]) for w in ("best", "last"))
+    grpo_last = paired(em["last"]["grpo"], em["last"]["kd"])
+    positive = sum(1 for v in best["seeds"]["per_seed"] if v > 0)
+    grpo_steps = [a.arms[f"grpo-s{s}"]["chosen"]["step"] for s in seeds]
+    grpo_text = ("plain GRPO's best-validation checkpoint was the KD student itself (step 0) on every seed"
+                 if not any(grpo_steps) else "plain GRPO's best-validation checkpoints were steps "
+                 + ", ".join(map(str, grpo_steps)))
+    return (f"DGPO (β {beta:g}) − KD **{stats.format_difference(best['questions'])} test EM** (question-level "
+            f"95% interval; seed-level {stats.format_difference(best['seeds'])}), pooled over the {len(seeds)} "
+            f"reporting seeds ({', '.join(map(str, seeds))}), each run's checkpoint chosen by validation EM with "
+            f"step 0 competing; {stats.format_difference(last['questions'])} (seed-level "
+            f"{stats.format_difference(last['seeds'])}) at the last checkpoints; {positive} of {len(seeds)} seeds "
+            f"positive. {grpo_text[0].upper() + grpo_text[1:]} (its last checkpoints "
+            f"{stats.format_difference(grpo_last['questions'])}, seed-level "
+            f"{stats.format_difference(grpo_last['seeds'])}). The seeds replicate the RL run only: one world, one "
+            f"teacher and one KD student (the default demo's), RL seeds {', '.join(map(str, seeds))}.")
+
+
+def answer_start(a: Answer) -> str:
+    t, k = records.question_means(a.teacher)["all"], records.question_means(a.kd)["all"]
+    common = a.run["common"]
+    rule = "an end-of-sequence token ended a rollout (`--eos-ends`)" if common.get("eos_ends") else \
+        "Search-R1's rule (an end-of-sequence token is an invalid action; the rollout goes on)"
+    seconds = sum(arm["train_seconds"] + arm["test_eval_seconds"] for arm in a.arms.values())
+    made = next(iter(a.arms.values()))["made"]
+    return (f"Test EM ({k['n']:,} questions) of the KD student {k['em']:.3f} and the teacher {t['em']:.3f}, "
+            f"evaluated as the arms are (greedy; {rule} — in training and evaluation alike, so the KD student's "
+            f"figures here may differ from the default demo's, which runs Search-R1's rule). β {a.run['beta']:g}: "
+            f"{a.run['beta_source']}. The {len(a.arms)} arms took {seconds / 3600:.1f} core-hours "
+            f"({machine(made)}; training with its validation, and the test evaluations). Records: "
+            f"`results/rl_answer/`, made by `{a.run['command']}`.")
+
+
+# -----------------------------------------------------------------------------
+# Pages
+
+
+def blocks(results: str) -> dict[str, str]:
+    """Every block's text, by name, from the records under `results` (blocks of records not there are left out)."""
+    out = {}
+    if os.path.isfile(os.path.join(results, "demo", "run.json")):
+        d = Demo(os.path.join(results, "demo"))
+        out.update({"demo-readme": demo_readme(d), "demo-time": demo_time(d), "demo-stages": demo_stages(d),
+                    "demo-tables": demo_tables(d), "demo-rl": demo_rl(d), "demo-reading": demo_reading(d)})
+    if os.path.isfile(os.path.join(results, "rl_answer", "run.json")):
+        a = Answer(os.path.join(results, "rl_answer"))
+        out.update({"answer-summary": answer_summary(a), "answer-start": answer_start(a), "answer-arms": answer_arms(a),
+                    "answer-paired": answer_paired(a), "answer-where": answer_where(a),
+                    "answer-power": answer_power(a)})
+    return out
+
+
+def render_page(text: str, rendered: dict[str, str], where: str = "page") -> str:
+    """`text` with every marked block replaced by its render; a marker without its pair, or a block with no
+    render, is an error naming the page and the block."""
+    out, pos = [], 0
+    for match in MARKER.finditer(text):
+        name, kind = match.groups()
+        if kind == "end":
+            continue
+        end = text.find(f"<!-- render:{name} end -->", match.end())
+        if end < 0:
+            raise ValueError(f"{where}: block {name!r} has no end marker")
+        if name not in rendered:
+            raise ValueError(f"{where}: block {name!r} has no records to render it from (results/README.md)")
+        out += [text[pos:match.end()], "\n", rendered[name], "\n"]
+        pos = end
+    return "".join(out) + text[pos:]
+
+
+def unlabelled_numbers(text: str, where: str) -> list[str]:
+    """Lines outside every rendered block and every `<!-- unrecorded begin/end -->` region that state a measured
+    figure, as "page:line: text"; and each unrecorded region whose first line lacks the visible label."""
+    problems, region, label_due = [], None, False
+    for number, line in enumerate(text.splitlines(), 1):
+        mark = REGION.match(line)
+        if mark:
+            region = mark.group(1) if mark.group(2) == "begin" else None
+            label_due = region == "unrecorded"
+            continue
+        if label_due and line.strip():
+            if UNRECORDED_LABEL not in line:
+                problems.append(f"{where}:{number}: an unrecorded region must open with '{UNRECORDED_LABEL}'")
+            label_due = False
+        if region is None and MEASURED.search(line):
+            problems.append(f"{where}:{number}: {line.strip()[:100]}")
+    return problems
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Render the docs' numbers from the records in results/.")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 naming each page that differs")
+    p.add_argument("--results", default=os.path.join(REPO, "results"))
+    args = p.parse_args(argv)
+    rendered, stale = blocks(args.results), []
+    for page in PAGES:
+        path = os.path.join(REPO, page)
+        with open(path) as f:
+            text = f.read()
+        new = render_page(text, rendered, page)
+        if new != text:
+            stale.append(page)
+            if not args.check:
+                with open(path, "w") as f:
+                    f.write(new)
+    problems = []
+    for page in CHECKED:
+        with open(os.path.join(REPO, page)) as f:
+            problems += unlabelled_numbers(f.read(), page)
+    if problems:
+        print("render.py: measured figures with neither records nor a 'Records not kept' label:\n  "
+              + "\n  ".join(problems), file=sys.stderr)
+    if args.check and stale:
+        print("render.py: these pages differ from the render of results/: " + ", ".join(stale)
+              + " (run `python render.py`)", file=sys.stderr)
+    if problems or (args.check and stale):
+        return 1
+    print(("rendered: " + ", ".join(stale)) if stale else "every page is its render")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
