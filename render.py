@@ -60,6 +60,12 @@ def paired(x: np.ndarray, y: np.ndarray) -> dict:
     return out
 
 
+def eos_rule(eos_ends: bool) -> str:
+    """The rollout rule a table ran under, in words."""
+    return ("an end-of-sequence token ended a rollout (`--eos-ends`)" if eos_ends else
+            "Search-R1's rule (an end-of-sequence token is an invalid action and the rollout goes on)")
+
+
 def p_value(p: float) -> str:
     return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
 
@@ -95,7 +101,7 @@ def machine(made: dict) -> str:
     """'AMD EPYC, 2 cores, torch 2.13.0+cpu, 1 thread, commit 314fe9f' — where a run was made."""
     threads = f"{made['threads']} thread" + ("s" if made["threads"] != 1 else "")
     return (f"{made['cpu']}, {made['cores']} cores, no GPU, torch {made['torch']}, fp32, {threads}; code at commit "
-            f"{made['commit'][:7]}")
+            f"{made['commit'][:7]}" + (f"; {made['note']}" if made.get("note") else ""))
 
 
 def demo_em_table(d: Demo) -> str:
@@ -124,6 +130,8 @@ def demo_readme(d: Demo) -> str:
         f"(paired 95% interval over questions; {rl['only_x']} questions gained, {rl['only_y']} lost; McNemar "
         f"p = {p_value(rl['p'])}) — one run, at RL seed 0, the RL study's tuning seed (the seed its settings "
         f"were chosen on), so not an independent confirmation of them.",
+        f"- Every rollout of the run, in training and in evaluation, followed "
+        f"{eos_rule(d.run['rl']['settings']['eos_ends'])}.",
     ])
 
 
@@ -353,6 +361,42 @@ def answer_where(a: Answer) -> str:
     ])
 
 
+def excludes_zero(d: dict | None) -> str:
+    if d is None or d.get("differing", 1) == 0:
+        return "cannot say"
+    return "excludes 0" if d["low"] > 0 or d["high"] < 0 else "includes 0"
+
+
+def answer_reading(a: Answer) -> str:
+    """What the answer shows, each bullet a computed statement: the sign per seed and whether each interval
+    excludes 0, for DGPO − KD, GRPO − KD and DGPO − GRPO, and the sampled probe's movement."""
+    beta = a.run["beta"]
+    em = {w: {arm: a.scores(arm, w) for arm in ("kd", "grpo", "dgpo")} for w in ("best", "last")}
+    out = []
+    for x, y, what in (("dgpo", "kd", "The teacher term's gain over the cold start"),
+                       ("grpo", "kd", "Plain GRPO's gain over the cold start"),
+                       ("dgpo", "grpo", "DGPO against plain GRPO")):
+        parts = []
+        for w, name in (("best", "best-validation"), ("last", "last")):
+            c = paired(em[w][x], em[w][y])
+            positive = sum(1 for v in c["seeds"]["per_seed"] if v > 0)
+            parts.append(f"at the {name} checkpoints {positive} of {len(a.seeds)} seeds positive, pooled "
+                         f"{stats.format_difference(c['questions'])} (question-level interval "
+                         f"{excludes_zero(c['questions'])}; seed-level {stats.format_difference(c['seeds'])}, "
+                         f"{excludes_zero(c['seeds'])})")
+        out.append(f"- **{what}** ({label(x, beta)} − {label(y, beta)}): " + "; ".join(parts) + ".")
+    probe = {arm: [[x["probe_reward"] for x in a.rows[f"{arm}-s{s}"]["metrics"] if "probe_reward" in x]
+                   for s in a.seeds] for arm in ("grpo", "dgpo")}
+    se = [x["probe_reward_se"] for arm in ("grpo", "dgpo") for s in a.seeds
+          for x in a.rows[f"{arm}-s{s}"]["metrics"] if "probe_reward_se" in x]
+    if all(probe[arm] and all(probe[arm]) for arm in probe):
+        out.append("- **The sampled probe** (validation questions, one sample each at the training temperature): "
+                   + "; ".join(f"{ARM_LABEL[arm]} " + " / ".join(f"{c[0]:.3f} → {c[-1]:.3f}" for c in probe[arm])
+                               for arm in ("grpo", "dgpo"))
+                   + (f" (seeds {', '.join(map(str, a.seeds))}; standard error ≈ {np.mean(se):.3f})." if se else "."))
+    return "\n".join(out)
+
+
 def answer_power(a: Answer) -> str:
     """The smallest difference the design detects (80% power, two-sided 5%), from its own per-question scores."""
     em = {arm: a.scores(arm, "last") for arm in ("kd", "grpo", "dgpo")}
@@ -391,8 +435,7 @@ def answer_summary(a: Answer) -> str:
 def answer_start(a: Answer) -> str:
     t, k = records.question_means(a.teacher)["all"], records.question_means(a.kd)["all"]
     common = a.run["common"]
-    rule = "an end-of-sequence token ended a rollout (`--eos-ends`)" if common.get("eos_ends") else \
-        "Search-R1's rule (an end-of-sequence token is an invalid action; the rollout goes on)"
+    rule = eos_rule(common.get("eos_ends", False))
     seconds = sum(arm["train_seconds"] + arm["test_eval_seconds"] for arm in a.arms.values())
     made = next(iter(a.arms.values()))["made"]
     return (f"Test EM ({k['n']:,} questions) of the KD student {k['em']:.3f} and the teacher {t['em']:.3f}, "
@@ -418,7 +461,7 @@ def blocks(results: str) -> dict[str, str]:
         a = Answer(os.path.join(results, "rl_answer"))
         out.update({"answer-summary": answer_summary(a), "answer-start": answer_start(a), "answer-arms": answer_arms(a),
                     "answer-paired": answer_paired(a), "answer-where": answer_where(a),
-                    "answer-power": answer_power(a)})
+                    "answer-power": answer_power(a), "answer-reading": answer_reading(a)})
     return out
 
 

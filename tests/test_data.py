@@ -17,6 +17,7 @@ import pytest
 import data
 import demo
 import retriever
+from arc_metric import exact_match
 from data import load_questions, load_trajectories, read_jsonl, write_jsonl
 
 GOOD_QUESTION = {"id": "q1", "question": "Who founded Velmor Works?", "golden_answers": ["Ana Brel"],
@@ -889,7 +890,6 @@ def test_tokenizer_key_that_is_not_a_fingerprint_string_names_file_and_line(tmp_
 @pytest.mark.parametrize("golds", [["The The"], ["the"], [""], ["A"], ["!!!", " an "]])
 def test_a_question_whose_every_gold_normalises_to_nothing_is_kept_scored_and_named_in_one_warning(tmp_path, golds):
     """Search-R1 scores such a row (it can never match); refusing it refused a whole released file."""
-    from arc_metric import exact_match
     rows = [GOOD_QUESTION, {**GOOD_QUESTION, "id": "q2", "golden_answers": golds},
             {**GOOD_QUESTION, "id": "q3", "golden_answers": ["the"]}]
     path = write_lines(tmp_path / "q.jsonl", [json.dumps(r) for r in rows])

@@ -49,7 +49,9 @@ def test_small_preset_writes_a_row_for_every_method_and_the_paired_differences(s
     assert "| seed 1 | seed 2 | pooled | detectable |" in table
     for method, reference in experiment.COMPARISONS:                 # per seed and pooled, each with its interval
         row = next(line for line in table.splitlines() if line.startswith(f"| {method} − {reference} |"))
-        assert len(re.findall(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", row)) == 3, row
+        # an interval, or (the small preset's models rarely differ) the statement that no question differs
+        cells = r"[+-]\d\.\d{3} (?:\[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]|\(no question differs\))"
+        assert len(re.findall(cells, row)) == 3, row
     assert "the whole table from scratch takes" in runs[1]
     assert "| method | reward | wrong rollouts | mixed groups |" in table
     # the prompted base student never answers, so its GRPO has no gradient and stops after the window

@@ -11,6 +11,7 @@ import pytest
 import arc_eval
 import ddp
 import records
+import render
 import train
 
 
@@ -90,3 +91,15 @@ def test_paired_scores_line_questions_up_and_refuse_other_question_sets():
 def test_a_run_without_its_provenance_is_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit, match="provenance.json not found"):
         records.main(["demo", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_the_rendered_demo_tables_are_what_the_run_printed(small_demo, capsys):
+    run, out = small_demo
+    d = render.Demo(out)
+    names = {"Student (base)": "student", "Teacher": "teacher", "KD only": "kd", "DGPO": "dgpo"}
+    reports = {name: json.load(open(os.path.join(run, "eval", short, "report.json")))["report"]
+               for name, short in names.items()}
+    printed = arc_eval.comparison_tables(reports, split="the demo test split")
+    assert render.demo_em_table(d) in printed
+    probe_table = render.demo_tables(d).split("\n\nARC")[0]
+    assert probe_table in printed
