@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+import data
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 PROBE_FIELDS = ("em_no_think", "em_think", "own_turn")     # the probe's numbers a row keeps (not its text)
 
@@ -110,23 +112,9 @@ def write_rows(path: str, rows: list[dict]) -> None:
 
 
 def read_rows(path: str) -> list[dict]:
-    """The rows of a write_rows file; a line that is not a JSON object is an error naming file and line."""
-    rows = []
-    with gzip.open(path, "rt") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            rows.append(row)
-    return rows
-
-
-def _jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a records file (or any JSON-lines file, gzip'd or not); a line that is not a JSON object is
+    an error naming file and line (data.read_jsonl)."""
+    return [row for _, row in data.read_jsonl(path)]
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +134,7 @@ def question_rows(trajectories_path: str) -> list[dict]:
     scores (every ARC score of the trajectory), num_invalid, error (error_kind), and when the evaluation ran
     the probe: probe (its EMs, or None for a question it skipped)}."""
     rows = []
-    for record in _jsonl(trajectories_path):
+    for record in read_rows(trajectories_path):
         row = {"source": record["data_source"], "id": record["id"], "scores": record["scores"],
                "num_invalid": record["num_invalid"], "error": error_kind(record["scores"])}
         if "probe" in record:
@@ -199,7 +187,7 @@ def rl_run_record(run_dir: str) -> tuple[dict, list[dict]]:
     """An RL run's settings (train_config.json's config), the checkpoint its validation chose and why, and
     its metrics.jsonl rows (one a step; evaluation rows included), from the run's directory."""
     config = read_json(os.path.join(run_dir, "train_config.json"))
-    metrics = _jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    metrics = read_rows(os.path.join(run_dir, "metrics.jsonl"))
     best = config.get("best")
     summary = {"settings": config["config"], "steps_done": config["step"], "world_size": config.get("world_size"),
                "train_seconds": round(sum(m.get("step_s", 0.0) + m.get("eval_s", 0.0) for m in metrics), 1),
@@ -220,7 +208,8 @@ def demo_records(run_dir: str, out: str, made: dict) -> None:
     results = read_json(os.path.join(run_dir, "results.json"))
     tgo = read_json(os.path.join(run_dir, "tgo.jsonl.config.json"))
     rl_summary, metrics = rl_run_record(os.path.join(run_dir, "dgpo"))
-    oracle = sum(1 for _ in open(os.path.join(run_dir, "oracle.jsonl")))
+    with open(os.path.join(run_dir, "oracle.jsonl")) as f:
+        oracle = sum(1 for _ in f)
     with open(os.path.join(run_dir, "data", "corpus.jsonl")) as f:
         passages = sum(1 for _ in f)
     write_json(os.path.join(out, "run.json"), {

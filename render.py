@@ -362,7 +362,7 @@ def answer_where(a: Answer) -> str:
 
 
 def excludes_zero(d: dict | None) -> str:
-    if d is None or d.get("differing", 1) == 0:
+    if d is None or d.get("differing", 1) == 0 or ("per_seed" in d and max(d["per_seed"]) == min(d["per_seed"])):
         return "cannot say"
     return "excludes 0" if d["low"] > 0 or d["high"] < 0 else "includes 0"
 
@@ -442,7 +442,8 @@ def answer_start(a: Answer) -> str:
             f"evaluated as the arms are (greedy; {rule} — in training and evaluation alike, so the KD student's "
             f"figures here may differ from the default demo's, which runs Search-R1's rule). β {a.run['beta']:g}: "
             f"{a.run['beta_source']}. The {len(a.arms)} arms took {seconds / 3600:.1f} core-hours "
-            f"({machine(made)}; training with its validation, and the test evaluations). Records: "
+            f"({machine(made)}; training with its validation, and the test evaluations; wall time of one-thread runs, "
+            f"so other jobs sharing the two cores count in it). Records: "
             f"`results/rl_answer/`, made by `{a.run['command']}`.")
 
 

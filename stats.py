@@ -177,10 +177,13 @@ def detectable_from_pairs(a, b, alpha: float = 0.05, power: float = 0.8) -> floa
 
 def format_difference(d: dict | None) -> str:
     """'+0.031 [+0.012, +0.050]' — a difference and its interval, as the tables print it; a bootstrap over
-    questions none of which differ says so ('+0.000 (no question differs)'), since its zero-width interval is
-    no certainty; '–' for no interval (seed_interval of one seed)."""
+    questions none of which differ says so ('+0.000 (no question differs)'), and so does a seed interval over
+    seeds that agree exactly ('(every seed the same)'), since a zero-width interval is no certainty; '–' for no
+    interval (seed_interval of one seed)."""
     if d is None:
         return "–"
     if d.get("differing", 1) == 0:
         return f"{d['diff']:+.3f} (no question differs)"
+    if "per_seed" in d and max(d["per_seed"]) == min(d["per_seed"]):
+        return f"{d['diff']:+.3f} (every seed the same)"
     return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"

@@ -72,7 +72,7 @@ def test_records_are_byte_stable_and_a_bad_line_is_named(tmp_path):
     assert records.read_rows(first) == rows
     with gzip.open(second, "wt") as f:
         f.write('{"a": 1}\nnot json\n')
-    with pytest.raises(ValueError, match=r"2\.jsonl\.gz:2: not JSON"):
+    with pytest.raises(ValueError, match=r"2\.jsonl\.gz:2: not valid JSON"):
         records.read_rows(second)
 
 

@@ -64,6 +64,7 @@ def test_t_quantile_matches_the_tables_and_the_seed_interval_is_none_for_one_see
     a, b = np.zeros((3, 4)), np.array([[1, 0, 0, 0]] * 3)
     assert stats.seed_interval(a, b) == {"diff": 0.25, "low": 0.25, "high": 0.25, "seeds": 3,
                                          "per_seed": [0.25, 0.25, 0.25]}
+    assert stats.format_difference(stats.seed_interval(a, b)) == "+0.250 (every seed the same)"
 
 
 def test_mcnemar_exact_is_the_two_sided_binomial_tail_of_the_disagreements():
