@@ -758,6 +758,7 @@ def test_works_on_the_unwrapped_module_of_a_ddp_model(world, tokenizer, tmp_path
     # a bounded timeout: a stuck rendezvous fails the test instead of hanging the suite
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
+    ddp = None
     try:
         ddp = DistributedDataParallel(random_qwen2(tokenizer)).train()
         assert [t.input_ids for t in rollout(ddp.module, tokenizer, questions, NoRetriever(), config)] == expected
@@ -765,4 +766,7 @@ def test_works_on_the_unwrapped_module_of_a_ddp_model(world, tokenizer, tmp_path
         ddp(input_ids=torch.tensor([expected[0]])).logits.mean().backward()
         assert ddp.module.lm_head.weight.grad is not None
     finally:
+        # DDP (its reducer holds the group) goes before the group: freed after destroy_process_group, the
+        # gloo group's destructor once hung joining its worker threads (seen in a CI run of this suite)
+        del ddp
         dist.destroy_process_group()
