@@ -671,6 +671,17 @@ def test_a_hung_server_with_a_timeout_fails_at_once_not_after_the_retry_budget()
     assert len(attempts) == 1 and time.monotonic() - began < 10
 
 
+def run_then_stop(threads, server) -> None:
+    """Starts the threads, waits for each (20 s at most), then stops the loopback server whatever happened."""
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+    finally:
+        stop(server)
+
+
 def test_without_a_timeout_a_slow_server_is_waited_for_with_one_request_in_flight():
     """The default, as Search-R1: no timeout. Three threads share one client (as nothing in the project
     does, but nothing stops a user): the client's lock still lets one request run at a time."""
@@ -687,13 +698,7 @@ def test_without_a_timeout_a_slow_server_is_waited_for_with_one_request_in_fligh
             errors.append(e)
 
     threads = [threading.Thread(target=call, args=(q,)) for q in ("Lima", "Quito", "Peru")]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=20)
-    finally:
-        stop(server)
+    run_then_stop(threads, server)
     assert errors == [] and len(results) == 3
     assert slow.calls == 3 and slow.most == 1
 
@@ -712,13 +717,7 @@ def test_the_overlap_detector_itself_fails_on_two_requests_at_once():
             errors.append(e)
 
     threads = [threading.Thread(target=call) for _ in range(2)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=20)
-    finally:
-        stop(server)
+    run_then_stop(threads, server)
     assert slow.most == 2 and len(errors) == 1 and "HTTP 500" in str(errors[0])
 
 
