@@ -1,7 +1,8 @@
 """Distributed set-up, precision and rank-0 printing: the only places CPU and GPU differ.
 
 What it does: reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE into a `Dist` (NCCL on GPU, gloo on
-CPU), picks the precision (bf16 autocast on GPU, fp32 on CPU), prints on rank 0, and offers the two
+CPU), picks the precision (bf16 autocast on GPU; fp32 on CPU unless bf16 is asked for:
+`resolve_precision`), prints on rank 0, and offers the two
 collectives the trainers need (a sum of numbers, a gather of Python objects, work done on rank 0
 and broadcast) and DDP's gradient-accumulation switch, and `OneCallerRetriever` (all ranks' searches
 of a turn sent by rank 0 as one request). Without torchrun every helper is the one-process identity.
@@ -32,6 +33,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"      # "bf16": the forwards run under bf16 autocast (ddp.autocast)
 
     @property
     def master(self) -> bool:
@@ -45,7 +47,8 @@ class Dist:
 def setup() -> Dist:
     """Reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPU, gloo on CPU."""
     if "RANK" not in os.environ:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return Dist(device=device, precision=resolve_precision("auto", device))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -54,13 +57,47 @@ def setup() -> Dist:
         device, backend = torch.device("cpu"), "gloo"
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=backend)
-    return Dist(rank, world_size, local_rank, device)
+    return Dist(rank, world_size, local_rank, device, resolve_precision("auto", device))
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has native bf16 dot products (the avx512_bf16 or amx_bf16 flag in /proc/cpuinfo;
+    False where that file does not exist). Without them torch emulates bf16 matmuls, slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """--precision: "auto" is bf16 autocast on a GPU and fp32 on a CPU — on a CPU bf16 is only taken when
+    asked for, because its speed and its results against fp32 are measured per machine (bench/bench_speed.py,
+    docs/performance.md), not assumed; "bf16" on a CPU without native bf16 runs, emulated and slow."""
+    if choice not in PRECISIONS:
+        raise ValueError(f"--precision {choice!r}: expected one of {', '.join(PRECISIONS)}")
+    if choice == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return choice
+
+
+def precision_line(dist: Dist) -> str:
+    """What a run's log and records say about its arithmetic."""
+    if dist.device.type == "cuda":
+        return f"precision: {dist.precision} on {torch.cuda.get_device_name(dist.device)}"
+    native = "native bf16" if native_bf16_cpu() else "no native bf16 (bf16 would be emulated)"
+    return f"precision: {dist.precision} on CPU ({native}, {torch.get_num_threads()} threads)"
 
 
 def autocast(dist: Dist):
-    """bf16 autocast on GPU; fp32 on CPU (this CPU has no fast bf16)."""
-    if dist.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast when dist.precision is bf16 (the default on GPU), else fp32. The loss kernels
+    (dgpo.py) upcast their log-softmax to fp32 either way."""
+    if dist.precision == "bf16":
+        return torch.autocast(dist.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

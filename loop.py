@@ -448,3 +448,20 @@ def data_window(seed: int, n: int, start: int, size: int) -> list[int]:
             perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
         out.append(int(perms[epoch][offset]))
     return out
+
+
+def length_bucketed_window(seed: int, lengths: list[int], step: int, batch_size: int, bucket_steps: int) -> list[int]:
+    """The sequences of optimizer step `step` when batches are bucketed by length: the data_window of
+    `bucket_steps` consecutive steps (bucket_steps × batch_size items of the same endless stream) is
+    sorted by length and cut into bucket_steps batches of neighbouring lengths, which are taken in an
+    order drawn from (seed, window). Each window holds exactly the sequences it would hold unbucketed,
+    so every sequence is still seen once an epoch; a batch pads only to its own similar lengths.
+    bucket_steps 1 is data_window itself. Still a pure function of (seed, step): resume is exact."""
+    if bucket_steps <= 1:
+        return data_window(seed, len(lengths), step * batch_size, batch_size)
+    window, offset = divmod(step, bucket_steps)
+    items = data_window(seed, len(lengths), window * bucket_steps * batch_size, bucket_steps * batch_size)
+    items = sorted(items, key=lambda i: lengths[i])          # stable: equal lengths keep the stream's order
+    order = np.random.default_rng([seed, window, 1]).permutation(bucket_steps)
+    start = int(order[offset]) * batch_size
+    return items[start:start + batch_size]

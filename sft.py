@@ -57,6 +57,9 @@ class SupervisedConfig:
     grad_clip: float = settings.setting(1.0, "max global gradient norm", gt=0)
     lam: float = settings.setting(1.0, "λ of the KD term (docs/method.md §4)", ge=0)
     seed: int = settings.setting(0, "data order and any sampling", ge=0)
+    length_buckets: int = settings.setting(
+        1, "batches of N consecutive steps are drawn together and grouped by length, so each pads little "
+        "(loop.length_bucketed_window); 1 = no grouping", ge=1)
     eval_every: int = settings.setting(0, "held-out KD loss every N steps (0 = only at the end)", ge=0)
     save_every: int = settings.setting(0, "a resumable checkpoint every N steps (0 = only at the end)", ge=0)
 
@@ -112,12 +115,14 @@ def train_supervised(model, tokenizer, records: list[dict], cfg: SupervisedConfi
                                    info=run.info)
 
     per_rank = cfg.batch_size // dist.world_size
+    lengths = [len(r["input_ids"]) for r in records]
     model.train()
     with stage as steps:
         for step in steps:
             t0 = time.time()
-            # the global batch of this step: a window of a per-epoch permutation; each rank its slice
-            idx = loop.data_window(cfg.seed, len(records), step * cfg.batch_size, cfg.batch_size)
+            # the global batch of this step: a window of a per-epoch permutation (grouped by length over
+            # cfg.length_buckets steps); each rank its slice
+            idx = loop.length_bucketed_window(cfg.seed, lengths, step, cfg.batch_size, cfg.length_buckets)
             local = [records[i] for i in idx[dist.rank * per_rank:(dist.rank + 1) * per_rank]]
             normaliser = models.global_token_count(dist, local) / dist.world_size   # DDP averages over ranks
             chunks = models.micro_batches(local, cfg.micro_batch_size)

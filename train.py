@@ -93,15 +93,19 @@ PRESETS = {
     # the world twice the size of scale 1, so that 1,000 test and 500 validation questions leave 1,820 for
     # training (800 KD, 1,020 RL: 100 steps × 8 never repeat one); a teacher twice as long, which that world
     # needs (docs/rl_settings.md §1); the RL settings the study chose on its tuning seed (§4): G 8 at T 1.0
-    # so that most groups are mixed, lr 3e-4, β 0.1, with the instruments on
+    # so that most groups are mixed, lr 3e-4, β 0.1, with the instruments on; the speed settings measured
+    # in docs/performance.md: batches grouped by length over 16 steps, evaluations in batches of 256
     "default": lambda: DemoPreset(
-        teacher=sft.SupervisedConfig(steps=3000, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=50),
-        pretrain=sft.SupervisedConfig(steps=400, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=20),
-        kd=sft.SupervisedConfig(steps=1200, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=30),
-        rl=dict(steps=100, prompts_per_step=8, group_size=8, micro_batch_size=16, rollout_batch_size=64,
+        teacher=sft.SupervisedConfig(steps=3000, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=50,
+                                     length_buckets=16),
+        pretrain=sft.SupervisedConfig(steps=400, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=20,
+                                      length_buckets=16),
+        kd=sft.SupervisedConfig(steps=1200, batch_size=8, micro_batch_size=8, lr=4e-3, warmup_steps=30,
+                                length_buckets=16),
+        rl=dict(steps=100, prompts_per_step=8, group_size=8, micro_batch_size=16, rollout_batch_size=256,
                 lr=3e-4, warmup_ratio=0.1, beta=0.1, temperature=1.0, max_new_tokens=64, eval_every=25,
                 probe_samples=1, pool_eval_limit=200),
-        world_scale=2, n_test=1000, n_validation=500, rl_pool=1020),
+        world_scale=2, n_test=1000, n_validation=500, rl_pool=1020, eval_batch_size=256),
     # the scale-1 world and the first RL settings (T 0.7, G 4, β 1, 30 steps): the chain the previous
     # experiment's table (docs/experiment.md, bench/experiment.py) ran on
     "scale1": lambda: DemoPreset(
@@ -219,7 +223,8 @@ def run_demo(preset_name: str, out: str, dist: ddp.Dist) -> dict:
     checkpoint.own_directory(out, DEMO_MARKER, DEMO_ENTRIES, "the demo")
     # what made this run, for its records (records.py demo; results/README.md)
     records.write_json(os.path.join(out, "provenance.json"),
-                       records.provenance(f"python train.py demo --preset {preset_name} --out {out}"))
+                       records.provenance(f"python train.py demo --preset {preset_name} --out {out}",
+                                          precision=dist.precision, native_bf16=ddp.native_bf16_cpu()))
     t_start = t = time.time()
     seconds = {}                          # wall time per stage, reported with the results
     w = demo_world(preset, out)
@@ -300,6 +305,13 @@ def add_run_args(parser) -> None:
                         help="dtype of the saved model files (bfloat16 halves them; a resume is then not exact)")
 
 
+def add_precision_arg(parser) -> None:
+    parser.add_argument("--precision", choices=ddp.PRECISIONS, default="auto",
+                        help="the forwards' arithmetic: auto = bf16 autocast on a GPU, fp32 on a CPU; bf16 on a CPU "
+                             "runs fast only where it has native bf16 (avx512_bf16 / AMX), else emulated and far "
+                             "slower (docs/performance.md)")
+
+
 def add_retriever_args(parser) -> None:
     parser.add_argument("--corpus", help="JSONL corpus {id, contents} (.jsonl or .jsonl.gz) for in-process BM25")
     parser.add_argument("--index", help="a BM25 index directory built by `python retriever.py index`")
@@ -331,6 +343,7 @@ def parse_args(argv):
     p = sub.add_parser("demo", help="the whole chain on the built-in world (default)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--out", default="runs/demo")
+    add_precision_arg(p)
 
     for name, help_text in [("teacher", "SFT a model on trajectories (CE on loss tokens)"),
                             ("kd", "cold start: CE + λ·KL(teacher‖student) on teacher trajectories")]:
@@ -341,6 +354,7 @@ def parse_args(argv):
         p.add_argument("--data", required=True, help="trajectories JSONL (e.g. tgo.jsonl)")
         p.add_argument("--heldout", help="held-out trajectories JSONL for the held-out loss")
         add_run_args(p)
+        add_precision_arg(p)
         cli.add_config_args(p, sft.SupervisedConfig)
 
     p = sub.add_parser("tgo", help="teacher rollouts over questions; keep the correct ones")
@@ -349,6 +363,7 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="output trajectories JSONL")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--samples", type=cli.bounded(int, ge=1), default=1, help="rollouts per question (greedy if 1)")
+    add_precision_arg(p)
     p.add_argument("--batch-size", type=cli.bounded(int, ge=1), default=64,
                    help="sequences per rollout() call on one rank")
     add_retriever_args(p)
@@ -360,6 +375,7 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="training questions JSONL")
     p.add_argument("--val", help="validation questions JSONL (for --eval-every)")
     add_run_args(p)
+    add_precision_arg(p)
     add_retriever_args(p)
     cli.add_config_args(p, rl.RLConfig)
 
@@ -400,6 +416,8 @@ def main(argv=None) -> None:
         return
     args = parse_args(argv)
     dist = ddp.setup()
+    dist = dataclasses.replace(dist, precision=ddp.resolve_precision(args.precision, dist.device))
+    ddp.print0(dist, ddp.precision_line(dist))
     torch.manual_seed(1234 + dist.rank)  # each rank its own seed; sampling uses explicit generators
     try:
         run_stage(args, dist, argv)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import arc_metric
+import rollout
 from arc_metric import (arc_report, answer_em, contains_answer_substr, contains_answer_tokens,
                         exact_match, extract_answer, f1, final_answer, normalize_answer,
                         render_comparison, render_table, score_record, sub_em)
@@ -593,3 +594,14 @@ def test_scored_records_carry_the_question_the_trajectory_and_em_on_the_models_o
     assert full[0]["extra"] == 1 and full[0]["turns"] == right.turns and list(full[0])[-1] == "em"
     picked = arc_metric.scored_records(questions, [right, nudged], keys=("id", "question"))
     assert list(picked[0])[:2] == ["id", "question"] and "extra" not in picked[0] and "data_source" not in picked[0]
+
+
+def test_trajectory_fields_equal_asdict_and_share_no_list_with_the_trajectory():
+    t = rollout.Trajectory(question="q", input_ids=[5, 6, 7], loss_mask=[0, 1, 1], prompt_length=1,
+                           turns=["<search> a </search>"], queries=["a"], hits=[[{"id": "1", "contents": "x"}]],
+                           num_searches=1)
+    got = arc_metric.trajectory_fields(t)
+    assert got == dataclasses.asdict(t)
+    got["input_ids"].append(9)
+    got["hits"][0][0]["id"] = "changed"
+    assert t.input_ids == [5, 6, 7] and t.hits[0][0]["id"] == "1"

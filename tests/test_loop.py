@@ -7,6 +7,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,29 @@ def test_data_window_is_a_permutation_per_epoch_and_depends_only_on_seed_and_pos
         assert sorted(stream[epoch * n:(epoch + 1) * n]) == list(range(n))
     assert stream[4:10] == loop.data_window(5, n, 4, 6)
     assert stream != loop.data_window(6, n, 0, 3 * n)
+
+
+def test_length_buckets_hold_the_same_sequences_as_the_unbucketed_window_each_batch_a_run_of_neighbouring_lengths():
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(5, 500, size=103)]
+    batch, buckets = 4, 6
+    assert all(loop.length_bucketed_window(3, lengths, s, batch, 1) == loop.data_window(3, 103, s * batch, batch)
+               for s in range(40))
+    for window in range(5):                              # windows straddle epochs (103 is not a multiple of 24)
+        steps = range(window * buckets, (window + 1) * buckets)
+        got = [loop.length_bucketed_window(3, lengths, s, batch, buckets) for s in steps]
+        plain = loop.data_window(3, 103, window * buckets * batch, buckets * batch)
+        assert sorted(i for b in got for i in b) == sorted(plain)          # the same items, each once
+        # the batches tile the window's sorted lengths: no batch's lengths interleave another's
+        spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in got)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+        padded_positions = sum(max(lengths[i] for i in b) * len(b) for b in got)
+        plain_padded = sum(max(lengths[i] for i in plain[k:k + batch]) * batch for k in range(0, len(plain), batch))
+        assert padded_positions < plain_padded
+        # a pure function of (seed, step): the same call again, and another seed orders the batches otherwise
+        assert got == [loop.length_bucketed_window(3, lengths, s, batch, buckets) for s in steps]
+    assert [loop.length_bucketed_window(4, lengths, s, batch, buckets) for s in range(12)] != \
+        [loop.length_bucketed_window(3, lengths, s, batch, buckets) for s in range(12)]
 
 
 def test_report_to_wandb_without_the_package_names_it(tmp_path, monkeypatch):
