@@ -32,7 +32,7 @@ import records
 import stats
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-PAGES = ("README.md", "docs/demo.md", "docs/rl_settings.md")
+PAGES = ("README.md", "docs/demo.md", "docs/rl_settings.md", "docs/performance.md")
 CHECKED = PAGES + ("docs/experiment.md",)    # no measured number outside a rendered or labelled block
 MARKER = re.compile(r"<!-- render:([a-z0-9-]+) (begin|end) -->")
 REGION = re.compile(r"^\s*<!-- (render:[a-z0-9-]+|unrecorded) (begin|end) -->")
@@ -100,7 +100,8 @@ class Demo:
 def machine(made: dict) -> str:
     """'AMD EPYC, 2 cores, torch 2.13.0+cpu, 1 thread, commit 314fe9f' — where a run was made."""
     threads = f"{made['threads']} thread" + ("s" if made["threads"] != 1 else "")
-    return (f"{made['cpu']}, {made['cores']} cores, no GPU, torch {made['torch']}, fp32, {threads}; code at commit "
+    return (f"{made['cpu']}, {made['cores']} cores, no GPU, torch {made['torch']}, {made.get('precision', 'fp32')}, "
+            f"{threads}; code at commit "
             f"{made['commit'][:7]}" + (f"; {made['note']}" if made.get("note") else ""))
 
 
@@ -448,6 +449,123 @@ def answer_start(a: Answer) -> str:
 
 
 # -----------------------------------------------------------------------------
+# Speed (results/speed: bench/bench_speed.py's measurements; results/demo_before: the demo before them)
+
+
+def speed_machine(made: dict, native_bf16: bool, capability: str) -> str:
+    return (f"{made['cpu']} ({capability}; {'native' if native_bf16 else 'no native'} bf16), {made['threads']} "
+            f"thread{'s' if made['threads'] != 1 else ''}, torch {made['torch']}, commit {made['commit'][:7]}")
+
+
+def perf_limit(runs: dict[str, dict]) -> str:
+    lines = [f"- {speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])}: a 1024³ matmul runs at "
+             f"**{r['peak']['fp32']:.1f} GFLOP/s in fp32** and {r['peak']['bf16']:.1f} GFLOP/s in bf16"
+             + ("" if r["native_bf16"] else " (emulated, measured at 256³)")
+             for r in runs.values() if "peak" in r]
+    return "\n".join(lines)
+
+
+def perf_steps(runs: dict[str, dict]) -> str:
+    out = []
+    for r in runs.values():
+        if "steps" not in r:
+            continue
+        out += [f"{speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])}, `{r['made']['command']}` "
+                f"(× old: the arm's speed over fp32 (old) round by round, median [min, max]):", "",
+                "| stage | arm | s/step | × old | forward + loss | backward | optimizer | padded | GFLOP/s | of fp32 peak |",
+                "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        out += [f"| {s['stage']} | {s['arm']} | {s['s_per_step']:.3f} | {s['speedup']:.2f} [{s['speedup_min']:.2f}, "
+                f"{s['speedup_max']:.2f}] | {s['forward']:.3f} | {s['backward']:.3f} | {s['optimizer']:.3f} | "
+                f"{s['padded']:.1%} | {s['gflops']:.1f} | {s['gflops'] / r['peak']['fp32']:.0%} |" for s in r["steps"]]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def perf_ops(runs: dict[str, dict]) -> str:
+    out = []
+    for r in runs.values():
+        if "ops" not in r:
+            continue
+        kinds = list(next(iter(r["ops"].values())))
+        out += [f"{speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])} (share of the step's operator "
+                "time, torch.profiler):", "", "| step | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+        out += [f"| {stage} | " + " | ".join(f"{split[k]:.0%}" for k in kinds) + " |" for stage, split in r["ops"].items()]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def perf_decode(runs: dict[str, dict]) -> str:
+    out = []
+    for r in runs.values():
+        if "decode" not in r:
+            continue
+        out += [f"{speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])}, `{r['made']['command']}`:", "",
+                "| model | eval batch | s/question | × batch 64 | EM |", "|---|---:|---:|---|---:|"]
+        out += [f"| {d['model']} | {d['batch']} | {d['s_per_question']:.4f} | {d['speedup']:.2f} "
+                f"[{d['speedup_min']:.2f}, {d['speedup_max']:.2f}] | {d['em']:.3f} |" for d in r["decode"]]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def perf_threads(runs: dict[str, dict]) -> str:
+    out = []
+    for r in runs.values():
+        if "threads" not in r:
+            continue
+        t = r["threads"]
+        out.append(f"{speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])}: a teacher step takes "
+                   f"{t['s_per_step_1_thread']:.3f} s at 1 thread alone, {t['s_per_step_2_threads']:.3f} s at 2 threads, "
+                   f"and {t['s_per_step_1_thread_beside_another']:.3f} s at 1 thread beside another one-thread process: "
+                   f"two one-thread units make {t['steps_per_s_two_1_thread_processes']:.2f} steps/s against "
+                   f"{t['steps_per_s_one_2_thread_process']:.2f} for one two-thread unit "
+                   f"({t['steps_per_s_two_1_thread_processes'] / t['steps_per_s_one_2_thread_process']:.2f}×).")
+    return "\n".join(out)
+
+
+def perf_summary(runs: dict[str, dict]) -> str:
+    """One sentence per measured option, from the runs that measured it."""
+    out = []
+    for r in runs.values():
+        where = f"{r['made']['threads']} thread{'s' if r['made']['threads'] != 1 else ''}"
+        by = {(s["stage"], s["arm"]): s for s in r.get("steps", [])}
+        if by:
+            bucketed = ", ".join(f"{stage} ×{s['speedup']:.2f}" for (stage, arm), s in by.items() if arm == "length-bucketed")
+            compiled = ", ".join(f"{stage} ×{s['speedup']:.2f}" for (stage, arm), s in by.items() if arm == "compiled")
+            pad = next(s["padded"] for (_, arm), s in by.items() if arm == "fp32 (old)")
+            out.append(f"- At {where}: length-bucketed batches — {bucketed} per step (padding "
+                       f"{pad:.1%} → {next(s['padded'] for (_, arm), s in by.items() if arm == 'length-bucketed'):.1%})"
+                       + (f"; torch.compile of the forward — {compiled}, its compile time counted" if compiled else "")
+                       + ".")
+        if r.get("decode"):
+            best = {d["model"]: d for d in r["decode"] if d["batch"] == 256}
+            out.append(f"- At {where}: evaluation in batches of 256 instead of 64 — "
+                       + ", ".join(f"{m} ×{d['speedup']:.2f}" for m, d in best.items()) + " per question.")
+        if "peak" in r and not r["native_bf16"]:
+            out.append(f"- At {where}: bf16 — this CPU has no native bf16, and a bf16 matmul runs at "
+                       f"{r['peak']['bf16'] / r['peak']['fp32']:.1%} of fp32's speed, so bf16 is not used here.")
+    return "\n".join(out)
+
+
+def perf_demo(new: Demo, before: Demo) -> str:
+    """The demo after the speed settings against the one before: time per stage, and each method's test EM
+    paired over the same questions (new − before)."""
+    rows = ["| | before | after |", "|---|---:|---:|"]
+    for stage in new.run["seconds"]:
+        rows.append(f"| {stage} | {before.run['seconds'].get(stage, float('nan')):.0f} s | "
+                    f"{new.run['seconds'][stage]:.0f} s |")
+    table = ["| method | EM before | EM after | after − before | only after / only before right | McNemar p |",
+             "|---|---:|---:|---|---|---:|"]
+    for name in ("Teacher", "KD only", "DGPO"):
+        x, y = records.paired_scores(new.rows[name], before.rows[name], ("after", "before"))
+        p = paired(x, y)
+        table.append(f"| {name} | {y.mean():.3f} | {x.mean():.3f} | {stats.format_difference(p['questions'])} | "
+                     f"{p['only_x']} / {p['only_y']} | {p_value(p['p'])} |")
+    return "\n".join([f"Before: {machine(before.run['made'])}, `{before.run['made']['command']}`.",
+                      f"After: {machine(new.run['made'])}, `{new.run['made']['command']}`.", "",
+                      *rows, "", *table])
+
+
+# -----------------------------------------------------------------------------
 # Pages
 
 
@@ -463,6 +581,14 @@ def blocks(results: str) -> dict[str, str]:
         out.update({"answer-summary": answer_summary(a), "answer-start": answer_start(a), "answer-arms": answer_arms(a),
                     "answer-paired": answer_paired(a), "answer-where": answer_where(a),
                     "answer-power": answer_power(a), "answer-reading": answer_reading(a)})
+    speed = os.path.join(results, "speed")
+    if os.path.isdir(speed):
+        runs = {name: records.read_json(os.path.join(speed, name)) for name in sorted(os.listdir(speed))
+                if name.endswith(".json")}
+        out.update({"perf-summary": perf_summary(runs), "perf-limit": perf_limit(runs), "perf-steps": perf_steps(runs), "perf-ops": perf_ops(runs),
+                    "perf-decode": perf_decode(runs), "perf-threads": perf_threads(runs)})
+    if os.path.isfile(os.path.join(results, "demo_before", "run.json")) and "demo-readme" in out:
+        out["perf-demo"] = perf_demo(Demo(os.path.join(results, "demo")), Demo(os.path.join(results, "demo_before")))
     return out
 
 

@@ -1,6 +1,6 @@
 """ddp.py: the one-caller retriever under torchrun — every rank's searches of a turn reach the server
 as one request from rank 0, the hits come back to the rank that asked, ranks with unequal work stay in
-step, and a failure on rank 0 stops every rank."""
+step, and a failure on rank 0 stops every rank; the precision: fp32 on CPU unless bf16 is asked for."""
 import json
 import os
 import subprocess
@@ -10,6 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 import data
 import ddp
@@ -131,3 +132,18 @@ def test_on_master_and_gather_objects_are_the_identity_in_one_process():
     assert ddp.gather_objects(ddp.Dist(), ["a", "b"]) == ["a", "b"]
     with pytest.raises(KeyError):                       # rank 0's own error, as it was raised
         ddp.on_master(ddp.Dist(), lambda: {}["missing"])
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_on_gpu_and_bf16_autocast_is_taken_only_when_set():
+    assert ddp.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert ddp.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert ddp.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ValueError, match="--precision 'fp16'"):
+        ddp.resolve_precision("fp16", torch.device("cpu"))
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with ddp.autocast(ddp.Dist()):
+        assert (a @ b).dtype == torch.float32
+    with ddp.autocast(ddp.Dist(precision="bf16")):
+        assert (a @ b).dtype == torch.bfloat16
+    assert "precision: bf16 on CPU" in ddp.precision_line(ddp.Dist(precision="bf16"))
+    assert isinstance(ddp.native_bf16_cpu(), bool)

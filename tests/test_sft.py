@@ -1,4 +1,4 @@
-"""sft.py: a supervised resume is exact, Ctrl-C saves after the step and the resume is exact, and
+"""sft.py: a supervised resume is exact (with length-bucketed batches too), Ctrl-C saves after the step and the resume is exact, and
 tgo appends finished rollouts so a rerun continues from them."""
 import dataclasses
 import os
@@ -18,9 +18,12 @@ from rollout import RolloutConfig
 
 
 @pytest.mark.numerics
-def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, saved_weights, straight_and_resumed):
+@pytest.mark.parametrize("length_buckets", [1, 3])      # 3: the stop falls inside a bucketed window
+def test_supervised_resume_is_exact(tokenizer, model_dirs, fixed_rollouts, saved_weights, straight_and_resumed,
+                                    length_buckets):
     records = data.load_trajectories(fixed_rollouts)
-    cfg = sft.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1)
+    cfg = sft.SupervisedConfig(steps=4, batch_size=4, micro_batch_size=2, lr=1e-2, warmup_steps=2, seed=1,
+                               length_buckets=length_buckets)
     dist = ddp.Dist()
 
     def train(out, **kw):                      # a resume loads the model from its own checkpoint
