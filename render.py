@@ -546,6 +546,25 @@ def perf_summary(runs: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
+def perf_kd_bucketing(path: str, demo: Demo) -> str:
+    """The KD control: the demo's KD stage again from its own base, teacher and tgo, batches in the old order
+    (b1) and length-bucketed (b16), side by side at one thread; each against the other and the demo's KD."""
+    run = records.read_json(os.path.join(path, "run.json"))
+    rows = {name: records.read_rows(os.path.join(path, f"{name}.jsonl.gz")) for name in run["arms"]}
+    made = run["arms"]["b1"]["made"]
+    out = [f"{machine(made)}; `{made['command']}` and the same with `--buckets 16`:", "",
+           "| X − Y | EM X | EM Y | X − Y [95% CI] | only X / only Y right | McNemar p |", "|---|---:|---:|---|---|---:|"]
+    pairs = [("KD, bucketed (b16)", rows["b16"], "KD, old order (b1)", rows["b1"]),
+             ("the demo's KD (bucketed, 2 threads)", demo.rows["KD only"], "KD, bucketed (b16)", rows["b16"]),
+             ("the demo's KD (bucketed, 2 threads)", demo.rows["KD only"], "KD, old order (b1)", rows["b1"])]
+    for xn, xr, yn, yr in pairs:
+        x, y = records.paired_scores(xr, yr, (xn, yn))
+        p = paired(x, y)
+        out.append(f"| {xn} − {yn} | {x.mean():.3f} | {y.mean():.3f} | {stats.format_difference(p['questions'])} | "
+                   f"{p['only_x']} / {p['only_y']} | {p_value(p['p'])} |")
+    return "\n".join(out)
+
+
 def perf_demo(new: Demo, before: Demo) -> str:
     """The demo after the speed settings against the one before: time per stage, and each method's test EM
     paired over the same questions (new − before)."""
@@ -589,6 +608,9 @@ def blocks(results: str) -> dict[str, str]:
                     "perf-decode": perf_decode(runs), "perf-threads": perf_threads(runs)})
     if os.path.isfile(os.path.join(results, "demo_before", "run.json")) and "demo-readme" in out:
         out["perf-demo"] = perf_demo(Demo(os.path.join(results, "demo")), Demo(os.path.join(results, "demo_before")))
+    if os.path.isfile(os.path.join(results, "kd_bucketing", "run.json")) and "demo-readme" in out:
+        out["perf-kd-bucketing"] = perf_kd_bucketing(os.path.join(results, "kd_bucketing"),
+                                                     Demo(os.path.join(results, "demo")))
     return out
 
 
