@@ -579,9 +579,15 @@ def perf_demo(new: Demo, before: Demo) -> str:
         p = paired(x, y)
         table.append(f"| {name} | {y.mean():.3f} | {x.mean():.3f} | {stats.format_difference(p['questions'])} | "
                      f"{p['only_x']} / {p['only_y']} | {p_value(p['p'])} |")
+    inside = []
+    for label_, d in (("before", before), ("after", new)):
+        total = {k: sum(r.get(k, 0.0) for r in d.metrics) for k in ("rollout_s", "update_s", "eval_s")}
+        inside.append(f"{label_}: rollouts {total['rollout_s']:.0f} s, updates {total['update_s']:.0f} s, "
+                      f"evaluations (validation, RL-pool EM, probe) {total['eval_s']:.0f} s")
     return "\n".join([f"Before: {machine(before.run['made'])}, `{before.run['made']['command']}`.",
                       f"After: {machine(new.run['made'])}, `{new.run['made']['command']}`.", "",
-                      *rows, "", *table])
+                      *rows, "", "Inside the RL stage (its metrics rows): " + "; ".join(inside) + ".", "",
+                      *table])
 
 
 # -----------------------------------------------------------------------------
