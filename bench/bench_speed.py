@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -346,7 +347,8 @@ def main() -> None:
     args.decode_precisions = args.decode_precisions.split(",")
     args.models = args.models.split(",")
     parts = args.parts.split(",")
-    result = {"made": records.provenance("python bench/bench_speed.py " + " ".join(sys.argv[1:])),
+    result = {"made": records.provenance("python bench/bench_speed.py " + shlex.join(sys.argv[1:]),
+                                         native_bf16=ddp.native_bf16_cpu()),
               "native_bf16": ddp.native_bf16_cpu(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     print(f"threads {torch.get_num_threads()}; native bf16: {result['native_bf16']}; "
           f"torch CPU capability {result['cpu_capability']}")

@@ -10,6 +10,7 @@ Two such runs side by side, one thread each, differ only in the data order:
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -34,7 +35,7 @@ def main() -> None:
     for need in ("base", "teacher", "tgo.jsonl", "tokenizer"):
         if not os.path.exists(os.path.join(args.run, need)):
             raise SystemExit(f"--run {args.run}: no {need} (a finished default demo has it)")
-    made = records.provenance("python bench/kd_bucketing.py " + " ".join(sys.argv[1:]))
+    made = records.provenance("python bench/kd_bucketing.py " + shlex.join(sys.argv[1:]))
     t0 = time.time()
     preset = train.PRESETS["default"]()
     w = train.demo_world(preset, tempfile.mkdtemp())
