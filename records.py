@@ -69,9 +69,9 @@ def fingerprint(path: str) -> str:
 def provenance(command: str, threads: int | None = None, inputs: dict[str, str] | None = None,
                precision: str = "fp32", native_bf16: bool | None = None) -> dict:
     """Where and how a run was made: the command, the code commit (and whether tracked files differed from
-    it), torch's version, the CPU (and whether it has native bf16, as the caller found: ddp.native_bf16_cpu), the thread count (default:
-    OMP_NUM_THREADS, else torch's own), the arithmetic (fp32, or bf16 autocast), the date (UTC), and a
-    fingerprint of each input file {name: path}."""
+    it), torch's version, the CPU (and whether it has native bf16, as the caller found it:
+    ddp.native_bf16_cpu), the thread count (default: OMP_NUM_THREADS, else torch's own), the arithmetic
+    (fp32, or bf16 autocast), the date (UTC), and a fingerprint of each input file {name: path}."""
     import torch                                   # here, so that reading records needs no torch
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())

@@ -457,20 +457,23 @@ def speed_machine(made: dict, native_bf16: bool, capability: str) -> str:
             f"thread{'s' if made['threads'] != 1 else ''}, torch {made['torch']}, commit {made['commit'][:7]}")
 
 
+def measured(runs: dict[str, dict], part: str) -> list[tuple[str, dict]]:
+    """(where it ran, the run) of each speed run that measured `part`, in file order."""
+    return [(speed_machine(r["made"], r["native_bf16"], r["cpu_capability"]), r) for r in runs.values() if part in r]
+
+
 def perf_limit(runs: dict[str, dict]) -> str:
-    lines = [f"- {speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])}: a 1024³ matmul runs at "
+    lines = [f"- {where}: a 1024³ matmul runs at "
              f"**{r['peak']['fp32']:.1f} GFLOP/s in fp32** and {r['peak']['bf16']:.1f} GFLOP/s in bf16"
              + ("" if r["native_bf16"] else " (emulated, measured at 256³)")
-             for r in runs.values() if "peak" in r]
+             for where, r in measured(runs, "peak")]
     return "\n".join(lines)
 
 
 def perf_steps(runs: dict[str, dict]) -> str:
     out = []
-    for r in runs.values():
-        if "steps" not in r:
-            continue
-        out += [f"{speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])}, `{r['made']['command']}` "
+    for where, r in measured(runs, "steps"):
+        out += [f"{where}, `{r['made']['command']}` "
                 f"(× old: the arm's speed over fp32 (old) round by round, median [min, max]):", "",
                 "| stage | arm | s/step | × old | forward + loss | backward | optimizer | padded | GFLOP/s | of fp32 peak |",
                 "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -483,11 +486,9 @@ def perf_steps(runs: dict[str, dict]) -> str:
 
 def perf_ops(runs: dict[str, dict]) -> str:
     out = []
-    for r in runs.values():
-        if "ops" not in r:
-            continue
+    for where, r in measured(runs, "ops"):
         kinds = list(next(iter(r["ops"].values())))
-        out += [f"{speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])} (share of the step's operator "
+        out += [f"{where} (share of the step's operator "
                 "time, torch.profiler):", "", "| step | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
         out += [f"| {stage} | " + " | ".join(f"{split[k]:.0%}" for k in kinds) + " |" for stage, split in r["ops"].items()]
         out.append("")
@@ -496,10 +497,8 @@ def perf_ops(runs: dict[str, dict]) -> str:
 
 def perf_decode(runs: dict[str, dict]) -> str:
     out = []
-    for r in runs.values():
-        if "decode" not in r:
-            continue
-        out += [f"{speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])}, `{r['made']['command']}`:", "",
+    for where, r in measured(runs, "decode"):
+        out += [f"{where}, `{r['made']['command']}`:", "",
                 "| model | eval batch | s/question | × batch 64 | EM |", "|---|---:|---:|---|---:|"]
         out += [f"| {d['model']} | {d['batch']} | {d['s_per_question']:.4f} | {d['speedup']:.2f} "
                 f"[{d['speedup_min']:.2f}, {d['speedup_max']:.2f}] | {d['em']:.3f} |" for d in r["decode"]]
@@ -509,11 +508,9 @@ def perf_decode(runs: dict[str, dict]) -> str:
 
 def perf_threads(runs: dict[str, dict]) -> str:
     out = []
-    for r in runs.values():
-        if "threads" not in r:
-            continue
+    for where, r in measured(runs, "threads"):
         t = r["threads"]
-        out.append(f"{speed_machine(r['made'], r['native_bf16'], r['cpu_capability'])}: a teacher step takes "
+        out.append(f"{where}: a teacher step takes "
                    f"{t['s_per_step_1_thread']:.3f} s at 1 thread alone, {t['s_per_step_2_threads']:.3f} s at 2 threads, "
                    f"and {t['s_per_step_1_thread_beside_another']:.3f} s at 1 thread beside another one-thread process: "
                    f"two one-thread units make {t['steps_per_s_two_1_thread_processes']:.2f} steps/s against "

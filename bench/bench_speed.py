@@ -11,21 +11,23 @@ Parts (--parts, default all):
             the share of the measured peak that makes. Arms: fp32 (the old path), length-bucketed
             batches (--length-buckets), bf16 autocast, torch.compile of the forward; each arm trains on
             the same --bucket-steps × 8 sequences, so the ratio compares the same work.
-  ops       torch.profiler's split of a teacher step and of a KD step by operator kind (matmul,
-            attention, the loss's log-softmax, optimizer, the rest).
-  decode    greedy evaluation (arc_eval.generate_records, as the eval stage and validation run it) of
-            --questions test questions at batch 64 (the old default) and at larger batches, fp32 and
-            bf16: wall seconds per question.
+  ops       torch.profiler's split of each stage's step by operator kind (matmul, attention, the
+            loss's log-softmax, optimizer, the rest).
+  decode    the eval stage's unit, arc_eval.evaluate (greedy rollouts and the evidence-given probes), of
+            --questions test questions at each --eval-batches size (64 was the old default), fp32 and,
+            on a CPU with native bf16, bf16: wall seconds per question and the EM each arm got.
   threads   the teacher step at 1 and at 2 threads, and two one-thread steps side by side in two
             processes: whether two single-thread units use the two cores better than one two-thread unit.
 
 The models are the demo's sizes, untrained (step time does not depend on the weights) except for
-decode, which needs a model that writes the protocol: --run DIR takes a finished demo's teacher and KD
-student (runs/demo), else decode uses the teacher after --warmup-steps steps on the oracle. Prints
+decode, which needs models that write the protocol: --run DIR, a finished demo, and --models, which of
+its model directories (kd, base, teacher, ...). Without native bf16 the bf16 arms are left out
+(--bf16-anyway runs them, emulated). Prints
 tables and, with --json FILE, writes every measurement there (the records docs/performance.md is
 rendered from when FILE is results/speed/...).
 
-    OMP_NUM_THREADS=1 python bench/bench_speed.py --run runs/demo --json /tmp/speed1.json
+    OMP_NUM_THREADS=1 python bench/bench_speed.py --parts peak,steps,ops --json /tmp/speed1.json
+    python bench/bench_speed.py --parts decode --run runs/demo --models kd,base --eval-batches 64,256
     python bench/bench_speed.py --parts steps,ops --rounds 3
 """
 from __future__ import annotations
@@ -49,7 +51,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import arc_eval  # noqa: E402
 import ddp  # noqa: E402
 import demo  # noqa: E402
-import dgpo  # noqa: E402
 import loop  # noqa: E402
 import models  # noqa: E402
 import records  # noqa: E402
